@@ -1,0 +1,1 @@
+//! C ABI over `kvfetcher-client` (see `include/kvfetcher.h`).

@@ -1,0 +1,275 @@
+//! The safetensors file format for KV caches: tensors `layers.{i}.key` / `layers.{i}.value` of
+//! shape `[tokens, kv_heads, head_dim]` (F16, BF16 or F32), an optional `token_ids` tensor (U32,
+//! I32 or I64, shape `[tokens]`) and free-form string metadata.
+//!
+//! A small, strict reader and writer: no memory mapping, every offset checked.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::{DType, KvCache, LayerKv, Tensor, TensorError};
+
+/// The largest JSON header accepted: larger ones are not KV files (safetensors uses 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// Why a file could not be read or written as a KV cache.
+#[derive(Debug, thiserror::Error)]
+pub enum KvFileError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a well-formed safetensors file.
+    #[error("not a safetensors file: {0}")]
+    Malformed(String),
+    /// The tensors do not form a KV cache.
+    #[error("not a KV cache: {0}")]
+    NotKv(String),
+    /// Tensors disagree with each other.
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+}
+
+/// A KV cache with the file's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvFile {
+    /// The cache.
+    pub cache: KvCache,
+    /// The `__metadata__` map (string to string).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl KvFile {
+    /// Reads a KV cache from a safetensors file.
+    pub fn read(path: &Path) -> Result<KvFile, KvFileError> {
+        let bytes = std::fs::read(path).map_err(|source| KvFileError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        KvFile::from_bytes(&bytes)
+    }
+
+    /// Writes the cache as a safetensors file.
+    pub fn write(&self, path: &Path) -> Result<(), KvFileError> {
+        std::fs::write(path, self.to_bytes()).map_err(|source| KvFileError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Parses safetensors bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<KvFile, KvFileError> {
+        let malformed = |m: &str| KvFileError::Malformed(m.to_string());
+        let len_bytes: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| malformed("shorter than its 8-byte header length"))?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > MAX_HEADER || 8 + header_len > bytes.len() as u64 {
+            return Err(malformed("header length exceeds the file"));
+        }
+        let data = &bytes[8 + header_len as usize..];
+        let header: Map<String, Value> =
+            serde_json::from_slice(&bytes[8..8 + header_len as usize])
+                .map_err(|e| KvFileError::Malformed(format!("header JSON: {e}")))?;
+
+        let mut metadata = BTreeMap::new();
+        let mut tensors: BTreeMap<String, (String, Vec<usize>, &[u8])> = BTreeMap::new();
+        for (name, entry) in &header {
+            if name == "__metadata__" {
+                if let Some(m) = entry.as_object() {
+                    for (k, v) in m {
+                        metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+                    }
+                }
+                continue;
+            }
+            let bad = |what: &str| KvFileError::Malformed(format!("tensor {name}: {what}"));
+            let dtype = entry["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
+            let shape = entry["shape"]
+                .as_array()
+                .ok_or_else(|| bad("no shape"))?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("shape is not a list of integers"))?;
+            let offs = entry["data_offsets"]
+                .as_array()
+                .filter(|a| a.len() == 2)
+                .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
+                .ok_or_else(|| bad("bad data_offsets"))?;
+            if offs.0 > offs.1 || offs.1 > data.len() as u64 {
+                return Err(bad("data_offsets outside the file"));
+            }
+            tensors.insert(
+                name.clone(),
+                (dtype.to_string(), shape, &data[offs.0 as usize..offs.1 as usize]),
+            );
+        }
+
+        let mut layers = Vec::new();
+        loop {
+            let i = layers.len();
+            let (Some(k), Some(v)) = (
+                tensors.remove(&format!("layers.{i}.key")),
+                tensors.remove(&format!("layers.{i}.value")),
+            ) else {
+                break;
+            };
+            layers.push(LayerKv {
+                key: kv_tensor(&format!("layers.{i}.key"), k)?,
+                value: kv_tensor(&format!("layers.{i}.value"), v)?,
+            });
+        }
+        if layers.is_empty() {
+            return Err(KvFileError::NotKv(
+                "no tensors named layers.0.key and layers.0.value".into(),
+            ));
+        }
+        let token_ids = tensors.remove("token_ids").map(token_ids).transpose()?;
+        if let Some(extra) = tensors.keys().find(|k| k.starts_with("layers.")) {
+            return Err(KvFileError::NotKv(format!(
+                "tensor {extra} does not continue the layer sequence 0..{}",
+                layers.len()
+            )));
+        }
+        Ok(KvFile {
+            cache: KvCache::new(layers, token_ids)?,
+            metadata,
+        })
+    }
+
+    /// Serializes to safetensors bytes (token ids as U32 when present).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut header = Map::new();
+        if !self.metadata.is_empty() {
+            let m: Map<String, Value> = self
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            header.insert("__metadata__".into(), Value::Object(m));
+        }
+        let mut data: Vec<u8> = Vec::with_capacity(self.cache.nbytes());
+        let mut add = |name: String, dtype: &str, shape: Vec<usize>, bytes: &[u8]| {
+            let start = data.len();
+            data.extend_from_slice(bytes);
+            header.insert(
+                name,
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        };
+        for (i, l) in self.cache.layers().iter().enumerate() {
+            for (kind, t) in [("key", &l.key), ("value", &l.value)] {
+                add(format!("layers.{i}.{kind}"), t.dtype().name(), t.shape().to_vec(), t.data());
+            }
+        }
+        if let Some(ids) = self.cache.token_ids() {
+            let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+            add("token_ids".into(), "U32", vec![ids.len()], &bytes);
+        }
+        let mut json = serde_json::to_vec(&Value::Object(header)).expect("a JSON map serializes");
+        // Pad the header so tensor data starts 8-byte aligned, as the reference writer does.
+        while (8 + json.len()) % 8 != 0 {
+            json.push(b' ');
+        }
+        let mut out = Vec::with_capacity(8 + json.len() + data.len());
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&json);
+        out.extend_from_slice(&data);
+        out
+    }
+}
+
+fn kv_tensor(name: &str, (dtype, shape, bytes): (String, Vec<usize>, &[u8])) -> Result<Tensor, KvFileError> {
+    let dt = DType::from_name(&dtype)
+        .ok_or_else(|| KvFileError::NotKv(format!("{name} has dtype {dtype}; need F16, BF16 or F32")))?;
+    let shape: [usize; 3] = shape
+        .try_into()
+        .map_err(|s: Vec<usize>| KvFileError::NotKv(format!("{name} has shape {s:?}; need [tokens, kv_heads, head_dim]")))?;
+    Ok(Tensor::new(dt, shape, bytes.to_vec())?)
+}
+
+fn token_ids((dtype, shape, bytes): (String, Vec<usize>, &[u8])) -> Result<Vec<u32>, KvFileError> {
+    let bad = |m: String| KvFileError::NotKv(format!("token_ids: {m}"));
+    if shape.len() != 1 {
+        return Err(bad(format!("shape {shape:?} is not [tokens]")));
+    }
+    let width = match dtype.as_str() {
+        "U32" | "I32" => 4,
+        "I64" => 8,
+        other => return Err(bad(format!("dtype {other}; need U32, I32 or I64"))),
+    };
+    if bytes.len() != shape[0] * width {
+        return Err(bad("data size does not match its shape".into()));
+    }
+    bytes
+        .chunks_exact(width)
+        .map(|b| {
+            let v = if width == 4 {
+                i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            } else {
+                i64::from_le_bytes(b.try_into().expect("8 bytes"))
+            };
+            let v = if dtype == "U32" { v as u32 as i64 } else { v };
+            u32::try_from(v).map_err(|_| bad(format!("id {v} is not a u32")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> KvFile {
+        let t = |b: f32| Tensor::from_f32(DType::BF16, [3, 1, 2], &[b, b + 1.0, b + 2.0, b + 3.0, b + 4.0, b + 5.0]).unwrap();
+        let cache = KvCache::new(
+            vec![
+                LayerKv { key: t(0.0), value: t(10.0) },
+                LayerKv { key: t(20.0), value: t(30.0) },
+            ],
+            Some(vec![7, 8, 9]),
+        )
+        .unwrap();
+        KvFile { cache, metadata: [("model".to_string(), "test".to_string())].into() }
+    }
+
+    #[test]
+    fn round_trips() {
+        let f = sample();
+        assert_eq!(KvFile::from_bytes(&f.to_bytes()).unwrap(), f);
+    }
+
+    #[test]
+    fn reads_the_shared_codelm_file() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+        if !path.exists() {
+            eprintln!("skipped: {} not found", path.display());
+            return;
+        }
+        let f = KvFile::read(&path).unwrap();
+        assert_eq!(f.cache.num_layers(), 8);
+        assert_eq!(f.cache.tokens(), 1024);
+        assert_eq!((f.cache.kv_heads(), f.cache.head_dim()), (2, 128));
+        assert_eq!(f.cache.dtype(), DType::F16);
+    }
+
+    #[test]
+    fn rejects_truncation_and_garbage() {
+        let bytes = sample().to_bytes();
+        for cut in [0, 5, 8, 20, bytes.len() - 1] {
+            assert!(KvFile::from_bytes(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut huge = bytes.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(KvFile::from_bytes(&huge), Err(KvFileError::Malformed(_))));
+        let empty = KvFile::from_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}");
+        assert!(matches!(empty, Err(KvFileError::NotKv(_))));
+    }
+}
