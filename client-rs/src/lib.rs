@@ -1,1 +1,25 @@
 //! Client of the KVFetcher node daemon, and the one definition of its local protocol.
+//!
+//! - [`protocol`]: messages, layouts and framing (sans-IO), shared with the daemon.
+//! - [`transport`]: frames and fds over Unix sockets, blocking and async.
+//! - [`memfd`]: the shared host memory.
+//! - [`Client`] / [`FetchHandle`]: the blocking API; [`AsyncClient`] / [`AsyncFetchHandle`]:
+//!   the async one.
+
+mod async_client;
+mod buffer;
+mod client;
+mod core;
+mod error;
+pub mod memfd;
+pub mod protocol;
+mod sys;
+pub mod transport;
+
+pub use async_client::{AsyncClient, AsyncFetchHandle};
+pub use client::{Client, FetchHandle};
+pub use error::ClientError;
+pub use protocol::{
+    DaemonStats, ErrorCode, FetchDone, KvDType, KvShape, LayoutError, MemoryKind, Paging, PeerCred,
+    TargetLayout, TokenOrder,
+};

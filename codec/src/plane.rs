@@ -51,7 +51,11 @@ impl CodePlane {
 
     /// Whether the codes fit the shape and the bit width.
     pub fn is_valid(&self) -> bool {
-        let max = if self.shape.bits >= 16 { u16::MAX } else { (1u16 << self.shape.bits) - 1 };
+        let max = if self.shape.bits >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << self.shape.bits) - 1
+        };
         self.codes.len() == self.shape.len()
             && (1..=16).contains(&self.shape.bits)
             && self.codes.iter().all(|&c| c <= max)

@@ -70,6 +70,16 @@ pub enum CodecError {
         /// What was wrong.
         reason: String,
     },
+    /// No encoder or decoder of this variant is registered or loadable here.
+    #[error("no {variant} {role} available: {reason}")]
+    Unavailable {
+        /// The variant.
+        variant: &'static str,
+        /// `encoder` or `decoder`.
+        role: &'static str,
+        /// Why (for example: libx265 could not be loaded).
+        reason: String,
+    },
     /// A codec library (x265, libde265, NVDEC) is missing or failed.
     #[error("{library}: {reason}")]
     Library {
@@ -93,5 +103,10 @@ pub trait SectionDecoder: Send + Sync {
     /// The variant this decoder reads.
     fn variant(&self) -> VariantKind;
     /// Decodes a payload that must hold exactly `shape`'s codes; anything else is an error.
-    fn decode(&self, shape: PlaneShape, params: &[u8], payload: &[u8]) -> Result<CodePlane, CodecError>;
+    fn decode(
+        &self,
+        shape: PlaneShape,
+        params: &[u8],
+        payload: &[u8],
+    ) -> Result<CodePlane, CodecError>;
 }

@@ -5,3 +5,10 @@
 //! Further modules (store, transport, server, gpu) each own one concern.
 
 pub mod cli;
+pub mod config;
+pub mod gpu;
+pub mod metrics;
+pub mod pipeline;
+pub mod server;
+pub mod store;
+pub mod transport;

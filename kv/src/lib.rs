@@ -4,9 +4,15 @@
 //! This crate knows nothing of chunks, codecs or networks.
 
 mod dtype;
+mod fidelity;
+mod llama2;
+mod model;
 mod safetensors;
 mod tensor;
 
 pub use dtype::DType;
+pub use fidelity::{fidelity, Fidelity};
+pub use llama2::{Generation, Llama2Model, ModelError, BOS_TOKEN};
+pub use model::config::Llama2Config;
 pub use safetensors::{KvFileError, KvFile};
 pub use tensor::{KvCache, LayerKv, Tensor, TensorError};

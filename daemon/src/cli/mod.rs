@@ -2,6 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench_net;
+pub mod daemon;
+pub mod gpu;
+pub mod kv;
+pub mod store;
+
 /// KVFetcher: fetch compressed KV caches from remote storage and restore them for local engines.
 #[derive(Debug, Parser)]
 #[command(name = "kvfetcher", version, about, long_about = None)]
@@ -14,10 +20,31 @@ pub struct Cli {
 /// Every subcommand of `kvfetcher`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the node daemon (Unix socket for engines, QUIC to stores); for systemd.
+    Daemon(daemon::DaemonArgs),
+    /// Real KV caches: capture with a llama2.c model, measure fidelity, describe files.
+    Kv(kv::KvArgs),
+    /// The GPU path: device info, NVDEC and restore-kernel checks, benchmarks.
+    Gpu(gpu::GpuArgs),
+    /// Run the remote chunk store (QUIC), or write dev certificates with --dev-cert.
+    Store(store::StoreArgs),
+    /// Upload chunk object files to a store.
+    Put(store::PutArgs),
+    /// Download one chunk object from a store.
+    Get(store::GetArgs),
+    /// Benchmarks: `bench net` (store goodput over emulated links).
+    Bench(bench_net::BenchArgs),
 }
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Daemon(args) => daemon::run(args),
+        Command::Kv(args) => kv::run(args),
+        Command::Gpu(args) => gpu::run(args),
+        Command::Store(args) => store::run_store(args),
+        Command::Put(args) => store::run_put(args),
+        Command::Get(args) => store::run_get(args),
+        Command::Bench(args) => bench_net::run(args),
     }
 }

@@ -1,0 +1,51 @@
+# KVFetcher: `make demo` and `make test` are the two set-up commands (see README.md).
+SHELL := /bin/bash
+CARGO ?= cargo
+BIN := target/release/kvfetcher
+
+.PHONY: all build deps deps-demo demo test test-rust test-c lint fuzz deb-check systemd-check s3-test gpu-carry clean
+
+all: build
+
+deps:
+	scripts/install-deps.sh
+
+deps-demo:
+	scripts/install-deps.sh --demo
+
+build: deps-demo
+	$(CARGO) build --release --locked --workspace
+
+## The main job on embedded defaults: local store + daemon on loopback, real KV saved and fetched back.
+demo: build
+	$(BIN) demo --model ../shared/data/stories260K.bin
+
+## Everything CI runs.
+test: deps lint test-rust test-c fuzz systemd-check deb-check s3-test
+	@echo "make test: all checks passed"
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+test-rust:
+	$(CARGO) build --release --locked --workspace
+	$(CARGO) test --release --locked --workspace
+
+test-c: build
+	tests/c/run.sh
+
+fuzz:
+	scripts/fuzz.sh $${FUZZ_SECONDS:-60}
+
+systemd-check:
+	scripts/systemd-check.sh
+
+deb-check:
+	scripts/deb-check.sh
+
+s3-test:
+	scripts/s3-test.sh
+
+clean:
+	$(CARGO) clean

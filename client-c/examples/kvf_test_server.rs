@@ -1,0 +1,67 @@
+//! The daemon's local server (`kvfetcher::server::serve`) over an in-memory backend holding the
+//! first 130 tokens of the shared codelm KV: what `tests/c/run.sh` runs the C tests against.
+//!
+//! Usage: `kvf_test_server SOCKET REFDIR`. Writes into REFDIR `tokens.bin` (the token ids, u32
+//! LE) and the exact buffers a fetch must return: `ref-f16-nhd.bin` (contiguous) and
+//! `ref-bf16-hnd-p16.bin` (paged, 16 tokens per block). Prints `ready` once listening and runs
+//! until SIGTERM or SIGINT. Exits with 77 (skip) if the shared data is absent.
+
+#[path = "../../daemon/tests/server_support/mod.rs"]
+mod server_support;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvfetcher_client::protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
+use server_support::{load_kv, reference_buffer, MemBackend};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Tokens served: not a multiple of the 16-token block, so paged buffers carry padding.
+const TOKENS: usize = 130;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 3 {
+        eprintln!("usage: kvf_test_server SOCKET REFDIR");
+        std::process::exit(2);
+    }
+    let (sock, dir) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]));
+    let Some(kv) = load_kv(TOKENS) else {
+        std::process::exit(77);
+    };
+    let ids: Vec<u8> = kv.token_ids.iter().flat_map(|t| t.to_le_bytes()).collect();
+    std::fs::write(dir.join("tokens.bin"), ids).expect("write tokens.bin");
+    let f16 = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let bf16 = TargetLayout {
+        dtype: KvDType::BF16,
+        order: TokenOrder::Hnd,
+        paging: Paging::Paged { block_tokens: 16 },
+        memory: MemoryKind::Host,
+    };
+    for (name, layout) in [("ref-f16-nhd.bin", f16), ("ref-bf16-hnd-p16.bin", bf16)] {
+        let (_, buf) = reference_buffer(&kv, TOKENS as u32, &layout);
+        std::fs::write(dir.join(name), buf).expect("write reference");
+    }
+    let backend = Arc::new(MemBackend::new(Some(kv)));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
+        println!("ready");
+        std::io::stdout().flush().expect("stdout");
+        let mut term = signal(SignalKind::terminate()).expect("sigterm");
+        let mut int = signal(SignalKind::interrupt()).expect("sigint");
+        kvfetcher::server::serve(listener, backend, async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
+        .await
+        .expect("serve");
+    });
+}

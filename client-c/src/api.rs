@@ -1,0 +1,340 @@
+//! The exported `kvf_` functions. Each one runs inside [`guard`], takes its pointers through the
+//! helpers of `boundary`, and writes its outputs only on success.
+#![allow(non_camel_case_types)]
+
+use std::ffi::c_char;
+
+use kvfetcher_client::{Client, FetchHandle};
+
+use crate::boundary::{
+    arg_error, arg_ref, arg_slice, arg_str, client_error, copy_message, detail, guard, Out,
+};
+use crate::types::{kvf_error, kvf_layout, kvf_shape};
+
+/// A connection to the daemon (opaque). Thread-safe: calls on one client are serialized.
+pub struct kvf_client {
+    inner: Client,
+}
+
+/// A fetch: its mapped buffer and readiness (opaque). Thread-safe.
+pub struct kvf_fetch {
+    inner: FetchHandle,
+}
+
+/// Writes the library version (for example "0.1.0") into `buf` like `kvf_error_message`.
+///
+/// # Safety
+/// `buf` is NULL (then `len` must be 0) or points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_version(buf: *mut c_char, len: usize) -> usize {
+    // SAFETY: forwarded caller guarantee.
+    unsafe { copy_message(env!("CARGO_PKG_VERSION"), buf, len) }
+}
+
+/// Writes the message of `code` into `buf` (NUL-terminated, truncated to `len` bytes) and
+/// returns the message's full length without the NUL. An unknown code gives "unknown error".
+///
+/// # Safety
+/// `buf` is NULL (then `len` must be 0) or points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_error_message(code: u32, buf: *mut c_char, len: usize) -> usize {
+    let msg = kvf_error::ALL
+        .iter()
+        .find(|e| **e as u32 == code)
+        .map_or("unknown error", |e| e.message());
+    // SAFETY: forwarded caller guarantee.
+    unsafe { copy_message(msg, buf, len) }
+}
+
+/// Writes the detailed message of the last error returned on this thread (for example the
+/// daemon's explanation) into `buf`, like `kvf_error_message`.
+///
+/// # Safety
+/// `buf` is NULL (then `len` must be 0) or points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_last_error_detail(buf: *mut c_char, len: usize) -> usize {
+    let d = detail();
+    // SAFETY: forwarded caller guarantee.
+    unsafe { copy_message(&d, buf, len) }
+}
+
+/// Connects to the daemon's socket at `path` (for example "/run/kvfetcher/kvfetcher.sock").
+/// On success `*out` is a new client: the caller owns it and must call `kvf_client_free`.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` points to writable storage for a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_client_connect(
+    path: *const c_char,
+    out: *mut *mut kvf_client,
+) -> kvf_error {
+    guard(|| {
+        let out = Out::new(out, "out")?;
+        // SAFETY: caller guarantee.
+        let path = unsafe { arg_str(path, "path") }?;
+        let inner = Client::connect(path).map_err(client_error)?;
+        let c = Box::into_raw(Box::new(kvf_client { inner }));
+        // SAFETY: `out` was checked non-null; the caller guarantees it is writable.
+        unsafe { out.write(c) };
+        Ok(())
+    })
+}
+
+/// Closes the connection and frees `client`. NULL is fine. Fetches made through it stay
+/// valid (each keeps the connection open until freed).
+///
+/// # Safety
+/// `client` is NULL or came from `kvf_client_connect` and is not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_client_free(client: *mut kvf_client) {
+    if client.is_null() {
+        return;
+    }
+    let _ = guard(|| {
+        // SAFETY: the caller hands back ownership of a pointer from `Box::into_raw`.
+        drop(unsafe { Box::from_raw(client) });
+        Ok(())
+    });
+}
+
+/// Asks how many leading tokens of `token_ids[0..n_tokens]` the daemon can fetch for `model`;
+/// writes the count to `*out_tokens`.
+///
+/// # Safety
+/// `client` is a live client; `model` a NUL-terminated string; `token_ids` points to
+/// `n_tokens` values (may be NULL if `n_tokens` is 0); `out_tokens` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_client_lookup(
+    client: *const kvf_client,
+    model: *const c_char,
+    token_ids: *const u32,
+    n_tokens: usize,
+    out_tokens: *mut u32,
+) -> kvf_error {
+    guard(|| {
+        let out = Out::new(out_tokens, "out_tokens")?;
+        // SAFETY: caller guarantees for each pointer.
+        let (c, model, ids) = unsafe {
+            (
+                arg_ref(client, "client")?,
+                arg_str(model, "model")?,
+                arg_slice(token_ids, n_tokens, "token_ids")?,
+            )
+        };
+        let n = c.inner.lookup(model, ids).map_err(client_error)?;
+        // SAFETY: checked non-null; writable per the caller.
+        unsafe { out.write(n) };
+        Ok(())
+    })
+}
+
+/// Starts fetching the longest available prefix of `token_ids` for `model` in `*layout`.
+/// Returns once the buffer is mapped, before its layers are ready: call `kvf_fetch_wait_layer`
+/// before reading a layer. Nothing available is `KVF_ERR_NOT_FOUND`. On success `*out` is a
+/// new fetch: the caller owns it and must call `kvf_fetch_free`.
+///
+/// # Safety
+/// As `kvf_client_lookup`; `layout` points to a `kvf_layout`; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_client_fetch(
+    client: *const kvf_client,
+    model: *const c_char,
+    token_ids: *const u32,
+    n_tokens: usize,
+    layout: *const kvf_layout,
+    out: *mut *mut kvf_fetch,
+) -> kvf_error {
+    guard(|| {
+        let out = Out::new(out, "out")?;
+        // SAFETY: caller guarantees for each pointer.
+        let (c, model, ids, layout) = unsafe {
+            (
+                arg_ref(client, "client")?,
+                arg_str(model, "model")?,
+                arg_slice(token_ids, n_tokens, "token_ids")?,
+                arg_ref(layout, "layout")?,
+            )
+        };
+        let layout = layout
+            .to_rust()
+            .map_err(|e| arg_error(e, "layout has an unknown dtype, order or memory"))?;
+        let inner = c.inner.fetch(model, ids, &layout).map_err(client_error)?;
+        let f = Box::into_raw(Box::new(kvf_fetch { inner }));
+        // SAFETY: checked non-null; writable per the caller.
+        unsafe { out.write(f) };
+        Ok(())
+    })
+}
+
+/// Hands KV to the daemon to store for `model` and `token_ids`: `data[0..len]` holds `*shape`
+/// in the host `*layout` (`shape->tokens` must equal `n_tokens`). The bytes are copied before
+/// the call returns; the caller keeps ownership of `data`. Writes the number of chunks stored
+/// to `*out_chunks`.
+///
+/// # Safety
+/// As `kvf_client_lookup`; `layout` and `shape` point to their structs; `data` points to `len`
+/// readable bytes; `out_chunks` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_client_save(
+    client: *const kvf_client,
+    model: *const c_char,
+    token_ids: *const u32,
+    n_tokens: usize,
+    layout: *const kvf_layout,
+    shape: *const kvf_shape,
+    data: *const u8,
+    len: usize,
+    out_chunks: *mut u32,
+) -> kvf_error {
+    guard(|| {
+        let out = Out::new(out_chunks, "out_chunks")?;
+        // SAFETY: caller guarantees for each pointer.
+        let (c, model, ids, layout, shape, data) = unsafe {
+            (
+                arg_ref(client, "client")?,
+                arg_str(model, "model")?,
+                arg_slice(token_ids, n_tokens, "token_ids")?,
+                arg_ref(layout, "layout")?,
+                arg_ref(shape, "shape")?,
+                arg_slice(data, len, "data")?,
+            )
+        };
+        let layout = layout
+            .to_rust()
+            .map_err(|e| arg_error(e, "layout has an unknown dtype, order or memory"))?;
+        let n = c
+            .inner
+            .save(model, ids, &layout, &(*shape).into(), data)
+            .map_err(client_error)?;
+        // SAFETY: checked non-null; writable per the caller.
+        unsafe { out.write(n) };
+        Ok(())
+    })
+}
+
+/// Writes the shape being restored (its `tokens` is the prefix found) to `*out`.
+///
+/// # Safety
+/// `fetch` is a live fetch; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_fetch_shape(
+    fetch: *const kvf_fetch,
+    out: *mut kvf_shape,
+) -> kvf_error {
+    guard(|| {
+        let out = Out::new(out, "out")?;
+        // SAFETY: caller guarantee.
+        let f = unsafe { arg_ref(fetch, "fetch") }?;
+        // SAFETY: checked non-null; writable per the caller.
+        unsafe { out.write((*f.inner.shape()).into()) };
+        Ok(())
+    })
+}
+
+/// Blocks until `layer` is restored (the thread sleeps on the socket; no polling). Fails with
+/// the daemon's code if the fetch failed.
+///
+/// # Safety
+/// `fetch` is a live fetch.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_fetch_wait_layer(fetch: *const kvf_fetch, layer: u32) -> kvf_error {
+    guard(|| {
+        // SAFETY: caller guarantee.
+        let f = unsafe { arg_ref(fetch, "fetch") }?;
+        f.inner.wait_layer(layer).map_err(client_error)
+    })
+}
+
+/// Blocks until the whole fetch is done; writes the tokens restored to `*out_tokens`.
+///
+/// # Safety
+/// `fetch` is a live fetch; `out_tokens` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_fetch_wait_all(
+    fetch: *const kvf_fetch,
+    out_tokens: *mut u32,
+) -> kvf_error {
+    guard(|| {
+        let out = Out::new(out_tokens, "out_tokens")?;
+        // SAFETY: caller guarantee.
+        let f = unsafe { arg_ref(fetch, "fetch") }?;
+        let d = f.inner.wait_done().map_err(client_error)?;
+        // SAFETY: checked non-null; writable per the caller.
+        unsafe { out.write(d.tokens) };
+        Ok(())
+    })
+}
+
+/// Waits for `layer` (as `kvf_fetch_wait_layer`), then writes the address and length of its
+/// bytes (K tensor, then V tensor) to `*out_ptr` and `*out_len`. The memory is read-only and
+/// belongs to `fetch`: valid until `kvf_fetch_free(fetch)`.
+///
+/// # Safety
+/// `fetch` is a live fetch; `out_ptr` and `out_len` are writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_fetch_layer_ptr(
+    fetch: *const kvf_fetch,
+    layer: u32,
+    out_ptr: *mut *const u8,
+    out_len: *mut usize,
+) -> kvf_error {
+    guard(|| {
+        let (op, ol) = (Out::new(out_ptr, "out_ptr")?, Out::new(out_len, "out_len")?);
+        // SAFETY: caller guarantee.
+        let f = unsafe { arg_ref(fetch, "fetch") }?;
+        let s = f.inner.layer(layer).map_err(client_error)?;
+        // SAFETY: both checked non-null; writable per the caller.
+        unsafe {
+            op.write(s.as_ptr());
+            ol.write(s.len());
+        }
+        Ok(())
+    })
+}
+
+/// Waits for `layer`, then writes the address and length of one of its tensors (`kv`: 0 = K,
+/// 1 = V). Same ownership as `kvf_fetch_layer_ptr`.
+///
+/// # Safety
+/// `fetch` is a live fetch; `out_ptr` and `out_len` are writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_fetch_tensor_ptr(
+    fetch: *const kvf_fetch,
+    layer: u32,
+    kv: u32,
+    out_ptr: *mut *const u8,
+    out_len: *mut usize,
+) -> kvf_error {
+    guard(|| {
+        let (op, ol) = (Out::new(out_ptr, "out_ptr")?, Out::new(out_len, "out_len")?);
+        // SAFETY: caller guarantee.
+        let f = unsafe { arg_ref(fetch, "fetch") }?;
+        let s = f.inner.tensor(layer, kv).map_err(client_error)?;
+        // SAFETY: both checked non-null; writable per the caller.
+        unsafe {
+            op.write(s.as_ptr());
+            ol.write(s.len());
+        }
+        Ok(())
+    })
+}
+
+/// Releases the fetch in the daemon (cancelling it if still running), unmaps its buffer and
+/// frees `fetch`. NULL is fine. Pointers from `kvf_fetch_layer_ptr` / `kvf_fetch_tensor_ptr`
+/// become invalid.
+///
+/// # Safety
+/// `fetch` is NULL or came from `kvf_client_fetch` and is not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_fetch_free(fetch: *mut kvf_fetch) {
+    if fetch.is_null() {
+        return;
+    }
+    let _ = guard(|| {
+        // SAFETY: the caller hands back ownership of a pointer from `Box::into_raw`.
+        let f = unsafe { Box::from_raw(fetch) };
+        // Best effort: a dead connection has released everything already.
+        let _ = f.inner.release();
+        Ok(())
+    });
+}

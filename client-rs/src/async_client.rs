@@ -1,0 +1,279 @@
+//! The async (tokio) client: the same calls as [`crate::Client`], awaiting instead of blocking.
+//! `wait_layer` awaits the socket's readiness (no polling).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::UnixStream;
+use tokio::sync::Mutex;
+
+use crate::buffer::{reply_error, save_memfd, MappedBuffer};
+use crate::core::{ClientCore, LayerStatus};
+use crate::protocol::{
+    encode_hello, DaemonStats, Fetch, FetchDone, FrameError, KvShape, Lookup, Message, Release,
+    Save, Stats, TargetLayout, DEFAULT_MAX_FRAME, HELLO_OK, PROTOCOL_VERSION,
+};
+use crate::transport::{send_async, send_bytes_async, AsyncReceiver, TransportError};
+use crate::ClientError;
+
+#[derive(Debug)]
+struct Shared {
+    stream: UnixStream,
+    rx: AsyncReceiver,
+    core: ClientCore,
+}
+
+impl Shared {
+    async fn pump(&mut self) -> Result<(), ClientError> {
+        match self.rx.recv(&self.stream).await {
+            Ok((m, fds)) => {
+                self.core.handle_message(m, fds);
+                Ok(())
+            }
+            Err(TransportError::Closed) => Err(match self.core.fatal() {
+                Some((code, message)) => ClientError::Daemon {
+                    code: *code,
+                    message: message.clone(),
+                },
+                None => TransportError::Closed.into(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn call(
+        &mut self,
+        build: impl FnOnce(u64) -> Message,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Message, Vec<OwnedFd>), ClientError> {
+        let req = self.core.new_request();
+        if let Err(e) = send_async(&self.stream, &build(req), fds, DEFAULT_MAX_FRAME).await {
+            self.core.abandon(req);
+            return Err(e.into());
+        }
+        loop {
+            if let Some(r) = self.core.take_reply(req) {
+                return Ok(r);
+            }
+            if let Err(e) = self.pump().await {
+                self.core.abandon(req);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// An async connection to the daemon. Cheap to clone; calls on one connection are serialized.
+#[derive(Debug, Clone)]
+pub struct AsyncClient {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl AsyncClient {
+    /// Connects to the daemon's socket at `path` and performs the handshake.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<AsyncClient, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        send_bytes_async(&stream, &encode_hello(PROTOCOL_VERSION), &[])
+            .await
+            .map_err(TransportError::from)?;
+        let mut rx = AsyncReceiver::new(DEFAULT_MAX_FRAME);
+        let (theirs, status) = rx.recv_hello(&stream).await?;
+        if status != HELLO_OK || theirs != PROTOCOL_VERSION {
+            return Err(TransportError::from(FrameError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs,
+            })
+            .into());
+        }
+        Ok(AsyncClient {
+            shared: Arc::new(Mutex::new(Shared {
+                stream,
+                rx,
+                core: ClientCore::default(),
+            })),
+        })
+    }
+
+    /// How many leading tokens of `token_ids` the daemon can fetch for `model`.
+    pub async fn lookup(&self, model: &str, token_ids: &[u32]) -> Result<u32, ClientError> {
+        let mk = |req| {
+            Message::Lookup(Lookup {
+                req,
+                model: model.into(),
+                token_ids: token_ids.to_vec(),
+            })
+        };
+        match self.shared.lock().await.call(mk, &[]).await?.0 {
+            Message::LookupReply(r) => Ok(r.tokens),
+            other => Err(reply_error(other)),
+        }
+    }
+
+    /// Starts a fetch; returns once the buffer is mapped (see [`crate::Client::fetch`]).
+    pub async fn fetch(
+        &self,
+        model: &str,
+        token_ids: &[u32],
+        layout: &TargetLayout,
+    ) -> Result<AsyncFetchHandle, ClientError> {
+        let mk = |req| {
+            Message::Fetch(Fetch {
+                req,
+                model: model.into(),
+                token_ids: token_ids.to_vec(),
+                layout: *layout,
+            })
+        };
+        let (m, fds) = self.shared.lock().await.call(mk, &[]).await?;
+        Ok(AsyncFetchHandle {
+            shared: self.shared.clone(),
+            buf: MappedBuffer::from_reply(m, fds)?,
+            released: false,
+        })
+    }
+
+    /// Hands `data` to the daemon to store (see [`crate::Client::save`]).
+    pub async fn save(
+        &self,
+        model: &str,
+        token_ids: &[u32],
+        layout: &TargetLayout,
+        shape: &KvShape,
+        data: &[u8],
+    ) -> Result<u32, ClientError> {
+        let f = save_memfd(token_ids, layout, shape, data)?;
+        let mk = |req| {
+            Message::Save(Save {
+                req,
+                model: model.into(),
+                token_ids: token_ids.to_vec(),
+                layout: *layout,
+                shape: *shape,
+            })
+        };
+        match self.shared.lock().await.call(mk, &[f.as_fd()]).await?.0 {
+            Message::SaveReply(r) => Ok(r.chunks),
+            other => Err(reply_error(other)),
+        }
+    }
+
+    /// The daemon's counters (and the credentials it recorded for this connection).
+    pub async fn stats(&self) -> Result<DaemonStats, ClientError> {
+        let mk = |req| Message::Stats(Stats { req });
+        match self.shared.lock().await.call(mk, &[]).await?.0 {
+            Message::StatsReply(r) => Ok(r.stats),
+            other => Err(reply_error(other)),
+        }
+    }
+}
+
+/// An async fetch handle (see [`crate::FetchHandle`]). Dropping it inside a tokio runtime
+/// releases the fetch in the background; otherwise the daemon releases it at disconnect.
+#[derive(Debug)]
+pub struct AsyncFetchHandle {
+    shared: Arc<Mutex<Shared>>,
+    buf: MappedBuffer,
+    released: bool,
+}
+
+impl AsyncFetchHandle {
+    /// The daemon's id of this fetch.
+    pub fn id(&self) -> u64 {
+        self.buf.fetch_id
+    }
+
+    /// The shape being restored.
+    pub fn shape(&self) -> &KvShape {
+        &self.buf.shape
+    }
+
+    /// The layout of the buffer.
+    pub fn layout(&self) -> &TargetLayout {
+        &self.buf.layout
+    }
+
+    /// Waits until `layer` is restored.
+    pub async fn wait_layer(&self, layer: u32) -> Result<(), ClientError> {
+        self.buf.check_layer(layer)?;
+        let mut s = self.shared.lock().await;
+        loop {
+            match s.core.layer_status(self.buf.fetch_id, layer) {
+                LayerStatus::Ready => return Ok(()),
+                LayerStatus::Failed(code, message) => {
+                    return Err(ClientError::Daemon { code, message })
+                }
+                LayerStatus::Pending => s.pump().await?,
+            }
+        }
+    }
+
+    /// Waits until the whole fetch is done and returns the daemon's final report.
+    pub async fn wait_done(&self) -> Result<FetchDone, ClientError> {
+        let mut s = self.shared.lock().await;
+        loop {
+            if let Some(d) = s.core.fetch_done(self.buf.fetch_id) {
+                return Ok(d.clone());
+            }
+            if let LayerStatus::Failed(code, message) = s.core.layer_status(self.buf.fetch_id, 0) {
+                return Err(ClientError::Daemon { code, message });
+            }
+            s.pump().await?;
+        }
+    }
+
+    /// Waits for `layer` and returns its bytes (K tensor, then V tensor).
+    pub async fn layer(&self, layer: u32) -> Result<&[u8], ClientError> {
+        self.wait_layer(layer).await?;
+        self.buf.layer(layer)
+    }
+
+    /// Waits for `layer` and returns one of its tensors (`kv`: 0 = K, 1 = V).
+    pub async fn tensor(&self, layer: u32, kv: u32) -> Result<&[u8], ClientError> {
+        self.wait_layer(layer).await?;
+        self.buf.tensor(layer, kv)
+    }
+
+    /// The whole buffer, ready or not.
+    pub fn bytes(&self) -> &[u8] {
+        self.buf.bytes()
+    }
+
+    /// Releases the fetch and waits for the daemon to confirm.
+    pub async fn release(mut self) -> Result<(), ClientError> {
+        self.released = true;
+        let id = self.buf.fetch_id;
+        let mut s = self.shared.lock().await;
+        s.core.forget_fetch(id);
+        let mk = |req| Message::Release(Release { req, fetch_id: id });
+        match s.call(mk, &[]).await?.0 {
+            Message::Released(_) => Ok(()),
+            other => Err(reply_error(other)),
+        }
+    }
+}
+
+impl Drop for AsyncFetchHandle {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let (shared, id) = (self.shared.clone(), self.buf.fetch_id);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let mut s = shared.lock().await;
+                let req = s.core.new_ignored_request();
+                s.core.forget_fetch(id);
+                let msg = Message::Release(Release { req, fetch_id: id });
+                // Best effort: a dead connection has released everything already.
+                let _ = send_async(&s.stream, &msg, &[], DEFAULT_MAX_FRAME).await;
+            });
+        }
+    }
+}

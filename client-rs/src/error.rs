@@ -1,0 +1,60 @@
+//! The clients' error type.
+
+use std::io;
+
+use crate::protocol::{ErrorCode, LayoutError};
+use crate::transport::TransportError;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon's socket could not be reached.
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: String,
+        /// The connect error.
+        source: io::Error,
+    },
+    /// The connection failed (socket error, protocol violation, version mismatch, closed).
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The daemon refused or failed the request.
+    #[error("daemon error ({code:?}): {message}")]
+    Daemon {
+        /// The daemon's code.
+        code: ErrorCode,
+        /// The daemon's message.
+        message: String,
+    },
+    /// The daemon answered with a message that does not fit the request.
+    #[error("unexpected message from daemon: {0}")]
+    Unexpected(String),
+    /// A layer index beyond the fetched shape.
+    #[error("layer {layer} out of range ({layers} layers)")]
+    LayerOutOfRange {
+        /// The layer asked for.
+        layer: u32,
+        /// Layers in the fetch.
+        layers: u32,
+    },
+    /// The layout cannot describe the shape.
+    #[error("bad layout: {0}")]
+    Layout(#[from] LayoutError),
+    /// An argument is invalid (size mismatch, bad kv index...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A memfd could not be created, written or mapped.
+    #[error("shared memory error: {0}")]
+    Memory(io::Error),
+}
+
+impl ClientError {
+    /// The daemon's error code, for errors the daemon reported.
+    pub fn daemon_code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Daemon { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The local protocol between engines and the daemon: one definition, used by the daemon and by
+//! both clients. See `docs/PROTOCOL.md` for the wire format.
+//!
+//! - `code`: error codes.
+//! - `layout`: target layouts and the byte arithmetic of restored buffers.
+//! - `message`: the messages.
+//! - `frame`: handshake, framing and fd pairing (sans-IO).
+//!
+//! Everything here is sans-IO: no sockets, no clocks.
+
+mod code;
+mod frame;
+mod layout;
+mod message;
+
+pub use code::ErrorCode;
+pub use frame::{
+    encode_hello, encode_hello_reply, encode_message, parse_hello, FrameDecoder, FrameError,
+    DEFAULT_MAX_FRAME, FRAME_HEADER_LEN, HELLO_LEN, HELLO_OK, HELLO_VERSION_UNSUPPORTED, MAGIC,
+    MAX_PENDING_FDS, PROTOCOL_VERSION,
+};
+pub use layout::{KvDType, KvShape, LayoutError, MemoryKind, Paging, TargetLayout, TokenOrder};
+pub use message::{
+    BufferMemory, DaemonStats, Error, Fetch, FetchBuffer, FetchDone, FetchFailed, LayersReady,
+    Lookup, LookupReply, Message, PeerCred, Release, Released, Reopen, Save, SaveReply, Stats,
+    StatsReply, GPU_IPC_HANDLE_LEN,
+};

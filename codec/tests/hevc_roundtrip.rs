@@ -1,0 +1,162 @@
+//! Bit-exact round trips of the hevc variant (x265 -> libde265) on real KV, every layout and
+//! bit width, and errors for corrupt sections.
+
+mod hevc_common;
+
+use hevc_common::{byte_planes, codelm, decoder, encoder, quantized};
+use kvfetcher_codec::{
+    CodePlane, CodecError, HevcParams, LayoutSpec, SectionDecoder, SectionEncoder,
+};
+
+const LAYOUTS: [&str; 5] = ["rows", "rows420", "frames", "frames420", "frames:8"];
+
+fn round_trip(layout: &str, plane: &CodePlane) -> Option<usize> {
+    let enc = encoder(layout)?;
+    let dec = decoder()?;
+    let section = enc
+        .encode(plane)
+        .unwrap_or_else(|e| panic!("{layout} {:?}: {e}", plane.shape));
+    let back = dec
+        .decode(plane.shape, &section.params, &section.payload)
+        .unwrap_or_else(|e| panic!("{layout} {:?}: {e}", plane.shape));
+    assert!(
+        back == *plane,
+        "{layout} {:?} is not bit-exact",
+        plane.shape
+    );
+    Some(section.payload.len())
+}
+
+#[test]
+fn every_layout_and_bit_width_is_bit_exact() {
+    let Some(cache) = codelm() else { return };
+    for layout in LAYOUTS {
+        for bits in [2, 4, 6, 8, 10, 12] {
+            // Odd token counts exercise padding and partial tiles.
+            let plane = quantized(&cache, 3..5, 100..161, bits);
+            if round_trip(layout, &plane).is_none() {
+                return;
+            }
+        }
+        let bytes = byte_planes(&cache, 6..7, 0..40);
+        round_trip(layout, &bytes);
+    }
+}
+
+#[test]
+fn rows_layout_beats_raw_codes_at_four_bits() {
+    let Some(cache) = codelm() else { return };
+    let plane = quantized(&cache, 0..2, 0..256, 4);
+    let Some(bytes) = round_trip("rows", &plane) else {
+        return;
+    };
+    let packed = plane.shape.packed_bytes();
+    println!(
+        "rows, 4 bits: {bytes} bytes, packed {packed} ({:.3}x)",
+        packed as f64 / bytes as f64
+    );
+    assert!(bytes < packed, "hevc {bytes} bytes >= packed {packed}");
+}
+
+#[test]
+fn tiny_and_large_shapes_round_trip() {
+    let Some(cache) = codelm() else { return };
+    // One token of one tensor: a whole 144x144 frame of padding around it.
+    let one = quantized(&cache, 0..1, 5..6, 4);
+    let one = CodePlane {
+        shape: kvfetcher_codec::PlaneShape {
+            tensors: 1,
+            ..one.shape
+        },
+        codes: one.codes[..one.shape.cols].to_vec(),
+    };
+    for layout in LAYOUTS {
+        round_trip(layout, &one);
+    }
+}
+
+#[test]
+fn corrupt_sections_are_errors() {
+    let Some(cache) = codelm() else { return };
+    let (Some(enc), Some(dec)) = (encoder("rows"), decoder()) else {
+        return;
+    };
+    let plane = quantized(&cache, 0..1, 0..64, 4);
+    let s = enc.encode(&plane).expect("encodes");
+    let corrupt = |r: Result<CodePlane, CodecError>| matches!(r, Err(CodecError::Corrupt { .. }));
+    // Truncated payload (the stream table no longer adds up) and a truncated stream.
+    assert!(corrupt(dec.decode(
+        plane.shape,
+        &s.params,
+        &s.payload[..s.payload.len() - 9]
+    )));
+    let mut p = HevcParams::from_bytes(&s.params).unwrap();
+    let cut = s.payload.len() * 2 / 3;
+    p.streams[0].bytes = cut;
+    assert!(corrupt(dec.decode(
+        plane.shape,
+        &p.to_bytes().unwrap(),
+        &s.payload[..cut]
+    )));
+    // Flipped bytes in the middle of the stream: libde265 errors, or the checksum catches it.
+    for at in [
+        s.payload.len() / 3,
+        s.payload.len() / 2,
+        s.payload.len() - 5,
+    ] {
+        let mut bad = s.payload.clone();
+        bad[at] ^= 0x5a;
+        assert!(
+            corrupt(dec.decode(plane.shape, &s.params, &bad)),
+            "flip at {at} decoded"
+        );
+    }
+    // Garbage, wrong shape, garbage parameters.
+    assert!(corrupt(dec.decode(
+        plane.shape,
+        &s.params,
+        &vec![0x17; s.payload.len()]
+    )));
+    let other = kvfetcher_codec::PlaneShape {
+        rows: 63,
+        ..plane.shape
+    };
+    assert!(corrupt(dec.decode(other, &s.params, &s.payload)));
+    assert!(corrupt(dec.decode(
+        plane.shape,
+        &s.params[..10],
+        &s.payload
+    )));
+    // The decoder still works after all that.
+    assert_eq!(
+        dec.decode(plane.shape, &s.params, &s.payload).unwrap(),
+        plane
+    );
+}
+
+#[test]
+fn bad_codes_and_layouts_are_rejected() {
+    let Some(enc) = encoder("rows") else { return };
+    let shape = kvfetcher_codec::PlaneShape {
+        bits: 4,
+        tensors: 1,
+        rows: 2,
+        cols: 2,
+    };
+    let r = enc.encode(&CodePlane {
+        shape,
+        codes: vec![1, 2, 3, 16],
+    });
+    assert!(matches!(r, Err(CodecError::InvalidCodes(_))));
+    let wide = kvfetcher_codec::PlaneShape { bits: 14, ..shape };
+    let r = enc.encode(&CodePlane {
+        shape: wide,
+        codes: vec![1, 2, 3, 4],
+    });
+    assert!(matches!(r, Err(CodecError::Unsupported { .. })));
+    assert!(matches!(
+        kvfetcher_codec::HevcEncoder::new(Some("diagonal")),
+        Err(CodecError::Unsupported { .. })
+    ));
+    assert_eq!(LayoutSpec::default().to_string(), "rows");
+}

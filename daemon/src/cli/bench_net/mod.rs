@@ -1,0 +1,272 @@
+//! `kvfetcher bench net`: goodput of one fetch of a large chunk set over emulated links, for
+//! QUIC (the real store server and client, CUBIC and BBR) against a plain TCP stream, with the
+//! CPU time each side spends per GB.
+//!
+//! Each run is two processes: `bench net-serve` and `bench net-fetch`. With `--emulation netns`
+//! (root) they run in two network namespaces joined through `scripts/netns-link.sh`, which
+//! shapes the rate with `tc` and adds the RTT (netem, or `bench delay-bridge` where the kernel
+//! lacks netem). With `--emulation loopback` they run on 127.0.0.1 and the servers pace
+//! themselves (`--max-rate`); loopback adds no RTT.
+
+mod bridge;
+mod chunkset;
+mod peer;
+mod sys;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+pub use peer::{FetchArgs, FetchReport, Proto, ServeArgs, ServeReport};
+
+use crate::transport::Congestion;
+
+/// Arguments of `kvfetcher bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Network goodput of the store over emulated links (QUIC cubic/BBR vs TCP).
+    Net(NetArgs),
+    /// One benchmark server (used by `bench net`).
+    NetServe(ServeArgs),
+    /// One benchmark fetch (used by `bench net`).
+    NetFetch(FetchArgs),
+    /// Userspace delay line between two interfaces (used by scripts/netns-link.sh).
+    DelayBridge(BridgeArgs),
+}
+
+/// How links are emulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Emulation {
+    /// Network namespaces shaped with tc (needs root).
+    Netns,
+    /// Loopback with the servers' own rate limit (no RTT).
+    Loopback,
+}
+
+/// Arguments of `kvfetcher bench net`.
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// Link rates in Gbit/s, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,25")]
+    pub rates: Vec<f64>,
+    /// Round-trip time in milliseconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub rtt_ms: f64,
+    /// Packet loss in percent.
+    #[arg(long)]
+    pub loss: Option<f64>,
+    /// Size of the chunk set in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub set_mb: u64,
+    /// Objects fetched in parallel.
+    #[arg(long, default_value_t = 16)]
+    pub streams: usize,
+    /// Transports to compare: quic-cubic, quic-bbr, quic-newreno, tcp; a `-defaults` suffix on
+    /// a QUIC label uses quinn's default windows (e.g. quic-cubic-defaults).
+    #[arg(long, value_delimiter = ',', default_value = "quic-cubic,quic-bbr,tcp")]
+    pub protos: Vec<String>,
+    /// Link emulation.
+    #[arg(long, value_enum, default_value = "netns")]
+    pub emulation: Emulation,
+    /// The KV file the chunk set is made from.
+    #[arg(long, default_value = "shared/data/codelm-kv-a.safetensors")]
+    pub kv: PathBuf,
+    /// The namespace script.
+    #[arg(long, default_value = "scripts/netns-link.sh")]
+    pub script: PathBuf,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Arguments of `kvfetcher bench delay-bridge`.
+#[derive(Debug, Args)]
+pub struct BridgeArgs {
+    /// First interface.
+    #[arg(long)]
+    pub a: String,
+    /// Second interface.
+    #[arg(long)]
+    pub b: String,
+    /// Delay each way, in microseconds.
+    #[arg(long)]
+    pub delay_us: u64,
+    /// Frames dropped per million (random loss).
+    #[arg(long, default_value_t = 0)]
+    pub loss_ppm: u32,
+}
+
+/// One row of the results.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetResult {
+    /// Link rate, Gbit/s.
+    pub rate_gbps: f64,
+    /// Emulated RTT, ms.
+    pub rtt_ms: f64,
+    /// Transport label.
+    pub proto: String,
+    /// Goodput, Gbit/s.
+    pub goodput_gbps: f64,
+    /// Goodput over link rate.
+    pub link_fraction: f64,
+    /// Client CPU seconds per GB received.
+    pub client_cpu_s_per_gb: f64,
+    /// Server CPU seconds per GB sent.
+    pub server_cpu_s_per_gb: f64,
+    /// The client's raw report.
+    pub fetch: FetchReport,
+}
+
+/// Runs `kvfetcher bench ...`.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Net(a) => run_net(a),
+        BenchCommand::NetServe(a) => peer::serve(a),
+        BenchCommand::NetFetch(a) => peer::fetch(a),
+        BenchCommand::DelayBridge(a) => bridge::run(&a.a, &a.b, Duration::from_micros(a.delay_us), a.loss_ppm),
+    }
+}
+
+fn parse_proto(label: &str) -> anyhow::Result<(Proto, Congestion, bool)> {
+    let (base, defaults) = match label.strip_suffix("-defaults") {
+        Some(b) => (b, true),
+        None => (label, false),
+    };
+    let (p, c) = match base {
+        "quic-cubic" => (Proto::Quic, Congestion::Cubic),
+        "quic-bbr" => (Proto::Quic, Congestion::Bbr),
+        "quic-newreno" => (Proto::Quic, Congestion::NewReno),
+        "tcp" => (Proto::Tcp, Congestion::Cubic),
+        other => bail!("unknown transport {other:?} (quic-cubic, quic-bbr, quic-newreno, tcp)"),
+    };
+    Ok((p, c, defaults))
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn run_net(args: NetArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.kv.is_file(), "{} not found (give --kv)", args.kv.display());
+    let work_dir = std::env::temp_dir().join(format!("kvf-bench-net-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir)?;
+    let result = run_net_in(&args, &work_dir);
+    let _ = std::fs::remove_dir_all(&work_dir);
+    result
+}
+
+fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("own executable")?;
+    let certs = work.join("certs");
+    crate::transport::write_dev_pki(&certs)?;
+    let kv = std::fs::canonicalize(&args.kv)?;
+    let mut results = Vec::new();
+    println!(
+        "{:>9} {:>6} {:<12} {:>10} {:>7} {:>13} {:>13} {:>8} {:>7}",
+        "link", "rtt", "transport", "goodput", "of link", "client s/GB", "server s/GB", "rtt seen", "lost"
+    );
+    for (ri, &rate) in args.rates.iter().enumerate() {
+        for (pi, label) in args.protos.iter().enumerate() {
+            let (proto, cc, defaults) = parse_proto(label)?;
+            let extra = if defaults { " --quinn-defaults" } else { "" };
+            let tag = format!("{ri}-{pi}");
+            let ready = work.join(format!("ready-{tag}"));
+            let srv_report = work.join(format!("serve-{tag}.json"));
+            let cli_report = work.join(format!("fetch-{tag}.json"));
+            let port = 4433 + (ri * 10 + pi) as u16;
+            let proto_arg = match proto {
+                Proto::Quic => "quic",
+                Proto::Tcp => "tcp",
+            };
+            let cc_arg = match cc {
+                Congestion::Cubic => "cubic",
+                Congestion::Bbr => "bbr",
+                Congestion::NewReno => "new-reno",
+            };
+            let host = match args.emulation {
+                Emulation::Netns => "10.77.0.1",
+                Emulation::Loopback => "127.0.0.1",
+            };
+            let q = |p: &std::path::Path| shell_quote(&p.display().to_string());
+            let mut serve = format!(
+                "{} bench net-serve --proto {proto_arg} --congestion {cc_arg} --listen {host}:{port} --certs {} --kv {} --set-mb {} --ready {} --report {}{extra}",
+                q(&exe), q(&certs), q(&kv), args.set_mb, q(&ready), q(&srv_report)
+            );
+            let fetch = format!(
+                "{} bench net-fetch --proto {proto_arg} --congestion {cc_arg} --server {host}:{port} --certs {} --streams {} --ready {} --report {}{extra}",
+                q(&exe), q(&certs), args.streams, q(&ready), q(&cli_report)
+            );
+            let status = match args.emulation {
+                Emulation::Netns => {
+                    let mut cmd = Command::new("bash");
+                    cmd.arg(&args.script)
+                        .args(["--rate", &format!("{}mbit", (rate * 1000.0).round() as u64)])
+                        .args(["--rtt", &format!("{}us", (args.rtt_ms * 1000.0).round() as u64)])
+                        .args(["--delay-bridge", &format!("{} bench delay-bridge", q(&exe))])
+                        .args(["--server", &serve, "--client", &fetch]);
+                    if let Some(l) = args.loss {
+                        cmd.args(["--loss", &format!("{l}%")]);
+                    }
+                    cmd.status().context("run the netns script")?
+                }
+                Emulation::Loopback => {
+                    serve.push_str(&format!(" --max-rate {}", (rate * 1e9 / 8.0) as u64));
+                    let mut server = Command::new("bash").args(["-c", &format!("exec {serve}")]).spawn()?;
+                    let st = Command::new("bash").args(["-c", &fetch]).status()?;
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(server.id() as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    )?;
+                    server.wait()?;
+                    st
+                }
+            };
+            if !status.success() {
+                bail!("{label} at {rate} Gbit/s failed ({status})");
+            }
+            let fetch: FetchReport = serde_json::from_slice(&std::fs::read(&cli_report)?)?;
+            let serve: ServeReport = serde_json::from_slice(&std::fs::read(&srv_report)?)?;
+            let gb = fetch.bytes as f64 / 1e9;
+            let goodput = fetch.bytes as f64 * 8.0 / fetch.seconds / 1e9;
+            let r = NetResult {
+                rate_gbps: rate,
+                rtt_ms: args.rtt_ms,
+                proto: label.clone(),
+                goodput_gbps: goodput,
+                link_fraction: goodput / rate,
+                client_cpu_s_per_gb: fetch.cpu_s / gb,
+                server_cpu_s_per_gb: serve.cpu_s / gb,
+                fetch,
+            };
+            println!(
+                "{:>6} Gb {:>4}ms {:<12} {:>6.3} Gb {:>6.1}% {:>13.3} {:>13.3} {:>8} {:>7}",
+                rate,
+                args.rtt_ms,
+                label,
+                r.goodput_gbps,
+                r.link_fraction * 100.0,
+                r.client_cpu_s_per_gb,
+                r.server_cpu_s_per_gb,
+                r.fetch.rtt_ms.map_or("-".into(), |v| format!("{v:.2}ms")),
+                r.fetch.lost_packets.map_or("-".into(), |v| v.to_string()),
+            );
+            results.push(r);
+        }
+    }
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&results)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! `kvfetcher daemon --config FILE`: the node service. Loads the config, sets up logging,
+//! binds the Unix socket (mode from the config) and the metrics endpoint, serves the local
+//! protocol with the fetch pipeline as backend, tells systemd it is ready, pings the watchdog,
+//! and shuts down cleanly on SIGTERM or SIGINT.
+
+mod notify;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use kvfetcher_codec::CodecRegistry;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+use crate::config::{Config, LogFormat};
+use crate::metrics::{serve_metrics, Metrics};
+use crate::pipeline::Pipeline;
+use notify::Notifier;
+
+/// Arguments of `kvfetcher daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// TOML configuration file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/kvfetcher/kvfetcher.toml"
+    )]
+    pub config: PathBuf,
+    /// Overrides the config's socket path.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+/// A running daemon's handles, for callers that embed one (the demo, tests).
+#[derive(Debug)]
+pub struct Running {
+    /// The bound Unix socket path.
+    pub socket: PathBuf,
+    /// The bound metrics address, if any.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The pipeline's metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Runs `kvfetcher daemon`.
+pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(s) = args.socket {
+        config.socket = s;
+    }
+    init_logging(config.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kvf-daemon")
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let running = start(&config, stop_rx.clone()).await?;
+        tracing::info!(socket = %running.socket.display(), metrics = ?running.metrics_addr, stores = config.stores.len(), "kvfetcher daemon ready");
+        let notifier = Notifier::from_env().context("NOTIFY_SOCKET")?;
+        notifier.notify("READY=1").context("notifying systemd")?;
+        if let Some(every) = Notifier::watchdog_interval() {
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let Ok(n) = Notifier::from_env() else { return };
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { let _ = n.notify("WATCHDOG=1"); }
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        let _ = notifier.notify("STOPPING=1");
+        let _ = stop_tx.send(true);
+        // Give open connections a moment to see the shutdown before the runtime drops them.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let _ = std::fs::remove_file(&running.socket);
+        Ok(())
+    })
+}
+
+/// Sets up `tracing` on stderr (journald captures it), filtered by `RUST_LOG` (default info).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Binds the socket and metrics endpoint and starts serving in the background until `stop`
+/// turns true. Must be called inside a tokio runtime.
+pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Result<Running> {
+    let metrics = Metrics::new();
+    let pipeline = Pipeline::from_config(config, CodecRegistry::default(), metrics.clone())?;
+    let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
+    let mut metrics_addr = None;
+    if let Some(addr) = config.metrics_addr {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        metrics_addr = Some(l.local_addr()?);
+        tokio::spawn(serve_metrics(l, metrics.clone(), stopped(stop.clone())));
+    }
+    let backend: Arc<dyn crate::server::Backend> = Arc::new(pipeline);
+    tokio::spawn(async move {
+        if let Err(e) = crate::server::serve(listener, backend, stopped(stop)).await {
+            tracing::error!(error = %e, "local server stopped");
+        }
+    });
+    Ok(Running {
+        socket: config.socket.clone(),
+        metrics_addr,
+        metrics,
+    })
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Binds the Unix socket, replacing a stale socket file (never any other kind of file), and
+/// sets its mode.
+fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        anyhow::ensure!(
+            meta.file_type().is_socket(),
+            "{} exists and is not a socket",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

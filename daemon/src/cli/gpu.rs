@@ -1,0 +1,169 @@
+//! `kvfetcher gpu ...`: device info, fixture encoding, self-checks and benchmarks of the GPU path.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::gpu::{bench, check, fixture, Chroma, Cuda, Nvdec};
+
+/// `kvfetcher gpu`.
+#[derive(Debug, Args)]
+pub struct GpuArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: GpuCommand,
+}
+
+/// The `gpu` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum GpuCommand {
+    /// Prints the device, driver and NVDEC capabilities.
+    Info(DeviceArgs),
+    /// Encodes real-KV HEVC fixtures with the x265 tool (on a host that has it).
+    Fixtures(FixtureArgs),
+    /// Checks NVDEC and the restore kernels against CPU results, bit for bit.
+    Check(RunArgs),
+    /// Benchmarks NVDEC sessions and restore bandwidth.
+    Bench(BenchArgs),
+}
+
+/// Device selection.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+}
+
+/// Fixture encoding.
+#[derive(Debug, Args)]
+pub struct FixtureArgs {
+    /// The safetensors KV file.
+    #[arg(long)]
+    pub kv: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Inputs of check.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// The safetensors KV file the fixtures came from.
+    #[arg(long)]
+    pub kv: PathBuf,
+    /// Directory of fixture streams (`kvfetcher gpu fixtures`).
+    #[arg(long)]
+    pub fixtures: PathBuf,
+}
+
+/// Inputs of bench.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Device, KV file and fixtures.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Session counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,7,8,12,16")]
+    pub sessions: Vec<usize>,
+    /// Seconds per NVDEC point.
+    #[arg(long, default_value_t = 0.6)]
+    pub seconds: f64,
+    /// Copies of the real KV codes in the restore benchmark (16 = 64M codes).
+    #[arg(long, default_value_t = 16)]
+    pub copies: usize,
+}
+
+/// Runs `kvfetcher gpu ...`.
+pub fn run(args: GpuArgs) -> anyhow::Result<()> {
+    match args.command {
+        GpuCommand::Info(a) => info(a.device),
+        GpuCommand::Fixtures(a) => {
+            for p in fixture::write_fixtures(&a.kv, &a.out)? {
+                let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                println!("{} {len} bytes", p.display());
+            }
+            Ok(())
+        }
+        GpuCommand::Check(a) => {
+            let cuda = Cuda::open(a.device)?;
+            let rows = check::run_checks(&cuda, &a.kv, &a.fixtures)?;
+            let failed = rows.iter().filter(|r| !r.exact).count();
+            println!("| check | values | bit-exact |");
+            println!("|---|---|---|");
+            for r in &rows {
+                let ok = if r.exact { "yes".to_string() } else { format!("NO: {}", r.detail) };
+                println!("| {} | {} | {ok} |", r.name, r.values);
+            }
+            println!("{} checks, {failed} failed", rows.len());
+            anyhow::ensure!(failed == 0, "{failed} gpu checks failed");
+            Ok(())
+        }
+        GpuCommand::Bench(a) => {
+            let cuda = Cuda::open(a.run.device)?;
+            println!("device: {} (driver {})", cuda.info().name, cuda.info().driver_version);
+            let r = bench::bench_restore(&cuda, &a.run.kv, a.copies)?;
+            println!("| restore | MB moved | ms | GB/s | D2D copy GB/s | % of copy |");
+            println!("|---|---|---|---|---|---|");
+            for p in &r {
+                println!(
+                    "| {} | {:.0} | {:.3} | {:.0} | {:.0} | {:.0}% |",
+                    p.name,
+                    p.bytes as f64 / 1e6,
+                    p.ms,
+                    p.gbps,
+                    p.copy_gbps,
+                    100.0 * p.gbps / p.copy_gbps
+                );
+            }
+            let pts = bench::bench_nvdec(&cuda, &a.run.kv, &a.run.fixtures, &a.sessions, a.seconds)?;
+            println!("| nvdec stream | ratio vs fp16 | sessions | bitstream in GB/s | KV out GB/s |");
+            println!("|---|---|---|---|---|");
+            for p in &pts {
+                println!(
+                    "| {} {}-bit | {:.2}x | {} | {:.3} | {:.3} |",
+                    p.chroma.name(),
+                    p.bits,
+                    p.ratio_vs_fp16,
+                    p.sessions,
+                    p.in_gbps,
+                    p.kv_out_gbps
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn info(device: usize) -> anyhow::Result<()> {
+    let cuda = Cuda::open(device).context("cuda")?;
+    let i = cuda.info();
+    println!("device {}: {}", i.ordinal, i.name);
+    println!("compute capability {}.{}, {} SMs, {:.1} GiB", i.compute_capability.0, i.compute_capability.1, i.multiprocessors, i.total_memory as f64 / (1u64 << 30) as f64);
+    println!("cuda driver api {}", i.driver_version);
+    match Nvdec::open(cuda.clone()) {
+        Err(e) => println!("nvdec: unavailable ({e})"),
+        Ok(n) => {
+            for chroma in [Chroma::Yuv420, Chroma::Yuv444] {
+                for bits in [8u8, 10, 12] {
+                    let c = n.hevc_caps(chroma, bits)?;
+                    println!(
+                        "nvdec hevc {} {bits}-bit: supported {} engines {} min {}x{} max {}x{}",
+                        chroma.name(),
+                        c.supported,
+                        c.engines,
+                        c.min_size.0,
+                        c.min_size.1,
+                        c.max_size.0,
+                        c.max_size.1
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

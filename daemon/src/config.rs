@@ -1,0 +1,283 @@
+//! The daemon's TOML configuration: where it listens, which stores it talks to, how hard it
+//! works, and what it saves.
+//!
+//! This module only parses and validates; it opens no sockets and reads no certificates.
+//! Every field has a default, so an empty file is a valid configuration (one store on loopback).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default Unix socket path, under the systemd `RuntimeDirectory`.
+pub const DEFAULT_SOCKET: &str = "/run/kvfetcher/kvfetcher.sock";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("cannot parse config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Unix socket the local protocol listens on.
+    pub socket: PathBuf,
+    /// Permission bits of the socket, as an octal string (`"0660"`: owner and group only).
+    pub socket_mode: String,
+    /// Loopback address of the Prometheus endpoint; `None` turns metrics off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Log format: `"text"` or `"json"`.
+    pub log_format: LogFormat,
+    /// Stores to fetch from and save to; chunk keys are spread over them by hash.
+    pub stores: Vec<StoreConfig>,
+    /// Fetch tuning.
+    pub fetch: FetchConfig,
+    /// Save tuning.
+    pub save: SaveConfig,
+}
+
+/// How logs are written to stderr (journald captures them under systemd).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// One remote store reached over QUIC.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// UDP address of the store.
+    pub addr: SocketAddr,
+    /// TLS server name the store's certificate must carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// TLS trust for the store: a directory (its `ca.pem` is trusted, else its `cert.pem` is
+    /// pinned; `client-cert.pem`/`client-key.pem` there enable mutual TLS) or a CA bundle file.
+    #[serde(default = "default_tls")]
+    pub tls: PathBuf,
+    /// File holding a bearer token the store requires, if any.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Fetch-side limits: memory bound, parallelism and fairness.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// Sections one fetch keeps requested but not yet restored.
+    pub max_inflight_sections: usize,
+    /// Bytes of compressed sections held in memory by all fetches together (back-pressure).
+    pub max_inflight_bytes: usize,
+    /// Sections decoded at once across all fetches (the decode worker pool).
+    pub decode_workers: usize,
+    /// Milliseconds to wait for a store's QUIC handshake before reporting it unavailable.
+    pub connect_timeout_ms: u64,
+}
+
+/// Save-side settings: what the daemon encodes and with how many workers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SaveConfig {
+    /// Variant name to encode with (`zstd`, `packed`, `hevc`).
+    pub variant: String,
+    /// Quantization bits, 1..=8, or 16 for bit-exact.
+    pub bits: u8,
+    /// Tokens per chunk.
+    pub chunk_tokens: u32,
+    /// Layers per section (layer group).
+    pub layers_per_group: u32,
+    /// Chunks encoded at once.
+    pub workers: usize,
+}
+
+fn default_server_name() -> String {
+    "localhost".to_string()
+}
+
+fn default_tls() -> PathBuf {
+    PathBuf::from("/etc/kvfetcher/tls")
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: "0660".to_string(),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            log_format: LogFormat::Text,
+            stores: vec![StoreConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], 4433)),
+                server_name: default_server_name(),
+                tls: default_tls(),
+                token_file: None,
+            }],
+            fetch: FetchConfig::default(),
+            save: SaveConfig::default(),
+        }
+    }
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            // Enough to cover one round trip of a few sections on a 10 Gbit/s link.
+            max_inflight_sections: 16,
+            max_inflight_bytes: 256 << 20,
+            decode_workers: available_cores(),
+            connect_timeout_ms: 3000,
+        }
+    }
+}
+
+impl Default for SaveConfig {
+    fn default() -> Self {
+        SaveConfig {
+            // Measured (DESIGN.md section 5): zstd at 8 bits beats lossless HEVC on real KV.
+            variant: "zstd".to_string(),
+            bits: 8,
+            chunk_tokens: 256,
+            layers_per_group: 1,
+            workers: available_cores().div_ceil(2),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The socket mode as permission bits.
+    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
+        let digits = self.socket_mode.trim_start_matches("0o");
+        u32::from_str_radix(digits, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!("socket_mode {:?} is not octal", self.socket_mode))
+            })
+    }
+
+    /// Checks ranges and cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        self.socket_mode_bits()?;
+        if let Some(addr) = self.metrics_addr {
+            if !addr.ip().is_loopback() {
+                return invalid(format!("metrics_addr {addr} is not a loopback address"));
+            }
+        }
+        if self.stores.is_empty() {
+            return invalid("at least one store is needed".into());
+        }
+        let f = &self.fetch;
+        if f.max_inflight_sections == 0
+            || f.decode_workers == 0
+            || f.max_inflight_bytes == 0
+            || f.connect_timeout_ms == 0
+        {
+            return invalid("fetch limits must be positive".into());
+        }
+        let s = &self.save;
+        if !(1..=8).contains(&s.bits) && s.bits != 16 {
+            return invalid(format!("save.bits {} is not 1..=8 or 16", s.bits));
+        }
+        if s.chunk_tokens == 0 || s.layers_per_group == 0 || s.workers == 0 {
+            return invalid(
+                "save.chunk_tokens, layers_per_group and workers must be positive".into(),
+            );
+        }
+        if !["zstd", "packed", "hevc"].contains(&s.variant.as_str()) {
+            return invalid(format!(
+                "save.variant {:?} is not zstd, packed or hevc",
+                s.variant
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.socket_mode_bits().unwrap(), 0o660);
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kvfetcher.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert!(c.metrics_addr.unwrap().ip().is_loopback());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            "metrics_addr = \"0.0.0.0:9464\"",
+            "socket_mode = \"0999\"",
+            "stores = []",
+            "[save]\nbits = 12",
+            "[save]\nvariant = \"lz4\"",
+            "[fetch]\ndecode_workers = 0",
+            "unknown_key = 1",
+        ] {
+            assert!(Config::parse(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn reads_stores_and_limits() {
+        let c = Config::parse(
+            "socket = \"/tmp/x.sock\"\n[[stores]]\naddr = \"10.0.0.2:4433\"\nserver_name = \"s\"\n\
+             [fetch]\nmax_inflight_sections = 4\n[save]\nbits = 4\nvariant = \"packed\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.stores.len(), 1);
+        assert_eq!(c.stores[0].server_name, "s");
+        assert_eq!(c.fetch.max_inflight_sections, 4);
+        assert_eq!(c.save.bits, 4);
+        assert_eq!(c.save.variant, "packed");
+    }
+}

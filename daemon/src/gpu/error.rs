@@ -1,0 +1,42 @@
+//! The GPU layer's error type.
+
+/// Why a GPU operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// `libcuda.so.1` could not be loaded or initialised (no NVIDIA driver on this host).
+    #[error("no cuda driver: {0}")]
+    NoDriver(String),
+    /// `libnvcuvid.so.1` could not be loaded (no NVDEC on this host).
+    #[error("no nvdec: {0}")]
+    NoNvdec(String),
+    /// The requested device ordinal does not exist.
+    #[error("no cuda device {ordinal} (found {count})")]
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// How many devices the driver reports.
+        count: usize,
+    },
+    /// A driver call returned an error.
+    #[error("{call} failed: {message} (code {code})")]
+    Cuda {
+        /// The driver function.
+        call: &'static str,
+        /// The `CUresult`.
+        code: i32,
+        /// The driver's description.
+        message: String,
+    },
+    /// NVDEC cannot decode this stream (format, size or bit depth out of its range).
+    #[error("nvdec cannot decode this stream: {0}")]
+    Unsupported(String),
+    /// The bitstream did not decode to what the caller declared.
+    #[error("nvdec decode failed: {0}")]
+    Decode(String),
+    /// An argument is out of range (sizes, layouts, buffer capacities).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The restore kernels' PTX failed to load.
+    #[error("restore kernels: {0}")]
+    Kernels(String),
+}

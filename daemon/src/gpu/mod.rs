@@ -1,0 +1,24 @@
+//! The GPU path: NVDEC decoding and the restore kernels, on NVIDIA GPUs found at run time.
+//!
+//! Layers, bottom up: `cuda_sys` / `nvcuvid_sys` (raw bindings, loaded with libloading, the only
+//! unsafe FFI), [`cuda`] and [`nvdec`] (safe wrappers), [`restore`] (the PTX kernels and their
+//! bit-exact CPU reference), then fixtures, self-checks and benchmarks for `kvfetcher gpu`.
+//! Everything builds and its non-GPU tests pass on hosts without a driver: loading fails with
+//! [`GpuError::NoDriver`] / [`GpuError::NoNvdec`]. Not here yet: CUDA IPC export to engines.
+
+pub mod bench;
+pub mod check;
+pub mod cuda;
+mod cuda_sys;
+mod error;
+pub mod fixture;
+pub mod nvdec;
+mod nvcuvid_sys;
+pub mod restore;
+
+pub use cuda::{Cuda, DeviceBuffer, DeviceInfo, Event, Module, Stream};
+pub use error::GpuError;
+pub use nvdec::{Chroma, DeviceFrames, FrameFormat, HevcCaps, HostFrames, Nvdec, NvdecSession};
+pub use restore::{
+    restore_cpu, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping, RestoreKernels, TargetSpec,
+};

@@ -1,0 +1,543 @@
+//! Restore: quantized codes -> dequantized KV written straight into the engine's layout.
+//!
+//! [`RestoreKernels`] runs the PTX kernels of `daemon/kernels/restore.cu` on codes in device
+//! memory, on bit-packed codes (the `packed` variant, straight from a host-to-device copy), or on
+//! NVDEC's decoded surfaces. [`restore_cpu`] is the bit-exact CPU reference of the same math:
+//! `(code as f32).mul_add(scale, min)` rounded to nearest-even into f16/bf16, or kept as f32, as
+//! `kvfetcher_codec::dequantize` defines it. [`TargetSpec::offset`] is the target layout math.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use super::cuda::{Cuda, DeviceBuffer, Module, Stream};
+use super::nvdec::{Chroma, DeviceFrames};
+use super::GpuError;
+
+/// The committed PTX of `daemon/kernels/restore.cu` (regenerate with `scripts/gen-ptx.sh`).
+pub const RESTORE_PTX: &str = include_str!("../../kernels/restore.ptx");
+
+/// Threads per block of every restore kernel (its `__launch_bounds__`).
+const BLOCK: u32 = 256;
+
+/// Element type of the target KV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// f32.
+    F32,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F16 | KvDtype::Bf16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+
+    fn code(self) -> u32 {
+        match self {
+            KvDtype::F16 => 0,
+            KvDtype::Bf16 => 1,
+            KvDtype::F32 => 2,
+        }
+    }
+
+    /// Short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F16 => "f16",
+            KvDtype::Bf16 => "bf16",
+            KvDtype::F32 => "f32",
+        }
+    }
+}
+
+/// Order of a target tensor's axes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvLayout {
+    /// `[tokens][heads][head_dim]` (in paged form `[block][slot][heads][head_dim]`).
+    Nhd,
+    /// `[heads][tokens][head_dim]` (in paged form `[block][heads][slot][head_dim]`).
+    Hnd,
+}
+
+/// How scales and mins are shared (mirrors `kvfetcher_codec::Grouping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantGrouping {
+    /// One `(min, scale)` per channel: arrays are `[tensors][cols]`.
+    PerChannel,
+    /// One `(min, scale)` per token: arrays are `[tensors][rows]`.
+    PerToken,
+}
+
+/// Where restored values go: one target tensor per code tensor, all with the same geometry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSpec {
+    /// Axis order.
+    pub layout: KvLayout,
+    /// Element type.
+    pub dtype: KvDtype,
+    /// KV heads.
+    pub heads: usize,
+    /// Channels per head (a multiple of 8).
+    pub head_dim: usize,
+    /// Target token of code row 0.
+    pub token_offset: usize,
+    /// Token capacity of each contiguous target tensor (ignored when paged).
+    pub target_tokens: usize,
+    /// Paged targets: tokens per block and the block table (logical block -> physical block).
+    pub paged: Option<(usize, Vec<i32>)>,
+}
+
+impl TargetSpec {
+    /// Element offset of code `(row, col)` in its target tensor.
+    pub fn offset(&self, row: usize, col: usize) -> usize {
+        let token = self.token_offset + row;
+        let (head, d) = (col / self.head_dim, col % self.head_dim);
+        match (&self.paged, self.layout) {
+            (Some((bs, table)), KvLayout::Nhd) => {
+                let phys = table[token / bs] as usize;
+                ((phys * bs + token % bs) * self.heads + head) * self.head_dim + d
+            }
+            (Some((bs, table)), KvLayout::Hnd) => {
+                let phys = table[token / bs] as usize;
+                ((phys * self.heads + head) * bs + token % bs) * self.head_dim + d
+            }
+            (None, KvLayout::Nhd) => (token * self.heads + head) * self.head_dim + d,
+            (None, KvLayout::Hnd) => (head * self.target_tokens + token) * self.head_dim + d,
+        }
+    }
+
+    /// Elements each target tensor must hold.
+    pub fn elements(&self) -> usize {
+        match &self.paged {
+            Some((bs, table)) => {
+                let blocks = table.iter().map(|&b| b.max(0) as usize + 1).max().unwrap_or(0);
+                blocks * bs * self.heads * self.head_dim
+            }
+            None => self.target_tokens * self.heads * self.head_dim,
+        }
+    }
+
+    /// Checks that `rows x cols` codes fit this target.
+    pub fn validate(&self, rows: usize, cols: usize) -> Result<(), GpuError> {
+        let bad = |m: String| Err(GpuError::InvalidArgument(m));
+        if self.head_dim == 0 || self.head_dim % 8 != 0 || cols != self.heads * self.head_dim {
+            return bad(format!("cols {cols} != heads {} x head_dim {} (a multiple of 8)", self.heads, self.head_dim));
+        }
+        let last = self.token_offset + rows;
+        match &self.paged {
+            Some((bs, table)) => {
+                if *bs == 0 || table.len() * bs < last || table.iter().any(|&b| b < 0) {
+                    return bad("block table too short or negative".into());
+                }
+            }
+            None => {
+                if last > self.target_tokens {
+                    return bad(format!("tokens up to {last} exceed the target's {}", self.target_tokens));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scales and mins of one section, `[tensors][groups]` each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dequant {
+    /// Grouping of the arrays.
+    pub grouping: QuantGrouping,
+    /// Scales.
+    pub scales: Vec<f32>,
+    /// Mins.
+    pub mins: Vec<f32>,
+}
+
+/// The geometry of the codes being restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeGeometry {
+    /// Code tensors (layers x {K, V}).
+    pub tensors: usize,
+    /// Rows (tokens).
+    pub rows: usize,
+    /// Columns (kv_heads x head_dim).
+    pub cols: usize,
+}
+
+impl CodeGeometry {
+    /// Number of codes.
+    pub fn len(&self) -> usize {
+        self.tensors * self.rows * self.cols
+    }
+
+    /// Whether there are no codes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn group_of(grouping: QuantGrouping, g: CodeGeometry, t: usize, row: usize, col: usize) -> usize {
+    match grouping {
+        QuantGrouping::PerChannel => t * g.cols + col,
+        QuantGrouping::PerToken => t * g.rows + row,
+    }
+}
+
+fn check_dequant(g: CodeGeometry, q: &Dequant) -> Result<(), GpuError> {
+    let groups = match q.grouping {
+        QuantGrouping::PerChannel => g.tensors * g.cols,
+        QuantGrouping::PerToken => g.tensors * g.rows,
+    };
+    if q.scales.len() != groups || q.mins.len() != groups {
+        return Err(GpuError::InvalidArgument(format!("{} scales for {groups} groups", q.scales.len())));
+    }
+    Ok(())
+}
+
+/// The CPU reference: writes every code of `codes` (`[tensors][rows][cols]`) into `outs[t]`
+/// (raw little-endian bytes of `target.elements()` elements each).
+pub fn restore_cpu(
+    g: CodeGeometry,
+    codes: &[u16],
+    q: &Dequant,
+    target: &TargetSpec,
+    outs: &mut [Vec<u8>],
+) -> Result<(), GpuError> {
+    check_dequant(g, q)?;
+    target.validate(g.rows, g.cols)?;
+    if codes.len() != g.len() || outs.len() != g.tensors {
+        return Err(GpuError::InvalidArgument("codes or outputs do not match the geometry".into()));
+    }
+    let size = target.dtype.size();
+    for (t, out) in outs.iter_mut().enumerate() {
+        out.resize(target.elements() * size, 0);
+        for row in 0..g.rows {
+            for col in 0..g.cols {
+                let code = codes[(t * g.rows + row) * g.cols + col];
+                let k = group_of(q.grouping, g, t, row, col);
+                let v = f32::from(code).mul_add(q.scales[k], q.mins[k]);
+                let at = target.offset(row, col) * size;
+                match target.dtype {
+                    KvDtype::F16 => out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+                    KvDtype::Bf16 => out[at..at + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
+                    KvDtype::F32 => out[at..at + 4].copy_from_slice(&v.to_le_bytes()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Packs codes LSB-first at `bits` each (the `packed` variant's payload format).
+pub fn pack_codes(codes: &[u16], bits: u8) -> Vec<u8> {
+    let bits = u32::from(bits);
+    let mut out = Vec::with_capacity((codes.len() * bits as usize).div_ceil(8));
+    let (mut acc, mut n) = (0u64, 0u32);
+    for &c in codes {
+        acc |= u64::from(c) << n;
+        n += bits;
+        while n >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            n -= 8;
+        }
+    }
+    if n > 0 {
+        out.push(acc as u8);
+    }
+    out
+}
+
+/// `RestoreTarget` of restore.cu, field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RestoreTargetArgs {
+    out_ptrs: u64,
+    scales: u64,
+    mins: u64,
+    block_table: u64,
+    tensors: u32,
+    rows: u32,
+    cols: u32,
+    heads: u32,
+    head_dim: u32,
+    token_offset: u32,
+    target_tokens: u32,
+    block_size: u32,
+    layout: u32,
+    dtype: u32,
+    grouping: u32,
+    pad: u32,
+}
+
+/// `FrameSource` of restore.cu, field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct FrameSourceArgs {
+    gather: u64,
+    width: u32,
+    height: u32,
+    chroma444: u32,
+    bytes_per_sample: u32,
+    shift: u32,
+    pad: u32,
+}
+
+/// A target and its dequantization parameters, uploaded once and reused for every launch.
+pub struct DeviceTarget {
+    args: RestoreTargetArgs,
+    geometry: CodeGeometry,
+    _ptrs: DeviceBuffer,
+    _scales: DeviceBuffer,
+    _mins: DeviceBuffer,
+    _table: Option<DeviceBuffer>,
+}
+
+impl std::fmt::Debug for DeviceTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceTarget").field("geometry", &self.geometry).finish()
+    }
+}
+
+impl DeviceTarget {
+    /// Uploads the target description. `outs[t]` must hold `target.elements()` elements of
+    /// `target.dtype` for every code tensor `t`.
+    pub fn new(
+        cuda: &Arc<Cuda>,
+        g: CodeGeometry,
+        q: &Dequant,
+        target: &TargetSpec,
+        outs: &[&DeviceBuffer],
+    ) -> Result<DeviceTarget, GpuError> {
+        check_dequant(g, q)?;
+        target.validate(g.rows, g.cols)?;
+        let need = target.elements() * target.dtype.size();
+        if outs.len() != g.tensors || outs.iter().any(|o| o.len() < need) {
+            return Err(GpuError::InvalidArgument(format!("need {} outputs of {need} bytes", g.tensors)));
+        }
+        if g.len() % 8 != 0 || u32::try_from(g.rows).is_err() || u32::try_from(g.cols).is_err() {
+            return Err(GpuError::InvalidArgument("geometry too large".into()));
+        }
+        let ptrs: Vec<u64> = outs.iter().map(|o| o.ptr()).collect();
+        let ptrs = cuda.upload(&ptrs)?;
+        let scales = cuda.upload(&q.scales)?;
+        let mins = cuda.upload(&q.mins)?;
+        let (table, block_size) = match &target.paged {
+            Some((bs, t)) => {
+                let t: Vec<u32> = t.iter().map(|&b| b as u32).collect();
+                (Some(cuda.upload(&t)?), *bs as u32)
+            }
+            None => (None, 0),
+        };
+        let args = RestoreTargetArgs {
+            out_ptrs: ptrs.ptr(),
+            scales: scales.ptr(),
+            mins: mins.ptr(),
+            block_table: table.as_ref().map_or(0, |t| t.ptr()),
+            tensors: g.tensors as u32,
+            rows: g.rows as u32,
+            cols: g.cols as u32,
+            heads: target.heads as u32,
+            head_dim: target.head_dim as u32,
+            token_offset: target.token_offset as u32,
+            target_tokens: target.target_tokens as u32,
+            block_size,
+            layout: match target.layout {
+                KvLayout::Nhd => 0,
+                KvLayout::Hnd => 1,
+            },
+            dtype: target.dtype.code(),
+            grouping: match q.grouping {
+                QuantGrouping::PerChannel => 0,
+                QuantGrouping::PerToken => 1,
+            },
+            pad: 0,
+        };
+        Ok(DeviceTarget { args, geometry: g, _ptrs: ptrs, _scales: scales, _mins: mins, _table: table })
+    }
+}
+
+/// The loaded restore kernels of one device.
+pub struct RestoreKernels {
+    cuda: Arc<Cuda>,
+    module: Module,
+}
+
+impl std::fmt::Debug for RestoreKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RestoreKernels")
+    }
+}
+
+impl RestoreKernels {
+    /// Loads the committed PTX, or the file named by `KVFETCHER_RESTORE_PTX` when set.
+    pub fn load(cuda: &Arc<Cuda>) -> Result<RestoreKernels, GpuError> {
+        let ptx = match std::env::var_os("KVFETCHER_RESTORE_PTX") {
+            Some(p) => std::fs::read_to_string(&p).map_err(|e| GpuError::Kernels(format!("{}: {e}", p.to_string_lossy())))?,
+            None => RESTORE_PTX.to_string(),
+        };
+        if !ptx.contains(".entry kvf_restore_codes") {
+            return Err(GpuError::Kernels("ptx lacks kvf_restore_codes (run scripts/gen-ptx.sh)".into()));
+        }
+        let module = cuda.load_module(&ptx)?;
+        Ok(RestoreKernels { cuda: cuda.clone(), module })
+    }
+
+    fn grid(&self, codes: usize) -> u32 {
+        let groups = codes.div_ceil(8);
+        let max = (self.cuda.info().multiprocessors.max(1) as usize) * 16;
+        groups.div_ceil(BLOCK as usize).clamp(1, max) as u32
+    }
+
+    /// Restores u16 codes (`[tensors][rows][cols]`) held in `codes`.
+    pub fn restore_codes(&self, codes: &DeviceBuffer, target: &DeviceTarget, stream: &Stream) -> Result<(), GpuError> {
+        let n = target.geometry.len();
+        if codes.len() < n * 2 {
+            return Err(GpuError::InvalidArgument("code buffer too small".into()));
+        }
+        let f = self.module.function("kvf_restore_codes")?;
+        let mut ptr = codes.ptr();
+        let mut args = target.args;
+        let mut params = [(&mut ptr as *mut u64).cast::<c_void>(), (&mut args as *mut RestoreTargetArgs).cast()];
+        // SAFETY: the parameters are (const uint16_t*, RestoreTarget) as declared in restore.cu;
+        // the code buffer holds n codes (checked) and DeviceTarget validated every target range.
+        unsafe { self.cuda.launch(&f, self.grid(n), BLOCK, stream, &mut params) }
+    }
+
+    /// Restores codes bit-packed LSB-first at `bits` (1..=16) held in `packed`.
+    pub fn restore_packed(
+        &self,
+        packed: &DeviceBuffer,
+        bits: u8,
+        target: &DeviceTarget,
+        stream: &Stream,
+    ) -> Result<(), GpuError> {
+        let n = target.geometry.len();
+        if !(1..=16).contains(&bits) || packed.len() < (n * bits as usize).div_ceil(8) {
+            return Err(GpuError::InvalidArgument("packed buffer too small or bad bit width".into()));
+        }
+        let f = self.module.function("kvf_restore_packed")?;
+        let mut ptr = packed.ptr();
+        let mut len = packed.len() as u64;
+        let mut bits = u32::from(bits);
+        let mut args = target.args;
+        let mut params = [
+            (&mut ptr as *mut u64).cast::<c_void>(),
+            (&mut len as *mut u64).cast(),
+            (&mut bits as *mut u32).cast(),
+            (&mut args as *mut RestoreTargetArgs).cast(),
+        ];
+        // SAFETY: the parameters match (const uint8_t*, u64, unsigned, RestoreTarget); the
+        // kernel reads below `len` only, and DeviceTarget validated the target ranges.
+        unsafe { self.cuda.launch(&f, self.grid(n), BLOCK, stream, &mut params) }
+    }
+
+    /// Restores codes straight from decoded surfaces. `gather` maps each code index to its
+    /// planar sample index (Y, U, V planes per frame, as in `HostFrames`); `None` means code `i`
+    /// is sample `i`.
+    pub fn restore_frames(
+        &self,
+        frames: &DeviceFrames,
+        gather: Option<&DeviceBuffer>,
+        target: &DeviceTarget,
+        stream: &Stream,
+    ) -> Result<(), GpuError> {
+        let n = target.geometry.len();
+        let fmt = frames.format;
+        if frames.frames * fmt.samples_per_frame() < n && gather.is_none() {
+            return Err(GpuError::InvalidArgument("fewer samples than codes".into()));
+        }
+        if gather.is_some_and(|g| g.len() < n * 4) {
+            return Err(GpuError::InvalidArgument("gather table too small".into()));
+        }
+        let f = self.module.function("kvf_restore_frames")?;
+        let mut ptr = frames.ptr;
+        let mut src = FrameSourceArgs {
+            gather: gather.map_or(0, |g| g.ptr()),
+            width: fmt.width as u32,
+            height: fmt.height as u32,
+            chroma444: u32::from(fmt.chroma == Chroma::Yuv444),
+            bytes_per_sample: fmt.surface_bytes_per_sample() as u32,
+            shift: if fmt.bit_depth > 8 { 16 - u32::from(fmt.bit_depth) } else { 0 },
+            pad: 0,
+        };
+        let mut args = target.args;
+        let mut params = [
+            (&mut ptr as *mut u64).cast::<c_void>(),
+            (&mut src as *mut FrameSourceArgs).cast(),
+            (&mut args as *mut RestoreTargetArgs).cast(),
+        ];
+        // SAFETY: the parameters match (const uint8_t*, FrameSource, RestoreTarget); the frames
+        // hold at least n samples (checked) or the caller's gather table indexes into them.
+        unsafe { self.cuda.launch(&f, self.grid(n), BLOCK, stream, &mut params) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_match_the_cuda_structs() {
+        assert_eq!(std::mem::size_of::<RestoreTargetArgs>(), 80);
+        assert_eq!(std::mem::size_of::<FrameSourceArgs>(), 32);
+    }
+
+    #[test]
+    fn offsets_cover_a_paged_hnd_target_once() {
+        let t = TargetSpec {
+            layout: KvLayout::Hnd,
+            dtype: KvDtype::Bf16,
+            heads: 2,
+            head_dim: 8,
+            token_offset: 3,
+            target_tokens: 0,
+            paged: Some((4, vec![2, 0, 1])),
+        };
+        t.validate(9, 16).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for r in 0..9 {
+            for c in 0..16 {
+                assert!(seen.insert(t.offset(r, c)));
+                assert!(t.offset(r, c) < t.elements());
+            }
+        }
+        // token 3 -> block 0 -> physical 2, slot 3, head 0: ((2*2+0)*4+3)*8
+        assert_eq!(t.offset(0, 0), 19 * 8);
+        assert!(t.validate(10, 16).is_err());
+    }
+
+    #[test]
+    fn pack_matches_lsb_first() {
+        assert_eq!(pack_codes(&[1, 2, 3], 4), vec![0x21, 0x03]);
+        assert_eq!(pack_codes(&[0x3ff, 0], 10), vec![0xff, 0x03, 0x00]);
+    }
+
+    #[test]
+    fn cpu_restore_rounds_like_fma_then_rne() {
+        let g = CodeGeometry { tensors: 1, rows: 1, cols: 8 };
+        let q = Dequant { grouping: QuantGrouping::PerToken, scales: vec![0.1], mins: vec![-0.3] };
+        let t = TargetSpec {
+            layout: KvLayout::Nhd,
+            dtype: KvDtype::F32,
+            heads: 1,
+            head_dim: 8,
+            token_offset: 0,
+            target_tokens: 1,
+            paged: None,
+        };
+        let codes: Vec<u16> = (0..8).collect();
+        let mut outs = vec![Vec::new()];
+        restore_cpu(g, &codes, &q, &t, &mut outs).unwrap();
+        let got: Vec<f32> = outs[0].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let want: Vec<f32> = codes.iter().map(|&c| f32::from(c).mul_add(0.1, -0.3)).collect();
+        assert_eq!(got, want);
+    }
+}

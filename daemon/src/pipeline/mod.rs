@@ -1,0 +1,209 @@
+//! The fetch and save pipeline: plans which sections to fetch, fetches them over the transport,
+//! decodes them on a bounded worker pool and restores them into the engine's layout; and the
+//! reverse for saves (copy, quantize, encode, upload). [`Pipeline`] is the daemon's
+//! [`Backend`](crate::server::Backend).
+//!
+//! - `plan`: the sans-IO fetch planner (order, window, per-layer readiness).
+//! - `layout`: restore into the engine's layout on the CPU, and read a client's buffer back.
+//! - `stores`: which store holds which key; prefix lookups; lazy reconnection.
+//! - `fetch`, `save`: the two drivers.
+
+mod fetch;
+mod layout;
+mod plan;
+mod save;
+mod stores;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvfetcher_client::{KvShape, TargetLayout};
+use kvfetcher_codec::{chunk_keys, CodecRegistry, ModelFingerprint};
+use tokio::sync::Semaphore;
+
+pub use layout::{extract_cache, kv_dtype, place_cache, place_tensor, LayoutIoError};
+pub use plan::{FetchPlanner, PlanError, SectionRef};
+pub use stores::StoreTarget;
+
+use crate::config::{Config, FetchConfig, SaveConfig};
+use crate::metrics::Metrics;
+use crate::server::{Backend, BoxFuture, Destination, FetchOutcome, ServeError};
+use crate::transport::TlsClientConfig;
+use stores::Stores;
+
+/// Bytes per permit of the in-flight byte budget (a semaphore counts in `u32` permits).
+const BUDGET_UNIT: u64 = 4096;
+
+/// Why a pipeline could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A store's TLS trust or token could not be loaded.
+    #[error("store {store}: {reason}")]
+    Store {
+        /// The store's address.
+        store: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The save settings do not form a valid codec configuration.
+    #[error("save settings: {0}")]
+    Save(String),
+    /// The save worker pool could not start.
+    #[error("save pool: {0}")]
+    Pool(String),
+}
+
+/// The fetch/save pipeline: one per daemon, shared by all clients.
+#[derive(Debug)]
+pub struct Pipeline {
+    stores: Stores,
+    registry: Arc<CodecRegistry>,
+    metrics: Arc<Metrics>,
+    fetch: FetchConfig,
+    save: SaveConfig,
+    /// Decode slots shared by all fetches (FIFO, so clients take turns).
+    decode_slots: Arc<Semaphore>,
+    /// Compressed bytes in memory across all fetches, in [`BUDGET_UNIT`]s.
+    wire_budget: Arc<Semaphore>,
+    budget_permits: u32,
+    save_pool: Arc<rayon::ThreadPool>,
+}
+
+impl Pipeline {
+    /// A pipeline over `stores` (nothing is connected until first use).
+    pub fn new(
+        stores: Vec<StoreTarget>,
+        registry: CodecRegistry,
+        fetch: FetchConfig,
+        save: SaveConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline, PipelineError> {
+        save::encode_config(&save).map_err(|e| PipelineError::Save(e.to_string()))?;
+        if stores.is_empty() {
+            return Err(PipelineError::Save("no store configured".into()));
+        }
+        let save_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(save.workers.max(1))
+            .thread_name(|i| format!("kvf-save-{i}"))
+            .build()
+            .map_err(|e| PipelineError::Pool(e.to_string()))?;
+        let budget_permits = u32::try_from(
+            (fetch.max_inflight_bytes as u64)
+                .div_ceil(BUDGET_UNIT)
+                .max(1),
+        )
+        .unwrap_or(u32::MAX)
+        .min(Semaphore::MAX_PERMITS as u32);
+        Ok(Pipeline {
+            stores: Stores::new(stores, Duration::from_millis(fetch.connect_timeout_ms)),
+            registry: Arc::new(registry),
+            metrics,
+            decode_slots: Arc::new(Semaphore::new(fetch.decode_workers.max(1))),
+            wire_budget: Arc::new(Semaphore::new(budget_permits as usize)),
+            budget_permits,
+            fetch,
+            save,
+            save_pool: Arc::new(save_pool),
+        })
+    }
+
+    /// A pipeline for a daemon configuration: loads each store's TLS trust and token.
+    pub fn from_config(
+        config: &Config,
+        registry: CodecRegistry,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline, PipelineError> {
+        let mut targets = Vec::new();
+        for s in &config.stores {
+            let err = |reason: String| PipelineError::Store {
+                store: s.addr.to_string(),
+                reason,
+            };
+            let mut tls = TlsClientConfig::from_path(&s.tls).map_err(|e| err(e.to_string()))?;
+            tls.server_name = s.server_name.clone();
+            if let Some(path) = &s.token_file {
+                let token = std::fs::read_to_string(path)
+                    .map_err(|e| err(format!("token {}: {e}", path.display())))?;
+                tls.token = Some(token.trim().as_bytes().to_vec());
+            }
+            targets.push(StoreTarget { addr: s.addr, tls });
+        }
+        Pipeline::new(
+            targets,
+            registry,
+            config.fetch.clone(),
+            config.save.clone(),
+            metrics,
+        )
+    }
+
+    /// The metrics this pipeline updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Number of stores.
+    pub fn store_count(&self) -> usize {
+        self.stores.len()
+    }
+
+    async fn lookup_tokens(&self, model: &str, token_ids: &[u32]) -> Result<u32, ServeError> {
+        let fp = ModelFingerprint::of_bytes(model.as_bytes());
+        let chunk = self.save.chunk_tokens as usize;
+        let keys = chunk_keys(&fp, token_ids, chunk);
+        let n = self.stores.exists_prefix(&keys).await?;
+        self.metrics.lookups.add(1);
+        Ok((n * chunk).min(token_ids.len()) as u32)
+    }
+}
+
+fn counted<T>(metrics: &Metrics, r: Result<T, ServeError>) -> Result<T, ServeError> {
+    if let Err(e) = &r {
+        if !matches!(e, ServeError::NotFound(_)) {
+            metrics.errors.add(1);
+            tracing::warn!(error = %e, "request failed");
+        }
+    }
+    r
+}
+
+impl Backend for Pipeline {
+    fn lookup<'a>(
+        &'a self,
+        model: &'a str,
+        token_ids: &'a [u32],
+    ) -> BoxFuture<'a, Result<u32, ServeError>> {
+        Box::pin(async move { counted(&self.metrics, self.lookup_tokens(model, token_ids).await) })
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        model: &'a str,
+        token_ids: &'a [u32],
+        layout: &'a TargetLayout,
+        dest: Arc<dyn Destination>,
+    ) -> BoxFuture<'a, Result<FetchOutcome, ServeError>> {
+        Box::pin(async move {
+            counted(
+                &self.metrics,
+                fetch::fetch(self, model, token_ids, layout, dest).await,
+            )
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        model: &'a str,
+        token_ids: &'a [u32],
+        layout: &'a TargetLayout,
+        shape: &'a KvShape,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<u32, ServeError>> {
+        Box::pin(async move {
+            counted(
+                &self.metrics,
+                save::save(self, model, token_ids, layout, shape, data).await,
+            )
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! The save path: copy the client's buffer, quantize and encode its chunks on the save pool,
+//! and upload each chunk to the store that holds its key.
+//!
+//! Encoding runs on a dedicated thread pool of `save.workers` threads, never on the decode
+//! slots or the async runtime, so a large save slows fetches only by the cores it is given.
+//! Chunks already stored are uploaded anyway and counted (the store answers "already there").
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::stream::{StreamExt, TryStreamExt};
+use kvfetcher_client::{KvShape, TargetLayout};
+use kvfetcher_codec::{encode_cache, EncodeConfig, ModelFingerprint, QuantConfig, VariantKind};
+
+use super::layout::extract_cache;
+use super::Pipeline;
+use crate::config::SaveConfig;
+use crate::server::ServeError;
+
+/// The codec settings a save config stands for.
+pub(crate) fn encode_config(save: &SaveConfig) -> Result<EncodeConfig, ServeError> {
+    let variant = match save.variant.as_str() {
+        "zstd" => VariantKind::Zstd,
+        "packed" => VariantKind::Packed,
+        "hevc" => VariantKind::Hevc,
+        other => return Err(ServeError::Internal(format!("unknown variant {other:?}"))),
+    };
+    let quant = if save.bits == 16 {
+        QuantConfig::Exact
+    } else {
+        QuantConfig::bits(save.bits)
+    };
+    Ok(EncodeConfig {
+        quant,
+        variant,
+        hevc_layout: None,
+        chunk_tokens: save.chunk_tokens as usize,
+        layers_per_section: save.layers_per_group as usize,
+    })
+}
+
+/// Runs a whole save; returns the number of chunks stored.
+pub(super) async fn save(
+    p: &Pipeline,
+    model: &str,
+    token_ids: &[u32],
+    layout: &TargetLayout,
+    shape: &KvShape,
+    data: &[u8],
+) -> Result<u32, ServeError> {
+    let started = Instant::now();
+    if shape.tokens as usize != token_ids.len() {
+        return Err(ServeError::BadRequest(format!(
+            "{} token ids for {} tokens",
+            token_ids.len(),
+            shape.tokens
+        )));
+    }
+    if token_ids.is_empty() {
+        return Ok(0);
+    }
+    // The copy: from here on the client's buffer is not needed.
+    let cache = extract_cache(layout, shape, data, Some(token_ids.to_vec()))?;
+    p.metrics.bytes_saved_raw.add(data.len() as u64);
+    let cfg = encode_config(&p.save)?;
+    let fp = ModelFingerprint::of_bytes(model.as_bytes());
+    let ids = token_ids.to_vec();
+    let registry = p.registry.clone();
+    let pool = p.save_pool.clone();
+    let chunks = (token_ids.len()).div_ceil(p.save.chunk_tokens as usize);
+    let queued = p.metrics.save_queue.track_n(chunks as i64);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    pool.spawn(move || {
+        let _ = tx.send(encode_cache(&cache, &fp, &ids, &cfg, &registry));
+    });
+    let objects = rx
+        .await
+        .map_err(|_| ServeError::Internal("save worker stopped".into()))?
+        .map_err(|e| ServeError::BadRequest(format!("encode: {e}")))?;
+    drop(queued);
+    let stored = futures::stream::iter(objects)
+        .map(|(key, bytes)| async move {
+            let len = bytes.len() as u64;
+            let client = p.stores.client_for(&key).await?;
+            match client.put(Bytes::from(bytes)).await {
+                Ok(_) => {
+                    p.metrics.bytes_out.add(len);
+                    Ok(1u32)
+                }
+                Err(e) => Err(p.stores.failed(&key, e).await),
+            }
+        })
+        .buffer_unordered(p.fetch.max_inflight_sections)
+        .try_fold(0u32, |a, b| async move { Ok(a + b) })
+        .await?;
+    p.metrics.save_seconds.observe(started.elapsed());
+    tracing::info!(
+        model,
+        tokens = shape.tokens,
+        chunks = stored,
+        ms = started.elapsed().as_millis() as u64,
+        "saved"
+    );
+    Ok(stored)
+}

@@ -1,0 +1,39 @@
+//! The server's error type: what a backend or the server itself reports, and its protocol code.
+
+use kvfetcher_client::protocol::ErrorCode;
+
+/// An error of the local server or of a [`crate::server::Backend`] call.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The model or the tokens are not available remotely.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request is invalid (bad layout, shape mismatch, out-of-bounds write...).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The store or another dependency is down; retrying later may work.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// An unexpected failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// GPU memory was asked for and this build or host cannot provide it.
+    #[error("gpu memory not supported by this daemon build/host")]
+    GpuUnsupported,
+    /// An I/O error of the server's socket or memory.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ServeError {
+    /// The protocol code this error is reported to clients with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ServeError::NotFound(_) => ErrorCode::NotFound,
+            ServeError::BadRequest(_) => ErrorCode::BadRequest,
+            ServeError::Unavailable(_) => ErrorCode::Unavailable,
+            ServeError::Internal(_) | ServeError::Io(_) => ErrorCode::Internal,
+            ServeError::GpuUnsupported => ErrorCode::GpuUnsupported,
+        }
+    }
+}

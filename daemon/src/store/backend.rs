@@ -1,0 +1,79 @@
+//! The storage backend trait: where the store server keeps chunk objects.
+//!
+//! Backends hold opaque bytes under a chunk key, plus a per-model index for listing. They do
+//! not check objects (the server does, before commit and before serving). A put goes through an
+//! [`ObjectWriter`] so bytes can reach storage as they arrive; nothing is visible under the key
+//! until [`ObjectWriter::commit`] returns.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use kvfetcher_codec::{ChunkKey, ModelFingerprint};
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Local file I/O failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path involved.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The object store (S3) failed.
+    #[error("object store: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    /// A name in storage is not a valid key.
+    #[error("bad name in storage: {0}")]
+    BadName(String),
+    /// The backend configuration is unusable.
+    #[error("backend config: {0}")]
+    Config(String),
+}
+
+/// Objects and bytes a backend holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Number of objects.
+    pub objects: u64,
+    /// Their total size.
+    pub bytes: u64,
+}
+
+/// A put in progress. Call [`ObjectWriter::write`] for each piece, then `commit` or `abort`.
+/// Dropping a writer without committing leaves nothing visible (temporary data may remain
+/// until the backend's next start, which removes it).
+#[async_trait]
+pub trait ObjectWriter: Send {
+    /// Appends bytes.
+    async fn write(&mut self, bytes: Bytes) -> Result<(), BackendError>;
+    /// Makes the object durable and visible under its key, indexed under `model`; returns true
+    /// when the key was not present before.
+    async fn commit(self: Box<Self>, model: ModelFingerprint) -> Result<bool, BackendError>;
+    /// Discards what was written.
+    async fn abort(self: Box<Self>);
+}
+
+/// A place to keep chunk objects.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Starts a put of the object under `key`.
+    async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, BackendError>;
+    /// The whole object, or `None` when absent.
+    async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, BackendError>;
+    /// Whether the object is present.
+    async fn exists(&self, key: &ChunkKey) -> Result<bool, BackendError>;
+    /// Keys indexed under `model`.
+    async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, BackendError>;
+    /// Removes the object and its index entry; true when it existed.
+    async fn delete(&self, key: &ChunkKey) -> Result<bool, BackendError>;
+    /// What the backend holds.
+    async fn usage(&self) -> Result<Usage, BackendError>;
+}
+
+/// Parses a 64-hex-digit file or object name as a key.
+pub(crate) fn key_from_name(name: &str) -> Result<ChunkKey, BackendError> {
+    ChunkKey::from_hex(name).map_err(|_| BackendError::BadName(name.to_string()))
+}

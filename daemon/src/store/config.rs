@@ -1,0 +1,132 @@
+//! The store server's TOML configuration (`kvfetcher store --config FILE`), merged with the
+//! command line. Parsing and validation only: nothing is opened here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::s3::S3Config;
+use super::server::ServerOptions;
+use crate::transport::Congestion;
+
+/// Why a store configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("cannot parse store config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// Values are missing or contradict each other.
+    #[error("invalid store config: {0}")]
+    Invalid(String),
+}
+
+/// Everything `kvfetcher store` needs. Every field may also come from the command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// UDP address to listen on.
+    pub listen: Option<SocketAddr>,
+    /// Local directory backend root (the default backend).
+    pub data_dir: Option<PathBuf>,
+    /// S3-compatible backend instead of a local directory.
+    pub s3: Option<S3Config>,
+    /// Directory with `cert.pem` and `key.pem`.
+    pub cert_dir: Option<PathBuf>,
+    /// Server certificate chain (PEM), instead of `cert_dir`.
+    pub cert: Option<PathBuf>,
+    /// Server key (PEM), instead of `cert_dir`.
+    pub key: Option<PathBuf>,
+    /// CA bundle (PEM) for client certificates: enables mutual TLS.
+    pub client_ca: Option<PathBuf>,
+    /// File holding the bearer token clients must present.
+    pub token_file: Option<PathBuf>,
+    /// Largest object accepted.
+    pub max_object_bytes: Option<u64>,
+    /// Concurrent streams per connection.
+    pub max_streams: Option<u32>,
+    /// Connection idle timeout in seconds.
+    pub idle_timeout_s: Option<u64>,
+    /// Per-stream inactivity timeout in seconds.
+    pub stream_timeout_s: Option<u64>,
+    /// Send-rate limit in bytes per second.
+    pub max_rate: Option<u64>,
+    /// Congestion controller.
+    pub congestion: Option<Congestion>,
+}
+
+impl StoreConfig {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<StoreConfig, StoreConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| StoreConfigError::Read { path: path.into(), source })?;
+        Ok(toml::from_str(&text)?)
+    }
+
+    /// The server options these settings give (defaults for unset fields).
+    pub fn server_options(&self) -> Result<ServerOptions, StoreConfigError> {
+        let d = ServerOptions::default();
+        let token = match &self.token_file {
+            None => None,
+            Some(p) => {
+                let t = std::fs::read_to_string(p)
+                    .map_err(|source| StoreConfigError::Read { path: p.clone(), source })?;
+                let t = t.trim().as_bytes().to_vec();
+                if t.is_empty() {
+                    return Err(StoreConfigError::Invalid(format!("{} holds an empty token", p.display())));
+                }
+                Some(t)
+            }
+        };
+        if self.max_streams == Some(0) {
+            return Err(StoreConfigError::Invalid("max_streams must be at least 1".into()));
+        }
+        if self.max_rate == Some(0) {
+            return Err(StoreConfigError::Invalid("max_rate must be positive".into()));
+        }
+        if self.data_dir.is_some() && self.s3.is_some() {
+            return Err(StoreConfigError::Invalid("choose data_dir or s3, not both".into()));
+        }
+        Ok(ServerOptions {
+            max_object_bytes: self.max_object_bytes.unwrap_or(d.max_object_bytes),
+            max_streams: self.max_streams.unwrap_or(d.max_streams),
+            idle_timeout: self.idle_timeout_s.map_or(d.idle_timeout, Duration::from_secs),
+            stream_timeout: self.stream_timeout_s.map_or(d.stream_timeout, Duration::from_secs),
+            max_rate: self.max_rate,
+            token,
+            congestion: self.congestion.unwrap_or(d.congestion),
+            large_windows: true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let c: StoreConfig = toml::from_str(
+            "listen = \"127.0.0.1:4433\"\ndata_dir = \"/tmp/x\"\nmax_rate = 125000000\ncongestion = \"bbr\"\n",
+        )
+        .unwrap();
+        let o = c.server_options().unwrap();
+        assert_eq!(o.max_rate, Some(125_000_000));
+        assert_eq!(o.congestion, Congestion::Bbr);
+        assert!(toml::from_str::<StoreConfig>("lisen = \"x\"").is_err());
+        let both: StoreConfig = toml::from_str(
+            "data_dir = \"/x\"\n[s3]\nendpoint = \"http://e\"\nbucket = \"b\"\naccess_key = \"a\"\nsecret_key = \"s\"\n",
+        )
+        .unwrap();
+        assert!(matches!(both.server_options(), Err(StoreConfigError::Invalid(_))));
+    }
+}

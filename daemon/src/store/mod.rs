@@ -1,0 +1,20 @@
+//! The remote KV store: a QUIC server holding chunk objects, and its storage backends
+//! (a local directory by default, any S3-compatible store for scale-out).
+//!
+//! The client side and the wire protocol live in `crate::transport`.
+
+mod backend;
+mod config;
+mod local;
+mod memory;
+mod pace;
+mod s3;
+mod server;
+
+pub use backend::{Backend, BackendError, ObjectWriter, Usage};
+pub use config::{StoreConfig, StoreConfigError};
+pub use local::LocalDir;
+pub use memory::MemoryBackend;
+pub use pace::Pacer;
+pub use s3::{S3Backend, S3Config};
+pub use server::{ServerError, ServerOptions, StoreServer, STOP_REFUSED};

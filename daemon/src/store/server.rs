@@ -1,0 +1,438 @@
+//! The store server: accepts QUIC connections, runs one task per request stream, checks every
+//! object on put and on get, and enforces size, stream, idle and rate limits.
+//!
+//! Protocol parsing is [`crate::transport::wire`]; storage is a [`Backend`]. The socket and the
+//! shutdown signal come from outside ([`StoreServer::bind`], [`StoreServer::run`]), so tests
+//! bind port 0 on loopback.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{RecvStream, SendStream, VarInt};
+
+use super::backend::{Backend, BackendError, ObjectWriter};
+use super::pace::{Pacer, PIECE};
+use crate::transport::wire::{self, ErrorCode, Request, Response, SectionSpan, StatsReport, RANGE_TO_END};
+use crate::transport::{transport_config, verify_object, Congestion, SectionCheck, TlsError, TlsServerConfig, TransportTuning};
+
+/// QUIC application error code sent when the server stops reading a stream it refused.
+pub const STOP_REFUSED: u32 = 1;
+
+/// Limits and behaviour of a store server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Largest object accepted by a put.
+    pub max_object_bytes: u64,
+    /// Concurrent request streams one connection may have open.
+    pub max_streams: u32,
+    /// A connection with no packets for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request stream that sends nothing for this long (while the server waits for its
+    /// request or its upload) is answered with `Timeout` and cut off.
+    pub stream_timeout: Duration,
+    /// Shared limit on bytes per second sent to all clients (slow-link emulation).
+    pub max_rate: Option<u64>,
+    /// When set, each connection must authenticate with this bearer token first.
+    pub token: Option<Vec<u8>>,
+    /// QUIC congestion controller.
+    pub congestion: Congestion,
+    /// Use the large flow-control windows of `crate::transport` (off: quinn's defaults).
+    pub large_windows: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_object_bytes: 1 << 30,
+            max_streams: 256,
+            idle_timeout: Duration::from_secs(30),
+            stream_timeout: Duration::from_secs(10),
+            max_rate: None,
+            token: None,
+            congestion: Congestion::Cubic,
+            large_windows: true,
+        }
+    }
+}
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The TLS configuration is unusable.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The storage backend could not be opened.
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicU64,
+    requests: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    corrupt: AtomicU64,
+}
+
+struct Shared {
+    backend: Arc<dyn Backend>,
+    opts: ServerOptions,
+    pacer: Option<Pacer>,
+    counters: Counters,
+}
+
+/// A bound store server; [`StoreServer::run`] serves until shutdown.
+pub struct StoreServer {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for StoreServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreServer").field("addr", &self.endpoint.local_addr().ok()).finish()
+    }
+}
+
+impl StoreServer {
+    /// Binds a UDP socket at `addr` (port 0 picks one). Must be called inside a tokio runtime.
+    pub fn bind(
+        addr: SocketAddr,
+        tls: &TlsServerConfig,
+        backend: Arc<dyn Backend>,
+        opts: ServerOptions,
+    ) -> Result<StoreServer, ServerError> {
+        let mut cfg = quinn::ServerConfig::with_crypto(tls.quic()?);
+        let tuning = TransportTuning {
+            congestion: opts.congestion,
+            max_streams: opts.max_streams,
+            idle_timeout: opts.idle_timeout,
+            keep_alive: None,
+            large_windows: opts.large_windows,
+        };
+        cfg.transport_config(Arc::new(transport_config(&tuning)));
+        let endpoint = quinn::Endpoint::server(cfg, addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let pacer = opts.max_rate.map(Pacer::new);
+        Ok(StoreServer { endpoint, shared: Arc::new(Shared { backend, opts, pacer, counters: Counters::default() }) })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound endpoint always has an address; fall back to unspecified for the type's sake.
+        self.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves connections until `shutdown` completes, then closes them all.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        let shared = self.shared.clone();
+                        tokio::spawn(async move {
+                            match incoming.await {
+                                Ok(conn) => serve_connection(shared, conn).await,
+                                Err(e) => tracing::debug!("handshake failed: {e}"),
+                            }
+                        });
+                    }
+                    None => break,
+                },
+            }
+        }
+        self.endpoint.close(VarInt::from_u32(0), b"shutdown");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+struct ConnGuard<'a>(&'a AtomicU64);
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+    let _guard = ConnGuard(&shared.counters.connections);
+    let authed = Arc::new(AtomicBool::new(shared.opts.token.is_none()));
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let shared = shared.clone();
+        let authed = authed.clone();
+        tokio::spawn(async move { serve_stream(&shared, &authed, send, recv).await });
+    }
+}
+
+/// A request that failed: the code and message sent back.
+struct Refusal(ErrorCode, String);
+
+impl From<BackendError> for Refusal {
+    fn from(e: BackendError) -> Self {
+        tracing::warn!("backend: {e}");
+        Refusal(ErrorCode::Internal, e.to_string())
+    }
+}
+
+/// What to send after the response frame.
+enum Payload {
+    None,
+    Data(Vec<Bytes>),
+}
+
+async fn serve_stream(shared: &Shared, authed: &AtomicBool, mut send: SendStream, mut recv: RecvStream) {
+    let timeout = shared.opts.stream_timeout;
+    let result = match read_request(&mut recv, timeout).await {
+        Ok(req) => handle(shared, authed, req, &mut recv).await,
+        Err(r) => Err(r),
+    };
+    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let (resp, payload) = match result {
+        Ok(pair) => pair,
+        Err(Refusal(code, message)) => {
+            // Whatever else the client sends on this stream is unwanted.
+            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            (Response::Error { code, message }, Payload::None)
+        }
+    };
+    if send.write_all(&resp.encode()).await.is_err() {
+        return;
+    }
+    if let Payload::Data(parts) = payload {
+        for part in parts {
+            let n = part.len() as u64;
+            if send_paced(shared, &mut send, part).await.is_err() {
+                return;
+            }
+            shared.counters.bytes_out.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    let _ = send.finish();
+    // Let the peer read everything before the stream state is dropped.
+    let _ = send.stopped().await;
+}
+
+async fn send_paced(shared: &Shared, send: &mut SendStream, data: Bytes) -> Result<(), quinn::WriteError> {
+    match &shared.pacer {
+        None => send.write_chunk(data).await,
+        Some(p) => {
+            let mut off = 0;
+            while off < data.len() {
+                let end = (off + PIECE).min(data.len());
+                p.acquire(end - off).await;
+                send.write_chunk(data.slice(off..end)).await?;
+                off = end;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn read_request(recv: &mut RecvStream, timeout: Duration) -> Result<Request, Refusal> {
+    let mut head = [0u8; wire::FRAME_HEADER_LEN];
+    read_exact_timed(recv, &mut head, timeout).await?;
+    let total = wire::frame_len(&head).map_err(|e| Refusal(ErrorCode::BadRequest, e.to_string()))?;
+    let mut buf = vec![0u8; total];
+    buf[..head.len()].copy_from_slice(&head);
+    read_exact_timed(recv, &mut buf[wire::FRAME_HEADER_LEN..], timeout).await?;
+    match Request::decode(&buf) {
+        Ok(Some((req, _))) => Ok(req),
+        Ok(None) => Err(Refusal(ErrorCode::BadRequest, "truncated request".into())),
+        Err(e) => Err(Refusal(ErrorCode::BadRequest, e.to_string())),
+    }
+}
+
+async fn read_exact_timed(recv: &mut RecvStream, buf: &mut [u8], timeout: Duration) -> Result<(), Refusal> {
+    match tokio::time::timeout(timeout, recv.read_exact(buf)).await {
+        Err(_) => Err(Refusal(ErrorCode::Timeout, "request not received in time".into())),
+        Ok(Err(quinn::ReadExactError::FinishedEarly(_))) => Err(Refusal(ErrorCode::BadRequest, "truncated request".into())),
+        Ok(Err(e)) => Err(Refusal(ErrorCode::BadRequest, e.to_string())),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn handle(
+    shared: &Shared,
+    authed: &AtomicBool,
+    req: Request,
+    recv: &mut RecvStream,
+) -> Result<(Response, Payload), Refusal> {
+    if let Request::Auth { token } = &req {
+        return match &shared.opts.token {
+            Some(expected) if constant_time_eq(expected, token) => {
+                authed.store(true, Ordering::Relaxed);
+                Ok((Response::Authed, Payload::None))
+            }
+            Some(_) => Err(Refusal(ErrorCode::Unauthorized, "bad token".into())),
+            None => Ok((Response::Authed, Payload::None)),
+        };
+    }
+    if !authed.load(Ordering::Relaxed) {
+        return Err(Refusal(ErrorCode::Unauthorized, "authenticate first".into()));
+    }
+    let backend = &shared.backend;
+    match req {
+        Request::Auth { .. } => Err(Refusal(ErrorCode::BadRequest, "auth handled above".into())),
+        Request::Put { key, len } => {
+            if len > shared.opts.max_object_bytes {
+                return Err(Refusal(
+                    ErrorCode::TooLarge,
+                    format!("object of {len} bytes exceeds the limit of {}", shared.opts.max_object_bytes),
+                ));
+            }
+            let writer = backend.begin_put(&key).await?;
+            let created = receive_put(shared, writer, key, len, recv).await?;
+            Ok((Response::Stored { created }, Payload::None))
+        }
+        Request::Get { key, offset, len } => {
+            let bytes = get_verified(shared, &key).await?;
+            let total = bytes.len() as u64;
+            if offset > total || (len != RANGE_TO_END && offset.checked_add(len).is_none_or(|end| end > total)) {
+                return Err(Refusal(ErrorCode::OutOfRange, format!("range {offset}+{len} outside {total} bytes")));
+            }
+            let end = if len == RANGE_TO_END { total } else { offset + len };
+            let part = bytes.slice(offset as usize..end as usize);
+            Ok((Response::Data { total_len: total, offset, len: end - offset }, Payload::Data(vec![part])))
+        }
+        Request::GetSections { key, sections } => {
+            let bytes = backend.get(&key).await?.ok_or_else(|| not_found(&key))?;
+            let corrupt = |e: String| {
+                shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("object {key} is corrupt: {e}");
+                Refusal(ErrorCode::Corrupt, format!("object {key}: {e}"))
+            };
+            let check = SectionCheck::from_header(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            if check.key() != key || check.object_len() != bytes.len() as u64 {
+                return Err(corrupt("header disagrees with stored object".into()));
+            }
+            let mut spans = Vec::with_capacity(sections.len());
+            let mut parts = vec![bytes.slice(..check.header_len())];
+            for &i in &sections {
+                let (off, len) =
+                    check.span(i as usize).map_err(|e| Refusal(ErrorCode::OutOfRange, e.to_string()))?;
+                let part = bytes.slice(off as usize..(off + len) as usize);
+                check.verify(i as usize, &part).map_err(|e| corrupt(e.to_string()))?;
+                spans.push(SectionSpan { index: i, len });
+                parts.push(part);
+            }
+            let header_len = u32::try_from(check.header_len()).map_err(|_| corrupt("header too long".into()))?;
+            Ok((Response::Sections { header_len, sections: spans }, Payload::Data(parts)))
+        }
+        Request::ExistsPrefix { keys } => {
+            let mut count = 0u32;
+            for k in &keys {
+                if !backend.exists(k).await? {
+                    break;
+                }
+                count += 1;
+            }
+            Ok((Response::Present { count }, Payload::None))
+        }
+        Request::List { model } => Ok((Response::Keys { keys: backend.list(&model).await? }, Payload::None)),
+        Request::Delete { key } => Ok((Response::Deleted { existed: backend.delete(&key).await? }, Payload::None)),
+        Request::Stats => {
+            let u = backend.usage().await?;
+            let c = &shared.counters;
+            Ok((
+                Response::Stats(StatsReport {
+                    objects: u.objects,
+                    bytes: u.bytes,
+                    connections: c.connections.load(Ordering::Relaxed),
+                    requests: c.requests.load(Ordering::Relaxed),
+                    bytes_in: c.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: c.bytes_out.load(Ordering::Relaxed),
+                    corrupt: c.corrupt.load(Ordering::Relaxed),
+                }),
+                Payload::None,
+            ))
+        }
+    }
+}
+
+fn not_found(key: &kvfetcher_codec::ChunkKey) -> Refusal {
+    Refusal(ErrorCode::NotFound, format!("no object {key}"))
+}
+
+/// Reads the whole object and checks every checksum; a failure is counted and reported as
+/// `Corrupt`, and the bytes are not served.
+async fn get_verified(shared: &Shared, key: &kvfetcher_codec::ChunkKey) -> Result<Bytes, Refusal> {
+    let bytes = shared.backend.get(key).await?.ok_or_else(|| not_found(key))?;
+    let problem = match verify_object(&bytes) {
+        Ok(info) if info.key == *key => None,
+        Ok(info) => Some(format!("stored under {key} but carries key {}", info.key)),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(e) = problem {
+        shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("object {key} is corrupt: {e}");
+        return Err(Refusal(ErrorCode::Corrupt, format!("object {key}: {e}")));
+    }
+    Ok(bytes)
+}
+
+/// Streams a put's bytes into `writer` (and memory, for the final check), then verifies and
+/// commits. Any failure aborts the writer, so nothing partial becomes visible.
+async fn receive_put(
+    shared: &Shared,
+    mut writer: Box<dyn ObjectWriter>,
+    key: kvfetcher_codec::ChunkKey,
+    len: u64,
+    recv: &mut RecvStream,
+) -> Result<bool, Refusal> {
+    let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(64 << 20));
+    let outcome: Result<(), Refusal> = async {
+        loop {
+            let chunk = match tokio::time::timeout(shared.opts.stream_timeout, recv.read_chunk(PIECE * 16, true)).await {
+                Err(_) => return Err(Refusal(ErrorCode::Timeout, "upload stalled".into())),
+                Ok(Err(e)) => return Err(Refusal(ErrorCode::BadRequest, format!("upload failed: {e}"))),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(c))) => c.bytes,
+            };
+            shared.counters.bytes_in.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            if (buf.len() + chunk.len()) as u64 > len {
+                return Err(Refusal(ErrorCode::BadRequest, format!("upload longer than the declared {len} bytes")));
+            }
+            buf.extend_from_slice(&chunk);
+            writer.write(chunk).await?;
+        }
+        if buf.len() as u64 != len {
+            return Err(Refusal(ErrorCode::BadRequest, format!("upload of {} bytes, declared {len}", buf.len())));
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(r) = outcome {
+        writer.abort().await;
+        return Err(r);
+    }
+    let info = match verify_object(&buf) {
+        Ok(info) if info.key == key => info,
+        Ok(info) => {
+            writer.abort().await;
+            return Err(Refusal(ErrorCode::InvalidObject, format!("object carries key {}, not {key}", info.key)));
+        }
+        Err(e) => {
+            writer.abort().await;
+            return Err(Refusal(ErrorCode::InvalidObject, e.to_string()));
+        }
+    };
+    Ok(writer.commit(info.model).await?)
+}

@@ -1,0 +1,347 @@
+//! The store client: one QUIC connection, reused for every request, each request on its own
+//! stream so callers can run many in parallel (`StoreClient` is cheap to clone and `Sync`).
+//!
+//! Received data is checked: whole objects against every section checksum, fetched sections
+//! against their own. A failed check is [`TransportError::Corrupt`], never data.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kvfetcher_codec::{ChunkKey, ModelFingerprint};
+use quinn::RecvStream;
+
+use super::object::{self, ObjectError, SectionCheck};
+use super::tls::{TlsClientConfig, TlsError};
+use super::tuning::{transport_config, TransportTuning};
+use super::wire::{self, ErrorCode, Op, Request, Response, SectionSpan, StatsReport, WireError, RANGE_TO_END};
+
+/// Why a store operation failed on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The TLS configuration could not be built.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// The local UDP endpoint could not be created.
+    #[error("endpoint: {0}")]
+    Endpoint(std::io::Error),
+    /// The connection could not be started.
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed (handshake refused, idle timeout, peer gone).
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing to a stream failed.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading from a stream failed.
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// The server's stream ended before the announced bytes arrived.
+    #[error("stream ended early")]
+    Truncated,
+    /// The server's bytes are not a valid response.
+    #[error("protocol: {0}")]
+    Wire(#[from] WireError),
+    /// The server answered with a response of the wrong kind.
+    #[error("unexpected {0} response")]
+    Unexpected(&'static str),
+    /// The key is not stored.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The stored object (or what arrived) failed its checksums; the caller must not use it.
+    #[error("corrupt object: {0}")]
+    Corrupt(String),
+    /// The object to upload is not a valid chunk object.
+    #[error("invalid object: {0}")]
+    InvalidObject(#[from] ObjectError),
+    /// The server refused or failed the request.
+    #[error("server: {code:?}: {message}")]
+    Server {
+        /// The server's error code.
+        code: ErrorCode,
+        /// The server's message.
+        message: String,
+    },
+}
+
+impl TransportError {
+    fn from_server(code: ErrorCode, message: String) -> TransportError {
+        match code {
+            ErrorCode::NotFound => TransportError::NotFound(message),
+            ErrorCode::Corrupt => TransportError::Corrupt(message),
+            code => TransportError::Server { code, message },
+        }
+    }
+}
+
+/// Options of a client connection beyond TLS.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientOptions {
+    /// QUIC transport tuning (congestion controller, windows).
+    pub tuning: TransportTuning,
+}
+
+/// A connection to one store.
+#[derive(Debug, Clone)]
+pub struct StoreClient {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+/// The header and sections of one `get_sections` call, in request order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sections {
+    /// The object's header bytes (parse with the codec's `ChunkHeader::parse_prefix`).
+    pub header: Vec<u8>,
+    /// `(section index, verified section bytes)`, in the order requested.
+    pub sections: Vec<(usize, Bytes)>,
+}
+
+/// A `get_sections` answer being received: the header first, then one section at a time, so a
+/// caller can restore each layer group as soon as it arrives.
+///
+/// Call [`SectionStream::header`] any time, then [`SectionStream::next_section`] until `None`.
+#[derive(Debug)]
+pub struct SectionStream {
+    recv: RecvStream,
+    header: Vec<u8>,
+    check: SectionCheck,
+    spans: std::vec::IntoIter<SectionSpan>,
+}
+
+impl SectionStream {
+    /// The object's header bytes, already checked to parse and match the requested key.
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+
+    /// Receives the next section: `(index, bytes)`, checksum verified; `None` after the last.
+    pub async fn next_section(&mut self) -> Result<Option<(usize, Bytes)>, TransportError> {
+        let Some(span) = self.spans.next() else {
+            return Ok(None);
+        };
+        let len = usize::try_from(span.len).map_err(|_| TransportError::Unexpected("get-sections"))?;
+        let bytes = read_exactly(&mut self.recv, len).await?;
+        let index = span.index as usize;
+        self.check.verify(index, &bytes).map_err(|e| TransportError::Corrupt(e.to_string()))?;
+        Ok(Some((index, bytes)))
+    }
+}
+
+impl StoreClient {
+    /// Connects to the store at `addr` with default options, and authenticates when `tls`
+    /// carries a token.
+    pub async fn connect(addr: SocketAddr, tls: TlsClientConfig) -> Result<StoreClient, TransportError> {
+        Self::connect_with(addr, tls, ClientOptions::default()).await
+    }
+
+    /// Connects with explicit transport options.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        tls: TlsClientConfig,
+        options: ClientOptions,
+    ) -> Result<StoreClient, TransportError> {
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .map_err(|_| TransportError::Unexpected("bind address"))?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(TransportError::Endpoint)?;
+        let mut cfg = quinn::ClientConfig::new(tls.quic()?);
+        let mut tuning = options.tuning;
+        if tuning.keep_alive.is_none() {
+            // Below the server's default idle timeout (30 s) by a wide margin.
+            tuning.keep_alive = Some((tuning.idle_timeout / 3).min(std::time::Duration::from_secs(5)));
+        }
+        cfg.transport_config(Arc::new(transport_config(&tuning)));
+        endpoint.set_default_client_config(cfg);
+        let conn = endpoint.connect(addr, &tls.server_name)?.await?;
+        let client = StoreClient { endpoint, conn };
+        if let Some(token) = tls.token {
+            match client.simple(Request::Auth { token }).await? {
+                Response::Authed => {}
+                _ => return Err(TransportError::Unexpected("auth")),
+            }
+        }
+        Ok(client)
+    }
+
+    /// Uploads a chunk object under the key in its header; true when the store did not have it.
+    /// The object is checked locally first, so a corrupt file is never sent.
+    pub async fn put(&self, object: Bytes) -> Result<bool, TransportError> {
+        let key = object::verify_object(&object)?.key;
+        self.put_raw(key, object).await
+    }
+
+    /// Uploads bytes under `key` without checking them locally (the server still checks).
+    pub async fn put_raw(&self, key: ChunkKey, object: Bytes) -> Result<bool, TransportError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        send.write_all(&Request::Put { key, len: object.len() as u64 }.encode()).await?;
+        // The server may answer (and stop our stream) before all bytes are sent, e.g. when
+        // the object is too large: prefer its answer to our write error.
+        let written = send.write_chunk(object).await;
+        let _ = send.finish();
+        match (read_response(&mut recv, Op::Put).await, written) {
+            (Ok(Response::Stored { created }), Ok(())) => Ok(created),
+            (Ok(Response::Error { code, message }), _) => Err(TransportError::from_server(code, message)),
+            (Ok(_), _) => Err(TransportError::Unexpected("put")),
+            (Err(_), Err(w)) => Err(w.into()),
+            (Err(e), Ok(())) => Err(e),
+        }
+    }
+
+    /// Downloads a whole object, verified against its checksums.
+    pub async fn get(&self, key: &ChunkKey) -> Result<Vec<u8>, TransportError> {
+        let bytes = self.get_range(key, 0, RANGE_TO_END).await?;
+        let info = object::verify_object(&bytes).map_err(|e| TransportError::Corrupt(e.to_string()))?;
+        if info.key != *key {
+            return Err(TransportError::Corrupt(format!("object carries key {}", info.key)));
+        }
+        Ok(bytes)
+    }
+
+    /// Downloads `len` bytes from `offset` ([`RANGE_TO_END`] for the rest). The server checks
+    /// the whole object before sending; the range itself is not re-checked here.
+    pub async fn get_range(&self, key: &ChunkKey, offset: u64, len: u64) -> Result<Vec<u8>, TransportError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        send.write_all(&Request::Get { key: *key, offset, len }.encode()).await?;
+        let _ = send.finish();
+        match read_response(&mut recv, Op::Get).await? {
+            Response::Data { len, .. } => {
+                let len = usize::try_from(len).map_err(|_| TransportError::Unexpected("get"))?;
+                Ok(read_exactly(&mut recv, len).await?.into())
+            }
+            Response::Error { code, message } => Err(TransportError::from_server(code, message)),
+            _ => Err(TransportError::Unexpected("get")),
+        }
+    }
+
+    /// Starts fetching the header and the listed sections of one object; see [`SectionStream`].
+    pub async fn open_sections(&self, key: &ChunkKey, sections: &[usize]) -> Result<SectionStream, TransportError> {
+        let indices = sections
+            .iter()
+            .map(|&s| u32::try_from(s).map_err(|_| TransportError::Unexpected("section index")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        send.write_all(&Request::GetSections { key: *key, sections: indices.clone() }.encode()).await?;
+        let _ = send.finish();
+        match read_response(&mut recv, Op::GetSections).await? {
+            Response::Sections { header_len, sections: spans } => {
+                if spans.iter().map(|s| s.index).ne(indices.iter().copied()) {
+                    return Err(TransportError::Unexpected("get-sections"));
+                }
+                let header = read_exactly(&mut recv, header_len as usize).await?.to_vec();
+                let check = SectionCheck::from_header(&header).map_err(|e| TransportError::Corrupt(e.to_string()))?;
+                if check.key() != *key {
+                    return Err(TransportError::Corrupt(format!("header carries key {}", check.key())));
+                }
+                for s in &spans {
+                    if check.section_len(s.index as usize) != Some(s.len) {
+                        return Err(TransportError::Corrupt(format!("section {} length disagrees", s.index)));
+                    }
+                }
+                Ok(SectionStream { recv, header, check, spans: spans.into_iter() })
+            }
+            Response::Error { code, message } => Err(TransportError::from_server(code, message)),
+            _ => Err(TransportError::Unexpected("get-sections")),
+        }
+    }
+
+    /// Fetches the header and the listed sections, all verified, in the order requested.
+    pub async fn get_sections(&self, key: &ChunkKey, sections: &[usize]) -> Result<Sections, TransportError> {
+        let mut stream = self.open_sections(key, sections).await?;
+        let mut out = Vec::with_capacity(sections.len());
+        while let Some(s) = stream.next_section().await? {
+            out.push(s);
+        }
+        Ok(Sections { header: stream.header, sections: out })
+    }
+
+    /// How many leading keys of `keys` (a prefix chain) the store holds, in one round trip.
+    pub async fn exists_prefix(&self, keys: &[ChunkKey]) -> Result<usize, TransportError> {
+        match self.simple(Request::ExistsPrefix { keys: keys.to_vec() }).await? {
+            Response::Present { count } => Ok(count as usize),
+            _ => Err(TransportError::Unexpected("exists-prefix")),
+        }
+    }
+
+    /// Every key stored for `model`.
+    pub async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, TransportError> {
+        match self.simple(Request::List { model: *model }).await? {
+            Response::Keys { keys } => Ok(keys),
+            _ => Err(TransportError::Unexpected("list")),
+        }
+    }
+
+    /// Deletes one object; true when it existed.
+    pub async fn delete(&self, key: &ChunkKey) -> Result<bool, TransportError> {
+        match self.simple(Request::Delete { key: *key }).await? {
+            Response::Deleted { existed } => Ok(existed),
+            _ => Err(TransportError::Unexpected("delete")),
+        }
+    }
+
+    /// The store's statistics.
+    pub async fn stats(&self) -> Result<StatsReport, TransportError> {
+        match self.simple(Request::Stats).await? {
+            Response::Stats(s) => Ok(s),
+            _ => Err(TransportError::Unexpected("stats")),
+        }
+    }
+
+    /// The underlying QUIC connection (for its statistics: RTT, congestion window, bytes).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Closes the connection and waits until the peer has been told.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        self.endpoint.wait_idle().await;
+    }
+
+    /// Sends a request without data and reads a response without data; server errors become
+    /// typed errors.
+    async fn simple(&self, req: Request) -> Result<Response, TransportError> {
+        let op = req.op();
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        send.write_all(&req.encode()).await?;
+        let _ = send.finish();
+        match read_response(&mut recv, op).await? {
+            Response::Error { code, message } => Err(TransportError::from_server(code, message)),
+            r => Ok(r),
+        }
+    }
+}
+
+/// Reads one response frame.
+async fn read_response(recv: &mut RecvStream, op: Op) -> Result<Response, TransportError> {
+    let mut head = [0u8; wire::FRAME_HEADER_LEN];
+    read_into(recv, &mut head).await?;
+    let total = wire::frame_len(&head)?;
+    let mut buf = vec![0u8; total];
+    buf[..head.len()].copy_from_slice(&head);
+    read_into(recv, &mut buf[wire::FRAME_HEADER_LEN..]).await?;
+    match Response::decode(op, &buf)? {
+        Some((resp, _)) => Ok(resp),
+        None => Err(TransportError::Truncated),
+    }
+}
+
+async fn read_into(recv: &mut RecvStream, buf: &mut [u8]) -> Result<(), TransportError> {
+    recv.read_exact(buf).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => TransportError::Truncated,
+        quinn::ReadExactError::ReadError(e) => TransportError::Read(e),
+    })
+}
+
+/// Reads exactly `len` bytes, in the chunks quinn hands out (one copy into the result).
+async fn read_exactly(recv: &mut RecvStream, len: usize) -> Result<Bytes, TransportError> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        match recv.read_chunk(len - out.len(), true).await? {
+            Some(chunk) => out.extend_from_slice(&chunk.bytes),
+            None => return Err(TransportError::Truncated),
+        }
+    }
+    Ok(out.into())
+}

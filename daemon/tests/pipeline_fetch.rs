@@ -1,0 +1,430 @@
+//! The fetch/save pipeline against a real in-process QUIC store and real KV: save through the
+//! pipeline, fetch back into every target layout, and compare with the quantized values.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kvfetcher::config::{FetchConfig, SaveConfig};
+use kvfetcher::metrics::Metrics;
+use kvfetcher::pipeline::{kv_dtype, Pipeline, StoreTarget};
+use kvfetcher::server::{Backend, Destination, ServeError};
+use kvfetcher::store::{LocalDir, ServerOptions, StoreServer};
+use kvfetcher::transport::{write_dev_pki, TlsClientConfig, TlsServerConfig};
+use kvfetcher_client::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_codec::{
+    decode_chunk, encode_cache, CodecRegistry, EncodeConfig, ModelFingerprint, QuantConfig,
+    VariantKind,
+};
+use kvfetcher_kv::{KvCache, KvFile, Tensor};
+
+const MODEL: &str = "codelm-107m";
+const TOKENS: usize = 600;
+
+/// A host buffer standing in for the server's memfd.
+#[derive(Default)]
+struct MemDest {
+    buf: Mutex<Vec<u8>>,
+    layout: Mutex<Option<TargetLayout>>,
+    shape: Mutex<Option<KvShape>>,
+    ready: Mutex<Vec<Range<u32>>>,
+}
+
+impl MemDest {
+    fn new(layout: TargetLayout) -> Arc<MemDest> {
+        let d = MemDest::default();
+        *d.layout.lock().unwrap() = Some(layout);
+        Arc::new(d)
+    }
+}
+
+impl Destination for MemDest {
+    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
+        let layout = self.layout.lock().unwrap().expect("layout set");
+        *self.buf.lock().unwrap() = vec![0u8; layout.buffer_len(shape)];
+        *self.shape.lock().unwrap() = Some(*shape);
+        Ok(())
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
+        let mut buf = self.buf.lock().unwrap();
+        let end = offset.checked_add(bytes.len()).filter(|&e| e <= buf.len());
+        let end = end.ok_or_else(|| ServeError::BadRequest("write out of bounds".into()))?;
+        buf[offset..end].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn layers_ready(&self, layers: Range<u32>) {
+        self.ready.lock().unwrap().push(layers);
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pipeline: Arc<Pipeline>,
+    cache: KvCache,
+    ids: Vec<u32>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn real_cache() -> Option<KvCache> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+    if !path.exists() {
+        println!("skipped: {} is absent", path.display());
+        return None;
+    }
+    Some(
+        KvFile::read(&path)
+            .unwrap()
+            .cache
+            .slice_tokens(0, TOKENS)
+            .unwrap(),
+    )
+}
+
+fn save_config(bits: u8, variant: &str) -> SaveConfig {
+    SaveConfig {
+        variant: variant.into(),
+        bits,
+        chunk_tokens: 256,
+        layers_per_group: 2,
+        workers: 1,
+    }
+}
+
+async fn fixture(save: SaveConfig, fetch: FetchConfig) -> Option<Fixture> {
+    let cache = real_cache()?;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    write_dev_pki(&certs).unwrap();
+    let tls = TlsServerConfig::from_dir(&certs).unwrap();
+    let backend = Arc::new(LocalDir::open(&dir.path().join("data")).unwrap());
+    let server = StoreServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &tls,
+        backend,
+        ServerOptions::default(),
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    let target = StoreTarget {
+        addr,
+        tls: TlsClientConfig::from_path(&certs).unwrap(),
+    };
+    let pipeline = Pipeline::new(
+        vec![target],
+        CodecRegistry::software(),
+        fetch,
+        save,
+        Metrics::new(),
+    )
+    .unwrap();
+    // Token ids: a fixed pseudo-random sequence (any ids work; they only name the chunks).
+    let ids = (0..TOKENS as u32)
+        .map(|i| i.wrapping_mul(2_654_435_761) % 32_000)
+        .collect();
+    Some(Fixture {
+        _dir: dir,
+        stop: Some(stop),
+        pipeline: Arc::new(pipeline),
+        cache,
+        ids,
+    })
+}
+
+fn shape_of(c: &KvCache) -> KvShape {
+    KvShape {
+        num_layers: c.num_layers() as u32,
+        tokens: c.tokens() as u32,
+        kv_heads: c.kv_heads() as u32,
+        head_dim: c.head_dim() as u32,
+    }
+}
+
+/// The cache as a client hands it over: f16 NHD contiguous.
+fn client_bytes(c: &KvCache) -> (TargetLayout, Vec<u8>) {
+    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let mut out = Vec::new();
+    for l in c.layers() {
+        out.extend_from_slice(l.key.data());
+        out.extend_from_slice(l.value.data());
+    }
+    (layout, out)
+}
+
+/// What a fetch must return: the cache quantized and dequantized exactly as the pipeline saves it.
+fn expected(c: &KvCache, ids: &[u32], save: &SaveConfig) -> KvCache {
+    let variant = match save.variant.as_str() {
+        "packed" => VariantKind::Packed,
+        _ => VariantKind::Zstd,
+    };
+    let cfg = EncodeConfig {
+        quant: if save.bits == 16 {
+            QuantConfig::Exact
+        } else {
+            QuantConfig::bits(save.bits)
+        },
+        variant,
+        hevc_layout: None,
+        chunk_tokens: save.chunk_tokens as usize,
+        layers_per_section: save.layers_per_group as usize,
+    };
+    let reg = CodecRegistry::software();
+    let fp = ModelFingerprint::of_bytes(MODEL.as_bytes());
+    let parts: Vec<KvCache> = encode_cache(c, &fp, ids, &cfg, &reg)
+        .unwrap()
+        .iter()
+        .map(|(_, bytes)| decode_chunk(bytes, &reg).unwrap())
+        .collect();
+    KvCache::concat_tokens(&parts).unwrap()
+}
+
+/// Checks every (layer, K/V, token, head) row of `buf` against `want` through `layout.offset`.
+fn assert_matches(buf: &[u8], layout: &TargetLayout, want: &KvCache) {
+    let shape = shape_of(want);
+    let dtype = kv_dtype(layout.dtype);
+    let row = shape.head_dim as usize * layout.dtype.size();
+    for (li, l) in want.layers().iter().enumerate() {
+        for (kv, t) in [(0u32, &l.key), (1u32, &l.value)] {
+            let f = t.to_f32();
+            let converted = Tensor::from_f32(dtype, t.shape(), &f).unwrap();
+            let src = converted.data();
+            for tok in 0..shape.tokens {
+                for h in 0..shape.kv_heads {
+                    let off = layout.offset(&shape, li as u32, kv, tok, h);
+                    let s = (tok as usize * shape.kv_heads as usize + h as usize) * row;
+                    assert_eq!(
+                        &buf[off..off + row],
+                        &src[s..s + row],
+                        "{layout:?} layer {li} kv {kv} token {tok} head {h}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_then_fetch_returns_quantized_values_in_every_layout() {
+    let save = save_config(8, "zstd");
+    let Some(f) = fixture(save.clone(), FetchConfig::default()).await else {
+        return;
+    };
+    let shape = shape_of(&f.cache);
+    let (client_layout, data) = client_bytes(&f.cache);
+    let stored = f
+        .pipeline
+        .save(MODEL, &f.ids, &client_layout, &shape, &data)
+        .await
+        .unwrap();
+    assert_eq!(stored, 3, "600 tokens in 256-token chunks");
+    assert_eq!(
+        f.pipeline.lookup(MODEL, &f.ids).await.unwrap(),
+        TOKENS as u32
+    );
+    assert_eq!(f.pipeline.lookup("another-model", &f.ids).await.unwrap(), 0);
+    let want = expected(&f.cache, &f.ids, &save);
+    // Every dtype, order and paging at least once (the full matrix of placements is covered by
+    // the layout unit tests; here the point is the whole path, so keep the debug build fast).
+    let layouts = [
+        (KvDType::F16, TokenOrder::Nhd, Paging::Contiguous),
+        (
+            KvDType::BF16,
+            TokenOrder::Hnd,
+            Paging::Paged { block_tokens: 16 },
+        ),
+        (
+            KvDType::F32,
+            TokenOrder::Nhd,
+            Paging::Paged { block_tokens: 100 },
+        ),
+        (KvDType::F16, TokenOrder::Hnd, Paging::Contiguous),
+    ];
+    for (dtype, order, paging) in layouts {
+        let layout = TargetLayout {
+            dtype,
+            order,
+            paging,
+            memory: MemoryKind::Host,
+        };
+        let dest = MemDest::new(layout);
+        let out = f
+            .pipeline
+            .fetch(MODEL, &f.ids, &layout, dest.clone())
+            .await
+            .unwrap();
+        assert_eq!(out.tokens, TOKENS as u32);
+        assert!(out.bytes_on_wire > 0);
+        assert_matches(&dest.buf.lock().unwrap(), &layout, &want);
+        let mut ready = dest.ready.lock().unwrap().clone();
+        ready.sort_by_key(|r| r.start);
+        let covered: Vec<u32> = ready.iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(
+            covered,
+            (0..8).collect::<Vec<_>>(),
+            "each layer ready exactly once"
+        );
+    }
+    let m = f.pipeline.metrics();
+    assert_eq!(m.fetch_seconds.count(), 4);
+    assert!(
+        m.compression_ratio() > 1.5,
+        "ratio {}",
+        m.compression_ratio()
+    );
+    assert_eq!(m.fetches_active.get(), 0);
+    assert_eq!(m.sections_in_flight.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_lookup_and_partial_fetch() {
+    let save = save_config(4, "packed");
+    let Some(f) = fixture(save.clone(), FetchConfig::default()).await else {
+        return;
+    };
+    // Save only the first 512 tokens (two whole chunks).
+    let head = f.cache.slice_tokens(0, 512).unwrap();
+    let (layout, data) = client_bytes(&head);
+    let stored = f
+        .pipeline
+        .save(MODEL, &f.ids[..512], &layout, &shape_of(&head), &data)
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+    // A longer request finds the 512-token prefix; one that diverges in chunk 1 finds 256.
+    assert_eq!(f.pipeline.lookup(MODEL, &f.ids).await.unwrap(), 512);
+    let mut diverged = f.ids.clone();
+    diverged[300] += 1;
+    assert_eq!(f.pipeline.lookup(MODEL, &diverged).await.unwrap(), 256);
+    let mut other = f.ids.clone();
+    other[0] += 1;
+    assert_eq!(f.pipeline.lookup(MODEL, &other).await.unwrap(), 0);
+    // A fetch of the diverged sequence restores just the common first chunk.
+    let dest = MemDest::new(layout);
+    let out = f
+        .pipeline
+        .fetch(MODEL, &diverged, &layout, dest.clone())
+        .await
+        .unwrap();
+    assert_eq!(out.tokens, 256);
+    let want = expected(&head, &f.ids[..512], &save)
+        .slice_tokens(0, 256)
+        .unwrap();
+    assert_matches(&dest.buf.lock().unwrap(), &layout, &want);
+    // Nothing stored: NotFound, and the destination is never allocated.
+    let dest = MemDest::new(layout);
+    let err = f
+        .pipeline
+        .fetch(MODEL, &other, &layout, dest.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServeError::NotFound(_)), "{err}");
+    assert!(dest.shape.lock().unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_and_cancelled_fetches_share_the_pipeline() {
+    let save = save_config(8, "zstd");
+    // A tiny window and byte budget: fetches must wait on each other and still finish.
+    let fetch = FetchConfig {
+        max_inflight_sections: 2,
+        max_inflight_bytes: 64 << 10,
+        decode_workers: 1,
+        connect_timeout_ms: 3000,
+    };
+    let Some(f) = fixture(save.clone(), fetch).await else {
+        return;
+    };
+    let shape = shape_of(&f.cache);
+    let (layout, data) = client_bytes(&f.cache);
+    f.pipeline
+        .save(MODEL, &f.ids, &layout, &shape, &data)
+        .await
+        .unwrap();
+    // A fetch dropped part-way (cancelled client) must leave no permits or gauges held.
+    {
+        let dest = MemDest::new(layout);
+        let fut = f.pipeline.fetch(MODEL, &f.ids, &layout, dest);
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(5), fut).await;
+    }
+    let want = expected(&f.cache, &f.ids, &save);
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let p = f.pipeline.clone();
+            let ids = f.ids.clone();
+            tokio::spawn(async move {
+                let dest = MemDest::new(layout);
+                let out = p.fetch(MODEL, &ids, &layout, dest.clone()).await.unwrap();
+                (out, dest)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (out, dest) = t.await.unwrap();
+        assert_eq!(out.tokens, TOKENS as u32);
+        assert_matches(&dest.buf.lock().unwrap(), &layout, &want);
+    }
+    let m = f.pipeline.metrics();
+    assert_eq!(m.fetches_active.get(), 0);
+    assert_eq!(m.sections_in_flight.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_down_is_unavailable_and_bad_input_is_rejected() {
+    let Some(f) = fixture(save_config(8, "zstd"), FetchConfig::default()).await else {
+        return;
+    };
+    let shape = shape_of(&f.cache);
+    let (layout, data) = client_bytes(&f.cache);
+    // Wrong token count and a short buffer are bad requests.
+    let err = f
+        .pipeline
+        .save(MODEL, &f.ids[..10], &layout, &shape, &data)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServeError::BadRequest(_)), "{err}");
+    let err = f
+        .pipeline
+        .save(MODEL, &f.ids, &layout, &shape, &data[..100])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServeError::BadRequest(_)), "{err}");
+    // A pipeline pointed at a port with no store reports the store as unavailable.
+    let dir = tempfile::tempdir().unwrap();
+    write_dev_pki(dir.path()).unwrap();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    drop(sock);
+    let target = StoreTarget {
+        addr,
+        tls: TlsClientConfig::from_path(dir.path()).unwrap(),
+    };
+    let fetch = FetchConfig {
+        connect_timeout_ms: 300,
+        ..FetchConfig::default()
+    };
+    let p = Pipeline::new(
+        vec![target],
+        CodecRegistry::software(),
+        fetch,
+        save_config(8, "zstd"),
+        Metrics::new(),
+    )
+    .unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(20), p.lookup(MODEL, &f.ids)).await;
+    let err = r.expect("lookup gives up").unwrap_err();
+    assert!(matches!(err, ServeError::Unavailable(_)), "{err}");
+}

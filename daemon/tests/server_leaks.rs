@@ -1,0 +1,108 @@
+//! Clients that die: mid-fetch, with stray fds, or after releasing. The daemon cancels their
+//! work, closes every fd it held for them, and keeps serving. One test in its own binary so the
+//! process's fd count is not disturbed by other tests.
+
+mod server_support;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+
+use kvfetcher_client::protocol::{
+    encode_hello, Fetch, KvDType, Message, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME, HELLO_LEN,
+    MAX_PENDING_FDS,
+};
+use kvfetcher_client::transport::BlockingConn;
+use kvfetcher_client::Client;
+use server_support::*;
+
+#[test]
+fn dying_clients_leak_nothing_and_the_daemon_keeps_serving() {
+    let Some(kv) = load_kv(64) else { return };
+    let mut b = MemBackend::new(Some(kv.clone()));
+    b.gate_from = 2;
+    let srv = TestServer::start(b);
+    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    // Warm up the runtime's and the allocator's fds (epoll, eventfds) before counting.
+    Client::connect(&srv.path).unwrap().stats().unwrap();
+    let base = open_fds();
+
+    // 1. A client dies (no Release, the socket just closes) while its fetch waits between
+    //    layers 1 and 2.
+    {
+        let mut c = BlockingConn::client_handshake(
+            UnixStream::connect(&srv.path).unwrap(),
+            DEFAULT_MAX_FRAME,
+        )
+        .unwrap();
+        c.send(
+            &Message::Fetch(Fetch {
+                req: 1,
+                model: MODEL.into(),
+                token_ids: kv.token_ids.clone(),
+                layout,
+            }),
+            &[],
+        )
+        .unwrap();
+        loop {
+            match c.recv().unwrap() {
+                (Message::FetchBuffer(_), fds) => assert_eq!(fds.len(), 1),
+                (Message::LayersReady(r), _) if r.end == 2 => break,
+                (Message::LayersReady(_), _) => {}
+                (other, _) => panic!("{other:?}"),
+            }
+        }
+        assert!(!srv.backend.fetch_dropped.load(Ordering::SeqCst));
+    }
+    assert!(
+        eventually(|| srv.backend.fetch_dropped.load(Ordering::SeqCst)),
+        "the dead client's fetch was not cancelled"
+    );
+
+    // 2. A client floods fds without frames.
+    {
+        let mut s = UnixStream::connect(&srv.path).unwrap();
+        s.write_all(&encode_hello(1)).unwrap();
+        let mut r = [0u8; HELLO_LEN];
+        std::io::Read::read_exact(&mut s, &mut r).unwrap();
+        let files: Vec<_> = (0..MAX_PENDING_FDS + 2)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        for f in &files {
+            let fd = [f.as_fd()];
+            let raw: Vec<_> = fd
+                .iter()
+                .map(|f| std::os::fd::AsRawFd::as_raw_fd(f))
+                .collect();
+            let _ = nix::sys::socket::sendmsg::<()>(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                &[std::io::IoSlice::new(&[0])],
+                &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                None,
+            );
+        }
+    }
+
+    // 3. A client releases properly, then leaves.
+    {
+        let c = Client::connect(&srv.path).unwrap();
+        srv.backend.gate.add_permits(64);
+        let f = c.fetch(MODEL, &kv.token_ids, &layout).unwrap();
+        f.wait_done().unwrap();
+        f.release().unwrap();
+    }
+
+    let c = Client::connect(&srv.path).unwrap();
+    assert!(
+        eventually(|| c.stats().unwrap().clients == 1 && open_fds() == base + 1),
+        "fds: {} now, {} before (+1 for this client)",
+        open_fds(),
+        base
+    );
+    let s = c.stats().unwrap();
+    assert_eq!(s.fetches_active, 0);
+    assert_eq!(s.fetches_total, 2);
+}

@@ -1,0 +1,204 @@
+//! Bad input on a raw socket: wrong magic or version, huge lengths, malformed and out-of-order
+//! messages, stray fds. Each gets a clear error, and the daemon keeps serving other clients.
+
+mod server_support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use kvfetcher_client::protocol::{
+    encode_hello, encode_message, parse_hello, ErrorCode, FrameDecoder, KvDType, KvShape,
+    LookupReply, Message, Release, Save, Stats, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME,
+    HELLO_LEN, HELLO_OK, HELLO_VERSION_UNSUPPORTED, PROTOCOL_VERSION,
+};
+use kvfetcher_client::Client;
+use server_support::*;
+
+fn raw(srv: &TestServer) -> UnixStream {
+    let s = UnixStream::connect(&srv.path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// Connects and completes the handshake.
+fn hello(srv: &TestServer) -> UnixStream {
+    let mut s = raw(srv);
+    s.write_all(&encode_hello(PROTOCOL_VERSION)).unwrap();
+    let mut r = [0u8; HELLO_LEN];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(parse_hello(&r).unwrap(), (PROTOCOL_VERSION, HELLO_OK));
+    s
+}
+
+/// Reads the next message (blocking), or `None` once the daemon closed the connection.
+fn next(s: &mut UnixStream, d: &mut FrameDecoder) -> Option<Message> {
+    loop {
+        if let Some((m, _)) = d.poll_message().unwrap() {
+            return Some(m);
+        }
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            return None;
+        }
+        d.handle_bytes(&buf[..n]);
+    }
+}
+
+fn error_of(m: Option<Message>) -> (Option<u64>, ErrorCode) {
+    match m {
+        Some(Message::Error(e)) => (e.req, e.code),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn still_serving(srv: &TestServer) {
+    let c = Client::connect(&srv.path).unwrap();
+    assert_eq!(
+        c.lookup("nope", &[1]).unwrap_err().daemon_code(),
+        Some(ErrorCode::NotFound)
+    );
+}
+
+#[test]
+fn wrong_magic_is_dropped_without_answer() {
+    let srv = TestServer::start(MemBackend::new(None));
+    let mut s = raw(&srv);
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut buf = [0u8; 16];
+    // Closed without a word: end of stream, or a reset since our extra bytes were never read.
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the connection closed, got {other:?}"),
+    }
+    still_serving(&srv);
+}
+
+#[test]
+fn wrong_version_is_told_ours_then_closed() {
+    let srv = TestServer::start(MemBackend::new(None));
+    let mut s = raw(&srv);
+    s.write_all(&encode_hello(PROTOCOL_VERSION + 41)).unwrap();
+    let mut r = [0u8; HELLO_LEN];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(
+        parse_hello(&r).unwrap(),
+        (PROTOCOL_VERSION, HELLO_VERSION_UNSUPPORTED)
+    );
+    assert_eq!(s.read(&mut r).unwrap(), 0);
+    still_serving(&srv);
+}
+
+#[test]
+fn huge_length_is_refused_and_the_connection_closed() {
+    let srv = TestServer::start(MemBackend::new(None));
+    let mut s = hello(&srv);
+    let mut hdr = u32::MAX.to_le_bytes().to_vec();
+    hdr.extend(1u16.to_le_bytes());
+    s.write_all(&hdr).unwrap();
+    let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    assert_eq!(
+        error_of(next(&mut s, &mut d)),
+        (None, ErrorCode::FrameTooLarge)
+    );
+    assert!(next(&mut s, &mut d).is_none());
+    still_serving(&srv);
+}
+
+#[test]
+fn malformed_payloads_and_unknown_types_close_the_connection() {
+    let srv = TestServer::start(MemBackend::new(None));
+    for frame in [
+        // A Lookup whose payload is not JSON.
+        [&5u32.to_le_bytes()[..], &1u16.to_le_bytes(), b"{{{{{"].concat(),
+        // A Lookup missing fields.
+        [&2u32.to_le_bytes()[..], &1u16.to_le_bytes(), b"{}"].concat(),
+        // An unknown type.
+        [&2u32.to_le_bytes()[..], &0x7777u16.to_le_bytes(), b"{}"].concat(),
+    ] {
+        let mut s = hello(&srv);
+        s.write_all(&frame).unwrap();
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        assert_eq!(error_of(next(&mut s, &mut d)), (None, ErrorCode::Malformed));
+        assert!(next(&mut s, &mut d).is_none());
+    }
+    // A frame cut short by the client dying: nothing to answer, the daemon carries on.
+    let mut s = hello(&srv);
+    s.write_all(&[100, 0, 0, 0, 1, 0, b'{']).unwrap();
+    drop(s);
+    still_serving(&srv);
+}
+
+#[test]
+fn out_of_order_messages_are_refused_but_the_connection_lives() {
+    let srv = TestServer::start(MemBackend::new(None));
+    let mut s = hello(&srv);
+    let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    // A daemon-to-client message sent by a client.
+    let bogus = Message::LookupReply(LookupReply { req: 5, tokens: 3 });
+    s.write_all(&encode_message(&bogus, DEFAULT_MAX_FRAME).unwrap())
+        .unwrap();
+    assert_eq!(
+        error_of(next(&mut s, &mut d)),
+        (Some(5), ErrorCode::UnexpectedMessage)
+    );
+    // Releasing a handle that never existed.
+    let rel = Message::Release(Release {
+        req: 6,
+        fetch_id: 999,
+    });
+    s.write_all(&encode_message(&rel, DEFAULT_MAX_FRAME).unwrap())
+        .unwrap();
+    assert_eq!(
+        error_of(next(&mut s, &mut d)),
+        (Some(6), ErrorCode::UnknownHandle)
+    );
+    // A second handshake in the middle of the stream reads as a frame of absurd length.
+    s.write_all(&encode_hello(PROTOCOL_VERSION)).unwrap();
+    assert_eq!(
+        error_of(next(&mut s, &mut d)),
+        (None, ErrorCode::FrameTooLarge)
+    );
+    assert!(next(&mut s, &mut d).is_none());
+
+    // A well-formed save without its fd: the frame cannot be completed.
+    let mut s = hello(&srv);
+    let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let save = Message::Save(Save {
+        req: 7,
+        model: "m".into(),
+        token_ids: vec![1],
+        layout: TargetLayout::host(KvDType::F16, TokenOrder::Nhd),
+        shape: KvShape {
+            num_layers: 1,
+            tokens: 1,
+            kv_heads: 1,
+            head_dim: 1,
+        },
+    });
+    s.write_all(&encode_message(&save, DEFAULT_MAX_FRAME).unwrap())
+        .unwrap();
+    assert_eq!(error_of(next(&mut s, &mut d)), (None, ErrorCode::Malformed));
+    assert!(next(&mut s, &mut d).is_none());
+    still_serving(&srv);
+}
+
+#[test]
+fn stats_answer_on_a_raw_connection() {
+    let srv = TestServer::start(MemBackend::new(None));
+    let mut s = hello(&srv);
+    let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let m = Message::Stats(Stats { req: 42 });
+    s.write_all(&encode_message(&m, DEFAULT_MAX_FRAME).unwrap())
+        .unwrap();
+    match next(&mut s, &mut d) {
+        Some(Message::StatsReply(r)) => {
+            assert_eq!(r.req, 42);
+            assert_eq!(r.stats.clients, 1);
+            assert_eq!(r.stats.peer.pid, Some(std::process::id() as i32));
+        }
+        other => panic!("{other:?}"),
+    }
+}

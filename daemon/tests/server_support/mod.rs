@@ -1,0 +1,331 @@
+//! Test support for the local server: an in-memory [`Backend`] holding real KV (the codelm
+//! safetensors file), and a server running `serve` on a temp socket in a background runtime.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvfetcher::server::{
+    serve_with, Backend, BoxFuture, Destination, FetchOutcome, ServeError, ServeOptions,
+};
+use kvfetcher_client::protocol::{KvDType, KvShape, Paging, TargetLayout, TokenOrder};
+use kvfetcher_kv::{DType, KvFile};
+use tokio::sync::{oneshot, Semaphore};
+
+/// The model id under which the test KV is stored.
+pub const MODEL: &str = "codelm-107m";
+
+/// Real KV as f32 values: `layers[l][kv]` is `[tokens, heads, dim]`.
+#[derive(Debug, Clone)]
+pub struct Kv {
+    pub token_ids: Vec<u32>,
+    pub heads: u32,
+    pub dim: u32,
+    pub layers: Vec<[Vec<f32>; 2]>,
+}
+
+/// Loads the first `tokens` tokens of the shared codelm KV, or `None` (with a printed reason).
+pub fn load_kv(tokens: usize) -> Option<Kv> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+    if !p.exists() {
+        println!("skipped: {} not found", p.display());
+        return None;
+    }
+    let f = KvFile::read(&p).expect("read safetensors");
+    let c = f.cache.slice_tokens(0, tokens).expect("slice");
+    let token_ids = c
+        .token_ids()
+        .map(|t| t.to_vec())
+        .unwrap_or_else(|| (1000..1000 + tokens as u32).collect());
+    Some(Kv {
+        token_ids,
+        heads: c.kv_heads() as u32,
+        dim: c.head_dim() as u32,
+        layers: c
+            .layers()
+            .iter()
+            .map(|l| [l.key.to_f32(), l.value.to_f32()])
+            .collect(),
+    })
+}
+
+pub fn kv_dtype(d: KvDType) -> DType {
+    match d {
+        KvDType::F16 => DType::F16,
+        KvDType::BF16 => DType::BF16,
+        KvDType::F32 => DType::F32,
+    }
+}
+
+/// Sets the drop flag when the fetch future is dropped (finished or cancelled).
+struct DropFlag(Arc<AtomicBool>);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// An in-memory backend. Fetch writes one row per (layer, kv, token, head), logs every write,
+/// and announces each layer; layers from `gate_from` on wait for a permit on `gate`.
+pub struct MemBackend {
+    pub models: Mutex<HashMap<String, Arc<Kv>>>,
+    /// Every write of the last fetch: (offset, bytes).
+    pub writes: Mutex<Vec<(usize, Vec<u8>)>>,
+    /// Every save: (model, token ids, shape, data).
+    pub saves: Mutex<Vec<(String, Vec<u32>, KvShape, Vec<u8>)>>,
+    pub gate_from: u32,
+    pub gate: Semaphore,
+    /// Set when a fetch future is dropped.
+    pub fetch_dropped: Arc<AtomicBool>,
+    pub fetches: AtomicUsize,
+}
+
+impl MemBackend {
+    pub fn new(kv: Option<Kv>) -> Self {
+        MemBackend {
+            models: Mutex::new(
+                kv.into_iter()
+                    .map(|k| (MODEL.to_string(), Arc::new(k)))
+                    .collect(),
+            ),
+            writes: Mutex::new(Vec::new()),
+            saves: Mutex::new(Vec::new()),
+            gate_from: u32::MAX,
+            gate: Semaphore::new(0),
+            fetch_dropped: Arc::new(AtomicBool::new(false)),
+            fetches: AtomicUsize::new(0),
+        }
+    }
+
+    fn prefix(&self, model: &str, token_ids: &[u32]) -> Result<(Arc<Kv>, u32), ServeError> {
+        let kv = self
+            .models
+            .lock()
+            .unwrap()
+            .get(model)
+            .cloned()
+            .ok_or_else(|| ServeError::NotFound(format!("unknown model {model}")))?;
+        let n = kv
+            .token_ids
+            .iter()
+            .zip(token_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        Ok((kv, n as u32))
+    }
+}
+
+impl Backend for MemBackend {
+    fn lookup<'a>(
+        &'a self,
+        model: &'a str,
+        token_ids: &'a [u32],
+    ) -> BoxFuture<'a, Result<u32, ServeError>> {
+        Box::pin(async move { Ok(self.prefix(model, token_ids)?.1) })
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        model: &'a str,
+        token_ids: &'a [u32],
+        layout: &'a TargetLayout,
+        dest: Arc<dyn Destination>,
+    ) -> BoxFuture<'a, Result<FetchOutcome, ServeError>> {
+        Box::pin(async move {
+            let _flag = DropFlag(self.fetch_dropped.clone());
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            let (kv, tokens) = self.prefix(model, token_ids)?;
+            if tokens == 0 {
+                return Err(ServeError::NotFound("no prefix stored".into()));
+            }
+            let shape = KvShape {
+                num_layers: kv.layers.len() as u32,
+                tokens,
+                kv_heads: kv.heads,
+                head_dim: kv.dim,
+            };
+            dest.allocate(&shape)?;
+            self.writes.lock().unwrap().clear();
+            let dt = kv_dtype(layout.dtype);
+            let d = kv.dim as usize;
+            let mut row = Vec::new();
+            for l in 0..shape.num_layers {
+                if l >= self.gate_from {
+                    self.gate.acquire().await.expect("gate").forget();
+                }
+                for k in 0..2u32 {
+                    let vals = &kv.layers[l as usize][k as usize];
+                    for t in 0..tokens {
+                        for h in 0..kv.heads {
+                            let at = (t as usize * kv.heads as usize + h as usize) * d;
+                            dt.encode_f32(&vals[at..at + d], &mut row);
+                            let off = layout.offset(&shape, l, k, t, h);
+                            dest.write(off, &row)?;
+                            self.writes.lock().unwrap().push((off, row.clone()));
+                        }
+                    }
+                }
+                dest.layers_ready(l..l + 1);
+                tokio::task::yield_now().await;
+            }
+            Ok(FetchOutcome {
+                tokens,
+                bytes_on_wire: 1234,
+            })
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        model: &'a str,
+        token_ids: &'a [u32],
+        layout: &'a TargetLayout,
+        shape: &'a KvShape,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<u32, ServeError>> {
+        Box::pin(async move {
+            // Contiguous NHD saves become fetchable, so a client can check the round trip.
+            if layout.paging == Paging::Contiguous && layout.order == TokenOrder::Nhd {
+                let dt = kv_dtype(layout.dtype);
+                let n = layout.tensor_len(shape);
+                let mut layers = Vec::new();
+                for l in data.chunks_exact(2 * n) {
+                    let (mut k, mut v) = (Vec::new(), Vec::new());
+                    dt.decode_f32(&l[..n], &mut k);
+                    dt.decode_f32(&l[n..], &mut v);
+                    layers.push([k, v]);
+                }
+                let kv = Kv {
+                    token_ids: token_ids.to_vec(),
+                    heads: shape.kv_heads,
+                    dim: shape.head_dim,
+                    layers,
+                };
+                self.models
+                    .lock()
+                    .unwrap()
+                    .insert(model.to_string(), Arc::new(kv));
+            }
+            self.saves.lock().unwrap().push((
+                model.to_string(),
+                token_ids.to_vec(),
+                *shape,
+                data.to_vec(),
+            ));
+            Ok(shape.tokens.div_ceil(256))
+        })
+    }
+}
+
+/// The buffer the logged writes describe: zeros everywhere else.
+pub fn expected_buffer(len: usize, writes: &[(usize, Vec<u8>)]) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for (o, b) in writes {
+        v[*o..*o + b.len()].copy_from_slice(b);
+    }
+    v
+}
+
+/// The buffer `MemBackend` produces for `kv` (its first `tokens` tokens) in `layout`.
+pub fn reference_buffer(kv: &Kv, tokens: u32, layout: &TargetLayout) -> (KvShape, Vec<u8>) {
+    let shape = KvShape {
+        num_layers: kv.layers.len() as u32,
+        tokens,
+        kv_heads: kv.heads,
+        head_dim: kv.dim,
+    };
+    let mut out = vec![0u8; layout.buffer_len(&shape)];
+    let dt = kv_dtype(layout.dtype);
+    let d = kv.dim as usize;
+    let mut row = Vec::new();
+    for l in 0..shape.num_layers {
+        for k in 0..2u32 {
+            for t in 0..tokens {
+                for h in 0..kv.heads {
+                    let at = (t as usize * kv.heads as usize + h as usize) * d;
+                    dt.encode_f32(&kv.layers[l as usize][k as usize][at..at + d], &mut row);
+                    let off = layout.offset(&shape, l, k, t, h);
+                    out[off..off + row.len()].copy_from_slice(&row);
+                }
+            }
+        }
+    }
+    (shape, out)
+}
+
+/// `serve` running on a temp socket in its own runtime thread; stops when dropped.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub backend: Arc<MemBackend>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn start(backend: MemBackend) -> TestServer {
+        Self::start_with(backend, ServeOptions::default())
+    }
+
+    pub fn start_with(backend: MemBackend, opts: ServeOptions) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvf.sock");
+        let backend = Arc::new(backend);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (b, p) = (backend.clone(), path.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::UnixListener::bind(&p).unwrap();
+                ready_tx.send(()).unwrap();
+                serve_with(listener, b, opts, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        ready_rx.recv().unwrap();
+        TestServer {
+            dir,
+            path,
+            backend,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Open fds of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Waits up to 5 s for `f` to hold.
+pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..500 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}

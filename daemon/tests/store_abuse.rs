@@ -1,0 +1,135 @@
+//! Bad input: malformed requests, unknown keys, oversized uploads and idle (slowloris) streams
+//! get clear errors and are cut off, while other clients carry on.
+
+mod store_util;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kvfetcher::store::ServerOptions;
+use kvfetcher::transport::wire::{ErrorCode, Op, Request, Response};
+use kvfetcher::transport::{ClientOptions, StoreClient, TransportError, TransportTuning};
+use kvfetcher_codec::ChunkKey;
+use store_util::{raw_connection, real_objects, TestStore};
+
+/// Sends raw bytes on a fresh stream (finishing it when `finish`) and reads the answer.
+async fn raw_exchange(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> Response {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    if finish {
+        send.finish().unwrap();
+    }
+    let buf = recv.read_to_end(1 << 20).await.unwrap();
+    Response::decode(Op::Stats, &buf).unwrap().unwrap().0
+}
+
+fn code(r: &Response) -> Option<ErrorCode> {
+    match r {
+        Response::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_get_bad_request_and_the_connection_survives() {
+    let store = TestStore::start(ServerOptions::default(), false).await;
+    let tls = store.client_tls();
+    let (_ep, conn) = raw_connection(store.addr, &tls).await;
+    let r = raw_exchange(&conn, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", true).await;
+    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    let mut unknown_op = Request::Stats.encode();
+    unknown_op[5] = 99;
+    assert_eq!(code(&raw_exchange(&conn, &unknown_op, true).await), Some(ErrorCode::BadRequest));
+    let mut huge = Request::Stats.encode();
+    huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(code(&raw_exchange(&conn, &huge, true).await), Some(ErrorCode::BadRequest));
+    // A request cut short by the end of the stream.
+    let full = Request::Delete { key: ChunkKey([1; 32]) }.encode();
+    assert_eq!(code(&raw_exchange(&conn, &full[..20], true).await), Some(ErrorCode::BadRequest));
+    // The same connection still serves good requests.
+    let r = raw_exchange(&conn, &Request::Stats.encode(), true).await;
+    assert!(matches!(r, Response::Stats(_)), "{r:?}");
+    store.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_keys_are_not_found() {
+    let store = TestStore::start(ServerOptions::default(), false).await;
+    let client = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let k = ChunkKey([0xab; 32]);
+    assert!(matches!(client.get(&k).await, Err(TransportError::NotFound(_))));
+    assert!(matches!(client.get_sections(&k, &[0]).await, Err(TransportError::NotFound(_))));
+    assert!(!client.delete(&k).await.unwrap());
+    assert_eq!(client.exists_prefix(&[k]).await.unwrap(), 0);
+    store.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_and_overlong_uploads_are_refused() {
+    let Some(objects) = real_objects() else { return };
+    let (key, bytes) = &objects[0];
+    let limit = bytes.len() as u64 / 2;
+    let store = TestStore::start(ServerOptions { max_object_bytes: limit, ..ServerOptions::default() }, false).await;
+    let client = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let t = Instant::now();
+    let err = client.put(Bytes::from(bytes.clone())).await.unwrap_err();
+    assert!(matches!(err, TransportError::Server { code: ErrorCode::TooLarge, .. }), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // Declaring a small length and sending more is refused too.
+    let tls = store.client_tls();
+    let (_ep, conn) = raw_connection(store.addr, &tls).await;
+    let mut msg = Request::Put { key: *key, len: 100 }.encode();
+    msg.extend_from_slice(&bytes[..1000]);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(&msg).await;
+    let _ = send.finish();
+    let buf = recv.read_to_end(1 << 20).await.unwrap();
+    let (r, _) = Response::decode(Op::Put, &buf).unwrap().unwrap();
+    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(client.exists_prefix(&[*key]).await.unwrap(), 0);
+    store.stop().await;
+}
+
+#[tokio::test]
+async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
+    let Some(objects) = real_objects() else { return };
+    let opts = ServerOptions {
+        stream_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(800),
+        ..ServerOptions::default()
+    };
+    let store = TestStore::start(opts, false).await;
+    let keep_alive = ClientOptions {
+        tuning: TransportTuning { keep_alive: Some(Duration::from_millis(200)), ..TransportTuning::default() },
+    };
+    let good = StoreClient::connect_with(store.addr, store.client_tls(), keep_alive).await.unwrap();
+    let (key, bytes) = &objects[0];
+    good.put(Bytes::from(bytes.clone())).await.unwrap();
+
+    let tls = store.client_tls();
+    let (_ep, slow) = raw_connection(store.addr, &tls).await;
+    // Slowloris 1: half a request header, then nothing.
+    let (mut s1, mut r1) = slow.open_bi().await.unwrap();
+    s1.write_all(&Request::Stats.encode()[..5]).await.unwrap();
+    // Slowloris 2: a put that stalls halfway through its object.
+    let (mut s2, mut r2) = slow.open_bi().await.unwrap();
+    s2.write_all(&Request::Put { key: ChunkKey([9; 32]), len: bytes.len() as u64 }.encode()).await.unwrap();
+    s2.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+    // Meanwhile the good client is served normally.
+    let t = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(good.get(key).await.unwrap(), *bytes);
+    }
+    let b1 = r1.read_to_end(1 << 20).await.unwrap();
+    let b2 = r2.read_to_end(1 << 20).await.unwrap();
+    assert_eq!(code(&Response::decode(Op::Stats, &b1).unwrap().unwrap().0), Some(ErrorCode::Timeout));
+    assert_eq!(code(&Response::decode(Op::Put, &b2).unwrap().unwrap().0), Some(ErrorCode::Timeout));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(good.exists_prefix(&[ChunkKey([9; 32])]).await.unwrap(), 0);
+    // The silent raw connection (no keep-alive) is closed by the server's idle timeout;
+    // the good client keeps alive and stays connected.
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.closed()).await;
+    assert!(matches!(closed, Ok(quinn::ConnectionError::TimedOut)), "{closed:?}");
+    assert_eq!(good.get(key).await.unwrap(), *bytes);
+    store.stop().await;
+}

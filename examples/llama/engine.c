@@ -1,0 +1,250 @@
+/*
+ * engine: llama.cpp calls of the example (see engine.h). Every llama.cpp entry point the example
+ * uses is called from this file only.
+ */
+#include "engine.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ggml.h"
+#include "llama.h"
+
+/* The state blob layout kv_state.c reads and writes is the one of this llama.cpp. */
+#if LLAMA_STATE_SEQ_VERSION != 3
+#error "kv_state.c parses the sequence state of LLAMA_STATE_SEQ_VERSION 3 (llama-cpp-python 0.3.36)"
+#endif
+
+_Static_assert(KVS_GGML_TYPE_F32 == GGML_TYPE_F32, "ggml type id of f32");
+_Static_assert(KVS_GGML_TYPE_F16 == GGML_TYPE_F16, "ggml type id of f16");
+_Static_assert(KVS_GGML_TYPE_BF16 == GGML_TYPE_BF16, "ggml type id of bf16");
+
+/* llama.cpp's log: errors always, everything with KVF_LLAMA_VERBOSE set. */
+static void quiet_log(enum ggml_log_level level, const char *text, void *user) {
+    (void)user;
+    if (level == GGML_LOG_LEVEL_ERROR || getenv("KVF_LLAMA_VERBOSE")) {
+        fputs(text, stderr);
+    }
+}
+
+int eng_open(eng *e, const eng_options *o, char *err, size_t err_len) {
+    memset(e, 0, sizeof(*e));
+    llama_log_set(quiet_log, NULL);
+    llama_backend_init();
+
+    struct llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    e->model = llama_model_load_from_file(o->model_path, mp);
+    if (!e->model) {
+        snprintf(err, err_len, "cannot load model %s", o->model_path);
+        return -1;
+    }
+    const int32_t n_head = llama_model_n_head(e->model);
+    const int32_t n_head_kv = llama_model_n_head_kv(e->model);
+    const int32_t n_embd = llama_model_n_embd(e->model);
+    if (n_head <= 0 || n_head_kv <= 0 || n_embd % n_head != 0) {
+        snprintf(err, err_len, "model has an unsupported head layout");
+        eng_close(e);
+        return -1;
+    }
+    e->geo.n_layer = (uint32_t)llama_model_n_layer(e->model);
+    e->geo.kv_heads = (uint32_t)n_head_kv;
+    e->geo.head_dim = (uint32_t)(n_embd / n_head);
+    e->geo.ggml_type = o->kv_f32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+    e->geo.v_trans = o->flash_attn ? 0 : 1;
+    e->n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(e->model));
+
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = o->n_ctx ? o->n_ctx : (uint32_t)llama_model_n_ctx_train(e->model);
+    cp.n_batch = cp.n_ctx;
+    cp.n_ubatch = cp.n_ctx;
+    cp.n_seq_max = 1;
+    cp.n_threads = o->threads;
+    cp.n_threads_batch = o->threads;
+    cp.flash_attn_type = o->flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.type_k = (enum ggml_type)e->geo.ggml_type;
+    cp.type_v = (enum ggml_type)e->geo.ggml_type;
+    cp.no_perf = true;
+    e->ctx = llama_init_from_model(e->model, cp);
+    if (!e->ctx) {
+        snprintf(err, err_len, "cannot create a llama.cpp context");
+        eng_close(e);
+        return -1;
+    }
+    e->n_ctx = llama_n_ctx(e->ctx);
+    return 0;
+}
+
+void eng_close(eng *e) {
+    if (e->ctx) {
+        llama_free(e->ctx);
+    }
+    if (e->model) {
+        llama_model_free(e->model);
+    }
+    e->ctx = NULL;
+    e->model = NULL;
+}
+
+void eng_reset(eng *e) { llama_memory_clear(llama_get_memory(e->ctx), true); }
+
+int eng_decode(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *logits) {
+    if (n == 0 || (uint64_t)pos0 + n > e->n_ctx) {
+        return -1;
+    }
+    const uint32_t step = llama_n_batch(e->ctx);
+    struct llama_batch b = llama_batch_init((int32_t)step, 0, 1);
+    int rc = 0;
+    for (uint32_t done = 0; done < n && rc == 0; done += step) {
+        const uint32_t m = n - done < step ? n - done : step;
+        b.n_tokens = (int32_t)m;
+        for (uint32_t i = 0; i < m; i++) {
+            b.token[i] = toks[done + i];
+            b.pos[i] = (llama_pos)(pos0 + done + i);
+            b.n_seq_id[i] = 1;
+            b.seq_id[i][0] = 0;
+            b.logits[i] = (done + i == n - 1);
+        }
+        if (llama_decode(e->ctx, b) != 0) {
+            rc = -1;
+        }
+    }
+    if (rc == 0 && logits) {
+        const float *l = llama_get_logits_ith(e->ctx, -1);
+        if (!l) {
+            rc = -1;
+        } else {
+            memcpy(logits, l, (size_t)e->n_vocab * sizeof(float));
+        }
+    }
+    llama_batch_free(b);
+    return rc;
+}
+
+long eng_tokenize(eng *e, const char *text, int32_t **out) {
+    const struct llama_vocab *v = llama_model_get_vocab(e->model);
+    const int32_t len = (int32_t)strlen(text);
+    const int32_t need = -llama_tokenize(v, text, len, NULL, 0, true, false);
+    if (need <= 0) {
+        return -1;
+    }
+    int32_t *t = malloc((size_t)need * sizeof(int32_t));
+    if (!t || llama_tokenize(v, text, len, t, need, true, false) != need) {
+        free(t);
+        return -1;
+    }
+    *out = t;
+    return need;
+}
+
+int32_t eng_argmax(const float *logits, int32_t n_vocab) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < n_vocab; i++) {
+        if (logits[i] > logits[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+
+int eng_generate(eng *e, float *logits, uint32_t pos, uint32_t n_gen, int32_t *out,
+                 float *step_logits) {
+    for (uint32_t i = 0; i < n_gen; i++) {
+        if (step_logits) {
+            memcpy(step_logits + (size_t)i * e->n_vocab, logits, (size_t)e->n_vocab * sizeof(float));
+        }
+        out[i] = eng_argmax(logits, e->n_vocab);
+        if (i + 1 < n_gen && eng_decode(e, &out[i], 1, pos + i, logits) != 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int eng_get_kv(eng *e, uint8_t **host, size_t *host_len, uint32_t *tokens, char *err,
+               size_t err_len) {
+    *host = NULL;
+    const size_t n = llama_state_seq_get_size(e->ctx, 0);
+    uint8_t *blob = malloc(n ? n : 1);
+    if (!blob) {
+        snprintf(err, err_len, "out of memory");
+        return -1;
+    }
+    if (llama_state_seq_get_data(e->ctx, blob, n, 0) != n) {
+        snprintf(err, err_len, "llama_state_seq_get_data wrote an unexpected size");
+        free(blob);
+        return -1;
+    }
+    kvs_geometry g = e->geo;
+    uint32_t t = 0;
+    kvs_error ke = kvs_parse(blob, n, &g, &t, NULL, 0);
+    if (ke == KVS_OK && (g.ggml_type != e->geo.ggml_type || g.v_trans != e->geo.v_trans)) {
+        ke = KVS_ERR_TYPE;
+    }
+    size_t len = ke == KVS_OK ? kvs_host_size(&g, t) : 0;
+    uint8_t *out = ke == KVS_OK ? malloc(len ? len : 1) : NULL;
+    if (ke == KVS_OK && !out) {
+        ke = KVS_ERR_NOMEM;
+    }
+    if (ke == KVS_OK) {
+        ke = kvs_parse(blob, n, &g, &t, out, len);
+    }
+    free(blob);
+    if (ke != KVS_OK) {
+        snprintf(err, err_len, "parsing llama.cpp state: %s", kvs_strerror(ke));
+        free(out);
+        return -1;
+    }
+    *host = out;
+    *host_len = len;
+    *tokens = t;
+    return 0;
+}
+
+static int set_blob(eng *e, uint8_t *blob, size_t n, kvs_error ke, char *err, size_t err_len) {
+    if (ke != KVS_OK) {
+        snprintf(err, err_len, "building llama.cpp state: %s", kvs_strerror(ke));
+        free(blob);
+        return -1;
+    }
+    const size_t used = llama_state_seq_set_data(e->ctx, blob, n, 0);
+    free(blob);
+    if (used != n) {
+        eng_reset(e);
+        snprintf(err, err_len, "llama_state_seq_set_data rejected the state (%zu of %zu bytes)", used, n);
+        return -1;
+    }
+    return 0;
+}
+
+int eng_set_kv(eng *e, const uint8_t *host, size_t host_len, uint32_t tokens, char *err,
+               size_t err_len) {
+    if (tokens == 0 || tokens > e->n_ctx) {
+        snprintf(err, err_len, "%u tokens do not fit the context of %u", tokens, e->n_ctx);
+        return -1;
+    }
+    const size_t n = kvs_blob_size(&e->geo, tokens);
+    uint8_t *blob = malloc(n);
+    if (!blob) {
+        snprintf(err, err_len, "out of memory");
+        return -1;
+    }
+    return set_blob(e, blob, n, kvs_build(&e->geo, tokens, host, host_len, blob, n), err, err_len);
+}
+
+int eng_set_kv_layers(eng *e, const uint8_t *const *layers, size_t layer_len, uint32_t tokens,
+                      char *err, size_t err_len) {
+    if (tokens == 0 || tokens > e->n_ctx) {
+        snprintf(err, err_len, "%u tokens do not fit the context of %u", tokens, e->n_ctx);
+        return -1;
+    }
+    const size_t n = kvs_blob_size(&e->geo, tokens);
+    uint8_t *blob = malloc(n);
+    if (!blob) {
+        snprintf(err, err_len, "out of memory");
+        return -1;
+    }
+    return set_blob(e, blob, n, kvs_build_layers(&e->geo, tokens, layers, layer_len, blob, n), err,
+                    err_len);
+}

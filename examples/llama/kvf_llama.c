@@ -1,0 +1,653 @@
+/*
+ * kvf-llama: a llama.cpp engine that reuses remote KV through the KVFetcher daemon.
+ *
+ * For a prompt (token ids or text) it asks the daemon how much of the prompt's prefix is
+ * stored (kvf lookup). On a hit it fetches that KV into host memory, loads it into llama.cpp
+ * as sequence 0's state and decodes only the rest of the prompt; on a miss (or any failure of
+ * the daemon, the store or the KV, each logged with its reason) it prefills the whole prompt
+ * and, unless --no-save, hands the KV to the daemon to store. Then it generates greedily.
+ *
+ * Output on stdout, one `key=value` per line (tests parse it): source (fetch|prefill),
+ * reused (tokens of KV loaded), prompt, ttft_ms (request start to the first token's logits),
+ * saved_chunks, gen (token ids). Logs go to stderr, prefixed "kvf-llama:".
+ *
+ * Other modes: --selftest (llama.cpp alone: KV <-> state mapping round trips and prefix
+ * reuse), --split P (local reference: prefill [0,P) then the rest), --sample N (prints N
+ * token ids sampled from BOS with a seed, to make test prompts). See docs/ENGINES.md.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine.h"
+#include "kv_state.h"
+#include "remote.h"
+
+#define LOG(...)                                                                                \
+    do {                                                                                        \
+        fprintf(stderr, "kvf-llama: " __VA_ARGS__);                                             \
+        fputc('\n', stderr);                                                                    \
+    } while (0)
+
+/* The daemon's default socket (daemon/src/config.rs DEFAULT_SOCKET). */
+#define DEFAULT_SOCKET "/run/kvfetcher/kvfetcher.sock"
+/* llama2.c's beginning-of-sequence token. */
+#define BOS_TOKEN 1
+
+typedef struct args {
+    const char *model;
+    const char *model_id;
+    const char *socket;
+    const char *tokens;
+    const char *tokens_file;
+    const char *prompt;
+    const char *logits_out;
+    const char *kv_out;
+    uint32_t gen;
+    int threads;
+    int flash_attn;
+    int kv_f32;
+    int no_remote;
+    int no_save;
+    int selftest;
+    long split;
+    long sample;
+    unsigned long long seed;
+    double temp;
+} args;
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: kvf-llama --model FILE.gguf (--tokens 'ID ID ..' | --tokens-file F | --prompt TEXT)\n"
+            "                 [--gen N] [--socket PATH] [--model-id ID] [--no-remote] [--no-save]\n"
+            "                 [--threads N] [--flash-attn] [--kv-f32] [--logits-out F] [--kv-out F]\n"
+            "       kvf-llama --model FILE.gguf --tokens .. --selftest [--gen N]\n"
+            "       kvf-llama --model FILE.gguf --tokens .. --split P [--gen N]\n"
+            "       kvf-llama --model FILE.gguf --sample N [--seed S] [--temp T]\n");
+}
+
+static int parse_u(const char *s, long lo, long hi, long *out) {
+    char *end = NULL;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || !end || *end || v < lo || v > hi) {
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, args *a) {
+    memset(a, 0, sizeof(*a));
+    a->gen = 16;
+    a->threads = 2;
+    a->split = -1;
+    a->sample = -1;
+    a->seed = 42;
+    a->temp = 1.0;
+    a->socket = getenv("KVFETCHER_SOCKET") ? getenv("KVFETCHER_SOCKET") : DEFAULT_SOCKET;
+    for (int i = 1; i < argc; i++) {
+        const char *k = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        long n = 0;
+#define NEED_V()                                                                                \
+    do {                                                                                        \
+        if (!v) {                                                                               \
+            LOG("%s needs a value", k);                                                         \
+            return -1;                                                                          \
+        }                                                                                       \
+        i++;                                                                                    \
+    } while (0)
+        if (!strcmp(k, "--model")) {
+            NEED_V();
+            a->model = v;
+        } else if (!strcmp(k, "--model-id")) {
+            NEED_V();
+            a->model_id = v;
+        } else if (!strcmp(k, "--socket")) {
+            NEED_V();
+            a->socket = v;
+        } else if (!strcmp(k, "--tokens")) {
+            NEED_V();
+            a->tokens = v;
+        } else if (!strcmp(k, "--tokens-file")) {
+            NEED_V();
+            a->tokens_file = v;
+        } else if (!strcmp(k, "--prompt")) {
+            NEED_V();
+            a->prompt = v;
+        } else if (!strcmp(k, "--logits-out")) {
+            NEED_V();
+            a->logits_out = v;
+        } else if (!strcmp(k, "--kv-out")) {
+            NEED_V();
+            a->kv_out = v;
+        } else if (!strcmp(k, "--gen")) {
+            NEED_V();
+            if (parse_u(v, 1, 1 << 20, &n)) {
+                LOG("bad --gen %s", v);
+                return -1;
+            }
+            a->gen = (uint32_t)n;
+        } else if (!strcmp(k, "--threads")) {
+            NEED_V();
+            if (parse_u(v, 1, 256, &n)) {
+                LOG("bad --threads %s", v);
+                return -1;
+            }
+            a->threads = (int)n;
+        } else if (!strcmp(k, "--split")) {
+            NEED_V();
+            if (parse_u(v, 0, 1 << 24, &a->split)) {
+                LOG("bad --split %s", v);
+                return -1;
+            }
+        } else if (!strcmp(k, "--sample")) {
+            NEED_V();
+            if (parse_u(v, 1, 1 << 24, &a->sample)) {
+                LOG("bad --sample %s", v);
+                return -1;
+            }
+        } else if (!strcmp(k, "--seed")) {
+            NEED_V();
+            if (parse_u(v, 0, 0x7fffffffL, &n)) {
+                LOG("bad --seed %s", v);
+                return -1;
+            }
+            a->seed = (unsigned long long)n;
+        } else if (!strcmp(k, "--temp")) {
+            NEED_V();
+            char *end = NULL;
+            a->temp = strtod(v, &end);
+            if (!end || *end || !(a->temp > 0.0) || !isfinite(a->temp)) {
+                LOG("bad --temp %s", v);
+                return -1;
+            }
+        } else if (!strcmp(k, "--flash-attn")) {
+            a->flash_attn = 1;
+        } else if (!strcmp(k, "--kv-f32")) {
+            a->kv_f32 = 1;
+        } else if (!strcmp(k, "--no-remote")) {
+            a->no_remote = 1;
+        } else if (!strcmp(k, "--no-save")) {
+            a->no_save = 1;
+        } else if (!strcmp(k, "--selftest")) {
+            a->selftest = 1;
+        } else if (!strcmp(k, "--help") || !strcmp(k, "-h")) {
+            usage();
+            exit(0);
+        } else {
+            LOG("unknown argument %s", k);
+            return -1;
+        }
+#undef NEED_V
+    }
+    if (!a->model) {
+        LOG("--model is required");
+        return -1;
+    }
+    if (a->sample < 0 && !!a->tokens + !!a->tokens_file + !!a->prompt != 1) {
+        LOG("give exactly one of --tokens, --tokens-file, --prompt");
+        return -1;
+    }
+    if (!a->model_id) {
+        /* The model's identity for the daemon's key namespace: the GGUF file name. */
+        const char *slash = strrchr(a->model, '/');
+        a->model_id = slash ? slash + 1 : a->model;
+    }
+    return 0;
+}
+
+/* Parses whitespace- or comma-separated token ids. Returns the count or -1. */
+static long parse_tokens(const char *text, int32_t **out, int32_t n_vocab) {
+    size_t cap = 64, n = 0;
+    int32_t *v = malloc(cap * sizeof(int32_t));
+    const char *p = text;
+    if (!v) {
+        return -1;
+    }
+    for (;;) {
+        while (*p == ' ' || *p == ',' || *p == '\n' || *p == '\t' || *p == '\r') {
+            p++;
+        }
+        if (!*p) {
+            break;
+        }
+        char *end = NULL;
+        errno = 0;
+        long id = strtol(p, &end, 10);
+        if (errno || end == p || id < 0 || id >= n_vocab) {
+            LOG("bad token id near '%.16s' (vocabulary has %d tokens)", p, n_vocab);
+            free(v);
+            return -1;
+        }
+        if (n == cap) {
+            int32_t *w = realloc(v, (cap *= 2) * sizeof(int32_t));
+            if (!w) {
+                free(v);
+                return -1;
+            }
+            v = w;
+        }
+        v[n++] = (int32_t)id;
+        p = end;
+    }
+    *out = v;
+    return (long)n;
+}
+
+static char *read_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        LOG("%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 4096, n = 0, got;
+    char *buf = malloc(cap + 1);
+    while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += got;
+        if (n == cap) {
+            char *b = realloc(buf, (cap *= 2) + 1);
+            if (!b) {
+                free(buf);
+                buf = NULL;
+            }
+            buf = b;
+        }
+    }
+    fclose(f);
+    if (buf) {
+        buf[n] = 0;
+    }
+    return buf;
+}
+
+static int write_file(const char *path, const void *data, size_t len) {
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(data, 1, len, f) != len) {
+        LOG("%s: %s", path, strerror(errno));
+        if (f) {
+            fclose(f);
+        }
+        return -1;
+    }
+    return fclose(f) == 0 ? 0 : -1;
+}
+
+/* Writes a host KV buffer as safetensors (layers.{i}.key / layers.{i}.value,
+ * [tokens, kv_heads, head_dim]), the format of `kvfetcher kv capture`. */
+static int write_safetensors(const char *path, const kvs_geometry *g, uint32_t tokens,
+                             const uint8_t *host, size_t host_len) {
+    const char *dt = g->ggml_type == KVS_GGML_TYPE_F32 ? "F32" : g->ggml_type == KVS_GGML_TYPE_F16 ? "F16" : "BF16";
+    const size_t one = host_len / (2 * (size_t)g->n_layer);
+    size_t cap = 256 + (size_t)g->n_layer * 256, len = 0;
+    char *h = malloc(cap);
+    if (!h) {
+        return -1;
+    }
+    len += (size_t)snprintf(h + len, cap - len, "{");
+    for (uint32_t l = 0; l < g->n_layer; l++) {
+        for (int kv = 0; kv < 2; kv++) {
+            const size_t off = ((size_t)l * 2 + kv) * one;
+            len += (size_t)snprintf(h + len, cap - len,
+                                    "%s\"layers.%u.%s\":{\"dtype\":\"%s\",\"shape\":[%u,%u,%u],"
+                                    "\"data_offsets\":[%zu,%zu]}",
+                                    len > 1 ? "," : "", l, kv ? "value" : "key", dt, tokens,
+                                    g->kv_heads, g->head_dim, off, off + one);
+        }
+    }
+    len += (size_t)snprintf(h + len, cap - len, "}");
+    while (len % 8) {
+        h[len++] = ' ';
+    }
+    FILE *f = fopen(path, "wb");
+    uint64_t hl = len;
+    int ok = f && fwrite(&hl, 8, 1, f) == 1 && fwrite(h, 1, len, f) == len &&
+             fwrite(host, 1, host_len, f) == host_len;
+    free(h);
+    if (f && fclose(f) != 0) {
+        ok = 0;
+    }
+    if (!ok) {
+        LOG("%s: cannot write", path);
+    }
+    return ok ? 0 : -1;
+}
+
+static void print_tokens(const char *key, const int32_t *t, uint32_t n) {
+    printf("%s=", key);
+    for (uint32_t i = 0; i < n; i++) {
+        printf(i ? " %d" : "%d", t[i]);
+    }
+    printf("\n");
+}
+
+/* --sample: N token ids sampled from BOS at temperature T with a seeded xorshift64*. */
+static int run_sample(eng *e, const args *a) {
+    uint64_t s = a->seed * 0x9E3779B97F4A7C15ull + 1;
+    float *logits = malloc((size_t)e->n_vocab * sizeof(float));
+    double *p = malloc((size_t)e->n_vocab * sizeof(double));
+    int32_t tok = BOS_TOKEN;
+    int rc = logits && p ? 0 : -1;
+    printf("%d", tok);
+    for (long i = 1; i < a->sample && rc == 0; i++) {
+        if (eng_decode(e, &tok, 1, (uint32_t)(i - 1), logits) != 0) {
+            rc = -1;
+            break;
+        }
+        double mx = logits[0], sum = 0;
+        for (int32_t j = 1; j < e->n_vocab; j++) {
+            mx = logits[j] > mx ? logits[j] : mx;
+        }
+        for (int32_t j = 0; j < e->n_vocab; j++) {
+            sum += p[j] = exp((logits[j] - mx) / a->temp);
+        }
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        double u = (double)((s * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0 * sum;
+        tok = e->n_vocab - 1;
+        for (int32_t j = 0; j < e->n_vocab; j++) {
+            if ((u -= p[j]) < 0) {
+                tok = j;
+                break;
+            }
+        }
+        printf(" %d", tok);
+    }
+    printf("\n");
+    free(logits);
+    free(p);
+    return rc;
+}
+
+static double max_abs_diff(const float *a, const float *b, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        m = d > m ? d : m;
+    }
+    return m;
+}
+
+/* Full prefill of toks, then n_gen greedy tokens. */
+static int reference(eng *e, const int32_t *toks, uint32_t n, uint32_t n_gen, int32_t *gen,
+                     float *steps) {
+    float *logits = malloc((size_t)e->n_vocab * sizeof(float));
+    int rc = logits ? 0 : -1;
+    eng_reset(e);
+    rc = rc || eng_decode(e, toks, n, 0, logits) || eng_generate(e, logits, n, n_gen, gen, steps);
+    free(logits);
+    return rc ? -1 : 0;
+}
+
+/*
+ * --selftest: proves the KV <-> llama.cpp mapping with llama.cpp alone.
+ * 1. get -> set -> get of the whole prompt's KV returns the same bytes, and generation after
+ *    the restored state equals generation after the prefill, logits bit for bit;
+ * 2. for several prefix lengths P: load the first P tokens' KV (cut from the full prefill's
+ *    KV, as a fetch of a stored prefix would), decode the rest, generate: the tokens must equal
+ *    those after a full prefill (the logits' largest difference is reported).
+ */
+static int run_selftest(eng *e, const int32_t *toks, uint32_t n, uint32_t n_gen) {
+    const size_t nv = (size_t)e->n_vocab;
+    int32_t *gen_a = malloc(n_gen * sizeof(int32_t)), *gen_b = malloc(n_gen * sizeof(int32_t));
+    float *st_a = malloc(n_gen * nv * sizeof(float)), *st_b = malloc(n_gen * nv * sizeof(float));
+    float *logits = malloc(nv * sizeof(float));
+    uint8_t *host = NULL, *host2 = NULL, *pre = NULL;
+    size_t len = 0, len2 = 0;
+    uint32_t t = 0, t2 = 0;
+    char err[256] = "";
+    int fails = 0;
+    if (!gen_a || !gen_b || !st_a || !st_b || !logits || n < 2) {
+        LOG("selftest needs at least 2 prompt tokens");
+        fails++;
+        goto out;
+    }
+    if (reference(e, toks, n, n_gen, gen_a, st_a) != 0) {
+        LOG("selftest: reference decode failed");
+        fails++;
+        goto out;
+    }
+    /* 1. round trip of the whole prompt */
+    eng_reset(e);
+    if (eng_decode(e, toks, n, 0, logits) || eng_get_kv(e, &host, &len, &t, err, sizeof err) ||
+        t != n) {
+        LOG("selftest: get kv failed: %s (tokens %u)", err, t);
+        fails++;
+        goto out;
+    }
+    eng_reset(e);
+    if (eng_set_kv(e, host, len, t, err, sizeof err) ||
+        eng_get_kv(e, &host2, &len2, &t2, err, sizeof err)) {
+        LOG("selftest: set kv failed: %s", err);
+        fails++;
+        goto out;
+    }
+    const int same_kv = t2 == t && len2 == len && memcmp(host, host2, len) == 0;
+    memcpy(logits, st_a, nv * sizeof(float)); /* the prefill's last logits */
+    const int gen_ok = eng_generate(e, logits, n, n_gen, gen_b, st_b) == 0;
+    const int same_gen = gen_ok && memcmp(gen_a, gen_b, n_gen * sizeof(int32_t)) == 0;
+    const int same_logits = gen_ok && memcmp(st_a, st_b, n_gen * nv * sizeof(float)) == 0;
+    printf("roundtrip_kv_identical=%d\nroundtrip_gen_identical=%d\nroundtrip_logits_identical=%d\n",
+           same_kv, same_gen, same_logits);
+    fails += !same_kv + !same_gen + !same_logits;
+
+    /* 2. prefix reuse at several lengths */
+    const uint32_t cuts[] = {1, n / 3, n / 2, n - 1};
+    for (size_t c = 0; c < sizeof cuts / sizeof cuts[0]; c++) {
+        const uint32_t p = cuts[c] ? cuts[c] : 1;
+        kvs_geometry g = e->geo;
+        const size_t plen = kvs_host_size(&g, p);
+        free(pre);
+        pre = malloc(plen);
+        if (!pre || kvs_host_prefix(&g, t, host, len, p, pre, plen) != KVS_OK) {
+            fails++;
+            continue;
+        }
+        eng_reset(e);
+        if (eng_set_kv(e, pre, plen, p, err, sizeof err) ||
+            eng_decode(e, toks + p, n - p, p, logits) ||
+            eng_generate(e, logits, n, n_gen, gen_b, st_b)) {
+            LOG("selftest: prefix %u failed: %s", p, err);
+            fails++;
+            continue;
+        }
+        const int tok_same = memcmp(gen_a, gen_b, n_gen * sizeof(int32_t)) == 0;
+        printf("prefix=%u gen_identical=%d max_logit_diff=%.3g\n", p, tok_same,
+               max_abs_diff(st_a, st_b, n_gen * nv));
+        fails += !tok_same;
+    }
+    print_tokens("gen", gen_a, n_gen);
+out:
+    printf("selftest=%s\n", fails ? "fail" : "ok");
+    free(gen_a);
+    free(gen_b);
+    free(st_a);
+    free(st_b);
+    free(logits);
+    free(host);
+    free(host2);
+    free(pre);
+    return fails ? -1 : 0;
+}
+
+/* The engine's request path: remote prefix reuse, else prefill (and save), then generation. */
+static int run_request(eng *e, const args *a, const int32_t *toks, uint32_t n) {
+    const size_t nv = (size_t)e->n_vocab;
+    float *logits = malloc(nv * sizeof(float));
+    int32_t *gen = malloc(a->gen * sizeof(int32_t));
+    float *steps = a->logits_out ? malloc(a->gen * nv * sizeof(float)) : NULL;
+    remote *r = NULL;
+    remote_fetch f = {0};
+    char err[512] = "";
+    uint32_t reused = 0, avail = 0, chunks = 0;
+    int rc = -1, saved = 0;
+    if (!logits || !gen || (a->logits_out && !steps)) {
+        goto out;
+    }
+    eng_reset(e);
+    const double t0 = now_ms();
+    double t_fetch = t0;
+    /* The prompt's last token is always decoded: its logits pick the first new token. */
+    const uint32_t cacheable = n - 1;
+    if (a->no_remote) {
+        LOG("remote reuse off (--no-remote): prefilling %u tokens", n);
+    } else if (cacheable == 0) {
+        LOG("one-token prompt: nothing to reuse");
+    } else if (!(r = remote_connect(a->socket, err, sizeof err))) {
+        LOG("daemon unavailable (%s): falling back to prefill", err);
+    } else if (remote_lookup(r, a->model_id, toks, cacheable, &avail, err, sizeof err)) {
+        LOG("lookup failed (%s): falling back to prefill", err);
+    } else if (avail == 0) {
+        LOG("prefix not in the store: falling back to prefill");
+    } else if (remote_fetch_kv(r, a->model_id, toks, cacheable, &e->geo, &f, err, sizeof err)) {
+        LOG("fetch of %u tokens failed (%s): falling back to prefill", avail, err);
+    } else if (f.tokens == 0 || f.tokens > cacheable) {
+        LOG("daemon returned %u tokens for a %u-token prefix: falling back to prefill", f.tokens, cacheable);
+    } else if (eng_set_kv_layers(e, f.layers, f.layer_len, f.tokens, err, sizeof err)) {
+        LOG("loading fetched kv failed (%s): falling back to prefill", err);
+    } else {
+        reused = f.tokens;
+        t_fetch = now_ms();
+        LOG("reused %u of %u prompt tokens from the store (%.2f ms)", reused, n, t_fetch - t0);
+    }
+    remote_fetch_free(&f);
+    if (reused == 0) {
+        eng_reset(e);
+        t_fetch = now_ms();
+    }
+    if (eng_decode(e, toks + reused, n - reused, reused, logits) != 0) {
+        LOG("decode failed");
+        goto out;
+    }
+    const double t_first = now_ms();
+    /* A miss: hand the prompt's KV to the daemon (after the first token, off its latency). */
+    if (reused == 0 && r && !a->no_save) {
+        uint8_t *host = NULL;
+        size_t len = 0;
+        uint32_t t = 0;
+        if (eng_get_kv(e, &host, &len, &t, err, sizeof err)) {
+            LOG("reading kv for save failed: %s", err);
+        } else if (remote_save_kv(r, a->model_id, toks, t, &e->geo, host, len, &chunks, err,
+                                  sizeof err)) {
+            LOG("save failed (%s): continuing without it", err);
+        } else {
+            saved = 1;
+            LOG("saved %u tokens as %u chunks", t, chunks);
+        }
+        free(host);
+    }
+    if (a->kv_out) {
+        uint8_t *host = NULL;
+        size_t len = 0;
+        uint32_t t = 0;
+        if (eng_get_kv(e, &host, &len, &t, err, sizeof err) ||
+            write_safetensors(a->kv_out, &e->geo, t, host, len)) {
+            LOG("--kv-out failed: %s", err);
+            free(host);
+            goto out;
+        }
+        free(host);
+    }
+    if (eng_generate(e, logits, n, a->gen, gen, steps) != 0) {
+        LOG("generation failed");
+        goto out;
+    }
+    printf("source=%s\nreused=%u\nprompt=%u\n", reused ? "fetch" : "prefill", reused, n);
+    printf("ttft_ms=%.3f\nload_ms=%.3f\nsaved_chunks=%u\n", t_first - t0, t_fetch - t0,
+           saved ? chunks : 0);
+    print_tokens("gen", gen, a->gen);
+    if (a->logits_out && write_file(a->logits_out, steps, a->gen * nv * sizeof(float))) {
+        goto out;
+    }
+    rc = 0;
+out:
+    remote_close(r);
+    free(logits);
+    free(gen);
+    free(steps);
+    return rc;
+}
+
+/* --split P: local reference that prefills [0,P) and then [P,n) as two batches. */
+static int run_split(eng *e, const args *a, const int32_t *toks, uint32_t n) {
+    const uint32_t p = (uint32_t)a->split;
+    float *logits = malloc((size_t)e->n_vocab * sizeof(float));
+    int32_t *gen = malloc(a->gen * sizeof(int32_t));
+    int rc = -1;
+    if (logits && gen && p < n) {
+        eng_reset(e);
+        if ((p == 0 || eng_decode(e, toks, p, 0, NULL) == 0) &&
+            eng_decode(e, toks + p, n - p, p, logits) == 0 &&
+            eng_generate(e, logits, n, a->gen, gen, NULL) == 0) {
+            print_tokens("gen", gen, a->gen);
+            rc = 0;
+        }
+    } else {
+        LOG("--split must be below the prompt length %u", n);
+    }
+    free(logits);
+    free(gen);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    args a;
+    if (parse_args(argc, argv, &a) != 0) {
+        usage();
+        return 2;
+    }
+    eng e;
+    char err[256];
+    eng_options o = {a.model, a.threads, a.flash_attn, a.kv_f32, 0};
+    if (eng_open(&e, &o, err, sizeof err) != 0) {
+        LOG("%s", err);
+        return 1;
+    }
+    int rc = 1;
+    int32_t *toks = NULL;
+    long n = -1;
+    if (a.sample > 0) {
+        rc = (uint32_t)a.sample <= e.n_ctx && run_sample(&e, &a) == 0 ? 0 : 1;
+        goto done;
+    }
+    if (a.prompt) {
+        n = eng_tokenize(&e, a.prompt, &toks);
+    } else {
+        char *text = a.tokens ? strdup(a.tokens) : read_file(a.tokens_file);
+        if (text) {
+            n = parse_tokens(text, &toks, e.n_vocab);
+            free(text);
+        }
+    }
+    if (n <= 0) {
+        LOG("empty or unreadable prompt");
+        goto done;
+    }
+    if ((uint64_t)n + a.gen > e.n_ctx) {
+        LOG("prompt (%ld) + --gen (%u) exceed the context of %u tokens", n, a.gen, e.n_ctx);
+        goto done;
+    }
+    if (a.selftest) {
+        rc = run_selftest(&e, toks, (uint32_t)n, a.gen) == 0 ? 0 : 1;
+    } else if (a.split >= 0) {
+        rc = run_split(&e, &a, toks, (uint32_t)n) == 0 ? 0 : 1;
+    } else {
+        rc = run_request(&e, &a, toks, (uint32_t)n) == 0 ? 0 : 1;
+    }
+done:
+    free(toks);
+    eng_close(&e);
+    return rc;
+}

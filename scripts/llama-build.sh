@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Builds llama.cpp (CPU backend, shared libllama + libggml*) from the llama.cpp sources that
+# PyPI's llama-cpp-python sdist vendors under vendor/llama.cpp. No prebuilt binaries are used.
+#
+# Output (git-ignored):
+#   build/llama/src/        the unpacked sdist (vendor/llama.cpp inside)
+#   build/llama/cmake/      the cmake build tree
+#   build/llama/install/    include/llama.h, include/ggml*.h, lib/libllama.so, lib/libggml*.so
+#
+# The build is skipped when build/llama/install/lib/libllama.so already exists (delete
+# build/llama/install to rebuild). Environment:
+#   LLAMA_JOBS        parallel jobs (default 2: the dev machine is shared)
+#   LLAMA_CMAKE_ARGS  extra cmake arguments (e.g. -DGGML_NATIVE=OFF for portable binaries,
+#                     -DGGML_CUDA=ON for the GPU host build, which this script does not test)
+#   LLAMA_SDIST       path to an already downloaded sdist tarball (skips pip download)
+set -euo pipefail
+
+# Pinned: llama-cpp-python 0.3.36 vendors the llama.cpp whose state format examples/llama parses.
+LLAMA_CPP_PYTHON_VERSION="0.3.36"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$ROOT/build/llama"
+SRC="$OUT/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
+LLAMA_SRC="$SRC/vendor/llama.cpp"
+PREFIX="$OUT/install"
+JOBS="${LLAMA_JOBS:-2}"
+
+if [[ -f "$PREFIX/lib/libllama.so" && -f "$PREFIX/include/llama.h" ]]; then
+    echo "llama-build: cached: $PREFIX/lib/libllama.so"
+    exit 0
+fi
+
+command -v cmake >/dev/null || { echo "llama-build: cmake not found (apt-get install cmake)" >&2; exit 1; }
+command -v c++ >/dev/null || { echo "llama-build: no C++ compiler (apt-get install g++)" >&2; exit 1; }
+
+mkdir -p "$OUT/src" "$OUT/dl"
+if [[ ! -f "$LLAMA_SRC/CMakeLists.txt" ]]; then
+    tarball="${LLAMA_SDIST:-$OUT/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz}"
+    if [[ ! -f "$tarball" ]]; then
+        # --no-build-isolation: pip only needs scikit-build-core to read the metadata; with
+        # isolation it would build cmake and ninja from source just to name the sdist.
+        python3 -m pip install --quiet 'scikit-build-core>=0.9'
+        python3 -m pip download "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" \
+            --no-deps --no-binary :all: --no-build-isolation -d "$OUT/dl"
+    fi
+    tar -xzf "$tarball" -C "$OUT/src"
+fi
+[[ -f "$LLAMA_SRC/CMakeLists.txt" ]] || { echo "llama-build: $LLAMA_SRC missing after unpack" >&2; exit 1; }
+
+# Minimal targets: the libraries only (no common, tools, examples, tests, server, curl/openssl).
+# shellcheck disable=SC2086
+nice -n 10 cmake -S "$LLAMA_SRC" -B "$OUT/cmake" \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_INSTALL_PREFIX="$PREFIX" \
+    -DCMAKE_INSTALL_LIBDIR=lib \
+    -DCMAKE_INSTALL_RPATH='$ORIGIN' \
+    -DBUILD_SHARED_LIBS=ON \
+    -DLLAMA_BUILD_COMMON=OFF \
+    -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_TOOLS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_CURL=OFF \
+    -DGGML_CPU=ON \
+    ${LLAMA_CMAKE_ARGS:-}
+nice -n 10 cmake --build "$OUT/cmake" --target llama -j "$JOBS"
+cmake --install "$OUT/cmake" >/dev/null
+echo "llama-build: built $PREFIX/lib/libllama.so"
