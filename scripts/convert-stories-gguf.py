@@ -138,6 +138,10 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, "../shared/data/stories260K.bin"))
     ap.add_argument("--out", default=os.path.join(ROOT, "build/llama/stories260K.gguf"))
     ap.add_argument("--vocab", help="llama2.c tokenizer.bin (default: placeholder vocab)")
+    ap.add_argument("--permute-qk", action="store_true",
+                    help="NEGATIVE CONTROL ONLY: apply convert_hf_to_gguf's Q/K permutation, which "
+                         "is wrong for llama2.c checkpoints (tests/llama/run.sh checks that the "
+                         "reference comparison catches it)")
     a = ap.parse_args()
 
     gguf = import_gguf()
@@ -171,13 +175,21 @@ def main():
     w.add_add_eos_token(False)
 
     f32 = lambda x: np.ascontiguousarray(x, dtype=np.float32)  # noqa: E731
+
+    def qk(w, n_head):
+        if not a.permute_qk:
+            return w
+        # convert_hf_to_gguf.py LlamaModel.permute
+        return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+                .swapaxes(1, 2).reshape(w.shape))
+
     w.add_tensor("token_embd.weight", f32(t["emb"]))
     w.add_tensor("output_norm.weight", f32(t["rms_final"]))
     w.add_tensor("output.weight", f32(t["wcls"]))
     for i in range(hp["n_layers"]):
         w.add_tensor(f"blk.{i}.attn_norm.weight", f32(t["rms_att"][i]))
-        w.add_tensor(f"blk.{i}.attn_q.weight", f32(t["wq"][i]))
-        w.add_tensor(f"blk.{i}.attn_k.weight", f32(t["wk"][i]))
+        w.add_tensor(f"blk.{i}.attn_q.weight", f32(qk(t["wq"][i], hp["n_heads"])))
+        w.add_tensor(f"blk.{i}.attn_k.weight", f32(qk(t["wk"][i], hp["n_kv"])))
         w.add_tensor(f"blk.{i}.attn_v.weight", f32(t["wv"][i]))
         w.add_tensor(f"blk.{i}.attn_output.weight", f32(t["wo"][i]))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(t["rms_ffn"][i]))

@@ -3,7 +3,8 @@
 # prints a short table last. Expects the release binary and the fixtures prepared on a build host:
 #   .carry/kvfetcher                 cargo build --release -p kvfetcher
 #   .carry/fixtures/*.hevc           kvfetcher gpu fixtures --kv shared/data/codelm-kv-a.safetensors --out .carry/fixtures
-#   .carry/codelm-kv-a.safetensors   the real KV the fixtures came from
+#   .carry/codelm-kv-a-4l.safetensors  the real KV the fixtures came from (first 4 layers of
+#                                    shared/data/codelm-kv-a.safetensors; override with KV=)
 # Writes logs and the fresh PTX to ${OUT:-/tmp/gpu-check}.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -11,7 +12,7 @@ carry="${CARRY:-$root/.carry}"
 out="${OUT:-/tmp/gpu-check}"
 mkdir -p "$out"
 bin="$carry/kvfetcher"
-kv="$carry/codelm-kv-a.safetensors"
+kv="${KV:-$carry/codelm-kv-a-4l.safetensors}"
 fx="$carry/fixtures"
 export PATH="$PATH:/usr/local/cuda/bin"
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/nvidia/lib64:$carry/lib"

@@ -92,9 +92,9 @@ pub(crate) unsafe fn arg_slice<'a, T>(
     if p.is_null() {
         return Err(arg_error(kvf_error::KVF_ERR_NULL_ARGUMENT, name));
     }
-    if n.checked_mul(std::mem::size_of::<T>())
-        .map_or(true, |b| b > isize::MAX as usize)
-    {
+    let fits =
+        matches!(n.checked_mul(std::mem::size_of::<T>()), Some(b) if b <= isize::MAX as usize);
+    if !fits {
         return Err(arg_error(kvf_error::KVF_ERR_INVALID_ARGUMENT, name));
     }
     // SAFETY: non-null, and the caller guarantees `n` valid elements; the size fits isize.

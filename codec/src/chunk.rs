@@ -319,6 +319,12 @@ pub fn restore_section(
     plane: &CodePlane,
 ) -> Result<Vec<LayerKv>, FormatError> {
     let s = section(header, index)?;
+    if s.shape != header.section_shape(s.layers(), s.shape.bits) {
+        return Err(FormatError::Inconsistent(format!(
+            "section {index} shape {:?} does not match the header",
+            s.shape
+        )));
+    }
     if plane.shape != s.shape || plane.codes.len() != s.shape.len() {
         return Err(FormatError::Inconsistent(format!(
             "plane {:?} with {} codes for section {index} of shape {:?}",

@@ -24,7 +24,7 @@ macro_rules! digest_type {
             pub fn from_hex(s: &str) -> Result<$name, FormatError> {
                 let mut out = [0u8; 32];
                 hex::decode_to_slice(s, &mut out).map_err(|e| {
-                    FormatError::Inconsistent(format!(
+                    FormatError::InvalidInput(format!(
                         concat!($what, " {:?} is not 64 hex digits: {}"),
                         s, e
                     ))

@@ -44,7 +44,11 @@ fn measure(name: &str, enc: &kvfetcher_codec::HevcEncoder, planes: &[CodePlane])
 fn layouts_on_codelm() {
     let Some(cache) = codelm() else { return };
     let only = std::env::var("HEVC_BENCH").ok();
-    for bits in [4u8, 8] {
+    let widths: Vec<u8> = match std::env::var("HEVC_BITS") {
+        Ok(b) => b.split(',').filter_map(|b| b.parse().ok()).collect(),
+        Err(_) => vec![4, 8],
+    };
+    for bits in widths {
         // Quantized per chunk (min/max over its 256 tokens), or over the whole sequence.
         let whole = std::env::var("HEVC_QUANT").is_ok_and(|q| q == "sequence");
         let all = quantized(&cache, 0..8, 0..1024, bits);
@@ -95,6 +99,15 @@ fn layouts_on_codelm() {
             "frames medium".into(),
             encoder("frames").unwrap().with_preset("medium"),
         ));
+        // Extra presets for the tokens-along-frames layouts, e.g. HEVC_PRESETS=fast,veryfast.
+        for preset in std::env::var("HEVC_PRESETS").unwrap_or_default().split(',') {
+            for layout in ["frames", "frames420", "frames:12"] {
+                if !preset.is_empty() {
+                    let e = encoder(layout).unwrap().with_preset(preset);
+                    runs.push((format!("{layout} {preset}"), e));
+                }
+            }
+        }
         for (name, e) in &runs {
             if only.as_deref().is_some_and(|o| !name.contains(o)) {
                 continue;

@@ -230,3 +230,36 @@ fn quantization_error_shrinks_with_bits() {
     }
     assert!(last < 0.002, "12-bit relative error {last}");
 }
+
+#[test]
+fn hevc_layout_is_passed_to_the_encoder() {
+    let reg = CodecRegistry::default();
+    if let Err(e) = reg
+        .encoder(VariantKind::Hevc)
+        .and(reg.decoder(VariantKind::Hevc).map(|_| ()))
+    {
+        eprintln!("skipped: hevc unavailable: {e}");
+        return;
+    }
+    let Some(cache) = common::codelm(1, 32) else {
+        return;
+    };
+    let ids = common::ids(&cache);
+    for layout in ["rows", "frames"] {
+        let cfg = EncodeConfig {
+            quant: QuantConfig::bits(6),
+            variant: VariantKind::Hevc,
+            hevc_layout: Some(layout.into()),
+            chunk_tokens: 32,
+            layers_per_section: 1,
+        };
+        check(&cache, &ids, &cfg, &reg);
+    }
+    let bad = EncodeConfig {
+        variant: VariantKind::Hevc,
+        hevc_layout: Some("no-such-layout".into()),
+        ..EncodeConfig::default()
+    };
+    let model = ModelFingerprint::of_bytes(b"m");
+    assert!(encode_cache(&cache, &model, &ids, &bad, &reg).is_err());
+}

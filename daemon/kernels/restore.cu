@@ -40,16 +40,16 @@ struct FrameSource {
 
 __device__ __forceinline__ unsigned long long target_offset(const RestoreTarget& t, unsigned row,
                                                             unsigned col) {
-    unsigned long long token = (unsigned long long)t.token_offset + row;
-    unsigned long long head = col / t.head_dim, d = col % t.head_dim;
+    unsigned token = t.token_offset + row;
+    unsigned head = col / t.head_dim, d = col - head * t.head_dim;
     if (t.block_table) {
-        unsigned long long phys = (unsigned long long)t.block_table[token / t.block_size];
-        unsigned long long slot = token % t.block_size;
+        unsigned blk = token / t.block_size, slot = token - blk * t.block_size;
+        unsigned long long phys = (unsigned long long)(unsigned)t.block_table[blk];
         if (t.layout == 0) return ((phys * t.block_size + slot) * t.heads + head) * t.head_dim + d;
         return ((phys * t.heads + head) * t.block_size + slot) * t.head_dim + d;
     }
-    if (t.layout == 0) return (token * t.heads + head) * t.head_dim + d;
-    return (head * t.target_tokens + token) * t.head_dim + d;
+    if (t.layout == 0) return ((unsigned long long)token * t.heads + head) * t.head_dim + d;
+    return ((unsigned long long)head * t.target_tokens + token) * t.head_dim + d;
 }
 
 // Dequantizes 8 codes of one row, columns col..col+7 (col % 8 == 0, head_dim % 8 == 0), and
@@ -90,13 +90,15 @@ __device__ __forceinline__ void store8(const RestoreTarget& t, unsigned tensor, 
     }
 }
 
-__device__ __forceinline__ void split(const RestoreTarget& t, unsigned long long i, unsigned& tensor,
+// Splits the index of group g (8 codes) into tensor, row and first column, in 32-bit math
+// (the host checks that tensors * rows * cols / 8 fits 32 bits).
+__device__ __forceinline__ void split(const RestoreTarget& t, unsigned g, unsigned& tensor,
                                       unsigned& row, unsigned& col) {
-    unsigned long long per = (unsigned long long)t.rows * t.cols;
-    tensor = (unsigned)(i / per);
-    unsigned long long r = i % per;
-    row = (unsigned)(r / t.cols);
-    col = (unsigned)(r % t.cols);
+    unsigned per_row = t.cols / 8;
+    unsigned r = g / per_row;
+    col = (g - r * per_row) * 8;
+    tensor = r / t.rows;
+    row = r - tensor * t.rows;
 }
 
 // Codes already in device memory as u16 [tensors][rows][cols].
@@ -109,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_codes(const uint16
         unsigned code[8] = {raw.x & 0xffff, raw.x >> 16, raw.y & 0xffff, raw.y >> 16,
                             raw.z & 0xffff, raw.z >> 16, raw.w & 0xffff, raw.w >> 16};
         unsigned tensor, row, col;
-        split(t, g * 8, tensor, row, col);
+        split(t, (unsigned)g, tensor, row, col);
         store8(t, tensor, row, col, code);
     }
 }
@@ -125,12 +127,24 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_packed(const uint8
         // 8 codes of `bits` bits start at a byte boundary: g * bits bytes.
         unsigned long long byte0 = g * bits;
         unsigned long long acc_lo = 0, acc_hi = 0;  // up to 128 bits
+        unsigned words = (bits + 3) / 4;
+        if ((byte0 & 3) == 0 && byte0 + 4 * words <= packed_len) {
+            const unsigned* w = reinterpret_cast<const unsigned*>(packed + byte0);
 #pragma unroll
-        for (unsigned b = 0; b < 16; b++) {
-            if (b < bits) {
-                unsigned long long at = byte0 + b;
-                unsigned long long v = at < packed_len ? __ldg(packed + at) : 0;
-                if (b < 8) acc_lo |= v << (8 * b); else acc_hi |= v << (8 * (b - 8));
+            for (unsigned b = 0; b < 4; b++) {
+                if (b < words) {
+                    unsigned long long v = __ldg(w + b);
+                    if (b < 2) acc_lo |= v << (32 * b); else acc_hi |= v << (32 * (b - 2));
+                }
+            }
+        } else {
+#pragma unroll
+            for (unsigned b = 0; b < 16; b++) {
+                if (b < bits) {
+                    unsigned long long at = byte0 + b;
+                    unsigned long long v = at < packed_len ? __ldg(packed + at) : 0;
+                    if (b < 8) acc_lo |= v << (8 * b); else acc_hi |= v << (8 * (b - 8));
+                }
             }
         }
         unsigned code[8];
@@ -144,7 +158,7 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_packed(const uint8
             code[j] = (unsigned)w & mask;
         }
         unsigned tensor, row, col;
-        split(t, g * 8, tensor, row, col);
+        split(t, (unsigned)g, tensor, row, col);
         store8(t, tensor, row, col, code);
     }
 }
@@ -166,6 +180,59 @@ __device__ __forceinline__ unsigned frame_sample(const uint8_t* __restrict__ sur
     return (unsigned)__ldg(reinterpret_cast<const uint16_t*>(surf) + off) >> f.shift;
 }
 
+// Reads 8 consecutive codes starting at planar sample p (p % 8 == 0) with wide loads where the
+// surface layout allows it; false when it does not (plane edge, misalignment).
+__device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf, const FrameSource& f,
+                                               unsigned long long p, unsigned (&code)[8]) {
+    unsigned long long luma = (unsigned long long)f.width * f.height;
+    unsigned long long cn = f.chroma444 ? luma : luma / 4;
+    unsigned long long spf = luma + 2 * cn;
+    unsigned long long frame = p / spf, q = p - frame * spf;
+    unsigned long long base = frame * spf;
+    bool planar = f.chroma444 || q < luma;
+    unsigned long long off;
+    if (planar) {
+        unsigned long long plane_end = q < luma ? luma : (q < luma + cn ? luma + cn : spf);
+        if (q + 8 > plane_end) return false;
+        off = base + q;
+    } else {
+        unsigned long long k = q - luma, plane = k / cn, j = k - plane * cn;
+        if (j + 8 > cn) return false;
+        off = base + luma + 2 * j;  // 16 interleaved samples U V U V ...; take every other
+        if (f.bytes_per_sample == 1) {
+            if (off % 16) return false;
+            uint4 v = __ldg(reinterpret_cast<const uint4*>(surf + off));
+            unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int i = 0; i < 8; i++) code[i] = (w[i / 2] >> (16 * (i % 2) + 8 * plane)) & 0xff;
+        } else {
+            if ((off * 2) % 16) return false;
+            const uint4* s4 = reinterpret_cast<const uint4*>(surf + off * 2);
+            uint4 a = __ldg(s4), b = __ldg(s4 + 1);
+            unsigned w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 8; i++) code[i] = ((w[i] >> (16 * plane)) & 0xffff) >> f.shift;
+        }
+        return true;
+    }
+    if (f.bytes_per_sample == 1) {
+        if (off % 8) return false;
+        uint2 v = __ldg(reinterpret_cast<const uint2*>(surf + off));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            code[i] = (v.x >> (8 * i)) & 0xff;
+            code[i + 4] = (v.y >> (8 * i)) & 0xff;
+        }
+    } else {
+        if ((off * 2) % 16) return false;
+        uint4 v = __ldg(reinterpret_cast<const uint4*>(surf + off * 2));
+        unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 8; i++) code[i] = ((w[i / 2] >> (16 * (i % 2))) & 0xffff) >> f.shift;
+    }
+    return true;
+}
+
 // Codes read from NVDEC's decoded surfaces (packed without pitch, see nvdec.rs DeviceFrames).
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8_t* __restrict__ surf,
                                                                      FrameSource f, RestoreTarget t) {
@@ -173,14 +240,16 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8
     for (unsigned long long g = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; g < groups;
          g += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned code[8];
+        if (f.gather || !frame_samples8(surf, f, g * 8, code)) {
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            unsigned long long i = g * 8 + j;
-            unsigned long long p = f.gather ? f.gather[i] : i;
-            code[j] = frame_sample(surf, f, p);
+            for (int j = 0; j < 8; j++) {
+                unsigned long long i = g * 8 + j;
+                unsigned long long p = f.gather ? f.gather[i] : i;
+                code[j] = frame_sample(surf, f, p);
+            }
         }
         unsigned tensor, row, col;
-        split(t, g * 8, tensor, row, col);
+        split(t, (unsigned)g, tensor, row, col);
         store8(t, tensor, row, col, code);
     }
 }

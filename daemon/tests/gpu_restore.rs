@@ -7,7 +7,9 @@ use half::{bf16, f16};
 use kvfetcher::gpu::check::{target_name, targets};
 use kvfetcher::gpu::fixture::kv_codes;
 use kvfetcher::gpu::restore::pack_codes;
-use kvfetcher::gpu::{restore_cpu, Cuda, DeviceBuffer, DeviceTarget, GpuError, KvDtype, RestoreKernels};
+use kvfetcher::gpu::{
+    restore_cpu, Cuda, DeviceBuffer, DeviceTarget, GpuError, KvDtype, RestoreKernels,
+};
 use kvfetcher_codec::{dequantize, GroupParams, Grouping};
 
 fn kv_path() -> Option<PathBuf> {
@@ -35,8 +37,15 @@ fn cpu_restore_matches_codec_dequantize_on_real_kv() {
                 scale: codes.dequant.scales[t * g.cols..(t + 1) * g.cols].to_vec(),
             };
             let mut want = Vec::new();
-            dequantize(&codes.codes[t * n..(t + 1) * n], g.rows, g.cols, Grouping::PerChannel, &params, &mut want)
-                .unwrap();
+            dequantize(
+                &codes.codes[t * n..(t + 1) * n],
+                g.rows,
+                g.cols,
+                Grouping::PerChannel,
+                &params,
+                &mut want,
+            )
+            .unwrap();
             for (i, w) in want.iter().enumerate().step_by(97) {
                 let (row, col) = (i / g.cols, i % g.cols);
                 let at = target.offset(row, col) * target.dtype.size();
@@ -44,7 +53,9 @@ fn cpu_restore_matches_codec_dequantize_on_real_kv() {
                 let ok = match target.dtype {
                     KvDtype::F16 => f16::from_le_bytes([b[0], b[1]]) == f16::from_f32(*w),
                     KvDtype::Bf16 => bf16::from_le_bytes([b[0], b[1]]) == bf16::from_f32(*w),
-                    KvDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == w.to_bits(),
+                    KvDtype::F32 => {
+                        f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == w.to_bits()
+                    }
                 };
                 assert!(ok, "{} tensor {t} code {i}", target_name(&target));
             }
@@ -72,7 +83,8 @@ fn gpu_restore_matches_cpu_on_real_kv() {
     for target in targets(&codes) {
         let bytes = target.elements() * target.dtype.size();
         for packed in [false, true] {
-            let outs: Vec<DeviceBuffer> = (0..g.tensors).map(|_| cuda.alloc(bytes).unwrap()).collect();
+            let outs: Vec<DeviceBuffer> =
+                (0..g.tensors).map(|_| cuda.alloc(bytes).unwrap()).collect();
             outs.iter().for_each(|o| o.fill(0x5a).unwrap());
             let refs: Vec<&DeviceBuffer> = outs.iter().collect();
             let dt = DeviceTarget::new(&cuda, g, &codes.dequant, &target, &refs).unwrap();
@@ -87,7 +99,11 @@ fn gpu_restore_matches_cpu_on_real_kv() {
             let mut got = vec![0u8; bytes];
             for (t, o) in outs.iter().enumerate() {
                 o.read(&mut got).unwrap();
-                assert!(got == want[t], "{} packed={packed} tensor {t}", target_name(&target));
+                assert!(
+                    got == want[t],
+                    "{} packed={packed} tensor {t}",
+                    target_name(&target)
+                );
             }
         }
     }

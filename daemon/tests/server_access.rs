@@ -126,14 +126,12 @@ fn the_owner_can_reopen_its_buffer() {
         &[],
     )
     .unwrap();
-    let (id, len) = loop {
-        match c.recv().unwrap() {
-            (Message::FetchBuffer(b), fds) => {
-                assert_eq!(fds.len(), 1);
-                break (b.fetch_id, b.len);
-            }
-            (other, _) => panic!("{other:?}"),
+    let (id, len) = match c.recv().unwrap() {
+        (Message::FetchBuffer(b), fds) => {
+            assert_eq!(fds.len(), 1);
+            (b.fetch_id, b.len)
         }
+        (other, _) => panic!("{other:?}"),
     };
     loop {
         if let (Message::FetchDone(_), _) = c.recv().unwrap() {

@@ -4,17 +4,18 @@
 
 mod server_support;
 
-use std::io::Write;
-use std::os::fd::AsFd;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 
 use kvfetcher_client::protocol::{
-    encode_hello, Fetch, KvDType, Message, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME, HELLO_LEN,
-    MAX_PENDING_FDS,
+    encode_hello, encode_message, ErrorCode, Fetch, FrameDecoder, KvDType, Lookup, Message,
+    TargetLayout, TokenOrder, DEFAULT_MAX_FRAME, HELLO_LEN, MAX_PENDING_FDS,
 };
 use kvfetcher_client::transport::BlockingConn;
 use kvfetcher_client::Client;
+use nix::sys::socket::{ControlMessage, MsgFlags};
 use server_support::*;
 
 #[test]
@@ -61,28 +62,52 @@ fn dying_clients_leak_nothing_and_the_daemon_keeps_serving() {
         "the dead client's fetch was not cancelled"
     );
 
-    // 2. A client floods fds without frames.
+    // 2. A client attaches an fd to every byte of a frame that needs none: the daemon refuses
+    //    the pile of unclaimed fds, says why, and closes them all.
     {
         let mut s = UnixStream::connect(&srv.path).unwrap();
         s.write_all(&encode_hello(1)).unwrap();
         let mut r = [0u8; HELLO_LEN];
-        std::io::Read::read_exact(&mut s, &mut r).unwrap();
-        let files: Vec<_> = (0..MAX_PENDING_FDS + 2)
-            .map(|_| std::fs::File::open("/dev/null").unwrap())
-            .collect();
-        for f in &files {
-            let fd = [f.as_fd()];
-            let raw: Vec<_> = fd
-                .iter()
-                .map(|f| std::os::fd::AsRawFd::as_raw_fd(f))
-                .collect();
-            let _ = nix::sys::socket::sendmsg::<()>(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                &[std::io::IoSlice::new(&[0])],
-                &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
-                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        s.read_exact(&mut r).unwrap();
+        let frame = encode_message(
+            &Message::Lookup(Lookup {
+                req: 1,
+                model: "some-model".into(),
+                token_ids: vec![1, 2, 3],
+            }),
+            DEFAULT_MAX_FRAME,
+        )
+        .unwrap();
+        assert!(frame.len() > MAX_PENDING_FDS + 1);
+        let null = std::fs::File::open("/dev/null").unwrap();
+        for byte in &frame {
+            let sent = nix::sys::socket::sendmsg::<()>(
+                s.as_raw_fd(),
+                &[std::io::IoSlice::new(std::slice::from_ref(byte))],
+                &[ControlMessage::ScmRights(&[null.as_raw_fd()])],
+                MsgFlags::MSG_NOSIGNAL,
                 None,
             );
+            if sent.is_err() {
+                break;
+            }
+        }
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let mut buf = [0u8; 4096];
+        let msg = loop {
+            if let Some((m, _)) = d.poll_message().unwrap() {
+                break m;
+            }
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed without an error message");
+            d.handle_bytes(&buf[..n]);
+        };
+        match msg {
+            Message::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Malformed);
+                assert!(e.message.contains("fds"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -39,13 +39,25 @@ async fn malformed_requests_get_bad_request_and_the_connection_survives() {
     assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
     let mut unknown_op = Request::Stats.encode();
     unknown_op[5] = 99;
-    assert_eq!(code(&raw_exchange(&conn, &unknown_op, true).await), Some(ErrorCode::BadRequest));
+    assert_eq!(
+        code(&raw_exchange(&conn, &unknown_op, true).await),
+        Some(ErrorCode::BadRequest)
+    );
     let mut huge = Request::Stats.encode();
     huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(code(&raw_exchange(&conn, &huge, true).await), Some(ErrorCode::BadRequest));
+    assert_eq!(
+        code(&raw_exchange(&conn, &huge, true).await),
+        Some(ErrorCode::BadRequest)
+    );
     // A request cut short by the end of the stream.
-    let full = Request::Delete { key: ChunkKey([1; 32]) }.encode();
-    assert_eq!(code(&raw_exchange(&conn, &full[..20], true).await), Some(ErrorCode::BadRequest));
+    let full = Request::Delete {
+        key: ChunkKey([1; 32]),
+    }
+    .encode();
+    assert_eq!(
+        code(&raw_exchange(&conn, &full[..20], true).await),
+        Some(ErrorCode::BadRequest)
+    );
     // The same connection still serves good requests.
     let r = raw_exchange(&conn, &Request::Stats.encode(), true).await;
     assert!(matches!(r, Response::Stats(_)), "{r:?}");
@@ -55,10 +67,18 @@ async fn malformed_requests_get_bad_request_and_the_connection_survives() {
 #[tokio::test]
 async fn unknown_keys_are_not_found() {
     let store = TestStore::start(ServerOptions::default(), false).await;
-    let client = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
     let k = ChunkKey([0xab; 32]);
-    assert!(matches!(client.get(&k).await, Err(TransportError::NotFound(_))));
-    assert!(matches!(client.get_sections(&k, &[0]).await, Err(TransportError::NotFound(_))));
+    assert!(matches!(
+        client.get(&k).await,
+        Err(TransportError::NotFound(_))
+    ));
+    assert!(matches!(
+        client.get_sections(&k, &[0]).await,
+        Err(TransportError::NotFound(_))
+    ));
     assert!(!client.delete(&k).await.unwrap());
     assert_eq!(client.exists_prefix(&[k]).await.unwrap(), 0);
     store.stop().await;
@@ -66,19 +86,43 @@ async fn unknown_keys_are_not_found() {
 
 #[tokio::test]
 async fn oversized_and_overlong_uploads_are_refused() {
-    let Some(objects) = real_objects() else { return };
+    let Some(objects) = real_objects() else {
+        return;
+    };
     let (key, bytes) = &objects[0];
     let limit = bytes.len() as u64 / 2;
-    let store = TestStore::start(ServerOptions { max_object_bytes: limit, ..ServerOptions::default() }, false).await;
-    let client = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let store = TestStore::start(
+        ServerOptions {
+            max_object_bytes: limit,
+            ..ServerOptions::default()
+        },
+        false,
+    )
+    .await;
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
     let t = Instant::now();
     let err = client.put(Bytes::from(bytes.clone())).await.unwrap_err();
-    assert!(matches!(err, TransportError::Server { code: ErrorCode::TooLarge, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            TransportError::Server {
+                code: ErrorCode::TooLarge,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(t.elapsed() < Duration::from_secs(5));
     // Declaring a small length and sending more is refused too.
     let tls = store.client_tls();
     let (_ep, conn) = raw_connection(store.addr, &tls).await;
-    let mut msg = Request::Put { key: *key, len: 100 }.encode();
+    let mut msg = Request::Put {
+        key: *key,
+        len: 100,
+    }
+    .encode();
     msg.extend_from_slice(&bytes[..1000]);
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let _ = send.write_all(&msg).await;
@@ -92,7 +136,9 @@ async fn oversized_and_overlong_uploads_are_refused() {
 
 #[tokio::test]
 async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
-    let Some(objects) = real_objects() else { return };
+    let Some(objects) = real_objects() else {
+        return;
+    };
     let opts = ServerOptions {
         stream_timeout: Duration::from_millis(300),
         idle_timeout: Duration::from_millis(800),
@@ -100,9 +146,14 @@ async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
     };
     let store = TestStore::start(opts, false).await;
     let keep_alive = ClientOptions {
-        tuning: TransportTuning { keep_alive: Some(Duration::from_millis(200)), ..TransportTuning::default() },
+        tuning: TransportTuning {
+            keep_alive: Some(Duration::from_millis(200)),
+            ..TransportTuning::default()
+        },
     };
-    let good = StoreClient::connect_with(store.addr, store.client_tls(), keep_alive).await.unwrap();
+    let good = StoreClient::connect_with(store.addr, store.client_tls(), keep_alive)
+        .await
+        .unwrap();
     let (key, bytes) = &objects[0];
     good.put(Bytes::from(bytes.clone())).await.unwrap();
 
@@ -113,7 +164,15 @@ async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
     s1.write_all(&Request::Stats.encode()[..5]).await.unwrap();
     // Slowloris 2: a put that stalls halfway through its object.
     let (mut s2, mut r2) = slow.open_bi().await.unwrap();
-    s2.write_all(&Request::Put { key: ChunkKey([9; 32]), len: bytes.len() as u64 }.encode()).await.unwrap();
+    s2.write_all(
+        &Request::Put {
+            key: ChunkKey([9; 32]),
+            len: bytes.len() as u64,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
     s2.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
     // Meanwhile the good client is served normally.
     let t = Instant::now();
@@ -122,14 +181,23 @@ async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
     }
     let b1 = r1.read_to_end(1 << 20).await.unwrap();
     let b2 = r2.read_to_end(1 << 20).await.unwrap();
-    assert_eq!(code(&Response::decode(Op::Stats, &b1).unwrap().unwrap().0), Some(ErrorCode::Timeout));
-    assert_eq!(code(&Response::decode(Op::Put, &b2).unwrap().unwrap().0), Some(ErrorCode::Timeout));
+    assert_eq!(
+        code(&Response::decode(Op::Stats, &b1).unwrap().unwrap().0),
+        Some(ErrorCode::Timeout)
+    );
+    assert_eq!(
+        code(&Response::decode(Op::Put, &b2).unwrap().unwrap().0),
+        Some(ErrorCode::Timeout)
+    );
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(good.exists_prefix(&[ChunkKey([9; 32])]).await.unwrap(), 0);
     // The silent raw connection (no keep-alive) is closed by the server's idle timeout;
     // the good client keeps alive and stays connected.
     let closed = tokio::time::timeout(Duration::from_secs(5), slow.closed()).await;
-    assert!(matches!(closed, Ok(quinn::ConnectionError::TimedOut)), "{closed:?}");
+    assert!(
+        matches!(closed, Ok(quinn::ConnectionError::TimedOut)),
+        "{closed:?}"
+    );
     assert_eq!(good.get(key).await.unwrap(), *bytes);
     store.stop().await;
 }

@@ -25,15 +25,23 @@ fn start_store(data: &Path, certs: &Path) -> (Child, SocketAddr) {
         .spawn()
         .expect("spawn kvfetcher store");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected {line:?}"));
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected {line:?}"));
     (child, addr.parse().unwrap())
 }
 
 fn files_in(dir: &Path) -> Vec<(String, u64)> {
     let mut out = Vec::new();
     for e in walk(dir) {
-        out.push((e.display().to_string(), std::fs::metadata(&e).map(|m| m.len()).unwrap_or(0)));
+        out.push((
+            e.display().to_string(),
+            std::fs::metadata(&e).map(|m| m.len()).unwrap_or(0),
+        ));
     }
     out
 }
@@ -55,7 +63,9 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test]
 async fn kill_mid_upload_leaves_no_partial_object() {
-    let Some(objects) = real_objects() else { return };
+    let Some(objects) = real_objects() else {
+        return;
+    };
     let (key, bytes) = &objects[0];
     let certs = tempfile::tempdir().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_kvfetcher"))
@@ -72,7 +82,15 @@ async fn kill_mid_upload_leaves_no_partial_object() {
     // Send the request and the first half of the object, then hold the stream open.
     let (_ep, conn) = raw_connection(addr, &tls).await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
-    send.write_all(&Request::Put { key: *key, len: bytes.len() as u64 }.encode()).await.unwrap();
+    send.write_all(
+        &Request::Put {
+            key: *key,
+            len: bytes.len() as u64,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
     send.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
     // Wait until the store has written part of the upload to disk: the kill lands mid-upload.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -81,21 +99,36 @@ async fn kill_mid_upload_leaves_no_partial_object() {
         if tmp.iter().any(|(_, len)| *len > 0) {
             break;
         }
-        assert!(Instant::now() < deadline, "no partial upload appeared: {tmp:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no partial upload appeared: {tmp:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
-    assert!(files_in(&data.path().join("objects")).is_empty(), "an object became visible");
-    assert!(!files_in(&data.path().join("tmp")).is_empty(), "the partial upload should be in tmp/ only");
+    assert!(
+        files_in(&data.path().join("objects")).is_empty(),
+        "an object became visible"
+    );
+    assert!(
+        !files_in(&data.path().join("tmp")).is_empty(),
+        "the partial upload should be in tmp/ only"
+    );
 
     // A restarted store does not have the object, has cleaned tmp/, and accepts it whole.
     let (mut child, addr) = start_store(data.path(), certs.path());
-    assert!(files_in(&data.path().join("tmp")).is_empty(), "restart left abandoned uploads");
+    assert!(
+        files_in(&data.path().join("tmp")).is_empty(),
+        "restart left abandoned uploads"
+    );
     let client = StoreClient::connect(addr, tls).await.unwrap();
     assert_eq!(client.exists_prefix(&[*key]).await.unwrap(), 0);
-    assert!(matches!(client.get(key).await, Err(TransportError::NotFound(_))));
+    assert!(matches!(
+        client.get(key).await,
+        Err(TransportError::NotFound(_))
+    ));
     assert!(client.put(Bytes::from(bytes.clone())).await.unwrap());
     assert_eq!(client.get(key).await.unwrap(), *bytes);
     child.kill().unwrap();

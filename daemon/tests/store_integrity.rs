@@ -18,19 +18,29 @@ fn flip(path: &std::path::Path, at: usize) {
 
 #[tokio::test]
 async fn corrupt_file_on_disk_is_reported_not_served() {
-    let Some(objects) = real_objects() else { return };
+    let Some(objects) = real_objects() else {
+        return;
+    };
     let store = TestStore::start(ServerOptions::default(), false).await;
-    let client = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
     let (key, bytes) = &objects[0];
     client.put(Bytes::from(bytes.clone())).await.unwrap();
     let view = ChunkView::parse(bytes).unwrap();
     let damaged = &view.header().sections[1];
     // One bit flipped in the middle of section 1.
-    flip(&store.backend.object_path(key), (damaged.offset + damaged.len / 2) as usize);
+    flip(
+        &store.backend.object_path(key),
+        (damaged.offset + damaged.len / 2) as usize,
+    );
     let err = client.get(key).await.unwrap_err();
     assert!(matches!(err, TransportError::Corrupt(_)), "{err}");
     let err = client.get_range(key, 0, 16).await.unwrap_err();
-    assert!(matches!(err, TransportError::Corrupt(_)), "a range of a corrupt object: {err}");
+    assert!(
+        matches!(err, TransportError::Corrupt(_)),
+        "a range of a corrupt object: {err}"
+    );
     let err = client.get_sections(key, &[0, 1]).await.unwrap_err();
     assert!(matches!(err, TransportError::Corrupt(_)), "{err}");
     // The intact sections of the same object are still served, and verified.
@@ -49,27 +59,73 @@ async fn corrupt_file_on_disk_is_reported_not_served() {
 
 #[tokio::test]
 async fn invalid_uploads_are_refused_and_leave_nothing() {
-    let Some(objects) = real_objects() else { return };
+    let Some(objects) = real_objects() else {
+        return;
+    };
     let store = TestStore::start(ServerOptions::default(), false).await;
-    let client = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
     let (k0, b0) = &objects[0];
     let (k1, _) = &objects[1];
     // Valid bytes under another key.
-    let err = client.put_raw(*k1, Bytes::from(b0.clone())).await.unwrap_err();
-    assert!(matches!(err, TransportError::Server { code: ErrorCode::InvalidObject, .. }), "{err}");
+    let err = client
+        .put_raw(*k1, Bytes::from(b0.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Server {
+                code: ErrorCode::InvalidObject,
+                ..
+            }
+        ),
+        "{err}"
+    );
     // A damaged section: the client refuses to send it, the server refuses to store it.
     let mut bad = b0.clone();
     let last = bad.len() - 3;
     bad[last] ^= 1;
-    assert!(matches!(client.put(Bytes::from(bad.clone())).await, Err(TransportError::InvalidObject(_))));
+    assert!(matches!(
+        client.put(Bytes::from(bad.clone())).await,
+        Err(TransportError::InvalidObject(_))
+    ));
     let err = client.put_raw(*k0, Bytes::from(bad)).await.unwrap_err();
-    assert!(matches!(err, TransportError::Server { code: ErrorCode::InvalidObject, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            TransportError::Server {
+                code: ErrorCode::InvalidObject,
+                ..
+            }
+        ),
+        "{err}"
+    );
     // Not a chunk object at all.
-    let err = client.put_raw(*k0, Bytes::from_static(b"hello, store")).await.unwrap_err();
-    assert!(matches!(err, TransportError::Server { code: ErrorCode::InvalidObject, .. }), "{err}");
+    let err = client
+        .put_raw(*k0, Bytes::from_static(b"hello, store"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Server {
+                code: ErrorCode::InvalidObject,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(client.exists_prefix(&[*k0]).await.unwrap(), 0);
     assert_eq!(client.exists_prefix(&[*k1]).await.unwrap(), 0);
     assert_eq!(client.stats().await.unwrap().objects, 0);
-    assert_eq!(std::fs::read_dir(store.data.path().join("tmp")).unwrap().count(), 0, "temp files left");
+    assert_eq!(
+        std::fs::read_dir(store.data.path().join("tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "temp files left"
+    );
     store.stop().await;
 }

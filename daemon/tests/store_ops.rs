@@ -6,23 +6,31 @@ mod store_util;
 use bytes::Bytes;
 use kvfetcher::store::ServerOptions;
 use kvfetcher::transport::{
-    generate_dev_pki, ServerTrust, StoreClient, TlsClientConfig, TransportError, DEFAULT_SERVER_NAME,
+    generate_dev_pki, ServerTrust, StoreClient, TlsClientConfig, TransportError,
+    DEFAULT_SERVER_NAME,
 };
 use kvfetcher_codec::{ChunkHeader, ChunkKey, ChunkView, ModelFingerprint};
 use store_util::{model, real_objects, TestStore};
 
 #[tokio::test]
 async fn put_get_exists_list_delete_stats() {
-    let Some(objects) = real_objects() else { return };
+    let Some(objects) = real_objects() else {
+        return;
+    };
     let store = TestStore::start(ServerOptions::default(), false).await;
-    let client = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
     let keys: Vec<ChunkKey> = objects.iter().map(|(k, _)| *k).collect();
     assert_eq!(client.exists_prefix(&keys).await.unwrap(), 0);
     // Store chunks 0 and 1, and 3 (a gap at 2): the prefix chain stops at the gap.
     for i in [0, 1, 3] {
         assert!(client.put(Bytes::from(objects[i].1.clone())).await.unwrap());
     }
-    assert!(!client.put(Bytes::from(objects[0].1.clone())).await.unwrap(), "second put reports present");
+    assert!(
+        !client.put(Bytes::from(objects[0].1.clone())).await.unwrap(),
+        "second put reports present"
+    );
     assert_eq!(client.exists_prefix(&keys).await.unwrap(), 2);
     for i in [0, 1, 3] {
         assert_eq!(client.get(&keys[i]).await.unwrap(), objects[i].1);
@@ -34,28 +42,48 @@ async fn put_get_exists_list_delete_stats() {
     let mut want = vec![keys[0], keys[1], keys[3]];
     want.sort();
     assert_eq!(listed, want);
-    assert!(client.list(&ModelFingerprint([0; 32])).await.unwrap().is_empty());
+    assert!(client
+        .list(&ModelFingerprint([0; 32]))
+        .await
+        .unwrap()
+        .is_empty());
     let stats = client.stats().await.unwrap();
     assert_eq!(stats.objects, 3);
-    assert_eq!(stats.bytes, [0, 1, 3].iter().map(|&i| objects[i].1.len() as u64).sum::<u64>());
+    assert_eq!(
+        stats.bytes,
+        [0, 1, 3]
+            .iter()
+            .map(|&i| objects[i].1.len() as u64)
+            .sum::<u64>()
+    );
     assert_eq!(stats.connections, 1);
     assert!(client.delete(&keys[1]).await.unwrap());
     assert!(!client.delete(&keys[1]).await.unwrap());
     assert_eq!(client.exists_prefix(&keys).await.unwrap(), 1);
-    assert!(matches!(client.get(&keys[1]).await, Err(TransportError::NotFound(_))));
+    assert!(matches!(
+        client.get(&keys[1]).await,
+        Err(TransportError::NotFound(_))
+    ));
     client.close().await;
     store.stop().await;
 }
 
 #[tokio::test]
 async fn sections_arrive_one_at_a_time_and_verified() {
-    let Some(objects) = real_objects() else { return };
+    let Some(objects) = real_objects() else {
+        return;
+    };
     let store = TestStore::start(ServerOptions::default(), false).await;
-    let client = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
     let (key, bytes) = &objects[2];
     client.put(Bytes::from(bytes.clone())).await.unwrap();
     let view = ChunkView::parse(bytes).unwrap();
-    assert!(view.header().sections.len() >= 3, "test object should have several sections");
+    assert!(
+        view.header().sections.len() >= 3,
+        "test object should have several sections"
+    );
     // Stream sections 2 then 0: the header comes first, then each section in request order.
     let mut stream = client.open_sections(key, &[2, 0]).await.unwrap();
     let (header, _) = ChunkHeader::parse_prefix(stream.header()).unwrap();
@@ -71,16 +99,29 @@ async fn sections_arrive_one_at_a_time_and_verified() {
     assert_eq!(&all.sections[0].1[..], view.section_bytes(1));
     // A section index past the end is a typed error, and the connection stays usable.
     let err = client.get_sections(key, &[99]).await.unwrap_err();
-    assert!(matches!(err, TransportError::Server { code: kvfetcher::transport::wire::ErrorCode::OutOfRange, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            TransportError::Server {
+                code: kvfetcher::transport::wire::ErrorCode::OutOfRange,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(client.get(key).await.unwrap(), *bytes);
     store.stop().await;
 }
 
 #[tokio::test]
 async fn concurrent_clients_and_parallel_streams() {
-    let Some(objects) = real_objects() else { return };
+    let Some(objects) = real_objects() else {
+        return;
+    };
     let store = TestStore::start(ServerOptions::default(), false).await;
-    let setup = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let setup = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
     for (_, b) in &objects {
         setup.put(Bytes::from(b.clone())).await.unwrap();
     }
@@ -107,7 +148,10 @@ async fn concurrent_clients_and_parallel_streams() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(setup.stats().await.unwrap().bytes_out, 6 * objects.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
+    assert_eq!(
+        setup.stats().await.unwrap().bytes_out,
+        6 * objects.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
+    );
     store.stop().await;
 }
 
@@ -127,14 +171,22 @@ async fn pinned_certificate_accepted_and_wrong_one_refused() {
     let other = tempfile::tempdir().unwrap();
     kvfetcher::transport::write_dev_pki(other.path()).unwrap();
     let wrong_ca = TlsClientConfig::from_path(other.path()).unwrap();
-    assert!(matches!(StoreClient::connect(store.addr, wrong_ca).await, Err(TransportError::Connection(_))));
+    assert!(matches!(
+        StoreClient::connect(store.addr, wrong_ca).await,
+        Err(TransportError::Connection(_))
+    ));
     let wrong_pin = TlsClientConfig {
-        trust: ServerTrust::Pinned(kvfetcher::transport::load_certs(&other.path().join("cert.pem")).unwrap()),
+        trust: ServerTrust::Pinned(
+            kvfetcher::transport::load_certs(&other.path().join("cert.pem")).unwrap(),
+        ),
         client_identity: None,
         server_name: DEFAULT_SERVER_NAME.into(),
         token: None,
     };
-    assert!(matches!(StoreClient::connect(store.addr, wrong_pin).await, Err(TransportError::Connection(_))));
+    assert!(matches!(
+        StoreClient::connect(store.addr, wrong_pin).await,
+        Err(TransportError::Connection(_))
+    ));
     // The right CA with a name the certificate does not carry is refused too.
     let mut wrong_name = store.client_tls();
     wrong_name.server_name = "store.example".into();
@@ -145,7 +197,9 @@ async fn pinned_certificate_accepted_and_wrong_one_refused() {
 #[tokio::test]
 async fn mutual_tls_accepts_the_ca_client_and_refuses_others() {
     let store = TestStore::start(ServerOptions::default(), true).await;
-    let good = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let good = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
     assert_eq!(good.stats().await.unwrap().connections, 1);
     // No client certificate: the handshake fails (or the first request does, TLS 1.3 sends
     // the server's refusal after the client thinks it is done).
@@ -171,21 +225,39 @@ async fn mutual_tls_accepts_the_ca_client_and_refuses_others() {
         Ok(c) => c.stats().await.is_err(),
     };
     assert!(refused, "client with a foreign certificate was served");
-    assert_eq!(good.stats().await.unwrap().connections, 1, "refused clients never counted as connected");
+    assert_eq!(
+        good.stats().await.unwrap().connections,
+        1,
+        "refused clients never counted as connected"
+    );
     store.stop().await;
 }
 
 #[tokio::test]
 async fn bearer_token_required_when_configured() {
-    let opts = ServerOptions { token: Some(b"s3cret".to_vec()), ..ServerOptions::default() };
+    let opts = ServerOptions {
+        token: Some(b"s3cret".to_vec()),
+        ..ServerOptions::default()
+    };
     let store = TestStore::start(opts, false).await;
     let mut tls = store.client_tls();
     tls.token = Some(b"s3cret".to_vec());
     let ok = StoreClient::connect(store.addr, tls).await.unwrap();
     assert_eq!(ok.stats().await.unwrap().objects, 0);
-    let none = StoreClient::connect(store.addr, store.client_tls()).await.unwrap();
+    let none = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
     let err = none.stats().await.unwrap_err();
-    assert!(matches!(err, TransportError::Server { code: kvfetcher::transport::wire::ErrorCode::Unauthorized, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            TransportError::Server {
+                code: kvfetcher::transport::wire::ErrorCode::Unauthorized,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let mut bad = store.client_tls();
     bad.token = Some(b"guess".to_vec());
     assert!(StoreClient::connect(store.addr, bad).await.is_err());

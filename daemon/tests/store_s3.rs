@@ -8,14 +8,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use kvfetcher::store::{Backend, S3Backend, S3Config, ServerOptions, StoreServer};
-use kvfetcher::transport::{write_dev_pki, StoreClient, TlsClientConfig, TlsServerConfig, TransportError};
+use kvfetcher::transport::{
+    write_dev_pki, StoreClient, TlsClientConfig, TlsServerConfig, TransportError,
+};
 use kvfetcher_codec::{ChunkKey, ChunkView, ModelFingerprint};
 use store_util::real_objects;
 
 fn config() -> Option<S3Config> {
     let c = S3Config::from_env();
     if c.is_none() {
-        println!("skipped: KVF_S3_ENDPOINT, KVF_S3_BUCKET, KVF_S3_ACCESS_KEY, KVF_S3_SECRET_KEY not set");
+        println!(
+            "skipped: KVF_S3_ENDPOINT, KVF_S3_BUCKET, KVF_S3_ACCESS_KEY, KVF_S3_SECRET_KEY not set"
+        );
     }
     c
 }
@@ -40,7 +44,10 @@ async fn s3_backend_operations() {
     let mut w = s3.begin_put(&k2).await.unwrap();
     w.write(Bytes::from_static(b"abandoned")).await.unwrap();
     w.abort().await;
-    assert_eq!(s3.get(&k1).await.unwrap().unwrap(), Bytes::from_static(b"first half, second half"));
+    assert_eq!(
+        s3.get(&k1).await.unwrap().unwrap(),
+        Bytes::from_static(b"first half, second half")
+    );
     assert_eq!(s3.get(&k2).await.unwrap(), None);
     assert_eq!(s3.list(&model).await.unwrap(), vec![k1]);
     assert!(s3.usage().await.unwrap().objects >= 1);
@@ -52,7 +59,9 @@ async fn s3_backend_operations() {
 #[tokio::test]
 async fn store_server_over_s3() {
     let Some(cfg) = config() else { return };
-    let Some(objects) = real_objects() else { return };
+    let Some(objects) = real_objects() else {
+        return;
+    };
     let certs = tempfile::tempdir().unwrap();
     write_dev_pki(certs.path()).unwrap();
     let backend: Arc<dyn Backend> = Arc::new(S3Backend::new(&cfg).unwrap());
@@ -68,7 +77,9 @@ async fn store_server_over_s3() {
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
-    let client = StoreClient::connect(addr, TlsClientConfig::from_path(certs.path()).unwrap()).await.unwrap();
+    let client = StoreClient::connect(addr, TlsClientConfig::from_path(certs.path()).unwrap())
+        .await
+        .unwrap();
     let keys: Vec<ChunkKey> = objects.iter().map(|(k, _)| *k).collect();
     for (k, _) in &objects {
         client.delete(k).await.unwrap();
@@ -81,11 +92,18 @@ async fn store_server_over_s3() {
     let view = ChunkView::parse(&objects[0].1).unwrap();
     let s = client.get_sections(&keys[0], &[1]).await.unwrap();
     assert_eq!(&s.sections[0].1[..], view.section_bytes(1));
-    assert!(client.list(&store_util::model()).await.unwrap().contains(&keys[0]));
+    assert!(client
+        .list(&store_util::model())
+        .await
+        .unwrap()
+        .contains(&keys[0]));
     for k in &keys[..2] {
         assert!(client.delete(k).await.unwrap());
     }
-    assert!(matches!(client.get(&keys[0]).await, Err(TransportError::NotFound(_))));
+    assert!(matches!(
+        client.get(&keys[0]).await,
+        Err(TransportError::NotFound(_))
+    ));
     tx.send(()).unwrap();
     task.await.unwrap();
 }

@@ -73,6 +73,15 @@ int eng_open(eng *e, const eng_options *o, char *err, size_t err_len) {
         return -1;
     }
     e->n_ctx = llama_n_ctx(e->ctx);
+    /* Warm-up: the first decode sets up thread pools and compute buffers (measured: over a
+     * second on the shared dev machine), which must not count as time to first token. */
+    const int32_t bos = 1;
+    if (eng_decode(e, &bos, 1, 0, NULL) != 0) {
+        snprintf(err, err_len, "warm-up decode failed");
+        eng_close(e);
+        return -1;
+    }
+    eng_reset(e);
     return 0;
 }
 
@@ -136,6 +145,10 @@ long eng_tokenize(eng *e, const char *text, int32_t **out) {
     }
     *out = t;
     return need;
+}
+
+int eng_truncate(eng *e, uint32_t keep) {
+    return llama_memory_seq_rm(llama_get_memory(e->ctx), 0, (llama_pos)keep, -1) ? 0 : -1;
 }
 
 int32_t eng_argmax(const float *logits, int32_t n_vocab) {

@@ -51,6 +51,9 @@ int eng_decode(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *lo
  * *out) or -1. */
 long eng_tokenize(eng *e, const char *text, int32_t **out);
 
+/* Drops sequence 0's cached tokens at positions >= keep. Returns 0 or -1. */
+int eng_truncate(eng *e, uint32_t keep);
+
 /* Index of the largest logit (ties: the lowest index). */
 int32_t eng_argmax(const float *logits, int32_t n_vocab);
 

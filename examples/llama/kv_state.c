@@ -28,7 +28,7 @@ size_t kvs_host_size(const kvs_geometry *g, uint32_t tokens) {
 }
 
 size_t kvs_blob_size(const kvs_geometry *g, uint32_t tokens) {
-    size_t n = 4 + 4; /* n_stream, cell_count */
+    size_t n = 4 + 4 + 4 + 4; /* magic, seq_id, n_stream, cell_count */
     if (tokens == 0) {
         return n;
     }
@@ -93,6 +93,14 @@ kvs_error kvs_parse(const uint8_t *blob, size_t blob_len, kvs_geometry *g, uint3
     uint32_t n_stream = 0, cells = 0, found = 0;
     kvs_geometry geo = *g;
 
+    uint32_t magic = 0;
+    int32_t src_seq = 0;
+    READ(&r, magic);
+    if (magic != KVS_STATE_MAGIC) {
+        err = KVS_ERR_MAGIC;
+        goto out;
+    }
+    READ(&r, src_seq);
     READ(&r, n_stream);
     if (n_stream == 0) {
         err = KVS_ERR_STREAMS;
@@ -258,13 +266,15 @@ kvs_error kvs_build_layers(const kvs_geometry *g, uint32_t tokens, const uint8_t
         return KVS_ERR_BUFFER;
     }
     writer w = {blob, blob_len};
-    const uint32_t one = 1;
+    const uint32_t one = 1, magic = KVS_STATE_MAGIC;
+    const int32_t seq = 0;
+    WRITE(&w, magic);
+    WRITE(&w, seq);
     WRITE(&w, one); /* n_stream */
     WRITE(&w, tokens);
     if (tokens == 0) {
         return KVS_OK;
     }
-    const int32_t seq = 0;
     for (uint32_t i = 0; i < tokens; i++) {
         const int32_t pos = (int32_t)i;
         WRITE(&w, pos);
@@ -342,6 +352,8 @@ const char *kvs_strerror(kvs_error e) {
         return "buffer size does not match the kv shape";
     case KVS_ERR_NOMEM:
         return "out of memory";
+    case KVS_ERR_MAGIC:
+        return "not a llama.cpp sequence state (wrong magic)";
     }
     return "unknown error";
 }

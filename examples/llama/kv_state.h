@@ -11,6 +11,7 @@
  * The blob format is the one of the pinned llama.cpp (llama-cpp-python 0.3.36,
  * LLAMA_STATE_SEQ_VERSION 3; src/llama-kv-cache.cpp state_write/state_read):
  *
+ *   u32 magic 0xaf143cd8, i32 seq_id  (llama-context.cpp io_magic; the source sequence)
  *   u32 n_stream                      (1: one sequence, unified cache)
  *   per stream: u32 cell_count; if cell_count > 0:
  *     per cell: i32 pos, u32 n_seq_id (= 1), i32 seq_id
@@ -48,6 +49,7 @@ typedef enum kvs_error {
     KVS_ERR_SHAPE = 7,        /* layer count or row size differ from the model's */
     KVS_ERR_BUFFER = 8,       /* the caller's buffer has the wrong size */
     KVS_ERR_NOMEM = 9,        /* allocation failed */
+    KVS_ERR_MAGIC = 10,       /* not a llama.cpp sequence state (wrong magic) */
 } kvs_error;
 
 /* The model's KV geometry and the cache's element type and V orientation. */
@@ -58,6 +60,9 @@ typedef struct kvs_geometry {
     int32_t ggml_type; /* KVS_GGML_TYPE_* */
     uint32_t v_trans;  /* 1 when llama.cpp stores V transposed (flash attention off) */
 } kvs_geometry;
+
+/* The magic that opens every llama.cpp sequence state (src/llama-context.cpp io_magic). */
+#define KVS_STATE_MAGIC 0xaf143cd8u
 
 /* Bytes of one element of a supported ggml type, 0 for others. */
 size_t kvs_elem_size(int32_t ggml_type);

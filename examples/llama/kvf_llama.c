@@ -90,7 +90,7 @@ static int parse_u(const char *s, long lo, long hi, long *out) {
 static int parse_args(int argc, char **argv, args *a) {
     memset(a, 0, sizeof(*a));
     a->gen = 16;
-    a->threads = 2;
+    a->threads = 1;
     a->split = -1;
     a->sample = -1;
     a->seed = 42;
@@ -499,28 +499,32 @@ static int run_request(eng *e, const args *a, const int32_t *toks, uint32_t n) {
     eng_reset(e);
     const double t0 = now_ms();
     double t_fetch = t0;
-    /* The prompt's last token is always decoded: its logits pick the first new token. */
-    const uint32_t cacheable = n - 1;
+    /*
+     * The whole prompt is looked up, so a repeated prompt also matches its stored partial last
+     * chunk. The prompt's last token is always decoded (its logits pick the first new token): on
+     * a full hit its KV is dropped again and recomputed.
+     */
     if (a->no_remote) {
         LOG("remote reuse off (--no-remote): prefilling %u tokens", n);
-    } else if (cacheable == 0) {
-        LOG("one-token prompt: nothing to reuse");
     } else if (!(r = remote_connect(a->socket, err, sizeof err))) {
         LOG("daemon unavailable (%s): falling back to prefill", err);
-    } else if (remote_lookup(r, a->model_id, toks, cacheable, &avail, err, sizeof err)) {
+    } else if (remote_lookup(r, a->model_id, toks, n, &avail, err, sizeof err)) {
         LOG("lookup failed (%s): falling back to prefill", err);
     } else if (avail == 0) {
         LOG("prefix not in the store: falling back to prefill");
-    } else if (remote_fetch_kv(r, a->model_id, toks, cacheable, &e->geo, &f, err, sizeof err)) {
+    } else if (remote_fetch_kv(r, a->model_id, toks, n, &e->geo, &f, err, sizeof err)) {
         LOG("fetch of %u tokens failed (%s): falling back to prefill", avail, err);
-    } else if (f.tokens == 0 || f.tokens > cacheable) {
-        LOG("daemon returned %u tokens for a %u-token prefix: falling back to prefill", f.tokens, cacheable);
+    } else if (f.tokens == 0 || f.tokens > n) {
+        LOG("daemon returned %u tokens for a %u-token prompt: falling back to prefill", f.tokens, n);
     } else if (eng_set_kv_layers(e, f.layers, f.layer_len, f.tokens, err, sizeof err)) {
         LOG("loading fetched kv failed (%s): falling back to prefill", err);
+    } else if (f.tokens == n && eng_truncate(e, n - 1) != 0) {
+        LOG("dropping the last token's kv failed: falling back to prefill");
     } else {
-        reused = f.tokens;
+        reused = f.tokens == n ? n - 1 : f.tokens;
         t_fetch = now_ms();
-        LOG("reused %u of %u prompt tokens from the store (%.2f ms)", reused, n, t_fetch - t0);
+        LOG("reused %u of %u prompt tokens from the store (%u fetched, %.2f ms)", reused, n,
+            f.tokens, t_fetch - t0);
     }
     remote_fetch_free(&f);
     if (reused == 0) {
@@ -532,8 +536,9 @@ static int run_request(eng *e, const args *a, const int32_t *toks, uint32_t n) {
         goto out;
     }
     const double t_first = now_ms();
-    /* A miss: hand the prompt's KV to the daemon (after the first token, off its latency). */
-    if (reused == 0 && r && !a->no_save) {
+    /* New KV beyond what the store had: hand the prompt's KV to the daemon (after the first
+     * token, off its latency). */
+    if (reused + 1 < n && r && !a->no_save) {
         uint8_t *host = NULL;
         size_t len = 0;
         uint32_t t = 0;

@@ -13,6 +13,10 @@
 //! - `max_kl` = the largest of those per-position KLs;
 //! - `max_logit_diff` = `max_p max_i |z_o,i(p) - z_d,i(p)|`.
 //!
+//! A position whose logits are not all finite (a cache holding NaN or infinity) counts as a
+//! disagreement with infinite KL and logit difference, so `mean_kl`, `max_kl` and
+//! `max_logit_diff` become infinite (JSON `null`).
+//!
 //! Both caches are read as `f32` whatever their dtype. Not a perplexity measure: no reference
 //! text beyond `token_ids` is involved.
 
@@ -69,6 +73,14 @@ pub fn fidelity(
             .step(id as usize, pos, KvAccess::Replay(&orig))
             .to_vec();
         let zd = forward.step(id as usize, pos, KvAccess::Replay(&dec));
+        if zo.iter().chain(zd).any(|v| !v.is_finite()) {
+            // A cache with NaN or infinite values predicts nothing: count the worst case
+            // rather than let NaN comparisons hide it.
+            kl_sum = f64::INFINITY;
+            max_kl = f64::INFINITY;
+            max_diff = f32::INFINITY;
+            continue;
+        }
         agree += usize::from(argmax(&zo) == argmax(zd));
         let kl = kl_divergence(&zo, zd);
         kl_sum += kl;

@@ -176,7 +176,7 @@ impl KvFile {
         }
         let mut json = serde_json::to_vec(&Value::Object(header)).expect("a JSON map serializes");
         // Pad the header so tensor data starts 8-byte aligned, as the reference writer does.
-        while (8 + json.len()) % 8 != 0 {
+        while !(8 + json.len()).is_multiple_of(8) {
             json.push(b' ');
         }
         let mut out = Vec::with_capacity(8 + json.len() + data.len());

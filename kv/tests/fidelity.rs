@@ -97,6 +97,25 @@ fn rounding_and_noise_degrade_in_order() {
 }
 
 #[test]
+fn non_finite_values_count_as_total_loss() {
+    let Some((model, ids, cache)) = setup() else {
+        return;
+    };
+    let mut first = true;
+    let broken = map_cache(&cache, DType::F32, |v, _| {
+        if std::mem::take(&mut first) {
+            v[3] = f32::NAN;
+        }
+    });
+    let f = fidelity(&model, &ids, &cache, &broken).unwrap();
+    assert_eq!(f.top1_agreement, 0.0, "{f:?}");
+    assert!(
+        f.mean_kl.is_infinite() && f.max_logit_diff.is_infinite(),
+        "{f:?}"
+    );
+}
+
+#[test]
 fn mismatched_inputs_are_typed_errors() {
     let Some((model, ids, cache)) = setup() else {
         return;

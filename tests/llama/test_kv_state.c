@@ -80,7 +80,7 @@ static void round_trip(int32_t type, uint32_t v_trans, uint32_t tokens) {
 /* A blob whose cells are stored in reverse position order parses into position order. */
 static void out_of_order(void) {
     kvs_geometry g = {1, 1, 2, KVS_GGML_TYPE_F32, 0};
-    /* n_stream, cells=2, cell0 pos1, cell1 pos0, v_trans 0, n_layer 1, K, V */
+    /* magic, seq, n_stream, cells=2, cell0 pos1, cell1 pos0, v_trans 0, n_layer 1, K, V */
     uint8_t b[256];
     size_t o = 0;
 #define PUT(x)                                                                                  \
@@ -88,8 +88,10 @@ static void out_of_order(void) {
         memcpy(b + o, &(x), sizeof(x));                                                         \
         o += sizeof(x);                                                                         \
     } while (0)
-    uint32_t u1 = 1, u2 = 2, u0 = 0;
+    uint32_t u1 = 1, u2 = 2, u0 = 0, magic = KVS_STATE_MAGIC;
     int32_t p0 = 0, p1 = 1, s0 = 0, ty = KVS_GGML_TYPE_F32;
+    PUT(magic);
+    PUT(s0);
     uint64_t row = 8;
     float k[4] = {10, 11, 0, 1}; /* cell0 (pos 1) = 10 11, cell1 (pos 0) = 0 1 */
     float v[4] = {20, 21, 2, 3};
@@ -116,16 +118,20 @@ static void out_of_order(void) {
     CHECK(e == KVS_OK && t == 2 && memcmp(host, want, sizeof want) == 0, "reordered by position: %s",
           kvs_strerror(e));
     /* duplicate position */
-    memcpy(b + 8, &p0, 4);
+    memcpy(b + 16, &p0, 4);
     CHECK(kvs_parse(b, o, &g, &t, NULL, 0) == KVS_ERR_POSITIONS, "duplicate position");
-    memcpy(b + 8, &p1, 4);
+    memcpy(b + 16, &p1, 4);
     /* a cell in two sequences */
-    memcpy(b + 12, &u2, 4);
+    memcpy(b + 20, &u2, 4);
     CHECK(kvs_parse(b, o, &g, &t, NULL, 0) == KVS_ERR_SEQ, "shared cell");
-    memcpy(b + 12, &u1, 4);
+    memcpy(b + 20, &u1, 4);
+    /* not a state at all */
+    memcpy(b, &u2, 4);
+    CHECK(kvs_parse(b, o, &g, &t, NULL, 0) == KVS_ERR_MAGIC, "magic");
+    memcpy(b, &magic, 4);
     /* a quantized cache type (q8_0 = 8) */
     int32_t q8 = 8;
-    memcpy(b + 40, &q8, 4);
+    memcpy(b + 48, &q8, 4);
     CHECK(kvs_parse(b, o, &g, &t, NULL, 0) == KVS_ERR_TYPE, "quantized type");
 #undef PUT
 }

@@ -14,9 +14,9 @@ const MODEL: &str = "codelm-107m";
 
 #[test]
 fn store_daemon_and_rust_client() {
-    let Some(cache) = codelm(600) else { return };
+    let Some(cache) = codelm(300) else { return };
     let mut stack = start_stack();
-    let ids = token_ids(600, 0);
+    let ids = token_ids(300, 0);
     let shape = shape_of(&cache);
     let client = Client::connect(&stack.socket).expect("connect");
     assert_eq!(client.lookup(MODEL, &ids).unwrap(), 0, "nothing saved yet");
@@ -24,17 +24,17 @@ fn store_daemon_and_rust_client() {
     let chunks = client
         .save(MODEL, &ids, &layout, &shape, &nhd_bytes(&cache))
         .unwrap();
-    assert_eq!(chunks, 3);
-    assert_eq!(client.lookup(MODEL, &ids).unwrap(), 600);
+    assert_eq!(chunks, 2);
+    assert_eq!(client.lookup(MODEL, &ids).unwrap(), 300);
     // A second client (another connection) sees the same prefix, and only the prefix.
     let other = Client::connect(&stack.socket).expect("second client");
-    assert_eq!(other.lookup(MODEL, &ids).unwrap(), 600);
+    assert_eq!(other.lookup(MODEL, &ids).unwrap(), 300);
     let mut longer = ids.clone();
     longer.extend(token_ids(100, 7));
     assert_eq!(
         other.lookup(MODEL, &longer).unwrap(),
-        512,
-        "the partial third chunk does not match"
+        256,
+        "the partial second chunk does not match"
     );
     assert_eq!(other.lookup("other-model", &ids).unwrap(), 0);
 
@@ -53,21 +53,21 @@ fn store_daemon_and_rust_client() {
                 assert_eq!(h.shape(), &shape);
                 h.wait_layer(0).unwrap();
                 let done = h.wait_done().unwrap();
-                assert_eq!(done.tokens, 600);
+                assert_eq!(done.tokens, 300);
                 wire = done.bytes_on_wire;
                 assert_buffer(h.bytes(), &layout, &want);
                 h.release().unwrap();
             }
         }
     }
-    let raw = shape.num_layers as u64 * 2 * 600 * 256 * 2;
+    let raw = shape.num_layers as u64 * 2 * 300 * 256 * 2;
     assert!(
         wire > 0 && wire < raw / 3 * 2,
         "{wire} bytes on the wire for {raw} bytes of f16"
     );
 
     let err = other
-        .fetch(MODEL, &token_ids(300, 99), &layout)
+        .fetch(MODEL, &token_ids(200, 99), &layout)
         .unwrap_err();
     assert_eq!(err.daemon_code(), Some(ErrorCode::NotFound), "{err}");
 

@@ -16,6 +16,9 @@ use crate::{CodePlane, CodecError, PlaneShape};
 const MIN_SIDE: usize = HevcGeometry::MIN_SIDE;
 const MAX_SIDE: usize = HevcGeometry::MAX_SIDE;
 const MAX_BITS: u8 = HevcGeometry::MAX_BITS;
+/// The most codes one section may hold (2^36, far above any chunk), so that sizes derived from a
+/// shape never overflow.
+const MAX_CODES: usize = 1 << 36;
 
 /// The samples of one frame: three planes, row-major, each `plane_size(c)` of the geometry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +77,13 @@ impl HevcGeometry {
     /// Lays out `shape` as `spec` says, within NVDEC's limits (frame sides 144..=8192, even for
     /// 4:2:0, at most 12 bits).
     pub fn new(shape: PlaneShape, spec: &LayoutSpec) -> Result<HevcGeometry, CodecError> {
+        let total = shape
+            .tensors
+            .checked_mul(shape.rows)
+            .and_then(|n| n.checked_mul(shape.cols));
+        if total.is_none_or(|n| n > MAX_CODES) {
+            return Err(unsupported(format!("{shape:?} holds too many codes")));
+        }
         if shape.is_empty() {
             return Err(unsupported("empty section".into()));
         }
@@ -334,7 +344,7 @@ mod tests {
         assert!(g.width >= MIN_SIDE && g.width <= MAX_SIDE, "{g:?}");
         assert!(g.height >= MIN_SIDE && g.height <= MAX_SIDE, "{g:?}");
         if g.chroma == Chroma::Yuv420 {
-            assert!(g.width % 2 == 0 && g.height % 2 == 0);
+            assert_eq!((g.width % 2, g.height % 2), (0, 0));
         }
         // The mapping is a bijection: every code lands once, and comes back.
         let n = g.shape.len();
@@ -359,7 +369,7 @@ mod tests {
             shape(8, 2, 50, 32),
             shape(12, 5, 300, 144),
             shape(2, 1, 1, 1),
-            shape(6, 3, 9000, 64),
+            shape(6, 1, 8300, 16),
         ];
         for s in shapes {
             for name in ["rows", "rows420", "frames", "frames420", "frames:7"] {
@@ -376,6 +386,8 @@ mod tests {
         assert!(HevcGeometry::new(shape(13, 1, 8, 8), &spec).is_err());
         assert!(HevcGeometry::new(shape(8, 1, 8, 9000), &spec).is_err());
         assert!(HevcGeometry::new(shape(8, 0, 8, 8), &spec).is_err());
+        assert!(HevcGeometry::new(shape(8, usize::MAX, 8, 8), &spec).is_err());
+        assert!(HevcGeometry::new(shape(8, 1 << 30, 1 << 30, 8), &spec).is_err());
         assert!(HevcGeometry::new(shape(8, 1, 8, 8), &"frames:9000".parse().unwrap()).is_err());
     }
 

@@ -266,18 +266,18 @@ impl X265 {
             p.pts = i as i64;
             p.bit_depth = c_int::from(geometry.bit_depth);
             p.color_space = csp;
-            for c in 0..3 {
+            for (c, (samples, bytes)) in frame.planes.iter_mut().zip(&mut bytes8).enumerate() {
                 let (w, h) = geometry.plane_size(c);
-                if frame.planes[c].len() != w * h {
+                if samples.len() != w * h {
                     return Err(CodecError::InvalidCodes("frame of the wrong size".into()));
                 }
                 if geometry.bit_depth == 8 {
-                    bytes8[c].clear();
-                    bytes8[c].extend(frame.planes[c].iter().map(|&v| v as u8));
-                    p.planes[c] = bytes8[c].as_mut_ptr().cast();
+                    bytes.clear();
+                    bytes.extend(samples.iter().map(|&v| v as u8));
+                    p.planes[c] = bytes.as_mut_ptr().cast();
                     p.stride[c] = w as c_int;
                 } else {
-                    p.planes[c] = frame.planes[c].as_mut_ptr().cast();
+                    p.planes[c] = samples.as_mut_ptr().cast();
                     p.stride[c] = (2 * w) as c_int;
                 }
             }
@@ -307,8 +307,8 @@ impl X265 {
     /// The library's version string, for reports.
     pub(crate) fn version(&self) -> String {
         match self.api(8) {
-            // SAFETY: `version_str` is a static NUL-terminated string of the library.
             Ok((api, _)) if !api.version_str.is_null() => {
+                // SAFETY: `version_str` is a static NUL-terminated string of the library.
                 unsafe { CStr::from_ptr(api.version_str) }
                     .to_string_lossy()
                     .into_owned()

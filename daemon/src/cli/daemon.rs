@@ -52,7 +52,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
     if let Some(s) = args.socket {
         config.socket = s;
     }
-    init_logging(config.log_format);
+    init_logging(config.log_format, "info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kvf-daemon")
@@ -88,10 +88,11 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Sets up `tracing` on stderr (journald captures it), filtered by `RUST_LOG` (default info).
-pub fn init_logging(format: LogFormat) {
+/// Sets up `tracing` on stderr (journald captures it), filtered by `RUST_LOG`, else
+/// `default_level`.
+pub fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -96,7 +96,11 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
             println!("| check | values | bit-exact |");
             println!("|---|---|---|");
             for r in &rows {
-                let ok = if r.exact { "yes".to_string() } else { format!("NO: {}", r.detail) };
+                let ok = if r.exact {
+                    "yes".to_string()
+                } else {
+                    format!("NO: {}", r.detail)
+                };
                 println!("| {} | {} | {ok} |", r.name, r.values);
             }
             println!("{} checks, {failed} failed", rows.len());
@@ -105,7 +109,11 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
         }
         GpuCommand::Bench(a) => {
             let cuda = Cuda::open(a.run.device)?;
-            println!("device: {} (driver {})", cuda.info().name, cuda.info().driver_version);
+            println!(
+                "device: {} (driver {})",
+                cuda.info().name,
+                cuda.info().driver_version
+            );
             let r = bench::bench_restore(&cuda, &a.run.kv, a.copies)?;
             println!("| restore | MB moved | ms | GB/s | D2D copy GB/s | % of copy |");
             println!("|---|---|---|---|---|---|");
@@ -120,8 +128,11 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
                     100.0 * p.gbps / p.copy_gbps
                 );
             }
-            let pts = bench::bench_nvdec(&cuda, &a.run.kv, &a.run.fixtures, &a.sessions, a.seconds)?;
-            println!("| nvdec stream | ratio vs fp16 | sessions | bitstream in GB/s | KV out GB/s |");
+            let pts =
+                bench::bench_nvdec(&cuda, &a.run.kv, &a.run.fixtures, &a.sessions, a.seconds)?;
+            println!(
+                "| nvdec stream | ratio vs fp16 | sessions | bitstream in GB/s | KV out GB/s |"
+            );
             println!("|---|---|---|---|---|");
             for p in &pts {
                 println!(
@@ -143,7 +154,13 @@ fn info(device: usize) -> anyhow::Result<()> {
     let cuda = Cuda::open(device).context("cuda")?;
     let i = cuda.info();
     println!("device {}: {}", i.ordinal, i.name);
-    println!("compute capability {}.{}, {} SMs, {:.1} GiB", i.compute_capability.0, i.compute_capability.1, i.multiprocessors, i.total_memory as f64 / (1u64 << 30) as f64);
+    println!(
+        "compute capability {}.{}, {} SMs, {:.1} GiB",
+        i.compute_capability.0,
+        i.compute_capability.1,
+        i.multiprocessors,
+        i.total_memory as f64 / (1u64 << 30) as f64
+    );
     println!("cuda driver api {}", i.driver_version);
     match Nvdec::open(cuda.clone()) {
         Err(e) => println!("nvdec: unavailable ({e})"),

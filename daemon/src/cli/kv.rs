@@ -120,9 +120,11 @@ pub fn run_to(args: KvArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 fn capture(a: &CaptureArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let model = Llama2Model::load(&a.model)?;
     let total = a.tokens;
+    let mut next_report = PROGRESS_EVERY;
     let generation = model.generate_with_progress(total, a.seed, a.temperature, |done| {
-        if done % PROGRESS_EVERY == 0 || (done == total && total >= PROGRESS_EVERY) {
+        if done >= next_report || (done == total && total >= PROGRESS_EVERY) {
             eprintln!("kv capture: {done}/{total} tokens");
+            next_report = done + PROGRESS_EVERY;
         }
     })?;
     let dtype = DType::from(a.dtype);

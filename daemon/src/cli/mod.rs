@@ -2,10 +2,14 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench_fetch;
 pub mod bench_net;
 pub mod daemon;
+pub mod demo;
 pub mod gpu;
 pub mod kv;
+pub mod lookup;
+mod local_stack;
 pub mod store;
 
 /// KVFetcher: fetch compressed KV caches from remote storage and restore them for local engines.
@@ -22,6 +26,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the node daemon (Unix socket for engines, QUIC to stores); for systemd.
     Daemon(daemon::DaemonArgs),
+    /// Store + daemon on loopback, real KV captured, saved (Rust client), fetched (C client), verified.
+    Demo(demo::DemoArgs),
+    /// Ask a running daemon how many leading tokens of a sequence it can fetch.
+    Lookup(lookup::LookupArgs),
     /// Real KV caches: capture with a llama2.c model, measure fidelity, describe files.
     Kv(kv::KvArgs),
     /// The GPU path: device info, NVDEC and restore-kernel checks, benchmarks.
@@ -40,6 +48,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(args) => daemon::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Lookup(args) => lookup::run(args),
         Command::Kv(args) => kv::run(args),
         Command::Gpu(args) => gpu::run(args),
         Command::Store(args) => store::run_store(args),

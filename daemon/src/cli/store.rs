@@ -109,7 +109,10 @@ pub struct GetArgs {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")
 }
 
 impl StoreArgs {
@@ -199,12 +202,22 @@ impl RemoteArgs {
         tls.server_name = match &self.server_name {
             Some(n) => n.clone(),
             None => {
-                let host = self.store.rsplit_once(':').map_or(self.store.as_str(), |(h, _)| h);
-                host.trim_start_matches('[').trim_end_matches(']').to_string()
+                let host = self
+                    .store
+                    .rsplit_once(':')
+                    .map_or(self.store.as_str(), |(h, _)| h);
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
             }
         };
         if let Some(p) = &self.token_file {
-            tls.token = Some(std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?.trim().into());
+            tls.token = Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("read {}", p.display()))?
+                    .trim()
+                    .into(),
+            );
         }
         Ok((addr, tls))
     }
@@ -217,9 +230,18 @@ pub fn run_put(args: PutArgs) -> anyhow::Result<()> {
         let client = StoreClient::connect(addr, tls).await?;
         for f in &args.files {
             let bytes = std::fs::read(f).with_context(|| format!("read {}", f.display()))?;
-            let key = crate::transport::verify_object(&bytes).with_context(|| format!("{}", f.display()))?.key;
-            let created = client.put(bytes.into()).await.with_context(|| format!("put {}", f.display()))?;
-            println!("{key} {} {}", if created { "stored" } else { "present" }, f.display());
+            let key = crate::transport::verify_object(&bytes)
+                .with_context(|| format!("{}", f.display()))?
+                .key;
+            let created = client
+                .put(bytes.into())
+                .await
+                .with_context(|| format!("put {}", f.display()))?;
+            println!(
+                "{key} {} {}",
+                if created { "stored" } else { "present" },
+                f.display()
+            );
         }
         client.close().await;
         Ok(())
@@ -235,7 +257,8 @@ pub fn run_get(args: GetArgs) -> anyhow::Result<()> {
         let bytes = client.get(&key).await?;
         let tmp = args.out.with_extension("part");
         std::fs::write(&tmp, &bytes).with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &args.out).with_context(|| format!("write {}", args.out.display()))?;
+        std::fs::rename(&tmp, &args.out)
+            .with_context(|| format!("write {}", args.out.display()))?;
         println!("{key} {} bytes -> {}", bytes.len(), args.out.display());
         client.close().await;
         Ok(())

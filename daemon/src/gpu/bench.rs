@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use super::cuda::{Cuda, DeviceBuffer, Stream};
 use super::fixture::{self, FIXTURE_FORMATS};
 use super::nvdec::{Chroma, DeviceFrames, Nvdec};
-use super::restore::{pack_codes, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec};
+use super::restore::{
+    pack_codes, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec,
+};
 use super::GpuError;
 
 /// One NVDEC throughput point.
@@ -42,12 +44,14 @@ pub fn bench_nvdec(
     let nvdec = Nvdec::open(cuda.clone())?;
     let mut out = Vec::new();
     for (chroma, bits) in FIXTURE_FORMATS {
-        let codes = fixture::kv_codes(kv, bits).map_err(|e| GpuError::InvalidArgument(e.to_string()))?;
+        let codes =
+            fixture::kv_codes(kv, bits).map_err(|e| GpuError::InvalidArgument(e.to_string()))?;
         let path = fixture::fixture_path(fixtures, chroma, bits);
-        let stream =
-            std::fs::read(&path).map_err(|e| GpuError::InvalidArgument(format!("{}: {e}", path.display())))?;
+        let stream = std::fs::read(&path)
+            .map_err(|e| GpuError::InvalidArgument(format!("{}: {e}", path.display())))?;
         let fmt = fixture::fixture_format(chroma, bits);
-        let frame_bytes = fixture::frames_for(fmt, codes.codes.len()) * fmt.surface_bytes_per_frame();
+        let frame_bytes =
+            fixture::frames_for(fmt, codes.codes.len()) * fmt.surface_bytes_per_frame();
         let kv_bytes = codes.codes.len() * 2;
         for &n in sessions {
             let mut workers = Vec::new();
@@ -77,7 +81,10 @@ pub fn bench_nvdec(
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(GpuError::Decode("worker panicked".into()))))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(GpuError::Decode("worker panicked".into())))
+                    })
                     .collect()
             });
             let secs = start.elapsed().as_secs_f64();
@@ -119,7 +126,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Times `f` with events: 3 warm-up launches, then the median of `reps`.
-fn time_ms(cuda: &Arc<Cuda>, reps: usize, f: &dyn Fn(&Stream) -> Result<(), GpuError>) -> Result<f64, GpuError> {
+fn time_ms(
+    cuda: &Arc<Cuda>,
+    reps: usize,
+    f: &dyn Fn(&Stream) -> Result<(), GpuError>,
+) -> Result<f64, GpuError> {
     let stream = cuda.stream()?;
     let (a, b) = (cuda.event(true, false)?, cuda.event(true, false)?);
     for _ in 0..3 {
@@ -138,21 +149,40 @@ fn time_ms(cuda: &Arc<Cuda>, reps: usize, f: &dyn Fn(&Stream) -> Result<(), GpuE
 }
 
 fn point(name: String, bytes: usize, ms: f64, copy_gbps: f64) -> RestorePoint {
-    RestorePoint { name, bytes, ms, gbps: bytes as f64 / ms / 1e6, copy_gbps }
+    RestorePoint {
+        name,
+        bytes,
+        ms,
+        gbps: bytes as f64 / ms / 1e6,
+        copy_gbps,
+    }
 }
 
 /// Restore bandwidth on real 8-bit KV codes replicated `copies` times (to fill the GPU), into
 /// contiguous NHD targets, against a device-to-device copy of the output bytes.
-pub fn bench_restore(cuda: &Arc<Cuda>, kv: &Path, copies: usize) -> Result<Vec<RestorePoint>, GpuError> {
+pub fn bench_restore(
+    cuda: &Arc<Cuda>,
+    kv: &Path,
+    copies: usize,
+) -> Result<Vec<RestorePoint>, GpuError> {
     let kernels = RestoreKernels::load(cuda)?;
     let base = fixture::kv_codes(kv, 8).map_err(|e| GpuError::InvalidArgument(e.to_string()))?;
     let copies = copies.max(1);
-    let g = CodeGeometry { tensors: base.geometry.tensors * copies, ..base.geometry };
-    let codes: Vec<u16> = (0..copies).flat_map(|_| base.codes.iter().copied()).collect();
+    let g = CodeGeometry {
+        tensors: base.geometry.tensors * copies,
+        ..base.geometry
+    };
+    let codes: Vec<u16> = (0..copies)
+        .flat_map(|_| base.codes.iter().copied())
+        .collect();
     let dq = Dequant {
         grouping: base.dequant.grouping,
-        scales: (0..copies).flat_map(|_| base.dequant.scales.iter().copied()).collect(),
-        mins: (0..copies).flat_map(|_| base.dequant.mins.iter().copied()).collect(),
+        scales: (0..copies)
+            .flat_map(|_| base.dequant.scales.iter().copied())
+            .collect(),
+        mins: (0..copies)
+            .flat_map(|_| base.dequant.mins.iter().copied())
+            .collect(),
     };
     let dcodes = cuda.upload(&codes)?;
     let fmt = fixture::fixture_format(Chroma::Yuv444, 8);
@@ -160,7 +190,11 @@ pub fn bench_restore(cuda: &Arc<Cuda>, kv: &Path, copies: usize) -> Result<Vec<R
     let mut surf: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
     surf.resize(nframes * fmt.samples_per_frame(), 0);
     let dsurf = cuda.upload(&surf)?;
-    let frames = DeviceFrames { format: fmt, frames: nframes, ptr: dsurf.ptr() };
+    let frames = DeviceFrames {
+        format: fmt,
+        frames: nframes,
+        ptr: dsurf.ptr(),
+    };
     let mut out = Vec::new();
     for dtype in [KvDtype::Bf16, KvDtype::F32] {
         let target = TargetSpec {
@@ -173,7 +207,9 @@ pub fn bench_restore(cuda: &Arc<Cuda>, kv: &Path, copies: usize) -> Result<Vec<R
             paged: None,
         };
         let tbytes = target.elements() * dtype.size();
-        let outs: Vec<DeviceBuffer> = (0..g.tensors).map(|_| cuda.alloc(tbytes)).collect::<Result<_, _>>()?;
+        let outs: Vec<DeviceBuffer> = (0..g.tensors)
+            .map(|_| cuda.alloc(tbytes))
+            .collect::<Result<_, _>>()?;
         let refs: Vec<&DeviceBuffer> = outs.iter().collect();
         let dt = DeviceTarget::new(cuda, g, &dq, &target, &refs)?;
         let out_bytes = g.len() * dtype.size();
@@ -184,15 +220,30 @@ pub fn bench_restore(cuda: &Arc<Cuda>, kv: &Path, copies: usize) -> Result<Vec<R
         let copy_gbps = 2.0 * out_bytes as f64 / copy_ms / 1e6;
         let d = dtype.name();
         let ms = time_ms(cuda, 20, &|s| kernels.restore_codes(&dcodes, &dt, s))?;
-        out.push(point(format!("codes u16 -> {d} NHD"), g.len() * 2 + out_bytes, ms, copy_gbps));
+        out.push(point(
+            format!("codes u16 -> {d} NHD"),
+            g.len() * 2 + out_bytes,
+            ms,
+            copy_gbps,
+        ));
         for bits in [4u8, 8] {
             let packed = pack_codes(&codes, bits);
             let dp = cuda.upload(&packed)?;
             let ms = time_ms(cuda, 20, &|s| kernels.restore_packed(&dp, bits, &dt, s))?;
-            out.push(point(format!("packed {bits}-bit -> {d} NHD"), packed.len() + out_bytes, ms, copy_gbps));
+            out.push(point(
+                format!("packed {bits}-bit -> {d} NHD"),
+                packed.len() + out_bytes,
+                ms,
+                copy_gbps,
+            ));
         }
         let ms = time_ms(cuda, 20, &|s| kernels.restore_frames(&frames, None, &dt, s))?;
-        out.push(point(format!("frames 444 8-bit -> {d} NHD"), codes.len() + out_bytes, ms, copy_gbps));
+        out.push(point(
+            format!("frames 444 8-bit -> {d} NHD"),
+            codes.len() + out_bytes,
+            ms,
+            copy_gbps,
+        ));
     }
     Ok(out)
 }

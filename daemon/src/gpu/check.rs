@@ -10,7 +10,9 @@ use std::sync::Arc;
 use super::cuda::{Cuda, DeviceBuffer};
 use super::fixture::{self, KvCodes, FIXTURE_FORMATS};
 use super::nvdec::Nvdec;
-use super::restore::{restore_cpu, pack_codes, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec};
+use super::restore::{
+    pack_codes, restore_cpu, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec,
+};
 use super::GpuError;
 
 /// One comparison's outcome.
@@ -32,7 +34,9 @@ pub fn targets(codes: &KvCodes) -> Vec<TargetSpec> {
     let block = 16;
     let blocks = rows.div_ceil(block) + 1;
     // A scrambled block table (a permutation of 1..=blocks, block 0 unused) as a paged engine has.
-    let table: Vec<i32> = (0..blocks - 1).map(|b| (1 + (b * 37) % (blocks - 1)) as i32).collect();
+    let table: Vec<i32> = (0..blocks - 1)
+        .map(|b| (1 + (b * 37) % (blocks - 1)) as i32)
+        .collect();
     let mut out = Vec::new();
     for layout in [KvLayout::Nhd, KvLayout::Hnd] {
         for paged in [false, true] {
@@ -56,7 +60,11 @@ pub fn targets(codes: &KvCodes) -> Vec<TargetSpec> {
 pub fn target_name(t: &TargetSpec) -> String {
     format!(
         "{}-{}-{}",
-        if t.layout == KvLayout::Nhd { "NHD" } else { "HND" },
+        if t.layout == KvLayout::Nhd {
+            "NHD"
+        } else {
+            "HND"
+        },
         if t.paged.is_some() { "paged" } else { "contig" },
         t.dtype.name()
     )
@@ -74,7 +82,9 @@ fn compare_restore(
 ) -> Result<(bool, usize, String), GpuError> {
     let g = codes.geometry;
     let bytes = target.elements() * target.dtype.size();
-    let outs: Vec<DeviceBuffer> = (0..g.tensors).map(|_| cuda.alloc(bytes)).collect::<Result<_, _>>()?;
+    let outs: Vec<DeviceBuffer> = (0..g.tensors)
+        .map(|_| cuda.alloc(bytes))
+        .collect::<Result<_, _>>()?;
     for o in &outs {
         o.fill(POISON)?;
     }
@@ -88,7 +98,11 @@ fn compare_restore(
     for (t, o) in outs.iter().enumerate() {
         o.read(&mut got)?;
         if let Some(i) = got.iter().zip(&want[t]).position(|(a, b)| a != b) {
-            return Ok((false, g.len(), format!("tensor {t} byte {i}: gpu {} cpu {}", got[i], want[t][i])));
+            return Ok((
+                false,
+                g.len(),
+                format!("tensor {t} byte {i}: gpu {} cpu {}", got[i], want[t][i]),
+            ));
         }
     }
     Ok((true, g.len(), String::new()))
@@ -100,17 +114,24 @@ pub fn run_checks(cuda: &Arc<Cuda>, kv: &Path, fixtures: &Path) -> Result<Vec<Ch
     let kernels = RestoreKernels::load(cuda)?;
     let stream = cuda.stream()?;
     let mut rows = Vec::new();
-    let load = |bits| fixture::kv_codes(kv, bits).map_err(|e| GpuError::InvalidArgument(e.to_string()));
+    let load =
+        |bits| fixture::kv_codes(kv, bits).map_err(|e| GpuError::InvalidArgument(e.to_string()));
     let nvdec = Nvdec::open(cuda.clone());
     for (chroma, bits) in FIXTURE_FORMATS {
         let codes = load(bits)?;
         let path = fixture::fixture_path(fixtures, chroma, bits);
-        let stream_bytes = std::fs::read(&path).map_err(|e| GpuError::InvalidArgument(format!("{}: {e}", path.display())))?;
+        let stream_bytes = std::fs::read(&path)
+            .map_err(|e| GpuError::InvalidArgument(format!("{}: {e}", path.display())))?;
         let label = format!("{} {bits}-bit", chroma.name());
         let nvdec = match &nvdec {
             Ok(n) => n,
             Err(e) => {
-                rows.push(CheckRow { name: format!("nvdec {label}"), exact: false, values: 0, detail: e.to_string() });
+                rows.push(CheckRow {
+                    name: format!("nvdec {label}"),
+                    exact: false,
+                    values: 0,
+                    detail: e.to_string(),
+                });
                 continue;
             }
         };
@@ -121,31 +142,68 @@ pub fn run_checks(cuda: &Arc<Cuda>, kv: &Path, fixtures: &Path) -> Result<Vec<Ch
         let frames = fixture::frames_for(fmt, codes.codes.len());
         let mut detail = String::new();
         if host.format != fmt || host.frames != frames {
-            detail = format!("decoded {:?} x{} frames, want {:?} x{frames}", host.format, host.frames, fmt);
-        } else if let Some(i) = (0..host.samples.len()).find(|&i| host.samples[i] != codes.codes.get(i).copied().unwrap_or(0)) {
-            detail = format!("sample {i}: nvdec {} want {}", host.samples[i], codes.codes.get(i).copied().unwrap_or(0));
+            detail = format!(
+                "decoded {:?} x{} frames, want {:?} x{frames}",
+                host.format, host.frames, fmt
+            );
+        } else if let Some(i) = (0..host.samples.len())
+            .find(|&i| host.samples[i] != codes.codes.get(i).copied().unwrap_or(0))
+        {
+            detail = format!(
+                "sample {i}: nvdec {} want {}",
+                host.samples[i],
+                codes.codes.get(i).copied().unwrap_or(0)
+            );
         }
-        rows.push(CheckRow { name: format!("nvdec {label}"), exact: detail.is_empty(), values: host.samples.len(), detail });
+        rows.push(CheckRow {
+            name: format!("nvdec {label}"),
+            exact: detail.is_empty(),
+            values: host.samples.len(),
+            detail,
+        });
         // Device output -> restore kernel straight from the surfaces.
         let surf = cuda.alloc(frames * fmt.surface_bytes_per_frame())?;
         let dev = session.decode_to_device(&stream_bytes, &surf, 0)?;
-        for target in targets(&codes).iter().filter(|t| t.dtype == KvDtype::Bf16 || bits == 8) {
-            let (exact, values, detail) = compare_restore(cuda, &codes, target, &|dt| kernels.restore_frames(&dev, None, dt, &stream))?;
-            rows.push(CheckRow { name: format!("restore frames {label} {}", target_name(target)), exact, values, detail });
+        for target in targets(&codes)
+            .iter()
+            .filter(|t| t.dtype == KvDtype::Bf16 || bits == 8)
+        {
+            let (exact, values, detail) = compare_restore(cuda, &codes, target, &|dt| {
+                kernels.restore_frames(&dev, None, dt, &stream)
+            })?;
+            rows.push(CheckRow {
+                name: format!("restore frames {label} {}", target_name(target)),
+                exact,
+                values,
+                detail,
+            });
         }
     }
     // u16 codes and packed codes, every target.
-    for bits in [4u8, 8, 12] {
+    for bits in [4u8, 5, 8, 12] {
         let codes = load(bits)?;
         let dcodes = cuda.upload(&codes.codes)?;
         let packed = pack_codes(&codes.codes, bits);
         let dpacked = cuda.upload(&packed)?;
         for target in targets(&codes) {
-            let (exact, values, detail) = compare_restore(cuda, &codes, &target, &|dt| kernels.restore_codes(&dcodes, dt, &stream))?;
-            rows.push(CheckRow { name: format!("restore codes {bits}-bit {}", target_name(&target)), exact, values, detail });
-            let (exact, values, detail) =
-                compare_restore(cuda, &codes, &target, &|dt| kernels.restore_packed(&dpacked, bits, dt, &stream))?;
-            rows.push(CheckRow { name: format!("restore packed {bits}-bit {}", target_name(&target)), exact, values, detail });
+            let (exact, values, detail) = compare_restore(cuda, &codes, &target, &|dt| {
+                kernels.restore_codes(&dcodes, dt, &stream)
+            })?;
+            rows.push(CheckRow {
+                name: format!("restore codes {bits}-bit {}", target_name(&target)),
+                exact,
+                values,
+                detail,
+            });
+            let (exact, values, detail) = compare_restore(cuda, &codes, &target, &|dt| {
+                kernels.restore_packed(&dpacked, bits, dt, &stream)
+            })?;
+            rows.push(CheckRow {
+                name: format!("restore packed {bits}-bit {}", target_name(&target)),
+                exact,
+                values,
+                detail,
+            });
         }
     }
     Ok(rows)

@@ -59,20 +59,29 @@ impl Cuda {
         }
         let mut count = 0;
         // SAFETY: writes one int through a valid pointer.
-        check(&api, "cuDeviceGetCount", unsafe { (api.cu_device_get_count)(&mut count) })?;
+        check(&api, "cuDeviceGetCount", unsafe {
+            (api.cu_device_get_count)(&mut count)
+        })?;
         if ordinal >= count as usize {
-            return Err(GpuError::NoDevice { ordinal, count: count as usize });
+            return Err(GpuError::NoDevice {
+                ordinal,
+                count: count as usize,
+            });
         }
         let mut device = 0;
         // SAFETY: ordinal < count; writes one int.
-        check(&api, "cuDeviceGet", unsafe { (api.cu_device_get)(&mut device, ordinal as i32) })?;
+        check(&api, "cuDeviceGet", unsafe {
+            (api.cu_device_get)(&mut device, ordinal as i32)
+        })?;
         let mut name = [0 as std::ffi::c_char; 256];
         // SAFETY: the buffer holds 256 chars and the driver writes a NUL-terminated name into it.
         check(&api, "cuDeviceGetName", unsafe {
             (api.cu_device_get_name)(name.as_mut_ptr(), 256, device)
         })?;
         // SAFETY: the driver NUL-terminated the name within the buffer.
-        let name = unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
         let attr = |a| -> Result<i32, GpuError> {
             let mut v = 0;
             // SAFETY: writes one int; `a` is a valid attribute id.
@@ -107,7 +116,12 @@ impl Cuda {
             total_memory,
             driver_version,
         };
-        let cuda = Arc::new(Cuda { api, device, ctx, info });
+        let cuda = Arc::new(Cuda {
+            api,
+            device,
+            ctx,
+            info,
+        });
         cuda.bind()?;
         Ok(cuda)
     }
@@ -120,14 +134,18 @@ impl Cuda {
     /// Makes this device's context current on the calling thread (needed once per thread).
     pub fn bind(&self) -> Result<(), GpuError> {
         // SAFETY: ctx is a retained primary context, valid until Drop.
-        self.check("cuCtxSetCurrent", unsafe { (self.api.cu_ctx_set_current)(self.ctx) })
+        self.check("cuCtxSetCurrent", unsafe {
+            (self.api.cu_ctx_set_current)(self.ctx)
+        })
     }
 
     /// Waits for all work on the device's context.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         self.bind()?;
         // SAFETY: no arguments; the context is current.
-        self.check("cuCtxSynchronize", unsafe { (self.api.cu_ctx_synchronize)() })
+        self.check("cuCtxSynchronize", unsafe {
+            (self.api.cu_ctx_synchronize)()
+        })
     }
 
     /// Turns a `CUresult` into a typed error carrying the driver's message.
@@ -140,8 +158,14 @@ impl Cuda {
         self.bind()?;
         let mut ptr = 0;
         // SAFETY: writes one device pointer; freed in DeviceBuffer's Drop.
-        self.check("cuMemAlloc", unsafe { (self.api.cu_mem_alloc)(&mut ptr, bytes.max(1)) })?;
-        Ok(DeviceBuffer { cuda: self.clone(), ptr, bytes })
+        self.check("cuMemAlloc", unsafe {
+            (self.api.cu_mem_alloc)(&mut ptr, bytes.max(1))
+        })?;
+        Ok(DeviceBuffer {
+            cuda: self.clone(),
+            ptr,
+            bytes,
+        })
     }
 
     /// Allocates a device buffer and copies `data` into it.
@@ -162,7 +186,10 @@ impl Cuda {
         self.check("cuStreamCreate", unsafe {
             (self.api.cu_stream_create)(&mut raw, sys::CU_STREAM_NON_BLOCKING)
         })?;
-        Ok(Stream { cuda: self.clone(), raw })
+        Ok(Stream {
+            cuda: self.clone(),
+            raw,
+        })
     }
 
     /// Creates an event; `timing` false gives a cheaper event that cannot be timed;
@@ -178,20 +205,29 @@ impl Cuda {
         }
         let mut raw = std::ptr::null_mut();
         // SAFETY: writes one event handle; destroyed in Event's Drop.
-        self.check("cuEventCreate", unsafe { (self.api.cu_event_create)(&mut raw, flags) })?;
-        Ok(Event { cuda: self.clone(), raw })
+        self.check("cuEventCreate", unsafe {
+            (self.api.cu_event_create)(&mut raw, flags)
+        })?;
+        Ok(Event {
+            cuda: self.clone(),
+            raw,
+        })
     }
 
     /// JIT-loads a PTX module.
     pub fn load_module(self: &Arc<Self>, ptx: &str) -> Result<Module, GpuError> {
         self.bind()?;
-        let text = CString::new(ptx).map_err(|_| GpuError::Kernels("ptx holds a nul byte".into()))?;
+        let text =
+            CString::new(ptx).map_err(|_| GpuError::Kernels("ptx holds a nul byte".into()))?;
         let mut raw = std::ptr::null_mut();
         // SAFETY: text is a NUL-terminated PTX image that outlives the call.
         self.check("cuModuleLoadData", unsafe {
             (self.api.cu_module_load_data)(&mut raw, text.as_ptr().cast())
         })?;
-        Ok(Module { cuda: self.clone(), raw })
+        Ok(Module {
+            cuda: self.clone(),
+            raw,
+        })
     }
 
     /// Asynchronous device-to-device copy of `bytes` on `stream`.
@@ -203,7 +239,9 @@ impl Cuda {
         stream: &Stream,
     ) -> Result<(), GpuError> {
         if bytes > dst.bytes || bytes > src.bytes {
-            return Err(GpuError::InvalidArgument("copy larger than a buffer".into()));
+            return Err(GpuError::InvalidArgument(
+                "copy larger than a buffer".into(),
+            ));
         }
         // SAFETY: both ranges lie within live allocations (checked above).
         self.check("cuMemcpyDtoDAsync", unsafe {
@@ -242,7 +280,9 @@ impl Cuda {
         };
         // SAFETY: the caller passes a mapped source of rows x src_pitch bytes and a destination
         // of rows x row_bytes bytes inside a live allocation.
-        self.check("cuMemcpy2DAsync", unsafe { (self.api.cu_memcpy_2d_async)(&p, stream) })
+        self.check("cuMemcpy2DAsync", unsafe {
+            (self.api.cu_memcpy_2d_async)(&p, stream)
+        })
     }
 
     /// Copies a pitched device region into host memory, tightly packed, on `stream`.
@@ -278,7 +318,9 @@ impl Cuda {
         };
         // SAFETY: dst holds rows x row_bytes bytes (checked); the caller passes a mapped source
         // and synchronises the stream before dst is read or dropped.
-        self.check("cuMemcpy2DAsync", unsafe { (self.api.cu_memcpy_2d_async)(&p, stream) })
+        self.check("cuMemcpy2DAsync", unsafe {
+            (self.api.cu_memcpy_2d_async)(&p, stream)
+        })
     }
 
     /// Launches `func` with `params` (one pointer per kernel argument, in order).
@@ -330,11 +372,17 @@ fn check(api: &CudaApi, call: &'static str, rc: sys::CuResult) -> Result<(), Gpu
     // SAFETY: cuGetErrorString writes a pointer to a static string (or leaves it null).
     let message = if unsafe { (api.cu_get_error_string)(rc, &mut msg) } == 0 && !msg.is_null() {
         // SAFETY: the driver returned a static NUL-terminated string.
-        unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(msg) }
+            .to_string_lossy()
+            .into_owned()
     } else {
         "unknown error".into()
     };
-    Err(GpuError::Cuda { call, code: rc, message })
+    Err(GpuError::Cuda {
+        call,
+        code: rc,
+        message,
+    })
 }
 
 /// Plain-old-data element types that may be copied to and from device memory byte for byte.
@@ -389,7 +437,10 @@ impl DeviceBuffer {
     pub fn write<T: bytemuck_like::Pod>(&self, data: &[T]) -> Result<(), GpuError> {
         let n = std::mem::size_of_val(data);
         if n > self.bytes {
-            return Err(GpuError::InvalidArgument(format!("{n} bytes into a {} byte buffer", self.bytes)));
+            return Err(GpuError::InvalidArgument(format!(
+                "{n} bytes into a {} byte buffer",
+                self.bytes
+            )));
         }
         self.cuda.bind()?;
         // SAFETY: n bytes fit the allocation and `data` is n readable bytes.
@@ -402,7 +453,10 @@ impl DeviceBuffer {
     pub fn read<T: bytemuck_like::Pod>(&self, out: &mut [T]) -> Result<(), GpuError> {
         let n = std::mem::size_of_val(out);
         if n > self.bytes {
-            return Err(GpuError::InvalidArgument(format!("{n} bytes from a {} byte buffer", self.bytes)));
+            return Err(GpuError::InvalidArgument(format!(
+                "{n} bytes from a {} byte buffer",
+                self.bytes
+            )));
         }
         self.cuda.bind()?;
         // SAFETY: n bytes lie in the allocation; `out` is n writable bytes of a Pod type.
@@ -485,13 +539,17 @@ impl Event {
     /// Records the event on `stream`.
     pub fn record(&self, stream: &Stream) -> Result<(), GpuError> {
         // SAFETY: both handles are live.
-        self.cuda.check("cuEventRecord", unsafe { (self.cuda.api.cu_event_record)(self.raw, stream.raw) })
+        self.cuda.check("cuEventRecord", unsafe {
+            (self.cuda.api.cu_event_record)(self.raw, stream.raw)
+        })
     }
 
     /// Blocks until the event has completed.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         // SAFETY: raw is a live event.
-        self.cuda.check("cuEventSynchronize", unsafe { (self.cuda.api.cu_event_synchronize)(self.raw) })
+        self.cuda.check("cuEventSynchronize", unsafe {
+            (self.cuda.api.cu_event_synchronize)(self.raw)
+        })
     }
 
     /// Milliseconds between `start` and this event (both recorded and completed, timing on).
@@ -542,7 +600,10 @@ impl Module {
         self.cuda.check("cuModuleGetFunction", unsafe {
             (self.cuda.api.cu_module_get_function)(&mut raw, self.raw, cname.as_ptr())
         })?;
-        Ok(Function { raw, _module: std::marker::PhantomData })
+        Ok(Function {
+            raw,
+            _module: std::marker::PhantomData,
+        })
     }
 }
 

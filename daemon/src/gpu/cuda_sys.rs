@@ -82,9 +82,11 @@ pub(crate) struct CudaApi {
     pub(crate) cu_device_get_count: unsafe extern "C" fn(*mut c_int) -> CuResult,
     pub(crate) cu_device_get: unsafe extern "C" fn(*mut CuDevice, c_int) -> CuResult,
     pub(crate) cu_device_get_name: unsafe extern "C" fn(*mut c_char, c_int, CuDevice) -> CuResult,
-    pub(crate) cu_device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, CuDevice) -> CuResult,
+    pub(crate) cu_device_get_attribute:
+        unsafe extern "C" fn(*mut c_int, c_int, CuDevice) -> CuResult,
     pub(crate) cu_device_total_mem: unsafe extern "C" fn(*mut usize, CuDevice) -> CuResult,
-    pub(crate) cu_device_primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, CuDevice) -> CuResult,
+    pub(crate) cu_device_primary_ctx_retain:
+        unsafe extern "C" fn(*mut CuContext, CuDevice) -> CuResult,
     pub(crate) cu_device_primary_ctx_release: unsafe extern "C" fn(CuDevice) -> CuResult,
     pub(crate) cu_ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
     pub(crate) cu_ctx_synchronize: unsafe extern "C" fn() -> CuResult,
@@ -122,7 +124,8 @@ pub(crate) struct CudaApi {
     pub(crate) cu_event_synchronize: unsafe extern "C" fn(CuEvent) -> CuResult,
     pub(crate) cu_event_destroy: unsafe extern "C" fn(CuEvent) -> CuResult,
     pub(crate) cu_event_elapsed_time: unsafe extern "C" fn(*mut f32, CuEvent, CuEvent) -> CuResult,
-    pub(crate) cu_ipc_get_mem_handle: unsafe extern "C" fn(*mut CuIpcHandle, CuDevicePtr) -> CuResult,
+    pub(crate) cu_ipc_get_mem_handle:
+        unsafe extern "C" fn(*mut CuIpcHandle, CuDevicePtr) -> CuResult,
     pub(crate) cu_ipc_get_event_handle: unsafe extern "C" fn(*mut CuIpcHandle, CuEvent) -> CuResult,
     pub(crate) cu_get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
     /// Keeps the library mapped while the pointers above are in use.
@@ -136,7 +139,11 @@ pub(crate) struct CudaApi {
 unsafe fn sym<T: Copy>(lib: &Library, name: &str) -> Result<T, String> {
     // SAFETY: the caller guarantees that T matches the symbol's C signature; the pointer is only
     // used while `lib` stays loaded (CudaApi owns it).
-    unsafe { lib.get::<T>(name.as_bytes()).map(|s| *s).map_err(|e| format!("{name}: {e}")) }
+    unsafe {
+        lib.get::<T>(name.as_bytes())
+            .map(|s| *s)
+            .map_err(|e| format!("{name}: {e}"))
+    }
 }
 
 impl CudaApi {

@@ -78,25 +78,45 @@ pub fn kv_codes(path: &Path, bits: u8) -> Result<KvCodes, FixtureError> {
     let (mut scales, mut mins) = (Vec::new(), Vec::new());
     for layer in cache.layers() {
         for t in [&layer.key, &layer.value] {
-            let p = quantize(&t.to_f32(), rows, cols, bits, Grouping::PerChannel, &mut codes)
-                .map_err(|e| FixtureError::Quantize(e.to_string()))?;
+            let p = quantize(
+                &t.to_f32(),
+                rows,
+                cols,
+                bits,
+                Grouping::PerChannel,
+                &mut codes,
+            )
+            .map_err(|e| FixtureError::Quantize(e.to_string()))?;
             scales.extend(p.scale);
             mins.extend(p.min);
         }
     }
     Ok(KvCodes {
-        geometry: CodeGeometry { tensors: 2 * cache.num_layers(), rows, cols },
+        geometry: CodeGeometry {
+            tensors: 2 * cache.num_layers(),
+            rows,
+            cols,
+        },
         heads,
         head_dim,
         bits,
         codes,
-        dequant: Dequant { grouping: QuantGrouping::PerChannel, scales, mins },
+        dequant: Dequant {
+            grouping: QuantGrouping::PerChannel,
+            scales,
+            mins,
+        },
     })
 }
 
 /// The fixture frame format for `chroma` and `bits`.
 pub fn fixture_format(chroma: Chroma, bits: u8) -> FrameFormat {
-    FrameFormat { width: FIXTURE_SIZE, height: FIXTURE_SIZE, chroma, bit_depth: bits }
+    FrameFormat {
+        width: FIXTURE_SIZE,
+        height: FIXTURE_SIZE,
+        chroma,
+        bit_depth: bits,
+    }
 }
 
 /// Frames needed to hold `codes` codes in raster order.
@@ -123,7 +143,10 @@ pub fn encode_raster(codes: &[u16], format: FrameFormat, out: &Path) -> Result<(
             bytes.push(s as u8);
         }
     }
-    std::fs::write(&yuv, &bytes).map_err(|source| FixtureError::Io { path: yuv.display().to_string(), source })?;
+    std::fs::write(&yuv, &bytes).map_err(|source| FixtureError::Io {
+        path: yuv.display().to_string(),
+        source,
+    })?;
     let csp = match format.chroma {
         Chroma::Yuv420 => "i420",
         Chroma::Yuv444 => "i444",
@@ -132,9 +155,28 @@ pub fn encode_raster(codes: &[u16], format: FrameFormat, out: &Path) -> Result<(
     let status = Command::new("x265")
         .args(["--input"])
         .arg(&yuv)
-        .args(["--input-res", &format!("{}x{}", format.width, format.height)])
-        .args(["--input-csp", csp, "--input-depth", &depth, "--output-depth", &depth])
-        .args(["--fps", "25", "--lossless", "--preset", "fast", "--log-level", "error", "--output"])
+        .args([
+            "--input-res",
+            &format!("{}x{}", format.width, format.height),
+        ])
+        .args([
+            "--input-csp",
+            csp,
+            "--input-depth",
+            &depth,
+            "--output-depth",
+            &depth,
+        ])
+        .args([
+            "--fps",
+            "25",
+            "--lossless",
+            "--preset",
+            "fast",
+            "--log-level",
+            "error",
+            "--output",
+        ])
         .arg(out)
         .status()
         .map_err(|e| FixtureError::X265(e.to_string()));
@@ -147,7 +189,10 @@ pub fn encode_raster(codes: &[u16], format: FrameFormat, out: &Path) -> Result<(
 
 /// Writes every fixture stream of [`FIXTURE_FORMATS`] for the KV file `kv` into `dir`.
 pub fn write_fixtures(kv: &Path, dir: &Path) -> Result<Vec<PathBuf>, FixtureError> {
-    std::fs::create_dir_all(dir).map_err(|source| FixtureError::Io { path: dir.display().to_string(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| FixtureError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
     let mut written = Vec::new();
     for (chroma, bits) in FIXTURE_FORMATS {
         let codes = kv_codes(kv, bits)?;

@@ -12,13 +12,16 @@ pub mod cuda;
 mod cuda_sys;
 mod error;
 pub mod fixture;
-pub mod nvdec;
+pub mod hevc_backend;
 mod nvcuvid_sys;
+pub mod nvdec;
 pub mod restore;
 
 pub use cuda::{Cuda, DeviceBuffer, DeviceInfo, Event, Module, Stream};
 pub use error::GpuError;
+pub use hevc_backend::{hevc_section_decoder, HevcFrameLayout, NvdecHevcDecoder};
 pub use nvdec::{Chroma, DeviceFrames, FrameFormat, HevcCaps, HostFrames, Nvdec, NvdecSession};
 pub use restore::{
-    restore_cpu, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping, RestoreKernels, TargetSpec,
+    restore_cpu, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping,
+    RestoreKernels, TargetSpec,
 };

@@ -209,7 +209,8 @@ pub(crate) struct NvcuvidApi {
     pub(crate) create_decoder:
         unsafe extern "C" fn(*mut CuVideoDecoder, *mut CuvidDecodeCreateInfo) -> CuResult,
     pub(crate) destroy_decoder: unsafe extern "C" fn(CuVideoDecoder) -> CuResult,
-    pub(crate) decode_picture: unsafe extern "C" fn(CuVideoDecoder, *mut CuvidPicParams) -> CuResult,
+    pub(crate) decode_picture:
+        unsafe extern "C" fn(CuVideoDecoder, *mut CuvidPicParams) -> CuResult,
     pub(crate) map_video_frame: unsafe extern "C" fn(
         CuVideoDecoder,
         c_int,
@@ -234,7 +235,11 @@ pub(crate) struct NvcuvidApi {
 unsafe fn sym<T: Copy>(lib: &Library, name: &str) -> Result<T, String> {
     // SAFETY: the caller guarantees that T matches the symbol's C signature; NvcuvidApi keeps
     // the library loaded while the pointer lives.
-    unsafe { lib.get::<T>(name.as_bytes()).map(|s| *s).map_err(|e| format!("{name}: {e}")) }
+    unsafe {
+        lib.get::<T>(name.as_bytes())
+            .map(|s| *s)
+            .map_err(|e| format!("{name}: {e}"))
+    }
 }
 
 impl NvcuvidApi {
@@ -280,8 +285,14 @@ mod tests {
 
     #[test]
     fn field_offsets_match_the_sdk_headers() {
-        assert_eq!(std::mem::offset_of!(CuvidDecodeCreateInfo, display_area), 80);
-        assert_eq!(std::mem::offset_of!(CuvidDecodeCreateInfo, output_format), 88);
+        assert_eq!(
+            std::mem::offset_of!(CuvidDecodeCreateInfo, display_area),
+            80
+        );
+        assert_eq!(
+            std::mem::offset_of!(CuvidDecodeCreateInfo, output_format),
+            88
+        );
         assert_eq!(std::mem::offset_of!(CuvidDecodeCreateInfo, vid_lock), 120);
         assert_eq!(std::mem::offset_of!(CuvidParserParams, user_data), 40);
         assert_eq!(std::mem::offset_of!(CuvidProcParams, output_stream), 56);

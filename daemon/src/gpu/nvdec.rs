@@ -144,7 +144,9 @@ pub struct Nvdec {
 
 impl std::fmt::Debug for Nvdec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Nvdec").field("device", &self.cuda.info().name).finish()
+        f.debug_struct("Nvdec")
+            .field("device", &self.cuda.info().name)
+            .finish()
     }
 }
 
@@ -152,7 +154,10 @@ impl Nvdec {
     /// Loads `libnvcuvid.so.1` for `cuda`'s device.
     pub fn open(cuda: Arc<Cuda>) -> Result<Nvdec, GpuError> {
         let api = NvcuvidApi::load().map_err(GpuError::NoNvdec)?;
-        Ok(Nvdec { cuda, api: Arc::new(api) })
+        Ok(Nvdec {
+            cuda,
+            api: Arc::new(api),
+        })
     }
 
     /// The device.
@@ -170,7 +175,9 @@ impl Nvdec {
             ..Default::default()
         };
         // SAFETY: caps is a valid CUVIDDECODECAPS with its IN fields set; the context is current.
-        self.cuda.check("cuvidGetDecoderCaps", unsafe { (self.api.get_decoder_caps)(&mut caps) })?;
+        self.cuda.check("cuvidGetDecoderCaps", unsafe {
+            (self.api.get_decoder_caps)(&mut caps)
+        })?;
         Ok(HevcCaps {
             chroma,
             bit_depth,
@@ -238,14 +245,20 @@ unsafe impl Send for NvdecSession {}
 
 impl std::fmt::Debug for NvdecSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NvdecSession").field("format", &self.decoder.as_ref().map(|d| d.key)).finish()
+        f.debug_struct("NvdecSession")
+            .field("format", &self.decoder.as_ref().map(|d| d.key))
+            .finish()
     }
 }
 
 /// Where the display callback puts each frame.
 enum Sink<'a> {
     Host(&'a mut Vec<u16>),
-    Device { ptr: u64, capacity: usize, used: usize },
+    Device {
+        ptr: u64,
+        capacity: usize,
+        used: usize,
+    },
 }
 
 /// State shared with the parser callbacks during one `parse` call.
@@ -263,7 +276,11 @@ impl NvdecSession {
     pub fn decode_to_host(&mut self, bitstream: &[u8]) -> Result<HostFrames, GpuError> {
         let mut samples = Vec::new();
         let (format, frames) = self.parse(bitstream, Sink::Host(&mut samples))?;
-        Ok(HostFrames { format, frames, samples })
+        Ok(HostFrames {
+            format,
+            frames,
+            samples,
+        })
     }
 
     /// Decodes one complete HEVC stream into `out` at byte `offset`, frames packed in the surface
@@ -278,20 +295,38 @@ impl NvdecSession {
             return Err(GpuError::InvalidArgument("offset past the buffer".into()));
         }
         let ptr = out.ptr() + offset as u64;
-        let sink = Sink::Device { ptr, capacity: out.len() - offset, used: 0 };
+        let sink = Sink::Device {
+            ptr,
+            capacity: out.len() - offset,
+            used: 0,
+        };
         let (format, frames) = self.parse(bitstream, sink)?;
-        Ok(DeviceFrames { format, frames, ptr })
+        Ok(DeviceFrames {
+            format,
+            frames,
+            ptr,
+        })
     }
 
-    fn parse(&mut self, bitstream: &[u8], sink: Sink<'_>) -> Result<(FrameFormat, usize), GpuError> {
+    fn parse(
+        &mut self,
+        bitstream: &[u8],
+        sink: Sink<'_>,
+    ) -> Result<(FrameFormat, usize), GpuError> {
         if bitstream.is_empty() {
             return Err(GpuError::Decode("empty bitstream".into()));
         }
         self.cuda.bind()?;
         let api = self.api.clone();
         let cuda = self.cuda.clone();
-        let mut state =
-            ParseState { session: self, sink, format: None, frames: 0, error: None, staging: Vec::new() };
+        let mut state = ParseState {
+            session: self,
+            sink,
+            format: None,
+            frames: 0,
+            error: None,
+            staging: Vec::new(),
+        };
         let mut params = sys::CuvidParserParams {
             codec_type: sys::CODEC_HEVC,
             max_num_decode_surfaces: 1,
@@ -310,7 +345,9 @@ impl NvdecSession {
         let mut parser: sys::CuVideoParser = std::ptr::null_mut();
         // SAFETY: params is fully initialised; user_data points to `state`, which outlives the
         // parser (destroyed below before `state` goes out of scope).
-        cuda.check("cuvidCreateVideoParser", unsafe { (api.create_video_parser)(&mut parser, &mut params) })?;
+        cuda.check("cuvidCreateVideoParser", unsafe {
+            (api.create_video_parser)(&mut parser, &mut params)
+        })?;
         let mut packet = sys::CuvidSourceDataPacket {
             flags: 0,
             payload_size: bitstream.len() as _,
@@ -334,7 +371,9 @@ impl NvdecSession {
         }
         cuda.check("cuvidParseVideoData", rc1)?;
         cuda.check("cuvidParseVideoData", rc2)?;
-        let format = state.format.ok_or_else(|| GpuError::Decode("no sequence header".into()))?;
+        let format = state
+            .format
+            .ok_or_else(|| GpuError::Decode("no sequence header".into()))?;
         if state.frames == 0 {
             return Err(GpuError::Decode("no frames".into()));
         }
@@ -370,7 +409,9 @@ fn sequence(st: &mut ParseState<'_>, fmt: &sys::CuVideoFormat) -> Result<u32, Gp
         other => return Err(GpuError::Unsupported(format!("chroma format {other}"))),
     };
     if fmt.bit_depth_luma_minus8 != fmt.bit_depth_chroma_minus8 {
-        return Err(GpuError::Unsupported("luma and chroma bit depths differ".into()));
+        return Err(GpuError::Unsupported(
+            "luma and chroma bit depths differ".into(),
+        ));
     }
     let d = fmt.display_area;
     let format = FrameFormat {
@@ -432,7 +473,12 @@ fn sequence(st: &mut ParseState<'_>, fmt: &sys::CuVideoFormat) -> Result<u32, Gp
     // SAFETY: info is fully initialised; the context is current (bound in parse()).
     let rc = unsafe { (session.api.create_decoder)(&mut raw, &mut info) };
     session.cuda.check("cuvidCreateDecoder", rc)?;
-    session.decoder = Some(Decoder { api: session.api.clone(), raw, key, surfaces });
+    session.decoder = Some(Decoder {
+        api: session.api.clone(),
+        raw,
+        key,
+        surfaces,
+    });
     Ok(surfaces)
 }
 
@@ -440,7 +486,8 @@ unsafe extern "C" fn on_decode(user: *mut c_void, pic: *mut sys::CuvidPicParams)
     // SAFETY: called by the parser with our user_data during parse().
     let st = unsafe { state(user) };
     let Some(dec) = &st.session.decoder else {
-        st.error.get_or_insert(GpuError::Decode("picture before sequence header".into()));
+        st.error
+            .get_or_insert(GpuError::Decode("picture before sequence header".into()));
         return 0;
     };
     // SAFETY: pic is the parser's filled CUVIDPICPARAMS for this decoder, valid for the call.
@@ -472,9 +519,14 @@ unsafe extern "C" fn on_display(user: *mut c_void, disp: *mut sys::CuvidParserDi
 }
 
 fn display(st: &mut ParseState<'_>, disp: &sys::CuvidParserDispInfo) -> Result<(), GpuError> {
-    let format = st.format.ok_or_else(|| GpuError::Decode("frame before sequence header".into()))?;
+    let format = st
+        .format
+        .ok_or_else(|| GpuError::Decode("frame before sequence header".into()))?;
     let session = &mut *st.session;
-    let dec = session.decoder.as_ref().ok_or_else(|| GpuError::Decode("no decoder".into()))?;
+    let dec = session
+        .decoder
+        .as_ref()
+        .ok_or_else(|| GpuError::Decode("no decoder".into()))?;
     let mut proc = sys::CuvidProcParams {
         progressive_frame: disp.progressive_frame,
         second_field: 0,
@@ -495,12 +547,17 @@ fn display(st: &mut ParseState<'_>, disp: &sys::CuvidParserDispInfo) -> Result<(
     let mut src = 0u64;
     let mut pitch = 0u32;
     // SAFETY: maps a decoded picture of this decoder; unmapped below on every path.
-    let rc = unsafe { (session.api.map_video_frame)(dec.raw, disp.picture_index, &mut src, &mut pitch, &mut proc) };
+    let rc = unsafe {
+        (session.api.map_video_frame)(dec.raw, disp.picture_index, &mut src, &mut pitch, &mut proc)
+    };
     session.cuda.check("cuvidMapVideoFrame", rc)?;
     let copied = copy_frame(st, format, src, pitch as usize);
     let session = &mut *st.session;
     let synced = session.stream.synchronize();
-    let dec = session.decoder.as_ref().ok_or_else(|| GpuError::Decode("no decoder".into()))?;
+    let dec = session
+        .decoder
+        .as_ref()
+        .ok_or_else(|| GpuError::Decode("no decoder".into()))?;
     // SAFETY: src was mapped above by this decoder and is unmapped once, after the copies finished.
     let rc = unsafe { (session.api.unmap_video_frame)(dec.raw, src) };
     copied?;
@@ -519,7 +576,10 @@ fn surface_planes(format: FrameFormat, pitch: usize) -> Vec<(usize, usize, usize
     let row = format.width * bps;
     let chroma_base = pitch * ((format.height + 1) & !1);
     match format.chroma {
-        Chroma::Yuv420 => vec![(0, format.height, row), (chroma_base, format.height / 2, row)],
+        Chroma::Yuv420 => vec![
+            (0, format.height, row),
+            (chroma_base, format.height / 2, row),
+        ],
         Chroma::Yuv444 => vec![
             (0, format.height, row),
             (chroma_base, format.height, row),
@@ -528,13 +588,22 @@ fn surface_planes(format: FrameFormat, pitch: usize) -> Vec<(usize, usize, usize
     }
 }
 
-fn copy_frame(st: &mut ParseState<'_>, format: FrameFormat, src: u64, pitch: usize) -> Result<(), GpuError> {
+fn copy_frame(
+    st: &mut ParseState<'_>,
+    format: FrameFormat,
+    src: u64,
+    pitch: usize,
+) -> Result<(), GpuError> {
     let planes = surface_planes(format, pitch);
     let frame_bytes = format.surface_bytes_per_frame();
     let stream = st.session.stream.raw;
     let cuda = st.session.cuda.clone();
     match &mut st.sink {
-        Sink::Device { ptr, capacity, used } => {
+        Sink::Device {
+            ptr,
+            capacity,
+            used,
+        } => {
             if *used + frame_bytes > *capacity {
                 return Err(GpuError::InvalidArgument(format!(
                     "decoded frames exceed the {capacity} byte output buffer"
@@ -551,7 +620,14 @@ fn copy_frame(st: &mut ParseState<'_>, format: FrameFormat, src: u64, pitch: usi
             st.staging.resize(frame_bytes, 0);
             let mut at = 0;
             for (off, rows, row) in planes {
-                cuda.copy_2d_to_host(src + off as u64, pitch, &mut st.staging[at..], row, rows, stream)?;
+                cuda.copy_2d_to_host(
+                    src + off as u64,
+                    pitch,
+                    &mut st.staging[at..],
+                    row,
+                    rows,
+                    stream,
+                )?;
                 at += row * rows;
             }
         }
@@ -588,14 +664,24 @@ mod tests {
 
     #[test]
     fn unpack_deinterleaves_p016_and_right_aligns() {
-        let format = FrameFormat { width: 2, height: 2, chroma: Chroma::Yuv420, bit_depth: 10 };
+        let format = FrameFormat {
+            width: 2,
+            height: 2,
+            chroma: Chroma::Yuv420,
+            bit_depth: 10,
+        };
         // Y = 1,2,3,4 ; UV = (5,6) MSB-aligned in 16-bit words.
         let vals = [1u16, 2, 3, 4, 5, 6];
         let surface: Vec<u8> = vals.iter().flat_map(|v| (v << 6).to_le_bytes()).collect();
         let mut out = Vec::new();
         unpack_host_frame(&surface, format, &mut out);
         assert_eq!(out, vec![1, 2, 3, 4, 5, 6]);
-        let format = FrameFormat { width: 2, height: 2, chroma: Chroma::Yuv420, bit_depth: 8 };
+        let format = FrameFormat {
+            width: 2,
+            height: 2,
+            chroma: Chroma::Yuv420,
+            bit_depth: 8,
+        };
         let mut out = Vec::new();
         unpack_host_frame(&[9, 8, 7, 6, 1, 2], format, &mut out);
         assert_eq!(out, vec![9, 8, 7, 6, 1, 2]);
@@ -603,7 +689,12 @@ mod tests {
 
     #[test]
     fn surface_sizes() {
-        let f = FrameFormat { width: 512, height: 512, chroma: Chroma::Yuv420, bit_depth: 12 };
+        let f = FrameFormat {
+            width: 512,
+            height: 512,
+            chroma: Chroma::Yuv420,
+            bit_depth: 12,
+        };
         assert_eq!(f.samples_per_frame(), 512 * 512 * 3 / 2);
         assert_eq!(f.surface_bytes_per_frame(), 512 * 512 * 3);
         let planes = surface_planes(f, 1024);

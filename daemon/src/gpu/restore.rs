@@ -119,7 +119,11 @@ impl TargetSpec {
     pub fn elements(&self) -> usize {
         match &self.paged {
             Some((bs, table)) => {
-                let blocks = table.iter().map(|&b| b.max(0) as usize + 1).max().unwrap_or(0);
+                let blocks = table
+                    .iter()
+                    .map(|&b| b.max(0) as usize + 1)
+                    .max()
+                    .unwrap_or(0);
                 blocks * bs * self.heads * self.head_dim
             }
             None => self.target_tokens * self.heads * self.head_dim,
@@ -129,8 +133,11 @@ impl TargetSpec {
     /// Checks that `rows x cols` codes fit this target.
     pub fn validate(&self, rows: usize, cols: usize) -> Result<(), GpuError> {
         let bad = |m: String| Err(GpuError::InvalidArgument(m));
-        if self.head_dim == 0 || self.head_dim % 8 != 0 || cols != self.heads * self.head_dim {
-            return bad(format!("cols {cols} != heads {} x head_dim {} (a multiple of 8)", self.heads, self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(8) || cols != self.heads * self.head_dim {
+            return bad(format!(
+                "cols {cols} != heads {} x head_dim {} (a multiple of 8)",
+                self.heads, self.head_dim
+            ));
         }
         let last = self.token_offset + rows;
         match &self.paged {
@@ -141,7 +148,10 @@ impl TargetSpec {
             }
             None => {
                 if last > self.target_tokens {
-                    return bad(format!("tokens up to {last} exceed the target's {}", self.target_tokens));
+                    return bad(format!(
+                        "tokens up to {last} exceed the target's {}",
+                        self.target_tokens
+                    ));
                 }
             }
         }
@@ -196,7 +206,10 @@ fn check_dequant(g: CodeGeometry, q: &Dequant) -> Result<(), GpuError> {
         QuantGrouping::PerToken => g.tensors * g.rows,
     };
     if q.scales.len() != groups || q.mins.len() != groups {
-        return Err(GpuError::InvalidArgument(format!("{} scales for {groups} groups", q.scales.len())));
+        return Err(GpuError::InvalidArgument(format!(
+            "{} scales for {groups} groups",
+            q.scales.len()
+        )));
     }
     Ok(())
 }
@@ -213,7 +226,9 @@ pub fn restore_cpu(
     check_dequant(g, q)?;
     target.validate(g.rows, g.cols)?;
     if codes.len() != g.len() || outs.len() != g.tensors {
-        return Err(GpuError::InvalidArgument("codes or outputs do not match the geometry".into()));
+        return Err(GpuError::InvalidArgument(
+            "codes or outputs do not match the geometry".into(),
+        ));
     }
     let size = target.dtype.size();
     for (t, out) in outs.iter_mut().enumerate() {
@@ -225,8 +240,12 @@ pub fn restore_cpu(
                 let v = f32::from(code).mul_add(q.scales[k], q.mins[k]);
                 let at = target.offset(row, col) * size;
                 match target.dtype {
-                    KvDtype::F16 => out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes()),
-                    KvDtype::Bf16 => out[at..at + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
+                    KvDtype::F16 => {
+                        out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes())
+                    }
+                    KvDtype::Bf16 => {
+                        out[at..at + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes())
+                    }
                     KvDtype::F32 => out[at..at + 4].copy_from_slice(&v.to_le_bytes()),
                 }
             }
@@ -302,7 +321,9 @@ pub struct DeviceTarget {
 
 impl std::fmt::Debug for DeviceTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceTarget").field("geometry", &self.geometry).finish()
+        f.debug_struct("DeviceTarget")
+            .field("geometry", &self.geometry)
+            .finish()
     }
 }
 
@@ -320,9 +341,15 @@ impl DeviceTarget {
         target.validate(g.rows, g.cols)?;
         let need = target.elements() * target.dtype.size();
         if outs.len() != g.tensors || outs.iter().any(|o| o.len() < need) {
-            return Err(GpuError::InvalidArgument(format!("need {} outputs of {need} bytes", g.tensors)));
+            return Err(GpuError::InvalidArgument(format!(
+                "need {} outputs of {need} bytes",
+                g.tensors
+            )));
         }
-        if g.len() % 8 != 0 || u32::try_from(g.rows).is_err() || u32::try_from(g.cols).is_err() {
+        if !g.len().is_multiple_of(8)
+            || u32::try_from(g.tensors * g.rows).is_err()
+            || u32::try_from(g.len() / 8).is_err()
+        {
             return Err(GpuError::InvalidArgument("geometry too large".into()));
         }
         let ptrs: Vec<u64> = outs.iter().map(|o| o.ptr()).collect();
@@ -360,7 +387,14 @@ impl DeviceTarget {
             },
             pad: 0,
         };
-        Ok(DeviceTarget { args, geometry: g, _ptrs: ptrs, _scales: scales, _mins: mins, _table: table })
+        Ok(DeviceTarget {
+            args,
+            geometry: g,
+            _ptrs: ptrs,
+            _scales: scales,
+            _mins: mins,
+            _table: table,
+        })
     }
 }
 
@@ -380,14 +414,20 @@ impl RestoreKernels {
     /// Loads the committed PTX, or the file named by `KVFETCHER_RESTORE_PTX` when set.
     pub fn load(cuda: &Arc<Cuda>) -> Result<RestoreKernels, GpuError> {
         let ptx = match std::env::var_os("KVFETCHER_RESTORE_PTX") {
-            Some(p) => std::fs::read_to_string(&p).map_err(|e| GpuError::Kernels(format!("{}: {e}", p.to_string_lossy())))?,
+            Some(p) => std::fs::read_to_string(&p)
+                .map_err(|e| GpuError::Kernels(format!("{}: {e}", p.to_string_lossy())))?,
             None => RESTORE_PTX.to_string(),
         };
         if !ptx.contains(".entry kvf_restore_codes") {
-            return Err(GpuError::Kernels("ptx lacks kvf_restore_codes (run scripts/gen-ptx.sh)".into()));
+            return Err(GpuError::Kernels(
+                "ptx lacks kvf_restore_codes (run scripts/gen-ptx.sh)".into(),
+            ));
         }
         let module = cuda.load_module(&ptx)?;
-        Ok(RestoreKernels { cuda: cuda.clone(), module })
+        Ok(RestoreKernels {
+            cuda: cuda.clone(),
+            module,
+        })
     }
 
     fn grid(&self, codes: usize) -> u32 {
@@ -397,7 +437,12 @@ impl RestoreKernels {
     }
 
     /// Restores u16 codes (`[tensors][rows][cols]`) held in `codes`.
-    pub fn restore_codes(&self, codes: &DeviceBuffer, target: &DeviceTarget, stream: &Stream) -> Result<(), GpuError> {
+    pub fn restore_codes(
+        &self,
+        codes: &DeviceBuffer,
+        target: &DeviceTarget,
+        stream: &Stream,
+    ) -> Result<(), GpuError> {
         let n = target.geometry.len();
         if codes.len() < n * 2 {
             return Err(GpuError::InvalidArgument("code buffer too small".into()));
@@ -405,10 +450,16 @@ impl RestoreKernels {
         let f = self.module.function("kvf_restore_codes")?;
         let mut ptr = codes.ptr();
         let mut args = target.args;
-        let mut params = [(&mut ptr as *mut u64).cast::<c_void>(), (&mut args as *mut RestoreTargetArgs).cast()];
+        let mut params = [
+            (&mut ptr as *mut u64).cast::<c_void>(),
+            (&mut args as *mut RestoreTargetArgs).cast(),
+        ];
         // SAFETY: the parameters are (const uint16_t*, RestoreTarget) as declared in restore.cu;
         // the code buffer holds n codes (checked) and DeviceTarget validated every target range.
-        unsafe { self.cuda.launch(&f, self.grid(n), BLOCK, stream, &mut params) }
+        unsafe {
+            self.cuda
+                .launch(&f, self.grid(n), BLOCK, stream, &mut params)
+        }
     }
 
     /// Restores codes bit-packed LSB-first at `bits` (1..=16) held in `packed`.
@@ -421,7 +472,9 @@ impl RestoreKernels {
     ) -> Result<(), GpuError> {
         let n = target.geometry.len();
         if !(1..=16).contains(&bits) || packed.len() < (n * bits as usize).div_ceil(8) {
-            return Err(GpuError::InvalidArgument("packed buffer too small or bad bit width".into()));
+            return Err(GpuError::InvalidArgument(
+                "packed buffer too small or bad bit width".into(),
+            ));
         }
         let f = self.module.function("kvf_restore_packed")?;
         let mut ptr = packed.ptr();
@@ -436,7 +489,10 @@ impl RestoreKernels {
         ];
         // SAFETY: the parameters match (const uint8_t*, u64, unsigned, RestoreTarget); the
         // kernel reads below `len` only, and DeviceTarget validated the target ranges.
-        unsafe { self.cuda.launch(&f, self.grid(n), BLOCK, stream, &mut params) }
+        unsafe {
+            self.cuda
+                .launch(&f, self.grid(n), BLOCK, stream, &mut params)
+        }
     }
 
     /// Restores codes straight from decoded surfaces. `gather` maps each code index to its
@@ -465,7 +521,11 @@ impl RestoreKernels {
             height: fmt.height as u32,
             chroma444: u32::from(fmt.chroma == Chroma::Yuv444),
             bytes_per_sample: fmt.surface_bytes_per_sample() as u32,
-            shift: if fmt.bit_depth > 8 { 16 - u32::from(fmt.bit_depth) } else { 0 },
+            shift: if fmt.bit_depth > 8 {
+                16 - u32::from(fmt.bit_depth)
+            } else {
+                0
+            },
             pad: 0,
         };
         let mut args = target.args;
@@ -476,7 +536,10 @@ impl RestoreKernels {
         ];
         // SAFETY: the parameters match (const uint8_t*, FrameSource, RestoreTarget); the frames
         // hold at least n samples (checked) or the caller's gather table indexes into them.
-        unsafe { self.cuda.launch(&f, self.grid(n), BLOCK, stream, &mut params) }
+        unsafe {
+            self.cuda
+                .launch(&f, self.grid(n), BLOCK, stream, &mut params)
+        }
     }
 }
 
@@ -522,8 +585,16 @@ mod tests {
 
     #[test]
     fn cpu_restore_rounds_like_fma_then_rne() {
-        let g = CodeGeometry { tensors: 1, rows: 1, cols: 8 };
-        let q = Dequant { grouping: QuantGrouping::PerToken, scales: vec![0.1], mins: vec![-0.3] };
+        let g = CodeGeometry {
+            tensors: 1,
+            rows: 1,
+            cols: 8,
+        };
+        let q = Dequant {
+            grouping: QuantGrouping::PerToken,
+            scales: vec![0.1],
+            mins: vec![-0.3],
+        };
         let t = TargetSpec {
             layout: KvLayout::Nhd,
             dtype: KvDtype::F32,
@@ -536,8 +607,14 @@ mod tests {
         let codes: Vec<u16> = (0..8).collect();
         let mut outs = vec![Vec::new()];
         restore_cpu(g, &codes, &q, &t, &mut outs).unwrap();
-        let got: Vec<f32> = outs[0].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-        let want: Vec<f32> = codes.iter().map(|&c| f32::from(c).mul_add(0.1, -0.3)).collect();
+        let got: Vec<f32> = outs[0]
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let want: Vec<f32> = codes
+            .iter()
+            .map(|&c| f32::from(c).mul_add(0.1, -0.3))
+            .collect();
         assert_eq!(got, want);
     }
 }

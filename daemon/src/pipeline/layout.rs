@@ -42,6 +42,9 @@ pub enum LayoutIoError {
     Tensor(String),
 }
 
+/// Where placed bytes go: `write(offset, bytes)` into the destination buffer.
+pub type Sink<'a, E> = dyn FnMut(usize, &[u8]) -> Result<(), E> + 'a;
+
 /// The kv crate's element type for a protocol element type.
 pub fn kv_dtype(d: KvDType) -> DType {
     match d {
@@ -72,7 +75,7 @@ pub fn place_tensor<E>(
     kv: u32,
     token_start: u32,
     tensor: &Tensor,
-    write: &mut dyn FnMut(usize, &[u8]) -> Result<(), E>,
+    write: &mut Sink<'_, E>,
 ) -> Result<(), E>
 where
     E: From<LayoutIoError>,
@@ -135,7 +138,7 @@ pub fn place_cache<E>(
     first_layer: u32,
     token_start: u32,
     layers: &[LayerKv],
-    write: &mut dyn FnMut(usize, &[u8]) -> Result<(), E>,
+    write: &mut Sink<'_, E>,
 ) -> Result<(), E>
 where
     E: From<LayoutIoError>,

@@ -21,8 +21,9 @@ use kvfetcher_client::{KvShape, TargetLayout};
 use kvfetcher_codec::{chunk_keys, CodecRegistry, ModelFingerprint};
 use tokio::sync::Semaphore;
 
-pub use layout::{extract_cache, kv_dtype, place_cache, place_tensor, LayoutIoError};
+pub use layout::{extract_cache, kv_dtype, place_cache, place_tensor, LayoutIoError, Sink};
 pub use plan::{FetchPlanner, PlanError, SectionRef};
+pub use save::encode_config;
 pub use stores::StoreTarget;
 
 use crate::config::{Config, FetchConfig, SaveConfig};

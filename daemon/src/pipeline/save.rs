@@ -18,7 +18,7 @@ use crate::config::SaveConfig;
 use crate::server::ServeError;
 
 /// The codec settings a save config stands for.
-pub(crate) fn encode_config(save: &SaveConfig) -> Result<EncodeConfig, ServeError> {
+pub fn encode_config(save: &SaveConfig) -> Result<EncodeConfig, ServeError> {
     let variant = match save.variant.as_str() {
         "zstd" => VariantKind::Zstd,
         "packed" => VariantKind::Packed,

@@ -67,8 +67,10 @@ pub struct StoreConfig {
 impl StoreConfig {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<StoreConfig, StoreConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| StoreConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| StoreConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Ok(toml::from_str(&text)?)
     }
 
@@ -78,29 +80,44 @@ impl StoreConfig {
         let token = match &self.token_file {
             None => None,
             Some(p) => {
-                let t = std::fs::read_to_string(p)
-                    .map_err(|source| StoreConfigError::Read { path: p.clone(), source })?;
+                let t = std::fs::read_to_string(p).map_err(|source| StoreConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
                 let t = t.trim().as_bytes().to_vec();
                 if t.is_empty() {
-                    return Err(StoreConfigError::Invalid(format!("{} holds an empty token", p.display())));
+                    return Err(StoreConfigError::Invalid(format!(
+                        "{} holds an empty token",
+                        p.display()
+                    )));
                 }
                 Some(t)
             }
         };
         if self.max_streams == Some(0) {
-            return Err(StoreConfigError::Invalid("max_streams must be at least 1".into()));
+            return Err(StoreConfigError::Invalid(
+                "max_streams must be at least 1".into(),
+            ));
         }
         if self.max_rate == Some(0) {
-            return Err(StoreConfigError::Invalid("max_rate must be positive".into()));
+            return Err(StoreConfigError::Invalid(
+                "max_rate must be positive".into(),
+            ));
         }
         if self.data_dir.is_some() && self.s3.is_some() {
-            return Err(StoreConfigError::Invalid("choose data_dir or s3, not both".into()));
+            return Err(StoreConfigError::Invalid(
+                "choose data_dir or s3, not both".into(),
+            ));
         }
         Ok(ServerOptions {
             max_object_bytes: self.max_object_bytes.unwrap_or(d.max_object_bytes),
             max_streams: self.max_streams.unwrap_or(d.max_streams),
-            idle_timeout: self.idle_timeout_s.map_or(d.idle_timeout, Duration::from_secs),
-            stream_timeout: self.stream_timeout_s.map_or(d.stream_timeout, Duration::from_secs),
+            idle_timeout: self
+                .idle_timeout_s
+                .map_or(d.idle_timeout, Duration::from_secs),
+            stream_timeout: self
+                .stream_timeout_s
+                .map_or(d.stream_timeout, Duration::from_secs),
             max_rate: self.max_rate,
             token,
             congestion: self.congestion.unwrap_or(d.congestion),
@@ -127,6 +144,9 @@ mod tests {
             "data_dir = \"/x\"\n[s3]\nendpoint = \"http://e\"\nbucket = \"b\"\naccess_key = \"a\"\nsecret_key = \"s\"\n",
         )
         .unwrap();
-        assert!(matches!(both.server_options(), Err(StoreConfigError::Invalid(_))));
+        assert!(matches!(
+            both.server_options(),
+            Err(StoreConfigError::Invalid(_))
+        ));
     }
 }

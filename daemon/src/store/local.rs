@@ -25,7 +25,11 @@ pub struct LocalDir {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BackendError + 'a {
-    move |source| BackendError::Io { op, path: path.to_path_buf(), source }
+    move |source| BackendError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl LocalDir {
@@ -40,7 +44,10 @@ impl LocalDir {
             let path = entry.map_err(io("read", &tmp))?.path();
             std::fs::remove_file(&path).map_err(io("remove", &path))?;
         }
-        Ok(LocalDir { root: Arc::new(root.to_path_buf()), counter: Arc::new(AtomicU64::new(0)) })
+        Ok(LocalDir {
+            root: Arc::new(root.to_path_buf()),
+            counter: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// The root directory.
@@ -69,20 +76,34 @@ struct LocalWriter {
 
 async fn sync_dir(path: &Path) -> Result<(), BackendError> {
     let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&p).and_then(|d| d.sync_all()).map_err(io("fsync", &p)))
-        .await
-        .map_err(|e| BackendError::Io { op: "fsync", path: path.into(), source: std::io::Error::other(e) })?
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&p)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", &p))
+    })
+    .await
+    .map_err(|e| BackendError::Io {
+        op: "fsync",
+        path: path.into(),
+        source: std::io::Error::other(e),
+    })?
 }
 
 #[async_trait]
 impl ObjectWriter for LocalWriter {
     async fn write(&mut self, bytes: Bytes) -> Result<(), BackendError> {
-        let file = self.file.as_mut().ok_or_else(|| BackendError::Config("write after close".into()))?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| BackendError::Config("write after close".into()))?;
         file.write_all(&bytes).await.map_err(io("write", &self.tmp))
     }
 
     async fn commit(mut self: Box<Self>, model: ModelFingerprint) -> Result<bool, BackendError> {
-        let file = self.file.take().ok_or_else(|| BackendError::Config("commit after close".into()))?;
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| BackendError::Config("commit after close".into()))?;
         let result = async {
             let mut file = file;
             file.flush().await.map_err(io("write", &self.tmp))?;
@@ -90,14 +111,24 @@ impl ObjectWriter for LocalWriter {
             drop(file);
             let dest = self.dir.object_path(&self.key);
             let parent = dest.parent().unwrap_or(&self.dir.root).to_path_buf();
-            tokio::fs::create_dir_all(&parent).await.map_err(io("create", &parent))?;
-            let existed = tokio::fs::try_exists(&dest).await.map_err(io("stat", &dest))?;
-            tokio::fs::rename(&self.tmp, &dest).await.map_err(io("rename", &dest))?;
+            tokio::fs::create_dir_all(&parent)
+                .await
+                .map_err(io("create", &parent))?;
+            let existed = tokio::fs::try_exists(&dest)
+                .await
+                .map_err(io("stat", &dest))?;
+            tokio::fs::rename(&self.tmp, &dest)
+                .await
+                .map_err(io("rename", &dest))?;
             sync_dir(&parent).await?;
             let mdir = self.dir.model_dir(&model);
-            tokio::fs::create_dir_all(&mdir).await.map_err(io("create", &mdir))?;
+            tokio::fs::create_dir_all(&mdir)
+                .await
+                .map_err(io("create", &mdir))?;
             let marker = mdir.join(self.key.to_hex());
-            tokio::fs::write(&marker, b"").await.map_err(io("write", &marker))?;
+            tokio::fs::write(&marker, b"")
+                .await
+                .map_err(io("write", &marker))?;
             Ok(!existed)
         }
         .await;
@@ -126,14 +157,22 @@ impl Drop for LocalWriter {
 impl Backend for LocalDir {
     async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, BackendError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("{}.{}.{n}.part", key.to_hex(), std::process::id()));
+        let tmp =
+            self.root
+                .join("tmp")
+                .join(format!("{}.{}.{n}.part", key.to_hex(), std::process::id()));
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
             .await
             .map_err(io("create", &tmp))?;
-        Ok(Box::new(LocalWriter { dir: self.clone(), key: *key, tmp, file: Some(file) }))
+        Ok(Box::new(LocalWriter {
+            dir: self.clone(),
+            key: *key,
+            tmp,
+            file: Some(file),
+        }))
     }
 
     async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, BackendError> {
@@ -147,7 +186,9 @@ impl Backend for LocalDir {
 
     async fn exists(&self, key: &ChunkKey) -> Result<bool, BackendError> {
         let path = self.object_path(key);
-        tokio::fs::try_exists(&path).await.map_err(io("stat", &path))
+        tokio::fs::try_exists(&path)
+            .await
+            .map_err(io("stat", &path))
     }
 
     async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, BackendError> {
@@ -177,7 +218,9 @@ impl Backend for LocalDir {
             Err(e) => return Err(io("remove", &path)(e)),
         };
         let models = self.root.join("models");
-        let mut rd = tokio::fs::read_dir(&models).await.map_err(io("read", &models))?;
+        let mut rd = tokio::fs::read_dir(&models)
+            .await
+            .map_err(io("read", &models))?;
         let hex = key.to_hex();
         while let Some(entry) = rd.next_entry().await.map_err(io("read", &models))? {
             let marker = entry.path().join(&hex);
@@ -197,7 +240,9 @@ impl Backend for LocalDir {
             for shard in std::fs::read_dir(&objects).map_err(io("read", &objects))? {
                 let shard = shard.map_err(io("read", &objects))?.path();
                 for entry in std::fs::read_dir(&shard).map_err(io("read", &shard))? {
-                    let meta = entry.and_then(|e| e.metadata()).map_err(io("stat", &shard))?;
+                    let meta = entry
+                        .and_then(|e| e.metadata())
+                        .map_err(io("stat", &shard))?;
                     u.objects += 1;
                     u.bytes += meta.len();
                 }
@@ -224,7 +269,10 @@ mod tests {
         assert!(!store.exists(&k1).await.unwrap(), "visible before commit");
         w.write(Bytes::from_static(b"world")).await.unwrap();
         assert!(w.commit(model).await.unwrap());
-        assert_eq!(store.get(&k1).await.unwrap().unwrap(), Bytes::from_static(b"hello world"));
+        assert_eq!(
+            store.get(&k1).await.unwrap().unwrap(),
+            Bytes::from_static(b"hello world")
+        );
         let mut w = store.begin_put(&k2).await.unwrap();
         w.write(Bytes::from_static(b"partial")).await.unwrap();
         w.abort().await;
@@ -233,9 +281,18 @@ mod tests {
         drop(w);
         assert_eq!(store.get(&k2).await.unwrap(), None);
         assert_eq!(store.get(&k3).await.unwrap(), None);
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
         assert_eq!(store.list(&model).await.unwrap(), vec![k1]);
-        assert_eq!(store.usage().await.unwrap(), Usage { objects: 1, bytes: 11 });
+        assert_eq!(
+            store.usage().await.unwrap(),
+            Usage {
+                objects: 1,
+                bytes: 11
+            }
+        );
         assert!(store.delete(&k1).await.unwrap());
         assert!(!store.delete(&k1).await.unwrap());
         assert!(store.list(&model).await.unwrap().is_empty());
@@ -247,6 +304,9 @@ mod tests {
         LocalDir::open(dir.path()).unwrap();
         std::fs::write(dir.path().join("tmp/abc.1.0.part"), b"half").unwrap();
         LocalDir::open(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 }

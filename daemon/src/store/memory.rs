@@ -61,7 +61,11 @@ impl ObjectWriter for MemoryWriter {
 #[async_trait]
 impl Backend for MemoryBackend {
     async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, BackendError> {
-        Ok(Box::new(MemoryWriter { store: self.clone(), key: *key, buf: Vec::new() }))
+        Ok(Box::new(MemoryWriter {
+            store: self.clone(),
+            key: *key,
+            buf: Vec::new(),
+        }))
     }
 
     async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, BackendError> {
@@ -73,7 +77,12 @@ impl Backend for MemoryBackend {
     }
 
     async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, BackendError> {
-        let mut keys: Vec<ChunkKey> = self.read().iter().filter(|(_, (m, _))| m == model).map(|(k, _)| *k).collect();
+        let mut keys: Vec<ChunkKey> = self
+            .read()
+            .iter()
+            .filter(|(_, (m, _))| m == model)
+            .map(|(k, _)| *k)
+            .collect();
         keys.sort();
         Ok(keys)
     }
@@ -84,6 +93,9 @@ impl Backend for MemoryBackend {
 
     async fn usage(&self) -> Result<Usage, BackendError> {
         let m = self.read();
-        Ok(Usage { objects: m.len() as u64, bytes: m.values().map(|(_, b)| b.len() as u64).sum() })
+        Ok(Usage {
+            objects: m.len() as u64,
+            bytes: m.values().map(|(_, b)| b.len() as u64).sum(),
+        })
     }
 }

@@ -22,7 +22,10 @@ pub struct Pacer {
 impl Pacer {
     /// A limiter at `bytes_per_sec` (at least 1).
     pub fn new(bytes_per_sec: u64) -> Pacer {
-        Pacer { bytes_per_sec: bytes_per_sec.max(1), next: Mutex::new(Instant::now()) }
+        Pacer {
+            bytes_per_sec: bytes_per_sec.max(1),
+            next: Mutex::new(Instant::now()),
+        }
     }
 
     /// The configured rate.
@@ -62,7 +65,10 @@ mod tests {
             last = p.reserve(10_000, t0);
         }
         let expect = Duration::from_millis(990);
-        assert!(last >= expect - Duration::from_millis(3) && last <= expect + Duration::from_millis(3), "{last:?}");
+        assert!(
+            last >= expect - Duration::from_millis(3) && last <= expect + Duration::from_millis(3),
+            "{last:?}"
+        );
         // After idling, credit does not pile up beyond the burst.
         let later = t0 + Duration::from_secs(10);
         assert_eq!(p.reserve(1000, later), Duration::ZERO);

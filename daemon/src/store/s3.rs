@@ -70,7 +70,9 @@ impl S3Backend {
             .with_allow_http(cfg.endpoint.starts_with("http://"))
             .with_virtual_hosted_style_request(false)
             .build()?;
-        Ok(S3Backend { store: Arc::new(store) })
+        Ok(S3Backend {
+            store: Arc::new(store),
+        })
     }
 
     fn object(key: &ChunkKey) -> ObjPath {
@@ -100,7 +102,9 @@ impl ObjectWriter for S3Writer {
         let existed = head_exists(&*self.store, &path).await?;
         let payload: PutPayload = self.parts.into_iter().collect();
         self.store.put(&path, payload).await?;
-        self.store.put(&S3Backend::marker(&model, &self.key), PutPayload::default()).await?;
+        self.store
+            .put(&S3Backend::marker(&model, &self.key), PutPayload::default())
+            .await?;
         Ok(!existed)
     }
 
@@ -118,7 +122,11 @@ async fn head_exists(store: &dyn ObjectStore, path: &ObjPath) -> Result<bool, Ba
 #[async_trait]
 impl Backend for S3Backend {
     async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, BackendError> {
-        Ok(Box::new(S3Writer { store: self.store.clone(), key: *key, parts: Vec::new() }))
+        Ok(Box::new(S3Writer {
+            store: self.store.clone(),
+            key: *key,
+            parts: Vec::new(),
+        }))
     }
 
     async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, BackendError> {
@@ -152,15 +160,29 @@ impl Backend for S3Backend {
             self.store.delete(&path).await?;
         }
         let hex = key.to_hex();
-        let markers: Vec<_> = self.store.list(Some(&ObjPath::from("models"))).try_collect().await?;
-        for m in markers.into_iter().filter(|m| m.location.filename() == Some(hex.as_str())) {
+        let markers: Vec<_> = self
+            .store
+            .list(Some(&ObjPath::from("models")))
+            .try_collect()
+            .await?;
+        for m in markers
+            .into_iter()
+            .filter(|m| m.location.filename() == Some(hex.as_str()))
+        {
             self.store.delete(&m.location).await?;
         }
         Ok(existed)
     }
 
     async fn usage(&self) -> Result<Usage, BackendError> {
-        let metas: Vec<_> = self.store.list(Some(&ObjPath::from("objects"))).try_collect().await?;
-        Ok(Usage { objects: metas.len() as u64, bytes: metas.iter().map(|m| m.size as u64).sum() })
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&ObjPath::from("objects")))
+            .try_collect()
+            .await?;
+        Ok(Usage {
+            objects: metas.len() as u64,
+            bytes: metas.iter().map(|m| m.size as u64).sum(),
+        })
     }
 }

@@ -16,8 +16,13 @@ use quinn::{RecvStream, SendStream, VarInt};
 
 use super::backend::{Backend, BackendError, ObjectWriter};
 use super::pace::{Pacer, PIECE};
-use crate::transport::wire::{self, ErrorCode, Request, Response, SectionSpan, StatsReport, RANGE_TO_END};
-use crate::transport::{transport_config, verify_object, Congestion, SectionCheck, TlsError, TlsServerConfig, TransportTuning};
+use crate::transport::wire::{
+    self, ErrorCode, Request, Response, SectionSpan, StatsReport, RANGE_TO_END,
+};
+use crate::transport::{
+    transport_config, verify_object, Congestion, SectionCheck, TlsError, TlsServerConfig,
+    TransportTuning,
+};
 
 /// QUIC application error code sent when the server stops reading a stream it refused.
 pub const STOP_REFUSED: u32 = 1;
@@ -102,7 +107,9 @@ pub struct StoreServer {
 
 impl std::fmt::Debug for StoreServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreServer").field("addr", &self.endpoint.local_addr().ok()).finish()
+        f.debug_struct("StoreServer")
+            .field("addr", &self.endpoint.local_addr().ok())
+            .finish()
     }
 }
 
@@ -123,15 +130,26 @@ impl StoreServer {
             large_windows: opts.large_windows,
         };
         cfg.transport_config(Arc::new(transport_config(&tuning)));
-        let endpoint = quinn::Endpoint::server(cfg, addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let endpoint = quinn::Endpoint::server(cfg, addr)
+            .map_err(|source| ServerError::Bind { addr, source })?;
         let pacer = opts.max_rate.map(Pacer::new);
-        Ok(StoreServer { endpoint, shared: Arc::new(Shared { backend, opts, pacer, counters: Counters::default() }) })
+        Ok(StoreServer {
+            endpoint,
+            shared: Arc::new(Shared {
+                backend,
+                opts,
+                pacer,
+                counters: Counters::default(),
+            }),
+        })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         // A bound endpoint always has an address; fall back to unspecified for the type's sake.
-        self.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Serves connections until `shutdown` completes, then closes them all.
@@ -194,7 +212,12 @@ enum Payload {
     Data(Vec<Bytes>),
 }
 
-async fn serve_stream(shared: &Shared, authed: &AtomicBool, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_stream(
+    shared: &Shared,
+    authed: &AtomicBool,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let timeout = shared.opts.stream_timeout;
     let result = match read_request(&mut recv, timeout).await {
         Ok(req) => handle(shared, authed, req, &mut recv).await,
@@ -226,7 +249,11 @@ async fn serve_stream(shared: &Shared, authed: &AtomicBool, mut send: SendStream
     let _ = send.stopped().await;
 }
 
-async fn send_paced(shared: &Shared, send: &mut SendStream, data: Bytes) -> Result<(), quinn::WriteError> {
+async fn send_paced(
+    shared: &Shared,
+    send: &mut SendStream,
+    data: Bytes,
+) -> Result<(), quinn::WriteError> {
     match &shared.pacer {
         None => send.write_chunk(data).await,
         Some(p) => {
@@ -245,7 +272,8 @@ async fn send_paced(shared: &Shared, send: &mut SendStream, data: Bytes) -> Resu
 async fn read_request(recv: &mut RecvStream, timeout: Duration) -> Result<Request, Refusal> {
     let mut head = [0u8; wire::FRAME_HEADER_LEN];
     read_exact_timed(recv, &mut head, timeout).await?;
-    let total = wire::frame_len(&head).map_err(|e| Refusal(ErrorCode::BadRequest, e.to_string()))?;
+    let total =
+        wire::frame_len(&head).map_err(|e| Refusal(ErrorCode::BadRequest, e.to_string()))?;
     let mut buf = vec![0u8; total];
     buf[..head.len()].copy_from_slice(&head);
     read_exact_timed(recv, &mut buf[wire::FRAME_HEADER_LEN..], timeout).await?;
@@ -256,10 +284,19 @@ async fn read_request(recv: &mut RecvStream, timeout: Duration) -> Result<Reques
     }
 }
 
-async fn read_exact_timed(recv: &mut RecvStream, buf: &mut [u8], timeout: Duration) -> Result<(), Refusal> {
+async fn read_exact_timed(
+    recv: &mut RecvStream,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> Result<(), Refusal> {
     match tokio::time::timeout(timeout, recv.read_exact(buf)).await {
-        Err(_) => Err(Refusal(ErrorCode::Timeout, "request not received in time".into())),
-        Ok(Err(quinn::ReadExactError::FinishedEarly(_))) => Err(Refusal(ErrorCode::BadRequest, "truncated request".into())),
+        Err(_) => Err(Refusal(
+            ErrorCode::Timeout,
+            "request not received in time".into(),
+        )),
+        Ok(Err(quinn::ReadExactError::FinishedEarly(_))) => {
+            Err(Refusal(ErrorCode::BadRequest, "truncated request".into()))
+        }
         Ok(Err(e)) => Err(Refusal(ErrorCode::BadRequest, e.to_string())),
         Ok(Ok(())) => Ok(()),
     }
@@ -286,7 +323,10 @@ async fn handle(
         };
     }
     if !authed.load(Ordering::Relaxed) {
-        return Err(Refusal(ErrorCode::Unauthorized, "authenticate first".into()));
+        return Err(Refusal(
+            ErrorCode::Unauthorized,
+            "authenticate first".into(),
+        ));
     }
     let backend = &shared.backend;
     match req {
@@ -295,7 +335,10 @@ async fn handle(
             if len > shared.opts.max_object_bytes {
                 return Err(Refusal(
                     ErrorCode::TooLarge,
-                    format!("object of {len} bytes exceeds the limit of {}", shared.opts.max_object_bytes),
+                    format!(
+                        "object of {len} bytes exceeds the limit of {}",
+                        shared.opts.max_object_bytes
+                    ),
                 ));
             }
             let writer = backend.begin_put(&key).await?;
@@ -305,12 +348,28 @@ async fn handle(
         Request::Get { key, offset, len } => {
             let bytes = get_verified(shared, &key).await?;
             let total = bytes.len() as u64;
-            if offset > total || (len != RANGE_TO_END && offset.checked_add(len).is_none_or(|end| end > total)) {
-                return Err(Refusal(ErrorCode::OutOfRange, format!("range {offset}+{len} outside {total} bytes")));
+            if offset > total
+                || (len != RANGE_TO_END && offset.checked_add(len).is_none_or(|end| end > total))
+            {
+                return Err(Refusal(
+                    ErrorCode::OutOfRange,
+                    format!("range {offset}+{len} outside {total} bytes"),
+                ));
             }
-            let end = if len == RANGE_TO_END { total } else { offset + len };
+            let end = if len == RANGE_TO_END {
+                total
+            } else {
+                offset + len
+            };
             let part = bytes.slice(offset as usize..end as usize);
-            Ok((Response::Data { total_len: total, offset, len: end - offset }, Payload::Data(vec![part])))
+            Ok((
+                Response::Data {
+                    total_len: total,
+                    offset,
+                    len: end - offset,
+                },
+                Payload::Data(vec![part]),
+            ))
         }
         Request::GetSections { key, sections } => {
             let bytes = backend.get(&key).await?.ok_or_else(|| not_found(&key))?;
@@ -326,15 +385,25 @@ async fn handle(
             let mut spans = Vec::with_capacity(sections.len());
             let mut parts = vec![bytes.slice(..check.header_len())];
             for &i in &sections {
-                let (off, len) =
-                    check.span(i as usize).map_err(|e| Refusal(ErrorCode::OutOfRange, e.to_string()))?;
+                let (off, len) = check
+                    .span(i as usize)
+                    .map_err(|e| Refusal(ErrorCode::OutOfRange, e.to_string()))?;
                 let part = bytes.slice(off as usize..(off + len) as usize);
-                check.verify(i as usize, &part).map_err(|e| corrupt(e.to_string()))?;
+                check
+                    .verify(i as usize, &part)
+                    .map_err(|e| corrupt(e.to_string()))?;
                 spans.push(SectionSpan { index: i, len });
                 parts.push(part);
             }
-            let header_len = u32::try_from(check.header_len()).map_err(|_| corrupt("header too long".into()))?;
-            Ok((Response::Sections { header_len, sections: spans }, Payload::Data(parts)))
+            let header_len =
+                u32::try_from(check.header_len()).map_err(|_| corrupt("header too long".into()))?;
+            Ok((
+                Response::Sections {
+                    header_len,
+                    sections: spans,
+                },
+                Payload::Data(parts),
+            ))
         }
         Request::ExistsPrefix { keys } => {
             let mut count = 0u32;
@@ -346,8 +415,18 @@ async fn handle(
             }
             Ok((Response::Present { count }, Payload::None))
         }
-        Request::List { model } => Ok((Response::Keys { keys: backend.list(&model).await? }, Payload::None)),
-        Request::Delete { key } => Ok((Response::Deleted { existed: backend.delete(&key).await? }, Payload::None)),
+        Request::List { model } => Ok((
+            Response::Keys {
+                keys: backend.list(&model).await?,
+            },
+            Payload::None,
+        )),
+        Request::Delete { key } => Ok((
+            Response::Deleted {
+                existed: backend.delete(&key).await?,
+            },
+            Payload::None,
+        )),
         Request::Stats => {
             let u = backend.usage().await?;
             let c = &shared.counters;
@@ -374,7 +453,11 @@ fn not_found(key: &kvfetcher_codec::ChunkKey) -> Refusal {
 /// Reads the whole object and checks every checksum; a failure is counted and reported as
 /// `Corrupt`, and the bytes are not served.
 async fn get_verified(shared: &Shared, key: &kvfetcher_codec::ChunkKey) -> Result<Bytes, Refusal> {
-    let bytes = shared.backend.get(key).await?.ok_or_else(|| not_found(key))?;
+    let bytes = shared
+        .backend
+        .get(key)
+        .await?
+        .ok_or_else(|| not_found(key))?;
     let problem = match verify_object(&bytes) {
         Ok(info) if info.key == *key => None,
         Ok(info) => Some(format!("stored under {key} but carries key {}", info.key)),
@@ -400,21 +483,40 @@ async fn receive_put(
     let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(64 << 20));
     let outcome: Result<(), Refusal> = async {
         loop {
-            let chunk = match tokio::time::timeout(shared.opts.stream_timeout, recv.read_chunk(PIECE * 16, true)).await {
+            let chunk = match tokio::time::timeout(
+                shared.opts.stream_timeout,
+                recv.read_chunk(PIECE * 16, true),
+            )
+            .await
+            {
                 Err(_) => return Err(Refusal(ErrorCode::Timeout, "upload stalled".into())),
-                Ok(Err(e)) => return Err(Refusal(ErrorCode::BadRequest, format!("upload failed: {e}"))),
+                Ok(Err(e)) => {
+                    return Err(Refusal(
+                        ErrorCode::BadRequest,
+                        format!("upload failed: {e}"),
+                    ))
+                }
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(c))) => c.bytes,
             };
-            shared.counters.bytes_in.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            shared
+                .counters
+                .bytes_in
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             if (buf.len() + chunk.len()) as u64 > len {
-                return Err(Refusal(ErrorCode::BadRequest, format!("upload longer than the declared {len} bytes")));
+                return Err(Refusal(
+                    ErrorCode::BadRequest,
+                    format!("upload longer than the declared {len} bytes"),
+                ));
             }
             buf.extend_from_slice(&chunk);
             writer.write(chunk).await?;
         }
         if buf.len() as u64 != len {
-            return Err(Refusal(ErrorCode::BadRequest, format!("upload of {} bytes, declared {len}", buf.len())));
+            return Err(Refusal(
+                ErrorCode::BadRequest,
+                format!("upload of {} bytes, declared {len}", buf.len()),
+            ));
         }
         Ok(())
     }
@@ -427,7 +529,10 @@ async fn receive_put(
         Ok(info) if info.key == key => info,
         Ok(info) => {
             writer.abort().await;
-            return Err(Refusal(ErrorCode::InvalidObject, format!("object carries key {}, not {key}", info.key)));
+            return Err(Refusal(
+                ErrorCode::InvalidObject,
+                format!("object carries key {}, not {key}", info.key),
+            ));
         }
         Err(e) => {
             writer.abort().await;

@@ -14,7 +14,9 @@ use quinn::RecvStream;
 use super::object::{self, ObjectError, SectionCheck};
 use super::tls::{TlsClientConfig, TlsError};
 use super::tuning::{transport_config, TransportTuning};
-use super::wire::{self, ErrorCode, Op, Request, Response, SectionSpan, StatsReport, WireError, RANGE_TO_END};
+use super::wire::{
+    self, ErrorCode, Op, Request, Response, SectionSpan, StatsReport, WireError, RANGE_TO_END,
+};
 
 /// Why a store operation failed on the client side.
 #[derive(Debug, thiserror::Error)]
@@ -121,10 +123,13 @@ impl SectionStream {
         let Some(span) = self.spans.next() else {
             return Ok(None);
         };
-        let len = usize::try_from(span.len).map_err(|_| TransportError::Unexpected("get-sections"))?;
+        let len =
+            usize::try_from(span.len).map_err(|_| TransportError::Unexpected("get-sections"))?;
         let bytes = read_exactly(&mut self.recv, len).await?;
         let index = span.index as usize;
-        self.check.verify(index, &bytes).map_err(|e| TransportError::Corrupt(e.to_string()))?;
+        self.check
+            .verify(index, &bytes)
+            .map_err(|e| TransportError::Corrupt(e.to_string()))?;
         Ok(Some((index, bytes)))
     }
 }
@@ -132,7 +137,10 @@ impl SectionStream {
 impl StoreClient {
     /// Connects to the store at `addr` with default options, and authenticates when `tls`
     /// carries a token.
-    pub async fn connect(addr: SocketAddr, tls: TlsClientConfig) -> Result<StoreClient, TransportError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        tls: TlsClientConfig,
+    ) -> Result<StoreClient, TransportError> {
         Self::connect_with(addr, tls, ClientOptions::default()).await
     }
 
@@ -142,15 +150,20 @@ impl StoreClient {
         tls: TlsClientConfig,
         options: ClientOptions,
     ) -> Result<StoreClient, TransportError> {
-        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .map_err(|_| TransportError::Unexpected("bind address"))?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|_| TransportError::Unexpected("bind address"))?;
         let mut endpoint = quinn::Endpoint::client(bind).map_err(TransportError::Endpoint)?;
         let mut cfg = quinn::ClientConfig::new(tls.quic()?);
         let mut tuning = options.tuning;
         if tuning.keep_alive.is_none() {
             // Below the server's default idle timeout (30 s) by a wide margin.
-            tuning.keep_alive = Some((tuning.idle_timeout / 3).min(std::time::Duration::from_secs(5)));
+            tuning.keep_alive =
+                Some((tuning.idle_timeout / 3).min(std::time::Duration::from_secs(5)));
         }
         cfg.transport_config(Arc::new(transport_config(&tuning)));
         endpoint.set_default_client_config(cfg);
@@ -175,14 +188,23 @@ impl StoreClient {
     /// Uploads bytes under `key` without checking them locally (the server still checks).
     pub async fn put_raw(&self, key: ChunkKey, object: Bytes) -> Result<bool, TransportError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        send.write_all(&Request::Put { key, len: object.len() as u64 }.encode()).await?;
+        send.write_all(
+            &Request::Put {
+                key,
+                len: object.len() as u64,
+            }
+            .encode(),
+        )
+        .await?;
         // The server may answer (and stop our stream) before all bytes are sent, e.g. when
         // the object is too large: prefer its answer to our write error.
         let written = send.write_chunk(object).await;
         let _ = send.finish();
         match (read_response(&mut recv, Op::Put).await, written) {
             (Ok(Response::Stored { created }), Ok(())) => Ok(created),
-            (Ok(Response::Error { code, message }), _) => Err(TransportError::from_server(code, message)),
+            (Ok(Response::Error { code, message }), _) => {
+                Err(TransportError::from_server(code, message))
+            }
             (Ok(_), _) => Err(TransportError::Unexpected("put")),
             (Err(_), Err(w)) => Err(w.into()),
             (Err(e), Ok(())) => Err(e),
@@ -192,18 +214,35 @@ impl StoreClient {
     /// Downloads a whole object, verified against its checksums.
     pub async fn get(&self, key: &ChunkKey) -> Result<Vec<u8>, TransportError> {
         let bytes = self.get_range(key, 0, RANGE_TO_END).await?;
-        let info = object::verify_object(&bytes).map_err(|e| TransportError::Corrupt(e.to_string()))?;
+        let info =
+            object::verify_object(&bytes).map_err(|e| TransportError::Corrupt(e.to_string()))?;
         if info.key != *key {
-            return Err(TransportError::Corrupt(format!("object carries key {}", info.key)));
+            return Err(TransportError::Corrupt(format!(
+                "object carries key {}",
+                info.key
+            )));
         }
         Ok(bytes)
     }
 
     /// Downloads `len` bytes from `offset` ([`RANGE_TO_END`] for the rest). The server checks
     /// the whole object before sending; the range itself is not re-checked here.
-    pub async fn get_range(&self, key: &ChunkKey, offset: u64, len: u64) -> Result<Vec<u8>, TransportError> {
+    pub async fn get_range(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, TransportError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        send.write_all(&Request::Get { key: *key, offset, len }.encode()).await?;
+        send.write_all(
+            &Request::Get {
+                key: *key,
+                offset,
+                len,
+            }
+            .encode(),
+        )
+        .await?;
         let _ = send.finish();
         match read_response(&mut recv, Op::Get).await? {
             Response::Data { len, .. } => {
@@ -216,30 +255,56 @@ impl StoreClient {
     }
 
     /// Starts fetching the header and the listed sections of one object; see [`SectionStream`].
-    pub async fn open_sections(&self, key: &ChunkKey, sections: &[usize]) -> Result<SectionStream, TransportError> {
+    pub async fn open_sections(
+        &self,
+        key: &ChunkKey,
+        sections: &[usize],
+    ) -> Result<SectionStream, TransportError> {
         let indices = sections
             .iter()
             .map(|&s| u32::try_from(s).map_err(|_| TransportError::Unexpected("section index")))
             .collect::<Result<Vec<_>, _>>()?;
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        send.write_all(&Request::GetSections { key: *key, sections: indices.clone() }.encode()).await?;
+        send.write_all(
+            &Request::GetSections {
+                key: *key,
+                sections: indices.clone(),
+            }
+            .encode(),
+        )
+        .await?;
         let _ = send.finish();
         match read_response(&mut recv, Op::GetSections).await? {
-            Response::Sections { header_len, sections: spans } => {
+            Response::Sections {
+                header_len,
+                sections: spans,
+            } => {
                 if spans.iter().map(|s| s.index).ne(indices.iter().copied()) {
                     return Err(TransportError::Unexpected("get-sections"));
                 }
                 let header = read_exactly(&mut recv, header_len as usize).await?.to_vec();
-                let check = SectionCheck::from_header(&header).map_err(|e| TransportError::Corrupt(e.to_string()))?;
+                let check = SectionCheck::from_header(&header)
+                    .map_err(|e| TransportError::Corrupt(e.to_string()))?;
                 if check.key() != *key {
-                    return Err(TransportError::Corrupt(format!("header carries key {}", check.key())));
+                    return Err(TransportError::Corrupt(format!(
+                        "header carries key {}",
+                        check.key()
+                    )));
                 }
                 for s in &spans {
                     if check.section_len(s.index as usize) != Some(s.len) {
-                        return Err(TransportError::Corrupt(format!("section {} length disagrees", s.index)));
+                        return Err(TransportError::Corrupt(format!(
+                            "section {} length disagrees",
+                            s.index
+                        )));
                     }
                 }
-                Ok(SectionStream { recv, header, check, spans: spans.into_iter() })
+                Ok(SectionStream {
+                    recv,
+                    header,
+                    check,
+                    spans: spans.into_iter(),
+                })
             }
             Response::Error { code, message } => Err(TransportError::from_server(code, message)),
             _ => Err(TransportError::Unexpected("get-sections")),
@@ -247,18 +312,30 @@ impl StoreClient {
     }
 
     /// Fetches the header and the listed sections, all verified, in the order requested.
-    pub async fn get_sections(&self, key: &ChunkKey, sections: &[usize]) -> Result<Sections, TransportError> {
+    pub async fn get_sections(
+        &self,
+        key: &ChunkKey,
+        sections: &[usize],
+    ) -> Result<Sections, TransportError> {
         let mut stream = self.open_sections(key, sections).await?;
         let mut out = Vec::with_capacity(sections.len());
         while let Some(s) = stream.next_section().await? {
             out.push(s);
         }
-        Ok(Sections { header: stream.header, sections: out })
+        Ok(Sections {
+            header: stream.header,
+            sections: out,
+        })
     }
 
     /// How many leading keys of `keys` (a prefix chain) the store holds, in one round trip.
     pub async fn exists_prefix(&self, keys: &[ChunkKey]) -> Result<usize, TransportError> {
-        match self.simple(Request::ExistsPrefix { keys: keys.to_vec() }).await? {
+        match self
+            .simple(Request::ExistsPrefix {
+                keys: keys.to_vec(),
+            })
+            .await?
+        {
             Response::Present { count } => Ok(count as usize),
             _ => Err(TransportError::Unexpected("exists-prefix")),
         }

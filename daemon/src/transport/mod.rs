@@ -12,9 +12,10 @@ pub mod wire;
 pub use client::{ClientOptions, SectionStream, Sections, StoreClient, TransportError};
 pub use object::{verify_object, ObjectError, ObjectInfo, SectionCheck};
 pub use tls::{
-    files as cert_files, generate_dev_pki, load_certs, load_key, write_dev_pki, DevPki, ServerTrust, TlsClientConfig,
-    TlsError, TlsServerConfig, ALPN, DEFAULT_SERVER_NAME,
+    files as cert_files, generate_dev_pki, load_certs, load_key, write_dev_pki, DevPki,
+    ServerTrust, TlsClientConfig, TlsError, TlsServerConfig, ALPN, DEFAULT_SERVER_NAME,
 };
 pub use tuning::{
-    transport_config, Congestion, TransportTuning, CONNECTION_WINDOW, MTU_UPPER_BOUND, SEND_WINDOW, STREAM_WINDOW,
+    transport_config, Congestion, TransportTuning, CONNECTION_WINDOW, MTU_UPPER_BOUND, SEND_WINDOW,
+    STREAM_WINDOW,
 };

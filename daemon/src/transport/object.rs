@@ -46,7 +46,11 @@ pub fn verify_object(bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
     let view = ChunkView::parse(bytes)?;
     view.verify()?;
     let h = view.header();
-    Ok(ObjectInfo { key: h.key, model: h.model, header_len: view.header_len() })
+    Ok(ObjectInfo {
+        key: h.key,
+        model: h.model,
+        header_len: view.header_len(),
+    })
 }
 
 /// A parsed header, used to locate and check sections one at a time.
@@ -94,7 +98,10 @@ impl SectionCheck {
             .sections
             .get(index)
             .map(|s| (s.offset, s.len))
-            .ok_or(ObjectError::NoSection { index, count: self.header.sections.len() })
+            .ok_or(ObjectError::NoSection {
+                index,
+                count: self.header.sections.len(),
+            })
     }
 
     /// Checks one section's bytes against its length and crc32c.
@@ -103,7 +110,10 @@ impl SectionCheck {
             .header
             .sections
             .get(index)
-            .ok_or(ObjectError::NoSection { index, count: self.header.sections.len() })?;
+            .ok_or(ObjectError::NoSection {
+                index,
+                count: self.header.sections.len(),
+            })?;
         info.verify(bytes)?;
         Ok(())
     }

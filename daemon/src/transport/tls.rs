@@ -81,10 +81,16 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Reads every certificate of a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let file = fs::File::open(path).map_err(|source| TlsError::Read { path: path.into(), source })?;
+    let file = fs::File::open(path).map_err(|source| TlsError::Read {
+        path: path.into(),
+        source,
+    })?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Read { path: path.into(), source })?;
+        .map_err(|source| TlsError::Read {
+            path: path.into(),
+            source,
+        })?;
     if certs.is_empty() {
         return Err(TlsError::Empty(path.into()));
     }
@@ -93,9 +99,15 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Reads the first private key of a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let file = fs::File::open(path).map_err(|source| TlsError::Read { path: path.into(), source })?;
+    let file = fs::File::open(path).map_err(|source| TlsError::Read {
+        path: path.into(),
+        source,
+    })?;
     rustls_pemfile::private_key(&mut BufReader::new(file))
-        .map_err(|source| TlsError::Read { path: path.into(), source })?
+        .map_err(|source| TlsError::Read {
+            path: path.into(),
+            source,
+        })?
         .ok_or_else(|| TlsError::Empty(path.into()))
 }
 
@@ -117,7 +129,11 @@ impl TlsServerConfig {
     }
 
     /// Loads a certificate chain, a key and optionally a client CA for mutual TLS.
-    pub fn from_files(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<TlsServerConfig, TlsError> {
+    pub fn from_files(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<TlsServerConfig, TlsError> {
         Ok(TlsServerConfig {
             cert_chain: load_certs(cert)?,
             key: load_key(key)?,
@@ -136,15 +152,20 @@ impl TlsServerConfig {
                 for ca in cas {
                     roots.add(ca.clone())?;
                 }
-                let verifier =
-                    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider(),
+                )
+                .build()?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
         let mut cfg = builder.with_single_cert(self.cert_chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         cfg.max_early_data_size = 0;
-        Ok(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(cfg)?))
+        Ok(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(
+            cfg,
+        )?))
     }
 }
 
@@ -174,7 +195,10 @@ impl Clone for TlsClientConfig {
     fn clone(&self) -> Self {
         TlsClientConfig {
             trust: self.trust.clone(),
-            client_identity: self.client_identity.as_ref().map(|(c, k)| (c.clone(), k.clone_key())),
+            client_identity: self
+                .client_identity
+                .as_ref()
+                .map(|(c, k)| (c.clone(), k.clone_key())),
             server_name: self.server_name.clone(),
             token: self.token.clone(),
         }
@@ -202,12 +226,18 @@ impl TlsClientConfig {
         } else {
             ServerTrust::Ca(load_certs(path)?)
         };
-        Ok(TlsClientConfig { trust, client_identity, server_name: DEFAULT_SERVER_NAME.into(), token: None })
+        Ok(TlsClientConfig {
+            trust,
+            client_identity,
+            server_name: DEFAULT_SERVER_NAME.into(),
+            token: None,
+        })
     }
 
     /// Builds the quinn client crypto configuration.
     pub fn quic(&self) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, TlsError> {
-        ServerName::try_from(self.server_name.as_str()).map_err(|_| TlsError::ServerName(self.server_name.clone()))?;
+        ServerName::try_from(self.server_name.as_str())
+            .map_err(|_| TlsError::ServerName(self.server_name.clone()))?;
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?;
         let builder = match &self.trust {
@@ -218,16 +248,23 @@ impl TlsClientConfig {
                 }
                 builder.with_root_certificates(roots)
             }
-            ServerTrust::Pinned(certs) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedVerifier { pinned: certs.clone(), provider: provider() })),
+            ServerTrust::Pinned(certs) => {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                        pinned: certs.clone(),
+                        provider: provider(),
+                    }))
+            }
         };
         let mut cfg = match &self.client_identity {
             None => builder.with_no_client_auth(),
             Some((chain, key)) => builder.with_client_auth_cert(chain.clone(), key.clone_key())?,
         };
         cfg.alpn_protocols = vec![ALPN.to_vec()];
-        Ok(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?))
+        Ok(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
+            cfg,
+        )?))
     }
 }
 
@@ -247,10 +284,16 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.pinned.iter().any(|p| p.as_ref() == end_entity.as_ref()) {
+        if self
+            .pinned
+            .iter()
+            .any(|p| p.as_ref() == end_entity.as_ref())
+        {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
         }
     }
 
@@ -260,7 +303,12 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -269,11 +317,18 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -294,15 +349,23 @@ pub struct DevPki {
 
 /// Generates a CA, a loopback server certificate and a client certificate, for dev and tests.
 pub fn generate_dev_pki() -> Result<DevPki, TlsError> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "kvfetcher dev ca");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kvfetcher dev ca");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca = ca_params.self_signed(&ca_key)?;
 
-    let leaf = |names: Vec<String>, cn: &str, eku: ExtendedKeyUsagePurpose| -> Result<(String, String), TlsError> {
+    let leaf = |names: Vec<String>,
+                cn: &str,
+                eku: ExtendedKeyUsagePurpose|
+     -> Result<(String, String), TlsError> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::new(names)?;
         p.distinguished_name.push(DnType::CommonName, cn);
@@ -311,18 +374,38 @@ pub fn generate_dev_pki() -> Result<DevPki, TlsError> {
         let cert = p.signed_by(&key, &ca, &ca_key)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
-    let names = vec![DEFAULT_SERVER_NAME.to_string(), "127.0.0.1".into(), "::1".into()];
-    let (cert_pem, key_pem) = leaf(names, "kvfetcher store", ExtendedKeyUsagePurpose::ServerAuth)?;
-    let (client_cert_pem, client_key_pem) =
-        leaf(vec!["kvfetcher-client".into()], "kvfetcher client", ExtendedKeyUsagePurpose::ClientAuth)?;
-    Ok(DevPki { ca_pem: ca.pem(), cert_pem, key_pem, client_cert_pem, client_key_pem })
+    let names = vec![
+        DEFAULT_SERVER_NAME.to_string(),
+        "127.0.0.1".into(),
+        "::1".into(),
+    ];
+    let (cert_pem, key_pem) = leaf(
+        names,
+        "kvfetcher store",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let (client_cert_pem, client_key_pem) = leaf(
+        vec!["kvfetcher-client".into()],
+        "kvfetcher client",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
+    Ok(DevPki {
+        ca_pem: ca.pem(),
+        cert_pem,
+        key_pem,
+        client_cert_pem,
+        client_key_pem,
+    })
 }
 
 /// Generates a dev PKI and writes it into `dir` (created if needed); keys get mode 0600.
 pub fn write_dev_pki(dir: &Path) -> Result<DevPki, TlsError> {
     use std::os::unix::fs::OpenOptionsExt;
     let pki = generate_dev_pki()?;
-    fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.into(), source })?;
+    fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.into(),
+        source,
+    })?;
     let items = [
         (files::CA, &pki.ca_pem, 0o644),
         (files::CERT, &pki.cert_pem, 0o644),
@@ -335,11 +418,18 @@ pub fn write_dev_pki(dir: &Path) -> Result<DevPki, TlsError> {
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             let _ = fs::remove_file(&path);
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&path)?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&path)?;
             f.write_all(text.as_bytes())?;
             f.sync_all()
         };
-        write().map_err(|source| TlsError::Write { path: path.clone(), source })?;
+        write().map_err(|source| TlsError::Write {
+            path: path.clone(),
+            source,
+        })?;
     }
     Ok(pki)
 }
@@ -367,8 +457,14 @@ mod tests {
     #[test]
     fn missing_or_empty_files_are_typed_errors() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(TlsClientConfig::from_path(dir.path()), Err(TlsError::NoTrust(_))));
+        assert!(matches!(
+            TlsClientConfig::from_path(dir.path()),
+            Err(TlsError::NoTrust(_))
+        ));
         fs::write(dir.path().join("cert.pem"), "not pem").unwrap();
-        assert!(matches!(TlsServerConfig::from_dir(dir.path()), Err(TlsError::Empty(_))));
+        assert!(matches!(
+            TlsServerConfig::from_dir(dir.path()),
+            Err(TlsError::Empty(_))
+        ));
     }
 }

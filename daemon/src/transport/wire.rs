@@ -234,7 +234,9 @@ impl Request {
         let op = Op::from_code(op)?;
         let mut r = Reader::new(op.name(), body);
         let req = match op {
-            Op::Auth => Request::Auth { token: body.to_vec() },
+            Op::Auth => Request::Auth {
+                token: body.to_vec(),
+            },
             Op::Put => {
                 let key = r.key()?;
                 let len = r.u64()?;
@@ -420,13 +422,20 @@ impl Response {
                 body.push(u8::from(*created));
                 0
             }
-            Response::Data { total_len, offset, len } => {
+            Response::Data {
+                total_len,
+                offset,
+                len,
+            } => {
                 body.extend_from_slice(&total_len.to_le_bytes());
                 body.extend_from_slice(&offset.to_le_bytes());
                 body.extend_from_slice(&len.to_le_bytes());
                 0
             }
-            Response::Sections { header_len, sections } => {
+            Response::Sections {
+                header_len,
+                sections,
+            } => {
                 body.extend_from_slice(&header_len.to_le_bytes());
                 put_u32(&mut body, sections.len());
                 for s in sections {
@@ -451,7 +460,15 @@ impl Response {
                 0
             }
             Response::Stats(s) => {
-                for v in [s.objects, s.bytes, s.connections, s.requests, s.bytes_in, s.bytes_out, s.corrupt] {
+                for v in [
+                    s.objects,
+                    s.bytes,
+                    s.connections,
+                    s.requests,
+                    s.bytes_in,
+                    s.bytes_out,
+                    s.corrupt,
+                ] {
                     body.extend_from_slice(&v.to_le_bytes());
                 }
                 0
@@ -484,15 +501,27 @@ impl Response {
                 let total_len = r.u64()?;
                 let offset = r.u64()?;
                 let len = r.u64()?;
-                Response::Data { total_len, offset, len }
+                Response::Data {
+                    total_len,
+                    offset,
+                    len,
+                }
             }
             Op::GetSections => {
                 let header_len = r.u32()?;
                 let n = r.count(12)?;
                 let sections = (0..n)
-                    .map(|_| Ok(SectionSpan { index: r.u32()?, len: r.u64()? }))
+                    .map(|_| {
+                        Ok(SectionSpan {
+                            index: r.u32()?,
+                            len: r.u64()?,
+                        })
+                    })
                     .collect::<Result<_, WireError>>()?;
-                Response::Sections { header_len, sections }
+                Response::Sections {
+                    header_len,
+                    sections,
+                }
             }
             Op::ExistsPrefix => Response::Present { count: r.u32()? },
             Op::List => {
@@ -568,7 +597,13 @@ fn split_frame(buf: &[u8]) -> Result<Option<FrameParts<'_>>, WireError> {
     if buf.len() < end {
         return Ok(None);
     }
-    Ok(Some((magic, buf[4], buf[5], &buf[FRAME_HEADER_LEN..end], end)))
+    Ok(Some((
+        magic,
+        buf[4],
+        buf[5],
+        &buf[FRAME_HEADER_LEN..end],
+        end,
+    )))
 }
 
 /// A cursor over a body that reports short or long bodies as [`WireError::Malformed`].
@@ -584,7 +619,10 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.buf.len() < n {
-            return Err(WireError::Malformed { op: self.op, reason: "body too short" });
+            return Err(WireError::Malformed {
+                op: self.op,
+                reason: "body too short",
+            });
         }
         let (head, rest) = self.buf.split_at(n);
         self.buf = rest;
@@ -606,7 +644,10 @@ impl<'a> Reader<'a> {
         match self.take(1)?[0] {
             0 => Ok(false),
             1 => Ok(true),
-            _ => Err(WireError::Malformed { op: self.op, reason: "flag is not 0 or 1" }),
+            _ => Err(WireError::Malformed {
+                op: self.op,
+                reason: "flag is not 0 or 1",
+            }),
         }
     }
 
@@ -627,7 +668,10 @@ impl<'a> Reader<'a> {
             return Err(WireError::TooManyItems(n));
         }
         if self.buf.len() < n * item {
-            return Err(WireError::Malformed { op: self.op, reason: "list longer than body" });
+            return Err(WireError::Malformed {
+                op: self.op,
+                reason: "list longer than body",
+            });
         }
         Ok(n)
     }
@@ -636,7 +680,10 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(WireError::Malformed { op: self.op, reason: "trailing bytes" })
+            Err(WireError::Malformed {
+                op: self.op,
+                reason: "trailing bytes",
+            })
         }
     }
 }
@@ -651,12 +698,28 @@ mod tests {
 
     fn all_requests() -> Vec<Request> {
         vec![
-            Request::Auth { token: b"secret".to_vec() },
-            Request::Put { key: key(1), len: 12345 },
-            Request::Get { key: key(2), offset: 7, len: RANGE_TO_END },
-            Request::GetSections { key: key(3), sections: vec![0, 2, 5] },
-            Request::ExistsPrefix { keys: vec![key(4), key(5), key(6)] },
-            Request::List { model: ModelFingerprint([9; 32]) },
+            Request::Auth {
+                token: b"secret".to_vec(),
+            },
+            Request::Put {
+                key: key(1),
+                len: 12345,
+            },
+            Request::Get {
+                key: key(2),
+                offset: 7,
+                len: RANGE_TO_END,
+            },
+            Request::GetSections {
+                key: key(3),
+                sections: vec![0, 2, 5],
+            },
+            Request::ExistsPrefix {
+                keys: vec![key(4), key(5), key(6)],
+            },
+            Request::List {
+                model: ModelFingerprint([9; 32]),
+            },
             Request::Delete { key: key(7) },
             Request::Stats,
         ]
@@ -668,7 +731,11 @@ mod tests {
             let bytes = req.encode();
             // Every strict prefix asks for more bytes; the whole frame parses back exactly.
             for cut in 0..bytes.len() {
-                assert_eq!(Request::decode(&bytes[..cut]), Ok(None), "{req:?} cut at {cut}");
+                assert_eq!(
+                    Request::decode(&bytes[..cut]),
+                    Ok(None),
+                    "{req:?} cut at {cut}"
+                );
             }
             let mut with_tail = bytes.clone();
             with_tail.extend_from_slice(b"object bytes");
@@ -683,19 +750,51 @@ mod tests {
         let cases = vec![
             (Op::Auth, Response::Authed),
             (Op::Put, Response::Stored { created: true }),
-            (Op::Get, Response::Data { total_len: 100, offset: 10, len: 90 }),
+            (
+                Op::Get,
+                Response::Data {
+                    total_len: 100,
+                    offset: 10,
+                    len: 90,
+                },
+            ),
             (
                 Op::GetSections,
                 Response::Sections {
                     header_len: 300,
-                    sections: vec![SectionSpan { index: 1, len: 5 }, SectionSpan { index: 3, len: 9 }],
+                    sections: vec![
+                        SectionSpan { index: 1, len: 5 },
+                        SectionSpan { index: 3, len: 9 },
+                    ],
                 },
             ),
             (Op::ExistsPrefix, Response::Present { count: 2 }),
-            (Op::List, Response::Keys { keys: vec![key(1), key(2)] }),
+            (
+                Op::List,
+                Response::Keys {
+                    keys: vec![key(1), key(2)],
+                },
+            ),
             (Op::Delete, Response::Deleted { existed: false }),
-            (Op::Stats, Response::Stats(StatsReport { objects: 1, bytes: 2, connections: 3, requests: 4, bytes_in: 5, bytes_out: 6, corrupt: 7 })),
-            (Op::Get, Response::Error { code: ErrorCode::NotFound, message: "no such key".into() }),
+            (
+                Op::Stats,
+                Response::Stats(StatsReport {
+                    objects: 1,
+                    bytes: 2,
+                    connections: 3,
+                    requests: 4,
+                    bytes_in: 5,
+                    bytes_out: 6,
+                    corrupt: 7,
+                }),
+            ),
+            (
+                Op::Get,
+                Response::Error {
+                    code: ErrorCode::NotFound,
+                    message: "no such key".into(),
+                },
+            ),
         ];
         for (op, resp) in cases {
             let bytes = resp.encode();
@@ -708,7 +807,10 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_typed_errors() {
-        assert!(matches!(Request::decode(b"GET / HTTP/1.1\r\n"), Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            Request::decode(b"GET / HTTP/1.1\r\n"),
+            Err(WireError::BadMagic(_))
+        ));
         let mut v = Request::Stats.encode();
         v[4] = 9;
         assert_eq!(Request::decode(&v), Err(WireError::Version(9)));
@@ -721,35 +823,63 @@ mod tests {
         // A huge declared body is refused before any of it arrives.
         let mut v = Request::Stats.encode();
         v[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Request::decode(&v), Err(WireError::BodyTooLarge(_))));
+        assert!(matches!(
+            Request::decode(&v),
+            Err(WireError::BodyTooLarge(_))
+        ));
         // A put body one byte short, and one with a trailing byte.
-        let put = Request::Put { key: key(1), len: 5 }.encode();
+        let put = Request::Put {
+            key: key(1),
+            len: 5,
+        }
+        .encode();
         let mut short = put.clone();
         short.pop();
         short[8..12].copy_from_slice(&39u32.to_le_bytes());
-        assert!(matches!(Request::decode(&short), Err(WireError::Malformed { op: "put", .. })));
+        assert!(matches!(
+            Request::decode(&short),
+            Err(WireError::Malformed { op: "put", .. })
+        ));
         let mut long = put;
         long.push(0);
         long[8..12].copy_from_slice(&41u32.to_le_bytes());
-        assert!(matches!(Request::decode(&long), Err(WireError::Malformed { op: "put", .. })));
+        assert!(matches!(
+            Request::decode(&long),
+            Err(WireError::Malformed { op: "put", .. })
+        ));
         // A list count larger than the body (an allocation bomb) is refused.
         let mut v = Request::ExistsPrefix { keys: vec![key(1)] }.encode();
         v[12..16].copy_from_slice(&1000u32.to_le_bytes());
-        assert!(matches!(Request::decode(&v), Err(WireError::Malformed { .. })));
+        assert!(matches!(
+            Request::decode(&v),
+            Err(WireError::Malformed { .. })
+        ));
         let mut v = Request::ExistsPrefix { keys: vec![] }.encode();
         v[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Request::decode(&v), Err(WireError::TooManyItems(_))));
+        assert!(matches!(
+            Request::decode(&v),
+            Err(WireError::TooManyItems(_))
+        ));
     }
 
     #[test]
     fn error_messages_are_bounded_and_unknown_status_refused() {
         let long = "é".repeat(MAX_ERROR_MESSAGE);
-        let bytes = Response::Error { code: ErrorCode::Internal, message: long }.encode();
+        let bytes = Response::Error {
+            code: ErrorCode::Internal,
+            message: long,
+        }
+        .encode();
         let (resp, _) = Response::decode(Op::Get, &bytes).unwrap().unwrap();
-        let Response::Error { message, .. } = resp else { panic!("not an error") };
+        let Response::Error { message, .. } = resp else {
+            panic!("not an error")
+        };
         assert!(message.len() <= MAX_ERROR_MESSAGE && message.chars().all(|c| c == 'é'));
         let mut bytes = Response::Authed.encode();
         bytes[4] = 77;
-        assert_eq!(Response::decode(Op::Auth, &bytes), Err(WireError::UnknownStatus(77)));
+        assert_eq!(
+            Response::decode(Op::Auth, &bytes),
+            Err(WireError::UnknownStatus(77))
+        );
     }
 }

@@ -59,6 +59,9 @@ pub fn kv_dtype(d: KvDType) -> DType {
     }
 }
 
+/// One save the backend received: (model, token ids, shape, data).
+pub type Saved = (String, Vec<u32>, KvShape, Vec<u8>);
+
 /// Sets the drop flag when the fetch future is dropped (finished or cancelled).
 struct DropFlag(Arc<AtomicBool>);
 impl Drop for DropFlag {
@@ -74,7 +77,7 @@ pub struct MemBackend {
     /// Every write of the last fetch: (offset, bytes).
     pub writes: Mutex<Vec<(usize, Vec<u8>)>>,
     /// Every save: (model, token ids, shape, data).
-    pub saves: Mutex<Vec<(String, Vec<u32>, KvShape, Vec<u8>)>>,
+    pub saves: Mutex<Vec<Saved>>,
     pub gate_from: u32,
     pub gate: Semaphore,
     /// Set when a fetch future is dropped.

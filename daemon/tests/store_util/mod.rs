@@ -28,18 +28,27 @@ pub fn model() -> ModelFingerprint {
     ModelFingerprint::of_bytes(b"codelm-107M")
 }
 
+/// Chunk objects with their keys.
+pub type Objects = Vec<(ChunkKey, Vec<u8>)>;
+
 /// Real chunk objects of the codelm KV (4 chunks of 256 tokens, 4 sections of 2 layers each),
 /// encoded once per test binary.
-pub fn real_objects() -> Option<Vec<(ChunkKey, Vec<u8>)>> {
-    static OBJECTS: std::sync::OnceLock<Option<Vec<(ChunkKey, Vec<u8>)>>> = std::sync::OnceLock::new();
+pub fn real_objects() -> Option<Objects> {
+    static OBJECTS: std::sync::OnceLock<Option<Objects>> = std::sync::OnceLock::new();
     OBJECTS.get_or_init(encode_objects).clone()
 }
 
-fn encode_objects() -> Option<Vec<(ChunkKey, Vec<u8>)>> {
+fn encode_objects() -> Option<Objects> {
     let file = KvFile::read(&kv_path()?).expect("read kv");
     let cache = file.cache;
-    let ids: Vec<u32> = cache.token_ids().map(|t| t.to_vec()).unwrap_or_else(|| (0..cache.tokens() as u32).collect());
-    let cfg = EncodeConfig { layers_per_section: 2, ..EncodeConfig::default() };
+    let ids: Vec<u32> = cache
+        .token_ids()
+        .map(|t| t.to_vec())
+        .unwrap_or_else(|| (0..cache.tokens() as u32).collect());
+    let cfg = EncodeConfig {
+        layers_per_section: 2,
+        ..EncodeConfig::default()
+    };
     Some(encode_cache(&cache, &model(), &ids, &cfg, &CodecRegistry::software()).expect("encode"))
 }
 
@@ -62,7 +71,8 @@ impl TestStore {
         let backend = LocalDir::open(data.path()).unwrap();
         let mut tls = TlsServerConfig::from_dir(certs.path()).unwrap();
         if mtls {
-            tls.client_ca = Some(kvfetcher::transport::load_certs(&certs.path().join("ca.pem")).unwrap());
+            tls.client_ca =
+                Some(kvfetcher::transport::load_certs(&certs.path().join("ca.pem")).unwrap());
         }
         let b: Arc<dyn Backend> = Arc::new(backend.clone());
         let server = StoreServer::bind("127.0.0.1:0".parse().unwrap(), &tls, b, opts).unwrap();
@@ -71,7 +81,14 @@ impl TestStore {
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        TestStore { addr, certs, data, backend, stop: Some(tx), task: Some(task) }
+        TestStore {
+            addr,
+            certs,
+            data,
+            backend,
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// Client TLS settings trusting this store's dev CA (with the dev client certificate).
@@ -91,7 +108,10 @@ impl TestStore {
 }
 
 /// A raw QUIC connection to the store, for sending bytes the real client never would.
-pub async fn raw_connection(addr: SocketAddr, tls: &TlsClientConfig) -> (quinn::Endpoint, quinn::Connection) {
+pub async fn raw_connection(
+    addr: SocketAddr,
+    tls: &TlsClientConfig,
+) -> (quinn::Endpoint, quinn::Connection) {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(tls.quic().unwrap()));
     let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();

@@ -24,18 +24,26 @@ struct Line {
 /// Runs the bridge between interfaces `a` and `b` with `delay` each way, dropping each frame
 /// with probability `loss_ppm` per million, until an error.
 pub(super) fn run(a: &str, b: &str, delay: Duration, loss_ppm: u32) -> anyhow::Result<()> {
-    let sa = Arc::new(PacketSocket::bind(a).map_err(|e| anyhow::anyhow!("packet socket on {a}: {e}"))?);
-    let sb = Arc::new(PacketSocket::bind(b).map_err(|e| anyhow::anyhow!("packet socket on {b}: {e}"))?);
-    eprintln!("delay-bridge: {a} <-> {b}, {} us each way, loss {loss_ppm} ppm", delay.as_micros());
+    let sa =
+        Arc::new(PacketSocket::bind(a).map_err(|e| anyhow::anyhow!("packet socket on {a}: {e}"))?);
+    let sb =
+        Arc::new(PacketSocket::bind(b).map_err(|e| anyhow::anyhow!("packet socket on {b}: {e}"))?);
+    eprintln!(
+        "delay-bridge: {a} <-> {b}, {} us each way, loss {loss_ppm} ppm",
+        delay.as_micros()
+    );
     let mut threads = Vec::new();
     for (src, dst) in [(sa.clone(), sb.clone()), (sb, sa)] {
         let line = Arc::new(Line::default());
         let l = line.clone();
-        threads.push(std::thread::spawn(move || receive(&src, &l, delay, loss_ppm)));
+        threads.push(std::thread::spawn(move || {
+            receive(&src, &l, delay, loss_ppm)
+        }));
         threads.push(std::thread::spawn(move || transmit(&dst, &line)));
     }
     for t in threads {
-        t.join().map_err(|_| anyhow::anyhow!("bridge thread panicked"))??;
+        t.join()
+            .map_err(|_| anyhow::anyhow!("bridge thread panicked"))??;
     }
     Ok(())
 }
@@ -48,7 +56,10 @@ fn receive(src: &PacketSocket, line: &Line, delay: Duration, loss_ppm: u32) -> a
             continue;
         }
         let due = Instant::now() + delay;
-        line.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back((due, buf[..n].to_vec()));
+        line.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((due, buf[..n].to_vec()));
         line.ready.notify_one();
     }
 }

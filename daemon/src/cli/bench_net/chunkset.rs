@@ -6,7 +6,9 @@ use std::path::Path;
 
 use anyhow::Context;
 use bytes::Bytes;
-use kvfetcher_codec::{encode_cache, ChunkHeader, ChunkKey, CodecRegistry, EncodeConfig, ModelFingerprint};
+use kvfetcher_codec::{
+    encode_cache, ChunkHeader, ChunkKey, CodecRegistry, EncodeConfig, ModelFingerprint,
+};
 use kvfetcher_kv::KvFile;
 use sha2::{Digest, Sha256};
 
@@ -19,9 +21,21 @@ pub(super) fn bench_model() -> ModelFingerprint {
 pub(super) fn build(kv: &Path, total_bytes: u64) -> anyhow::Result<Vec<(ChunkKey, Bytes)>> {
     let file = KvFile::read(kv).with_context(|| format!("read {}", kv.display()))?;
     let cache = file.cache;
-    let ids: Vec<u32> = cache.token_ids().map(|t| t.to_vec()).unwrap_or_else(|| (0..cache.tokens() as u32).collect());
-    let cfg = EncodeConfig { layers_per_section: 2, ..EncodeConfig::default() };
-    let base = encode_cache(&cache, &bench_model(), &ids, &cfg, &CodecRegistry::software())?;
+    let ids: Vec<u32> = cache
+        .token_ids()
+        .map(|t| t.to_vec())
+        .unwrap_or_else(|| (0..cache.tokens() as u32).collect());
+    let cfg = EncodeConfig {
+        layers_per_section: 2,
+        ..EncodeConfig::default()
+    };
+    let base = encode_cache(
+        &cache,
+        &bench_model(),
+        &ids,
+        &cfg,
+        &CodecRegistry::software(),
+    )?;
     anyhow::ensure!(!base.is_empty(), "the KV file gave no chunks");
     let model = bench_model();
     let mut out = Vec::new();

@@ -44,6 +44,8 @@ pub enum BenchCommand {
     NetFetch(FetchArgs),
     /// Userspace delay line between two interfaces (used by scripts/netns-link.sh).
     DelayBridge(BridgeArgs),
+    /// Fetch pipeline (CPU path) against raw bf16 and zstd int8 whole objects.
+    Fetch(super::bench_fetch::BenchFetchArgs),
 }
 
 /// How links are emulated.
@@ -135,7 +137,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Net(a) => run_net(a),
         BenchCommand::NetServe(a) => peer::serve(a),
         BenchCommand::NetFetch(a) => peer::fetch(a),
-        BenchCommand::DelayBridge(a) => bridge::run(&a.a, &a.b, Duration::from_micros(a.delay_us), a.loss_ppm),
+        BenchCommand::Fetch(a) => super::bench_fetch::run(a),
+        BenchCommand::DelayBridge(a) => {
+            bridge::run(&a.a, &a.b, Duration::from_micros(a.delay_us), a.loss_ppm)
+        }
     }
 }
 
@@ -159,7 +164,11 @@ fn shell_quote(s: &str) -> String {
 }
 
 fn run_net(args: NetArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.kv.is_file(), "{} not found (give --kv)", args.kv.display());
+    anyhow::ensure!(
+        args.kv.is_file(),
+        "{} not found (give --kv)",
+        args.kv.display()
+    );
     let work_dir = std::env::temp_dir().join(format!("kvf-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&work_dir)?;
     let result = run_net_in(&args, &work_dir);
@@ -175,7 +184,15 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
     let mut results = Vec::new();
     println!(
         "{:>9} {:>6} {:<12} {:>10} {:>7} {:>13} {:>13} {:>8} {:>7}",
-        "link", "rtt", "transport", "goodput", "of link", "client s/GB", "server s/GB", "rtt seen", "lost"
+        "link",
+        "rtt",
+        "transport",
+        "goodput",
+        "of link",
+        "client s/GB",
+        "server s/GB",
+        "rtt seen",
+        "lost"
     );
     for (ri, &rate) in args.rates.iter().enumerate() {
         for (pi, label) in args.protos.iter().enumerate() {
@@ -213,7 +230,10 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
                     let mut cmd = Command::new("bash");
                     cmd.arg(&args.script)
                         .args(["--rate", &format!("{}mbit", (rate * 1000.0).round() as u64)])
-                        .args(["--rtt", &format!("{}us", (args.rtt_ms * 1000.0).round() as u64)])
+                        .args([
+                            "--rtt",
+                            &format!("{}us", (args.rtt_ms * 1000.0).round() as u64),
+                        ])
                         .args(["--delay-bridge", &format!("{} bench delay-bridge", q(&exe))])
                         .args(["--server", &serve, "--client", &fetch]);
                     if let Some(l) = args.loss {
@@ -223,7 +243,9 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
                 }
                 Emulation::Loopback => {
                     serve.push_str(&format!(" --max-rate {}", (rate * 1e9 / 8.0) as u64));
-                    let mut server = Command::new("bash").args(["-c", &format!("exec {serve}")]).spawn()?;
+                    let mut server = Command::new("bash")
+                        .args(["-c", &format!("exec {serve}")])
+                        .spawn()?;
                     let st = Command::new("bash").args(["-c", &fetch]).status()?;
                     nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(server.id() as i32),

@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::chunkset;
 use super::sys::cpu_seconds;
 use crate::store::{MemoryBackend, Pacer, ServerOptions, StoreServer};
-use crate::transport::{ClientOptions, Congestion, StoreClient, TlsClientConfig, TlsServerConfig, TransportTuning};
+use crate::transport::{
+    ClientOptions, Congestion, StoreClient, TlsClientConfig, TlsServerConfig, TransportTuning,
+};
 
 /// Transport of one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -120,7 +122,10 @@ pub struct FetchReport {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")
 }
 
 async fn terminated() {
@@ -136,7 +141,8 @@ async fn terminated() {
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    std::fs::write(path, serde_json::to_vec_pretty(value)?).with_context(|| format!("write {}", path.display()))
+    std::fs::write(path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("write {}", path.display()))
 }
 
 /// Runs `bench net-serve` until SIGTERM.
@@ -171,7 +177,9 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 let pacer = args.max_rate.map(|r| Arc::new(Pacer::new(r)));
                 let accept = async {
                     loop {
-                        let Ok((mut sock, _)) = listener.accept().await else { continue };
+                        let Ok((mut sock, _)) = listener.accept().await else {
+                            continue;
+                        };
                         let set = set.clone();
                         let pacer = pacer.clone();
                         tokio::spawn(async move {
@@ -204,7 +212,12 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        write_json(&args.report, &ServeReport { cpu_s: cpu_seconds() - cpu0 })
+        write_json(
+            &args.report,
+            &ServeReport {
+                cpu_s: cpu_seconds() - cpu0,
+            },
+        )
     })
 }
 

@@ -34,7 +34,12 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn set_int(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn set_int(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the pointer and length describe one live c_int; fd is an open socket.
     let rc = unsafe {
         libc::setsockopt(
@@ -57,7 +62,8 @@ pub(super) struct PacketSocket {
 impl PacketSocket {
     /// Opens a socket that receives every frame arriving on `ifname` and sends frames out of it.
     pub(super) fn bind(ifname: &str) -> io::Result<PacketSocket> {
-        let name = std::ffi::CString::new(ifname).map_err(|_| io::Error::other("interface name has a nul byte"))?;
+        let name = std::ffi::CString::new(ifname)
+            .map_err(|_| io::Error::other("interface name has a nul byte"))?;
         // SAFETY: `name` is a valid C string for the duration of the call.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         if ifindex == 0 {
@@ -65,7 +71,9 @@ impl PacketSocket {
         }
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket creation; the result is checked before use.
-        let raw = check(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(proto)) })?;
+        let raw = check(unsafe {
+            libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(proto))
+        })?;
         // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         set_int(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, 1)?;

@@ -40,10 +40,11 @@ impl Notifier {
     /// How often to ping the watchdog: half of `$WATCHDOG_USEC`, when systemd set one for us.
     pub(crate) fn watchdog_interval() -> Option<Duration> {
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-        let pid_ok = std::env::var("WATCHDOG_PID")
-            .ok()
-            .and_then(|p| p.parse::<u32>().ok())
-            .map_or(true, |p| p == std::process::id());
+        let pid = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok());
+        let pid_ok = match pid {
+            Some(p) => p == std::process::id(),
+            None => true,
+        };
         (pid_ok && usec > 0).then(|| Duration::from_micros(usec / 2))
     }
 }

@@ -1,12 +1,13 @@
 //! The daemon's local server (`kvfetcher::server::serve`) over an in-memory backend holding the
 //! first 130 tokens of the shared codelm KV: what `tests/c/run.sh` runs the C tests against.
+//! Not a test by itself (ignored); run.sh starts it as
+//! `server_c_harness --ignored --exact serve_for_c_tests` with `KVF_C_SOCKET` and `KVF_C_REFDIR`.
 //!
-//! Usage: `kvf_test_server SOCKET REFDIR`. Writes into REFDIR `tokens.bin` (the token ids, u32
+//! Writes into REFDIR `tokens.bin` (the token ids, u32
 //! LE) and the exact buffers a fetch must return: `ref-f16-nhd.bin` (contiguous) and
 //! `ref-bf16-hnd-p16.bin` (paged, 16 tokens per block). Prints `ready` once listening and runs
 //! until SIGTERM or SIGINT. Exits with 77 (skip) if the shared data is absent.
 
-#[path = "../../daemon/tests/server_support/mod.rs"]
 mod server_support;
 
 use std::io::Write;
@@ -20,13 +21,17 @@ use tokio::signal::unix::{signal, SignalKind};
 /// Tokens served: not a multiple of the 16-token block, so paged buffers carry padding.
 const TOKENS: usize = 130;
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() != 3 {
-        eprintln!("usage: kvf_test_server SOCKET REFDIR");
-        std::process::exit(2);
-    }
-    let (sock, dir) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]));
+#[test]
+#[ignore = "a server for tests/c/run.sh, not a test"]
+fn serve_for_c_tests() {
+    let (Some(sock), Some(dir)) = (
+        std::env::var_os("KVF_C_SOCKET"),
+        std::env::var_os("KVF_C_REFDIR"),
+    ) else {
+        println!("skipped: KVF_C_SOCKET and KVF_C_REFDIR not set (run by tests/c/run.sh)");
+        return;
+    };
+    let (sock, dir) = (PathBuf::from(sock), PathBuf::from(dir));
     let Some(kv) = load_kv(TOKENS) else {
         std::process::exit(77);
     };

@@ -1,0 +1,142 @@
+//! The HEVC section decoder backed by NVDEC, with a software fallback.
+//!
+//! [`NvdecHevcDecoder`] implements [`SectionDecoder`] for [`VariantKind::Hevc`]: it splits a
+//! section into its HEVC streams, decodes them on a pool of NVDEC sessions (one per engine,
+//! decoders created once and reused) and maps the frames back to codes. How codes sit in frames
+//! belongs to the HEVC variant, so it comes in through [`HevcFrameLayout`]; this module holds no
+//! layout math. [`hevc_section_decoder`] picks NVDEC when the host has it and the software
+//! decoder otherwise, logging the choice once.
+
+use std::sync::{Arc, Mutex};
+
+use kvfetcher_codec::{CodePlane, CodecError, PlaneShape, SectionDecoder, VariantKind};
+
+use super::cuda::Cuda;
+use super::nvdec::{HostFrames, Nvdec, NvdecSession};
+use super::GpuError;
+
+/// The HEVC variant's layout, as the NVDEC decoder needs it.
+pub trait HevcFrameLayout: Send + Sync {
+    /// The Annex-B streams of a section, in order.
+    fn streams<'p>(
+        &self,
+        shape: PlaneShape,
+        params: &[u8],
+        payload: &'p [u8],
+    ) -> Result<Vec<&'p [u8]>, CodecError>;
+    /// The codes held by the decoded frames of every stream (planar, right-aligned samples).
+    fn codes_from_frames(
+        &self,
+        shape: PlaneShape,
+        params: &[u8],
+        frames: &[HostFrames],
+    ) -> Result<CodePlane, CodecError>;
+}
+
+/// NVDEC-backed [`SectionDecoder`] for HEVC sections.
+pub struct NvdecHevcDecoder<L> {
+    sessions: Vec<Mutex<NvdecSession>>,
+    layout: L,
+    _nvdec: Arc<Nvdec>,
+}
+
+impl<L> std::fmt::Debug for NvdecHevcDecoder<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvdecHevcDecoder")
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+fn library(e: GpuError) -> CodecError {
+    CodecError::Library {
+        library: "nvdec",
+        reason: e.to_string(),
+    }
+}
+
+impl<L: HevcFrameLayout> NvdecHevcDecoder<L> {
+    /// Opens `sessions` decode sessions (`None`: one per NVDEC engine) on `cuda`'s device.
+    pub fn new(cuda: Arc<Cuda>, layout: L, sessions: Option<usize>) -> Result<Self, GpuError> {
+        let nvdec = Arc::new(Nvdec::open(cuda)?);
+        let n = match sessions {
+            Some(n) => n.max(1),
+            None => nvdec.engines()?,
+        };
+        let sessions = (0..n)
+            .map(|_| nvdec.session().map(Mutex::new))
+            .collect::<Result<_, _>>()?;
+        Ok(NvdecHevcDecoder {
+            sessions,
+            layout,
+            _nvdec: nvdec,
+        })
+    }
+
+    /// Decodes one stream on the first idle session (or waits for session `hint`).
+    fn decode_stream(&self, stream: &[u8], hint: usize) -> Result<HostFrames, GpuError> {
+        for s in &self.sessions {
+            if let Ok(mut s) = s.try_lock() {
+                return s.decode_to_host(stream);
+            }
+        }
+        let mut s = self.sessions[hint % self.sessions.len()]
+            .lock()
+            .map_err(|_| GpuError::Decode("a decode session panicked".into()))?;
+        s.decode_to_host(stream)
+    }
+}
+
+impl<L: HevcFrameLayout> SectionDecoder for NvdecHevcDecoder<L> {
+    fn variant(&self) -> VariantKind {
+        VariantKind::Hevc
+    }
+
+    fn decode(
+        &self,
+        shape: PlaneShape,
+        params: &[u8],
+        payload: &[u8],
+    ) -> Result<CodePlane, CodecError> {
+        let streams = self.layout.streams(shape, params, payload)?;
+        // Streams of one section decode in parallel across the sessions.
+        let frames: Vec<Result<HostFrames, GpuError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = streams
+                .iter()
+                .enumerate()
+                .map(|(i, s)| scope.spawn(move || self.decode_stream(s, i)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(GpuError::Decode("decode thread panicked".into())))
+                })
+                .collect()
+        });
+        let frames = frames
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(library)?;
+        self.layout.codes_from_frames(shape, params, &frames)
+    }
+}
+
+/// The HEVC section decoder for this host: NVDEC on device `ordinal` when a driver and NVDEC are
+/// present, else `software`, with one log line saying which and why.
+pub fn hevc_section_decoder<L: HevcFrameLayout + 'static>(
+    ordinal: usize,
+    layout: L,
+    software: Box<dyn SectionDecoder>,
+) -> Box<dyn SectionDecoder> {
+    match Cuda::open(ordinal).and_then(|cuda| NvdecHevcDecoder::new(cuda, layout, None)) {
+        Ok(d) => {
+            tracing::info!(sessions = d.sessions.len(), "hevc sections decode on nvdec");
+            Box::new(d)
+        }
+        Err(e) => {
+            tracing::warn!("nvdec unavailable ({e}): hevc sections decode in software");
+            software
+        }
+    }
+}

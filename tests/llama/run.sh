@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# tests/llama/run.sh: the llama.cpp engine (examples/llama, kvf-llama) against llama.cpp alone,
+# the numpy llama2.c reference, and a real store + daemon on loopback.
+#
+#   1. kv_state unit test (no llama.cpp), under AddressSanitizer/UBSan;
+#   2. llama.cpp reproduces the llama2.c forward pass (scripts/llama2_reference.py): K/V in the
+#      cache, logits and greedy tokens; a checkpoint converted with the (wrong) HF Q/K
+#      permutation must fail the same check (the check can fail);
+#   3. --selftest: KV <-> llama.cpp state round trip and prefix reuse, flash attention off/on;
+#   4. bit-exact store (bits = 16, 64-token chunks): greedy continuations after a fetched prefix
+#      equal those after a full local prefill, token for token, for several prompts and prefix
+#      lengths, including prefixes that end mid-chunk; and equal, logits bit for bit, a local
+#      prefill split at the same point;
+#   5. fallbacks: daemon down, prefix absent, store down: prefill with a logged reason, same
+#      tokens;
+#   6. 8-bit store: token agreement over 256 generated tokens and the largest logit difference
+#      (reported, not asserted beyond "it ran from fetched KV").
+#
+# Needs: cmake, a C/C++ compiler, python3 with numpy and PyYAML, cargo. Builds llama.cpp once
+# (scripts/llama-build.sh, cached in build/llama/). KVF_PROFILE=debug uses debug Rust builds
+# (default release, which `make test` builds anyway).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+DATA="$ROOT/../shared/data/stories260K.bin"
+PROFILE="${KVF_PROFILE:-release}"
+HERE="$ROOT/tests/llama"
+# shellcheck source=tests/llama/lib.sh
+source "$HERE/lib.sh"
+
+if [[ ! -f "$DATA" ]]; then
+    echo "skipped: $DATA is absent"
+    exit 0
+fi
+
+step "build llama.cpp, the GGUF model, kvfetcher, libkvfetcher and kvf-llama"
+"$ROOT/scripts/llama-build.sh"
+GGUF="$ROOT/build/llama/stories260K.gguf"
+if [[ ! -f "$GGUF" || "$GGUF" -ot "$ROOT/scripts/convert-stories-gguf.py" || "$GGUF" -ot "$DATA" ]]; then
+    python3 "$ROOT/scripts/convert-stories-gguf.py" --model "$DATA" --out "$GGUF"
+fi
+cargo_flags=(--locked -p kvfetcher -p kvfetcher-c)
+[[ "$PROFILE" == release ]] && cargo_flags+=(--release)
+(cd "$ROOT" && cargo build --quiet "${cargo_flags[@]}")
+make -s -B -C "$ROOT/examples/llama" KVF_LIB="$ROOT/target/$PROFILE"
+KVF="$ROOT/target/$PROFILE/kvfetcher"
+ENGINE="$ROOT/build/llama/bin/kvf-llama"
+
+step "kv_state unit test (ASan/UBSan)"
+"$ROOT/build/llama/bin/test-kv-state"
+
+step "prompts: token ids sampled from the model at fixed seeds"
+engine --sample 300 --seed 11 >"$TMP/pA.txt"
+engine --sample 300 --seed 23 >"$TMP/pB.txt"
+first_n "$TMP/pA.txt" 60 >"$TMP/p60.txt"
+first_n "$TMP/pA.txt" 150 >"$TMP/p150.txt"
+first_n "$TMP/pA.txt" 187 >"$TMP/p187.txt"
+# Shares pA's first 100 tokens, then pB's.
+{ first_n "$TMP/pA.txt" 100; awk '{for (i = 101; i <= 170; i++) printf "%s ", $i} END {print ""}' "$TMP/pB.txt"; } | tr '\n' ' ' >"$TMP/pX.txt"
+first_n "$TMP/pB.txt" 256 >"$TMP/p256.txt"
+
+step "llama.cpp vs the numpy llama2.c reference (f32 cache)"
+out="$(engine --tokens-file "$TMP/p60.txt" --gen 16 --no-remote --kv-f32 --kv-out "$TMP/kv.st" --logits-out "$TMP/lg.f32")"
+python3 "$HERE/check_reference.py" "$DATA" "$TMP/p60.txt" "$TMP/kv.st" "$TMP/lg.f32" "$(field gen <<<"$out")" \
+    --tol-kv 1e-4 --tol-logit 1e-3 || fail "llama.cpp does not reproduce the llama2.c forward pass"
+out="$(engine --tokens-file "$TMP/p60.txt" --gen 16 --no-remote --kv-out "$TMP/kv16.st" --logits-out "$TMP/lg16.f32")"
+python3 "$HERE/check_reference.py" "$DATA" "$TMP/p60.txt" "$TMP/kv16.st" "$TMP/lg16.f32" "$(field gen <<<"$out")" \
+    --tol-kv 1e-2 --tol-logit 1e-1 || fail "f16 cache: llama.cpp drifts from the reference"
+step "negative control: the HF Q/K permutation must fail the reference check"
+python3 "$ROOT/scripts/convert-stories-gguf.py" --model "$DATA" --out "$TMP/permuted.gguf" --permute-qk >/dev/null
+out="$("$ENGINE" --model "$TMP/permuted.gguf" --tokens-file "$TMP/p60.txt" --gen 16 --no-remote --kv-f32 \
+    --kv-out "$TMP/kvp.st" --logits-out "$TMP/lgp.f32" 2>/dev/null)"
+if python3 "$HERE/check_reference.py" "$DATA" "$TMP/p60.txt" "$TMP/kvp.st" "$TMP/lgp.f32" "$(field gen <<<"$out")"; then
+    fail "a Q/K-permuted conversion passed the reference check"
+fi
+
+step "selftest: state round trip and prefix reuse in llama.cpp alone"
+for fa in "" --flash-attn; do
+    out="$(engine --tokens-file "$TMP/p150.txt" --gen 24 --selftest $fa)" || { echo "$out"; cat "$TMP/engine.err"; fail "selftest $fa"; }
+    grep -E "^(roundtrip|prefix)" <<<"$out" | sed "s/^/   ${fa:-no-flash-attn} /"
+done
+
+# expect_case LABEL PROMPT WANT_SOURCE WANT_REUSED [ENGINE ARGS]: a request through the daemon
+# must give the same tokens as a full local prefill and as a local prefill split at the reuse.
+GEN=32
+expect_case() {
+    local label="$1" prompt="$2" want_source="$3" want_reused="$4" out ref split src reused
+    shift 4
+    out="$(engine --tokens-file "$prompt" --gen "$GEN" --socket "$SOCK" "$@")" || { cat "$TMP/engine.err"; fail "$label: engine failed"; }
+    cp "$TMP/engine.err" "$TMP/case.err"
+    src="$(field source <<<"$out")"
+    reused="$(field reused <<<"$out")"
+    ref="$(engine --tokens-file "$prompt" --gen "$GEN" --no-remote | field gen)"
+    split="$(engine --tokens-file "$prompt" --gen "$GEN" --split "$reused" | field gen)"
+    printf '   %-34s source=%-7s reused=%-4s ttft_ms=%s\n' "$label" "$src" "$reused" "$(field ttft_ms <<<"$out")"
+    [[ "$src" == "$want_source" ]] || { cat "$TMP/case.err"; fail "$label: source $src, want $want_source"; }
+    [[ "$want_reused" == "*" || "$reused" == "$want_reused" ]] || fail "$label: reused $reused, want $want_reused"
+    [[ "$(field gen <<<"$out")" == "$ref" ]] || fail "$label: continuation differs from a full local prefill"
+    [[ "$(field gen <<<"$out")" == "$split" ]] || fail "$label: continuation differs from a split local prefill"
+}
+
+step "bit-exact store (bits 16, 64-token chunks): fetched prefix vs local prefill, $GEN tokens"
+start_stack exact 16 64
+expect_case "150 tokens, cold (save)" "$TMP/p150.txt" prefill 0
+grep -q "prefix not in the store" "$TMP/case.err" || fail "cold request did not log its reason"
+expect_case "150 tokens again (mid-chunk 150)" "$TMP/p150.txt" fetch 149
+expect_case "187 = 150 + 37 (whole chunks)" "$TMP/p187.txt" fetch 128
+expect_case "187 again (mid-chunk 187)" "$TMP/p187.txt" fetch 186
+expect_case "shares 100 tokens, then differs" "$TMP/pX.txt" fetch 64
+expect_case "300 tokens (first 128 stored)" "$TMP/pA.txt" fetch 128
+expect_case "300 tokens again (mid-chunk 300)" "$TMP/pA.txt" fetch 299
+# A 60-token prompt is a prefix of stored prompts but covers no whole 64-token chunk (chunk keys
+# hash whole chunks, or a stored prompt's own partial tail): nothing to reuse.
+expect_case "60 tokens (no whole chunk)" "$TMP/p60.txt" prefill 0 --no-save
+
+step "fallbacks"
+out="$(engine --tokens-file "$TMP/p150.txt" --gen "$GEN" --socket "$TMP/no-such.sock")"
+why="$(grep -o 'daemon unavailable.*' "$TMP/engine.err" || true)"
+[[ -n "$why" ]] || fail "daemon down: no logged reason"
+[[ "$(field source <<<"$out")" == prefill && "$(field gen <<<"$out")" == "$(engine --tokens-file "$TMP/p150.txt" --gen "$GEN" --no-remote | field gen)" ]] ||
+    fail "daemon down: wrong fallback"
+echo "   daemon down: ${why:0:150}"
+expect_case "prefix absent (--no-save)" "$TMP/p256.txt" prefill 0 --no-save
+grep -q "prefix not in the store" "$TMP/case.err" || fail "absent prefix: no logged reason"
+kill "$STORE_PID"
+wait "$STORE_PID" 2>/dev/null || true
+expect_case "store down, prompt stored" "$TMP/p150.txt" prefill 0 --no-save
+why="$(grep -o 'kvf-llama: .*falling back to prefill' "$TMP/case.err" | head -1 || true)"
+[[ -n "$why" ]] || fail "store down: no logged reason"
+echo "   store down: ${why:0:200}"
+kill "$DAEMON_PID"
+
+step "8-bit store (bits 8, 64-token chunks): 256 generated tokens after a fetched prefix"
+start_stack q8 8 64
+engine --tokens-file "$TMP/p256.txt" --gen 4 --socket "$SOCK" >/dev/null
+out="$(engine --tokens-file "$TMP/p256.txt" --gen 256 --socket "$SOCK" --logits-out "$TMP/q8.f32")"
+[[ "$(field source <<<"$out")" == fetch ]] || { cat "$TMP/engine.err"; fail "8-bit: no fetch"; }
+ref="$(engine --tokens-file "$TMP/p256.txt" --gen 256 --no-remote --logits-out "$TMP/ref.f32")"
+echo "   8-bit, reused $(field reused <<<"$out") of 256 prompt tokens: $(python3 "$HERE/compare_runs.py" \
+    "$(field gen <<<"$out")" "$TMP/q8.f32" "$(field gen <<<"$ref")" "$TMP/ref.f32" 512)"
+kill "$DAEMON_PID" "$STORE_PID"
+
+echo "tests/llama: all checks passed"
