@@ -163,3 +163,30 @@ fn bad_codes_and_layouts_are_rejected() {
     ));
     assert_eq!(LayoutSpec::default().to_string(), "frames");
 }
+
+#[test]
+fn one_decoder_serves_concurrent_callers() {
+    let Some(cache) = codelm() else { return };
+    let (Some(enc), Some(dec)) = (encoder("rows"), decoder()) else {
+        return;
+    };
+    let planes: Vec<CodePlane> = (0..3)
+        .map(|i| quantized(&cache, i..i + 1, 0..48, 6))
+        .collect();
+    let sections: Vec<_> = planes
+        .iter()
+        .map(|p| enc.encode(p).expect("encodes"))
+        .collect();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for (p, sec) in planes.iter().zip(&sections) {
+                    let back = dec
+                        .decode(p.shape, &sec.params, &sec.payload)
+                        .expect("decodes");
+                    assert!(back == *p);
+                }
+            });
+        }
+    });
+}

@@ -199,3 +199,24 @@ fn async_client_fetches_and_waits_per_layer() {
         assert_eq!(c.stats().await.unwrap().fetches_active, 0);
     });
 }
+
+#[test]
+fn shutdown_cancels_running_fetches_and_closes_clients() {
+    let Some(kv) = load_kv(16) else { return };
+    let mut b = MemBackend::new(Some(kv.clone()));
+    b.gate_from = 1;
+    let srv = TestServer::start(b);
+    let backend = srv.backend.clone();
+    let c = Client::connect(&srv.path).unwrap();
+    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let f = c.fetch(MODEL, &kv.token_ids, &layout).unwrap();
+    f.wait_layer(0).unwrap();
+    assert!(!backend
+        .fetch_dropped
+        .load(std::sync::atomic::Ordering::SeqCst));
+    drop(srv); // serve's shutdown future completes; the call returns once all is torn down
+    assert!(backend
+        .fetch_dropped
+        .load(std::sync::atomic::Ordering::SeqCst));
+    assert!(f.wait_layer(1).is_err());
+}

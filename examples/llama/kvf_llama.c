@@ -261,6 +261,7 @@ static char *read_file(const char *path) {
             if (!b) {
                 free(buf);
                 buf = NULL;
+                break;
             }
             buf = b;
         }
@@ -588,14 +589,17 @@ out:
 /* --split P: local reference that prefills [0,P) and then [P,n) as two batches. */
 static int run_split(eng *e, const args *a, const int32_t *toks, uint32_t n) {
     const uint32_t p = (uint32_t)a->split;
-    float *logits = malloc((size_t)e->n_vocab * sizeof(float));
+    const size_t nv = (size_t)e->n_vocab;
+    float *logits = malloc(nv * sizeof(float));
     int32_t *gen = malloc(a->gen * sizeof(int32_t));
+    float *steps = a->logits_out ? malloc(a->gen * nv * sizeof(float)) : NULL;
     int rc = -1;
-    if (logits && gen && p < n) {
+    if (logits && gen && p < n && (steps || !a->logits_out)) {
         eng_reset(e);
         if ((p == 0 || eng_decode(e, toks, p, 0, NULL) == 0) &&
             eng_decode(e, toks + p, n - p, p, logits) == 0 &&
-            eng_generate(e, logits, n, a->gen, gen, NULL) == 0) {
+            eng_generate(e, logits, n, a->gen, gen, steps) == 0 &&
+            (!a->logits_out || write_file(a->logits_out, steps, a->gen * nv * sizeof(float)) == 0)) {
             print_tokens("gen", gen, a->gen);
             rc = 0;
         }
@@ -604,6 +608,7 @@ static int run_split(eng *e, const args *a, const int32_t *toks, uint32_t n) {
     }
     free(logits);
     free(gen);
+    free(steps);
     return rc;
 }
 
@@ -624,7 +629,11 @@ int main(int argc, char **argv) {
     int32_t *toks = NULL;
     long n = -1;
     if (a.sample > 0) {
-        rc = (uint32_t)a.sample <= e.n_ctx && run_sample(&e, &a) == 0 ? 0 : 1;
+        if ((uint32_t)a.sample > e.n_ctx) {
+            LOG("--sample %ld exceeds the context of %u tokens", a.sample, e.n_ctx);
+            goto done;
+        }
+        rc = run_sample(&e, &a) == 0 ? 0 : 1;
         goto done;
     }
     if (a.prompt) {

@@ -2,7 +2,7 @@
 # (sourced; expects ROOT, KVF, ENGINE and GGUF set). Creates $TMP and removes it, and kills
 # every process it started, on exit.
 
-step() { echo "== $*"; }
+step() { echo "== [${SECONDS}s] $*"; }
 fail() {
     echo "FAIL: $*" >&2
     exit 1

@@ -2,7 +2,7 @@
 # tests/llama/run.sh: the llama.cpp engine (examples/llama, kvf-llama) against llama.cpp alone,
 # the numpy llama2.c reference, and a real store + daemon on loopback.
 #
-#   1. kv_state unit test (no llama.cpp), under AddressSanitizer/UBSan;
+#   1. kv_state unit test (no llama.cpp); every C program here runs under AddressSanitizer/UBSan;
 #   2. llama.cpp reproduces the llama2.c forward pass (scripts/llama2_reference.py): K/V in the
 #      cache, logits and greedy tokens; a checkpoint converted with the (wrong) HF Q/K
 #      permutation must fail the same check (the check can fail);
@@ -44,7 +44,9 @@ cargo_flags=(--locked -p kvfetcher -p kvfetcher-c)
 (cd "$ROOT" && cargo build --quiet "${cargo_flags[@]}")
 make -s -B -C "$ROOT/examples/llama" KVF_LIB="$ROOT/target/$PROFILE"
 KVF="$ROOT/target/$PROFILE/kvfetcher"
-ENGINE="$ROOT/build/llama/bin/kvf-llama"
+# Every engine call runs the AddressSanitizer/UBSan build (timings here are not benchmarks).
+ENGINE="$ROOT/build/llama/bin/kvf-llama-asan"
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
 
 step "kv_state unit test (ASan/UBSan)"
 "$ROOT/build/llama/bin/test-kv-state"
@@ -86,17 +88,19 @@ GEN=32
 expect_case() {
     local label="$1" prompt="$2" want_source="$3" want_reused="$4" out ref split src reused
     shift 4
-    out="$(engine --tokens-file "$prompt" --gen "$GEN" --socket "$SOCK" "$@")" || { cat "$TMP/engine.err"; fail "$label: engine failed"; }
+    out="$(engine --tokens-file "$prompt" --gen "$GEN" --socket "$SOCK" --logits-out "$TMP/case.f32" "$@")" ||
+        { cat "$TMP/engine.err"; fail "$label: engine failed"; }
     cp "$TMP/engine.err" "$TMP/case.err"
     src="$(field source <<<"$out")"
     reused="$(field reused <<<"$out")"
     ref="$(engine --tokens-file "$prompt" --gen "$GEN" --no-remote | field gen)"
-    split="$(engine --tokens-file "$prompt" --gen "$GEN" --split "$reused" | field gen)"
+    split="$(engine --tokens-file "$prompt" --gen "$GEN" --split "$reused" --logits-out "$TMP/split.f32" | field gen)"
     printf '   %-34s source=%-7s reused=%-4s ttft_ms=%s\n' "$label" "$src" "$reused" "$(field ttft_ms <<<"$out")"
     [[ "$src" == "$want_source" ]] || { cat "$TMP/case.err"; fail "$label: source $src, want $want_source"; }
     [[ "$want_reused" == "*" || "$reused" == "$want_reused" ]] || fail "$label: reused $reused, want $want_reused"
     [[ "$(field gen <<<"$out")" == "$ref" ]] || fail "$label: continuation differs from a full local prefill"
     [[ "$(field gen <<<"$out")" == "$split" ]] || fail "$label: continuation differs from a split local prefill"
+    cmp -s "$TMP/case.f32" "$TMP/split.f32" || fail "$label: logits differ from a split local prefill"
 }
 
 step "bit-exact store (bits 16, 64-token chunks): fetched prefix vs local prefill, $GEN tokens"

@@ -34,13 +34,7 @@ fn build_c_program(out_dir: &std::path::Path) -> Option<PathBuf> {
         println!("skipped: no C compiler ({cc})");
         return None;
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "kvfetcher-c", "--lib"])
-        .current_dir(repo_root())
-        .status()
-        .unwrap();
-    assert!(st.success(), "cargo build -p kvfetcher-c failed");
+    cargo_build("kvfetcher-c", &["--lib"]);
     let lib_dir = kvfetcher_bin().parent().unwrap().to_path_buf();
     let exe = out_dir.join("e2e_fetch");
     let st = Command::new(&cc)

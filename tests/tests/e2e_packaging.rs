@@ -83,7 +83,11 @@ fn daemon_rejects_a_bad_config_and_reads_the_example() {
         .arg(&bad)
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "a bad config exits with EX_CONFIG"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a loopback address"), "{err}");
     // The example config parses; the daemon then fails only on the absent TLS directory.

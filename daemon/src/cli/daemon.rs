@@ -20,6 +20,9 @@ use crate::metrics::{serve_metrics, Metrics};
 use crate::pipeline::Pipeline;
 use notify::Notifier;
 
+/// Exit status for a bad configuration (sysexits.h `EX_CONFIG`).
+pub const EX_CONFIG: i32 = 78;
+
 /// Arguments of `kvfetcher daemon`.
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
@@ -48,7 +51,15 @@ pub struct Running {
 
 /// Runs `kvfetcher daemon`.
 pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    let mut config = Config::load(&args.config)?;
+    let mut config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            // EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from retrying a
+            // configuration that cannot get better by itself.
+            eprintln!("kvfetcher: error: {e}");
+            std::process::exit(EX_CONFIG);
+        }
+    };
     if let Some(s) = args.socket {
         config.socket = s;
     }

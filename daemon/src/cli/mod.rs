@@ -2,14 +2,17 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench_codec;
 pub mod bench_fetch;
+pub mod bench_fidelity;
 pub mod bench_net;
+pub mod codec;
 pub mod daemon;
 pub mod demo;
 pub mod gpu;
 pub mod kv;
-pub mod lookup;
 mod local_stack;
+pub mod lookup;
 pub mod store;
 
 /// KVFetcher: fetch compressed KV caches from remote storage and restore them for local engines.
@@ -36,11 +39,17 @@ pub enum Command {
     Gpu(gpu::GpuArgs),
     /// Run the remote chunk store (QUIC), or write dev certificates with --dev-cert.
     Store(store::StoreArgs),
+    /// Encode a KV safetensors file into chunk object files (one per chunk, named by key).
+    Encode(codec::EncodeArgs),
+    /// Decode a directory of chunk object files into one KV safetensors file.
+    Decode(codec::DecodeArgs),
+    /// Describe one chunk object (header, sections, sizes); optionally extract HEVC streams.
+    Inspect(codec::InspectArgs),
     /// Upload chunk object files to a store.
     Put(store::PutArgs),
     /// Download one chunk object from a store.
     Get(store::GetArgs),
-    /// Benchmarks: `bench net` (store goodput over emulated links).
+    /// Benchmarks: `bench net`, `bench fetch`, `bench codec`, `bench fidelity`, ...
     Bench(bench_net::BenchArgs),
 }
 
@@ -53,6 +62,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Kv(args) => kv::run(args),
         Command::Gpu(args) => gpu::run(args),
         Command::Store(args) => store::run_store(args),
+        Command::Encode(args) => codec::run_encode(args),
+        Command::Decode(args) => codec::run_decode(args),
+        Command::Inspect(args) => codec::run_inspect(args),
         Command::Put(args) => store::run_put(args),
         Command::Get(args) => store::run_get(args),
         Command::Bench(args) => bench_net::run(args),

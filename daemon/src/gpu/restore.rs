@@ -133,7 +133,10 @@ impl TargetSpec {
     /// Checks that `rows x cols` codes fit this target.
     pub fn validate(&self, rows: usize, cols: usize) -> Result<(), GpuError> {
         let bad = |m: String| Err(GpuError::InvalidArgument(m));
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(8) || cols != self.heads * self.head_dim {
+        if self.head_dim == 0
+            || !self.head_dim.is_multiple_of(8)
+            || cols != self.heads * self.head_dim
+        {
             return bad(format!(
                 "cols {cols} != heads {} x head_dim {} (a multiple of 8)",
                 self.heads, self.head_dim

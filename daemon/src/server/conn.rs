@@ -99,13 +99,16 @@ pub(crate) async fn run(
             out: out.clone(),
         });
         read_loop(&stream, &mut rx, &ctx).await;
+        // Cancel the connection's fetches first: their tasks hold the outbox open.
+        registry.disconnect(conn);
         drop(ctx);
         drop(out);
-        // Drain what is queued (a final error, say), but never wait on a client that stopped
-        // reading.
+        // Drain what is queued (a final error, say), but never wait long on a client that
+        // stopped reading.
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    } else {
+        registry.disconnect(conn);
     }
-    registry.disconnect(conn);
     tracing::info!(conn, "local client disconnected");
 }
 

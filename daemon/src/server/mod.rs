@@ -88,5 +88,6 @@ pub async fn serve_with(
         }
     }
     conns.shutdown().await;
+    registry.abort_all();
     Ok(())
 }

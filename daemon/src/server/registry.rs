@@ -106,6 +106,14 @@ impl Registry {
         self.clients.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Drops every handle and aborts every fetch task (server shutdown).
+    pub(crate) fn abort_all(&self) {
+        let all: Vec<Handle> = self.lock().drain().map(|(_, h)| h).collect();
+        for t in all.into_iter().filter_map(|h| h.task) {
+            t.abort();
+        }
+    }
+
     /// A fresh, daemon-wide unique fetch id.
     pub(crate) fn new_fetch_id(&self) -> u64 {
         self.fetches_total.fetch_add(1, Ordering::Relaxed);

@@ -122,6 +122,7 @@ impl StoreConfig {
             token,
             congestion: self.congestion.unwrap_or(d.congestion),
             large_windows: true,
+            ack_every: None,
         })
     }
 }

@@ -47,6 +47,8 @@ pub struct ServerOptions {
     pub congestion: Congestion,
     /// Use the large flow-control windows of `crate::transport` (off: quinn's defaults).
     pub large_windows: bool,
+    /// ACK frequency asked of clients (see `TransportTuning::ack_every`).
+    pub ack_every: Option<u32>,
 }
 
 impl Default for ServerOptions {
@@ -60,6 +62,7 @@ impl Default for ServerOptions {
             token: None,
             congestion: Congestion::Cubic,
             large_windows: true,
+            ack_every: None,
         }
     }
 }
@@ -128,6 +131,7 @@ impl StoreServer {
             idle_timeout: opts.idle_timeout,
             keep_alive: None,
             large_windows: opts.large_windows,
+            ack_every: opts.ack_every,
         };
         cfg.transport_config(Arc::new(transport_config(&tuning)));
         let endpoint = quinn::Endpoint::server(cfg, addr)

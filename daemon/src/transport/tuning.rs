@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
-use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use quinn::{AckFrequencyConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
 /// Per-stream receive window: 25 Gbit/s x 10 ms is 31 MB; one object stream may use it all.
 pub const STREAM_WINDOW: u32 = 32 << 20;
@@ -46,6 +46,9 @@ pub struct TransportTuning {
     pub keep_alive: Option<Duration>,
     /// Use the large windows above; off gives quinn's defaults, for comparison.
     pub large_windows: bool,
+    /// Ask the peer (QUIC ACK frequency extension) to acknowledge only every this many
+    /// ack-eliciting packets; `None` keeps quinn's default (every other packet).
+    pub ack_every: Option<u32>,
 }
 
 impl Default for TransportTuning {
@@ -56,6 +59,7 @@ impl Default for TransportTuning {
             idle_timeout: Duration::from_secs(30),
             keep_alive: None,
             large_windows: true,
+            ack_every: None,
         }
     }
 }
@@ -77,6 +81,11 @@ pub fn transport_config(t: &TransportTuning) -> TransportConfig {
     mtu.upper_bound(MTU_UPPER_BOUND);
     c.mtu_discovery_config(Some(mtu));
     c.enable_segmentation_offload(true);
+    if let Some(n) = t.ack_every {
+        let mut ack = AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(VarInt::from_u32(n.saturating_sub(1)));
+        c.ack_frequency_config(Some(ack));
+    }
     match t.congestion {
         Congestion::Cubic => c.congestion_controller_factory(Arc::new(CubicConfig::default())),
         Congestion::Bbr => c.congestion_controller_factory(Arc::new(BbrConfig::default())),

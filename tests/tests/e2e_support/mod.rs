@@ -45,24 +45,37 @@ pub(crate) fn shared_data(name: &str) -> Option<PathBuf> {
     }
 }
 
-/// Builds `kvfetcher` (once per test binary) so the test runs the current code, and returns it.
+/// The target directory of this test binary's profile (`target/debug` or `target/release`).
+pub(crate) fn profile_dir() -> PathBuf {
+    // The test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Runs `cargo build -p <package> <extra>` in the profile this test was built with, so the
+/// test uses the current code (a no-op when `cargo test --workspace` already built it).
+pub(crate) fn cargo_build(package: &str, extra: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", package])
+        .args(extra)
+        .current_dir(repo_root());
+    if profile_dir().file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+}
+
+/// Builds `kvfetcher` (once per test binary) and returns its path.
 pub(crate) fn kvfetcher_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "kvfetcher", "--bin", "kvfetcher"])
-            .current_dir(repo_root())
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p kvfetcher failed");
-        // The test binary lives in target/<profile>/deps/.
-        let exe = std::env::current_exe().expect("current exe");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .join("kvfetcher");
+        cargo_build("kvfetcher", &["--bin", "kvfetcher"]);
+        let bin = profile_dir().join("kvfetcher");
         assert!(bin.exists(), "{} missing", bin.display());
         bin
     })

@@ -46,6 +46,10 @@ pub enum BenchCommand {
     DelayBridge(BridgeArgs),
     /// Fetch pipeline (CPU path) against raw bf16 and zstd int8 whole objects.
     Fetch(super::bench_fetch::BenchFetchArgs),
+    /// Codec size, speed and error per variant, HEVC layout and bit width.
+    Codec(super::bench_codec::BenchCodecArgs),
+    /// Next-token fidelity of a llama2.c model per bit width.
+    Fidelity(super::bench_fidelity::BenchFidelityArgs),
 }
 
 /// How links are emulated.
@@ -76,7 +80,8 @@ pub struct NetArgs {
     #[arg(long, default_value_t = 16)]
     pub streams: usize,
     /// Transports to compare: quic-cubic, quic-bbr, quic-newreno, tcp; a `-defaults` suffix on
-    /// a QUIC label uses quinn's default windows (e.g. quic-cubic-defaults).
+    /// a QUIC label uses quinn's default windows (e.g. quic-cubic-defaults), `-ackN` asks for
+    /// an ACK every N packets (e.g. quic-cubic-ack8).
     #[arg(long, value_delimiter = ',', default_value = "quic-cubic,quic-bbr,tcp")]
     pub protos: Vec<String>,
     /// Link emulation.
@@ -138,17 +143,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::NetServe(a) => peer::serve(a),
         BenchCommand::NetFetch(a) => peer::fetch(a),
         BenchCommand::Fetch(a) => super::bench_fetch::run(a),
+        BenchCommand::Codec(a) => super::bench_codec::run(a),
+        BenchCommand::Fidelity(a) => super::bench_fidelity::run(a),
         BenchCommand::DelayBridge(a) => {
             bridge::run(&a.a, &a.b, Duration::from_micros(a.delay_us), a.loss_ppm)
         }
     }
 }
 
-fn parse_proto(label: &str) -> anyhow::Result<(Proto, Congestion, bool)> {
-    let (base, defaults) = match label.strip_suffix("-defaults") {
-        Some(b) => (b, true),
-        None => (label, false),
-    };
+fn parse_proto(label: &str) -> anyhow::Result<(Proto, Congestion, String)> {
+    let mut base = label;
+    let mut extra = String::new();
+    if let Some(b) = base.strip_suffix("-defaults") {
+        base = b;
+        extra.push_str(" --quinn-defaults");
+    }
+    if let Some((b, n)) = base.rsplit_once("-ack") {
+        let n: u32 = n
+            .parse()
+            .with_context(|| format!("bad ack count in {label:?}"))?;
+        base = b;
+        extra.push_str(&format!(" --ack-every {n}"));
+    }
     let (p, c) = match base {
         "quic-cubic" => (Proto::Quic, Congestion::Cubic),
         "quic-bbr" => (Proto::Quic, Congestion::Bbr),
@@ -156,7 +172,7 @@ fn parse_proto(label: &str) -> anyhow::Result<(Proto, Congestion, bool)> {
         "tcp" => (Proto::Tcp, Congestion::Cubic),
         other => bail!("unknown transport {other:?} (quic-cubic, quic-bbr, quic-newreno, tcp)"),
     };
-    Ok((p, c, defaults))
+    Ok((p, c, extra))
 }
 
 fn shell_quote(s: &str) -> String {
@@ -196,8 +212,7 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
     );
     for (ri, &rate) in args.rates.iter().enumerate() {
         for (pi, label) in args.protos.iter().enumerate() {
-            let (proto, cc, defaults) = parse_proto(label)?;
-            let extra = if defaults { " --quinn-defaults" } else { "" };
+            let (proto, cc, extra) = parse_proto(label)?;
             let tag = format!("{ri}-{pi}");
             let ready = work.join(format!("ready-{tag}"));
             let srv_report = work.join(format!("serve-{tag}.json"));

@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// Use quinn's default flow-control windows instead of the tuned ones.
     #[arg(long)]
     pub quinn_defaults: bool,
+    /// Ask the peer to acknowledge every N packets (QUIC ACK frequency).
+    #[arg(long)]
+    pub ack_every: Option<u32>,
     /// Send-rate limit in bytes per second (loopback emulation).
     #[arg(long)]
     pub max_rate: Option<u64>,
@@ -84,6 +87,9 @@ pub struct FetchArgs {
     /// Use quinn's default flow-control windows instead of the tuned ones.
     #[arg(long)]
     pub quinn_defaults: bool,
+    /// Ask the peer to acknowledge every N packets (QUIC ACK frequency).
+    #[arg(long)]
+    pub ack_every: Option<u32>,
     /// Objects fetched in parallel (QUIC streams).
     #[arg(long, default_value_t = 16)]
     pub streams: usize,
@@ -162,6 +168,7 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     congestion: args.congestion,
                     max_rate: args.max_rate,
                     large_windows: !args.quinn_defaults,
+                    ack_every: args.ack_every,
                     ..ServerOptions::default()
                 };
                 let server = StoreServer::bind(args.listen, &tls, Arc::new(backend), opts)?;
@@ -236,6 +243,7 @@ pub(super) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
                 let tuning = TransportTuning {
                     congestion: args.congestion,
                     large_windows: !args.quinn_defaults,
+                    ack_every: args.ack_every,
                     ..TransportTuning::default()
                 };
                 let opts = ClientOptions { tuning };

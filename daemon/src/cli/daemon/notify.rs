@@ -40,7 +40,9 @@ impl Notifier {
     /// How often to ping the watchdog: half of `$WATCHDOG_USEC`, when systemd set one for us.
     pub(crate) fn watchdog_interval() -> Option<Duration> {
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-        let pid = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok());
+        let pid = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok());
         let pid_ok = match pid {
             Some(p) => p == std::process::id(),
             None => true,

@@ -1,0 +1,266 @@
+//! `kvfetcher encode`: a KV safetensors file into chunk object files, one per chunk, each named
+//! by its key in hex.
+//!
+//! The model fingerprint (the namespace of the keys) is, in order of preference: SHA-256 of
+//! `--model-id`; the file's `model_sha256` metadata (the SHA-256 of the weights file, as
+//! `kvfetcher kv capture` records it, used as is); SHA-256 of the file's `model` metadata; or
+//! SHA-256 of the file's safetensors header (its JSON bytes: shapes, dtypes and metadata).
+//! Keys chain over the file's `token_ids` tensor; a file without one uses positions `0..n`
+//! (with a warning): such keys name this file's KV, not a text.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use kvfetcher_codec::{
+    encode_cache, CodecRegistry, EncodeConfig, Grouping, HevcEncoder, ModelFingerprint,
+    QuantConfig, VariantKind, ZstdCodec, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL,
+};
+use kvfetcher_kv::KvFile;
+
+use super::bytes_16bit;
+
+/// Arguments of `kvfetcher encode`.
+#[derive(Debug, Args)]
+pub struct EncodeArgs {
+    /// The KV safetensors file (tensors `layers.{i}.key` / `layers.{i}.value`).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Directory for the chunk objects (created if missing); each file is named by its key.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Quantization bits for every layer (2..=12).
+    #[arg(long, default_value_t = 8, conflicts_with = "exact")]
+    pub bits: u8,
+    /// Bit-exact mode: keep the original 16 (or 32) bits; decoding gives identical bytes.
+    #[arg(long)]
+    pub exact: bool,
+    /// Per-layer bits overriding --bits, e.g. `0=6,1=6`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_layer_bits, conflicts_with = "exact")]
+    pub layer_bits: Vec<(usize, u8)>,
+    /// How K shares quantization parameters.
+    #[arg(long, value_enum, default_value_t = GroupingArg::Channel)]
+    pub key_grouping: GroupingArg,
+    /// How V shares quantization parameters.
+    #[arg(long, value_enum, default_value_t = GroupingArg::Channel)]
+    pub value_grouping: GroupingArg,
+    /// Variant of every section.
+    #[arg(long, value_enum, default_value_t = VariantArg::Zstd)]
+    pub variant: VariantArg,
+    /// HEVC layout (rows, rows420, frames, frames420, frames:N); default: the encoder's.
+    #[arg(long)]
+    pub layout: Option<String>,
+    /// x265 preset of the hevc variant.
+    #[arg(long, default_value = DEFAULT_PRESET)]
+    pub preset: String,
+    /// zstd level of the zstd variant.
+    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
+    pub zstd_level: i32,
+    /// Tokens per chunk (the last chunk may be shorter).
+    #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
+    pub chunk_tokens: usize,
+    /// Layers per section (sections split further where per-layer bits differ).
+    #[arg(long, default_value_t = 1)]
+    pub layers_per_section: usize,
+    /// Model name whose SHA-256 namespaces the keys (default: from the file, see `encode`'s doc).
+    #[arg(long)]
+    pub model_id: Option<String>,
+}
+
+/// Variants on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VariantArg {
+    /// Lossless HEVC (NVDEC or libde265).
+    Hevc,
+    /// Bit-packed codes.
+    Packed,
+    /// zstd-coded codes.
+    Zstd,
+}
+
+impl From<VariantArg> for VariantKind {
+    fn from(v: VariantArg) -> VariantKind {
+        match v {
+            VariantArg::Hevc => VariantKind::Hevc,
+            VariantArg::Packed => VariantKind::Packed,
+            VariantArg::Zstd => VariantKind::Zstd,
+        }
+    }
+}
+
+/// Quantization groupings on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GroupingArg {
+    /// One (min, scale) per channel over the chunk's tokens.
+    Channel,
+    /// One (min, scale) per token over its channels.
+    Token,
+}
+
+impl From<GroupingArg> for Grouping {
+    fn from(g: GroupingArg) -> Grouping {
+        match g {
+            GroupingArg::Channel => Grouping::PerChannel,
+            GroupingArg::Token => Grouping::PerToken,
+        }
+    }
+}
+
+/// Parses `LAYER=BITS`.
+fn parse_layer_bits(s: &str) -> Result<(usize, u8), String> {
+    let (l, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not LAYER=BITS"))?;
+    let layer = l
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad layer {l:?} in {s:?}"))?;
+    let bits = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad bits {b:?} in {s:?}"))?;
+    Ok((layer, bits))
+}
+
+/// A registry with `zstd` at `zstd_level` and, when `variant` is hevc, an x265 encoder with
+/// `layout` and `preset` (an error saying why when x265 cannot be loaded).
+pub(crate) fn registry_for(
+    variant: VariantKind,
+    layout: Option<&str>,
+    preset: &str,
+    zstd_level: i32,
+) -> anyhow::Result<CodecRegistry> {
+    let zstd = Arc::new(ZstdCodec::new(zstd_level));
+    let mut reg = CodecRegistry::standard().with(VariantKind::Zstd, zstd);
+    if variant == VariantKind::Hevc {
+        let enc = HevcEncoder::new(layout)
+            .context("hevc encoder")?
+            .with_preset(preset);
+        reg = reg.with(VariantKind::Hevc, Arc::new(enc));
+    }
+    Ok(reg)
+}
+
+/// Where the model fingerprint of a file's keys comes from (see the module documentation).
+pub(crate) fn fingerprint_for(
+    model_id: Option<&str>,
+    file: &KvFile,
+    path: &Path,
+) -> anyhow::Result<(ModelFingerprint, String)> {
+    if let Some(name) = model_id {
+        return Ok((
+            ModelFingerprint::of_bytes(name.as_bytes()),
+            format!("SHA-256 of --model-id {name:?}"),
+        ));
+    }
+    if let Some(hex) = file.metadata.get("model_sha256") {
+        if let Ok(fp) = ModelFingerprint::from_hex(hex) {
+            return Ok((fp, "the file's model_sha256 metadata".into()));
+        }
+    }
+    if let Some(name) = file.metadata.get("model") {
+        return Ok((
+            ModelFingerprint::of_bytes(name.as_bytes()),
+            "SHA-256 of the file's model metadata".into(),
+        ));
+    }
+    let header = safetensors_header(path)?;
+    Ok((
+        ModelFingerprint::of_bytes(&header),
+        "SHA-256 of the file's safetensors header".into(),
+    ))
+}
+
+/// The JSON header bytes of a safetensors file.
+fn safetensors_header(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    let mut header = Vec::new();
+    f.take(n).read_to_end(&mut header)?;
+    if header.len() as u64 != n {
+        bail!("{}: truncated safetensors header", path.display());
+    }
+    Ok(header)
+}
+
+/// The quantization of `args`.
+fn quant_of(args: &EncodeArgs) -> QuantConfig {
+    if args.exact {
+        return QuantConfig::Exact;
+    }
+    QuantConfig::Bits {
+        default_bits: args.bits,
+        per_layer: args.layer_bits.clone(),
+        key_grouping: args.key_grouping.into(),
+        value_grouping: args.value_grouping.into(),
+    }
+}
+
+/// Runs `kvfetcher encode`: prints one line per chunk object written, then a summary.
+pub fn run_encode(args: EncodeArgs) -> anyhow::Result<()> {
+    let file = KvFile::read(&args.input).with_context(|| format!("{}", args.input.display()))?;
+    let cache = &file.cache;
+    let positions: Vec<u32>;
+    let ids = match cache.token_ids() {
+        Some(ids) => ids,
+        None => {
+            eprintln!(
+                "warning: {} has no token_ids; keys chain over positions 0..{} and name this \
+                 file's KV only",
+                args.input.display(),
+                cache.tokens()
+            );
+            positions = (0..cache.tokens() as u32).collect();
+            &positions
+        }
+    };
+    let (model, source) = fingerprint_for(args.model_id.as_deref(), &file, &args.input)?;
+    eprintln!("model fingerprint {model} ({source})");
+    let variant = VariantKind::from(args.variant);
+    if args.layout.is_some() && variant != VariantKind::Hevc {
+        bail!("--layout applies to the hevc variant only");
+    }
+    let registry = registry_for(
+        variant,
+        args.layout.as_deref(),
+        &args.preset,
+        args.zstd_level,
+    )?;
+    let cfg = EncodeConfig {
+        quant: quant_of(&args),
+        variant,
+        hevc_layout: None,
+        chunk_tokens: args.chunk_tokens,
+        layers_per_section: args.layers_per_section,
+    };
+    let spinner = super::progress(1, "encode");
+    let started = Instant::now();
+    let chunks = encode_cache(cache, &model, ids, &cfg, &registry)?;
+    let secs = started.elapsed().as_secs_f64();
+    spinner.finish_and_clear();
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let mut total = 0u64;
+    for (i, (key, bytes)) in chunks.iter().enumerate() {
+        let path = args.out.join(key.to_hex());
+        std::fs::write(&path, bytes).with_context(|| format!("write {}", path.display()))?;
+        let start = i * args.chunk_tokens;
+        let end = (start + args.chunk_tokens).min(cache.tokens());
+        println!("{key} tokens {start}..{end} {} bytes", bytes.len());
+        total += bytes.len() as u64;
+    }
+    let raw = bytes_16bit(cache);
+    println!(
+        "{} chunks, {total} bytes in {}: {:.3}x smaller than the 16-bit KV ({raw} bytes); \
+         encoded at {:.1} MB/s",
+        chunks.len(),
+        args.out.display(),
+        raw as f64 / total.max(1) as f64,
+        raw as f64 / 1e6 / secs.max(1e-9)
+    );
+    Ok(())
+}
