@@ -27,9 +27,11 @@ fn cpu_restore_matches_codec_dequantize_on_real_kv() {
     let Some(path) = kv_path() else { return };
     let codes = kv_codes(&path, 6).unwrap();
     let g = codes.geometry;
-    for target in targets(&codes) {
+    // NHD contiguous f16, NHD paged f32, HND contiguous bf16, HND paged bf16: every axis once.
+    let all = targets(&codes);
+    for target in [0, 5, 7, 10].map(|i| &all[i]) {
         let mut outs = vec![Vec::new(); g.tensors];
-        restore_cpu(g, &codes.codes, &codes.dequant, &target, &mut outs).unwrap();
+        restore_cpu(g, &codes.codes, &codes.dequant, target, &mut outs).unwrap();
         for t in [0, g.tensors - 1] {
             let n = g.rows * g.cols;
             let params = GroupParams {
@@ -57,7 +59,7 @@ fn cpu_restore_matches_codec_dequantize_on_real_kv() {
                         f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == w.to_bits()
                     }
                 };
-                assert!(ok, "{} tensor {t} code {i}", target_name(&target));
+                assert!(ok, "{} tensor {t} code {i}", target_name(target));
             }
         }
     }

@@ -79,11 +79,12 @@ fi
 step "selftest: state round trip and prefix reuse in llama.cpp alone"
 for fa in "" --flash-attn; do
     out="$(engine --tokens-file "$TMP/p150.txt" --gen 24 --selftest $fa)" || { echo "$out"; cat "$TMP/engine.err"; fail "selftest $fa"; }
-    grep -E "^(roundtrip|prefix)" <<<"$out" | sed "s/^/   ${fa:-no-flash-attn} /"
+    grep -E "^(roundtrip|prefix)" <<<"$out" | sed "s/^/   ${fa:---no-flash-attn} /"
 done
 
 # expect_case LABEL PROMPT WANT_SOURCE WANT_REUSED [ENGINE ARGS]: a request through the daemon
-# must give the same tokens as a full local prefill and as a local prefill split at the reuse.
+# must give the same tokens as a full local prefill, and the same tokens and logits (bit for bit)
+# as a local prefill split at the reused length. ENGINE ARGS go to all three runs.
 GEN=32
 expect_case() {
     local label="$1" prompt="$2" want_source="$3" want_reused="$4" out ref split src reused
@@ -93,8 +94,8 @@ expect_case() {
     cp "$TMP/engine.err" "$TMP/case.err"
     src="$(field source <<<"$out")"
     reused="$(field reused <<<"$out")"
-    ref="$(engine --tokens-file "$prompt" --gen "$GEN" --no-remote | field gen)"
-    split="$(engine --tokens-file "$prompt" --gen "$GEN" --split "$reused" --logits-out "$TMP/split.f32" | field gen)"
+    ref="$(engine --tokens-file "$prompt" --gen "$GEN" --no-remote "$@" | field gen)"
+    split="$(engine --tokens-file "$prompt" --gen "$GEN" --split "$reused" --logits-out "$TMP/split.f32" "$@" | field gen)"
     printf '   %-34s source=%-7s reused=%-4s ttft_ms=%s\n' "$label" "$src" "$reused" "$(field ttft_ms <<<"$out")"
     [[ "$src" == "$want_source" ]] || { cat "$TMP/case.err"; fail "$label: source $src, want $want_source"; }
     [[ "$want_reused" == "*" || "$reused" == "$want_reused" ]] || fail "$label: reused $reused, want $want_reused"
@@ -113,6 +114,8 @@ expect_case "187 again (mid-chunk 187)" "$TMP/p187.txt" fetch 186
 expect_case "shares 100 tokens, then differs" "$TMP/pX.txt" fetch 64
 expect_case "300 tokens (first 128 stored)" "$TMP/pA.txt" fetch 128
 expect_case "300 tokens again (mid-chunk 300)" "$TMP/pA.txt" fetch 299
+# V in rows in llama.cpp's state (flash attention on): the other orientation of the mapping.
+expect_case "300 again, flash attention on" "$TMP/pA.txt" fetch 299 --flash-attn
 # A 60-token prompt is a prefix of stored prompts but covers no whole 64-token chunk (chunk keys
 # hash whole chunks, or a stored prompt's own partial tail): nothing to reuse.
 expect_case "60 tokens (no whole chunk)" "$TMP/p60.txt" prefill 0 --no-save

@@ -20,7 +20,7 @@ use kvfetcher_kv::{KvCache, KvFile};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::codec::{bytes_16bit, progress};
+use super::codec::{bytes_16bit, progress, GroupingArg};
 
 /// zstd level of the raw 16-bit baseline: the strongest commonly used.
 const RAW_ZSTD_LEVEL: i32 = 19;
@@ -53,6 +53,12 @@ pub struct BenchCodecArgs {
     /// Layers per section.
     #[arg(long, default_value_t = 1)]
     pub layers_per_section: usize,
+    /// How K shares quantization parameters.
+    #[arg(long, value_enum, default_value_t = GroupingArg::Channel)]
+    pub key_grouping: GroupingArg,
+    /// How V shares quantization parameters.
+    #[arg(long, value_enum, default_value_t = GroupingArg::Channel)]
+    pub value_grouping: GroupingArg,
     /// zstd level of the zstd variant.
     #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
@@ -87,10 +93,15 @@ impl std::str::FromStr for BitsArg {
 }
 
 impl BitsArg {
-    /// The quantization it stands for.
-    pub fn quant(self) -> QuantConfig {
+    /// The quantization it stands for, K and V grouped as given.
+    pub fn quant(self, key: GroupingArg, value: GroupingArg) -> QuantConfig {
         match self {
-            BitsArg::Bits(b) => QuantConfig::bits(b),
+            BitsArg::Bits(b) => QuantConfig::Bits {
+                default_bits: b,
+                per_layer: Vec::new(),
+                key_grouping: key.into(),
+                value_grouping: value.into(),
+            },
             BitsArg::Exact => QuantConfig::Exact,
         }
     }
@@ -219,7 +230,7 @@ pub fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
     let bar = progress((configs.len() * args.bits.len() + 1) as u64, "bench codec");
     let mut results = Vec::new();
     for &bits in &args.bits {
-        let quant = bits.quant();
+        let quant = bits.quant(args.key_grouping, args.value_grouping);
         let cfg = |variant| EncodeConfig {
             quant: quant.clone(),
             variant,

@@ -17,7 +17,7 @@ use kvfetcher_kv::{fidelity, DType, KvCache, LayerKv, Llama2Model, Tensor};
 use serde::Serialize;
 
 use super::bench_codec::{errors, round_trip, BitsArg};
-use super::codec::progress;
+use super::codec::{progress, GroupingArg};
 use super::kv::DTypeArg;
 
 /// Arguments of `kvfetcher bench fidelity`.
@@ -47,6 +47,12 @@ pub struct BenchFidelityArgs {
     /// Tokens per chunk (quantization ranges are per chunk).
     #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
     pub chunk_tokens: usize,
+    /// How K shares quantization parameters.
+    #[arg(long, value_enum, default_value_t = GroupingArg::Channel)]
+    pub key_grouping: GroupingArg,
+    /// How V shares quantization parameters.
+    #[arg(long, value_enum, default_value_t = GroupingArg::Channel)]
+    pub value_grouping: GroupingArg,
     /// Print a JSON list instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -107,7 +113,7 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for &bits in &args.bits {
         let cfg = EncodeConfig {
-            quant: bits.quant(),
+            quant: bits.quant(args.key_grouping, args.value_grouping),
             variant,
             hevc_layout: None,
             chunk_tokens: args.chunk_tokens,

@@ -9,7 +9,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvfetcher_codec::{CodePlane, CodecError, PlaneShape, SectionDecoder, VariantKind};
+use kvfetcher_codec::{
+    codes_crc32c, CodePlane, CodecError, Frame, HevcParams, PlaneShape, SectionDecoder, VariantKind,
+};
 
 use super::cuda::Cuda;
 use super::nvdec::{HostFrames, Nvdec, NvdecSession};
@@ -138,5 +140,80 @@ pub fn hevc_section_decoder<L: HevcFrameLayout + 'static>(
             tracing::warn!("nvdec unavailable ({e}): hevc sections decode in software");
             software
         }
+    }
+}
+
+/// The codec's own HEVC layout (`kvfetcher_codec::HevcParams` / `HevcGeometry`), so NVDEC
+/// decodes exactly the sections `kvfetcher_codec::HevcEncoder` writes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CodecHevcLayout;
+
+fn corrupt(reason: String) -> CodecError {
+    CodecError::Corrupt {
+        variant: "hevc",
+        reason,
+    }
+}
+
+impl HevcFrameLayout for CodecHevcLayout {
+    fn streams<'p>(
+        &self,
+        shape: PlaneShape,
+        params: &[u8],
+        payload: &'p [u8],
+    ) -> Result<Vec<&'p [u8]>, CodecError> {
+        let p = HevcParams::from_bytes(params)?;
+        if p.geometry.shape != shape {
+            return Err(corrupt(format!(
+                "section holds {:?}, expected {shape:?}",
+                p.geometry.shape
+            )));
+        }
+        p.split(payload)
+    }
+
+    fn codes_from_frames(
+        &self,
+        shape: PlaneShape,
+        params: &[u8],
+        frames: &[HostFrames],
+    ) -> Result<CodePlane, CodecError> {
+        let p = HevcParams::from_bytes(params)?;
+        let g = p.geometry;
+        if frames.len() != p.streams.len() {
+            return Err(corrupt(format!(
+                "{} decoded streams, {} expected",
+                frames.len(),
+                p.streams.len()
+            )));
+        }
+        let sizes: Vec<(usize, usize)> = (0..3).map(|c| g.plane_size(c)).collect();
+        let mut codes = vec![0u16; shape.len()];
+        let mut first = 0;
+        for (decoded, info) in frames.iter().zip(&p.streams) {
+            let fmt = decoded.format;
+            let (cw, ch) = fmt.chroma_size();
+            let dims = [(fmt.width, fmt.height), (cw, ch), (cw, ch)];
+            if decoded.frames != info.frames || (0..3).any(|c| sizes[c] != dims[c]) {
+                return Err(corrupt(format!(
+                    "nvdec gave {} frames of {fmt:?}",
+                    decoded.frames
+                )));
+            }
+            let spf = fmt.samples_per_frame();
+            for (i, s) in decoded.samples.chunks_exact(spf).enumerate() {
+                let (y, rest) = s.split_at(fmt.width * fmt.height);
+                let (u, v) = rest.split_at(cw * ch);
+                let frame = Frame {
+                    planes: [y.to_vec(), u.to_vec(), v.to_vec()],
+                };
+                g.codes_from_frame(first + i, &frame, &mut codes)?;
+            }
+            first += info.frames;
+        }
+        if codes_crc32c(&codes) != p.crc32c {
+            return Err(corrupt("codes fail their checksum".into()));
+        }
+        Ok(CodePlane { shape, codes })
     }
 }

@@ -19,7 +19,7 @@ pub mod restore;
 
 pub use cuda::{Cuda, DeviceBuffer, DeviceInfo, Event, Module, Stream};
 pub use error::GpuError;
-pub use hevc_backend::{hevc_section_decoder, HevcFrameLayout, NvdecHevcDecoder};
+pub use hevc_backend::{hevc_section_decoder, CodecHevcLayout, HevcFrameLayout, NvdecHevcDecoder};
 pub use nvdec::{Chroma, DeviceFrames, FrameFormat, HevcCaps, HostFrames, Nvdec, NvdecSession};
 pub use restore::{
     restore_cpu, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping,
