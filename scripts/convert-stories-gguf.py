@@ -26,8 +26,9 @@ Token ids are what the engine, the store and the tests exchange, so the placehol
 nothing there; only the text rendering of ids 259..511 is unknown. Pass --vocab tok512.bin
 (llama2.c tokenizer format) to use the real one where it is available.
 
-GGUF writer: the gguf-py package vendored by the same llama.cpp (build/llama/src/...), so the
-file format matches the loader exactly; falls back to an installed PyPI `gguf`.
+GGUF writer: the gguf-py package vendored by the same llama.cpp (build/llama/install/gguf-py or
+build/llama/src/...), so the file format matches the loader exactly; falls back to an installed
+PyPI `gguf`.
 Needs numpy (and PyYAML, which gguf-py imports).
 """
 import argparse
@@ -42,8 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def import_gguf():
-    """The vendored gguf-py when scripts/llama-build.sh unpacked it, else PyPI `gguf`."""
+    """The vendored gguf-py that scripts/llama-build.sh installs, else PyPI `gguf`."""
     vendored = sorted(glob.glob(os.path.join(ROOT, "build/llama/src/*/vendor/llama.cpp/gguf-py")))
+    vendored += [p for p in [os.path.join(ROOT, "build/llama/install/gguf-py")] if os.path.isdir(p)]
     if vendored:
         sys.path.insert(0, vendored[-1])
     import gguf  # noqa: E402  pylint: disable=import-outside-toplevel

@@ -5,10 +5,15 @@
 # Output (git-ignored):
 #   build/llama/src/        the unpacked sdist (vendor/llama.cpp inside)
 #   build/llama/cmake/      the cmake build tree
-#   build/llama/install/    include/llama.h, include/ggml*.h, lib/libllama.so, lib/libggml*.so
+#   build/llama/install/    include/llama.h, include/ggml*.h, lib/libllama.so, lib/libggml*.so,
+#                           gguf-py/ (the same llama.cpp's GGUF writer, for convert-stories-gguf.py)
 #
 # The build is skipped when build/llama/install/lib/libllama.so already exists (delete
-# build/llama/install to rebuild). Environment:
+# build/llama/install to rebuild), or copied from a per-machine cache of a previous build
+# (fresh clones, as in CI, would otherwise compile llama.cpp every time: ~15 min on 2 cores).
+# Environment:
+#   KVF_LLAMA_CACHE   cache folder (default ~/.cache/kvfetcher/llama-cpp-python-VERSION-ARCH;
+#                     "none" turns the cache off)
 #   LLAMA_JOBS        parallel jobs (default 2: the dev machine is shared)
 #   LLAMA_CMAKE_ARGS  extra cmake arguments (e.g. -DGGML_NATIVE=OFF for portable binaries,
 #                     -DGGML_CUDA=ON for the GPU host build, which this script does not test)
@@ -25,11 +30,24 @@ LLAMA_SRC="$SRC/vendor/llama.cpp"
 PREFIX="$OUT/install"
 JOBS="${LLAMA_JOBS:-2}"
 
-if [[ -f "$PREFIX/lib/libllama.so" && -f "$PREFIX/include/llama.h" ]]; then
+CACHE="${KVF_LLAMA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvfetcher/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$(uname -m)}"
+
+if [[ -f "$PREFIX/lib/libllama.so" && -f "$PREFIX/include/llama.h" && -d "$PREFIX/gguf-py" ]]; then
     echo "llama-build: cached: $PREFIX/lib/libllama.so"
     exit 0
 fi
+if [[ "$CACHE" != none && -f "$CACHE/install/lib/libllama.so" && -d "$CACHE/install/gguf-py" ]]; then
+    mkdir -p "$OUT"
+    rm -rf "$PREFIX"
+    cp -a "$CACHE/install" "$PREFIX"
+    echo "llama-build: copied from the machine cache $CACHE"
+    exit 0
+fi
 
+if ! command -v cmake >/dev/null && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "llama-build: installing cmake (apt-get)"
+    apt-get install -y -q cmake >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q cmake >/dev/null; }
+fi
 command -v cmake >/dev/null || { echo "llama-build: cmake not found (apt-get install cmake)" >&2; exit 1; }
 command -v c++ >/dev/null || { echo "llama-build: no C++ compiler (apt-get install g++)" >&2; exit 1; }
 
@@ -67,4 +85,11 @@ nice -n 10 cmake -S "$LLAMA_SRC" -B "$OUT/cmake" \
     ${LLAMA_CMAKE_ARGS:-}
 nice -n 10 cmake --build "$OUT/cmake" --target llama -j "$JOBS"
 cmake --install "$OUT/cmake" >/dev/null
+rm -rf "$PREFIX/gguf-py"
+cp -a "$LLAMA_SRC/gguf-py" "$PREFIX/gguf-py"
+if [[ "$CACHE" != none ]]; then
+    mkdir -p "$CACHE"
+    rm -rf "$CACHE/install.tmp"
+    cp -a "$PREFIX" "$CACHE/install.tmp" && rm -rf "$CACHE/install" && mv "$CACHE/install.tmp" "$CACHE/install"
+fi
 echo "llama-build: built $PREFIX/lib/libllama.so"

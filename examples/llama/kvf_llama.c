@@ -91,8 +91,8 @@ static int parse_args(int argc, char **argv, args *a) {
     memset(a, 0, sizeof(*a));
     a->gen = 16;
     a->threads = 1;
-    /* Flash attention stays off by default: llama.cpp's CPU kernel rounds Q to f16, which on
-     * stories260K moves logits by ~4e-2 and changes greedy tokens against the llama2.c
+    /* Flash attention stays off by default: measured on stories260K, llama.cpp's CPU
+     * flash-attention path moves logits by ~4e-2 and changes greedy tokens against the llama2.c
      * reference (off: 4e-5, same tokens); it prefills ~4x faster (--flash-attn). */
     a->flash_attn = 0;
     a->split = -1;
@@ -205,9 +205,13 @@ static int parse_args(int argc, char **argv, args *a) {
         return -1;
     }
     if (!a->model_id) {
-        /* The model's identity for the daemon's key namespace: the GGUF file name. */
+        /* The daemon's key namespace: the GGUF file name and the settings that change the KV
+         * llama.cpp computes (cache type, flash attention). */
+        static char id[512];
         const char *slash = strrchr(a->model, '/');
-        a->model_id = slash ? slash + 1 : a->model;
+        snprintf(id, sizeof id, "%s;kv=%s;fa=%d", slash ? slash + 1 : a->model,
+                 a->kv_f32 ? "f32" : "f16", a->flash_attn);
+        a->model_id = id;
     }
     return 0;
 }

@@ -34,9 +34,10 @@ median() { sort -g | awk '{a[NR] = $1} END {m = (NR + 1) / 2; print (NR % 2) ? a
 
 engine --sample "$N_PROMPT" --seed 5 >"$TMP/prompt.txt"
 prefill="$(for _ in $(seq "$RUNS"); do engine --tokens-file "$TMP/prompt.txt" --gen 1 --no-remote | field ttft_ms; done | median)"
+prefill_fa="$(for _ in $(seq "$RUNS"); do engine --tokens-file "$TMP/prompt.txt" --gen 1 --no-remote --flash-attn | field ttft_ms; done | median)"
 
-echo "| link (store --max-rate) | store | reused tokens | TTFT fetch (ms) | of which lookup+fetch+load (ms) | TTFT full prefill (ms) |"
-echo "|---|---|---|---|---|---|"
+echo "| link (store --max-rate) | store | reused tokens | TTFT fetch (ms) | of which lookup+fetch+load (ms) | TTFT full prefill (ms) | full prefill, --flash-attn (ms) |"
+echo "|---|---|---|---|---|---|---|"
 for link in "1 Gbit/s:125000000" "10 Gbit/s:1250000000"; do
     for bits in 16 8; do
         name="${link%%:*}"
@@ -53,10 +54,10 @@ for link in "1 Gbit/s:125000000" "10 Gbit/s:1250000000"; do
         ttft="$(cut -d' ' -f1 "$TMP/t.txt" | median)"
         load="$(cut -d' ' -f2 "$TMP/t.txt" | median)"
         label="$([[ $bits == 16 ]] && echo "bit-exact (16-bit)" || echo "8-bit zstd")"
-        echo "| $name | $label | $reused of $N_PROMPT | $ttft | $load | $prefill |"
+        echo "| $name | $label | $reused of $N_PROMPT | $ttft | $load | $prefill | $prefill_fa |"
         kill "$DAEMON_PID" "$STORE_PID"
         wait "$DAEMON_PID" "$STORE_PID" 2>/dev/null || true
     done
 done
 echo
-echo "medians of $RUNS runs each; KV of this model: 640 bytes per token at f16"
+echo "medians of $RUNS runs each, 1 CPU thread, flash attention off unless noted; KV of this model: 640 bytes per token at f16"

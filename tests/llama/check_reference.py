@@ -32,8 +32,9 @@ def read_safetensors(path):
         if name == "__metadata__":
             continue
         a, b = t["data_offsets"]
-        dt = {"F32": "<f4", "F16": "<f2"}[t["dtype"]]
-        out[name] = np.frombuffer(raw[8 + n + a:8 + n + b], dtype=dt).reshape(t["shape"]).astype(np.float64)
+        dt = {"F32": "<f4", "F16": "<f2", "U32": "<u4"}[t["dtype"]]
+        arr = np.frombuffer(raw[8 + n + a:8 + n + b], dtype=dt).reshape(t["shape"])
+        out[name] = arr if t["dtype"] == "U32" else arr.astype(np.float64)
     return out
 
 

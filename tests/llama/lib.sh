@@ -35,6 +35,7 @@ start_stack() {
     "$KVF" store --listen "127.0.0.1:$sport" --data-dir "$d/data" --cert-dir "$TMP/certs" \
         ${4:+--max-rate "$4"} >"$d/store.log" 2>&1 &
     STORE_PID=$!
+    STORE_PORT="$sport"
     PIDS+=("$STORE_PID")
     cat >"$d/kvf.toml" <<EOF
 socket = "$d/kvf.sock"

@@ -4,16 +4,19 @@
 #
 #   1. kv_state unit test (no llama.cpp); every C program here runs under AddressSanitizer/UBSan;
 #   2. llama.cpp reproduces the llama2.c forward pass (scripts/llama2_reference.py): K/V in the
-#      cache, logits and greedy tokens; a checkpoint converted with the (wrong) HF Q/K
-#      permutation must fail the same check (the check can fail);
+#      cache, logits and greedy tokens; its K/V equal those of the Rust forward pass
+#      (kv/src/llama2.rs via `kvfetcher kv capture`); a checkpoint converted with the (wrong) HF
+#      Q/K permutation must fail the reference check (the check can fail);
 #   3. --selftest: KV <-> llama.cpp state round trip and prefix reuse, flash attention off/on;
 #   4. bit-exact store (bits = 16, 64-token chunks): greedy continuations after a fetched prefix
 #      equal those after a full local prefill, token for token, for several prompts and prefix
 #      lengths, including prefixes that end mid-chunk; and equal, logits bit for bit, a local
 #      prefill split at the same point;
-#   5. fallbacks: daemon down, prefix absent, store down: prefill with a logged reason, same
+#   5. cross-engine: KV of the Rust forward pass (kvfetcher kv capture + encode --exact + put)
+#      is found and reused by llama.cpp (token agreement and logit difference reported);
+#   6. fallbacks: daemon down, prefix absent, store down: prefill with a logged reason, same
 #      tokens;
-#   6. 8-bit store: token agreement over 256 generated tokens and the largest logit difference
+#   7. 8-bit store: token agreement over 256 generated tokens and the largest logit difference
 #      (reported, not asserted beyond "it ran from fetched KV").
 #
 # Needs: cmake, a C/C++ compiler, python3 with numpy and PyYAML, cargo. Builds llama.cpp once
@@ -34,6 +37,8 @@ if [[ ! -f "$DATA" ]]; then
 fi
 
 step "build llama.cpp, the GGUF model, kvfetcher, libkvfetcher and kvf-llama"
+# The converter and the checks need numpy and PyYAML (gguf-py imports yaml).
+python3 -c "import numpy, yaml" 2>/dev/null || python3 -m pip install --quiet numpy pyyaml
 "$ROOT/scripts/llama-build.sh"
 GGUF="$ROOT/build/llama/stories260K.gguf"
 if [[ ! -f "$GGUF" || "$GGUF" -ot "$ROOT/scripts/convert-stories-gguf.py" || "$GGUF" -ot "$DATA" ]]; then
@@ -54,6 +59,7 @@ step "kv_state unit test (ASan/UBSan)"
 step "prompts: token ids sampled from the model at fixed seeds"
 engine --sample 300 --seed 11 >"$TMP/pA.txt"
 engine --sample 300 --seed 23 >"$TMP/pB.txt"
+engine --sample 200 --seed 37 >"$TMP/pC.txt"
 first_n "$TMP/pA.txt" 60 >"$TMP/p60.txt"
 first_n "$TMP/pA.txt" 150 >"$TMP/p150.txt"
 first_n "$TMP/pA.txt" 187 >"$TMP/p187.txt"
@@ -68,6 +74,12 @@ python3 "$HERE/check_reference.py" "$DATA" "$TMP/p60.txt" "$TMP/kv.st" "$TMP/lg.
 out="$(engine --tokens-file "$TMP/p60.txt" --gen 16 --no-remote --kv-out "$TMP/kv16.st" --logits-out "$TMP/lg16.f32")"
 python3 "$HERE/check_reference.py" "$DATA" "$TMP/p60.txt" "$TMP/kv16.st" "$TMP/lg16.f32" "$(field gen <<<"$out")" \
     --tol-kv 1e-2 --tol-logit 1e-1 || fail "f16 cache: llama.cpp drifts from the reference"
+step "llama.cpp vs the Rust llama2.c forward pass (kvfetcher kv capture): same K/V"
+"$KVF" kv capture --model "$DATA" --tokens 120 --seed 7 --dtype f32 --out "$TMP/rust.st" >/dev/null 2>"$TMP/kvf.err"
+python3 "$HERE/check_rust_kv.py" tokens "$TMP/rust.st" >"$TMP/prust.txt"
+engine --tokens-file "$TMP/prust.txt" --gen 1 --no-remote --kv-f32 --kv-out "$TMP/llama.st" >/dev/null
+python3 "$HERE/check_rust_kv.py" compare "$TMP/rust.st" "$TMP/llama.st" --tol 1e-4 ||
+    fail "llama.cpp's KV differs from kv/src/llama2.rs's"
 step "negative control: the HF Q/K permutation must fail the reference check"
 python3 "$ROOT/scripts/convert-stories-gguf.py" --model "$DATA" --out "$TMP/permuted.gguf" --permute-qk >/dev/null
 out="$("$ENGINE" --model "$TMP/permuted.gguf" --tokens-file "$TMP/p60.txt" --gen 16 --no-remote --kv-f32 \
@@ -115,10 +127,27 @@ expect_case "shares 100 tokens, then differs" "$TMP/pX.txt" fetch 64
 expect_case "300 tokens (first 128 stored)" "$TMP/pA.txt" fetch 128
 expect_case "300 tokens again (mid-chunk 300)" "$TMP/pA.txt" fetch 299
 # V in rows in llama.cpp's state (flash attention on): the other orientation of the mapping.
-expect_case "300 again, flash attention on" "$TMP/pA.txt" fetch 299 --flash-attn
+# Its KV differs from the default engine's (flash attention changes the numerics), so it saves
+# and reuses its own prompt.
+expect_case "200, flash attention on, cold" "$TMP/pC.txt" prefill 0 --flash-attn
+expect_case "200 again, flash attention on" "$TMP/pC.txt" fetch 199 --flash-attn
 # A 60-token prompt is a prefix of stored prompts but covers no whole 64-token chunk (chunk keys
 # hash whole chunks, or a stored prompt's own partial tail): nothing to reuse.
 expect_case "60 tokens (no whole chunk)" "$TMP/p60.txt" prefill 0 --no-save
+
+step "cross-engine: KV computed by the Rust forward pass, stored bit-exact, used by llama.cpp"
+"$KVF" kv capture --model "$DATA" --tokens 200 --seed 9 --out "$TMP/rust200.st" >/dev/null 2>"$TMP/kvf.err"
+python3 "$HERE/check_rust_kv.py" tokens "$TMP/rust200.st" >"$TMP/prust200.txt"
+"$KVF" encode --input "$TMP/rust200.st" --out "$TMP/rust-chunks" --exact --chunk-tokens 64 \
+    --model-id "rust-llama2c" >/dev/null 2>>"$TMP/kvf.err"
+"$KVF" put --store "127.0.0.1:$STORE_PORT" --ca "$TMP/certs" --server-name localhost "$TMP"/rust-chunks/* >/dev/null
+out="$(engine --tokens-file "$TMP/prust200.txt" --gen "$GEN" --socket "$SOCK" --model-id rust-llama2c \
+    --no-save --logits-out "$TMP/rust.f32")"
+ref="$(engine --tokens-file "$TMP/prust200.txt" --gen "$GEN" --no-remote --logits-out "$TMP/rustref.f32")"
+[[ "$(field source <<<"$out")" == fetch && "$(field reused <<<"$out")" == 199 ]] ||
+    { cat "$TMP/engine.err"; fail "cross-engine: the Rust-computed prefix was not reused"; }
+echo "   reused 199 of 200 (Rust f32 KV stored as f16): $(python3 "$HERE/compare_runs.py" \
+    "$(field gen <<<"$out")" "$TMP/rust.f32" "$(field gen <<<"$ref")" "$TMP/rustref.f32" 512)"
 
 step "fallbacks"
 out="$(engine --tokens-file "$TMP/p150.txt" --gen "$GEN" --socket "$TMP/no-such.sock")"
