@@ -5,9 +5,7 @@ use std::path::Path;
 
 use kvfetcher::gpu::fixture::kv_codes;
 use kvfetcher::gpu::{hevc_section_decoder, CodecHevcLayout};
-use kvfetcher_codec::{
-    CodePlane, HevcDecoder, HevcEncoder, PlaneShape, SectionDecoder, SectionEncoder,
-};
+use kvfetcher_codec::{CodePlane, HevcDecoder, HevcEncoder, PlaneShape, SectionEncoder};
 
 #[test]
 fn chosen_hevc_decoder_round_trips_real_kv() {

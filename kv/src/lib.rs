@@ -14,5 +14,5 @@ pub use dtype::DType;
 pub use fidelity::{fidelity, Fidelity};
 pub use llama2::{Generation, Llama2Model, ModelError, BOS_TOKEN};
 pub use model::config::Llama2Config;
-pub use safetensors::{KvFileError, KvFile};
+pub use safetensors::{KvFile, KvFileError};
 pub use tensor::{KvCache, LayerKv, Tensor, TensorError};

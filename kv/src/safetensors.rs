@@ -75,9 +75,8 @@ impl KvFile {
             return Err(malformed("header length exceeds the file"));
         }
         let data = &bytes[8 + header_len as usize..];
-        let header: Map<String, Value> =
-            serde_json::from_slice(&bytes[8..8 + header_len as usize])
-                .map_err(|e| KvFileError::Malformed(format!("header JSON: {e}")))?;
+        let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + header_len as usize])
+            .map_err(|e| KvFileError::Malformed(format!("header JSON: {e}")))?;
 
         let mut metadata = BTreeMap::new();
         let mut tensors: BTreeMap<String, (String, Vec<usize>, &[u8])> = BTreeMap::new();
@@ -109,7 +108,11 @@ impl KvFile {
             }
             tensors.insert(
                 name.clone(),
-                (dtype.to_string(), shape, &data[offs.0 as usize..offs.1 as usize]),
+                (
+                    dtype.to_string(),
+                    shape,
+                    &data[offs.0 as usize..offs.1 as usize],
+                ),
             );
         }
 
@@ -167,7 +170,12 @@ impl KvFile {
         };
         for (i, l) in self.cache.layers().iter().enumerate() {
             for (kind, t) in [("key", &l.key), ("value", &l.value)] {
-                add(format!("layers.{i}.{kind}"), t.dtype().name(), t.shape().to_vec(), t.data());
+                add(
+                    format!("layers.{i}.{kind}"),
+                    t.dtype().name(),
+                    t.shape().to_vec(),
+                    t.data(),
+                );
             }
         }
         if let Some(ids) = self.cache.token_ids() {
@@ -187,12 +195,18 @@ impl KvFile {
     }
 }
 
-fn kv_tensor(name: &str, (dtype, shape, bytes): (String, Vec<usize>, &[u8])) -> Result<Tensor, KvFileError> {
-    let dt = DType::from_name(&dtype)
-        .ok_or_else(|| KvFileError::NotKv(format!("{name} has dtype {dtype}; need F16, BF16 or F32")))?;
-    let shape: [usize; 3] = shape
-        .try_into()
-        .map_err(|s: Vec<usize>| KvFileError::NotKv(format!("{name} has shape {s:?}; need [tokens, kv_heads, head_dim]")))?;
+fn kv_tensor(
+    name: &str,
+    (dtype, shape, bytes): (String, Vec<usize>, &[u8]),
+) -> Result<Tensor, KvFileError> {
+    let dt = DType::from_name(&dtype).ok_or_else(|| {
+        KvFileError::NotKv(format!("{name} has dtype {dtype}; need F16, BF16 or F32"))
+    })?;
+    let shape: [usize; 3] = shape.try_into().map_err(|s: Vec<usize>| {
+        KvFileError::NotKv(format!(
+            "{name} has shape {s:?}; need [tokens, kv_heads, head_dim]"
+        ))
+    })?;
     Ok(Tensor::new(dt, shape, bytes.to_vec())?)
 }
 
@@ -228,16 +242,32 @@ mod tests {
     use super::*;
 
     fn sample() -> KvFile {
-        let t = |b: f32| Tensor::from_f32(DType::BF16, [3, 1, 2], &[b, b + 1.0, b + 2.0, b + 3.0, b + 4.0, b + 5.0]).unwrap();
+        let t = |b: f32| {
+            Tensor::from_f32(
+                DType::BF16,
+                [3, 1, 2],
+                &[b, b + 1.0, b + 2.0, b + 3.0, b + 4.0, b + 5.0],
+            )
+            .unwrap()
+        };
         let cache = KvCache::new(
             vec![
-                LayerKv { key: t(0.0), value: t(10.0) },
-                LayerKv { key: t(20.0), value: t(30.0) },
+                LayerKv {
+                    key: t(0.0),
+                    value: t(10.0),
+                },
+                LayerKv {
+                    key: t(20.0),
+                    value: t(30.0),
+                },
             ],
             Some(vec![7, 8, 9]),
         )
         .unwrap();
-        KvFile { cache, metadata: [("model".to_string(), "test".to_string())].into() }
+        KvFile {
+            cache,
+            metadata: [("model".to_string(), "test".to_string())].into(),
+        }
     }
 
     #[test]
@@ -248,7 +278,8 @@ mod tests {
 
     #[test]
     fn reads_the_shared_codelm_file() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
         if !path.exists() {
             eprintln!("skipped: {} not found", path.display());
             return;
@@ -268,7 +299,10 @@ mod tests {
         }
         let mut huge = bytes.clone();
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(KvFile::from_bytes(&huge), Err(KvFileError::Malformed(_))));
+        assert!(matches!(
+            KvFile::from_bytes(&huge),
+            Err(KvFileError::Malformed(_))
+        ));
         let empty = KvFile::from_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}");
         assert!(matches!(empty, Err(KvFileError::NotKv(_))));
     }

@@ -252,8 +252,7 @@ impl KvCache {
         let layers = (0..first.num_layers())
             .map(|i| {
                 let keys: Vec<Tensor> = parts.iter().map(|p| p.layers[i].key.clone()).collect();
-                let values: Vec<Tensor> =
-                    parts.iter().map(|p| p.layers[i].value.clone()).collect();
+                let values: Vec<Tensor> = parts.iter().map(|p| p.layers[i].value.clone()).collect();
                 Ok(LayerKv {
                     key: Tensor::concat_tokens(&keys)?,
                     value: Tensor::concat_tokens(&values)?,
@@ -281,13 +280,23 @@ mod tests {
     #[test]
     fn rejects_wrong_sizes() {
         let err = Tensor::new(DType::F16, [2, 2, 2], vec![0; 15]).unwrap_err();
-        assert!(matches!(err, TensorError::SizeMismatch { want: 16, got: 15, .. }));
+        assert!(matches!(
+            err,
+            TensorError::SizeMismatch {
+                want: 16,
+                got: 15,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn slice_and_concat_round_trip() {
         let cache = KvCache::new(
-            vec![LayerKv { key: tensor(5, 0.0), value: tensor(5, 100.0) }],
+            vec![LayerKv {
+                key: tensor(5, 0.0),
+                value: tensor(5, 100.0),
+            }],
             Some(vec![1, 2, 3, 4, 5]),
         )
         .unwrap();
@@ -301,13 +310,19 @@ mod tests {
     #[test]
     fn rejects_inconsistent_layers() {
         let err = KvCache::new(
-            vec![LayerKv { key: tensor(5, 0.0), value: tensor(4, 0.0) }],
+            vec![LayerKv {
+                key: tensor(5, 0.0),
+                value: tensor(4, 0.0),
+            }],
             None,
         )
         .unwrap_err();
         assert!(matches!(err, TensorError::Inconsistent(_)));
         let err = KvCache::new(
-            vec![LayerKv { key: tensor(5, 0.0), value: tensor(5, 0.0) }],
+            vec![LayerKv {
+                key: tensor(5, 0.0),
+                value: tensor(5, 0.0),
+            }],
             Some(vec![1]),
         )
         .unwrap_err();
