@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/release/kvfetcher
 
-.PHONY: all build deps deps-demo demo test test-rust test-c lint fuzz deb-check systemd-check s3-test gpu-carry clean
+.PHONY: all build deps deps-demo demo test test-rust test-c test-llama lint fuzz deb-check systemd-check s3-test gpu-carry clean
 
 all: build
 
@@ -21,7 +21,7 @@ demo: build
 	$(BIN) demo --model ../shared/data/stories260K.bin
 
 ## Everything CI runs.
-test: deps lint test-rust test-c s3-test fuzz deb-check systemd-check
+test: deps lint test-rust test-c test-llama s3-test fuzz deb-check systemd-check
 	@echo "make test: all checks passed"
 
 lint:
@@ -33,6 +33,10 @@ test-rust:
 
 test-c:
 	tests/c/run.sh
+
+## A real llama.cpp (built from source) reusing KV through the C client.
+test-llama:
+	KVF_PROFILE=debug tests/llama/run.sh
 
 fuzz:
 	scripts/fuzz.sh $${FUZZ_SECONDS:-60}

@@ -34,6 +34,17 @@ pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// A spinner on stderr for work without steps to count (hidden when stderr is not a terminal).
+pub(crate) fn spinner(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 /// Bytes of `cache` as 16-bit values (the size ratios of the codec's reports are against it,
 /// whatever the file's dtype).
 pub(crate) fn bytes_16bit(cache: &KvCache) -> u64 {

@@ -30,7 +30,7 @@ pub struct DeviceInfo {
 
 /// One CUDA device's primary context and the loaded driver. Share it with `Arc`.
 pub struct Cuda {
-    api: CudaApi,
+    pub(super) api: CudaApi,
     device: sys::CuDevice,
     ctx: sys::CuContext,
     info: DeviceInfo,

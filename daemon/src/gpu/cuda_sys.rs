@@ -39,6 +39,8 @@ pub(crate) const ATTR_CC_MINOR: c_int = 76;
 pub(crate) const CU_EVENT_DISABLE_TIMING: c_uint = 2;
 /// `CU_EVENT_INTERPROCESS`.
 pub(crate) const CU_EVENT_INTERPROCESS: c_uint = 4;
+/// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`.
+pub(crate) const CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: c_uint = 1;
 /// `CU_STREAM_NON_BLOCKING`.
 pub(crate) const CU_STREAM_NON_BLOCKING: c_uint = 1;
 /// `CU_MEMORYTYPE_HOST`.
@@ -127,6 +129,14 @@ pub(crate) struct CudaApi {
     pub(crate) cu_ipc_get_mem_handle:
         unsafe extern "C" fn(*mut CuIpcHandle, CuDevicePtr) -> CuResult,
     pub(crate) cu_ipc_get_event_handle: unsafe extern "C" fn(*mut CuIpcHandle, CuEvent) -> CuResult,
+    pub(crate) cu_ipc_open_mem_handle:
+        unsafe extern "C" fn(*mut CuDevicePtr, CuIpcHandle, c_uint) -> CuResult,
+    pub(crate) cu_ipc_close_mem_handle: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
+    pub(crate) cu_ipc_open_event_handle: unsafe extern "C" fn(*mut CuEvent, CuIpcHandle) -> CuResult,
+    pub(crate) cu_stream_wait_event: unsafe extern "C" fn(CuStream, CuEvent, c_uint) -> CuResult,
+    pub(crate) cu_memcpy_dtoh_async:
+        unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize, CuStream) -> CuResult,
+    pub(crate) cu_mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
     pub(crate) cu_get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
     /// Keeps the library mapped while the pointers above are in use.
     _lib: Library,
@@ -187,6 +197,12 @@ impl CudaApi {
                 cu_event_elapsed_time: sym(&lib, "cuEventElapsedTime")?,
                 cu_ipc_get_mem_handle: sym(&lib, "cuIpcGetMemHandle")?,
                 cu_ipc_get_event_handle: sym(&lib, "cuIpcGetEventHandle")?,
+                cu_ipc_open_mem_handle: sym(&lib, "cuIpcOpenMemHandle_v2")?,
+                cu_ipc_close_mem_handle: sym(&lib, "cuIpcCloseMemHandle")?,
+                cu_ipc_open_event_handle: sym(&lib, "cuIpcOpenEventHandle")?,
+                cu_stream_wait_event: sym(&lib, "cuStreamWaitEvent")?,
+                cu_memcpy_dtoh_async: sym(&lib, "cuMemcpyDtoHAsync_v2")?,
+                cu_mem_get_info: sym(&lib, "cuMemGetInfo_v2")?,
                 cu_get_error_string: sym(&lib, "cuGetErrorString")?,
                 _lib: lib,
             })

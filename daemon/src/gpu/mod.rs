@@ -16,6 +16,7 @@ pub mod hevc_backend;
 mod nvcuvid_sys;
 pub mod nvdec;
 pub mod restore;
+pub mod sections;
 
 pub use cuda::{Cuda, DeviceBuffer, DeviceInfo, Event, Module, Stream};
 pub use error::GpuError;

@@ -238,7 +238,7 @@ pub fn run_encode(args: EncodeArgs) -> anyhow::Result<()> {
         chunk_tokens: args.chunk_tokens,
         layers_per_section: args.layers_per_section,
     };
-    let spinner = super::progress(1, "encode");
+    let spinner = super::spinner("encoding");
     let started = Instant::now();
     let chunks = encode_cache(cache, &model, ids, &cfg, &registry)?;
     let secs = started.elapsed().as_secs_f64();
