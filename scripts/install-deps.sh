@@ -34,8 +34,4 @@ if [ "$mode" != "--demo" ]; then
   have cbindgen 0.29.4 || cargo install --locked cbindgen --version 0.29.4
   have cargo-deb 3.8.0 || cargo install --locked cargo-deb --version 3.8.0
   have cargo-fuzz 0.13.2 || cargo install --locked cargo-fuzz --version 0.13.2
-  # Garage, the S3-compatible store the S3 backend is tested against, built from source. An
-  # unoptimized build: it compiles in about half the time and serves a test load easily.
-  command -v garage >/dev/null || have garage 2.5.0 ||
-    cargo install --locked --debug garage --version 2.5.0
 fi

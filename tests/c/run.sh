@@ -16,8 +16,8 @@ if ! command -v "$CC" >/dev/null 2>&1; then
     exit 0
 fi
 
-cargo build -q -p kvfetcher-c
-harness=$(cargo test -q -p kvfetcher --test server_c_harness --no-run --message-format=json 2>/dev/null |
+cargo build -q --workspace --all-targets
+harness=$(cargo test -q --workspace --test server_c_harness --no-run --message-format=json 2>/dev/null |
     sed -n 's/.*"executable":"\([^"]*server_c_harness[^"]*\)".*/\1/p' | tail -n 1)
 if [ -z "$harness" ]; then
     echo "run.sh: cannot build the test server" >&2

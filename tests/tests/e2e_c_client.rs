@@ -34,7 +34,7 @@ fn build_c_program(out_dir: &std::path::Path) -> Option<PathBuf> {
         println!("skipped: no C compiler ({cc})");
         return None;
     }
-    cargo_build("kvfetcher-c", &["--lib"]);
+    cargo_build();
     let lib_dir = kvfetcher_bin().parent().unwrap().to_path_buf();
     let exe = out_dir.join("e2e_fetch");
     let st = Command::new(&cc)

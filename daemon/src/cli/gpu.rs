@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use crate::gpu::{bench, check, fixture, Chroma, Cuda, Nvdec};
+use crate::gpu::{bench, check, fixture, ipc_check, sections, Chroma, Cuda, Nvdec};
 
 /// `kvfetcher gpu`.
 #[derive(Debug, Args)]
@@ -26,6 +26,56 @@ pub enum GpuCommand {
     Check(RunArgs),
     /// Benchmarks NVDEC sessions and restore bandwidth.
     Bench(BenchArgs),
+    /// Encodes chunk objects with the codec's HEVC encoder (every layout and bit width) and
+    /// records libde265's codes, for `gpu check` (needs libx265 and libde265).
+    SectionFixtures(FixtureArgs),
+    /// Proves CUDA IPC across processes: a child maps the restored KV and waits on IPC events.
+    IpcCheck(IpcArgs),
+    /// The child side of `ipc-check` (reads handles on stdin).
+    #[command(hide = true)]
+    IpcChild(IpcChildArgs),
+}
+
+/// Inputs of ipc-check.
+#[derive(Debug, Args)]
+pub struct IpcArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// The safetensors KV file to restore.
+    #[arg(long)]
+    pub kv: PathBuf,
+}
+
+/// Inputs of the ipc-check child.
+#[derive(Debug, Args)]
+pub struct IpcChildArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// The safetensors KV file the parent restores.
+    #[arg(long)]
+    pub kv: PathBuf,
+    /// "verify" or "hold".
+    #[arg(long)]
+    pub mode: String,
+}
+
+fn print_rows(rows: &[check::CheckRow]) -> anyhow::Result<()> {
+    let failed = rows.iter().filter(|r| !r.exact).count();
+    println!("| check | values | bit-exact |");
+    println!("|---|---|---|");
+    for r in rows {
+        let ok = if r.exact {
+            "yes".to_string()
+        } else {
+            format!("NO: {}", r.detail)
+        };
+        println!("| {} | {} | {ok} |", r.name, r.values);
+    }
+    println!("{} checks, {failed} failed", rows.len());
+    anyhow::ensure!(failed == 0, "{failed} gpu checks failed");
+    Ok(())
 }
 
 /// Device selection.
@@ -91,22 +141,28 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
         }
         GpuCommand::Check(a) => {
             let cuda = Cuda::open(a.device)?;
-            let rows = check::run_checks(&cuda, &a.kv, &a.fixtures)?;
-            let failed = rows.iter().filter(|r| !r.exact).count();
-            println!("| check | values | bit-exact |");
-            println!("|---|---|---|");
-            for r in &rows {
-                let ok = if r.exact {
-                    "yes".to_string()
-                } else {
-                    format!("NO: {}", r.detail)
-                };
-                println!("| {} | {} | {ok} |", r.name, r.values);
+            let mut rows = check::run_checks(&cuda, &a.kv, &a.fixtures)?;
+            let dir = a.fixtures.join("sections");
+            if dir.is_dir() {
+                rows.extend(sections::run_section_checks(&cuda, &dir)?);
+            } else {
+                println!("section checks skipped: no {}", dir.display());
             }
-            println!("{} checks, {failed} failed", rows.len());
-            anyhow::ensure!(failed == 0, "{failed} gpu checks failed");
+            print_rows(&rows)
+        }
+        GpuCommand::SectionFixtures(a) => {
+            for p in sections::write_section_fixtures(&a.kv, &a.out)? {
+                let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                println!("{} {len} bytes", p.display());
+            }
             Ok(())
         }
+        GpuCommand::IpcCheck(a) => {
+            let cuda = Cuda::open(a.device)?;
+            println!("device: {}", cuda.info().name);
+            print_rows(&ipc_check::run_ipc_check(&cuda, a.device, &a.kv)?)
+        }
+        GpuCommand::IpcChild(a) => Ok(ipc_check::run_ipc_child(a.device, &a.kv, &a.mode)?),
         GpuCommand::Bench(a) => {
             let cuda = Cuda::open(a.run.device)?;
             println!(

@@ -132,7 +132,8 @@ pub(crate) struct CudaApi {
     pub(crate) cu_ipc_open_mem_handle:
         unsafe extern "C" fn(*mut CuDevicePtr, CuIpcHandle, c_uint) -> CuResult,
     pub(crate) cu_ipc_close_mem_handle: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
-    pub(crate) cu_ipc_open_event_handle: unsafe extern "C" fn(*mut CuEvent, CuIpcHandle) -> CuResult,
+    pub(crate) cu_ipc_open_event_handle:
+        unsafe extern "C" fn(*mut CuEvent, CuIpcHandle) -> CuResult,
     pub(crate) cu_stream_wait_event: unsafe extern "C" fn(CuStream, CuEvent, c_uint) -> CuResult,
     pub(crate) cu_memcpy_dtoh_async:
         unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize, CuStream) -> CuResult,

@@ -2,9 +2,11 @@
 //!
 //! Layers, bottom up: `cuda_sys` / `nvcuvid_sys` (raw bindings, loaded with libloading, the only
 //! unsafe FFI), [`cuda`] and [`nvdec`] (safe wrappers), [`restore`] (the PTX kernels and their
-//! bit-exact CPU reference), then fixtures, self-checks and benchmarks for `kvfetcher gpu`.
+//! bit-exact CPU reference), [`ipc`] (importing CUDA IPC handles), then fixtures, self-checks
+//! (raster fixtures, the codec's own HEVC sections in [`sections`], the IPC proof in [`ipc_check`])
+//! and benchmarks for `kvfetcher gpu`.
 //! Everything builds and its non-GPU tests pass on hosts without a driver: loading fails with
-//! [`GpuError::NoDriver`] / [`GpuError::NoNvdec`]. Not here yet: CUDA IPC export to engines.
+//! [`GpuError::NoDriver`] / [`GpuError::NoNvdec`].
 
 pub mod bench;
 pub mod check;
@@ -13,6 +15,8 @@ mod cuda_sys;
 mod error;
 pub mod fixture;
 pub mod hevc_backend;
+pub mod ipc;
+pub mod ipc_check;
 mod nvcuvid_sys;
 pub mod nvdec;
 pub mod restore;

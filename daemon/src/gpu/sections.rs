@@ -85,8 +85,8 @@ pub fn write_section_fixtures(kv: &Path, dir: &Path) -> Result<Vec<PathBuf>, Gpu
             let header = view.header();
             let mut codes = Vec::new();
             for i in 0..header.sections.len() {
-                let plane = decode_section(header, i, view.section_bytes(i), &registry)
-                    .map_err(invalid)?;
+                let plane =
+                    decode_section(header, i, view.section_bytes(i), &registry).map_err(invalid)?;
                 codes.extend(plane.codes.iter().flat_map(|c| c.to_le_bytes()));
             }
             let (obj_path, codes_path) = section_paths(dir, layout, bits);
@@ -239,7 +239,11 @@ fn compare_with(
     for (t, o) in outs.iter().enumerate() {
         o.read(&mut got)?;
         if got.len() != want[t].len() {
-            return Ok(format!("tensor {t}: {} bytes, want {}", got.len(), want[t].len()));
+            return Ok(format!(
+                "tensor {t}: {} bytes, want {}",
+                got.len(),
+                want[t].len()
+            ));
         }
         if let Some(i) = got.iter().zip(want[t]).position(|(a, b)| a != b) {
             return Ok(format!(

@@ -55,26 +55,28 @@ pub(crate) fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs `cargo build -p <package> <extra>` in the profile this test was built with, so the
-/// test uses the current code (a no-op when `cargo test --workspace` already built it).
-pub(crate) fn cargo_build(package: &str, extra: &[&str]) {
+/// Builds the workspace (binaries and libkvfetcher included) in the profile this test was built
+/// with, so the test uses the current code (a no-op after `cargo test --workspace`).
+pub(crate) fn cargo_build() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", package])
-        .args(extra)
+    // `--workspace --all-targets` resolves features exactly as `cargo test --workspace` does, so
+    // after that command this build finds everything fresh instead of rebuilding dependencies
+    // with a narrower feature set.
+    cmd.args(["build", "--quiet", "--workspace", "--all-targets"])
         .current_dir(repo_root());
     if profile_dir().file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("run cargo build");
-    assert!(status.success(), "cargo build -p {package} failed");
+    assert!(status.success(), "cargo build --workspace --all-targets failed");
 }
 
 /// Builds `kvfetcher` (once per test binary) and returns its path.
 pub(crate) fn kvfetcher_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        cargo_build("kvfetcher", &["--bin", "kvfetcher"]);
+        cargo_build();
         let bin = profile_dir().join("kvfetcher");
         assert!(bin.exists(), "{} missing", bin.display());
         bin
