@@ -16,7 +16,7 @@ if ! command -v "$CC" >/dev/null 2>&1; then
     exit 0
 fi
 
-cargo build -q --workspace --all-targets
+cargo build -q --workspace --lib --bins --tests
 harness=$(cargo test -q --workspace --test server_c_harness --no-run --message-format=json 2>/dev/null |
     sed -n 's/.*"executable":"\([^"]*server_c_harness[^"]*\)".*/\1/p' | tail -n 1)
 if [ -z "$harness" ]; then

@@ -44,7 +44,7 @@ GGUF="$ROOT/build/llama/stories260K.gguf"
 if [[ ! -f "$GGUF" || "$GGUF" -ot "$ROOT/scripts/convert-stories-gguf.py" || "$GGUF" -ot "$DATA" ]]; then
     python3 "$ROOT/scripts/convert-stories-gguf.py" --model "$DATA" --out "$GGUF"
 fi
-cargo_flags=(--locked --workspace --all-targets)
+cargo_flags=(--locked --workspace --lib --bins --tests)
 [[ "$PROFILE" == release ]] && cargo_flags+=(--release)
 (cd "$ROOT" && cargo build --quiet "${cargo_flags[@]}")
 make -s -B -C "$ROOT/examples/llama" KVF_LIB="$ROOT/target/$PROFILE"

@@ -60,16 +60,23 @@ pub(crate) fn profile_dir() -> PathBuf {
 pub(crate) fn cargo_build() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    // `--workspace --all-targets` resolves features exactly as `cargo test --workspace` does, so
+    // `--workspace --lib --bins --tests` resolves features exactly as `cargo test --workspace` does, so
     // after that command this build finds everything fresh instead of rebuilding dependencies
     // with a narrower feature set.
-    cmd.args(["build", "--quiet", "--workspace", "--all-targets"])
-        .current_dir(repo_root());
+    cmd.args([
+        "build",
+        "--quiet",
+        "--workspace",
+        "--lib",
+        "--bins",
+        "--tests",
+    ])
+    .current_dir(repo_root());
     if profile_dir().file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("run cargo build");
-    assert!(status.success(), "cargo build --workspace --all-targets failed");
+    assert!(status.success(), "cargo build --workspace failed");
 }
 
 /// Builds `kvfetcher` (once per test binary) and returns its path.
