@@ -4,6 +4,7 @@
 //! `j` is bit `j % 8` of byte `j / 8`. Unused bits of the last byte are zero. No parameters. Its
 //! decoder is trivial on any processor (a GPU kernel unpacks it at memory speed).
 
+use crate::variant::check_plain_section;
 use crate::{
     CodePlane, CodecError, EncodedSection, PlaneShape, SectionDecoder, SectionEncoder, VariantKind,
 };
@@ -87,15 +88,7 @@ impl SectionDecoder for PackedCodec {
             variant: NAME,
             reason,
         };
-        if !(1..=16).contains(&shape.bits) {
-            return Err(corrupt(format!("{} bits per code", shape.bits)));
-        }
-        if !params.is_empty() {
-            return Err(corrupt(format!(
-                "{} bytes of parameters, expected none",
-                params.len()
-            )));
-        }
+        check_plain_section(NAME, shape, params)?;
         let total_bits = (shape.len() as u128) * u128::from(shape.bits);
         let want = total_bits.div_ceil(8);
         if payload.len() as u128 != want {

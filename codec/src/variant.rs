@@ -110,3 +110,23 @@ pub trait SectionDecoder: Send + Sync {
         payload: &[u8],
     ) -> Result<CodePlane, CodecError>;
 }
+
+/// The checks every variant without parameters (`packed`, `zstd`) makes before decoding: a code
+/// width of 1..=16 bits and an empty parameter block.
+pub(crate) fn check_plain_section(
+    variant: &'static str,
+    shape: PlaneShape,
+    params: &[u8],
+) -> Result<(), CodecError> {
+    let corrupt = |reason: String| CodecError::Corrupt { variant, reason };
+    if !(1..=16).contains(&shape.bits) {
+        return Err(corrupt(format!("{} bits per code", shape.bits)));
+    }
+    if !params.is_empty() {
+        return Err(corrupt(format!(
+            "{} bytes of parameters, expected none",
+            params.len()
+        )));
+    }
+    Ok(())
+}

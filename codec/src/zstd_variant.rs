@@ -3,6 +3,7 @@
 //! The frame records its content size; the decoder checks it against the shape from the chunk
 //! header before allocating, and never trusts any other length from the payload. No parameters.
 
+use crate::variant::check_plain_section;
 use crate::{
     CodePlane, CodecError, EncodedSection, PlaneShape, SectionDecoder, SectionEncoder, VariantKind,
 };
@@ -96,15 +97,7 @@ impl SectionDecoder for ZstdCodec {
             variant: NAME,
             reason,
         };
-        if !(1..=16).contains(&shape.bits) {
-            return Err(corrupt(format!("{} bits per code", shape.bits)));
-        }
-        if !params.is_empty() {
-            return Err(corrupt(format!(
-                "{} bytes of parameters, expected none",
-                params.len()
-            )));
-        }
+        check_plain_section(NAME, shape, params)?;
         let want = shape
             .len()
             .checked_mul(width(shape.bits))

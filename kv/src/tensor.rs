@@ -99,6 +99,12 @@ impl Tensor {
         out
     }
 
+    /// The same values re-encoded as `dtype` (round to nearest even).
+    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        Tensor::from_f32(dtype, self.shape, &self.to_f32())
+            .expect("the shape is unchanged, so the byte length matches")
+    }
+
     /// The rows `start..end` as a new tensor.
     pub fn slice_tokens(&self, start: usize, end: usize) -> Result<Tensor, TensorError> {
         if start > end || end > self.tokens() {
@@ -225,6 +231,22 @@ impl KvCache {
         self.layers.len() * 2 * self.layers[0].key.data().len()
     }
 
+    /// Every tensor re-encoded as `dtype` (round to nearest even), token ids kept.
+    pub fn to_dtype(&self, dtype: DType) -> KvCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| LayerKv {
+                key: l.key.to_dtype(dtype),
+                value: l.value.to_dtype(dtype),
+            })
+            .collect();
+        KvCache {
+            layers,
+            token_ids: self.token_ids.clone(),
+        }
+    }
+
     /// The tokens `start..end` of every layer.
     pub fn slice_tokens(&self, start: usize, end: usize) -> Result<KvCache, TensorError> {
         let layers = self
@@ -305,6 +327,26 @@ mod tests {
         assert_eq!(a.tokens(), 2);
         assert_eq!(KvCache::concat_tokens(&[a, b]).unwrap(), cache);
         assert!(cache.slice_tokens(3, 9).is_err());
+    }
+
+    #[test]
+    fn to_dtype_rounds_and_keeps_ids() {
+        let cache = KvCache::new(
+            vec![LayerKv {
+                key: tensor(2, 0.5),
+                value: tensor(2, 1.0 / 3.0),
+            }],
+            Some(vec![4, 5]),
+        )
+        .unwrap();
+        let f32s = cache.to_dtype(DType::F32);
+        assert_eq!(f32s.dtype(), DType::F32);
+        assert_eq!(f32s.token_ids(), Some(&[4, 5][..]));
+        assert_eq!(
+            f32s.layers()[0].key.to_f32(),
+            cache.layers()[0].key.to_f32()
+        );
+        assert_eq!(f32s.to_dtype(DType::F16), cache);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kvfetcher_kv::{DType, KvCache, KvFile, LayerKv, Llama2Model, Tensor};
+use kvfetcher_kv::{DType, KvFile, Llama2Model};
 
 fn repo_file(rel: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
@@ -13,19 +13,6 @@ fn repo_file(rel: &str) -> Option<PathBuf> {
         eprintln!("skipped: {} not found", p.display());
         None
     }
-}
-
-fn to_dtype(cache: &KvCache, dtype: DType) -> KvCache {
-    let conv = |t: &Tensor| Tensor::from_f32(dtype, t.shape(), &t.to_f32()).unwrap();
-    let layers = cache
-        .layers()
-        .iter()
-        .map(|l| LayerKv {
-            key: conv(&l.key),
-            value: conv(&l.value),
-        })
-        .collect();
-    KvCache::new(layers, cache.token_ids().map(<[u32]>::to_vec)).unwrap()
 }
 
 #[test]
@@ -51,7 +38,7 @@ fn stories_kv_is_the_seed_42_capture() {
     let rerun = model.generate(64, 42, 1.0).unwrap();
     assert_eq!(
         c.slice_tokens(0, 64).unwrap(),
-        to_dtype(&rerun.cache, DType::F16)
+        rerun.cache.to_dtype(DType::F16)
     );
 }
 

@@ -13,7 +13,7 @@ use clap::Args;
 use kvfetcher_codec::{
     EncodeConfig, VariantKind, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL,
 };
-use kvfetcher_kv::{fidelity, DType, KvCache, LayerKv, Llama2Model, Tensor};
+use kvfetcher_kv::{fidelity, Llama2Model};
 use serde::Serialize;
 
 use super::bench_codec::{errors, round_trip, BitsArg};
@@ -81,30 +81,11 @@ pub struct FidelityResult {
     pub max_logit_diff: f32,
 }
 
-/// Re-encodes every tensor of `cache` as `dtype` (round to nearest even), keeping token ids.
-fn convert(cache: &KvCache, dtype: DType) -> anyhow::Result<KvCache> {
-    let conv = |t: &Tensor| Tensor::from_f32(dtype, t.shape(), &t.to_f32());
-    let layers = cache
-        .layers()
-        .iter()
-        .map(|l| {
-            Ok(LayerKv {
-                key: conv(&l.key)?,
-                value: conv(&l.value)?,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(KvCache::new(
-        layers,
-        cache.token_ids().map(<[u32]>::to_vec),
-    )?)
-}
-
 /// Runs `kvfetcher bench fidelity`.
 pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
     let model = Llama2Model::load(&args.model)?;
     let generation = model.generate(args.tokens, args.seed, args.temperature)?;
-    let original = convert(&generation.cache, args.dtype.into())?;
+    let original = generation.cache.to_dtype(args.dtype.into());
     let ids = &generation.token_ids;
     let raw16 = super::codec::bytes_16bit(&original);
     let variant = VariantKind::from(args.variant);

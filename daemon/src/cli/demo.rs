@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Context};
 use clap::Args;
 use kvfetcher_client::{Client, KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_codec::{decode_chunk, encode_cache, CodecRegistry, ModelFingerprint};
-use kvfetcher_kv::{DType, KvCache, LayerKv, Llama2Model, Tensor};
+use kvfetcher_kv::{DType, KvCache, Llama2Model};
 use tokio::sync::watch;
 
 use super::local_stack::LocalStore;
@@ -55,25 +55,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(demo(args, c))
-}
-
-/// The cache in `dtype` (the model computes in f32; engines keep f16 or bf16).
-fn convert(cache: &KvCache, dtype: DType) -> anyhow::Result<KvCache> {
-    let conv = |t: &Tensor| Tensor::from_f32(dtype, t.shape(), &t.to_f32());
-    let layers = cache
-        .layers()
-        .iter()
-        .map(|l| {
-            Ok(LayerKv {
-                key: conv(&l.key)?,
-                value: conv(&l.value)?,
-            })
-        })
-        .collect::<Result<Vec<_>, kvfetcher_kv::TensorError>>()?;
-    Ok(KvCache::new(
-        layers,
-        cache.token_ids().map(<[u32]>::to_vec),
-    )?)
 }
 
 async fn demo(args: DemoArgs, c: CClient) -> anyhow::Result<()> {
@@ -119,7 +100,7 @@ async fn demo(args: DemoArgs, c: CClient) -> anyhow::Result<()> {
     })
     .await??;
     let (generation, model_id) = generated;
-    let cache = convert(&generation.cache, DType::F16)?;
+    let cache = generation.cache.to_dtype(DType::F16);
     let ids = generation.token_ids.clone();
     println!(
         "demo: captured {} tokens of KV ({} layers x {} kv heads x {}) in {:.0} ms",

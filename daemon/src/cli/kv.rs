@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use kvfetcher_kv::{fidelity, DType, KvCache, KvFile, LayerKv, Llama2Model, Tensor, BOS_TOKEN};
+use kvfetcher_kv::{fidelity, DType, KvFile, Llama2Model, BOS_TOKEN};
 
 /// Print a progress line every this many positions: often enough for a 512-token debug build
 /// run, rare enough not to flood a log.
@@ -128,7 +128,7 @@ fn capture(a: &CaptureArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         }
     })?;
     let dtype = DType::from(a.dtype);
-    let cache = convert(&generation.cache, dtype)?;
+    let cache = generation.cache.to_dtype(dtype);
     let cfg = model.config();
     let file_name = a
         .model
@@ -174,25 +174,6 @@ fn capture(a: &CaptureArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         file.cache.nbytes()
     )?;
     Ok(())
-}
-
-/// Re-encodes every tensor of `cache` as `dtype` (round to nearest even).
-fn convert(cache: &KvCache, dtype: DType) -> anyhow::Result<KvCache> {
-    let conv = |t: &Tensor| Tensor::from_f32(dtype, t.shape(), &t.to_f32());
-    let layers = cache
-        .layers()
-        .iter()
-        .map(|l| {
-            Ok(LayerKv {
-                key: conv(&l.key)?,
-                value: conv(&l.value)?,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(KvCache::new(
-        layers,
-        cache.token_ids().map(<[u32]>::to_vec),
-    )?)
 }
 
 fn fidelity_cmd(a: &FidelityArgs, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -309,7 +290,7 @@ mod tests {
             .unwrap();
         assert_eq!(file.cache.dtype(), DType::BF16);
         assert_eq!(file.cache.token_ids(), Some(&direct.token_ids[..]));
-        assert_eq!(file.cache, convert(&direct.cache, DType::BF16).unwrap());
+        assert_eq!(file.cache, direct.cache.to_dtype(DType::BF16));
         assert_eq!(file.metadata["seed"], "7");
         assert_eq!(file.metadata["model_sha256"].len(), 64);
 
