@@ -156,6 +156,7 @@ impl AsyncClient {
                 token_ids: token_ids.to_vec(),
                 layout: *layout,
                 shape: *shape,
+                gpu: None,
             })
         };
         match self.shared.lock().await.call(mk, &[f.as_fd()]).await?.0 {

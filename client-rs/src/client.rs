@@ -159,6 +159,7 @@ impl Client {
                     token_ids: token_ids.to_vec(),
                     layout: *layout,
                     shape: *shape,
+                    gpu: None,
                 })
             },
             &[f.as_fd()],

@@ -177,6 +177,7 @@ fn out_of_order_messages_are_refused_but_the_connection_lives() {
             kv_heads: 1,
             head_dim: 1,
         },
+        gpu: None,
     });
     s.write_all(&encode_message(&save, DEFAULT_MAX_FRAME).unwrap())
         .unwrap();

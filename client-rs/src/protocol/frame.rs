@@ -332,6 +332,7 @@ mod tests {
                 kv_heads: 1,
                 head_dim: 2,
             },
+            gpu: None,
         });
         let bytes = encode_message(&save, DEFAULT_MAX_FRAME).unwrap();
         let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);

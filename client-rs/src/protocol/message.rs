@@ -91,10 +91,28 @@ pub struct Save {
     pub model: String,
     /// Token ids; `shape.tokens` must equal their number.
     pub token_ids: Vec<u32>,
-    /// Layout of the bytes in the memfd (host memory).
+    /// Layout of the bytes (in the memfd, or in GPU memory when `gpu` is set).
     pub layout: TargetLayout,
-    /// Shape of the KV in the memfd.
+    /// Shape of the KV.
     pub shape: KvShape,
+    /// Where the bytes are when they live in GPU memory (`layout.memory` is `Gpu`): no fd
+    /// travels, the daemon opens the handle and copies the bytes out. Absent for host saves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuSource>,
+}
+
+/// GPU memory a client hands to the daemon for a save, exported as a CUDA IPC handle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSource {
+    /// CUDA ordinal of the device.
+    pub device: u32,
+    /// The `cuIpcGetMemHandle` handle of the allocation holding the bytes
+    /// ([`GPU_IPC_HANDLE_LEN`] bytes).
+    pub mem_handle: Vec<u8>,
+    /// Offset of the bytes from the start of that allocation.
+    pub offset: u64,
+    /// Length of the bytes (must equal the layout's buffer length for `shape`).
+    pub len: u64,
 }
 
 /// Client: cancel a fetch and drop its buffer. Answered by `Released`.
@@ -307,7 +325,7 @@ impl Message {
     /// How many fds travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::Save(_) => 1,
+            Message::Save(Save { gpu: None, .. }) => 1,
             Message::FetchBuffer(FetchBuffer {
                 memory: BufferMemory::Host,
                 ..

@@ -21,7 +21,7 @@ pub use frame::{
 };
 pub use layout::{KvDType, KvShape, LayoutError, MemoryKind, Paging, TargetLayout, TokenOrder};
 pub use message::{
-    BufferMemory, DaemonStats, Error, Fetch, FetchBuffer, FetchDone, FetchFailed, LayersReady,
-    Lookup, LookupReply, Message, PeerCred, Release, Released, Reopen, Save, SaveReply, Stats,
-    StatsReply, GPU_IPC_HANDLE_LEN,
+    BufferMemory, DaemonStats, Error, Fetch, FetchBuffer, FetchDone, FetchFailed, GpuSource,
+    LayersReady, Lookup, LookupReply, Message, PeerCred, Release, Released, Reopen, Save,
+    SaveReply, Stats, StatsReply, GPU_IPC_HANDLE_LEN,
 };
