@@ -13,8 +13,14 @@
  * - Ownership: a kvf_client from kvf_client_connect() is owned by the caller, who must call
  *   kvf_client_free(). A kvf_fetch from kvf_client_fetch() is owned by the caller, who must
  *   call kvf_fetch_free() (which also releases it in the daemon). Pointers returned by
- *   kvf_fetch_layer_ptr()/kvf_fetch_tensor_ptr() are borrowed from the fetch and valid until
- *   kvf_fetch_free(). Input buffers stay owned by the caller. _free(NULL) is a no-op.
+ *   kvf_fetch_layer_ptr()/kvf_fetch_tensor_ptr() and device addresses returned by
+ *   kvf_fetch_device_ptr()/kvf_fetch_layer_device_ptr() are borrowed from the fetch and valid
+ *   until kvf_fetch_free(). Input buffers (host or device) stay owned by the caller.
+ *   _free(NULL) is a no-op.
+ * - GPU memory (KVF_MEMORY_GPU): the fetch's buffer is the daemon's device memory opened over
+ *   CUDA IPC; libcuda.so.1 is loaded at run time (no link-time CUDA dependency). Host accessors
+ *   on it (and GPU accessors on a host fetch) return KVF_ERR_WRONG_MEMORY.
+ *   kvf_fetch_stream_wait_layer() orders only work queued on the stream after the call.
  * - Threads: clients and fetches may be used from several threads; calls on one connection
  *   are serialized. No function raises a signal or lets a panic cross into C (KVF_ERR_PANIC).
  */
@@ -45,7 +51,12 @@
 // `kvf_layout.memory`: host memory (a memfd mapped into the caller).
 #define KVF_MEMORY_HOST 0
 
-// `kvf_layout.memory`: memory of GPU `gpu_device` (not supported yet).
+// `kvf_layout.memory`: memory of GPU `gpu_device` (a CUDA ordinal). A fetch's buffer is then
+// the daemon's device memory opened in this process over CUDA IPC (the NVIDIA driver is loaded
+// at run time; without it the fetch fails with `KVF_ERR_GPU_UNSUPPORTED`): use
+// `kvf_fetch_device_ptr` / `kvf_fetch_layer_device_ptr` and `kvf_fetch_stream_wait_layer`
+// instead of the host pointer accessors. A save in GPU memory goes through
+// `kvf_client_save_gpu`.
 #define KVF_MEMORY_GPU 1
 
 // Result of every fallible `kvf_` function. Values are grouped by kind and never renumbered.
@@ -64,6 +75,8 @@ enum kvf_error
   KVF_ERR_INVALID_ARGUMENT = 102,
   // A layer index beyond the fetched shape.
   KVF_ERR_LAYER_OUT_OF_RANGE = 103,
+  // A host accessor on a fetch in GPU memory, or a GPU accessor on a fetch in host memory.
+  KVF_ERR_WRONG_MEMORY = 104,
   // The daemon's socket could not be reached.
   KVF_ERR_CONNECT = 200,
   // A socket error on an established connection.
@@ -76,6 +89,9 @@ enum kvf_error
   KVF_ERR_CLOSED = 204,
   // Shared memory could not be created or mapped.
   KVF_ERR_SHARED_MEMORY = 205,
+  // A CUDA driver call failed (opening the daemon's GPU buffer, waiting on it, exporting a
+  // device pointer); the detail names the call and the `CUresult`.
+  KVF_ERR_GPU_DRIVER = 206,
   // The daemon found the request invalid.
   KVF_ERR_BAD_REQUEST = 300,
   // The model or the tokens are not available.
@@ -88,7 +104,8 @@ enum kvf_error
   KVF_ERR_PERMISSION_DENIED = 304,
   // No such handle (released, or never existed).
   KVF_ERR_UNKNOWN_HANDLE = 305,
-  // GPU memory is not supported by this daemon build or host.
+  // GPU memory is not supported by this daemon build or host, or this process has no
+  // usable CUDA driver (`libcuda.so.1`) or no such device.
   KVF_ERR_GPU_UNSUPPORTED = 306,
   // The daemon is at its limit of clients or fetches.
   KVF_ERR_BUSY = 307,
@@ -192,6 +209,12 @@ kvf_error kvf_client_lookup(const kvf_client *client,
 // before reading a layer. Nothing available is `KVF_ERR_NOT_FOUND`. On success `*out` is a
 // new fetch: the caller owns it and must call `kvf_fetch_free`.
 //
+// With `layout->memory == KVF_MEMORY_GPU` the buffer is the daemon's memory on GPU
+// `layout->gpu_device`, opened in this process over CUDA IPC: read it through
+// `kvf_fetch_device_ptr` / `kvf_fetch_layer_device_ptr` after `kvf_fetch_stream_wait_layer`
+// (or `kvf_fetch_wait_layer`). A process without the NVIDIA driver gets
+// `KVF_ERR_GPU_UNSUPPORTED`.
+//
 // # Safety
 // As `kvf_client_lookup`; `layout` points to a `kvf_layout`; `out` is writable.
 kvf_error kvf_client_fetch(const kvf_client *client,
@@ -202,9 +225,10 @@ kvf_error kvf_client_fetch(const kvf_client *client,
                            kvf_fetch **out);
 
 // Hands KV to the daemon to store for `model` and `token_ids`: `data[0..len]` holds `*shape`
-// in the host `*layout` (`shape->tokens` must equal `n_tokens`). The bytes are copied before
-// the call returns; the caller keeps ownership of `data`. Writes the number of chunks stored
-// to `*out_chunks`.
+// in the host `*layout` (`shape->tokens` must equal `n_tokens`; a GPU layout is
+// `KVF_ERR_INVALID_ARGUMENT`: use `kvf_client_save_gpu`). The bytes are copied before the call
+// returns; the caller keeps ownership of `data`. Writes the number of chunks stored to
+// `*out_chunks`.
 //
 // # Safety
 // As `kvf_client_lookup`; `layout` and `shape` point to their structs; `data` points to `len`
@@ -219,6 +243,30 @@ kvf_error kvf_client_save(const kvf_client *client,
                           size_t len,
                           uint32_t *out_chunks);
 
+// Hands KV in GPU memory to the daemon to store for `model` and `token_ids`: `len` bytes at
+// device address `device_ptr` (a `CUdeviceptr` / CUDA runtime device pointer of this process
+// on GPU `layout->gpu_device`) hold `*shape` in `*layout`, whose `memory` must be
+// `KVF_MEMORY_GPU`. The allocation containing the pointer is exported over CUDA IPC and the
+// daemon copies the bytes out before the call returns: the caller keeps ownership of the
+// memory and may reuse it afterwards. The bytes must be written before the call (synchronize
+// the stream that wrote them). A pointer that is not device memory of that GPU, or `len`
+// bytes that overrun its allocation, are `KVF_ERR_INVALID_ARGUMENT`; a process without the
+// NVIDIA driver gets `KVF_ERR_GPU_UNSUPPORTED`. Writes the number of chunks stored to
+// `*out_chunks`.
+//
+// # Safety
+// As `kvf_client_lookup`; `layout` and `shape` point to their structs; `out_chunks` is
+// writable. `device_ptr` is only passed to the CUDA driver, never dereferenced on the host.
+kvf_error kvf_client_save_gpu(const kvf_client *client,
+                              const char *model,
+                              const uint32_t *token_ids,
+                              size_t n_tokens,
+                              const kvf_layout *layout,
+                              const kvf_shape *shape,
+                              uint64_t device_ptr,
+                              size_t len,
+                              uint32_t *out_chunks);
+
 // Writes the shape being restored (its `tokens` is the prefix found) to `*out`.
 //
 // # Safety
@@ -226,13 +274,49 @@ kvf_error kvf_client_save(const kvf_client *client,
 kvf_error kvf_fetch_shape(const kvf_fetch *fetch, kvf_shape *out);
 
 // Blocks until `layer` is restored (the thread sleeps on the socket; no polling). Fails with
-// the daemon's code if the fetch failed.
+// the daemon's code if the fetch failed. For a fetch in GPU memory this then also blocks until
+// the GPU finished writing the layer (`cuEventSynchronize`), so host copies of it are safe; an
+// engine should rather use `kvf_fetch_stream_wait_layer`, which does not block on the GPU.
 //
 // # Safety
 // `fetch` is a live fetch.
 kvf_error kvf_fetch_wait_layer(const kvf_fetch *fetch, uint32_t layer);
 
-// Blocks until the whole fetch is done; writes the tokens restored to `*out_tokens`.
+// For a fetch in GPU memory: blocks until the daemon announced `layer` (on the socket, as
+// `kvf_fetch_wait_layer`; no polling, no GPU wait), then makes the work queued on `cu_stream`
+// after this call wait for the layer's restore on the GPU (`cuStreamWaitEvent`). Work queued on
+// the stream before the call is not ordered. `cu_stream` is the engine's `CUstream` /
+// `cudaStream_t`; NULL is the legacy default stream of the device's primary context (the CUDA
+// runtime's default stream on that device). A host fetch is `KVF_ERR_WRONG_MEMORY`.
+//
+// # Safety
+// `fetch` is a live fetch; `cu_stream` is NULL or a live CUDA stream of this process.
+kvf_error kvf_fetch_stream_wait_layer(const kvf_fetch *fetch, uint32_t layer, void *cu_stream);
+
+// For a fetch in GPU memory: writes the device address (`CUdeviceptr`, usable as a CUDA
+// runtime device pointer on GPU `layout.gpu_device` in this process) of the whole buffer and
+// its length in bytes. The memory belongs to `fetch`: valid until `kvf_fetch_free(fetch)`;
+// read a layer only after `kvf_fetch_stream_wait_layer` (or `kvf_fetch_wait_layer`) for it,
+// and do not write it. Does not wait. A host fetch is `KVF_ERR_WRONG_MEMORY`.
+//
+// # Safety
+// `fetch` is a live fetch; `out_ptr` and `out_len` are writable.
+kvf_error kvf_fetch_device_ptr(const kvf_fetch *fetch, uint64_t *out_ptr, size_t *out_len);
+
+// For a fetch in GPU memory: writes the device address of `layer` (K tensor, then V tensor;
+// the V tensor starts at half the length) and its length in bytes. Does NOT wait: call
+// `kvf_fetch_stream_wait_layer` before queuing reads of it. Same lifetime as
+// `kvf_fetch_device_ptr`. A host fetch is `KVF_ERR_WRONG_MEMORY`.
+//
+// # Safety
+// `fetch` is a live fetch; `out_ptr` and `out_len` are writable.
+kvf_error kvf_fetch_layer_device_ptr(const kvf_fetch *fetch,
+                                     uint32_t layer,
+                                     uint64_t *out_ptr,
+                                     size_t *out_len);
+
+// Blocks until the whole fetch is done (for a GPU fetch, also on the GPU); writes the tokens
+// restored to `*out_tokens`.
 //
 // # Safety
 // `fetch` is a live fetch; `out_tokens` is writable.
@@ -240,7 +324,8 @@ kvf_error kvf_fetch_wait_all(const kvf_fetch *fetch, uint32_t *out_tokens);
 
 // Waits for `layer` (as `kvf_fetch_wait_layer`), then writes the address and length of its
 // bytes (K tensor, then V tensor) to `*out_ptr` and `*out_len`. The memory is read-only and
-// belongs to `fetch`: valid until `kvf_fetch_free(fetch)`.
+// belongs to `fetch`: valid until `kvf_fetch_free(fetch)`. Host fetches only: a fetch in GPU
+// memory is `KVF_ERR_WRONG_MEMORY` (use `kvf_fetch_layer_device_ptr`).
 //
 // # Safety
 // `fetch` is a live fetch; `out_ptr` and `out_len` are writable.
@@ -250,7 +335,7 @@ kvf_error kvf_fetch_layer_ptr(const kvf_fetch *fetch,
                               size_t *out_len);
 
 // Waits for `layer`, then writes the address and length of one of its tensors (`kv`: 0 = K,
-// 1 = V). Same ownership as `kvf_fetch_layer_ptr`.
+// 1 = V). Same ownership and memory kind as `kvf_fetch_layer_ptr`.
 //
 // # Safety
 // `fetch` is a live fetch; `out_ptr` and `out_len` are writable.
@@ -260,9 +345,11 @@ kvf_error kvf_fetch_tensor_ptr(const kvf_fetch *fetch,
                                const uint8_t **out_ptr,
                                size_t *out_len);
 
-// Releases the fetch in the daemon (cancelling it if still running), unmaps its buffer and
-// frees `fetch`. NULL is fine. Pointers from `kvf_fetch_layer_ptr` / `kvf_fetch_tensor_ptr`
-// become invalid.
+// Unmaps the fetch's buffer (host) or closes its CUDA IPC mapping and events (GPU), then
+// releases the fetch in the daemon (cancelling it if still running) and frees `fetch`. NULL is
+// fine. Pointers from `kvf_fetch_layer_ptr` / `kvf_fetch_tensor_ptr` and device addresses
+// from `kvf_fetch_device_ptr` / `kvf_fetch_layer_device_ptr` become invalid: for GPU memory,
+// first make sure no queued GPU work still reads them (synchronize the streams).
 //
 // # Safety
 // `fetch` is NULL or came from `kvf_client_fetch` and is not used afterwards.

@@ -6,7 +6,9 @@
 #   .carry/fixtures/sections/       kvfetcher gpu section-fixtures --kv .carry/codelm-kv-a-4l.safetensors --out .carry/fixtures/sections
 #   .carry/codelm-kv-a-4l.safetensors  the real KV the fixtures came from (first 4 layers of
 #                                    shared/data/codelm-kv-a.safetensors; override with KV=)
-# Writes logs and the fresh PTX to ${OUT:-/tmp/gpu-check}. SKIP_BENCH=1 skips the benchmarks.
+# Writes logs and the fresh PTX to ${OUT:-/tmp/gpu-check}. SKIP_BENCH=1 skips the benchmarks;
+# SKIP_INTERFERENCE=1 skips only scripts/gpu-interference.py (GEMM next to NVDEC / nvCOMP, needs
+# torch; nvCOMP from .whl/*.whl when present, INTERFERENCE_SECONDS per setting, default 10).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 carry="${CARRY:-$root/.carry}"
@@ -32,14 +34,48 @@ fi
 "$bin" gpu info 2>&1 | tee "$out/info.txt" || status=1
 "$bin" gpu check --kv "$kv" --fixtures "$fx" > "$out/check.txt" 2>&1 || status=1
 "$bin" gpu ipc-check --kv "$kv" > "$out/ipc.txt" 2>&1 || status=1
+# The daemon's GPU path end to end (C example in another process, kill test, two GPUs).
+"$root/scripts/gpu-daemon-check.sh" > "$out/daemon-check.log" 2>&1 || status=1
+# Rust GPU tests, when their binaries were carried (scripts/gpu-prep.sh --tests): they
+# self-skip without a driver, so here they must run for real.
+: > "$out/rust-tests.txt"
+for t in "$carry"/tests/*; do
+  [ -x "$t" ] || continue
+  if (cd "$root/daemon" && KVF_GPU_TEST_HEVC_DIR="$carry/h2/hevc" "$t" --test-threads 1) > "$out/rust-$(basename "$t").log" 2>&1; then
+    echo "| rust $(basename "$t") | $(grep -E '^test result' "$out/rust-$(basename "$t").log" | tail -1) |" >> "$out/rust-tests.txt"
+  else
+    echo "| rust $(basename "$t") | FAIL: $(grep -E 'panicked|FAILED|failed' "$out/rust-$(basename "$t").log" | head -2 | tr '\n' ' ') |" >> "$out/rust-tests.txt"
+    status=1
+  fi
+done
+if [ -z "${SKIP_BENCH:-}" ]; then
+  "$bin" bench fetch --kv "$kv" --memory gpu:0 --variant packed --rates 0,1,4,10,25 --repeat 5 > "$out/fetch-gpu-packed.txt" 2>&1 || status=1
+  "$bin" bench fetch --kv "$kv" --memory gpu:0 --variant zstd --rates 0,1,4,10,25 --repeat 5 > "$out/fetch-gpu-zstd.txt" 2>&1 || status=1
+fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   "$bin" gpu bench --kv "$kv" --fixtures "$fx" ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1 || status=1
 else
   : > "$out/bench.txt"
 fi
+if [ -z "${SKIP_BENCH:-}" ] && [ -z "${SKIP_INTERFERENCE:-}" ]; then
+  site=/tmp/site
+  if ! PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" python3 -c "from nvidia import nvcomp" 2>/dev/null \
+    && ls "$root"/.whl/*nvcomp*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$root"/.whl/*.whl \
+      || echo "nvcomp wheels did not install: nvCOMP rows will be skipped"
+  fi
+  PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 python3 "$root/scripts/gpu-interference.py" \
+    --bin "$bin" --kv "$kv" --fixtures "$fx" --seconds "${INTERFERENCE_SECONDS:-10}" \
+    > "$out/interference.txt" 2>&1 || status=1
+else
+  : > "$out/interference.txt"
+fi
 echo
 echo "== summary =="
 cat "$out/smi.txt"
+cat "$out/daemon-gpu.txt" 2>/dev/null || tail -5 "$out/daemon-check.log"
+cat "$out/rust-tests.txt"
+grep -hE "^(link|loopback|[0-9.]+ Gbit)" "$out"/fetch-gpu-*.txt 2>/dev/null
 grep -E "^nvdec hevc" "$out/info.txt"
 grep -E "^\| nvdec|checks, " "$out/check.txt"
 grep -E "^\| (nvdec|restore (codes|surfaces)) section" "$out/check.txt" | grep -c "| yes |" | sed 's/^/codec-section rows exact: /'
@@ -48,4 +84,7 @@ grep -E "^\| ipc|checks, |rror" "$out/ipc.txt"
 grep -E "^\| (restore|codes|packed|frames|---)" "$out/bench.txt" | head -12
 grep -E "^\| (nvdec|4[24][04] )" "$out/bench.txt"
 tail -3 "$out/bench.txt" | grep -i error
+grep -E "^\| (algorithm|ANS|Bitcomp|Zstd|GDeflate) " "$out/interference.txt"
+sed -n '/^interference table/,$p' "$out/interference.txt"
+grep -E "^gpu-interference:|^  failed|Traceback" "$out/interference.txt" | head -4
 exit $status

@@ -20,6 +20,8 @@ pub enum kvf_error {
     KVF_ERR_INVALID_ARGUMENT = 102,
     /// A layer index beyond the fetched shape.
     KVF_ERR_LAYER_OUT_OF_RANGE = 103,
+    /// A host accessor on a fetch in GPU memory, or a GPU accessor on a fetch in host memory.
+    KVF_ERR_WRONG_MEMORY = 104,
     /// The daemon's socket could not be reached.
     KVF_ERR_CONNECT = 200,
     /// A socket error on an established connection.
@@ -32,6 +34,9 @@ pub enum kvf_error {
     KVF_ERR_CLOSED = 204,
     /// Shared memory could not be created or mapped.
     KVF_ERR_SHARED_MEMORY = 205,
+    /// A CUDA driver call failed (opening the daemon's GPU buffer, waiting on it, exporting a
+    /// device pointer); the detail names the call and the `CUresult`.
+    KVF_ERR_GPU_DRIVER = 206,
     /// The daemon found the request invalid.
     KVF_ERR_BAD_REQUEST = 300,
     /// The model or the tokens are not available.
@@ -44,7 +49,8 @@ pub enum kvf_error {
     KVF_ERR_PERMISSION_DENIED = 304,
     /// No such handle (released, or never existed).
     KVF_ERR_UNKNOWN_HANDLE = 305,
-    /// GPU memory is not supported by this daemon build or host.
+    /// GPU memory is not supported by this daemon build or host, or this process has no
+    /// usable CUDA driver (`libcuda.so.1`) or no such device.
     KVF_ERR_GPU_UNSUPPORTED = 306,
     /// The daemon is at its limit of clients or fetches.
     KVF_ERR_BUSY = 307,
@@ -54,18 +60,20 @@ pub enum kvf_error {
 
 impl kvf_error {
     /// Every code, for lookups by value.
-    pub(crate) const ALL: [kvf_error; 20] = [
+    pub(crate) const ALL: [kvf_error; 22] = [
         kvf_error::KVF_OK,
         kvf_error::KVF_ERR_NULL_ARGUMENT,
         kvf_error::KVF_ERR_INVALID_UTF8,
         kvf_error::KVF_ERR_INVALID_ARGUMENT,
         kvf_error::KVF_ERR_LAYER_OUT_OF_RANGE,
+        kvf_error::KVF_ERR_WRONG_MEMORY,
         kvf_error::KVF_ERR_CONNECT,
         kvf_error::KVF_ERR_IO,
         kvf_error::KVF_ERR_PROTOCOL,
         kvf_error::KVF_ERR_VERSION_MISMATCH,
         kvf_error::KVF_ERR_CLOSED,
         kvf_error::KVF_ERR_SHARED_MEMORY,
+        kvf_error::KVF_ERR_GPU_DRIVER,
         kvf_error::KVF_ERR_BAD_REQUEST,
         kvf_error::KVF_ERR_NOT_FOUND,
         kvf_error::KVF_ERR_UNAVAILABLE,
@@ -86,19 +94,23 @@ impl kvf_error {
             KVF_ERR_INVALID_UTF8 => "a string argument was not valid utf-8",
             KVF_ERR_INVALID_ARGUMENT => "invalid argument",
             KVF_ERR_LAYER_OUT_OF_RANGE => "layer out of range",
+            KVF_ERR_WRONG_MEMORY => "wrong memory kind for this accessor (host vs gpu)",
             KVF_ERR_CONNECT => "cannot connect to the daemon",
             KVF_ERR_IO => "socket error",
             KVF_ERR_PROTOCOL => "protocol error",
             KVF_ERR_VERSION_MISMATCH => "protocol version mismatch",
             KVF_ERR_CLOSED => "connection closed by the daemon",
             KVF_ERR_SHARED_MEMORY => "shared memory error",
+            KVF_ERR_GPU_DRIVER => "cuda driver call failed",
             KVF_ERR_BAD_REQUEST => "bad request",
             KVF_ERR_NOT_FOUND => "not found",
             KVF_ERR_UNAVAILABLE => "remote store unavailable",
             KVF_ERR_INTERNAL => "daemon internal error",
             KVF_ERR_PERMISSION_DENIED => "permission denied",
             KVF_ERR_UNKNOWN_HANDLE => "unknown handle",
-            KVF_ERR_GPU_UNSUPPORTED => "gpu memory not supported by this daemon build/host",
+            KVF_ERR_GPU_UNSUPPORTED => {
+                "gpu memory not supported by this daemon build/host or no cuda driver"
+            }
             KVF_ERR_BUSY => "daemon busy",
             KVF_ERR_PANIC => "internal panic in libkvfetcher",
         }
@@ -108,6 +120,7 @@ impl kvf_error {
     pub(crate) fn of(e: &ClientError) -> kvf_error {
         use kvfetcher_client::protocol::FrameError;
         use kvfetcher_client::transport::TransportError;
+        use kvfetcher_client::GpuError;
         match e {
             ClientError::Connect { .. } => kvf_error::KVF_ERR_CONNECT,
             ClientError::Transport(TransportError::Io(_)) => kvf_error::KVF_ERR_IO,
@@ -137,6 +150,11 @@ impl kvf_error {
                 kvf_error::KVF_ERR_INVALID_ARGUMENT
             }
             ClientError::Memory(_) => kvf_error::KVF_ERR_SHARED_MEMORY,
+            ClientError::Gpu(GpuError::Unavailable(_) | GpuError::NoDevice { .. }) => {
+                kvf_error::KVF_ERR_GPU_UNSUPPORTED
+            }
+            ClientError::Gpu(GpuError::Driver { .. }) => kvf_error::KVF_ERR_GPU_DRIVER,
+            ClientError::WrongMemory(_) => kvf_error::KVF_ERR_WRONG_MEMORY,
         }
     }
 }
@@ -153,7 +171,12 @@ pub const KVF_ORDER_NHD: u32 = 0;
 pub const KVF_ORDER_HND: u32 = 1;
 /// `kvf_layout.memory`: host memory (a memfd mapped into the caller).
 pub const KVF_MEMORY_HOST: u32 = 0;
-/// `kvf_layout.memory`: memory of GPU `gpu_device` (not supported yet).
+/// `kvf_layout.memory`: memory of GPU `gpu_device` (a CUDA ordinal). A fetch's buffer is then
+/// the daemon's device memory opened in this process over CUDA IPC (the NVIDIA driver is loaded
+/// at run time; without it the fetch fails with `KVF_ERR_GPU_UNSUPPORTED`): use
+/// `kvf_fetch_device_ptr` / `kvf_fetch_layer_device_ptr` and `kvf_fetch_stream_wait_layer`
+/// instead of the host pointer accessors. A save in GPU memory goes through
+/// `kvf_client_save_gpu`.
 pub const KVF_MEMORY_GPU: u32 = 1;
 
 /// How restored KV is laid out. For each layer: the K tensor, then the V tensor, each in

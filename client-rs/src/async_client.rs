@@ -1,6 +1,8 @@
 //! The async (tokio) client: the same calls as [`crate::Client`], awaiting instead of blocking.
 //! `wait_layer` awaits the socket's readiness (no polling).
 
+use std::ffi::c_void;
+use std::future::Future;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
-use crate::buffer::{reply_error, save_memfd, MappedBuffer};
+use crate::buffer::{announced_fetch, reply_error, save_gpu_source, save_memfd, MappedBuffer};
 use crate::core::{ClientCore, LayerStatus};
 use crate::protocol::{
     encode_hello, DaemonStats, Fetch, FetchDone, FrameError, KvShape, Lookup, Message, Release,
@@ -61,6 +63,15 @@ impl Shared {
                 return Err(e);
             }
         }
+    }
+
+    /// Releases `fetch_id` without waiting for the answer (best effort: a dead connection has
+    /// released everything already).
+    async fn release_quietly(&mut self, fetch_id: u64) {
+        let req = self.core.new_ignored_request();
+        self.core.forget_fetch(fetch_id);
+        let msg = Message::Release(Release { req, fetch_id });
+        let _ = send_async(&self.stream, &msg, &[], DEFAULT_MAX_FRAME).await;
     }
 }
 
@@ -132,9 +143,20 @@ impl AsyncClient {
             })
         };
         let (m, fds) = self.shared.lock().await.call(mk, &[]).await?;
+        let id = announced_fetch(&m);
+        let buf = match MappedBuffer::from_reply(m, fds, layout.memory) {
+            Ok(b) => b,
+            Err(e) => {
+                // The daemon made a fetch this client cannot use: release it now.
+                if let Some(id) = id {
+                    self.shared.lock().await.release_quietly(id).await;
+                }
+                return Err(e);
+            }
+        };
         Ok(AsyncFetchHandle {
             shared: self.shared.clone(),
-            buf: MappedBuffer::from_reply(m, fds)?,
+            buf,
             released: false,
         })
     }
@@ -160,6 +182,33 @@ impl AsyncClient {
             })
         };
         match self.shared.lock().await.call(mk, &[f.as_fd()]).await?.0 {
+            Message::SaveReply(r) => Ok(r.chunks),
+            other => Err(reply_error(other)),
+        }
+    }
+
+    /// Hands GPU memory to the daemon to store (see [`crate::Client::save_gpu`]).
+    pub async fn save_gpu(
+        &self,
+        model: &str,
+        token_ids: &[u32],
+        layout: &TargetLayout,
+        shape: &KvShape,
+        device_ptr: u64,
+        len: usize,
+    ) -> Result<u32, ClientError> {
+        let gpu = save_gpu_source(token_ids, layout, shape, device_ptr, len)?;
+        let mk = |req| {
+            Message::Save(Save {
+                req,
+                model: model.into(),
+                token_ids: token_ids.to_vec(),
+                layout: *layout,
+                shape: *shape,
+                gpu: Some(gpu),
+            })
+        };
+        match self.shared.lock().await.call(mk, &[]).await?.0 {
             Message::SaveReply(r) => Ok(r.chunks),
             other => Err(reply_error(other)),
         }
@@ -200,8 +249,8 @@ impl AsyncFetchHandle {
         &self.buf.layout
     }
 
-    /// Waits until `layer` is restored.
-    pub async fn wait_layer(&self, layer: u32) -> Result<(), ClientError> {
+    /// Waits until the daemon announced `layer`.
+    async fn wait_announced(&self, layer: u32) -> Result<(), ClientError> {
         self.buf.check_layer(layer)?;
         let mut s = self.shared.lock().await;
         loop {
@@ -215,12 +264,71 @@ impl AsyncFetchHandle {
         }
     }
 
-    /// Waits until the whole fetch is done and returns the daemon's final report.
+    /// Waits until `layer` is restored. For a GPU buffer this then blocks the thread until the
+    /// GPU finished writing the layer (`cuEventSynchronize`; see
+    /// [`crate::FetchHandle::wait_layer`]).
+    pub async fn wait_layer(&self, layer: u32) -> Result<(), ClientError> {
+        self.wait_announced(layer).await?;
+        self.buf.host_wait_announced(layer)
+    }
+
+    /// Waits for the announcement of `layer` of a GPU buffer, then orders work queued on
+    /// `stream` after this call behind its restore (see
+    /// [`crate::FetchHandle::stream_wait_layer`]).
+    ///
+    /// # Safety
+    /// `stream` is NULL or a live `CUstream`/`cudaStream_t` of this process until the returned
+    /// future completes.
+    pub unsafe fn stream_wait_layer(
+        &self,
+        layer: u32,
+        stream: *mut c_void,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send + '_ {
+        // Carried as an address so that the future stays Send.
+        let stream = stream as usize;
+        async move {
+            self.buf.check_stream_wait(layer)?;
+            self.wait_announced(layer).await?;
+            // SAFETY: forwarded caller guarantee (the stream outlives the future).
+            unsafe { self.buf.stream_wait_announced(layer, stream as *mut c_void) }
+        }
+    }
+
+    /// The device address of a GPU buffer's first byte (see [`crate::FetchHandle::device_ptr`]).
+    pub fn device_ptr(&self) -> Option<u64> {
+        self.buf.device_ptr()
+    }
+
+    /// The CUDA ordinal of a GPU buffer.
+    pub fn device(&self) -> Option<u32> {
+        self.buf.device()
+    }
+
+    /// The device address of `layer` of a GPU buffer. Does not wait.
+    pub fn layer_device_ptr(&self, layer: u32) -> Result<u64, ClientError> {
+        self.buf.layer_device_ptr(layer)
+    }
+
+    /// The buffer's length in bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether the buffer is empty (never, for a live fetch).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until the whole fetch is done and returns the daemon's final report (for a GPU
+    /// buffer, after the GPU finished every layer).
     pub async fn wait_done(&self) -> Result<FetchDone, ClientError> {
         let mut s = self.shared.lock().await;
         loop {
             if let Some(d) = s.core.fetch_done(self.buf.fetch_id) {
-                return Ok(d.clone());
+                let d = d.clone();
+                drop(s);
+                self.buf.host_wait_done()?;
+                return Ok(d);
             }
             if let LayerStatus::Failed(code, message) = s.core.layer_status(self.buf.fetch_id, 0) {
                 return Err(ClientError::Daemon { code, message });
@@ -231,24 +339,27 @@ impl AsyncFetchHandle {
 
     /// Waits for `layer` and returns its bytes (K tensor, then V tensor).
     pub async fn layer(&self, layer: u32) -> Result<&[u8], ClientError> {
+        self.buf.check_host()?;
         self.wait_layer(layer).await?;
         self.buf.layer(layer)
     }
 
     /// Waits for `layer` and returns one of its tensors (`kv`: 0 = K, 1 = V).
     pub async fn tensor(&self, layer: u32, kv: u32) -> Result<&[u8], ClientError> {
+        self.buf.check_host()?;
         self.wait_layer(layer).await?;
         self.buf.tensor(layer, kv)
     }
 
-    /// The whole buffer, ready or not.
-    pub fn bytes(&self) -> &[u8] {
+    /// The whole buffer, ready or not (host buffers only).
+    pub fn bytes(&self) -> Result<&[u8], ClientError> {
         self.buf.bytes()
     }
 
-    /// Releases the fetch and waits for the daemon to confirm.
+    /// Closes the buffer, releases the fetch and waits for the daemon to confirm.
     pub async fn release(mut self) -> Result<(), ClientError> {
         self.released = true;
+        self.buf.close();
         let id = self.buf.fetch_id;
         let mut s = self.shared.lock().await;
         s.core.forget_fetch(id);
@@ -265,16 +376,10 @@ impl Drop for AsyncFetchHandle {
         if self.released {
             return;
         }
+        self.buf.close();
         let (shared, id) = (self.shared.clone(), self.buf.fetch_id);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let mut s = shared.lock().await;
-                let req = s.core.new_ignored_request();
-                s.core.forget_fetch(id);
-                let msg = Message::Release(Release { req, fetch_id: id });
-                // Best effort: a dead connection has released everything already.
-                let _ = send_async(&s.stream, &msg, &[], DEFAULT_MAX_FRAME).await;
-            });
+            rt.spawn(async move { shared.lock().await.release_quietly(id).await });
         }
     }
 }

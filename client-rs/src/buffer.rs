@@ -1,14 +1,34 @@
-//! The client's view of a fetched buffer: the daemon's memfd mapped read-only, and the slices of
-//! its layers and tensors. Also the answers that both clients interpret the same way.
+//! The client's view of a fetched buffer: the daemon's memfd mapped read-only, or its GPU
+//! allocation opened over CUDA IPC; the slices and device addresses of its layers and tensors.
+//! Also the answers that both clients interpret the same way, and the waits that follow a
+//! layer's announcement (the same for the blocking and the async client).
 
+use std::ffi::c_void;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 
 use memmap2::{Mmap, MmapOptions};
 
-use crate::protocol::{BufferMemory, KvShape, Message, TargetLayout};
+use crate::gpu::{GpuMapping, GpuReply};
+use crate::protocol::{BufferMemory, GpuSource, KvShape, MemoryKind, Message, TargetLayout};
 use crate::ClientError;
+
+/// The error of a host accessor on a GPU buffer.
+const ON_GPU: &str = "buffer is in GPU memory: use device_ptr()";
+/// The error of a GPU accessor on a host buffer.
+const ON_HOST: &str = "buffer is in host memory: use bytes(), layer() or tensor()";
+
+/// Where the bytes of a fetched buffer are.
+#[derive(Debug)]
+enum Memory {
+    /// The daemon's memfd, mapped read-only.
+    Host(Mmap),
+    /// The daemon's GPU allocation, opened here.
+    Gpu(GpuMapping),
+    /// Closed before the fetch is released.
+    Closed,
+}
 
 /// A fetched buffer mapped into this process.
 #[derive(Debug)]
@@ -16,21 +36,30 @@ pub(crate) struct MappedBuffer {
     pub(crate) fetch_id: u64,
     pub(crate) shape: KvShape,
     pub(crate) layout: TargetLayout,
-    map: Mmap,
+    memory: Memory,
+}
+
+/// The fetch a `FetchBuffer` answer created, to release it if the client cannot use it.
+pub(crate) fn announced_fetch(msg: &Message) -> Option<u64> {
+    match msg {
+        Message::FetchBuffer(b) => Some(b.fetch_id),
+        _ => None,
+    }
 }
 
 impl MappedBuffer {
-    /// Maps the buffer a `FetchBuffer` answer announced; any other answer is an error.
-    pub(crate) fn from_reply(msg: Message, mut fds: Vec<OwnedFd>) -> Result<Self, ClientError> {
+    /// Maps the buffer a `FetchBuffer` answer announced for a fetch that asked for `requested`
+    /// memory; any other answer is an error. Every field is checked before anything is mapped
+    /// (and before the CUDA driver is loaded).
+    pub(crate) fn from_reply(
+        msg: Message,
+        mut fds: Vec<OwnedFd>,
+        requested: MemoryKind,
+    ) -> Result<Self, ClientError> {
         let b = match msg {
             Message::FetchBuffer(b) => b,
             other => return Err(reply_error(other)),
         };
-        if b.memory != BufferMemory::Host {
-            return Err(ClientError::Unexpected(
-                "gpu buffers are not supported by this client".into(),
-            ));
-        }
         let expect = b.layout.checked_buffer_len(&b.shape)?;
         if b.len != expect as u64 || expect == 0 {
             return Err(ClientError::Unexpected(format!(
@@ -38,33 +67,76 @@ impl MappedBuffer {
                 b.len
             )));
         }
-        let fd = fds
-            .pop()
-            .ok_or_else(|| ClientError::Unexpected("buffer without fd".into()))?;
-        let file = File::from(fd);
-        let size = file.metadata().map_err(ClientError::Memory)?.len();
-        if size < b.len {
+        if b.layout.memory != requested {
             return Err(ClientError::Unexpected(format!(
-                "memfd of {size} bytes for a {} byte buffer",
-                b.len
+                "buffer layout in {:?} memory, the fetch asked for {requested:?}",
+                b.layout.memory
             )));
         }
-        // SAFETY: the mapping is read-only and shared. The daemon writes disjoint regions of it
-        // before announcing them ready, and never shrinks the memfd while the handle is alive
-        // (its size was checked above), so reads stay in bounds.
-        let map =
-            unsafe { MmapOptions::new().len(expect).map(&file) }.map_err(ClientError::Memory)?;
+        let memory = match (&b.memory, requested) {
+            (BufferMemory::Host, MemoryKind::Host) => {
+                let fd = fds
+                    .pop()
+                    .ok_or_else(|| ClientError::Unexpected("buffer without fd".into()))?;
+                Memory::Host(map_memfd(fd, expect)?)
+            }
+            (
+                BufferMemory::GpuIpc {
+                    device,
+                    mem_handle,
+                    event_handles,
+                },
+                _,
+            ) => {
+                let reply =
+                    GpuReply::check(requested, *device, mem_handle, event_handles, &b.shape)?;
+                Memory::Gpu(GpuMapping::open(&reply, expect)?)
+            }
+            (BufferMemory::Host, MemoryKind::Gpu(_)) => {
+                return Err(ClientError::Unexpected(
+                    "host buffer for a fetch into GPU memory".into(),
+                ))
+            }
+        };
         Ok(MappedBuffer {
             fetch_id: b.fetch_id,
             shape: b.shape,
             layout: b.layout,
-            map,
+            memory,
         })
     }
 
-    /// The whole buffer.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.map
+    /// Closes the mapping (before the fetch is released, so the daemon frees memory nobody
+    /// maps any more). Later accessors fail.
+    pub(crate) fn close(&mut self) {
+        self.memory = Memory::Closed;
+    }
+
+    fn host(&self) -> Result<&Mmap, ClientError> {
+        match &self.memory {
+            Memory::Host(m) => Ok(m),
+            Memory::Gpu(_) => Err(ClientError::WrongMemory(ON_GPU)),
+            Memory::Closed => Err(ClientError::WrongMemory("buffer closed")),
+        }
+    }
+
+    fn gpu(&self) -> Result<&GpuMapping, ClientError> {
+        match &self.memory {
+            Memory::Gpu(g) => Ok(g),
+            Memory::Host(_) => Err(ClientError::WrongMemory(ON_HOST)),
+            Memory::Closed => Err(ClientError::WrongMemory("buffer closed")),
+        }
+    }
+
+    /// Fails with [`ClientError::WrongMemory`] unless the buffer is in host memory (checked
+    /// before waiting, so a misuse does not block).
+    pub(crate) fn check_host(&self) -> Result<(), ClientError> {
+        self.host().map(|_| ())
+    }
+
+    /// The whole buffer (host memory only).
+    pub(crate) fn bytes(&self) -> Result<&[u8], ClientError> {
+        Ok(self.host()?)
     }
 
     /// Checks a layer index.
@@ -78,12 +150,18 @@ impl MappedBuffer {
         Ok(())
     }
 
-    /// The bytes of one layer (K then V).
-    pub(crate) fn layer(&self, layer: u32) -> Result<&[u8], ClientError> {
+    /// The offset and length of one layer (K then V).
+    fn layer_range(&self, layer: u32) -> Result<(usize, usize), ClientError> {
         self.check_layer(layer)?;
         let n = self.layout.layer_len(&self.shape);
-        let at = layer as usize * n;
-        Ok(&self.map[at..at + n])
+        Ok((layer as usize * n, n))
+    }
+
+    /// The bytes of one layer (K then V).
+    pub(crate) fn layer(&self, layer: u32) -> Result<&[u8], ClientError> {
+        let map = self.host()?;
+        let (at, n) = self.layer_range(layer)?;
+        Ok(&map[at..at + n])
     }
 
     /// The bytes of one tensor (`kv`: 0 = K, 1 = V) of one layer.
@@ -98,6 +176,83 @@ impl MappedBuffer {
         let at = kv as usize * n;
         Ok(&l[at..at + n])
     }
+
+    /// The device address of the buffer's first byte in this process (GPU buffers only).
+    pub(crate) fn device_ptr(&self) -> Option<u64> {
+        self.gpu().ok().map(GpuMapping::ptr)
+    }
+
+    /// The CUDA ordinal of a GPU buffer.
+    pub(crate) fn device(&self) -> Option<u32> {
+        self.gpu().ok().map(GpuMapping::device)
+    }
+
+    /// The buffer's length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        match &self.memory {
+            Memory::Host(m) => m.len(),
+            Memory::Gpu(g) => g.len(),
+            Memory::Closed => 0,
+        }
+    }
+
+    /// The device address of one layer (K then V; `layer_len` bytes). Does not wait.
+    pub(crate) fn layer_device_ptr(&self, layer: u32) -> Result<u64, ClientError> {
+        let g = self.gpu()?;
+        let (at, _) = self.layer_range(layer)?;
+        Ok(g.ptr() + at as u64)
+    }
+
+    /// What follows the announcement of `layer` before the host may read it: nothing for host
+    /// memory, the layer's event for GPU memory.
+    pub(crate) fn host_wait_announced(&self, layer: u32) -> Result<(), ClientError> {
+        match &self.memory {
+            Memory::Gpu(g) => g.host_wait(layer),
+            _ => Ok(()),
+        }
+    }
+
+    /// What follows the end of the fetch before the host may read the whole buffer: every
+    /// layer's event for GPU memory.
+    pub(crate) fn host_wait_done(&self) -> Result<(), ClientError> {
+        (0..self.shape.num_layers).try_for_each(|l| self.host_wait_announced(l))
+    }
+
+    /// Checks that `layer` of a GPU buffer can be waited on with a stream (before waiting for
+    /// its announcement).
+    pub(crate) fn check_stream_wait(&self, layer: u32) -> Result<(), ClientError> {
+        self.gpu()?;
+        self.check_layer(layer)
+    }
+
+    /// After the announcement of `layer`: makes work queued on `stream` after this call wait
+    /// for the layer's restore on the GPU.
+    ///
+    /// # Safety
+    /// `stream` is NULL or a live `CUstream` of this process.
+    pub(crate) unsafe fn stream_wait_announced(
+        &self,
+        layer: u32,
+        stream: *mut c_void,
+    ) -> Result<(), ClientError> {
+        // SAFETY: forwarded caller guarantee.
+        unsafe { self.gpu()?.stream_wait(layer, stream) }
+    }
+}
+
+/// Maps `len` bytes of the daemon's memfd read-only.
+fn map_memfd(fd: OwnedFd, len: usize) -> Result<Mmap, ClientError> {
+    let file = File::from(fd);
+    let size = file.metadata().map_err(ClientError::Memory)?.len();
+    if size < len as u64 {
+        return Err(ClientError::Unexpected(format!(
+            "memfd of {size} bytes for a {len} byte buffer"
+        )));
+    }
+    // SAFETY: the mapping is read-only and shared. The daemon writes disjoint regions of it
+    // before announcing them ready, and never shrinks the memfd while the handle is alive
+    // (its size was checked above), so reads stay in bounds.
+    unsafe { MmapOptions::new().len(len).map(&file) }.map_err(ClientError::Memory)
 }
 
 /// The error an unexpected answer stands for: the daemon's error, or a protocol surprise.
@@ -119,13 +274,13 @@ pub(crate) fn reply_error(msg: Message) -> ClientError {
     }
 }
 
-/// Checks a save's arguments and puts `data` in a sealed memfd for the daemon.
-pub(crate) fn save_memfd(
+/// Checks the arguments every save shares: one token id per token, `len` bytes for the layout.
+fn check_save(
     token_ids: &[u32],
     layout: &TargetLayout,
     shape: &KvShape,
-    data: &[u8],
-) -> Result<File, ClientError> {
+    len: usize,
+) -> Result<(), ClientError> {
     if shape.tokens as usize != token_ids.len() {
         return Err(ClientError::InvalidArgument(format!(
             "shape has {} tokens but {} token ids were given",
@@ -134,14 +289,47 @@ pub(crate) fn save_memfd(
         )));
     }
     let expect = layout.checked_buffer_len(shape)?;
-    if data.len() != expect {
+    if len != expect {
         return Err(ClientError::InvalidArgument(format!(
-            "data is {} bytes, layout needs {expect}",
-            data.len()
+            "data is {len} bytes, layout needs {expect}"
         )));
     }
+    Ok(())
+}
+
+/// Checks a save's arguments and puts `data` in a sealed memfd for the daemon.
+pub(crate) fn save_memfd(
+    token_ids: &[u32],
+    layout: &TargetLayout,
+    shape: &KvShape,
+    data: &[u8],
+) -> Result<File, ClientError> {
+    if layout.memory != MemoryKind::Host {
+        return Err(ClientError::InvalidArgument(
+            "a save from host memory needs a host layout (use save_gpu for GPU memory)".into(),
+        ));
+    }
+    check_save(token_ids, layout, shape, data.len())?;
     let mut f = crate::memfd::create("kvfetcher-save", 0).map_err(ClientError::Memory)?;
     f.write_all(data).map_err(ClientError::Memory)?;
     crate::memfd::seal_readonly(&f).map_err(ClientError::Memory)?;
     Ok(f)
+}
+
+/// Checks a GPU save's arguments and exports `len` bytes at `device_ptr` for the daemon.
+pub(crate) fn save_gpu_source(
+    token_ids: &[u32],
+    layout: &TargetLayout,
+    shape: &KvShape,
+    device_ptr: u64,
+    len: usize,
+) -> Result<GpuSource, ClientError> {
+    check_save(token_ids, layout, shape, len)?;
+    let (device, handle, offset) = crate::gpu::export(layout.memory, device_ptr, len)?;
+    Ok(GpuSource {
+        device,
+        mem_handle: handle.to_vec(),
+        offset,
+        len: len as u64,
+    })
 }

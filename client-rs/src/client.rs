@@ -3,12 +3,13 @@
 //!
 //! A [`Client`] may be shared between threads; calls on one connection are serialized.
 
+use std::ffi::c_void;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::buffer::{reply_error, save_memfd, MappedBuffer};
+use crate::buffer::{announced_fetch, reply_error, save_gpu_source, save_memfd, MappedBuffer};
 use crate::core::{ClientCore, LayerStatus};
 use crate::protocol::{
     DaemonStats, Fetch, FetchDone, KvShape, Lookup, Message, Release, Save, Stats, TargetLayout,
@@ -63,6 +64,16 @@ impl Shared {
             }
         }
     }
+
+    /// Releases `fetch_id` without waiting for the answer (best effort: if the connection is
+    /// gone, the daemon has released everything anyway).
+    fn release_quietly(&mut self, fetch_id: u64) {
+        let req = self.core.new_ignored_request();
+        self.core.forget_fetch(fetch_id);
+        let _ = self
+            .conn
+            .send(&Message::Release(Release { req, fetch_id }), &[]);
+    }
 }
 
 fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -114,7 +125,10 @@ impl Client {
 
     /// Starts fetching the longest available prefix of `token_ids` in `layout`; returns once the
     /// buffer is mapped, before the layers are ready (see [`FetchHandle::wait_layer`]).
-    /// Nothing available is [`crate::ErrorCode::NotFound`].
+    /// Nothing available is [`crate::ErrorCode::NotFound`]. With `layout.memory` =
+    /// [`crate::MemoryKind::Gpu`] the buffer is the daemon's device memory opened over CUDA IPC
+    /// (see [`FetchHandle::device_ptr`]); a host without the NVIDIA driver gets
+    /// [`ClientError::Gpu`].
     pub fn fetch(
         &self,
         model: &str,
@@ -132,7 +146,17 @@ impl Client {
             },
             &[],
         )?;
-        let buf = MappedBuffer::from_reply(m, fds)?;
+        let id = announced_fetch(&m);
+        let buf = match MappedBuffer::from_reply(m, fds, layout.memory) {
+            Ok(b) => b,
+            Err(e) => {
+                // The daemon made a fetch this client cannot use: release it now.
+                if let Some(id) = id {
+                    lock(&self.shared).release_quietly(id);
+                }
+                return Err(e);
+            }
+        };
         Ok(FetchHandle {
             shared: self.shared.clone(),
             buf,
@@ -170,6 +194,41 @@ impl Client {
         }
     }
 
+    /// Hands `len` bytes of GPU memory at `device_ptr` (KV of `shape` in `layout`, whose memory
+    /// is `Gpu(device)` and names the device holding the pointer) to the daemon to store. The
+    /// allocation containing the pointer is exported over CUDA IPC and the daemon copies the
+    /// bytes out before it answers: the memory may be reused once this returns. Make sure the
+    /// bytes are written (synchronize the writing stream) before calling. Returns the number
+    /// of chunks stored.
+    pub fn save_gpu(
+        &self,
+        model: &str,
+        token_ids: &[u32],
+        layout: &TargetLayout,
+        shape: &KvShape,
+        device_ptr: u64,
+        len: usize,
+    ) -> Result<u32, ClientError> {
+        let gpu = save_gpu_source(token_ids, layout, shape, device_ptr, len)?;
+        let (m, _) = lock(&self.shared).call(
+            |req| {
+                Message::Save(Save {
+                    req,
+                    model: model.into(),
+                    token_ids: token_ids.to_vec(),
+                    layout: *layout,
+                    shape: *shape,
+                    gpu: Some(gpu),
+                })
+            },
+            &[],
+        )?;
+        match m {
+            Message::SaveReply(r) => Ok(r.chunks),
+            other => Err(reply_error(other)),
+        }
+    }
+
     /// The daemon's counters (and the credentials it recorded for this connection).
     pub fn stats(&self) -> Result<DaemonStats, ClientError> {
         let (m, _) = lock(&self.shared).call(|req| Message::Stats(Stats { req }), &[])?;
@@ -180,8 +239,9 @@ impl Client {
     }
 }
 
-/// A fetch in progress or done: its buffer is mapped read-only. Dropping it releases the fetch
-/// in the daemon (cancelling it if still running).
+/// A fetch in progress or done: its buffer is mapped read-only (host memory) or opened over
+/// CUDA IPC (GPU memory). Dropping it closes the buffer, then releases the fetch in the daemon
+/// (cancelling it if still running).
 #[derive(Debug)]
 pub struct FetchHandle {
     shared: Arc<Mutex<Shared>>,
@@ -205,8 +265,8 @@ impl FetchHandle {
         &self.buf.layout
     }
 
-    /// Blocks until `layer` is restored (reading the socket, no polling).
-    pub fn wait_layer(&self, layer: u32) -> Result<(), ClientError> {
+    /// Blocks until the daemon announced `layer` (reading the socket, no polling).
+    fn wait_announced(&self, layer: u32) -> Result<(), ClientError> {
         self.buf.check_layer(layer)?;
         let mut s = lock(&self.shared);
         loop {
@@ -220,12 +280,71 @@ impl FetchHandle {
         }
     }
 
-    /// Blocks until the whole fetch is done and returns the daemon's final report.
+    /// Blocks until `layer` is restored (reading the socket, no polling). For a GPU buffer this
+    /// also waits until the GPU finished writing the layer (`cuEventSynchronize`), so the host
+    /// may then copy it; an engine should rather use [`FetchHandle::stream_wait_layer`].
+    pub fn wait_layer(&self, layer: u32) -> Result<(), ClientError> {
+        self.wait_announced(layer)?;
+        self.buf.host_wait_announced(layer)
+    }
+
+    /// Waits (on the socket, no polling) until the daemon announced `layer` of a GPU buffer,
+    /// then makes the work queued on `stream` after this call wait for the layer's restore on
+    /// the GPU (`cuStreamWaitEvent`), without blocking the thread on the GPU. Work queued
+    /// before the call is not ordered.
+    ///
+    /// # Safety
+    /// `stream` is NULL (the legacy default stream of the device's primary context, i.e. the
+    /// CUDA runtime's default stream) or a live `CUstream`/`cudaStream_t` of this process.
+    pub unsafe fn stream_wait_layer(
+        &self,
+        layer: u32,
+        stream: *mut c_void,
+    ) -> Result<(), ClientError> {
+        self.buf.check_stream_wait(layer)?;
+        self.wait_announced(layer)?;
+        // SAFETY: forwarded caller guarantee.
+        unsafe { self.buf.stream_wait_announced(layer, stream) }
+    }
+
+    /// The device address (`CUdeviceptr`) of the buffer's first byte in this process, for a
+    /// GPU buffer. Valid until the handle is released or dropped; read a layer only after
+    /// [`FetchHandle::stream_wait_layer`] (or [`FetchHandle::wait_layer`]) for it.
+    pub fn device_ptr(&self) -> Option<u64> {
+        self.buf.device_ptr()
+    }
+
+    /// The CUDA ordinal of a GPU buffer.
+    pub fn device(&self) -> Option<u32> {
+        self.buf.device()
+    }
+
+    /// The device address of `layer` (K, then V: `layout().layer_len(shape())` bytes) of a GPU
+    /// buffer. Does not wait.
+    pub fn layer_device_ptr(&self, layer: u32) -> Result<u64, ClientError> {
+        self.buf.layer_device_ptr(layer)
+    }
+
+    /// The buffer's length in bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether the buffer is empty (never, for a live fetch).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Blocks until the whole fetch is done and returns the daemon's final report (for a GPU
+    /// buffer, after the GPU finished every layer).
     pub fn wait_done(&self) -> Result<FetchDone, ClientError> {
         let mut s = lock(&self.shared);
         loop {
             if let Some(d) = s.core.fetch_done(self.buf.fetch_id) {
-                return Ok(d.clone());
+                let d = d.clone();
+                drop(s);
+                self.buf.host_wait_done()?;
+                return Ok(d);
             }
             if let LayerStatus::Failed(code, message) = s.core.layer_status(self.buf.fetch_id, 0) {
                 return Err(ClientError::Daemon { code, message });
@@ -234,27 +353,30 @@ impl FetchHandle {
         }
     }
 
-    /// Waits for `layer` and returns its bytes (K tensor, then V tensor).
+    /// Waits for `layer` and returns its bytes (K tensor, then V tensor). Host buffers only.
     pub fn layer(&self, layer: u32) -> Result<&[u8], ClientError> {
+        self.buf.check_host()?;
         self.wait_layer(layer)?;
         self.buf.layer(layer)
     }
 
     /// Waits for `layer` and returns one of its tensors (`kv`: 0 = K, 1 = V).
     pub fn tensor(&self, layer: u32, kv: u32) -> Result<&[u8], ClientError> {
+        self.buf.check_host()?;
         self.wait_layer(layer)?;
         self.buf.tensor(layer, kv)
     }
 
     /// The whole buffer, ready or not: read only the layers [`FetchHandle::wait_layer`] returned
-    /// for.
-    pub fn bytes(&self) -> &[u8] {
+    /// for. Host buffers only ([`ClientError::WrongMemory`] for a GPU buffer).
+    pub fn bytes(&self) -> Result<&[u8], ClientError> {
         self.buf.bytes()
     }
 
-    /// Releases the fetch and waits for the daemon to confirm.
+    /// Closes the buffer, releases the fetch and waits for the daemon to confirm.
     pub fn release(mut self) -> Result<(), ClientError> {
         self.released = true;
+        self.buf.close();
         let id = self.buf.fetch_id;
         let mut s = lock(&self.shared);
         s.core.forget_fetch(id);
@@ -271,16 +393,7 @@ impl Drop for FetchHandle {
         if self.released {
             return;
         }
-        let mut s = lock(&self.shared);
-        let req = s.core.new_ignored_request();
-        s.core.forget_fetch(self.buf.fetch_id);
-        // Best effort: if the connection is gone, the daemon has released everything anyway.
-        let _ = s.conn.send(
-            &Message::Release(Release {
-                req,
-                fetch_id: self.buf.fetch_id,
-            }),
-            &[],
-        );
+        self.buf.close();
+        lock(&self.shared).release_quietly(self.buf.fetch_id);
     }
 }

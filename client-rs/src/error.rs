@@ -47,6 +47,41 @@ pub enum ClientError {
     /// A memfd could not be created, written or mapped.
     #[error("shared memory error: {0}")]
     Memory(io::Error),
+    /// GPU memory could not be opened, exported or waited on (no driver, no such device, or a
+    /// failed driver call).
+    #[error("gpu: {0}")]
+    Gpu(#[from] GpuError),
+    /// A host accessor on a GPU buffer, or a GPU accessor on a host buffer.
+    #[error("{0}")]
+    WrongMemory(&'static str),
+}
+
+/// Why the CUDA side of a GPU buffer failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuError {
+    /// No usable driver: `libcuda.so.1` is missing or too old, or `cuInit` failed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The device ordinal does not exist on this host.
+    #[error("CUDA device {device} not present ({count} devices)")]
+    NoDevice {
+        /// The ordinal asked for.
+        device: u32,
+        /// Devices the driver sees.
+        count: u32,
+    },
+    /// A driver call failed.
+    #[error("{call} failed: {name} ({code}): {text}")]
+    Driver {
+        /// The driver entry point.
+        call: &'static str,
+        /// Its `CUresult`.
+        code: i32,
+        /// The result's name (`cuGetErrorName`).
+        name: String,
+        /// The result's description (`cuGetErrorString`).
+        text: String,
+    },
 }
 
 impl ClientError {

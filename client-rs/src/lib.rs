@@ -4,13 +4,16 @@
 //! - [`transport`]: frames and fds over Unix sockets, blocking and async.
 //! - [`memfd`]: the shared host memory.
 //! - [`Client`] / [`FetchHandle`]: the blocking API; [`AsyncClient`] / [`AsyncFetchHandle`]:
-//!   the async one.
+//!   the async one. Buffers are in host memory (a memfd) or, with [`MemoryKind::Gpu`], in the
+//!   daemon's GPU memory opened over CUDA IPC (`libcuda.so.1` is loaded on first use).
 
 mod async_client;
 mod buffer;
 mod client;
 mod core;
+mod cuda;
 mod error;
+mod gpu;
 pub mod memfd;
 pub mod protocol;
 mod sys;
@@ -18,7 +21,8 @@ pub mod transport;
 
 pub use async_client::{AsyncClient, AsyncFetchHandle};
 pub use client::{Client, FetchHandle};
-pub use error::ClientError;
+pub use cuda::driver_available;
+pub use error::{ClientError, GpuError};
 pub use protocol::{
     DaemonStats, ErrorCode, FetchDone, KvDType, KvShape, LayoutError, MemoryKind, Paging, PeerCred,
     TargetLayout, TokenOrder,

@@ -49,6 +49,38 @@ pub struct Config {
     pub fetch: FetchConfig,
     /// Save tuning.
     pub save: SaveConfig,
+    /// GPU fetch buffers and saves.
+    pub gpu: GpuConfig,
+}
+
+/// GPU settings: whether `gpu:N` requests are served and with how many NVDEC sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Serve fetches into and saves from GPU memory (false: such requests are answered
+    /// `gpu_unsupported`, "disabled in config").
+    pub enabled: bool,
+    /// NVDEC sessions per GPU; 0 means one per NVDEC engine of the card.
+    pub nvdec_sessions: usize,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: true,
+            nvdec_sessions: 0,
+        }
+    }
+}
+
+impl GpuConfig {
+    /// The options of the daemon's [`crate::gpu::GpuDevices`].
+    pub fn options(&self) -> crate::gpu::GpuOptions {
+        crate::gpu::GpuOptions {
+            enabled: self.enabled,
+            nvdec_sessions: self.nvdec_sessions,
+        }
+    }
 }
 
 /// How logs are written to stderr (journald captures them under systemd).
@@ -137,6 +169,7 @@ impl Default for Config {
             }],
             fetch: FetchConfig::default(),
             save: SaveConfig::default(),
+            gpu: GpuConfig::default(),
         }
     }
 }
@@ -223,6 +256,12 @@ impl Config {
                 "save.chunk_tokens, layers_per_group and workers must be positive".into(),
             );
         }
+        if self.gpu.nvdec_sessions > 64 {
+            return invalid(format!(
+                "gpu.nvdec_sessions {} is more than 64",
+                self.gpu.nvdec_sessions
+            ));
+        }
         if !["zstd", "packed", "hevc"].contains(&s.variant.as_str()) {
             return invalid(format!(
                 "save.variant {:?} is not zstd, packed or hevc",
@@ -262,6 +301,9 @@ mod tests {
             "[save]\nvariant = \"lz4\"",
             "[fetch]\ndecode_workers = 0",
             "unknown_key = 1",
+            "[gpu]\nenabled = \"yes\"",
+            "[gpu]\nnvdec_sessions = 1000",
+            "[gpu]\nunknown = 1",
         ] {
             assert!(Config::parse(bad).is_err(), "accepted {bad:?}");
         }
@@ -279,5 +321,20 @@ mod tests {
         assert_eq!(c.fetch.max_inflight_sections, 4);
         assert_eq!(c.save.bits, 4);
         assert_eq!(c.save.variant, "packed");
+        assert_eq!(c.gpu, GpuConfig::default());
+        assert!(c.gpu.enabled);
+    }
+
+    #[test]
+    fn reads_gpu_settings() {
+        let c = Config::parse("[gpu]\nenabled = false\nnvdec_sessions = 3\n").unwrap();
+        assert!(!c.gpu.enabled);
+        assert_eq!(c.gpu.nvdec_sessions, 3);
+        let o = c.gpu.options();
+        assert!(!o.enabled);
+        assert_eq!(o.nvdec_sessions, 3);
+        let c = Config::parse("[gpu]\nnvdec_sessions = 0\n").unwrap();
+        assert!(c.gpu.enabled);
+        assert_eq!(c.gpu.nvdec_sessions, 0);
     }
 }

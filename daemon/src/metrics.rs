@@ -149,6 +149,24 @@ pub struct Metrics {
     pub save_queue: Gauge,
     /// Decoder sessions decoding right now.
     pub decoders_busy: Gauge,
+    /// Bytes of GPU fetch buffers alive (allocated and not yet freed), all devices.
+    pub gpu_buffer_bytes: Gauge,
+    /// Sections restored into GPU buffers, per route.
+    pub gpu_sections: GpuSectionCounters,
+}
+
+/// Sections restored into GPU memory, by the route they took (see `gpu::section_restore`).
+#[derive(Debug, Default)]
+pub struct GpuSectionCounters {
+    /// Packed payload unpacked and dequantized by one kernel (no decoder).
+    pub packed: Counter,
+    /// HEVC decoded by NVDEC into device surfaces, restored from there.
+    pub nvdec: Counter,
+    /// Decoded on the CPU, codes uploaded, dequantized by the kernel.
+    pub cpu_decode: Counter,
+    /// Decoded and restored on the CPU, the placed bytes copied to the device (exact mode,
+    /// dtype conversions the kernel cannot match bit for bit).
+    pub cpu_restore: Counter,
 }
 
 impl Metrics {
@@ -228,6 +246,11 @@ impl Metrics {
                 "Decoder sessions busy.",
                 &self.decoders_busy,
             ),
+            (
+                "kvfetcher_gpu_buffer_bytes",
+                "Bytes of GPU fetch buffers alive.",
+                &self.gpu_buffer_bytes,
+            ),
         ];
         for (name, help, g) in gauges {
             let _ = writeln!(
@@ -235,6 +258,20 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
                 g.get()
             );
+        }
+        let name = "kvfetcher_gpu_sections_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Sections restored into GPU memory, per route.\n# TYPE {name} counter"
+        );
+        let g = &self.gpu_sections;
+        for (route, c) in [
+            ("packed", &g.packed),
+            ("nvdec", &g.nvdec),
+            ("cpu-decode", &g.cpu_decode),
+            ("cpu-restore", &g.cpu_restore),
+        ] {
+            let _ = writeln!(out, "{name}{{route=\"{route}\"}} {}", c.get());
         }
         let name = "kvfetcher_compression_ratio";
         let _ = writeln!(
@@ -343,6 +380,12 @@ mod tests {
         m.bytes_in.add(100);
         m.bytes_restored.add(250);
         assert!(m.render().contains("kvfetcher_compression_ratio 2.5"));
+        m.gpu_sections.nvdec.add(3);
+        m.gpu_buffer_bytes.add(4096);
+        let text = m.render();
+        assert!(text.contains("kvfetcher_gpu_sections_total{route=\"nvdec\"} 3"));
+        assert!(text.contains("kvfetcher_gpu_sections_total{route=\"cpu-decode\"} 0"));
+        assert!(text.contains("kvfetcher_gpu_buffer_bytes 4096"));
     }
 
     #[tokio::test]

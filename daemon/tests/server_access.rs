@@ -91,7 +91,7 @@ fn a_client_cannot_touch_another_clients_fetch() {
     );
     let writes = srv.backend.writes.lock().unwrap().clone();
     let expect = expected_buffer(layout.buffer_len(f.shape()), &writes);
-    assert!(f.bytes() == &expect[..]);
+    assert!(f.bytes().unwrap() == &expect[..]);
     f.release().unwrap();
     assert_eq!(owner.stats().unwrap().fetches_active, 0);
     // Released means gone, for everyone.

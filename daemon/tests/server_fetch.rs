@@ -47,12 +47,12 @@ fn every_layout_returns_exactly_the_backend_bytes() {
         assert_eq!(shape.num_layers, 8);
         let writes = srv.backend.writes.lock().unwrap().clone();
         let expect = expected_buffer(layout.buffer_len(&shape), &writes);
-        assert!(f.bytes() == &expect[..], "{layout:?}");
+        assert!(f.bytes().unwrap() == &expect[..], "{layout:?}");
         // Spot check against the source: layer 3, V, token 129, head 1, every dim.
         let dt = kv_dtype(layout.dtype);
         let off = layout.offset(&shape, 3, 1, 129, 1);
         let mut got = Vec::new();
-        dt.decode_f32(&f.bytes()[off..off + 128 * dt.size()], &mut got);
+        dt.decode_f32(&f.bytes().unwrap()[off..off + 128 * dt.size()], &mut got);
         let src = &kv.layers[3][1][(129 * 2 + 1) * 128..(129 * 2 + 2) * 128];
         for (g, s) in got.iter().zip(src) {
             let tol = if layout.dtype == KvDType::BF16 {
@@ -67,7 +67,7 @@ fn every_layout_returns_exactly_the_backend_bytes() {
         assert_eq!(k7.len(), layout.tensor_len(&shape));
         assert_eq!(
             &k7[..128 * dt.size()],
-            &f.bytes()[layout.offset(&shape, 7, 0, 0, 0)..][..128 * dt.size()]
+            &f.bytes().unwrap()[layout.offset(&shape, 7, 0, 0, 0)..][..128 * dt.size()]
         );
         f.release().unwrap();
     }
@@ -87,7 +87,7 @@ fn layer_zero_is_usable_while_later_layers_still_arrive() {
     let l0 = f.layer(0).unwrap();
     assert!(l0.iter().any(|&b| b != 0));
     // Layer 7 is not written yet: the daemon has not been let past layer 0.
-    assert!(f.bytes()[layout.offset(f.shape(), 7, 0, 0, 0)..]
+    assert!(f.bytes().unwrap()[layout.offset(f.shape(), 7, 0, 0, 0)..]
         .iter()
         .all(|&b| b == 0));
     assert!(matches!(
@@ -192,7 +192,7 @@ fn async_client_fetches_and_waits_per_layer() {
         assert_eq!(f.wait_done().await.unwrap().tokens, 50);
         let writes = srv.backend.writes.lock().unwrap().clone();
         let expect = expected_buffer(layout.buffer_len(f.shape()), &writes);
-        assert!(f.bytes() == &expect[..]);
+        assert!(f.bytes().unwrap() == &expect[..]);
         let stats = c.stats().await.unwrap();
         assert_eq!(stats.fetches_active, 1);
         f.release().await.unwrap();

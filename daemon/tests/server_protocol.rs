@@ -8,9 +8,9 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use kvfetcher_client::protocol::{
-    encode_hello, encode_message, parse_hello, ErrorCode, FrameDecoder, KvDType, KvShape,
-    LookupReply, Message, Release, Save, Stats, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME,
-    HELLO_LEN, HELLO_OK, HELLO_VERSION_UNSUPPORTED, PROTOCOL_VERSION,
+    encode_hello, encode_message, parse_hello, ErrorCode, FrameDecoder, GpuSource, KvDType,
+    KvShape, LookupReply, MemoryKind, Message, Release, Save, Stats, TargetLayout, TokenOrder,
+    DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK, HELLO_VERSION_UNSUPPORTED, PROTOCOL_VERSION,
 };
 use kvfetcher_client::Client;
 use server_support::*;
@@ -202,4 +202,92 @@ fn stats_answer_on_a_raw_connection() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// GPU saves are checked before any device is touched: a host save naming a GPU source, a
+/// handle that is not 64 bytes, a length other than the layout's, a device mismatch; a
+/// well-formed one on a host without a driver is `gpu_unsupported` (with a driver, the bogus
+/// handle cannot be opened: `bad_request`). None of them stops the daemon.
+#[test]
+fn gpu_saves_are_validated_and_never_panic() {
+    let srv = TestServer::start(MemBackend::new(None));
+    let mut s = hello(&srv);
+    let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let shape = KvShape {
+        num_layers: 2,
+        tokens: 3,
+        kv_heads: 1,
+        head_dim: 8,
+    };
+    let host = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let gpu = TargetLayout {
+        memory: MemoryKind::Gpu(0),
+        ..host
+    };
+    let len = gpu.buffer_len(&shape) as u64;
+    let source = |mem_handle: Vec<u8>, len: u64| GpuSource {
+        device: 0,
+        mem_handle,
+        offset: 0,
+        len,
+    };
+    let mut send = |req: u64, layout: TargetLayout, src: GpuSource| {
+        let save = Message::Save(Save {
+            req,
+            model: "m".into(),
+            token_ids: vec![1, 2, 3],
+            layout,
+            shape,
+            gpu: Some(src),
+        });
+        s.write_all(&encode_message(&save, DEFAULT_MAX_FRAME).unwrap())
+            .unwrap();
+        error_of(next(&mut s, &mut d))
+    };
+    assert_eq!(
+        send(1, host, source(vec![0; 64], len)),
+        (Some(1), ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        send(2, gpu, source(vec![0; 63], len)),
+        (Some(2), ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        send(3, gpu, source(vec![0; 64], len - 2)),
+        (Some(3), ErrorCode::BadRequest)
+    );
+    let other = GpuSource {
+        device: 1,
+        ..source(vec![0; 64], len)
+    };
+    assert_eq!(send(4, gpu, other), (Some(4), ErrorCode::BadRequest));
+    let (req, code) = send(5, gpu, source(vec![0; 64], len));
+    assert_eq!(req, Some(5));
+    assert!(
+        matches!(code, ErrorCode::GpuUnsupported | ErrorCode::BadRequest),
+        "{code:?}"
+    );
+    still_serving(&srv);
+}
+
+/// `[gpu] enabled = false` refuses GPU fetches with a message that says so.
+#[test]
+fn gpu_disabled_in_config_is_refused_clearly() {
+    let srv = TestServer::start_gpu(
+        MemBackend::new(None),
+        kvfetcher::server::ServeOptions::default(),
+        kvfetcher::gpu::GpuOptions {
+            enabled: false,
+            nvdec_sessions: 0,
+        },
+    );
+    let c = Client::connect(&srv.path).unwrap();
+    let gpu = TargetLayout {
+        memory: MemoryKind::Gpu(0),
+        ..TargetLayout::host(KvDType::BF16, TokenOrder::Nhd)
+    };
+    let e = c.fetch(MODEL, &[1], &gpu).unwrap_err();
+    assert_eq!(e.daemon_code(), Some(ErrorCode::GpuUnsupported));
+    assert!(e.to_string().contains("disabled in config"), "{e}");
+    still_serving(&srv);
 }

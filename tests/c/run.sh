@@ -3,7 +3,8 @@
 # over an in-memory backend (daemon/tests/server_c_harness.rs), and runs:
 #   - tests/c/test_client.c linked statically, under AddressSanitizer (leaks included),
 #   - the same test under valgrind (if installed; skipped with a message otherwise),
-#   - examples/c/fetch.c linked against libkvfetcher.so through kvfetcher.pc (pkg-config).
+#   - examples/c/fetch.c linked against libkvfetcher.so through kvfetcher.pc (pkg-config), in
+#     host mode and in --gpu 0 mode (verified on a GPU host; exit 77 = no GPU support, skipped).
 # Exit status 0 on success. Needs gcc; the shared test data (../shared/data) or it skips.
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -49,7 +50,7 @@ else
     echo "note: pkg-config not found; using the flags of kvfetcher.pc by hand"
     pc="-I$work/prefix/include -L$work/prefix/lib -lkvfetcher"
 fi
-$CC -std=c11 -Wall -Wextra -Werror examples/c/fetch.c $pc -o "$work/fetch"
+$CC -std=c11 -Wall -Wextra -Werror examples/c/fetch.c $pc -ldl -o "$work/fetch"
 
 mkdir -p "$work/ref"
 KVF_C_SOCKET="$work/kvf.sock" KVF_C_REFDIR="$work/ref" \
@@ -87,4 +88,15 @@ LD_LIBRARY_PATH="$work/prefix/lib" "$work/fetch" "$work/kvf.sock" codelm-107m $i
 cat "$work/fetch.out"
 grep -q "shape: 8 layers, 20 tokens, 2 kv heads, head_dim 128" "$work/fetch.out"
 grep -q "^layer 7:" "$work/fetch.out"
+
+echo "== examples/c/fetch --gpu 0"
+rc=0
+LD_LIBRARY_PATH="$work/prefix/lib" "$work/fetch" --gpu 0 --hold-ms 1 "$work/kvf.sock" codelm-107m $ids \
+    >"$work/fetch-gpu.out" 2>&1 || rc=$?
+cat "$work/fetch-gpu.out"
+case $rc in
+    0) grep -q "^gpu verified: 8 layers" "$work/fetch-gpu.out" ;;
+    77) echo "skipped: no GPU support (driver or daemon)" ;;
+    *) echo "run.sh: fetch --gpu 0 failed ($rc)" >&2; exit 1 ;;
+esac
 echo "C tests passed"

@@ -95,6 +95,48 @@ static void compare_layers(kvf_fetch *f, const unsigned char *ref, size_t ref_le
     CHECK(off == ref_len);
 }
 
+/* GPU accessors on a host fetch fail with KVF_ERR_WRONG_MEMORY at once (no wait, outputs
+ * untouched); the detail points at the host accessors. */
+static void test_gpu_accessors_on_host_fetch(kvf_fetch *f) {
+    uint64_t dp = 77;
+    size_t dn = 88;
+    CHECK_CODE(kvf_fetch_device_ptr(f, &dp, &dn), KVF_ERR_WRONG_MEMORY);
+    char detail[256];
+    CHECK(kvf_last_error_detail(detail, sizeof detail) > 0 && strstr(detail, "host memory"));
+    CHECK_CODE(kvf_fetch_layer_device_ptr(f, 0, &dp, &dn), KVF_ERR_WRONG_MEMORY);
+    CHECK_CODE(kvf_fetch_stream_wait_layer(f, 0, NULL), KVF_ERR_WRONG_MEMORY);
+    CHECK(dp == 77 && dn == 88);
+    CHECK_CODE(kvf_fetch_device_ptr(f, NULL, &dn), KVF_ERR_NULL_ARGUMENT);
+    CHECK_CODE(kvf_fetch_device_ptr(NULL, &dp, &dn), KVF_ERR_NULL_ARGUMENT);
+    char msg[128];
+    CHECK(kvf_error_message(KVF_ERR_WRONG_MEMORY, msg, sizeof msg) > 0 && strstr(msg, "memory"));
+}
+
+/* kvf_client_save_gpu checks its arguments before touching the driver; without a driver (this
+ * test host) a well-formed call is KVF_ERR_GPU_UNSUPPORTED, with one a bogus device pointer is
+ * KVF_ERR_INVALID_ARGUMENT. */
+static void test_save_gpu_arguments(kvf_client *c, const uint32_t *tokens) {
+    kvf_shape s = {8, 4, 2, 128};
+    size_t len = (size_t)8 * 2 * 4 * 2 * 128 * 2;
+    kvf_layout host = {KVF_DTYPE_F16, KVF_ORDER_NHD, 0, KVF_MEMORY_HOST, 0};
+    kvf_layout gpu = {KVF_DTYPE_F16, KVF_ORDER_NHD, 0, KVF_MEMORY_GPU, 0};
+    uint32_t chunks = 99;
+    CHECK_CODE(kvf_client_save_gpu(c, "m", tokens, 4, &host, &s, 0x1000, len, &chunks),
+               KVF_ERR_INVALID_ARGUMENT);
+    CHECK_CODE(kvf_client_save_gpu(c, "m", tokens, 4, &gpu, &s, 0x1000, len - 1, &chunks),
+               KVF_ERR_INVALID_ARGUMENT);
+    CHECK_CODE(kvf_client_save_gpu(c, "m", tokens, 3, &gpu, &s, 0x1000, len, &chunks),
+               KVF_ERR_INVALID_ARGUMENT);
+    CHECK_CODE(kvf_client_save_gpu(c, "m", tokens, 4, &gpu, &s, 0x1000, len, NULL),
+               KVF_ERR_NULL_ARGUMENT);
+    kvf_error e = kvf_client_save_gpu(c, "m", tokens, 4, &gpu, &s, 0x1000, len, &chunks);
+    CHECK(e == KVF_ERR_GPU_UNSUPPORTED || e == KVF_ERR_INVALID_ARGUMENT);
+    CHECK(chunks == 99);
+    unsigned char one = 0;
+    CHECK_CODE(kvf_client_save(c, "m", tokens, 4, &gpu, &s, &one, 1, &chunks),
+               KVF_ERR_INVALID_ARGUMENT);
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: %s SOCKET REFDIR\n", argv[0]);
@@ -137,6 +179,7 @@ int main(int argc, char **argv) {
         size_t n;
         CHECK_CODE(kvf_fetch_layer_ptr(f, 8, &p, &n), KVF_ERR_LAYER_OUT_OF_RANGE);
         CHECK_CODE(kvf_fetch_tensor_ptr(f, 0, 2, &p, &n), KVF_ERR_INVALID_ARGUMENT);
+        test_gpu_accessors_on_host_fetch(f);
         kvf_fetch_free(f);
     }
 
@@ -154,6 +197,7 @@ int main(int argc, char **argv) {
     CHECK_CODE(kvf_client_fetch(c, "codelm-107m", tokens, n_tokens, &gpu, &g), KVF_ERR_GPU_UNSUPPORTED);
     CHECK_CODE(kvf_client_fetch(c, "no-such-model", tokens, n_tokens, &f16, &g), KVF_ERR_NOT_FOUND);
     CHECK(g == NULL);
+    test_save_gpu_arguments(c, tokens);
 
     /* Save the first 40 tokens (f16 NHD, built from the reference), then fetch them back. */
     const uint32_t st = 40, heads = 2, dim = 128, layers = 8;

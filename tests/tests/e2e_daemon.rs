@@ -55,7 +55,7 @@ fn store_daemon_and_rust_client() {
                 let done = h.wait_done().unwrap();
                 assert_eq!(done.tokens, 300);
                 wire = done.bytes_on_wire;
-                assert_buffer(h.bytes(), &layout, &want);
+                assert_buffer(h.bytes().unwrap(), &layout, &want);
                 h.release().unwrap();
             }
         }

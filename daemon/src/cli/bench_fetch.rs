@@ -1,6 +1,12 @@
 //! `kvfetcher bench fetch`: time to first layer and total fetch time of real KV through the
-//! pipeline (CPU decode path), against fetching the same KV as raw bf16 and as zstd-compressed
-//! int8 whole objects over the same link.
+//! pipeline, against fetching the same KV as raw bf16 and as zstd-compressed int8 whole objects
+//! over the same link. `--memory gpu:N` restores into GPU memory (the daemon's GPU path: packed
+//! sections and NVDEC surfaces restored by the kernels); the baselines then copy their host
+//! result to the GPU, as an engine without kvfetcher would.
+//!
+//! On a limited link the pipeline's total is also compared with its lower bound,
+//! max(transfer time of its bytes at the link rate, its own total on unlimited loopback): the
+//! "vs bound" column (the target is at most 1.15).
 //!
 //! Everything runs in one process on loopback: one embedded store per link rate, paced by the
 //! store's own rate limit (`--max-rate`; no RTT). The baselines fetch every chunk object whole
@@ -9,25 +15,26 @@
 
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 use futures::StreamExt;
-use kvfetcher_client::{KvDType, KvShape, TargetLayout, TokenOrder};
+use kvfetcher_client::{KvDType, KvShape, MemoryKind, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
     decode_chunk, encode_cache, CodecRegistry, EncodeConfig, ModelFingerprint, QuantConfig,
     VariantKind,
 };
-use kvfetcher_kv::{DType, KvCache, KvFile, LayerKv, Tensor};
+use kvfetcher_kv::{DType, KvCache, KvFile};
 
 use super::local_stack::LocalStore;
 use crate::config::{FetchConfig, SaveConfig};
+use crate::gpu::{DeviceBuffer, GpuDevice, GpuDevices, GpuOptions};
 use crate::metrics::Metrics;
 use crate::pipeline::{place_cache, Pipeline};
-use crate::server::{Backend, Destination, ServeError};
+use crate::server::{Backend, Destination, DeviceRegion, ServeError};
 use crate::transport::StoreClient;
 
 /// Arguments of `kvfetcher bench fetch`.
@@ -54,37 +61,76 @@ pub struct BenchFetchArgs {
     /// Runs per method and rate; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Where the KV is restored: `host`, or `gpu:N` (CUDA device N, f16 as the KV file).
+    #[arg(long, default_value = "host", value_parser = parse_memory)]
+    pub memory: MemoryKind,
+}
+
+fn parse_memory(s: &str) -> Result<MemoryKind, String> {
+    match s.strip_prefix("gpu:") {
+        _ if s == "host" => Ok(MemoryKind::Host),
+        Some(n) => n
+            .parse()
+            .map(MemoryKind::Gpu)
+            .map_err(|_| format!("bad GPU ordinal in {s:?}")),
+        None => Err(format!("memory must be host or gpu:N, not {s:?}")),
+    }
+}
+
+/// Where a timed fetch writes: a host vector, or a device buffer the pipeline restores into.
+enum Memory {
+    Host(Mutex<Vec<u8>>),
+    Gpu(Arc<GpuDevice>, OnceLock<DeviceBuffer>),
 }
 
 /// Records when layer 0 became ready.
 struct TimedDest {
     start: Instant,
     layout: TargetLayout,
-    buf: Mutex<Vec<u8>>,
+    memory: Memory,
     first: Mutex<Option<Duration>>,
+}
+
+fn poisoned<T>(_: T) -> ServeError {
+    ServeError::Internal("poisoned".into())
+}
+
+fn gpu_error(e: crate::gpu::GpuError) -> ServeError {
+    ServeError::Internal(e.to_string())
 }
 
 impl Destination for TimedDest {
     fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
-        *self
-            .buf
-            .lock()
-            .map_err(|_| ServeError::Internal("poisoned".into()))? =
-            vec![0u8; self.layout.buffer_len(shape)];
+        let len = self.layout.buffer_len(shape);
+        match &self.memory {
+            Memory::Host(buf) => *buf.lock().map_err(poisoned)? = vec![0u8; len],
+            Memory::Gpu(dev, buf) => {
+                let b = dev.cuda().alloc(len).map_err(gpu_error)?;
+                b.fill(0).map_err(gpu_error)?;
+                buf.set(b)
+                    .map_err(|_| ServeError::Internal("allocated twice".into()))?;
+            }
+        }
         Ok(())
     }
 
     fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
-        let mut buf = self
-            .buf
-            .lock()
-            .map_err(|_| ServeError::Internal("poisoned".into()))?;
-        let end = offset
-            .checked_add(bytes.len())
-            .filter(|&e| e <= buf.len())
-            .ok_or_else(|| ServeError::BadRequest("write out of bounds".into()))?;
-        buf[offset..end].copy_from_slice(bytes);
-        Ok(())
+        match &self.memory {
+            Memory::Host(buf) => {
+                let mut buf = buf.lock().map_err(poisoned)?;
+                let end = offset
+                    .checked_add(bytes.len())
+                    .filter(|&e| e <= buf.len())
+                    .ok_or_else(|| ServeError::BadRequest("write out of bounds".into()))?;
+                buf[offset..end].copy_from_slice(bytes);
+                Ok(())
+            }
+            Memory::Gpu(_, buf) => buf
+                .get()
+                .ok_or_else(|| ServeError::Internal("write before allocate".into()))?
+                .write_at(offset, bytes)
+                .map_err(gpu_error),
+        }
     }
 
     fn layers_ready(&self, layers: Range<u32>) {
@@ -92,6 +138,16 @@ impl Destination for TimedDest {
             if let Ok(mut f) = self.first.lock() {
                 f.get_or_insert(self.start.elapsed());
             }
+        }
+    }
+
+    fn device(&self) -> Option<DeviceRegion<'_>> {
+        match &self.memory {
+            Memory::Host(_) => None,
+            Memory::Gpu(device, buf) => Some(DeviceRegion {
+                device,
+                buffer: buf.get()?,
+            }),
         }
     }
 }
@@ -114,21 +170,6 @@ pub fn run(args: BenchFetchArgs) -> anyhow::Result<()> {
     rt.block_on(bench(args, cache))
 }
 
-fn to_dtype(cache: &KvCache, dtype: DType) -> anyhow::Result<KvCache> {
-    let conv = |t: &Tensor| Tensor::from_f32(dtype, t.shape(), &t.to_f32());
-    let layers = cache
-        .layers()
-        .iter()
-        .map(|l| {
-            Ok(LayerKv {
-                key: conv(&l.key)?,
-                value: conv(&l.value)?,
-            })
-        })
-        .collect::<Result<Vec<_>, kvfetcher_kv::TensorError>>()?;
-    Ok(KvCache::new(layers, None)?)
-}
-
 fn median(mut v: Vec<Timing>) -> Timing {
     v.sort_by_key(|t| t.total);
     v[v.len() / 2]
@@ -148,9 +189,31 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
     };
     let raw_bf16 =
         (tokens * cache.kv_heads() * cache.head_dim() * 2 * 2 * cache.num_layers()) as u64;
-    let target = TargetLayout::host(KvDType::BF16, TokenOrder::Nhd);
+    // On the GPU, restore into the KV's own dtype (f16): the kernels then round once, exactly
+    // as the CPU path does (see gpu::section_restore).
+    let gpu = match args.memory {
+        MemoryKind::Host => None,
+        MemoryKind::Gpu(n) => {
+            let gpus = GpuDevices::new(GpuOptions::default(), Metrics::new());
+            Some(
+                gpus.device(n as usize)
+                    .map_err(|e| anyhow::anyhow!("gpu:{n}: {e}"))?,
+            )
+        }
+    };
+    let target = TargetLayout {
+        memory: args.memory,
+        ..TargetLayout::host(
+            if gpu.is_some() {
+                KvDType::F16
+            } else {
+                KvDType::BF16
+            },
+            TokenOrder::Nhd,
+        )
+    };
     let reg = CodecRegistry::default();
-    let bf16 = to_dtype(&cache, DType::BF16)?;
+    let bf16 = cache.to_dtype(DType::BF16);
     let baseline_cfg = |quant: QuantConfig, variant| EncodeConfig {
         quant,
         variant,
@@ -186,8 +249,12 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         .collect();
     let client_layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
     anyhow::ensure!(cache.dtype() == DType::F16, "bench fetch expects fp16 KV");
+    let into = match &gpu {
+        Some(d) => format!("gpu:{} ({}), f16 NHD", d.ordinal(), d.cuda().info().name),
+        None => "host memory, bf16 NHD".into(),
+    };
     println!(
-        "bench fetch: {} ({} layers, {tokens} tokens, {} kv heads x {}), raw bf16 {:.2} MB, median of {}",
+        "bench fetch: {} ({} layers, {tokens} tokens, {} kv heads x {}), raw bf16 {:.2} MB, into {into}, median of {}",
         args.kv.display(),
         cache.num_layers(),
         cache.kv_heads(),
@@ -196,9 +263,11 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         args.repeat
     );
     println!(
-        "{:<10} {:<34} {:>10} {:>7} {:>12} {:>10}",
-        "link", "method", "wire MB", "ratio", "first layer", "total"
+        "{:<10} {:<34} {:>10} {:>7} {:>12} {:>10} {:>9}",
+        "link", "method", "wire MB", "ratio", "first layer", "total", "vs bound"
     );
+    // The pipeline's total on unlimited loopback: its decode + restore time.
+    let mut unlimited: Option<Duration> = None;
     for &rate in &args.rates {
         let max_rate = (rate > 0.0).then(|| (rate * 1e9 / 8.0) as u64);
         let store = LocalStore::start(dir.path(), &format!("{rate}"), max_rate)?;
@@ -234,17 +303,23 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         for (name, objects) in baselines {
             let mut runs = Vec::new();
             for _ in 0..args.repeat.max(1) {
-                runs.push(whole_objects(&client, objects, &reg, &target, &shape).await?);
+                runs.push(
+                    whole_objects(&client, objects, &reg, &target, &shape, gpu.as_ref()).await?,
+                );
             }
-            report(&link, name, median(runs), raw_bf16);
+            report(&link, name, median(runs), raw_bf16, None);
         }
         let mut runs = Vec::new();
         for _ in 0..args.repeat.max(1) {
             let start = Instant::now();
+            let memory = match &gpu {
+                Some(d) => Memory::Gpu(d.clone(), OnceLock::new()),
+                None => Memory::Host(Mutex::new(Vec::new())),
+            };
             let dest = Arc::new(TimedDest {
                 start,
                 layout: target,
-                buf: Mutex::new(Vec::new()),
+                memory,
                 first: Mutex::new(None),
             });
             let out = pipeline
@@ -259,15 +334,27 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
             });
         }
         let name = format!("kvfetcher {} {}-bit, layer groups", args.variant, args.bits);
-        report(&link, &name, median(runs), raw_bf16);
+        let t = median(runs);
+        let bound = if rate > 0.0 {
+            let transfer = Duration::from_secs_f64(t.wire as f64 * 8.0 / (rate * 1e9));
+            unlimited.map(|u| transfer.max(u))
+        } else {
+            unlimited = Some(t.total);
+            None
+        };
+        report(&link, &name, t, raw_bf16, bound);
         client.close().await;
     }
     Ok(())
 }
 
-fn report(link: &str, method: &str, t: Timing, raw: u64) {
+fn report(link: &str, method: &str, t: Timing, raw: u64, bound: Option<Duration>) {
+    let vs = bound.map_or_else(
+        || "-".to_string(),
+        |b| format!("{:.2}x", t.total.as_secs_f64() / b.as_secs_f64().max(1e-9)),
+    );
     println!(
-        "{link:<10} {method:<34} {:>10.2} {:>6.2}x {:>10.1}ms {:>8.1}ms",
+        "{link:<10} {method:<34} {:>10.2} {:>6.2}x {:>10.1}ms {:>8.1}ms {vs:>9}",
         t.wire as f64 / 1e6,
         raw as f64 / t.wire.max(1) as f64,
         t.first_layer.as_secs_f64() * 1e3,
@@ -276,13 +363,15 @@ fn report(link: &str, method: &str, t: Timing, raw: u64) {
 }
 
 /// The baseline: get every object whole (all in flight at once), decode each when it arrives,
-/// restore it; layer 0 is complete only when every chunk is.
+/// restore it (and copy the result to `gpu` when set); layer 0 is complete only when every
+/// chunk is.
 async fn whole_objects(
     client: &StoreClient,
     objects: &[(kvfetcher_codec::ChunkKey, Vec<u8>)],
     reg: &CodecRegistry,
     layout: &TargetLayout,
     shape: &KvShape,
+    gpu: Option<&Arc<GpuDevice>>,
 ) -> anyhow::Result<Timing> {
     let start = Instant::now();
     let mut buf = vec![0u8; layout.buffer_len(shape)];
@@ -301,6 +390,9 @@ async fn whole_objects(
         };
         place_cache(layout, shape, 0, token_start, part.layers(), &mut write)?;
         token_start += part.tokens() as u32;
+    }
+    if let Some(d) = gpu {
+        d.cuda().alloc(buf.len())?.write(&buf)?;
     }
     let total = start.elapsed();
     Ok(Timing {

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::config::{Config, LogFormat};
+use crate::gpu::GpuDevices;
 use crate::metrics::{serve_metrics, Metrics};
 use crate::pipeline::Pipeline;
 use notify::Notifier;
@@ -128,8 +129,13 @@ pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Resu
         tokio::spawn(serve_metrics(l, metrics.clone(), stopped(stop.clone())));
     }
     let backend: Arc<dyn crate::server::Backend> = Arc::new(pipeline);
+    // One per daemon: each GPU is opened on the first request for it.
+    let gpus = Arc::new(GpuDevices::new(config.gpu.options(), metrics.clone()));
     tokio::spawn(async move {
-        if let Err(e) = crate::server::serve(listener, backend, stopped(stop)).await {
+        let opts = crate::server::ServeOptions::default();
+        if let Err(e) =
+            crate::server::serve_with(listener, backend, opts, gpus, stopped(stop)).await
+        {
             tracing::error!(error = %e, "local server stopped");
         }
     });

@@ -26,6 +26,10 @@ pub enum GpuCommand {
     Check(RunArgs),
     /// Benchmarks NVDEC sessions and restore bandwidth.
     Bench(BenchArgs),
+    /// Decodes a real-KV fixture stream on N NVDEC sessions for S seconds, flat out or paced to
+    /// a link rate: the background load of `scripts/gpu-interference.py`. Quiet until the end;
+    /// says "load: ready" on stderr once every decoder exists.
+    Load(LoadArgs),
     /// Encodes chunk objects with the codec's HEVC encoder (every layout and bit width) and
     /// records libde265's codes, for `gpu check` (needs libx265 and libde265).
     SectionFixtures(FixtureArgs),
@@ -128,6 +132,27 @@ pub struct BenchArgs {
     pub copies: usize,
 }
 
+/// Inputs of load.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Device, KV file and fixtures.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Seconds to decode (counted from when every decoder exists).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Concurrent sessions [default: the card's NVDEC engine count].
+    #[arg(long)]
+    pub sessions: Option<usize>,
+    /// Pace the total compressed input to this many Gbit/s (a token bucket per session);
+    /// flat out when absent.
+    #[arg(long)]
+    pub rate_gbps: Option<f64>,
+    /// Fixture stream, chroma-bits: 420-8, 420-10, 420-12, 444-8, 444-10 or 444-12.
+    #[arg(long, default_value = "444-8")]
+    pub stream: String,
+}
+
 /// Runs `kvfetcher gpu ...`.
 pub fn run(args: GpuArgs) -> anyhow::Result<()> {
     match args.command {
@@ -163,6 +188,7 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
             print_rows(&ipc_check::run_ipc_check(&cuda, a.device, &a.kv)?)
         }
         GpuCommand::IpcChild(a) => Ok(ipc_check::run_ipc_child(a.device, &a.kv, &a.mode)?),
+        GpuCommand::Load(a) => load(a),
         GpuCommand::Bench(a) => {
             let cuda = Cuda::open(a.run.device)?;
             println!(
@@ -204,6 +230,35 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn load(a: LoadArgs) -> anyhow::Result<()> {
+    let (chroma, bits) = bench::parse_stream(&a.stream)?;
+    let spec = bench::LoadSpec {
+        chroma,
+        bits,
+        sessions: a.sessions,
+        seconds: a.seconds,
+        rate_gbit: a.rate_gbps,
+    };
+    let cuda = Cuda::open(a.run.device)?;
+    let pace = match a.rate_gbps {
+        Some(r) => format!("paced to {r} Gbit/s"),
+        None => "flat out".into(),
+    };
+    let r = bench::nvdec_load(&cuda, &a.run.kv, &a.run.fixtures, &spec, &mut |n| {
+        eprintln!(
+            "load: ready, {n} sessions, stream {}, {pace}, {} s on {}",
+            a.stream,
+            a.seconds,
+            cuda.info().name
+        );
+    })?;
+    println!(
+        "load: sessions {}, in {:.3} GB/s bitstream, out {:.3} GB/s samples, decoded frames {}",
+        r.sessions, r.in_gbps, r.out_gbps, r.frames
+    );
+    Ok(())
 }
 
 fn info(device: usize) -> anyhow::Result<()> {

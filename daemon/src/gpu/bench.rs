@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::cuda::{Cuda, DeviceBuffer, Stream};
 use super::fixture::{self, FIXTURE_FORMATS};
-use super::nvdec::{Chroma, DeviceFrames, Nvdec};
+use super::nvdec::{Chroma, DeviceFrames, Nvdec, NvdecSession};
 use super::restore::{
     pack_codes, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec,
 };
@@ -44,65 +44,279 @@ pub fn bench_nvdec(
     let nvdec = Nvdec::open(cuda.clone())?;
     let mut out = Vec::new();
     for (chroma, bits) in FIXTURE_FORMATS {
+        let fx = FixtureStream::read(kv, fixtures, chroma, bits)?;
+        for &n in sessions {
+            let mut workers = open_sessions(cuda, &nvdec, n, &fx)?;
+            let (decodes, secs) = decode_loop(cuda, &mut workers, &fx.stream, seconds, None)?;
+            out.push(NvdecPoint {
+                chroma,
+                bits,
+                sessions: n,
+                in_gbps: (decodes * fx.stream.len()) as f64 / secs / 1e9,
+                kv_out_gbps: (decodes * fx.kv_bytes) as f64 / secs / 1e9,
+                ratio_vs_fp16: fx.kv_bytes as f64 / fx.stream.len() as f64,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// One raster fixture stream and the sizes its decode produces.
+struct FixtureStream {
+    /// The HEVC bitstream.
+    stream: Vec<u8>,
+    /// Device bytes its frames need (surface layout).
+    frame_bytes: usize,
+    /// Its codes as fp16/bf16 KV bytes.
+    kv_bytes: usize,
+}
+
+impl FixtureStream {
+    fn read(kv: &Path, fixtures: &Path, chroma: Chroma, bits: u8) -> Result<Self, GpuError> {
         let codes =
             fixture::kv_codes(kv, bits).map_err(|e| GpuError::InvalidArgument(e.to_string()))?;
         let path = fixture::fixture_path(fixtures, chroma, bits);
         let stream = std::fs::read(&path)
             .map_err(|e| GpuError::InvalidArgument(format!("{}: {e}", path.display())))?;
         let fmt = fixture::fixture_format(chroma, bits);
-        let frame_bytes =
-            fixture::frames_for(fmt, codes.codes.len()) * fmt.surface_bytes_per_frame();
-        let kv_bytes = codes.codes.len() * 2;
-        for &n in sessions {
-            let mut workers = Vec::new();
-            for _ in 0..n {
-                let mut s = nvdec.session()?;
-                let buf = cuda.alloc(frame_bytes)?;
-                s.decode_to_device(&stream, &buf, 0)?; // creates the decoder: not timed
-                workers.push((s, buf));
-            }
-            let deadline = Duration::from_secs_f64(seconds);
-            let start = Instant::now();
-            let results: Vec<Result<usize, GpuError>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = workers
-                    .iter_mut()
-                    .map(|(s, buf)| {
-                        let stream = &stream;
-                        scope.spawn(move || -> Result<usize, GpuError> {
-                            cuda.bind()?;
-                            let mut done = 0;
-                            while start.elapsed() < deadline || done == 0 {
-                                s.decode_to_device(stream, buf, 0)?;
-                                done += 1;
+        Ok(FixtureStream {
+            stream,
+            frame_bytes: fixture::frames_for(fmt, codes.codes.len())
+                * fmt.surface_bytes_per_frame(),
+            kv_bytes: codes.codes.len() * 2,
+        })
+    }
+}
+
+/// A session with its frame buffer and the frames one decode of the stream writes.
+struct Worker {
+    session: NvdecSession,
+    buf: DeviceBuffer,
+    frames: DeviceFrames,
+}
+
+/// Opens `n` sessions, each with its own frame buffer, and decodes the stream once on each so
+/// decoder creation stays out of the timed loop.
+fn open_sessions(
+    cuda: &Arc<Cuda>,
+    nvdec: &Nvdec,
+    n: usize,
+    fx: &FixtureStream,
+) -> Result<Vec<Worker>, GpuError> {
+    (0..n)
+        .map(|_| {
+            let mut session = nvdec.session()?;
+            let buf = cuda.alloc(fx.frame_bytes)?;
+            let frames = session.decode_to_device(&fx.stream, &buf, 0)?;
+            Ok(Worker {
+                session,
+                buf,
+                frames,
+            })
+        })
+        .collect()
+}
+
+/// Decodes `stream` on every worker, one thread each, until `seconds` pass (at least once
+/// each). With `pace` (compressed bytes per second per session) each session waits on its own
+/// [`TokenBucket`] before every decode; the buckets start staggered so sessions do not decode
+/// in lockstep bursts. Returns the decodes done and the seconds they took.
+fn decode_loop(
+    cuda: &Arc<Cuda>,
+    workers: &mut [Worker],
+    stream: &[u8],
+    seconds: f64,
+    pace: Option<f64>,
+) -> Result<(usize, f64), GpuError> {
+    let n = workers.len().max(1);
+    let cost = stream.len() as f64;
+    let start = Instant::now();
+    let results: Vec<Result<usize, GpuError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, w)| {
+                scope.spawn(move || -> Result<usize, GpuError> {
+                    cuda.bind()?;
+                    let mut bucket = pace
+                        .map(|rate| TokenBucket::new(rate, cost, cost * i as f64 / n as f64))
+                        .transpose()?;
+                    let mut done = 0;
+                    loop {
+                        let now = start.elapsed().as_secs_f64();
+                        if now >= seconds && done > 0 {
+                            break;
+                        }
+                        if let Some(b) = bucket.as_mut() {
+                            let wait = b.take(now, cost);
+                            if now + wait >= seconds && done > 0 {
+                                break;
                             }
-                            Ok(done)
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(GpuError::Decode("worker panicked".into())))
-                    })
-                    .collect()
-            });
-            let secs = start.elapsed().as_secs_f64();
-            let mut decodes = 0;
-            for r in results {
-                decodes += r?;
-            }
-            out.push(NvdecPoint {
-                chroma,
-                bits,
-                sessions: n,
-                in_gbps: (decodes * stream.len()) as f64 / secs / 1e9,
-                kv_out_gbps: (decodes * kv_bytes) as f64 / secs / 1e9,
-                ratio_vs_fp16: kv_bytes as f64 / stream.len() as f64,
-            });
+                            if wait > 0.0 {
+                                std::thread::sleep(Duration::from_secs_f64(wait));
+                            }
+                        }
+                        w.session.decode_to_device(stream, &w.buf, 0)?;
+                        done += 1;
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(GpuError::Decode("worker panicked".into())))
+            })
+            .collect()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let mut decodes = 0;
+    for r in results {
+        decodes += r?;
+    }
+    Ok((decodes, secs))
+}
+
+/// Paces one decode session's compressed input: refills at `rate` bytes per second up to
+/// `capacity` bytes and lets a decode of `cost` bytes start once the bucket covers it. The
+/// bucket may go into debt; the debt is the wait. Times are seconds from a common origin, so
+/// the arithmetic is testable without a clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: f64,
+}
+
+impl TokenBucket {
+    /// A bucket holding `tokens` bytes at time 0. Starting at or below one decode's cost keeps
+    /// the long-run rate at `rate`; `capacity` bounds the catch-up burst after a stall.
+    pub fn new(rate: f64, capacity: f64, tokens: f64) -> Result<Self, GpuError> {
+        let ok = |v: f64| v.is_finite() && v > 0.0;
+        if !ok(rate) || !ok(capacity) || !tokens.is_finite() {
+            return Err(GpuError::InvalidArgument(format!(
+                "token bucket rate {rate} B/s, capacity {capacity} B, tokens {tokens}"
+            )));
+        }
+        Ok(TokenBucket {
+            rate,
+            capacity,
+            tokens: tokens.min(capacity),
+            last: 0.0,
+        })
+    }
+
+    /// Takes `cost` bytes at time `now` and returns the seconds to wait before the work may
+    /// start (0 when the bucket covered it).
+    pub fn take(&mut self, now: f64, cost: f64) -> f64 {
+        let dt = (now - self.last).max(0.0);
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + dt * self.rate).min(self.capacity) - cost;
+        if self.tokens >= 0.0 {
+            0.0
+        } else {
+            -self.tokens / self.rate
         }
     }
-    Ok(out)
+}
+
+/// Compressed bytes per second for each of `sessions` sessions sharing a link of `gbit` Gbit/s.
+pub fn session_rate(gbit: f64, sessions: usize) -> Result<f64, GpuError> {
+    if !(gbit.is_finite() && gbit > 0.0) || sessions == 0 {
+        return Err(GpuError::InvalidArgument(format!(
+            "rate {gbit} Gbit/s over {sessions} sessions"
+        )));
+    }
+    Ok(gbit * 1e9 / 8.0 / sessions as f64)
+}
+
+/// Parses a fixture stream name such as "444-8" (chroma-bits) into one of [`FIXTURE_FORMATS`].
+pub fn parse_stream(name: &str) -> Result<(Chroma, u8), GpuError> {
+    FIXTURE_FORMATS
+        .into_iter()
+        .find(|(c, b)| format!("{}-{b}", c.name()) == name)
+        .ok_or_else(|| {
+            let known: Vec<String> = FIXTURE_FORMATS
+                .iter()
+                .map(|(c, b)| format!("{}-{b}", c.name()))
+                .collect();
+            GpuError::InvalidArgument(format!(
+                "stream {name:?}: expected one of {}",
+                known.join(", ")
+            ))
+        })
+}
+
+/// What to run as a background NVDEC load (`kvfetcher gpu load`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadSpec {
+    /// Fixture stream format.
+    pub chroma: Chroma,
+    /// Fixture stream bit depth.
+    pub bits: u8,
+    /// Concurrent sessions; `None` = the card's NVDEC engine count.
+    pub sessions: Option<usize>,
+    /// How long to decode, seconds from when every decoder exists.
+    pub seconds: f64,
+    /// Total compressed input rate, Gbit/s, split evenly over sessions; `None` = flat out.
+    pub rate_gbit: Option<f64>,
+}
+
+/// What a background NVDEC load achieved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadReport {
+    /// Sessions that ran.
+    pub sessions: usize,
+    /// Compressed bitstream consumed, GB/s.
+    pub in_gbps: f64,
+    /// Decoded surface bytes written to device memory, GB/s.
+    pub out_gbps: f64,
+    /// Frames decoded in total.
+    pub frames: usize,
+    /// Seconds the loop ran.
+    pub seconds: f64,
+}
+
+/// Decodes a real-KV fixture stream on `spec.sessions` sessions for `spec.seconds`, flat out or
+/// paced, as a second GPU tenant for interference measurements. `ready` is called with the
+/// session count once every decoder exists, just before the timed loop starts.
+pub fn nvdec_load(
+    cuda: &Arc<Cuda>,
+    kv: &Path,
+    fixtures: &Path,
+    spec: &LoadSpec,
+    ready: &mut dyn FnMut(usize),
+) -> Result<LoadReport, GpuError> {
+    if !(spec.seconds.is_finite() && spec.seconds > 0.0) {
+        return Err(GpuError::InvalidArgument(format!(
+            "seconds {} (must be > 0)",
+            spec.seconds
+        )));
+    }
+    let nvdec = Nvdec::open(cuda.clone())?;
+    let n = match spec.sessions {
+        Some(0) => return Err(GpuError::InvalidArgument("0 sessions".into())),
+        Some(n) => n,
+        None => nvdec.engines()?,
+    };
+    let pace = spec.rate_gbit.map(|r| session_rate(r, n)).transpose()?;
+    let fx = FixtureStream::read(kv, fixtures, spec.chroma, spec.bits)?;
+    let mut workers = open_sessions(cuda, &nvdec, n, &fx)?;
+    let frames = workers.first().map_or(0, |w| w.frames.frames);
+    let surface =
+        frames * fixture::fixture_format(spec.chroma, spec.bits).surface_bytes_per_frame();
+    ready(n);
+    let (decodes, secs) = decode_loop(cuda, &mut workers, &fx.stream, spec.seconds, pace)?;
+    Ok(LoadReport {
+        sessions: n,
+        in_gbps: (decodes * fx.stream.len()) as f64 / secs / 1e9,
+        out_gbps: (decodes * surface) as f64 / secs / 1e9,
+        frames: decodes * frames,
+        seconds: secs,
+    })
 }
 
 /// One restore bandwidth measurement.
@@ -246,4 +460,81 @@ pub fn bench_restore(
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bucket that starts empty admits one decode per cost/rate seconds, however long each
+    /// decode takes (as long as it is shorter than that period).
+    #[test]
+    fn token_bucket_paces_to_the_rate() {
+        let (rate, cost) = (1000.0, 100.0);
+        let mut b = TokenBucket::new(rate, cost, 0.0).expect("bucket");
+        let mut now = 0.0;
+        let mut starts = Vec::new();
+        for _ in 0..50 {
+            now += b.take(now, cost);
+            starts.push(now);
+            now += 0.03; // the decode itself
+        }
+        for w in starts.windows(2) {
+            assert!((w[1] - w[0] - 0.1).abs() < 1e-9, "{w:?}");
+        }
+        assert!((starts[0] - 0.1).abs() < 1e-12);
+    }
+
+    /// Work slower than the rate is never delayed, and an idle spell earns at most `capacity`.
+    #[test]
+    fn token_bucket_caps_the_burst_and_never_delays_slow_work() {
+        let mut b = TokenBucket::new(1000.0, 100.0, 100.0).expect("bucket");
+        assert_eq!(b.take(0.0, 100.0), 0.0);
+        assert_eq!(b.take(0.2, 100.0), 0.0); // 0.2 s earned 200 B, capped at 100
+        assert!((b.take(0.2, 100.0) - 0.1).abs() < 1e-12);
+        // A clock that goes backwards earns nothing.
+        let mut c = TokenBucket::new(1000.0, 100.0, 0.0).expect("bucket");
+        assert!((c.take(1.0, 50.0) - 0.0).abs() < 1e-12);
+        assert!((c.take(0.5, 100.0) - 0.05).abs() < 1e-12);
+    }
+
+    #[test]
+    fn token_bucket_rejects_bad_rates() {
+        for (r, c, t) in [
+            (0.0, 1.0, 0.0),
+            (-1.0, 1.0, 0.0),
+            (f64::NAN, 1.0, 0.0),
+            (1.0, 0.0, 0.0),
+            (1.0, 1.0, f64::INFINITY),
+        ] {
+            assert!(matches!(
+                TokenBucket::new(r, c, t),
+                Err(GpuError::InvalidArgument(_))
+            ));
+        }
+    }
+
+    /// 10 Gbit/s over 8 sessions is 156.25 MB/s of bitstream each.
+    #[test]
+    fn session_rate_splits_the_link() {
+        assert_eq!(session_rate(10.0, 8).expect("rate"), 156_250_000.0);
+        assert_eq!(session_rate(10.0, 1).expect("rate"), 1.25e9);
+        assert!(session_rate(10.0, 0).is_err());
+        assert!(session_rate(0.0, 4).is_err());
+        assert!(session_rate(f64::INFINITY, 4).is_err());
+    }
+
+    #[test]
+    fn parse_stream_names_every_fixture() {
+        for (c, b) in FIXTURE_FORMATS {
+            assert_eq!(
+                parse_stream(&format!("{}-{b}", c.name())).expect("name"),
+                (c, b)
+            );
+        }
+        assert!(matches!(
+            parse_stream("444-9"),
+            Err(GpuError::InvalidArgument(m)) if m.contains("444-8")
+        ));
+    }
 }

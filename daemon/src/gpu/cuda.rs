@@ -465,6 +465,51 @@ impl DeviceBuffer {
         })
     }
 
+    /// Copies `data` to byte `offset` of the buffer (synchronous, bounds-checked).
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<(), GpuError> {
+        if offset
+            .checked_add(data.len())
+            .is_none_or(|e| e > self.bytes)
+        {
+            return Err(GpuError::InvalidArgument(format!(
+                "{} bytes at {offset} into a {} byte buffer",
+                data.len(),
+                self.bytes
+            )));
+        }
+        self.cuda.bind()?;
+        // SAFETY: offset..offset+len lies in the allocation (checked); `data` is len readable
+        // bytes.
+        self.cuda.check("cuMemcpyHtoD", unsafe {
+            (self.cuda.api.cu_memcpy_htod)(
+                self.ptr + offset as u64,
+                data.as_ptr().cast(),
+                data.len(),
+            )
+        })
+    }
+
+    /// Copies bytes from `offset` of the buffer into `out` (synchronous, bounds-checked).
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), GpuError> {
+        if offset.checked_add(out.len()).is_none_or(|e| e > self.bytes) {
+            return Err(GpuError::InvalidArgument(format!(
+                "{} bytes at {offset} from a {} byte buffer",
+                out.len(),
+                self.bytes
+            )));
+        }
+        self.cuda.bind()?;
+        // SAFETY: offset..offset+len lies in the allocation (checked); `out` is len writable
+        // bytes.
+        self.cuda.check("cuMemcpyDtoH", unsafe {
+            (self.cuda.api.cu_memcpy_dtoh)(
+                out.as_mut_ptr().cast(),
+                self.ptr + offset as u64,
+                out.len(),
+            )
+        })
+    }
+
     /// Sets every byte to `value` (synchronous).
     pub fn fill(&self, value: u8) -> Result<(), GpuError> {
         self.cuda.bind()?;

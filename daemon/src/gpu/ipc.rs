@@ -75,6 +75,39 @@ impl ImportedBuffer {
         self.bytes == 0
     }
 
+    /// Bytes of the underlying allocation from [`ImportedBuffer::ptr`] on, as the driver
+    /// knows it (`cuMemGetAddressRange`): the exporter's real size, whatever was declared.
+    pub fn allocation_len(&self) -> Result<usize, GpuError> {
+        self.cuda.bind()?;
+        let (mut base, mut size) = (0u64, 0usize);
+        // SAFETY: writes one device pointer and one size_t; ptr is a live mapping.
+        self.cuda.check("cuMemGetAddressRange", unsafe {
+            (self.cuda.api.cu_mem_get_address_range)(&mut base, &mut size, self.ptr)
+        })?;
+        Ok((base as usize + size).saturating_sub(self.ptr as usize))
+    }
+
+    /// Copies `out.len()` bytes from byte `offset` of the mapping into `out` (synchronous).
+    /// The range must lie within both the declared length and the real allocation.
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), GpuError> {
+        let end = offset.checked_add(out.len());
+        if end.is_none_or(|e| e > self.bytes || e > self.allocation_len().unwrap_or(0)) {
+            return Err(GpuError::InvalidArgument(format!(
+                "{} bytes at {offset} outside the imported allocation",
+                out.len()
+            )));
+        }
+        // SAFETY: offset..offset+len lies inside the mapped allocation (checked against the
+        // driver's own range above); `out` is len writable bytes.
+        self.cuda.check("cuMemcpyDtoH", unsafe {
+            (self.cuda.api.cu_memcpy_dtoh)(
+                out.as_mut_ptr().cast(),
+                self.ptr + offset as u64,
+                out.len(),
+            )
+        })
+    }
+
     /// Queues a copy of the start of the buffer into `out` on `stream`, after the work already
     /// queued there (such as [`ImportedEvent::wait_on`]).
     ///

@@ -2,7 +2,9 @@
 //!
 //! Layers, bottom up: `cuda_sys` / `nvcuvid_sys` (raw bindings, loaded with libloading, the only
 //! unsafe FFI), [`cuda`] and [`nvdec`] (safe wrappers), [`restore`] (the PTX kernels and their
-//! bit-exact CPU reference), [`ipc`] (importing CUDA IPC handles), then fixtures, self-checks
+//! bit-exact CPU reference), [`ipc`] (importing CUDA IPC handles), [`devices`] (the node's GPUs
+//! as the daemon serves them) and [`section_restore`] (a fetched section straight into a
+//! client's device buffer), then fixtures, self-checks
 //! (raster fixtures, the codec's own HEVC sections in [`sections`], the IPC proof in [`ipc_check`])
 //! and benchmarks for `kvfetcher gpu`.
 //! Everything builds and its non-GPU tests pass on hosts without a driver: loading fails with
@@ -12,6 +14,7 @@ pub mod bench;
 pub mod check;
 pub mod cuda;
 mod cuda_sys;
+pub mod devices;
 mod error;
 pub mod fixture;
 pub mod hevc_backend;
@@ -20,9 +23,11 @@ pub mod ipc_check;
 mod nvcuvid_sys;
 pub mod nvdec;
 pub mod restore;
+pub mod section_restore;
 pub mod sections;
 
 pub use cuda::{Cuda, DeviceBuffer, DeviceInfo, Event, Module, Stream};
+pub use devices::{DeviceError, GpuDevice, GpuDevices, GpuOptions};
 pub use error::GpuError;
 pub use hevc_backend::{hevc_section_decoder, CodecHevcLayout, HevcFrameLayout, NvdecHevcDecoder};
 pub use nvdec::{Chroma, DeviceFrames, FrameFormat, HevcCaps, HostFrames, Nvdec, NvdecSession};

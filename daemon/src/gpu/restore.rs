@@ -340,14 +340,43 @@ impl DeviceTarget {
         target: &TargetSpec,
         outs: &[&DeviceBuffer],
     ) -> Result<DeviceTarget, GpuError> {
+        let outs: Vec<(u64, usize)> = outs.iter().map(|o| (o.ptr(), o.len())).collect();
+        // SAFETY: each pair is the base and length of a live DeviceBuffer; as before this
+        // constructor existed, the caller keeps those buffers alive while it launches.
+        unsafe { Self::from_raw(cuda, g, q, target, &outs) }
+    }
+
+    /// Like [`DeviceTarget::new`], for outputs that are regions of larger allocations (a
+    /// fetch buffer holds every layer's K and V): `outs[t]` is `(device pointer, capacity in
+    /// bytes)`. Each capacity must hold `target.elements()` elements and each pointer be
+    /// 16-byte aligned (the kernels store 16 bytes at a time), else an error.
+    ///
+    /// # Safety
+    /// Each pointer must be the start of at least `capacity` bytes of live device memory of
+    /// `cuda`'s device, and stay allocated until every launch using this target has finished.
+    pub unsafe fn from_raw(
+        cuda: &Arc<Cuda>,
+        g: CodeGeometry,
+        q: &Dequant,
+        target: &TargetSpec,
+        outs: &[(u64, usize)],
+    ) -> Result<DeviceTarget, GpuError> {
         check_dequant(g, q)?;
         target.validate(g.rows, g.cols)?;
-        let need = target.elements() * target.dtype.size();
-        if outs.len() != g.tensors || outs.iter().any(|o| o.len() < need) {
+        let need = target
+            .elements()
+            .checked_mul(target.dtype.size())
+            .ok_or_else(|| GpuError::InvalidArgument("target too large".into()))?;
+        if outs.len() != g.tensors || outs.iter().any(|&(_, cap)| cap < need) {
             return Err(GpuError::InvalidArgument(format!(
                 "need {} outputs of {need} bytes",
                 g.tensors
             )));
+        }
+        if outs.iter().any(|&(p, _)| p == 0 || !p.is_multiple_of(16)) {
+            return Err(GpuError::InvalidArgument(
+                "output pointers must be 16-byte aligned".into(),
+            ));
         }
         if !g.len().is_multiple_of(8)
             || u32::try_from(g.tensors * g.rows).is_err()
@@ -355,7 +384,7 @@ impl DeviceTarget {
         {
             return Err(GpuError::InvalidArgument("geometry too large".into()));
         }
-        let ptrs: Vec<u64> = outs.iter().map(|o| o.ptr()).collect();
+        let ptrs: Vec<u64> = outs.iter().map(|&(p, _)| p).collect();
         let ptrs = cuda.upload(&ptrs)?;
         let scales = cuda.upload(&q.scales)?;
         let mins = cuda.upload(&q.mins)?;
@@ -446,19 +475,34 @@ impl RestoreKernels {
         target: &DeviceTarget,
         stream: &Stream,
     ) -> Result<(), GpuError> {
+        self.restore_codes_at(codes, 0, target, stream)
+    }
+
+    /// Restores u16 codes held in `codes` from byte `offset` on (a multiple of 16: the kernel
+    /// loads 8 codes at a time), e.g. one tensor of a section's codes.
+    pub fn restore_codes_at(
+        &self,
+        codes: &DeviceBuffer,
+        offset: usize,
+        target: &DeviceTarget,
+        stream: &Stream,
+    ) -> Result<(), GpuError> {
         let n = target.geometry.len();
-        if codes.len() < n * 2 {
-            return Err(GpuError::InvalidArgument("code buffer too small".into()));
+        if !offset.is_multiple_of(16) || offset > codes.len() || codes.len() - offset < n * 2 {
+            return Err(GpuError::InvalidArgument(
+                "code buffer too small or misaligned".into(),
+            ));
         }
         let f = self.module.function("kvf_restore_codes")?;
-        let mut ptr = codes.ptr();
+        let mut ptr = codes.ptr() + offset as u64;
         let mut args = target.args;
         let mut params = [
             (&mut ptr as *mut u64).cast::<c_void>(),
             (&mut args as *mut RestoreTargetArgs).cast(),
         ];
         // SAFETY: the parameters are (const uint16_t*, RestoreTarget) as declared in restore.cu;
-        // the code buffer holds n codes (checked) and DeviceTarget validated every target range.
+        // the code buffer holds n codes from a 16-byte aligned offset (checked) and
+        // DeviceTarget validated every target range.
         unsafe {
             self.cuda
                 .launch(&f, self.grid(n), BLOCK, stream, &mut params)
@@ -473,15 +517,32 @@ impl RestoreKernels {
         target: &DeviceTarget,
         stream: &Stream,
     ) -> Result<(), GpuError> {
+        self.restore_packed_at(packed, 0, bits, target, stream)
+    }
+
+    /// Restores codes bit-packed at `bits` held in `packed` from byte `offset` on (the codes
+    /// of one tensor of a packed section start at a byte boundary when rows x cols is a
+    /// multiple of 8).
+    pub fn restore_packed_at(
+        &self,
+        packed: &DeviceBuffer,
+        offset: usize,
+        bits: u8,
+        target: &DeviceTarget,
+        stream: &Stream,
+    ) -> Result<(), GpuError> {
         let n = target.geometry.len();
-        if !(1..=16).contains(&bits) || packed.len() < (n * bits as usize).div_ceil(8) {
+        if !(1..=16).contains(&bits)
+            || offset > packed.len()
+            || packed.len() - offset < (n * bits as usize).div_ceil(8)
+        {
             return Err(GpuError::InvalidArgument(
                 "packed buffer too small or bad bit width".into(),
             ));
         }
         let f = self.module.function("kvf_restore_packed")?;
-        let mut ptr = packed.ptr();
-        let mut len = packed.len() as u64;
+        let mut ptr = packed.ptr() + offset as u64;
+        let mut len = (packed.len() - offset) as u64;
         let mut bits = u32::from(bits);
         let mut args = target.args;
         let mut params = [
@@ -491,7 +552,8 @@ impl RestoreKernels {
             (&mut args as *mut RestoreTargetArgs).cast(),
         ];
         // SAFETY: the parameters match (const uint8_t*, u64, unsigned, RestoreTarget); the
-        // kernel reads below `len` only, and DeviceTarget validated the target ranges.
+        // kernel reads below `len` bytes from ptr only, all inside the buffer (checked), and
+        // DeviceTarget validated the target ranges.
         unsafe {
             self.cuda
                 .launch(&f, self.grid(n), BLOCK, stream, &mut params)
@@ -508,18 +570,36 @@ impl RestoreKernels {
         target: &DeviceTarget,
         stream: &Stream,
     ) -> Result<(), GpuError> {
+        self.restore_frames_at(frames, gather.map(|g| (g, 0)), target, stream)
+    }
+
+    /// Like [`RestoreKernels::restore_frames`] with the gather table read from entry
+    /// `gather.1` on (the entries of one tensor of a section), so the target's code 0 is the
+    /// table's code `gather.1`.
+    pub fn restore_frames_at(
+        &self,
+        frames: &DeviceFrames,
+        gather: Option<(&DeviceBuffer, usize)>,
+        target: &DeviceTarget,
+        stream: &Stream,
+    ) -> Result<(), GpuError> {
         let n = target.geometry.len();
         let fmt = frames.format;
         if frames.frames * fmt.samples_per_frame() < n && gather.is_none() {
             return Err(GpuError::InvalidArgument("fewer samples than codes".into()));
         }
-        if gather.is_some_and(|g| g.len() < n * 4) {
+        if gather.is_some_and(|(g, first)| {
+            first
+                .checked_add(n)
+                .and_then(|e| e.checked_mul(4))
+                .is_none_or(|e| e > g.len())
+        }) {
             return Err(GpuError::InvalidArgument("gather table too small".into()));
         }
         let f = self.module.function("kvf_restore_frames")?;
         let mut ptr = frames.ptr;
         let mut src = FrameSourceArgs {
-            gather: gather.map_or(0, |g| g.ptr()),
+            gather: gather.map_or(0, |(g, first)| g.ptr() + 4 * first as u64),
             width: fmt.width as u32,
             height: fmt.height as u32,
             chroma444: u32::from(fmt.chroma == Chroma::Yuv444),
@@ -538,7 +618,8 @@ impl RestoreKernels {
             (&mut args as *mut RestoreTargetArgs).cast(),
         ];
         // SAFETY: the parameters match (const uint8_t*, FrameSource, RestoreTarget); the frames
-        // hold at least n samples (checked) or the caller's gather table indexes into them.
+        // hold at least n samples (checked) or the caller's gather table (n entries from
+        // `first`, checked) indexes into them.
         unsafe {
             self.cuda
                 .launch(&f, self.grid(n), BLOCK, stream, &mut params)

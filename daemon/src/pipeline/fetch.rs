@@ -9,6 +9,10 @@
 //! FIFO semaphores shared by all fetches, so concurrent clients take turns. Dropping the fetch
 //! future drops its streams (the store sees them reset) and stops new work; a section already
 //! on a decode thread finishes into a buffer nobody reads.
+//!
+//! A destination in GPU memory ([`Destination::device`]) gets its sections restored there by
+//! the GPU kernels (`gpu::section_restore`), still on the blocking pool and holding a decode
+//! slot; sections the kernels cannot reproduce bit for bit are restored on the CPU and copied.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +26,7 @@ use kvfetcher_codec::{
 use super::layout::{place_cache, LayoutIoError};
 use super::plan::{FetchPlanner, SectionRef};
 use super::Pipeline;
+use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
 use crate::server::{Destination, FetchOutcome, ServeError};
 
 impl From<LayoutIoError> for ServeError {
@@ -244,6 +249,41 @@ async fn section(
         let bad = |e: kvfetcher_codec::FormatError| {
             ServeError::Internal(format!("chunk {}: section {index}: {e}", header.key))
         };
+        if let Some(region) = dest.device() {
+            match kernels_apply(&header, index, &layout) {
+                Ok(()) => {
+                    let route = restore_section_to_device(
+                        region.device,
+                        &header,
+                        index,
+                        &bytes,
+                        &registry,
+                        &layout,
+                        &shape,
+                        token_start,
+                        region.buffer,
+                    )
+                    .map_err(|e| {
+                        ServeError::Internal(format!(
+                            "chunk {}: section {index}: gpu restore: {e}",
+                            header.key
+                        ))
+                    })?;
+                    let c = &metrics.gpu_sections;
+                    match route {
+                        Route::Packed => c.packed.add(1),
+                        Route::Nvdec => c.nvdec.add(1),
+                        Route::CpuDecode => c.cpu_decode.add(1),
+                    }
+                    return Ok(());
+                }
+                Err(why) => {
+                    // Restored on the CPU below; `write` copies the placed bytes to the device.
+                    tracing::debug!(chunk = %header.key, index, "gpu kernels skipped: {why}");
+                    metrics.gpu_sections.cpu_restore.add(1);
+                }
+            }
+        }
         let plane = decode_section(&header, index, &bytes, &registry).map_err(bad)?;
         let layers = restore_section(&header, index, &plane).map_err(bad)?;
         let first = u32::from(header.sections[index].layer_start);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use kvfetcher_client::protocol::{KvShape, TargetLayout};
 
 use super::ServeError;
+use crate::gpu::{DeviceBuffer, GpuDevice};
 
 /// A boxed, sendable future (object-safe async trait methods).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -25,6 +26,23 @@ pub trait Destination: Send + Sync {
     /// Layers `layers` are complete for all tokens: the server signals readiness to the client
     /// without polling.
     fn layers_ready(&self, layers: Range<u32>);
+    /// The device memory behind this destination, once allocated, when it is GPU memory: the
+    /// pipeline then restores sections there with the GPU kernels instead of calling `write`.
+    /// Host destinations return `None`.
+    fn device(&self) -> Option<DeviceRegion<'_>> {
+        None
+    }
+}
+
+/// A destination's device memory: the whole fetch buffer (laid out as the fetch's layout says
+/// for the allocated shape) on `device`. Borrowed from the destination, so it stays allocated
+/// while the borrow lives.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceRegion<'a> {
+    /// The GPU.
+    pub device: &'a Arc<GpuDevice>,
+    /// The fetch buffer (offset 0 is the buffer's byte 0).
+    pub buffer: &'a DeviceBuffer,
 }
 
 /// What a finished fetch reports.

@@ -20,9 +20,12 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::gpu_buffer::GpuDestination;
 use super::host_buffer::HostDestination;
-use super::registry::{Handle, Registry};
-use super::{Backend, Destination, ServeError, ServeOptions};
+use super::registry::{FetchDest, Handle, Registry};
+use super::{Backend, ServeError, ServeOptions};
+use crate::gpu::ipc::ImportedBuffer;
+use crate::gpu::{GpuDevice, GpuDevices};
 
 /// How long a client may take to send its handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +63,7 @@ struct Ctx {
     backend: Arc<dyn Backend>,
     registry: Arc<Registry>,
     opts: ServeOptions,
+    gpus: Arc<GpuDevices>,
     out: Outbox,
 }
 
@@ -69,6 +73,7 @@ pub(crate) async fn run(
     backend: Arc<dyn Backend>,
     registry: Arc<Registry>,
     opts: ServeOptions,
+    gpus: Arc<GpuDevices>,
 ) {
     let peer = match stream.peer_cred() {
         Ok(c) => PeerCred {
@@ -96,6 +101,7 @@ pub(crate) async fn run(
             backend,
             registry: registry.clone(),
             opts,
+            gpus,
             out: out.clone(),
         });
         read_loop(&stream, &mut rx, &ctx).await;
@@ -233,7 +239,7 @@ fn dispatch(ctx: &Arc<Ctx>, msg: Message, fds: Vec<OwnedFd>, tasks: &mut JoinSet
         },
         Message::Reopen(r) => match ctx.registry.get(ctx.conn, r.fetch_id) {
             Ok(dest) => match dest.buffer_message(r.req) {
-                Some((m, fd)) => ctx.out.send(m, vec![fd.into()]),
+                Some((m, fds)) => ctx.out.send(m, fds),
                 None => ctx.out.error(
                     Some(r.req),
                     ErrorCode::BadRequest,
@@ -263,9 +269,13 @@ fn dispatch(ctx: &Arc<Ctx>, msg: Message, fds: Vec<OwnedFd>, tasks: &mut JoinSet
 fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
     let req = f.req;
     let refuse = |code, m: String| ctx.out.error(Some(req), code, m);
-    if let MemoryKind::Gpu(_) = f.layout.memory {
-        return ctx.out.serve_error(req, &ServeError::GpuUnsupported);
-    }
+    let device = match f.layout.memory {
+        MemoryKind::Host => None,
+        MemoryKind::Gpu(n) => match open_device(&ctx.gpus, n) {
+            Ok(d) => Some(d),
+            Err(e) => return ctx.out.serve_error(req, &e),
+        },
+    };
     if f.token_ids.is_empty() {
         return refuse(ErrorCode::BadRequest, "no token ids".into());
     }
@@ -284,13 +294,23 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
         );
     }
     let fetch_id = ctx.registry.new_fetch_id();
-    let dest = Arc::new(HostDestination::new(
-        req,
-        fetch_id,
-        f.layout,
-        ctx.opts.max_buffer_bytes,
-        ctx.out.clone(),
-    ));
+    let dest = match device {
+        None => FetchDest::Host(Arc::new(HostDestination::new(
+            req,
+            fetch_id,
+            f.layout,
+            ctx.opts.max_buffer_bytes,
+            ctx.out.clone(),
+        ))),
+        Some(device) => FetchDest::Gpu(Arc::new(GpuDestination::new(
+            req,
+            fetch_id,
+            f.layout,
+            ctx.opts.max_buffer_bytes,
+            ctx.out.clone(),
+            device,
+        ))),
+    };
     ctx.registry.insert(
         fetch_id,
         Handle {
@@ -304,7 +324,7 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
     // Not in the connection's JoinSet: the registry owns the task's abort handle, so a release
     // or the disconnect cancels it.
     let task = tokio::spawn(async move {
-        let d: Arc<dyn Destination> = dest.clone();
+        let d = dest.as_dyn();
         let res = c.backend.fetch(&f.model, &f.token_ids, &f.layout, d).await;
         match res {
             Ok(o) if dest.is_allocated() => {
@@ -368,11 +388,18 @@ impl SaveData {
     }
 }
 
-async fn save(ctx: &Ctx, s: Save, fd: Option<OwnedFd>) -> Result<u32, ServeError> {
-    let fd = fd.ok_or_else(|| ServeError::BadRequest("save without a buffer fd".into()))?;
-    if let MemoryKind::Gpu(_) = s.layout.memory {
-        return Err(ServeError::GpuUnsupported);
+/// Device `n`, opened on first use. Opening loads the driver and JITs the kernels once per
+/// device, so on a multi-threaded runtime it runs in place of a worker rather than stalling one.
+fn open_device(gpus: &GpuDevices, n: u32) -> Result<Arc<GpuDevice>, ServeError> {
+    let open = || gpus.device(n as usize).map_err(ServeError::from);
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(open),
+        _ => open(),
     }
+}
+
+/// Checks a save's token count against its shape and returns the buffer length it names.
+fn save_len(ctx: &Ctx, s: &Save) -> Result<usize, ServeError> {
     if s.shape.tokens as usize != s.token_ids.len() {
         return Err(ServeError::BadRequest(format!(
             "shape has {} tokens but {} token ids were given",
@@ -387,6 +414,26 @@ async fn save(ctx: &Ctx, s: Save, fd: Option<OwnedFd>) -> Result<u32, ServeError
     if len == 0 || len as u64 > ctx.opts.max_buffer_bytes {
         return Err(ServeError::BadRequest(format!("bad save size {len}")));
     }
+    Ok(len)
+}
+
+async fn save(ctx: &Ctx, s: Save, fd: Option<OwnedFd>) -> Result<u32, ServeError> {
+    match (s.layout.memory, &s.gpu) {
+        (MemoryKind::Host, Some(_)) => {
+            return Err(ServeError::BadRequest(
+                "a host save carries no gpu source".into(),
+            ))
+        }
+        (MemoryKind::Gpu(_), None) => {
+            return Err(ServeError::BadRequest(
+                "a gpu save needs a gpu source (cuda ipc handle)".into(),
+            ))
+        }
+        (MemoryKind::Gpu(n), Some(_)) => return gpu_save(ctx, &s, n, fd).await,
+        (MemoryKind::Host, None) => {}
+    }
+    let fd = fd.ok_or_else(|| ServeError::BadRequest("save without a buffer fd".into()))?;
+    let len = save_len(ctx, &s)?;
     let file = File::from(fd);
     let size = file.metadata()?.len();
     if size != len as u64 {
@@ -399,6 +446,71 @@ async fn save(ctx: &Ctx, s: Save, fd: Option<OwnedFd>) -> Result<u32, ServeError
         .map_err(|e| ServeError::Internal(e.to_string()))??;
     ctx.backend
         .save(&s.model, &s.token_ids, &s.layout, &s.shape, data.bytes())
+        .await
+}
+
+/// A save whose bytes are in the client's GPU memory: the daemon opens the client's CUDA IPC
+/// handle, copies the bytes to the host, and saves them like a host buffer. The client must
+/// have finished writing them (synchronised its stream) before sending the request.
+async fn gpu_save(ctx: &Ctx, s: &Save, n: u32, fd: Option<OwnedFd>) -> Result<u32, ServeError> {
+    let bad = |m: String| Err(ServeError::BadRequest(m));
+    let Some(src) = &s.gpu else {
+        return bad("a gpu save needs a gpu source".into());
+    };
+    if fd.is_some() {
+        return bad("a gpu save carries no fd".into());
+    }
+    if src.device != n {
+        return bad(format!(
+            "gpu source is on gpu:{}, layout says gpu:{n}",
+            src.device
+        ));
+    }
+    let Ok(handle) = <[u8; 64]>::try_from(src.mem_handle.as_slice()) else {
+        return bad(format!(
+            "mem_handle is {} bytes, a cuda ipc handle is 64",
+            src.mem_handle.len()
+        ));
+    };
+    let len = save_len(ctx, s)?;
+    if src.len != len as u64 {
+        return bad(format!(
+            "gpu source is {} bytes, layout needs {len}",
+            src.len
+        ));
+    }
+    let Some(end) = usize::try_from(src.offset)
+        .ok()
+        .and_then(|o| o.checked_add(len))
+    else {
+        return bad("gpu source offset overflows".into());
+    };
+    let offset = end - len;
+    let device = open_device(&ctx.gpus, n)?;
+    let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ServeError> {
+        let unreadable = |e: crate::gpu::GpuError| {
+            ServeError::BadRequest(format!("cannot read the gpu source: {e}"))
+        };
+        let imported = ImportedBuffer::open(device.cuda(), handle, end).map_err(unreadable)?;
+        // Check the range against the real allocation before allocating the copy.
+        let real = imported.allocation_len().map_err(unreadable)?;
+        if end > real {
+            return Err(ServeError::BadRequest(format!(
+                "gpu source range ends at {end}, the allocation holds {real} bytes"
+            )));
+        }
+        let mut v = vec![0u8; len];
+        imported.read_at(offset, &mut v).map_err(unreadable)?;
+        Ok(v)
+    })
+    .await
+    .map_err(|e| ServeError::Internal(e.to_string()))??;
+    let host = kvfetcher_client::protocol::TargetLayout {
+        memory: MemoryKind::Host,
+        ..s.layout
+    };
+    ctx.backend
+        .save(&s.model, &s.token_ids, &host, &s.shape, &data)
         .await
 }
 

@@ -17,9 +17,10 @@ pub enum ServeError {
     /// An unexpected failure.
     #[error("internal error: {0}")]
     Internal(String),
-    /// GPU memory was asked for and this build or host cannot provide it.
-    #[error("gpu memory not supported by this daemon build/host")]
-    GpuUnsupported,
+    /// GPU memory was asked for and this host or configuration cannot provide it (why: no
+    /// driver, no such device, disabled in config...).
+    #[error("gpu memory not supported: {0}")]
+    GpuUnsupported(String),
     /// An I/O error of the server's socket or memory.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -33,7 +34,13 @@ impl ServeError {
             ServeError::BadRequest(_) => ErrorCode::BadRequest,
             ServeError::Unavailable(_) => ErrorCode::Unavailable,
             ServeError::Internal(_) | ServeError::Io(_) => ErrorCode::Internal,
-            ServeError::GpuUnsupported => ErrorCode::GpuUnsupported,
+            ServeError::GpuUnsupported(_) => ErrorCode::GpuUnsupported,
         }
+    }
+}
+
+impl From<crate::gpu::DeviceError> for ServeError {
+    fn from(e: crate::gpu::DeviceError) -> Self {
+        ServeError::GpuUnsupported(e.to_string())
     }
 }

@@ -7,10 +7,12 @@
 //! - `conn`: one connection's handshake, read loop and writer.
 //! - `registry`: live fetch handles, their owners, access checks and counters.
 //! - `host_buffer`: the memfd [`Destination`].
+//! - `gpu_buffer`: the device-memory [`Destination`] (CUDA IPC handle, one event per layer).
 
 mod backend;
 mod conn;
 mod error;
+mod gpu_buffer;
 mod host_buffer;
 mod registry;
 
@@ -21,7 +23,10 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::task::JoinSet;
 
-pub use backend::{Backend, BoxFuture, Destination, FetchOutcome};
+use crate::gpu::{GpuDevices, GpuOptions};
+use crate::metrics::Metrics;
+
+pub use backend::{Backend, BoxFuture, Destination, DeviceRegion, FetchOutcome};
 pub use error::ServeError;
 
 /// Limits of the local server.
@@ -52,20 +57,24 @@ impl Default for ServeOptions {
 }
 
 /// Serves the local protocol on `listener` with default options until `shutdown` completes.
+/// GPU requests are served by the host's GPUs (opened on first use), counted in a private
+/// metrics set; use [`serve_with`] to share the daemon's.
 pub async fn serve(
     listener: UnixListener,
     backend: Arc<dyn Backend>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    serve_with(listener, backend, ServeOptions::default(), shutdown).await
+    let gpus = Arc::new(GpuDevices::new(GpuOptions::default(), Metrics::new()));
+    serve_with(listener, backend, ServeOptions::default(), gpus, shutdown).await
 }
 
 /// Serves the local protocol on `listener` until `shutdown` completes; then every connection is
-/// closed and every fetch cancelled.
+/// closed and every fetch cancelled. `gpus` (one per daemon) serves `gpu:N` fetches and saves.
 pub async fn serve_with(
     listener: UnixListener,
     backend: Arc<dyn Backend>,
     opts: ServeOptions,
+    gpus: Arc<GpuDevices>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let registry = Arc::new(registry::Registry::default());
@@ -76,7 +85,13 @@ pub async fn serve_with(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    conns.spawn(conn::run(stream, backend.clone(), registry.clone(), opts));
+                    conns.spawn(conn::run(
+                        stream,
+                        backend.clone(),
+                        registry.clone(),
+                        opts,
+                        gpus.clone(),
+                    ));
                 }
                 Err(e) => {
                     // Out of fds or memory: transient, keep serving the clients we have.

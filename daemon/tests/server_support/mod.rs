@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use kvfetcher::gpu::{GpuDevices, GpuOptions};
+use kvfetcher::metrics::Metrics;
 use kvfetcher::server::{
     serve_with, Backend, BoxFuture, Destination, FetchOutcome, ServeError, ServeOptions,
 };
@@ -273,6 +275,24 @@ impl TestServer {
     }
 
     pub fn start_with(backend: MemBackend, opts: ServeOptions) -> TestServer {
+        Self::start_gpu(backend, opts, GpuOptions::default())
+    }
+
+    /// A server whose GPU requests are served under `gpu` (e.g. disabled).
+    pub fn start_gpu(backend: MemBackend, opts: ServeOptions, gpu: GpuOptions) -> TestServer {
+        Self::start_gpus(
+            backend,
+            opts,
+            Arc::new(GpuDevices::new(gpu, Metrics::new())),
+        )
+    }
+
+    /// A server sharing `gpus` (and so its metrics) with the test.
+    pub fn start_gpus(
+        backend: MemBackend,
+        opts: ServeOptions,
+        gpus: Arc<GpuDevices>,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kvf.sock");
         let backend = Arc::new(backend);
@@ -288,7 +308,7 @@ impl TestServer {
             rt.block_on(async move {
                 let listener = tokio::net::UnixListener::bind(&p).unwrap();
                 ready_tx.send(()).unwrap();
-                serve_with(listener, b, opts, async {
+                serve_with(listener, b, opts, gpus, async {
                     let _ = stopped.await;
                 })
                 .await

@@ -1,0 +1,383 @@
+//! The node's GPUs as the daemon serves them: each device is opened on first use (driver,
+//! primary context, restore kernels, NVDEC sessions, a few streams) and kept for the daemon's
+//! life, so any ordinal `0..N` works with its own sessions and memory.
+//!
+//! Nothing is loaded at start: a host without a driver pays nothing until a client asks for
+//! GPU memory, and then gets a [`DeviceError`] the server reports as `gpu_unsupported`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvfetcher_codec::{HevcGeometry, PlaneShape};
+
+use super::cuda::{Cuda, DeviceBuffer, Stream};
+use super::nvdec::{Nvdec, NvdecSession};
+use super::restore::RestoreKernels;
+use super::sections::gather_table;
+use super::GpuError;
+use crate::metrics::Metrics;
+
+/// Streams kept for reuse per device; more may exist while busy.
+const KEPT_STREAMS: usize = 8;
+/// Gather tables kept per device (one per HEVC section geometry; a node serves few).
+const KEPT_GATHERS: usize = 64;
+
+/// What the daemon's `[gpu]` configuration asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// False: every GPU request is refused ("disabled in config").
+    pub enabled: bool,
+    /// NVDEC sessions per device; 0 means one per NVDEC engine.
+    pub nvdec_sessions: usize,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            enabled: true,
+            nvdec_sessions: 0,
+        }
+    }
+}
+
+/// Why a device cannot serve a request; the server sends the message with `gpu_unsupported`.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// `[gpu] enabled = false`.
+    #[error("gpu support is disabled in config")]
+    Disabled,
+    /// No driver on this host.
+    #[error("no CUDA driver: libcuda.so.1 not found ({0})")]
+    NoDriver(String),
+    /// The ordinal is beyond the host's devices.
+    #[error("gpu:{ordinal} requested, host has {count} GPU{}", plural(.count))]
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// Devices the driver reports.
+        count: usize,
+    },
+    /// The device exists but could not be set up.
+    #[error("gpu:{ordinal}: {source}")]
+    Open {
+        /// The ordinal.
+        ordinal: usize,
+        /// What failed.
+        source: GpuError,
+    },
+}
+
+/// The node's GPUs, opened lazily per ordinal. One per daemon, shared by all connections.
+pub struct GpuDevices {
+    opts: GpuOptions,
+    metrics: Arc<Metrics>,
+    open: Mutex<HashMap<usize, Arc<GpuDevice>>>,
+    /// Serialises opening, so two first requests for a device open it once.
+    opening: Mutex<()>,
+}
+
+impl std::fmt::Debug for GpuDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuDevices")
+            .field("opts", &self.opts)
+            .field("open", &lock(&self.open).keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn plural(n: &usize) -> &'static str {
+    if *n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves the data consistent: a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl GpuDevices {
+    /// The node's GPUs under `opts`; GPU buffer bytes and restore routes are counted in
+    /// `metrics`.
+    pub fn new(opts: GpuOptions, metrics: Arc<Metrics>) -> GpuDevices {
+        GpuDevices {
+            opts,
+            metrics,
+            open: Mutex::new(HashMap::new()),
+            opening: Mutex::new(()),
+        }
+    }
+
+    /// The metrics GPU destinations and restores update.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether GPU requests are served at all.
+    pub fn enabled(&self) -> bool {
+        self.opts.enabled
+    }
+
+    /// Device `ordinal`, opened on first use. Blocks while opening (driver load, context,
+    /// kernel JIT): call it off the async runtime's hot path, or accept one slow first request.
+    pub fn device(&self, ordinal: usize) -> Result<Arc<GpuDevice>, DeviceError> {
+        if !self.opts.enabled {
+            return Err(DeviceError::Disabled);
+        }
+        if let Some(d) = lock(&self.open).get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let _opening = lock(&self.opening);
+        if let Some(d) = lock(&self.open).get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(GpuDevice::open(ordinal, &self.opts, self.metrics.clone())?);
+        lock(&self.open).insert(ordinal, d.clone());
+        Ok(d)
+    }
+
+    /// The devices opened so far.
+    pub fn opened(&self) -> Vec<Arc<GpuDevice>> {
+        let mut v: Vec<_> = lock(&self.open).values().cloned().collect();
+        v.sort_by_key(|d| d.ordinal());
+        v
+    }
+}
+
+/// A section geometry: its code shape and HEVC parameters.
+type GatherKey = (PlaneShape, Vec<u8>);
+
+/// NVDEC sessions of one device.
+struct NvdecPool {
+    sessions: Vec<Mutex<NvdecSession>>,
+    next: AtomicUsize,
+    _nvdec: Nvdec,
+}
+
+/// One opened GPU: its context, restore kernels, NVDEC sessions (if the host has NVDEC),
+/// streams and cached gather tables.
+pub struct GpuDevice {
+    cuda: Arc<Cuda>,
+    kernels: RestoreKernels,
+    nvdec: Option<NvdecPool>,
+    streams: Mutex<Vec<Stream>>,
+    gathers: Mutex<HashMap<GatherKey, Arc<DeviceBuffer>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for GpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuDevice")
+            .field("info", self.cuda.info())
+            .field("nvdec_sessions", &self.nvdec_sessions())
+            .finish()
+    }
+}
+
+impl GpuDevice {
+    fn open(
+        ordinal: usize,
+        opts: &GpuOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<GpuDevice, DeviceError> {
+        let cuda = Cuda::open(ordinal).map_err(|e| match e {
+            GpuError::NoDriver(m) => DeviceError::NoDriver(m),
+            GpuError::NoDevice { ordinal, count } => DeviceError::NoDevice { ordinal, count },
+            source => DeviceError::Open { ordinal, source },
+        })?;
+        let open_err = |source| DeviceError::Open { ordinal, source };
+        let kernels = RestoreKernels::load(&cuda).map_err(open_err)?;
+        let nvdec = match open_nvdec(&cuda, opts.nvdec_sessions) {
+            Ok(pool) => Some(pool),
+            Err(e) => {
+                tracing::warn!(
+                    gpu = ordinal,
+                    "nvdec unavailable ({e}): hevc sections decode on the CPU, restore on the GPU"
+                );
+                None
+            }
+        };
+        let info = cuda.info();
+        tracing::info!(
+            gpu = ordinal,
+            name = %info.name,
+            memory_gib = format!("{:.1}", info.total_memory as f64 / (1u64 << 30) as f64),
+            compute_capability = ?info.compute_capability,
+            nvdec_sessions = nvdec.as_ref().map_or(0, |p| p.sessions.len()),
+            "gpu opened"
+        );
+        Ok(GpuDevice {
+            cuda,
+            kernels,
+            nvdec,
+            streams: Mutex::new(Vec::new()),
+            gathers: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// The CUDA ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.cuda.info().ordinal
+    }
+
+    /// The device's context.
+    pub fn cuda(&self) -> &Arc<Cuda> {
+        &self.cuda
+    }
+
+    /// The loaded restore kernels.
+    pub fn kernels(&self) -> &RestoreKernels {
+        &self.kernels
+    }
+
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// NVDEC sessions (0 when the host has no NVDEC).
+    pub fn nvdec_sessions(&self) -> usize {
+        self.nvdec.as_ref().map_or(0, |p| p.sessions.len())
+    }
+
+    /// Runs `f` on an idle NVDEC session (else waits for one, round robin); `None` when the
+    /// host has no NVDEC.
+    pub fn with_nvdec<R>(&self, f: impl FnOnce(&mut NvdecSession) -> R) -> Option<R> {
+        let pool = self.nvdec.as_ref()?;
+        for s in &pool.sessions {
+            if let Ok(mut s) = s.try_lock() {
+                return Some(f(&mut s));
+            }
+        }
+        let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.sessions.len();
+        let mut s = lock(&pool.sessions[i]);
+        Some(f(&mut s))
+    }
+
+    /// A stream from the pool, returned to it when the guard drops.
+    pub fn stream(&self) -> Result<PooledStream<'_>, GpuError> {
+        let stream = match lock(&self.streams).pop() {
+            Some(s) => s,
+            None => self.cuda.stream()?,
+        };
+        Ok(PooledStream {
+            dev: self,
+            stream: Some(stream),
+        })
+    }
+
+    /// The gather table (code index -> planar sample index) of an HEVC section geometry,
+    /// uploaded once per geometry and reused.
+    pub fn gather(
+        &self,
+        geometry: &HevcGeometry,
+        params: &[u8],
+    ) -> Result<Arc<DeviceBuffer>, GpuError> {
+        let key = (geometry.shape, params.to_vec());
+        if let Some(g) = lock(&self.gathers).get(&key) {
+            return Ok(g.clone());
+        }
+        let table = Arc::new(self.cuda.upload(&gather_table(geometry)?)?);
+        let mut cache = lock(&self.gathers);
+        if cache.len() >= KEPT_GATHERS {
+            cache.clear();
+        }
+        cache.insert(key, table.clone());
+        Ok(table)
+    }
+}
+
+fn open_nvdec(cuda: &Arc<Cuda>, wanted: usize) -> Result<NvdecPool, GpuError> {
+    let nvdec = Nvdec::open(cuda.clone())?;
+    let engines = nvdec.engines()?;
+    let n = if wanted == 0 {
+        engines
+    } else {
+        wanted.min(engines * 4).max(1)
+    };
+    let sessions = (0..n)
+        .map(|_| nvdec.session().map(Mutex::new))
+        .collect::<Result<_, _>>()?;
+    Ok(NvdecPool {
+        sessions,
+        next: AtomicUsize::new(0),
+        _nvdec: nvdec,
+    })
+}
+
+/// A stream borrowed from a [`GpuDevice`]'s pool.
+pub struct PooledStream<'a> {
+    dev: &'a GpuDevice,
+    stream: Option<Stream>,
+}
+
+impl std::ops::Deref for PooledStream<'_> {
+    type Target = Stream;
+
+    fn deref(&self) -> &Stream {
+        // Only Drop takes the stream out.
+        self.stream.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for PooledStream<'_> {
+    fn drop(&mut self) {
+        let Some(s) = self.stream.take() else { return };
+        // A stream with failed work is not reused (its error may be sticky).
+        if s.synchronize().is_ok() {
+            let mut pool = lock(&self.dev.streams);
+            if pool.len() < KEPT_STREAMS {
+                pool.push(s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disabled_and_driverless_hosts_give_clear_errors() {
+        let off = GpuDevices::new(
+            GpuOptions {
+                enabled: false,
+                nvdec_sessions: 0,
+            },
+            Metrics::new(),
+        );
+        let e = off.device(0).unwrap_err();
+        assert!(e.to_string().contains("disabled in config"), "{e}");
+        let on = GpuDevices::new(GpuOptions::default(), Metrics::new());
+        match on.device(0) {
+            Ok(d) => {
+                println!("driver present: {d:?}");
+                let n = on.opened().len();
+                assert_eq!(n, 1);
+                match on.device(4096) {
+                    Err(e @ DeviceError::NoDevice { .. }) => {
+                        assert!(e.to_string().starts_with("gpu:4096 requested, host has"))
+                    }
+                    other => panic!("gpu:4096 gave {other:?}"),
+                }
+            }
+            Err(e @ DeviceError::NoDriver(_)) => {
+                assert!(
+                    e.to_string().starts_with("no CUDA driver: libcuda.so.1"),
+                    "{e}"
+                );
+                println!("skipped: no CUDA driver ({e})");
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+        let e = DeviceError::NoDevice {
+            ordinal: 3,
+            count: 1,
+        };
+        assert_eq!(e.to_string(), "gpu:3 requested, host has 1 GPU");
+    }
+}

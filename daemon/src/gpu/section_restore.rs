@@ -1,0 +1,450 @@
+//! Restore one chunk section straight into a fetch's device buffer, in the client's layout.
+//!
+//! Three routes, cheapest first (the blueprint is `sections::run_section_checks`):
+//! - `packed`: the payload is uploaded as is and one kernel unpacks and dequantizes it;
+//! - `nvdec`: a single-stream HEVC section is decoded by NVDEC into device surfaces and the
+//!   kernel reads the codes out of them through the geometry's gather table;
+//! - `cpu-decode`: anything else (zstd, multi-stream HEVC, no NVDEC, NVDEC refusing a stream)
+//!   is decoded on the CPU; the codes are uploaded and dequantized by the kernel.
+//!
+//! The kernels compute `fma(code, scale, min)` in f32 and round once to the target type, the
+//! same math as the CPU path when the chunk's dtype is the target's or f32. Sections the
+//! kernels cannot reproduce bit for bit (exact mode, other dtype pairs, head sizes not a
+//! multiple of 8) are refused by [`kernels_apply`]; the caller restores them on the CPU and
+//! copies the placed bytes.
+
+use std::sync::Arc;
+
+use kvfetcher_client::protocol::{KvDType, KvShape, Paging, TargetLayout, TokenOrder};
+use kvfetcher_codec::{
+    decode_section, ChunkHeader, CodecRegistry, Grouping, HevcParams, VariantKind,
+};
+use kvfetcher_kv::DType;
+
+use super::cuda::DeviceBuffer;
+use super::devices::GpuDevice;
+use super::nvdec::{Chroma, FrameFormat};
+use super::restore::{
+    CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping, TargetSpec,
+};
+use super::GpuError;
+
+/// How a section reached the device buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Packed payload, unpacked by the kernel.
+    Packed,
+    /// Decoded by NVDEC, restored from the surfaces.
+    Nvdec,
+    /// Decoded on the CPU, restored by the kernel.
+    CpuDecode,
+}
+
+fn invalid(m: impl Into<String>) -> GpuError {
+    GpuError::InvalidArgument(m.into())
+}
+
+/// The restore kernels' element type for a protocol element type.
+pub fn kernel_dtype(d: KvDType) -> KvDtype {
+    match d {
+        KvDType::F16 => KvDtype::F16,
+        KvDType::BF16 => KvDtype::Bf16,
+        KvDType::F32 => KvDtype::F32,
+    }
+}
+
+/// Token slots one target tensor holds (tokens rounded up to whole blocks when paged).
+fn slots(layout: &TargetLayout, shape: &KvShape) -> Result<usize, GpuError> {
+    match layout.paging {
+        Paging::Contiguous => Ok(shape.tokens as usize),
+        Paging::Paged { block_tokens: 0 } => Err(invalid("zero block size")),
+        Paging::Paged { block_tokens } => {
+            Ok(shape.tokens.div_ceil(block_tokens) as usize * block_tokens as usize)
+        }
+    }
+}
+
+/// The kernels' description of one K or V tensor of a buffer in `layout`, for codes whose row
+/// 0 is token `token_start`: paged buffers get the identity block table, since the fetch
+/// buffer's blocks are in order. `TargetSpec::offset(row, col) * dtype size` plus the tensor's
+/// base offset equals `TargetLayout::offset` (tested below).
+pub fn target_spec(
+    layout: &TargetLayout,
+    shape: &KvShape,
+    token_start: u32,
+) -> Result<TargetSpec, GpuError> {
+    let slots = slots(layout, shape)?;
+    let paged = match layout.paging {
+        Paging::Contiguous => None,
+        Paging::Paged { block_tokens } => {
+            let bt = block_tokens as usize;
+            let blocks = i32::try_from(slots / bt).map_err(|_| invalid("too many blocks"))?;
+            Some((bt, (0..blocks).collect()))
+        }
+    };
+    Ok(TargetSpec {
+        layout: match layout.order {
+            TokenOrder::Nhd => KvLayout::Nhd,
+            TokenOrder::Hnd => KvLayout::Hnd,
+        },
+        dtype: kernel_dtype(layout.dtype),
+        heads: shape.kv_heads as usize,
+        head_dim: shape.head_dim as usize,
+        token_offset: token_start as usize,
+        target_tokens: slots,
+        paged,
+    })
+}
+
+/// Whether the kernels restore section `index` of `header` into `layout` bit for bit like the
+/// CPU path; `Err` says why not (the caller then restores on the CPU).
+pub fn kernels_apply(
+    header: &ChunkHeader,
+    index: usize,
+    layout: &TargetLayout,
+) -> Result<(), String> {
+    let s = header
+        .sections
+        .get(index)
+        .ok_or_else(|| format!("no section {index}"))?;
+    if header.exact {
+        return Err("exact-mode chunk (byte planes)".into());
+    }
+    // The CPU path rounds to the chunk's dtype, then converts; the kernel rounds once.
+    let once = matches!(
+        (header.dtype, layout.dtype),
+        (DType::F32, _) | (DType::F16, KvDType::F16) | (DType::BF16, KvDType::BF16)
+    );
+    if !once {
+        return Err(format!(
+            "{:?} chunk into a {:?} buffer rounds twice on the CPU",
+            header.dtype, layout.dtype
+        ));
+    }
+    if header.head_dim == 0 || !header.head_dim.is_multiple_of(8) {
+        return Err(format!(
+            "head_dim {} is not a multiple of 8",
+            header.head_dim
+        ));
+    }
+    if s.shape != header.section_shape(s.layers(), s.shape.bits) || s.quant.len() != s.layers() {
+        return Err("section shape does not match the header".into());
+    }
+    Ok(())
+}
+
+/// One kernel launch: tensors `first..first + count` of the section, with one grouping.
+struct Launch {
+    first: usize,
+    count: usize,
+    grouping: QuantGrouping,
+}
+
+fn grouping(g: Grouping) -> QuantGrouping {
+    match g {
+        Grouping::PerChannel => QuantGrouping::PerChannel,
+        Grouping::PerToken => QuantGrouping::PerToken,
+    }
+}
+
+/// Restores section `index` of `header` (its payload: `payload`) into `out`, the fetch buffer
+/// of `shape` in `layout`, for the chunk whose first token is `token_start` of the buffer.
+/// Tensor `t` of the section (layer `layer_start + t / 2`, K when `t` is even) goes to
+/// `out + layout.offset(shape, layer, kv, 0, 0)`. Call [`kernels_apply`] first.
+///
+/// The stream is synchronised before returning, so readiness events recorded afterwards are
+/// trivially ordered after these writes. (Possible optimisation: return an event instead and
+/// let the layer events wait on it, overlapping sections on the device.)
+#[allow(clippy::too_many_arguments)]
+pub fn restore_section_to_device(
+    dev: &GpuDevice,
+    header: &ChunkHeader,
+    index: usize,
+    payload: &[u8],
+    registry: &CodecRegistry,
+    layout: &TargetLayout,
+    shape: &KvShape,
+    token_start: u32,
+    out: &DeviceBuffer,
+) -> Result<Route, GpuError> {
+    kernels_apply(header, index, layout).map_err(GpuError::Unsupported)?;
+    let s = &header.sections[index];
+    // Everything must fit before anything is launched.
+    let buf_len = layout
+        .checked_buffer_len(shape)
+        .map_err(|e| invalid(format!("layout: {e}")))?;
+    let first_layer = u32::from(s.layer_start);
+    let fits = buf_len <= out.len()
+        && first_layer as usize + s.layers() <= shape.num_layers as usize
+        && token_start as u64 + u64::from(header.token_count) <= u64::from(shape.tokens)
+        && u32::from(header.kv_heads) == shape.kv_heads
+        && u32::from(header.head_dim) == shape.head_dim;
+    if !fits {
+        return Err(invalid(format!(
+            "section {index} (layers {}..{}, tokens {token_start}+{}) does not fit {shape:?} in a {} byte buffer",
+            s.layer_start,
+            s.layer_end,
+            header.token_count,
+            out.len()
+        )));
+    }
+    let g = CodeGeometry {
+        tensors: 2 * s.layers(),
+        rows: header.token_count as usize,
+        cols: header.channels(),
+    };
+    let target = target_spec(layout, shape, token_start)?;
+    let tensor_len = layout.tensor_len(shape);
+    let layer_len = layout.layer_len(shape);
+    let outs: Vec<(u64, usize)> = (0..g.tensors)
+        .map(|t| {
+            let base = (first_layer as usize + t / 2) * layer_len + (t % 2) * tensor_len;
+            (out.ptr() + base as u64, tensor_len)
+        })
+        .collect();
+    let launches: Vec<Launch> = if header.key_grouping == header.value_grouping {
+        vec![Launch {
+            first: 0,
+            count: g.tensors,
+            grouping: grouping(header.key_grouping),
+        }]
+    } else {
+        (0..g.tensors)
+            .map(|t| Launch {
+                first: t,
+                count: 1,
+                grouping: grouping(if t % 2 == 0 {
+                    header.key_grouping
+                } else {
+                    header.value_grouping
+                }),
+            })
+            .collect()
+    };
+    let cuda = dev.cuda();
+    let targets = launches
+        .iter()
+        .map(|l| {
+            let (mut scales, mut mins) = (Vec::new(), Vec::new());
+            for t in l.first..l.first + l.count {
+                let q = &s.quant[t / 2];
+                let p = if t % 2 == 0 { &q.key } else { &q.value };
+                scales.extend_from_slice(&p.scale);
+                mins.extend_from_slice(&p.min);
+            }
+            let lg = CodeGeometry {
+                tensors: l.count,
+                ..g
+            };
+            let dq = Dequant {
+                grouping: l.grouping,
+                scales,
+                mins,
+            };
+            // SAFETY: every pointer is `out`'s base plus a tensor offset whose tensor_len bytes
+            // end within buf_len <= out.len() (checked above: the section's layers and tokens
+            // fit the shape); `out` is borrowed for this whole call, which synchronises the
+            // stream before returning, so the memory outlives every launch.
+            unsafe { DeviceTarget::from_raw(cuda, lg, &dq, &target, &outs[l.first..][..l.count]) }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let stream = dev.stream()?;
+    let per_tensor = g.rows * g.cols;
+    let bits = s.shape.bits;
+    let route = match header.variant {
+        VariantKind::Packed => {
+            s.verify(payload)
+                .map_err(|e| GpuError::Decode(e.to_string()))?;
+            let packed = cuda.upload(payload)?;
+            for (l, dt) in launches.iter().zip(&targets) {
+                // rows x cols is a multiple of 8, so each tensor starts on a byte.
+                let at = l.first * per_tensor * usize::from(bits) / 8;
+                dev.kernels()
+                    .restore_packed_at(&packed, at, bits, dt, &stream)?;
+            }
+            stream.synchronize()?;
+            Route::Packed
+        }
+        VariantKind::Hevc if dev.nvdec_sessions() > 0 => {
+            s.verify(payload)
+                .map_err(|e| GpuError::Decode(e.to_string()))?;
+            match restore_nvdec(dev, s, payload, &launches, &targets, per_tensor, &stream) {
+                Ok(true) => Route::Nvdec,
+                Ok(false) => cpu_decode(
+                    dev, header, index, payload, registry, &launches, &targets, per_tensor, &stream,
+                )?,
+                Err(e) => {
+                    tracing::debug!("nvdec route failed ({e}): decoding section on the CPU");
+                    stream.synchronize()?;
+                    cpu_decode(
+                        dev, header, index, payload, registry, &launches, &targets, per_tensor,
+                        &stream,
+                    )?
+                }
+            }
+        }
+        _ => cpu_decode(
+            dev, header, index, payload, registry, &launches, &targets, per_tensor, &stream,
+        )?,
+    };
+    Ok(route)
+}
+
+/// The NVDEC route; `Ok(false)` when the section is not a single stream (not an error).
+fn restore_nvdec(
+    dev: &GpuDevice,
+    s: &kvfetcher_codec::SectionInfo,
+    payload: &[u8],
+    launches: &[Launch],
+    targets: &[DeviceTarget],
+    per_tensor: usize,
+    stream: &super::cuda::Stream,
+) -> Result<bool, GpuError> {
+    let p = HevcParams::from_bytes(&s.params).map_err(|e| GpuError::Decode(e.to_string()))?;
+    let streams = p
+        .split(payload)
+        .map_err(|e| GpuError::Decode(e.to_string()))?;
+    if streams.len() != 1 || p.geometry.shape != s.shape {
+        return Ok(false);
+    }
+    let hg = p.geometry;
+    let fmt = FrameFormat {
+        width: hg.width,
+        height: hg.height,
+        chroma: match hg.chroma {
+            kvfetcher_codec::Chroma::Yuv420 => Chroma::Yuv420,
+            kvfetcher_codec::Chroma::Yuv444 => Chroma::Yuv444,
+        },
+        bit_depth: hg.bit_depth,
+    };
+    let surf = dev
+        .cuda()
+        .alloc(hg.frames * fmt.surface_bytes_per_frame())?;
+    let frames = dev
+        .with_nvdec(|session| session.decode_to_device(streams[0], &surf, 0))
+        .ok_or_else(|| GpuError::NoNvdec("no session".into()))??;
+    if frames.format != fmt || frames.frames != hg.frames {
+        return Err(GpuError::Decode(format!(
+            "decoded {} frames of {:?}, params say {} of {fmt:?}",
+            frames.frames, frames.format, hg.frames
+        )));
+    }
+    let gather: Arc<DeviceBuffer> = dev.gather(&hg, &s.params)?;
+    for (l, dt) in launches.iter().zip(targets) {
+        dev.kernels().restore_frames_at(
+            &frames,
+            Some((&gather, l.first * per_tensor)),
+            dt,
+            stream,
+        )?;
+    }
+    // `surf` is freed on return: the kernels reading it must be done.
+    stream.synchronize()?;
+    Ok(true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_decode(
+    dev: &GpuDevice,
+    header: &ChunkHeader,
+    index: usize,
+    payload: &[u8],
+    registry: &CodecRegistry,
+    launches: &[Launch],
+    targets: &[DeviceTarget],
+    per_tensor: usize,
+    stream: &super::cuda::Stream,
+) -> Result<Route, GpuError> {
+    let plane = decode_section(header, index, payload, registry)
+        .map_err(|e| GpuError::Decode(e.to_string()))?;
+    let codes = dev.cuda().upload(&plane.codes)?;
+    for (l, dt) in launches.iter().zip(targets) {
+        dev.kernels()
+            .restore_codes_at(&codes, l.first * per_tensor * 2, dt, stream)?;
+    }
+    stream.synchronize()?;
+    Ok(Route::CpuDecode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvfetcher_client::protocol::MemoryKind;
+
+    /// `TargetSpec::offset` (times the element size, plus the tensor's base) is
+    /// `TargetLayout::offset` for every order, paging and dtype, with codes starting inside
+    /// the buffer (a later chunk): the kernels write exactly where the CPU path does.
+    #[test]
+    fn target_spec_offsets_match_the_layout() {
+        let shape = KvShape {
+            num_layers: 3,
+            tokens: 37,
+            kv_heads: 3,
+            head_dim: 16,
+        };
+        let (heads, dim) = (shape.kv_heads as usize, shape.head_dim as usize);
+        for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
+            for order in [TokenOrder::Nhd, TokenOrder::Hnd] {
+                for paging in [
+                    Paging::Contiguous,
+                    Paging::Paged { block_tokens: 16 },
+                    Paging::Paged { block_tokens: 5 },
+                    Paging::Paged { block_tokens: 64 },
+                ] {
+                    let layout = TargetLayout {
+                        dtype,
+                        order,
+                        paging,
+                        memory: MemoryKind::Gpu(0),
+                    };
+                    for (token_start, rows) in [(0u32, 16usize), (16, 16), (32, 5)] {
+                        let spec = target_spec(&layout, &shape, token_start).unwrap();
+                        spec.validate(rows, heads * dim).unwrap();
+                        let es = dtype.size();
+                        assert_eq!(spec.elements() * es, layout.tensor_len(&shape));
+                        for layer in 0..shape.num_layers {
+                            for kv in 0..2u32 {
+                                let base = layer as usize * layout.layer_len(&shape)
+                                    + kv as usize * layout.tensor_len(&shape);
+                                for row in 0..rows {
+                                    for col in 0..heads * dim {
+                                        let (h, d) = (col / dim, col % dim);
+                                        let want = layout.offset(
+                                            &shape,
+                                            layer,
+                                            kv,
+                                            token_start + row as u32,
+                                            h as u32,
+                                        ) + d * es;
+                                        let got = base + spec.offset(row, col) * es;
+                                        assert_eq!(
+                                            got, want,
+                                            "{layout:?} start {token_start} row {row} col {col}"
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_block_size_is_an_error() {
+        let layout = TargetLayout {
+            dtype: KvDType::F16,
+            order: TokenOrder::Nhd,
+            paging: Paging::Paged { block_tokens: 0 },
+            memory: MemoryKind::Gpu(0),
+        };
+        let shape = KvShape {
+            num_layers: 1,
+            tokens: 4,
+            kv_heads: 1,
+            head_dim: 8,
+        };
+        assert!(target_spec(&layout, &shape, 0).is_err());
+    }
+}

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Prepares, on the build host, what scripts/gpu-check.sh needs on a GPU host (which has no Rust
+# toolchain, no x265 and no network) under .carry/ (ignored by git, named in the device's carry):
+#   .carry/kvfetcher                    release binary (stripped)
+#   .carry/lib/libkvfetcher.so          the C client library
+#   .carry/codelm-kv-a-4l.safetensors   first 4 layers of the real codelm KV
+#   .carry/chunks/<variant>/*.kvc       that KV encoded as chunk objects, one model id per variant
+#   .carry/fixtures/                    NVDEC fixtures (kvfetcher gpu fixtures / section-fixtures)
+#   .carry/tests/*                      with --tests: the Rust GPU test binaries (release, stripped),
+#                                       run by gpu-check.sh (they self-skip without a driver)
+# Usage: scripts/gpu-prep.sh [--no-build] [--tests]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+carry="$root/.carry"
+mkdir -p "$carry/lib"
+build=1 tests=0
+for a in "$@"; do
+  case "$a" in
+    --no-build) build=0 ;;
+    --tests) tests=1 ;;
+    *) echo "usage: $0 [--no-build] [--tests]" >&2; exit 2 ;;
+  esac
+done
+if [ $build = 1 ]; then
+  cargo build --release -p kvfetcher -p kvfetcher-c
+fi
+if [ $tests = 1 ]; then
+  rm -rf "$carry/tests" && mkdir -p "$carry/tests"
+  cargo test --release -p kvfetcher --test gpu_fetch --no-run --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | while read -r t; do install -m 755 -s "$t" "$carry/tests/"; done
+  cargo test --release -p kvfetcher-client --lib --no-run --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | while read -r t; do install -m 755 -s "$t" "$carry/tests/"; done
+fi
+install -m 755 -s target/release/kvfetcher "$carry/kvfetcher"
+install -m 755 -s target/release/libkvfetcher.so "$carry/lib/libkvfetcher.so"
+kv="$carry/codelm-kv-a-4l.safetensors"
+if [ ! -f "$kv" ]; then
+  python3 - "$root/../shared/data/codelm-kv-a.safetensors" "$kv" <<'PY'
+import json, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+raw = open(src, "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+hdr = json.loads(raw[8:8 + n])
+body = raw[8 + n:]
+keep = {k: v for k, v in hdr.items() if k == "__metadata__" or int(k.split(".")[1]) < 4}
+out, blobs, at = {}, [], 0
+for k, v in keep.items():
+    if k == "__metadata__":
+        out[k] = v
+        continue
+    b, e = v["data_offsets"]
+    blobs.append(body[b:e])
+    out[k] = dict(v, data_offsets=[at, at + e - b])
+    at += e - b
+h = json.dumps(out).encode()
+h += b" " * (-len(h) % 8)
+open(dst, "wb").write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+PY
+fi
+# One model id per variant, so every variant is fetched through the same daemon.
+enc() {
+  local name=$1; shift
+  rm -rf "$carry/chunks/$name"
+  "$carry/kvfetcher" encode --input "$kv" --out "$carry/chunks/$name" --model-id "gpucheck-$name" "$@" >/dev/null
+}
+enc packed8 --variant packed --bits 8
+enc zstd8 --variant zstd --bits 8
+enc hevc8 --variant hevc --bits 8 --layers-per-section 2
+enc hevc8-mixed --variant hevc --bits 8 --value-grouping token
+enc packed4 --variant packed --bits 4
+enc exact --variant zstd --exact
+du -sh "$carry"/chunks/* "$carry"
