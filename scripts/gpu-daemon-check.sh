@@ -21,7 +21,7 @@ row() { printf '| %s | %s |\n' "$1" "$2" | tee -a "$out/daemon-gpu.txt"; }
 pass() { row "$1" "pass${2:+ ($2)}"; }
 failed() { row "$1" "FAIL: $2"; status=1; }
 
-gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || echo 0)
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 : > "$out/daemon-gpu.txt"
 cc=${CC:-gcc}
 if ! $cc -std=c11 -O2 -Wall -I"$root/include" "$root/examples/c/fetch.c" -L"$carry/lib" -lkvfetcher -ldl -o "$w/fetch" 2>"$w/cc.log"; then
@@ -51,7 +51,7 @@ start_pair slow 47444 500000 19465
 for _ in $(seq 100); do [ -S "$w/fast.sock" ] && [ -S "$w/slow.sock" ] && break; sleep 0.1; done
 ids=$(seq 0 1023 | tr '\n' ' ')
 for d in "$carry"/chunks/*/; do
-  "$bin" put --store 127.0.0.1:47443 --ca "$w/certs" --server-name localhost "$d"*.kvc >/dev/null 2>>"$w/put.log" \
+  "$bin" put --store 127.0.0.1:47443 --ca "$w/certs" --server-name localhost "$d"* >/dev/null 2>>"$w/put.log" \
     || failed "put $(basename "$d")" "$(tail -1 "$w/put.log")"
 done
 metric() { # port name -> value (0 when absent)
@@ -99,13 +99,13 @@ fi
 
 # 3. Two GPUs at once.
 if [ "$gpus" -ge 2 ]; then
-  "$w/fetch" --gpu 0 "$w/fast.sock" gpucheck-hevc8 $ids >"$w/g0.log" 2>&1 & a=$!
+  "$w/fetch" --gpu 0 "$w/fast.sock" gpucheck-zstd8 $ids >"$w/g0.log" 2>&1 & a=$!
   "$w/fetch" --gpu 1 "$w/fast.sock" gpucheck-hevc8 $ids >"$w/g1.log" 2>&1 & b=$!
   wait $a; ra=$?; wait $b; rb=$?
   if [ $ra = 0 ] && [ $rb = 0 ]; then
     pass "gpu:0 + gpu:1 at once" "$(grep -ho 'gpu verified.*' "$w/g0.log" "$w/g1.log" | tr '\n' ' ')"
   else
-    failed "gpu:0 + gpu:1 at once" "$(tail -1 "$w/g0.log") / $(tail -1 "$w/g1.log")"
+    failed "gpu:0 + gpu:1 at once" "$(tail -2 "$w/g0.log" | tr '\n' ' ') / $(tail -2 "$w/g1.log" | tr '\n' ' ')"
   fi
 else
   row "gpu:0 + gpu:1 at once" "skipped: $gpus GPU(s) on this host"

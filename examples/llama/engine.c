@@ -33,8 +33,15 @@ int eng_open(eng *e, const eng_options *o, char *err, size_t err_len) {
     llama_log_set(quiet_log, NULL);
     llama_backend_init();
 
+    if (o->gpu_layers != 0 && !llama_supports_gpu_offload()) {
+        snprintf(err, err_len, "this llama.cpp build has no GPU backend (build it with -DGGML_CUDA=ON)");
+        return -1;
+    }
     struct llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
+    mp.n_gpu_layers = o->gpu_layers;
+    /* One GPU holds every offloaded layer and its KV cache: the GPU the daemon fetches into. */
+    mp.split_mode = LLAMA_SPLIT_MODE_NONE;
+    mp.main_gpu = o->main_gpu;
     e->model = llama_model_load_from_file(o->model_path, mp);
     if (!e->model) {
         snprintf(err, err_len, "cannot load model %s", o->model_path);

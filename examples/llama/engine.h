@@ -21,6 +21,8 @@ typedef struct eng_options {
     int flash_attn;         /* 1: flash attention (V stored in rows), 0: off (V transposed) */
     int kv_f32;             /* 1: f32 KV cache, 0: f16 (what the store keeps bit-exact) */
     uint32_t n_ctx;         /* context size, 0: the model's training context */
+    int32_t gpu_layers;     /* layers (and their KV cache) offloaded to a GPU; 0: CPU only, -1: all */
+    int32_t main_gpu;       /* the one GPU they go to (llama.cpp's device index = CUDA ordinal) */
 } eng_options;
 
 /* An open model and context. */

@@ -11,6 +11,16 @@
  * reused (tokens of KV loaded), prompt, ttft_ms (request start to the first token's logits),
  * saved_chunks, gen (token ids). Logs go to stderr, prefixed "kvf-llama:".
  *
+ * GPU mode (--kv-gpu N, or env KVF_GPU=N; needs a llama.cpp built with -DGGML_CUDA=ON and the
+ * NVIDIA driver, opened with dlopen so the CPU build never needs it): every layer and the KV
+ * cache live on GPU N, and a hit is fetched into GPU N's memory over CUDA IPC (the daemon
+ * restores it there); each layer is copied to page-locked host memory on a CUDA stream that
+ * waits for that layer (kvf_fetch_stream_wait_layer), then llama_state_seq_set_data uploads
+ * the state into llama.cpp's CUDA KV cache. The device -> host -> device hop is there because
+ * llama.h has no call that takes sequence KV in device memory (set_data takes host bytes; its
+ * LLAMA_STATE_SEQ_FLAGS_ON_DEVICE flag only reloads llama.cpp's own device snapshots), and
+ * writing ggml's cache tensors behind llama.cpp's back would bypass its cell bookkeeping.
+ *
  * Other modes: --selftest (llama.cpp alone: KV <-> state mapping round trips and prefix
  * reuse), --split P (local reference: prefill [0,P) then the rest), --sample N (prints N
  * token ids sampled from BOS with a seed, to make test prompts). See docs/ENGINES.md.
@@ -23,6 +33,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cuda_drv.h"
 #include "engine.h"
 #include "kv_state.h"
 #include "remote.h"
@@ -54,6 +65,7 @@ typedef struct args {
     int no_remote;
     int no_save;
     int selftest;
+    int gpu; /* --kv-gpu N: CUDA ordinal, -1: CPU */
     long split;
     long sample;
     unsigned long long seed;
@@ -71,6 +83,8 @@ static void usage(void) {
             "usage: kvf-llama --model FILE.gguf (--tokens 'ID ID ..' | --tokens-file F | --prompt TEXT)\n"
             "                 [--gen N] [--socket PATH] [--model-id ID] [--no-remote] [--no-save]\n"
             "                 [--threads N] [--flash-attn] [--kv-f32] [--logits-out F] [--kv-out F]\n"
+            "                 [--kv-gpu N]  (GPU N: all layers + KV cache, fetch over CUDA IPC;\n"
+            "                                env KVF_GPU=N does the same)\n"
             "       kvf-llama --model FILE.gguf --tokens .. --selftest [--gen N]\n"
             "       kvf-llama --model FILE.gguf --tokens .. --split P [--gen N]\n"
             "       kvf-llama --model FILE.gguf --sample N [--seed S] [--temp T]\n");
@@ -99,6 +113,15 @@ static int parse_args(int argc, char **argv, args *a) {
     a->sample = -1;
     a->seed = 42;
     a->temp = 1.0;
+    a->gpu = -1;
+    if (getenv("KVF_GPU") && *getenv("KVF_GPU")) {
+        long g = 0;
+        if (parse_u(getenv("KVF_GPU"), 0, 1023, &g)) {
+            LOG("bad KVF_GPU %s", getenv("KVF_GPU"));
+            return -1;
+        }
+        a->gpu = (int)g;
+    }
     a->socket = getenv("KVFETCHER_SOCKET") ? getenv("KVFETCHER_SOCKET") : DEFAULT_SOCKET;
     for (int i = 1; i < argc; i++) {
         const char *k = argv[i];
@@ -177,6 +200,13 @@ static int parse_args(int argc, char **argv, args *a) {
                 LOG("bad --temp %s", v);
                 return -1;
             }
+        } else if (!strcmp(k, "--kv-gpu")) {
+            NEED_V();
+            if (parse_u(v, 0, 1023, &n)) {
+                LOG("bad --kv-gpu %s", v);
+                return -1;
+            }
+            a->gpu = (int)n;
         } else if (!strcmp(k, "--flash-attn")) {
             a->flash_attn = 1;
         } else if (!strcmp(k, "--kv-f32")) {
@@ -206,11 +236,12 @@ static int parse_args(int argc, char **argv, args *a) {
     }
     if (!a->model_id) {
         /* The daemon's key namespace: the GGUF file name and the settings that change the KV
-         * llama.cpp computes (cache type, flash attention). */
+         * llama.cpp computes (cache type, flash attention, and the backend: CUDA kernels round
+         * differently from the CPU's). */
         static char id[512];
         const char *slash = strrchr(a->model, '/');
-        snprintf(id, sizeof id, "%s;kv=%s;fa=%d", slash ? slash + 1 : a->model,
-                 a->kv_f32 ? "f32" : "f16", a->flash_attn);
+        snprintf(id, sizeof id, "%s;kv=%s;fa=%d%s", slash ? slash + 1 : a->model,
+                 a->kv_f32 ? "f32" : "f16", a->flash_attn, a->gpu >= 0 ? ";dev=cuda" : "");
         a->model_id = id;
     }
     return 0;
@@ -499,6 +530,7 @@ static int run_request(eng *e, const args *a, const int32_t *toks, uint32_t n) {
     float *steps = a->logits_out ? malloc(a->gen * nv * sizeof(float)) : NULL;
     remote *r = NULL;
     remote_fetch f = {0};
+    cuda_drv *cu = NULL;
     char err[512] = "";
     uint32_t reused = 0, avail = 0, chunks = 0;
     int rc = -1, saved = 0;
@@ -506,6 +538,10 @@ static int run_request(eng *e, const args *a, const int32_t *toks, uint32_t n) {
         goto out;
     }
     eng_reset(e);
+    /* GPU mode: the driver and a stream are set up once per engine, before any request. */
+    if (a->gpu >= 0 && !a->no_remote && !(cu = cuda_open(a->gpu, err, sizeof err))) {
+        LOG("gpu %d unavailable for fetches (%s): prefilling without remote reuse", a->gpu, err);
+    }
     const double t0 = now_ms();
     double t_fetch = t0;
     /*
@@ -515,13 +551,16 @@ static int run_request(eng *e, const args *a, const int32_t *toks, uint32_t n) {
      */
     if (a->no_remote) {
         LOG("remote reuse off (--no-remote): prefilling %u tokens", n);
+    } else if (a->gpu >= 0 && !cu) {
+        /* logged above */
     } else if (!(r = remote_connect(a->socket, err, sizeof err))) {
         LOG("daemon unavailable (%s): falling back to prefill", err);
     } else if (remote_lookup(r, a->model_id, toks, n, &avail, err, sizeof err)) {
         LOG("lookup failed (%s): falling back to prefill", err);
     } else if (avail == 0) {
         LOG("prefix not in the store: falling back to prefill");
-    } else if (remote_fetch_kv(r, a->model_id, toks, n, &e->geo, &f, err, sizeof err)) {
+    } else if (remote_fetch_kv(r, a->model_id, toks, n, &e->geo, cu, a->gpu, &f, err,
+                               sizeof err)) {
         LOG("fetch of %u tokens failed (%s): falling back to prefill", avail, err);
     } else if (f.tokens == 0 || f.tokens > n) {
         LOG("daemon returned %u tokens for a %u-token prompt: falling back to prefill", f.tokens, n);
@@ -532,8 +571,8 @@ static int run_request(eng *e, const args *a, const int32_t *toks, uint32_t n) {
     } else {
         reused = f.tokens == n ? n - 1 : f.tokens;
         t_fetch = now_ms();
-        LOG("reused %u of %u prompt tokens from the store (%u fetched, %.2f ms)", reused, n,
-            f.tokens, t_fetch - t0);
+        LOG("reused %u of %u prompt tokens from the store (%u fetched into %s, %.2f ms)", reused,
+            n, f.tokens, cu ? "gpu memory" : "host memory", t_fetch - t0);
     }
     remote_fetch_free(&f);
     if (reused == 0) {
@@ -579,6 +618,7 @@ static int run_request(eng *e, const args *a, const int32_t *toks, uint32_t n) {
         goto out;
     }
     printf("source=%s\nreused=%u\nprompt=%u\n", reused ? "fetch" : "prefill", reused, n);
+    printf("fetch_memory=%s\n", reused == 0 ? "none" : cu ? "gpu" : "host");
     printf("ttft_ms=%.3f\nload_ms=%.3f\nsaved_chunks=%u\n", t_first - t0, t_fetch - t0,
            saved ? chunks : 0);
     print_tokens("gen", gen, a->gen);
@@ -588,6 +628,7 @@ static int run_request(eng *e, const args *a, const int32_t *toks, uint32_t n) {
     rc = 0;
 out:
     remote_close(r);
+    cuda_close(cu);
     free(logits);
     free(gen);
     free(steps);
@@ -628,7 +669,8 @@ int main(int argc, char **argv) {
     }
     eng e;
     char err[256];
-    eng_options o = {a.model, a.threads, a.flash_attn, a.kv_f32, 0};
+    eng_options o = {a.model, a.threads, a.flash_attn, a.kv_f32, 0, a.gpu >= 0 ? -1 : 0,
+                     a.gpu >= 0 ? a.gpu : 0};
     if (eng_open(&e, &o, err, sizeof err) != 0) {
         LOG("%s", err);
         return 1;

@@ -1,7 +1,8 @@
 /*
- * remote: every kvf_ call of the example (see remote.h). The KV moves in the host layout
- * { dtype = the llama.cpp cache type, order NHD, contiguous, host memory }: per layer K then V,
- * [tokens, kv_heads, head_dim], which is llama.cpp's cache row layout.
+ * remote: every kvf_ call of the example (see remote.h). The KV moves in the layout
+ * { dtype = the llama.cpp cache type, order NHD, contiguous, host memory (or GPU memory for a
+ * --kv-gpu fetch) }: per layer K then V, [tokens, kv_heads, head_dim], which is llama.cpp's
+ * cache row layout.
  */
 #include "remote.h"
 
@@ -94,8 +95,23 @@ int remote_lookup(remote *r, const char *model_id, const int32_t *toks, uint32_t
     return 0;
 }
 
+/* Fails a fetch in progress: frees what remote_fetch_kv built so far. */
+static int fetch_fail(kvf_fetch *f, remote_fetch *out) {
+    if (out->cu && out->staging) {
+        /* Copies may still be queued: let them finish before the buffers go away. */
+        char ignored[64];
+        cuda_sync(out->cu, ignored, sizeof ignored);
+        cuda_host_free(out->cu, out->staging);
+    }
+    free(out->layers);
+    kvf_fetch_free(f);
+    memset(out, 0, sizeof(*out));
+    return -1;
+}
+
 int remote_fetch_kv(remote *r, const char *model_id, const int32_t *toks, uint32_t n,
-                    const kvs_geometry *g, remote_fetch *out, char *err, size_t err_len) {
+                    const kvs_geometry *g, cuda_drv *cu, int gpu, remote_fetch *out, char *err,
+                    size_t err_len) {
     kvf_layout layout;
     kvf_fetch *f = NULL;
     kvf_shape shape;
@@ -104,6 +120,10 @@ int remote_fetch_kv(remote *r, const char *model_id, const int32_t *toks, uint32
     if (layout_of(g, &layout) != 0) {
         snprintf(err, err_len, "kv cache type %d has no kvfetcher dtype", g->ggml_type);
         return -1;
+    }
+    if (cu) {
+        layout.memory = KVF_MEMORY_GPU;
+        layout.gpu_device = (uint32_t)gpu;
     }
     uint32_t *u = as_u32(toks, n);
     if (!u) {
@@ -119,8 +139,7 @@ int remote_fetch_kv(remote *r, const char *model_id, const int32_t *toks, uint32
     rc = (uint32_t)kvf_fetch_shape(f, &shape);
     if (rc != KVF_OK) {
         kvf_reason(rc, "fetch shape", err, err_len);
-        kvf_fetch_free(f);
-        return -1;
+        return fetch_fail(f, out);
     }
     if (shape.num_layers != g->n_layer || shape.kv_heads != g->kv_heads ||
         shape.head_dim != g->head_dim || shape.tokens == 0 || shape.tokens > n) {
@@ -129,33 +148,55 @@ int remote_fetch_kv(remote *r, const char *model_id, const int32_t *toks, uint32
                  "%u x <=%u x %u x %u",
                  shape.num_layers, shape.tokens, shape.kv_heads, shape.head_dim, g->n_layer, n,
                  g->kv_heads, g->head_dim);
-        kvf_fetch_free(f);
-        return -1;
+        return fetch_fail(f, out);
     }
     const size_t layer_len = kvs_host_size(g, shape.tokens) / g->n_layer;
     out->layers = calloc(g->n_layer, sizeof(*out->layers));
     if (!out->layers) {
         snprintf(err, err_len, "out of memory");
-        kvf_fetch_free(f);
-        return -1;
+        return fetch_fail(f, out);
     }
-    /* Layer by layer as they become ready (kvf_fetch_layer_ptr waits for its layer). */
+    if (cu) {
+        out->cu = cu;
+        out->staging = cuda_host_alloc(cu, layer_len * g->n_layer, err, err_len);
+        if (!out->staging) {
+            return fetch_fail(f, out);
+        }
+    }
+    /* Layer by layer as they become ready: host, kvf_fetch_layer_ptr waits for its layer; GPU,
+     * the thread waits for the daemon's announcement and the stream for the restore, then the
+     * layer's copy is queued behind it (the next layer may still be arriving). */
     for (uint32_t l = 0; l < g->n_layer; l++) {
         const uint8_t *p = NULL;
+        uint64_t dp = 0;
         size_t len = 0;
-        rc = (uint32_t)kvf_fetch_layer_ptr(f, l, &p, &len);
-        if (rc != KVF_OK || len != layer_len) {
-            if (rc != KVF_OK) {
-                kvf_reason(rc, "fetch layer", err, err_len);
-            } else {
-                snprintf(err, err_len, "layer %u has %zu bytes, expected %zu", l, len, layer_len);
+        if (cu) {
+            rc = (uint32_t)kvf_fetch_stream_wait_layer(f, l, cuda_stream(cu));
+            if (rc == KVF_OK) {
+                rc = (uint32_t)kvf_fetch_layer_device_ptr(f, l, &dp, &len);
             }
-            free(out->layers);
-            out->layers = NULL;
-            kvf_fetch_free(f);
-            return -1;
+        } else {
+            rc = (uint32_t)kvf_fetch_layer_ptr(f, l, &p, &len);
+        }
+        if (rc != KVF_OK) {
+            kvf_reason(rc, "fetch layer", err, err_len);
+            return fetch_fail(f, out);
+        }
+        if (len != layer_len) {
+            snprintf(err, err_len, "layer %u has %zu bytes, expected %zu", l, len, layer_len);
+            return fetch_fail(f, out);
+        }
+        if (cu) {
+            uint8_t *dst = out->staging + (size_t)l * layer_len;
+            if (cuda_copy_to_host(cu, dst, dp, len, err, err_len) != 0) {
+                return fetch_fail(f, out);
+            }
+            p = dst;
         }
         out->layers[l] = p;
+    }
+    if (cu && cuda_sync(cu, err, err_len) != 0) {
+        return fetch_fail(f, out);
     }
     rc = (uint32_t)kvf_fetch_wait_all(f, &tokens);
     if (rc != KVF_OK || tokens != shape.tokens) {
@@ -164,10 +205,7 @@ int remote_fetch_kv(remote *r, const char *model_id, const int32_t *toks, uint32
         } else {
             snprintf(err, err_len, "fetch restored %u tokens of %u", tokens, shape.tokens);
         }
-        free(out->layers);
-        out->layers = NULL;
-        kvf_fetch_free(f);
-        return -1;
+        return fetch_fail(f, out);
     }
     out->handle = f;
     out->layer_len = layer_len;
@@ -177,6 +215,7 @@ int remote_fetch_kv(remote *r, const char *model_id, const int32_t *toks, uint32
 
 void remote_fetch_free(remote_fetch *f) {
     kvf_fetch_free((kvf_fetch *)f->handle);
+    cuda_host_free(f->cu, f->staging);
     free(f->layers);
     memset(f, 0, sizeof(*f));
 }

@@ -10,18 +10,22 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cuda_drv.h"
 #include "kv_state.h"
 
 /* A connection to the daemon. */
 typedef struct remote remote;
 
 /* A finished fetch: layers[l] points to layer l's K then V ([tokens, heads, dim] each,
- * layer_len bytes) in the daemon's buffer, mapped read-only, valid until remote_fetch_free. */
+ * layer_len bytes), valid until remote_fetch_free: in the daemon's buffer mapped read-only (host
+ * fetch), or in a page-locked copy of the daemon's GPU buffer (GPU fetch, see remote_fetch_kv). */
 typedef struct remote_fetch {
     void *handle;
     const uint8_t **layers;
     size_t layer_len;
     uint32_t tokens;
+    cuda_drv *cu;     /* GPU fetch: the driver that owns staging */
+    uint8_t *staging; /* GPU fetch: page-locked host copy of every layer */
 } remote_fetch;
 
 /* Connects to the daemon socket. Returns NULL with a reason in err. */
@@ -35,12 +39,16 @@ int remote_lookup(remote *r, const char *model_id, const int32_t *toks, uint32_t
                   uint32_t *available, char *err, size_t err_len);
 
 /*
- * Fetches the longest available prefix of toks[0..n) in the host layout of g (the cache's type,
- * NHD, contiguous) and waits until every layer is restored; checks the shape against g.
+ * Fetches the longest available prefix of toks[0..n) in the layout of g (the cache's type, NHD,
+ * contiguous) and waits until every layer is restored; checks the shape against g.
+ * cu NULL: into host memory. cu set: into the memory of GPU `gpu` over CUDA IPC; each layer is
+ * then copied to page-locked host memory on cu's stream, ordered behind that layer's restore
+ * (kvf_fetch_stream_wait_layer), because llama.h takes sequence state as host bytes only.
  * 0 or -1 (err; nothing to free).
  */
 int remote_fetch_kv(remote *r, const char *model_id, const int32_t *toks, uint32_t n,
-                    const kvs_geometry *g, remote_fetch *out, char *err, size_t err_len);
+                    const kvs_geometry *g, cuda_drv *cu, int gpu, remote_fetch *out, char *err,
+                    size_t err_len);
 
 /* Releases a fetch's buffer in the daemon; a zeroed remote_fetch is fine. */
 void remote_fetch_free(remote_fetch *f);

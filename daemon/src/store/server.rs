@@ -134,7 +134,7 @@ impl StoreServer {
             ack_every: opts.ack_every,
         };
         cfg.transport_config(Arc::new(transport_config(&tuning)));
-        let endpoint = quinn::Endpoint::server(cfg, addr)
+        let endpoint = crate::transport::quic_endpoint(addr, Some(cfg))
             .map_err(|source| ServerError::Bind { addr, source })?;
         let pacer = opts.max_rate.map(Pacer::new);
         Ok(StoreServer {

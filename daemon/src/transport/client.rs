@@ -157,7 +157,8 @@ impl StoreClient {
         }
         .parse()
         .map_err(|_| TransportError::Unexpected("bind address"))?;
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(TransportError::Endpoint)?;
+        let mut endpoint =
+            super::tuning::quic_endpoint(bind, None).map_err(TransportError::Endpoint)?;
         let mut cfg = quinn::ClientConfig::new(tls.quic()?);
         let mut tuning = options.tuning;
         if tuning.keep_alive.is_none() {

@@ -16,6 +16,6 @@ pub use tls::{
     ServerTrust, TlsClientConfig, TlsError, TlsServerConfig, ALPN, DEFAULT_SERVER_NAME,
 };
 pub use tuning::{
-    transport_config, Congestion, TransportTuning, CONNECTION_WINDOW, MTU_UPPER_BOUND, SEND_WINDOW,
-    STREAM_WINDOW,
+    bind_udp, quic_endpoint, transport_config, Congestion, TransportTuning, CONNECTION_WINDOW,
+    MTU_UPPER_BOUND, SEND_WINDOW, STREAM_WINDOW, UDP_SOCKET_BUFFER,
 };

@@ -81,7 +81,8 @@ pub struct NetArgs {
     pub streams: usize,
     /// Transports to compare: quic-cubic, quic-bbr, quic-newreno, tcp; a `-defaults` suffix on
     /// a QUIC label uses quinn's default windows (e.g. quic-cubic-defaults), `-ackN` asks for
-    /// an ACK every N packets (e.g. quic-cubic-ack8).
+    /// an ACK every N packets (e.g. quic-cubic-ack8), a final `-ct` runs both peers on a
+    /// single-threaded runtime (e.g. quic-cubic-ack8-ct, tcp-ct).
     #[arg(long, value_delimiter = ',', default_value = "quic-cubic,quic-bbr,tcp")]
     pub protos: Vec<String>,
     /// Link emulation.
@@ -96,6 +97,9 @@ pub struct NetArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Departure window of the delay bridge in microseconds (see `bench delay-bridge`).
+    #[arg(long)]
+    pub bridge_window_us: Option<u64>,
 }
 
 /// Arguments of `kvfetcher bench delay-bridge`.
@@ -113,6 +117,13 @@ pub struct BridgeArgs {
     /// Frames dropped per million (random loss).
     #[arg(long, default_value_t = 0)]
     pub loss_ppm: u32,
+    /// Departure window in microseconds: frames due within it leave together (fewer
+    /// wake-ups); each leaves within half of it of its exact time.
+    #[arg(long, default_value_t = bridge::DEFAULT_WINDOW.as_micros() as u64)]
+    pub window_us: u64,
+    /// On SIGTERM, write the bridge's CPU seconds and counters here as JSON.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 /// One row of the results.
@@ -132,6 +143,8 @@ pub struct NetResult {
     pub client_cpu_s_per_gb: f64,
     /// Server CPU seconds per GB sent.
     pub server_cpu_s_per_gb: f64,
+    /// Delay-bridge CPU seconds per GB fetched (both directions; netns without netem only).
+    pub bridge_cpu_s_per_gb: Option<f64>,
     /// The client's raw report.
     pub fetch: FetchReport,
 }
@@ -145,15 +158,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Fetch(a) => super::bench_fetch::run(a),
         BenchCommand::Codec(a) => super::bench_codec::run(a),
         BenchCommand::Fidelity(a) => super::bench_fidelity::run(a),
-        BenchCommand::DelayBridge(a) => {
-            bridge::run(&a.a, &a.b, Duration::from_micros(a.delay_us), a.loss_ppm)
-        }
+        BenchCommand::DelayBridge(a) => bridge::run(
+            &a.a,
+            &a.b,
+            Duration::from_micros(a.delay_us),
+            Duration::from_micros(a.window_us),
+            a.loss_ppm,
+            a.report.as_deref(),
+        ),
     }
 }
 
 fn parse_proto(label: &str) -> anyhow::Result<(Proto, Congestion, String)> {
     let mut base = label;
     let mut extra = String::new();
+    if let Some(b) = base.strip_suffix("-ct") {
+        base = b;
+        extra.push_str(" --current-thread");
+    }
     if let Some(b) = base.strip_suffix("-defaults") {
         base = b;
         extra.push_str(" --quinn-defaults");
@@ -199,7 +221,7 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
     let kv = std::fs::canonicalize(&args.kv)?;
     let mut results = Vec::new();
     println!(
-        "{:>9} {:>6} {:<12} {:>10} {:>7} {:>13} {:>13} {:>8} {:>7}",
+        "{:>9} {:>6} {:<12} {:>10} {:>7} {:>13} {:>13} {:>13} {:>8} {:>7}",
         "link",
         "rtt",
         "transport",
@@ -207,6 +229,7 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
         "of link",
         "client s/GB",
         "server s/GB",
+        "bridge s/GB",
         "rtt seen",
         "lost"
     );
@@ -217,6 +240,7 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
             let ready = work.join(format!("ready-{tag}"));
             let srv_report = work.join(format!("serve-{tag}.json"));
             let cli_report = work.join(format!("fetch-{tag}.json"));
+            let bridge_report = work.join(format!("bridge-{tag}.json"));
             let port = 4433 + (ri * 10 + pi) as u16;
             let proto_arg = match proto {
                 Proto::Quic => "quic",
@@ -249,7 +273,16 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
                             "--rtt",
                             &format!("{}us", (args.rtt_ms * 1000.0).round() as u64),
                         ])
-                        .args(["--delay-bridge", &format!("{} bench delay-bridge", q(&exe))])
+                        .args([
+                            "--delay-bridge",
+                            &format!(
+                                "{} bench delay-bridge --report {}{}",
+                                q(&exe),
+                                q(&bridge_report),
+                                args.bridge_window_us
+                                    .map_or(String::new(), |w| format!(" --window-us {w}"))
+                            ),
+                        ])
                         .args(["--server", &serve, "--client", &fetch]);
                     if let Some(l) = args.loss {
                         cmd.args(["--loss", &format!("{l}%")]);
@@ -276,6 +309,11 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
             let fetch: FetchReport = serde_json::from_slice(&std::fs::read(&cli_report)?)?;
             let serve: ServeReport = serde_json::from_slice(&std::fs::read(&srv_report)?)?;
             let gb = fetch.bytes as f64 / 1e9;
+            // Only present when the script used the delay bridge (no netem).
+            let bridge_cpu = std::fs::read(&bridge_report)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v.get("cpu_s").and_then(|c| c.as_f64()));
             let goodput = fetch.bytes as f64 * 8.0 / fetch.seconds / 1e9;
             let r = NetResult {
                 rate_gbps: rate,
@@ -285,10 +323,11 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
                 link_fraction: goodput / rate,
                 client_cpu_s_per_gb: fetch.cpu_s / gb,
                 server_cpu_s_per_gb: serve.cpu_s / gb,
+                bridge_cpu_s_per_gb: bridge_cpu.map(|c| c / gb),
                 fetch,
             };
             println!(
-                "{:>6} Gb {:>4}ms {:<12} {:>6.3} Gb {:>6.1}% {:>13.3} {:>13.3} {:>8} {:>7}",
+                "{:>6} Gb {:>4}ms {:<12} {:>6.3} Gb {:>6.1}% {:>13.3} {:>13.3} {:>13} {:>8} {:>7}",
                 rate,
                 args.rtt_ms,
                 label,
@@ -296,6 +335,8 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
                 r.link_fraction * 100.0,
                 r.client_cpu_s_per_gb,
                 r.server_cpu_s_per_gb,
+                r.bridge_cpu_s_per_gb
+                    .map_or("-".into(), |v| format!("{v:.3}")),
                 r.fetch.rtt_ms.map_or("-".into(), |v| format!("{v:.2}ms")),
                 r.fetch.lost_packets.map_or("-".into(), |v| v.to_string()),
             );

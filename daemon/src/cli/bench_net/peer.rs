@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// Ask the peer to acknowledge every N packets (QUIC ACK frequency).
     #[arg(long)]
     pub ack_every: Option<u32>,
+    /// Run on a single-threaded tokio runtime instead of one worker per core.
+    #[arg(long)]
+    pub current_thread: bool,
     /// Send-rate limit in bytes per second (loopback emulation).
     #[arg(long)]
     pub max_rate: Option<u64>,
@@ -90,6 +93,9 @@ pub struct FetchArgs {
     /// Ask the peer to acknowledge every N packets (QUIC ACK frequency).
     #[arg(long)]
     pub ack_every: Option<u32>,
+    /// Run on a single-threaded tokio runtime instead of one worker per core.
+    #[arg(long)]
+    pub current_thread: bool,
     /// Objects fetched in parallel (QUIC streams).
     #[arg(long, default_value_t = 16)]
     pub streams: usize,
@@ -127,11 +133,15 @@ pub struct FetchReport {
     pub lost_packets: Option<u64>,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")
+/// The peer's runtime: multi-threaded like the daemon and the store, or (for comparison) one
+/// thread, which saves the cross-thread wake-ups on a small machine.
+fn runtime(current_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if current_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    b.enable_all().build().context("tokio runtime")
 }
 
 async fn terminated() {
@@ -154,7 +164,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
 /// Runs `bench net-serve` until SIGTERM.
 pub(super) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let set = chunkset::build(&args.kv, args.set_mb << 20)?;
-    let rt = runtime()?;
+    let rt = runtime(args.current_thread)?;
     rt.block_on(async move {
         let cpu0;
         match args.proto {
@@ -235,74 +245,82 @@ pub(super) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "server not ready after 120 s");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let rt = runtime()?;
-    let report = rt.block_on(async {
-        match args.proto {
-            Proto::Quic => {
-                let tls = TlsClientConfig::from_path(&args.certs)?;
-                let tuning = TransportTuning {
-                    congestion: args.congestion,
-                    large_windows: !args.quinn_defaults,
-                    ack_every: args.ack_every,
-                    ..TransportTuning::default()
-                };
-                let opts = ClientOptions { tuning };
-                let client = StoreClient::connect_with(args.server, tls, opts).await?;
-                let keys = client.list(&chunkset::bench_model()).await?;
-                let cpu0 = cpu_seconds();
-                let t0 = Instant::now();
-                let mut gets = futures::stream::iter(keys.iter().map(|k| {
-                    let c = client.clone();
-                    let k = *k;
-                    async move { c.get(&k).await.map(|b| b.len() as u64) }
-                }))
-                .buffer_unordered(args.streams.max(1));
-                let (mut bytes, mut objects) = (0u64, 0u64);
-                while let Some(r) = gets.next().await {
-                    bytes += r?;
-                    objects += 1;
-                }
-                let seconds = t0.elapsed().as_secs_f64();
-                let cpu_s = cpu_seconds() - cpu0;
-                drop(gets);
-                let stats = client.connection().stats();
-                let rtt_ms = Some(client.connection().rtt().as_secs_f64() * 1e3);
-                client.close().await;
-                Ok::<_, anyhow::Error>(FetchReport {
-                    proto: Proto::Quic,
-                    bytes,
-                    objects,
-                    seconds,
-                    cpu_s,
-                    rtt_ms,
-                    lost_packets: Some(stats.path.lost_packets),
-                })
-            }
-            Proto::Tcp => {
-                let mut sock = tokio::net::TcpStream::connect(args.server).await?;
-                // Timed from the connection, as QUIC is timed from its first request.
-                let cpu0 = cpu_seconds();
-                let t0 = Instant::now();
-                let mut buf = vec![0u8; 1 << 20];
-                let mut bytes = 0u64;
-                loop {
-                    let n = sock.read(&mut buf).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    bytes += n as u64;
-                }
-                Ok(FetchReport {
-                    proto: Proto::Tcp,
-                    bytes,
-                    objects: 1,
-                    seconds: t0.elapsed().as_secs_f64(),
-                    cpu_s: cpu_seconds() - cpu0,
-                    rtt_ms: None,
-                    lost_packets: None,
-                })
-            }
-        }
+    let rt = runtime(args.current_thread)?;
+    let report_path = args.report.clone();
+    let report = rt.block_on(async move {
+        // Spawned rather than run inside block_on: like the daemon's own tasks, the fetch then
+        // runs on the runtime's workers next to quinn's drivers, not woken across threads.
+        tokio::spawn(fetch_all(args)).await.context("fetch task")?
     })?;
-    write_json(&args.report, &report)
+    write_json(&report_path, &report)
+}
+
+/// The fetch itself: the whole chunk set once, timed from the first request.
+async fn fetch_all(args: FetchArgs) -> anyhow::Result<FetchReport> {
+    match args.proto {
+        Proto::Quic => {
+            let tls = TlsClientConfig::from_path(&args.certs)?;
+            let tuning = TransportTuning {
+                congestion: args.congestion,
+                large_windows: !args.quinn_defaults,
+                ack_every: args.ack_every,
+                ..TransportTuning::default()
+            };
+            let opts = ClientOptions { tuning };
+            let client = StoreClient::connect_with(args.server, tls, opts).await?;
+            let keys = client.list(&chunkset::bench_model()).await?;
+            let cpu0 = cpu_seconds();
+            let t0 = Instant::now();
+            // Keys by value: a closure over borrowed keys is not provably Send for tokio::spawn.
+            let mut gets = futures::stream::iter(keys.into_iter().map(|k| {
+                let c = client.clone();
+                async move { c.get(&k).await.map(|b| b.len() as u64) }
+            }))
+            .buffer_unordered(args.streams.max(1));
+            let (mut bytes, mut objects) = (0u64, 0u64);
+            while let Some(r) = gets.next().await {
+                bytes += r?;
+                objects += 1;
+            }
+            let seconds = t0.elapsed().as_secs_f64();
+            let cpu_s = cpu_seconds() - cpu0;
+            drop(gets);
+            let stats = client.connection().stats();
+            let rtt_ms = Some(client.connection().rtt().as_secs_f64() * 1e3);
+            client.close().await;
+            Ok::<_, anyhow::Error>(FetchReport {
+                proto: Proto::Quic,
+                bytes,
+                objects,
+                seconds,
+                cpu_s,
+                rtt_ms,
+                lost_packets: Some(stats.path.lost_packets),
+            })
+        }
+        Proto::Tcp => {
+            let mut sock = tokio::net::TcpStream::connect(args.server).await?;
+            // Timed from the connection, as QUIC is timed from its first request.
+            let cpu0 = cpu_seconds();
+            let t0 = Instant::now();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut bytes = 0u64;
+            loop {
+                let n = sock.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                bytes += n as u64;
+            }
+            Ok(FetchReport {
+                proto: Proto::Tcp,
+                bytes,
+                objects: 1,
+                seconds: t0.elapsed().as_secs_f64(),
+                cpu_s: cpu_seconds() - cpu0,
+                rtt_ms: None,
+                lost_packets: None,
+            })
+        }
+    }
 }
