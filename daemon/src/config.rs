@@ -12,6 +12,9 @@ use serde::Deserialize;
 /// The default Unix socket path, under the systemd `RuntimeDirectory`.
 pub const DEFAULT_SOCKET: &str = "/run/kvfetcher/kvfetcher.sock";
 
+/// Most QUIC connections the daemon keeps to one store (`fetch.connections_per_store`).
+pub const MAX_CONNECTIONS_PER_STORE: usize = 16;
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -124,6 +127,9 @@ pub struct FetchConfig {
     pub decode_workers: usize,
     /// Milliseconds to wait for a store's QUIC handshake before reporting it unavailable.
     pub connect_timeout_ms: u64,
+    /// QUIC connections kept to each store, 1..=16, used round robin. One connection is
+    /// driven by one task and tops out near 4 Gbit/s of CPU; more let a fetch use more cores.
+    pub connections_per_store: usize,
 }
 
 /// Save-side settings: what the daemon encodes and with how many workers.
@@ -182,6 +188,9 @@ impl Default for FetchConfig {
             max_inflight_bytes: 256 << 20,
             decode_workers: available_cores(),
             connect_timeout_ms: 3000,
+            // Enough for a few Gbit/s on any host; GPU nodes on 10 Gbit/s+ links want 16
+            // (packaging/kvfetcher.toml).
+            connections_per_store: 4,
         }
     }
 }
@@ -247,6 +256,12 @@ impl Config {
         {
             return invalid("fetch limits must be positive".into());
         }
+        if !(1..=MAX_CONNECTIONS_PER_STORE).contains(&f.connections_per_store) {
+            return invalid(format!(
+                "fetch.connections_per_store {} is not 1..={MAX_CONNECTIONS_PER_STORE}",
+                f.connections_per_store
+            ));
+        }
         let s = &self.save;
         if !(1..=8).contains(&s.bits) && s.bits != 16 {
             return invalid(format!("save.bits {} is not 1..=8 or 16", s.bits));
@@ -304,6 +319,9 @@ mod tests {
             "[gpu]\nenabled = \"yes\"",
             "[gpu]\nnvdec_sessions = 1000",
             "[gpu]\nunknown = 1",
+            "[fetch]\nconnections_per_store = 0",
+            "[fetch]\nconnections_per_store = 17",
+            "[fetch]\nconnections_per_store = -1",
         ] {
             assert!(Config::parse(bad).is_err(), "accepted {bad:?}");
         }
@@ -323,6 +341,20 @@ mod tests {
         assert_eq!(c.save.variant, "packed");
         assert_eq!(c.gpu, GpuConfig::default());
         assert!(c.gpu.enabled);
+    }
+
+    #[test]
+    fn reads_connections_per_store() {
+        assert_eq!(Config::default().fetch.connections_per_store, 4);
+        for n in [1, 4, MAX_CONNECTIONS_PER_STORE] {
+            let c = Config::parse(&format!("[fetch]\nconnections_per_store = {n}\n")).unwrap();
+            assert_eq!(c.fetch.connections_per_store, n);
+        }
+        let err = Config::parse("[fetch]\nconnections_per_store = 17\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid(m) if m.contains("connections_per_store")),
+            "{err}"
+        );
     }
 
     #[test]

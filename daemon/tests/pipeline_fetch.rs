@@ -344,6 +344,7 @@ async fn concurrent_and_cancelled_fetches_share_the_pipeline() {
         max_inflight_bytes: 64 << 10,
         decode_workers: 1,
         connect_timeout_ms: 3000,
+        ..FetchConfig::default()
     };
     let Some(f) = fixture(save.clone(), fetch).await else {
         return;

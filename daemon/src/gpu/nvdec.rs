@@ -54,6 +54,19 @@ pub struct FrameFormat {
 }
 
 impl FrameFormat {
+    /// The surface format NVDEC produces for a codec HEVC section of geometry `g`.
+    pub fn of_geometry(g: &kvfetcher_codec::HevcGeometry) -> FrameFormat {
+        FrameFormat {
+            width: g.width,
+            height: g.height,
+            chroma: match g.chroma {
+                kvfetcher_codec::Chroma::Yuv420 => Chroma::Yuv420,
+                kvfetcher_codec::Chroma::Yuv444 => Chroma::Yuv444,
+            },
+            bit_depth: g.bit_depth,
+        }
+    }
+
     /// Width and height of each chroma plane.
     pub fn chroma_size(&self) -> (usize, usize) {
         match self.chroma {

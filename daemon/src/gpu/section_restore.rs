@@ -23,7 +23,7 @@ use kvfetcher_kv::DType;
 
 use super::cuda::DeviceBuffer;
 use super::devices::GpuDevice;
-use super::nvdec::{Chroma, FrameFormat};
+use super::nvdec::FrameFormat;
 use super::restore::{
     CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping, TargetSpec,
 };
@@ -308,15 +308,7 @@ fn restore_nvdec(
         return Ok(false);
     }
     let hg = p.geometry;
-    let fmt = FrameFormat {
-        width: hg.width,
-        height: hg.height,
-        chroma: match hg.chroma {
-            kvfetcher_codec::Chroma::Yuv420 => Chroma::Yuv420,
-            kvfetcher_codec::Chroma::Yuv444 => Chroma::Yuv444,
-        },
-        bit_depth: hg.bit_depth,
-    };
+    let fmt = FrameFormat::of_geometry(&hg);
     let surf = dev
         .cuda()
         .alloc(hg.frames * fmt.surface_bytes_per_frame())?;

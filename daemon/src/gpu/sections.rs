@@ -21,7 +21,7 @@ use kvfetcher_kv::{DType, KvFile};
 use super::check::CheckRow;
 use super::cuda::{Cuda, DeviceBuffer};
 use super::hevc_backend::{CodecHevcLayout, NvdecHevcDecoder};
-use super::nvdec::{Chroma, FrameFormat, Nvdec};
+use super::nvdec::{FrameFormat, Nvdec};
 use super::restore::{
     CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping, RestoreKernels,
     TargetSpec,
@@ -337,15 +337,7 @@ pub fn run_section_checks(cuda: &Arc<Cuda>, dir: &Path) -> Result<Vec<CheckRow>,
                     continue;
                 }
                 let hg = p.geometry;
-                let fmt = FrameFormat {
-                    width: hg.width,
-                    height: hg.height,
-                    chroma: match hg.chroma {
-                        kvfetcher_codec::Chroma::Yuv420 => Chroma::Yuv420,
-                        kvfetcher_codec::Chroma::Yuv444 => Chroma::Yuv444,
-                    },
-                    bit_depth: hg.bit_depth,
-                };
+                let fmt = FrameFormat::of_geometry(&hg);
                 let surf = cuda.alloc(hg.frames * fmt.surface_bytes_per_frame())?;
                 let dev = session.decode_to_device(streams[0], &surf, 0)?;
                 let gather = cuda.upload(&gather_table(&hg)?)?;

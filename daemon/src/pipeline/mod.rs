@@ -96,7 +96,11 @@ impl Pipeline {
         .unwrap_or(u32::MAX)
         .min(Semaphore::MAX_PERMITS as u32);
         Ok(Pipeline {
-            stores: Stores::new(stores, Duration::from_millis(fetch.connect_timeout_ms)),
+            stores: Stores::new(
+                stores,
+                Duration::from_millis(fetch.connect_timeout_ms),
+                fetch.connections_per_store,
+            ),
             registry: Arc::new(registry),
             metrics,
             decode_slots: Arc::new(Semaphore::new(fetch.decode_workers.max(1))),

@@ -4,8 +4,13 @@
 //! Keys are spread by their first byte, so every node maps a key to the same store without
 //! coordination. A connection is opened on first use and dropped after a connection-level
 //! error, so the daemon starts before its stores and survives their restarts.
+//!
+//! Each store gets `connections_per_store` connections, handed out round robin: quinn drives
+//! one connection on one task, which tops out near 4 Gbit/s of CPU, so a fetch only goes
+//! faster than that over several connections (each client has its own UDP socket).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,10 +29,16 @@ pub struct StoreTarget {
     pub tls: TlsClientConfig,
 }
 
+/// One connection slot: empty until first use and after its connection died.
+type Slot = Mutex<Option<StoreClient>>;
+
 #[derive(Debug)]
 struct Store {
     target: StoreTarget,
-    client: Mutex<Option<StoreClient>>,
+    /// At least one slot.
+    slots: Vec<Slot>,
+    /// Round-robin cursor over `slots`.
+    next: AtomicUsize,
 }
 
 /// The stores of one pipeline; cheap to clone.
@@ -59,14 +70,27 @@ fn connection_lost(e: &TransportError) -> bool {
     )
 }
 
+/// The slot's client if it holds one whose connection is still open.
+fn open_client(slot: &Option<StoreClient>) -> Option<StoreClient> {
+    slot.as_ref()
+        .filter(|c| c.connection().close_reason().is_none())
+        .cloned()
+}
+
 impl Stores {
-    /// Stores reached at `targets`; nothing is connected yet.
-    pub(crate) fn new(targets: Vec<StoreTarget>, connect_timeout: Duration) -> Stores {
+    /// Stores reached at `targets` with `connections` connections each (at least one);
+    /// nothing is connected yet.
+    pub(crate) fn new(
+        targets: Vec<StoreTarget>,
+        connect_timeout: Duration,
+        connections: usize,
+    ) -> Stores {
         let stores = targets
             .into_iter()
             .map(|target| Store {
                 target,
-                client: Mutex::new(None),
+                slots: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
+                next: AtomicUsize::new(0),
             })
             .collect();
         Stores {
@@ -85,17 +109,38 @@ impl Stores {
         key.0[0] as usize % self.stores.len().max(1)
     }
 
-    /// A connected client for store `i`, connecting if needed.
-    pub(crate) async fn client(&self, i: usize) -> Result<StoreClient, ServeError> {
-        let store = self
-            .stores
+    fn store(&self, i: usize) -> Result<&Store, ServeError> {
+        self.stores
             .get(i)
-            .ok_or_else(|| ServeError::Internal("no store configured".into()))?;
-        let mut slot = store.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            if c.connection().close_reason().is_none() {
-                return Ok(c.clone());
+            .ok_or_else(|| ServeError::Internal("no store configured".into()))
+    }
+
+    /// A connected client for store `i`, the next of its connections in round-robin order,
+    /// connecting it if needed.
+    pub(crate) async fn client(&self, i: usize) -> Result<StoreClient, ServeError> {
+        let store = self.store(i)?;
+        let n = store.next.fetch_add(1, Ordering::Relaxed) % store.slots.len();
+        self.connected(store, n).await
+    }
+
+    /// Any open client for store `i` (for small requests such as lookups): one already
+    /// connected and not busy connecting if there is one, so a lookup never waits for a
+    /// handshake of a connection it does not need; else the first slot, connected.
+    async fn any_client(&self, i: usize) -> Result<StoreClient, ServeError> {
+        let store = self.store(i)?;
+        for slot in &store.slots {
+            if let Some(c) = slot.try_lock().ok().and_then(|s| open_client(&s)) {
+                return Ok(c);
             }
+        }
+        self.connected(store, 0).await
+    }
+
+    /// Slot `n` of `store`, (re)connected if empty or dead.
+    async fn connected(&self, store: &Store, n: usize) -> Result<StoreClient, ServeError> {
+        let mut slot = store.slots[n].lock().await;
+        if let Some(c) = open_client(&slot) {
+            return Ok(c);
         }
         let addr = store.target.addr;
         let connect = StoreClient::connect(addr, store.target.tls.clone());
@@ -109,7 +154,7 @@ impl Stores {
                 )))
             }
         };
-        tracing::info!(store = %store.target.addr, "connected to store");
+        tracing::info!(store = %addr, connection = n, "connected to store");
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -119,11 +164,29 @@ impl Stores {
         self.client(self.index_of(key)).await
     }
 
-    /// Forgets store `i`'s connection if `e` says it is dead; returns `e` as a [`ServeError`].
+    /// Forgets the dead connections of the store holding `key` if `e` says a connection is
+    /// lost; returns `e` as a [`ServeError`].
+    ///
+    /// The caller does not say which connection failed: the closed ones are dropped, and if
+    /// none is closed (a stream was cut off) all of them are, as with a single connection.
+    /// Requests still running on a dropped client keep its connection until they finish.
     pub(crate) async fn failed(&self, key: &ChunkKey, e: TransportError) -> ServeError {
         if connection_lost(&e) {
             if let Some(store) = self.stores.get(self.index_of(key)) {
-                *store.client.lock().await = None;
+                let mut guards = Vec::with_capacity(store.slots.len());
+                for slot in &store.slots {
+                    guards.push(slot.lock().await);
+                }
+                let dead = |s: &Option<StoreClient>| {
+                    s.as_ref()
+                        .is_some_and(|c| c.connection().close_reason().is_some())
+                };
+                let any_dead = guards.iter().any(|g| dead(g));
+                for g in &mut guards {
+                    if !any_dead || dead(g) {
+                        **g = None;
+                    }
+                }
             }
         }
         serve_error(e)
@@ -141,7 +204,7 @@ impl Stores {
                 continue;
             }
             let mine: Vec<ChunkKey> = positions.iter().map(|&k| keys[k]).collect();
-            let client = self.client(i).await?;
+            let client = self.any_client(i).await?;
             let n = match client.exists_prefix(&mine).await {
                 Ok(n) => n,
                 Err(e) => return Err(self.failed(&mine[0], e).await),

@@ -44,3 +44,24 @@ impl From<crate::gpu::DeviceError> for ServeError {
         ServeError::GpuUnsupported(e.to_string())
     }
 }
+
+/// The buffer length of `layout` for `shape`, refused when it is empty or above `max_bytes`:
+/// the checks every destination makes before allocating.
+pub(crate) fn checked_buffer_len(
+    layout: &kvfetcher_client::protocol::TargetLayout,
+    shape: &kvfetcher_client::protocol::KvShape,
+    max_bytes: u64,
+) -> Result<usize, ServeError> {
+    let len = layout
+        .checked_buffer_len(shape)
+        .map_err(|e| ServeError::BadRequest(e.to_string()))?;
+    if len == 0 {
+        return Err(ServeError::BadRequest("empty shape".into()));
+    }
+    if len as u64 > max_bytes {
+        return Err(ServeError::BadRequest(format!(
+            "buffer of {len} bytes exceeds the limit of {max_bytes}"
+        )));
+    }
+    Ok(len)
+}

@@ -77,19 +77,7 @@ impl HostDestination {
 
 impl Destination for HostDestination {
     fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
-        let len = self
-            .layout
-            .checked_buffer_len(shape)
-            .map_err(|e| ServeError::BadRequest(e.to_string()))?;
-        if len == 0 {
-            return Err(ServeError::BadRequest("empty shape".into()));
-        }
-        if len as u64 > self.max_bytes {
-            return Err(ServeError::BadRequest(format!(
-                "buffer of {len} bytes exceeds the limit of {}",
-                self.max_bytes
-            )));
-        }
+        let len = super::error::checked_buffer_len(&self.layout, shape, self.max_bytes)?;
         let file = memfd::create(&format!("kvfetcher-fetch-{}", self.fetch_id), len as u64)?;
         let map = MmapOptions::new().len(len).map_raw(&file)?;
         self.alloc

@@ -96,9 +96,13 @@ pub struct FetchArgs {
     /// Run on a single-threaded tokio runtime instead of one worker per core.
     #[arg(long)]
     pub current_thread: bool,
-    /// Objects fetched in parallel (QUIC streams).
+    /// Objects fetched in parallel (QUIC streams), over all connections together.
     #[arg(long, default_value_t = 16)]
     pub streams: usize,
+    /// QUIC connections (each its own client and UDP socket); objects are spread over them
+    /// round robin. Ignored for TCP.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub connections: u16,
     /// Wait for this file before connecting.
     #[arg(long)]
     pub ready: PathBuf,
@@ -123,14 +127,21 @@ pub struct FetchReport {
     pub bytes: u64,
     /// Objects received (1 for TCP).
     pub objects: u64,
+    /// Connections the objects came over (1 for TCP).
+    #[serde(default = "one")]
+    pub connections: u16,
     /// Seconds from the first request to the last byte.
     pub seconds: f64,
     /// CPU seconds spent during the fetch.
     pub cpu_s: f64,
-    /// Smoothed RTT at the end (QUIC only), milliseconds.
+    /// Smoothed RTT at the end (QUIC only), milliseconds; the mean over connections.
     pub rtt_ms: Option<f64>,
-    /// Packets QUIC declared lost.
+    /// Packets QUIC declared lost, over all connections.
     pub lost_packets: Option<u64>,
+}
+
+fn one() -> u16 {
+    1
 }
 
 /// The peer's runtime: multi-threaded like the daemon and the store, or (for comparison) one
@@ -267,13 +278,24 @@ async fn fetch_all(args: FetchArgs) -> anyhow::Result<FetchReport> {
                 ..TransportTuning::default()
             };
             let opts = ClientOptions { tuning };
-            let client = StoreClient::connect_with(args.server, tls, opts).await?;
-            let keys = client.list(&chunkset::bench_model()).await?;
+            // Connected before the clock starts, like the single connection: handshakes are
+            // not part of the fetch.
+            let clients = futures::future::try_join_all(
+                (0..args.connections)
+                    .map(|_| StoreClient::connect_with(args.server, tls.clone(), opts)),
+            )
+            .await?;
+            let first = clients
+                .first()
+                .context("--connections must be at least 1")?;
+            let keys = first.list(&chunkset::bench_model()).await?;
             let cpu0 = cpu_seconds();
             let t0 = Instant::now();
             // Keys by value: a closure over borrowed keys is not provably Send for tokio::spawn.
-            let mut gets = futures::stream::iter(keys.into_iter().map(|k| {
-                let c = client.clone();
+            // Round robin over the connections; `--streams` bounds the objects in flight on all
+            // of them together, so one connection's numbers stay comparable.
+            let mut gets = futures::stream::iter(keys.into_iter().enumerate().map(|(i, k)| {
+                let c = clients[i % clients.len()].clone();
                 async move { c.get(&k).await.map(|b| b.len() as u64) }
             }))
             .buffer_unordered(args.streams.max(1));
@@ -285,17 +307,25 @@ async fn fetch_all(args: FetchArgs) -> anyhow::Result<FetchReport> {
             let seconds = t0.elapsed().as_secs_f64();
             let cpu_s = cpu_seconds() - cpu0;
             drop(gets);
-            let stats = client.connection().stats();
-            let rtt_ms = Some(client.connection().rtt().as_secs_f64() * 1e3);
-            client.close().await;
+            let n = clients.len();
+            let lost: u64 = clients
+                .iter()
+                .map(|c| c.connection().stats().path.lost_packets)
+                .sum();
+            let rtt_s: f64 = clients
+                .iter()
+                .map(|c| c.connection().rtt().as_secs_f64())
+                .sum();
+            futures::future::join_all(clients.into_iter().map(StoreClient::close)).await;
             Ok::<_, anyhow::Error>(FetchReport {
                 proto: Proto::Quic,
                 bytes,
                 objects,
+                connections: n as u16,
                 seconds,
                 cpu_s,
-                rtt_ms,
-                lost_packets: Some(stats.path.lost_packets),
+                rtt_ms: Some(rtt_s / n as f64 * 1e3),
+                lost_packets: Some(lost),
             })
         }
         Proto::Tcp => {
@@ -316,6 +346,7 @@ async fn fetch_all(args: FetchArgs) -> anyhow::Result<FetchReport> {
                 proto: Proto::Tcp,
                 bytes,
                 objects: 1,
+                connections: 1,
                 seconds: t0.elapsed().as_secs_f64(),
                 cpu_s: cpu_seconds() - cpu0,
                 rtt_ms: None,
