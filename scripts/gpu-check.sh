@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One command on a GPU host: regenerates the restore PTX, runs every GPU check and benchmark, and
-# prints a short table last. Expects the release binary and the fixtures prepared on a build host:
+# prints a short table last. Prepare on the build host with scripts/gpu-prep.sh [--tests] (binary,
+# C library, chunk objects of every variant, Rust GPU test binaries) and
+# scripts/llama-gpu-prep.sh (llama.cpp sources + GGUF, for the CUDA llama.cpp check).
+# The device's carry limit (64 MiB) may need the run split in two calls (docs/GPU.md).
+# Expects the release binary and the fixtures prepared on a build host:
 #   .carry/kvfetcher                 cargo build --release -p kvfetcher
 #   .carry/fixtures/*.hevc           kvfetcher gpu fixtures --kv shared/data/codelm-kv-a.safetensors --out .carry/fixtures
 #   .carry/fixtures/sections/       kvfetcher gpu section-fixtures --kv .carry/codelm-kv-a-4l.safetensors --out .carry/fixtures/sections
@@ -48,6 +52,10 @@ for t in "$carry"/tests/*; do
     status=1
   fi
 done
+# llama.cpp with its CUDA backend restoring through the daemon (issue 6's GPU half).
+if [ -z "${SKIP_LLAMA:-}" ] && [ -d "$carry/llama" ]; then
+  OUT="$out" bash "$root/scripts/llama-gpu-check.sh" > "$out/llama-gpu.log" 2>&1 || status=1
+fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   "$bin" bench fetch --kv "$kv" --memory gpu:0 --variant packed --rates 0,1,4,10,25 --repeat 5 > "$out/fetch-gpu-packed.txt" 2>&1 || status=1
   "$bin" bench fetch --kv "$kv" --memory gpu:0 --variant zstd --rates 0,1,4,10,25 --repeat 5 > "$out/fetch-gpu-zstd.txt" 2>&1 || status=1
@@ -75,6 +83,7 @@ echo "== summary =="
 cat "$out/smi.txt"
 cat "$out/daemon-gpu.txt" 2>/dev/null || tail -5 "$out/daemon-check.log"
 cat "$out/rust-tests.txt"
+sed -n '/^| check | result/,$p' "$out/llama-gpu.txt" 2>/dev/null | head -40
 grep -hE "^(link|loopback|[0-9.]+ Gbit)" "$out"/fetch-gpu-*.txt 2>/dev/null
 grep -E "^nvdec hevc" "$out/info.txt"
 grep -E "^\| nvdec|checks, " "$out/check.txt"
