@@ -61,6 +61,10 @@ pub struct BenchFetchArgs {
     /// Runs per method and rate; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Repeat the KV's tokens this many times (real values, a longer prefix): a KV large enough
+    /// to keep every decoder busy when measuring decode throughput.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub tile: u32,
     /// Where the KV is restored: `host`, or `gpu:N` (CUDA device N, f16 as the KV file).
     #[arg(long, default_value = "host", value_parser = parse_memory)]
     pub memory: MemoryKind,
@@ -163,11 +167,33 @@ struct Timing {
 /// Runs `kvfetcher bench fetch`.
 pub fn run(args: BenchFetchArgs) -> anyhow::Result<()> {
     let file = KvFile::read(&args.kv).with_context(|| format!("reading {}", args.kv.display()))?;
-    let cache = file.cache;
+    let cache = tiled(file.cache, args.tile as usize)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(bench(args, cache))
+}
+
+/// `cache` with its tokens repeated `n` times (tensors are `[tokens, heads, dim]`).
+fn tiled(cache: KvCache, n: usize) -> anyhow::Result<KvCache> {
+    if n == 1 {
+        return Ok(cache);
+    }
+    let tile = |t: &kvfetcher_kv::Tensor| {
+        let [tokens, heads, dim] = t.shape();
+        kvfetcher_kv::Tensor::new(t.dtype(), [tokens * n, heads, dim], t.data().repeat(n))
+    };
+    let layers = cache
+        .layers()
+        .iter()
+        .map(|l| {
+            Ok(kvfetcher_kv::LayerKv {
+                key: tile(&l.key)?,
+                value: tile(&l.value)?,
+            })
+        })
+        .collect::<Result<Vec<_>, kvfetcher_kv::TensorError>>()?;
+    Ok(KvCache::new(layers, None)?)
 }
 
 fn median(mut v: Vec<Timing>) -> Timing {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvfetcher_codec::{HevcGeometry, PlaneShape};
+use kvfetcher_codec::HevcGeometry;
 
 use super::cuda::{Cuda, DeviceBuffer, Stream};
 use super::nvdec::{Nvdec, NvdecSession};
@@ -147,8 +147,6 @@ impl GpuDevices {
     }
 }
 
-/// A section geometry: its code shape and HEVC parameters.
-type GatherKey = (PlaneShape, Vec<u8>);
 
 /// NVDEC sessions of one device.
 struct NvdecPool {
@@ -164,7 +162,11 @@ pub struct GpuDevice {
     kernels: RestoreKernels,
     nvdec: Option<NvdecPool>,
     streams: Mutex<Vec<Stream>>,
-    gathers: Mutex<HashMap<GatherKey, Arc<DeviceBuffer>>>,
+    /// Keyed by geometry alone: a section's other parameters (stream sizes, checksum) differ
+    /// from section to section, the table does not.
+    gathers: Mutex<HashMap<HevcGeometry, Arc<DeviceBuffer>>>,
+    /// Held while a missing table is built, so concurrent sections build it once.
+    building: Mutex<()>,
     metrics: Arc<Metrics>,
 }
 
@@ -215,6 +217,7 @@ impl GpuDevice {
             nvdec,
             streams: Mutex::new(Vec::new()),
             gathers: Mutex::new(HashMap::new()),
+            building: Mutex::new(()),
             metrics,
         })
     }
@@ -272,13 +275,12 @@ impl GpuDevice {
 
     /// The gather table (code index -> planar sample index) of an HEVC section geometry,
     /// uploaded once per geometry and reused.
-    pub fn gather(
-        &self,
-        geometry: &HevcGeometry,
-        params: &[u8],
-    ) -> Result<Arc<DeviceBuffer>, GpuError> {
-        let key = (geometry.shape, params.to_vec());
-        if let Some(g) = lock(&self.gathers).get(&key) {
+    pub fn gather(&self, geometry: &HevcGeometry) -> Result<Arc<DeviceBuffer>, GpuError> {
+        if let Some(g) = lock(&self.gathers).get(geometry) {
+            return Ok(g.clone());
+        }
+        let _building = lock(&self.building);
+        if let Some(g) = lock(&self.gathers).get(geometry) {
             return Ok(g.clone());
         }
         let table = Arc::new(self.cuda.upload(&gather_table(geometry)?)?);
@@ -286,7 +288,7 @@ impl GpuDevice {
         if cache.len() >= KEPT_GATHERS {
             cache.clear();
         }
-        cache.insert(key, table.clone());
+        cache.insert(*geometry, table.clone());
         Ok(table)
     }
 }

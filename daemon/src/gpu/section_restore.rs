@@ -321,7 +321,7 @@ fn restore_nvdec(
             frames.frames, frames.format, hg.frames
         )));
     }
-    let gather: Arc<DeviceBuffer> = dev.gather(&hg, &s.params)?;
+    let gather: Arc<DeviceBuffer> = dev.gather(&hg)?;
     for (l, dt) in launches.iter().zip(targets) {
         dev.kernels().restore_frames_at(
             &frames,
