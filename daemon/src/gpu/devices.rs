@@ -147,7 +147,6 @@ impl GpuDevices {
     }
 }
 
-
 /// NVDEC sessions of one device.
 struct NvdecPool {
     sessions: Vec<Mutex<NvdecSession>>,
