@@ -23,7 +23,8 @@ pub enum BufferMemory {
         device: u32,
         /// The `cuIpcGetMemHandle` handle ([`GPU_IPC_HANDLE_LEN`] bytes).
         mem_handle: Vec<u8>,
-        /// One `cuIpcGetEventHandle` handle per layer group, each [`GPU_IPC_HANDLE_LEN`] bytes.
+        /// One `cuIpcGetEventHandle` handle per layer (`shape.num_layers` of them), each
+        /// [`GPU_IPC_HANDLE_LEN`] bytes; recorded before the `LayersReady` that names the layer.
         event_handles: Vec<Vec<u8>>,
     },
 }
