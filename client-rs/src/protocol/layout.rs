@@ -118,7 +118,7 @@ impl TargetLayout {
     }
 
     /// Number of token slots one tensor holds (tokens rounded up to whole blocks).
-    fn slots(&self, shape: &KvShape) -> usize {
+    pub fn slots(&self, shape: &KvShape) -> usize {
         match self.paging {
             Paging::Contiguous => shape.tokens as usize,
             Paging::Paged { .. } => {

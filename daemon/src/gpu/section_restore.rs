@@ -53,17 +53,6 @@ pub fn kernel_dtype(d: KvDType) -> KvDtype {
     }
 }
 
-/// Token slots one target tensor holds (tokens rounded up to whole blocks when paged).
-fn slots(layout: &TargetLayout, shape: &KvShape) -> Result<usize, GpuError> {
-    match layout.paging {
-        Paging::Contiguous => Ok(shape.tokens as usize),
-        Paging::Paged { block_tokens: 0 } => Err(invalid("zero block size")),
-        Paging::Paged { block_tokens } => {
-            Ok(shape.tokens.div_ceil(block_tokens) as usize * block_tokens as usize)
-        }
-    }
-}
-
 /// The kernels' description of one K or V tensor of a buffer in `layout`, for codes whose row
 /// 0 is token `token_start`: paged buffers get the identity block table, since the fetch
 /// buffer's blocks are in order. `TargetSpec::offset(row, col) * dtype size` plus the tensor's
@@ -73,7 +62,10 @@ pub fn target_spec(
     shape: &KvShape,
     token_start: u32,
 ) -> Result<TargetSpec, GpuError> {
-    let slots = slots(layout, shape)?;
+    if let Paging::Paged { block_tokens: 0 } = layout.paging {
+        return Err(invalid("zero block size"));
+    }
+    let slots = layout.slots(shape);
     let paged = match layout.paging {
         Paging::Contiguous => None,
         Paging::Paged { block_tokens } => {
@@ -251,7 +243,7 @@ pub fn restore_section_to_device(
     let stream = dev.stream()?;
     let per_tensor = g.rows * g.cols;
     let bits = s.shape.bits;
-    let route = match header.variant {
+    let done = match header.variant {
         VariantKind::Packed => {
             s.verify(payload)
                 .map_err(|e| GpuError::Decode(e.to_string()))?;
@@ -263,27 +255,26 @@ pub fn restore_section_to_device(
                     .restore_packed_at(&packed, at, bits, dt, &stream)?;
             }
             stream.synchronize()?;
-            Route::Packed
+            Some(Route::Packed)
         }
         VariantKind::Hevc if dev.nvdec_sessions() > 0 => {
             s.verify(payload)
                 .map_err(|e| GpuError::Decode(e.to_string()))?;
             match restore_nvdec(dev, s, payload, &launches, &targets, per_tensor, &stream) {
-                Ok(true) => Route::Nvdec,
-                Ok(false) => cpu_decode(
-                    dev, header, index, payload, registry, &launches, &targets, per_tensor, &stream,
-                )?,
+                Ok(true) => Some(Route::Nvdec),
+                Ok(false) => None,
                 Err(e) => {
                     tracing::debug!("nvdec route failed ({e}): decoding section on the CPU");
                     stream.synchronize()?;
-                    cpu_decode(
-                        dev, header, index, payload, registry, &launches, &targets, per_tensor,
-                        &stream,
-                    )?
+                    None
                 }
             }
         }
-        _ => cpu_decode(
+        _ => None,
+    };
+    let route = match done {
+        Some(route) => route,
+        None => cpu_decode(
             dev, header, index, payload, registry, &launches, &targets, per_tensor, &stream,
         )?,
     };
