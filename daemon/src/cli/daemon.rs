@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::config::{Config, LogFormat};
-use crate::gpu::{CodecHevcLayout, Cuda, GpuDevices, NvdecHevcDecoder};
+use crate::gpu::{DeviceHevcDecoder, GpuDevices};
 use crate::metrics::{serve_metrics, Metrics};
 use crate::pipeline::Pipeline;
 use notify::Notifier;
@@ -114,36 +114,26 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
     };
 }
 
-/// The daemon's codecs: the standard registry, with HEVC sections decoded on NVDEC (GPU 0)
-/// when GPUs are enabled and the host has one; else the software decoder (libde265), if any.
-/// One log line says which. GPU hosts often lack libde265, and NVDEC spares the CPU.
-fn codec_registry(config: &Config) -> CodecRegistry {
+/// The daemon's codecs: the standard registry, with HEVC sections of host fetches decoded on
+/// GPU 0's NVDEC sessions when GPUs are enabled and the host has one (GPU hosts often lack
+/// libde265, and NVDEC spares the CPU); else the software decoder, if any. Nothing is opened
+/// until the first HEVC section.
+fn codec_registry(gpus: &Arc<GpuDevices>) -> CodecRegistry {
     let reg = CodecRegistry::default();
-    if !config.gpu.enabled {
+    if !gpus.enabled() {
         return reg;
     }
-    match Cuda::open(0).and_then(|c| NvdecHevcDecoder::new(c, CodecHevcLayout, None)) {
-        Ok(d) => {
-            tracing::info!("hevc sections of host fetches decode on nvdec (gpu 0)");
-            reg.with_decoder(VariantKind::Hevc, Arc::new(d))
-        }
-        Err(e) => {
-            let software = if reg.decoder(VariantKind::Hevc).is_ok() {
-                "libde265"
-            } else {
-                "none: hevc chunks cannot be fetched to host memory"
-            };
-            tracing::info!("nvdec unavailable ({e}); hevc decoder: {software}");
-            reg
-        }
-    }
+    let nvdec = DeviceHevcDecoder::new(gpus.clone(), 0, reg.clone());
+    reg.with_decoder(VariantKind::Hevc, Arc::new(nvdec))
 }
 
 /// Binds the socket and metrics endpoint and starts serving in the background until `stop`
 /// turns true. Must be called inside a tokio runtime.
 pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
-    let pipeline = Pipeline::from_config(config, codec_registry(config), metrics.clone())?;
+    // One per daemon: each GPU is opened on the first request for it.
+    let gpus = Arc::new(GpuDevices::new(config.gpu.options(), metrics.clone()));
+    let pipeline = Pipeline::from_config(config, codec_registry(&gpus), metrics.clone())?;
     let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics_addr {
@@ -154,8 +144,6 @@ pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Resu
         tokio::spawn(serve_metrics(l, metrics.clone(), stopped(stop.clone())));
     }
     let backend: Arc<dyn crate::server::Backend> = Arc::new(pipeline);
-    // One per daemon: each GPU is opened on the first request for it.
-    let gpus = Arc::new(GpuDevices::new(config.gpu.options(), metrics.clone()));
     tokio::spawn(async move {
         let opts = crate::server::ServeOptions::default();
         if let Err(e) =

@@ -6,13 +6,12 @@
 //! GPU memory, and then gets a [`DeviceError`] the server reports as `gpu_unsupported`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvfetcher_codec::HevcGeometry;
 
 use super::cuda::{Cuda, DeviceBuffer, Stream};
-use super::nvdec::{Nvdec, NvdecSession};
+use super::nvdec::SessionPool;
 use super::restore::RestoreKernels;
 use super::sections::gather_table;
 use super::GpuError;
@@ -147,19 +146,12 @@ impl GpuDevices {
     }
 }
 
-/// NVDEC sessions of one device.
-struct NvdecPool {
-    sessions: Vec<Mutex<NvdecSession>>,
-    next: AtomicUsize,
-    _nvdec: Nvdec,
-}
-
 /// One opened GPU: its context, restore kernels, NVDEC sessions (if the host has NVDEC),
 /// streams and cached gather tables.
 pub struct GpuDevice {
     cuda: Arc<Cuda>,
     kernels: RestoreKernels,
-    nvdec: Option<NvdecPool>,
+    nvdec: Option<Arc<SessionPool>>,
     streams: Mutex<Vec<Stream>>,
     /// Keyed by geometry alone: a section's other parameters (stream sizes, checksum) differ
     /// from section to section, the table does not.
@@ -192,7 +184,7 @@ impl GpuDevice {
         let open_err = |source| DeviceError::Open { ordinal, source };
         let kernels = RestoreKernels::load(&cuda).map_err(open_err)?;
         let nvdec = match open_nvdec(&cuda, opts.nvdec_sessions) {
-            Ok(pool) => Some(pool),
+            Ok(pool) => Some(Arc::new(pool)),
             Err(e) => {
                 tracing::warn!(
                     gpu = ordinal,
@@ -207,7 +199,7 @@ impl GpuDevice {
             name = %info.name,
             memory_gib = format!("{:.1}", info.total_memory as f64 / (1u64 << 30) as f64),
             compute_capability = ?info.compute_capability,
-            nvdec_sessions = nvdec.as_ref().map_or(0, |p| p.sessions.len()),
+            nvdec_sessions = nvdec.as_ref().map_or(0, |p| p.len()),
             "gpu opened"
         );
         Ok(GpuDevice {
@@ -243,21 +235,12 @@ impl GpuDevice {
 
     /// NVDEC sessions (0 when the host has no NVDEC).
     pub fn nvdec_sessions(&self) -> usize {
-        self.nvdec.as_ref().map_or(0, |p| p.sessions.len())
+        self.nvdec.as_ref().map_or(0, |p| p.len())
     }
 
-    /// Runs `f` on an idle NVDEC session (else waits for one, round robin); `None` when the
-    /// host has no NVDEC.
-    pub fn with_nvdec<R>(&self, f: impl FnOnce(&mut NvdecSession) -> R) -> Option<R> {
-        let pool = self.nvdec.as_ref()?;
-        for s in &pool.sessions {
-            if let Ok(mut s) = s.try_lock() {
-                return Some(f(&mut s));
-            }
-        }
-        let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.sessions.len();
-        let mut s = lock(&pool.sessions[i]);
-        Some(f(&mut s))
+    /// The device's NVDEC sessions, `None` when the host has no NVDEC.
+    pub fn nvdec(&self) -> Option<&Arc<SessionPool>> {
+        self.nvdec.as_ref()
     }
 
     /// A stream from the pool, returned to it when the guard drops.
@@ -292,21 +275,13 @@ impl GpuDevice {
     }
 }
 
-fn open_nvdec(cuda: &Arc<Cuda>, wanted: usize) -> Result<NvdecPool, GpuError> {
-    let nvdec = Nvdec::open(cuda.clone())?;
-    let engines = nvdec.engines()?;
-    let n = if wanted == 0 {
-        engines
-    } else {
-        wanted.min(engines * 4).max(1)
-    };
-    let sessions = (0..n)
-        .map(|_| nvdec.session().map(Mutex::new))
-        .collect::<Result<_, _>>()?;
-    Ok(NvdecPool {
-        sessions,
-        next: AtomicUsize::new(0),
-        _nvdec: nvdec,
+fn open_nvdec(cuda: &Arc<Cuda>, wanted: usize) -> Result<SessionPool, GpuError> {
+    SessionPool::open(cuda.clone(), |engines| {
+        if wanted == 0 {
+            engines
+        } else {
+            wanted.min(engines * 4)
+        }
     })
 }
 

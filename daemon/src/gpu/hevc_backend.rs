@@ -7,14 +7,16 @@
 //! layout math. [`hevc_section_decoder`] picks NVDEC when the host has it and the software
 //! decoder otherwise, logging the choice once.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use kvfetcher_codec::{
-    codes_crc32c, CodePlane, CodecError, Frame, HevcParams, PlaneShape, SectionDecoder, VariantKind,
+    codes_crc32c, CodePlane, CodecError, CodecRegistry, Frame, HevcParams, PlaneShape,
+    SectionDecoder, VariantKind,
 };
 
 use super::cuda::Cuda;
-use super::nvdec::{HostFrames, Nvdec, NvdecSession};
+use super::devices::GpuDevices;
+use super::nvdec::{HostFrames, SessionPool};
 use super::GpuError;
 
 /// The HEVC variant's layout, as the NVDEC decoder needs it.
@@ -37,15 +39,14 @@ pub trait HevcFrameLayout: Send + Sync {
 
 /// NVDEC-backed [`SectionDecoder`] for HEVC sections.
 pub struct NvdecHevcDecoder<L> {
-    sessions: Vec<Mutex<NvdecSession>>,
+    pool: Arc<SessionPool>,
     layout: L,
-    _nvdec: Arc<Nvdec>,
 }
 
 impl<L> std::fmt::Debug for NvdecHevcDecoder<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NvdecHevcDecoder")
-            .field("sessions", &self.sessions.len())
+            .field("sessions", &self.pool.len())
             .finish()
     }
 }
@@ -60,32 +61,13 @@ fn library(e: GpuError) -> CodecError {
 impl<L: HevcFrameLayout> NvdecHevcDecoder<L> {
     /// Opens `sessions` decode sessions (`None`: one per NVDEC engine) on `cuda`'s device.
     pub fn new(cuda: Arc<Cuda>, layout: L, sessions: Option<usize>) -> Result<Self, GpuError> {
-        let nvdec = Arc::new(Nvdec::open(cuda)?);
-        let n = match sessions {
-            Some(n) => n.max(1),
-            None => nvdec.engines()?,
-        };
-        let sessions = (0..n)
-            .map(|_| nvdec.session().map(Mutex::new))
-            .collect::<Result<_, _>>()?;
-        Ok(NvdecHevcDecoder {
-            sessions,
-            layout,
-            _nvdec: nvdec,
-        })
+        let pool = SessionPool::open(cuda, |engines| sessions.unwrap_or(engines))?;
+        Ok(Self::from_pool(Arc::new(pool), layout))
     }
 
-    /// Decodes one stream on the first idle session (or waits for session `hint`).
-    fn decode_stream(&self, stream: &[u8], hint: usize) -> Result<HostFrames, GpuError> {
-        for s in &self.sessions {
-            if let Ok(mut s) = s.try_lock() {
-                return s.decode_to_host(stream);
-            }
-        }
-        let mut s = self.sessions[hint % self.sessions.len()]
-            .lock()
-            .map_err(|_| GpuError::Decode("a decode session panicked".into()))?;
-        s.decode_to_host(stream)
+    /// Decodes on `pool`'s sessions, shared with whoever else decodes on that device.
+    pub fn from_pool(pool: Arc<SessionPool>, layout: L) -> Self {
+        NvdecHevcDecoder { pool, layout }
     }
 }
 
@@ -105,8 +87,9 @@ impl<L: HevcFrameLayout> SectionDecoder for NvdecHevcDecoder<L> {
         let frames: Vec<Result<HostFrames, GpuError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = streams
                 .iter()
-                .enumerate()
-                .map(|(i, s)| scope.spawn(move || self.decode_stream(s, i)))
+                .map(|s| {
+                    scope.spawn(move || self.pool.with(|session| session.decode_to_host(s))?)
+                })
                 .collect();
             handles
                 .into_iter()
@@ -133,12 +116,81 @@ pub fn hevc_section_decoder<L: HevcFrameLayout + 'static>(
 ) -> Box<dyn SectionDecoder> {
     match Cuda::open(ordinal).and_then(|cuda| NvdecHevcDecoder::new(cuda, layout, None)) {
         Ok(d) => {
-            tracing::info!(sessions = d.sessions.len(), "hevc sections decode on nvdec");
+            tracing::info!(sessions = d.pool.len(), "hevc sections decode on nvdec");
             Box::new(d)
         }
         Err(e) => {
             tracing::warn!("nvdec unavailable ({e}): hevc sections decode in software");
             software
+        }
+    }
+}
+
+/// The daemon's HEVC section decoder for host fetches: NVDEC through the sessions of GPU
+/// `ordinal` of `gpus` (the ones its GPU fetches use, so the card gets no second pool), chosen on
+/// the first section, not at start-up; `fallback`'s HEVC decoder (libde265, or its reason for
+/// having none) when that GPU cannot be opened or has no NVDEC. The choice is logged once.
+pub struct DeviceHevcDecoder {
+    gpus: Arc<GpuDevices>,
+    ordinal: usize,
+    fallback: CodecRegistry,
+    nvdec: OnceLock<Option<NvdecHevcDecoder<CodecHevcLayout>>>,
+}
+
+impl DeviceHevcDecoder {
+    /// Decodes on GPU `ordinal` of `gpus` when it has NVDEC, else with `fallback`.
+    pub fn new(gpus: Arc<GpuDevices>, ordinal: usize, fallback: CodecRegistry) -> Self {
+        DeviceHevcDecoder {
+            gpus,
+            ordinal,
+            fallback,
+            nvdec: OnceLock::new(),
+        }
+    }
+
+    fn nvdec(&self) -> Option<&NvdecHevcDecoder<CodecHevcLayout>> {
+        let gpu = self.ordinal;
+        self.nvdec
+            .get_or_init(|| match self.gpus.device(gpu) {
+                Ok(dev) => match dev.nvdec() {
+                    Some(pool) => {
+                        tracing::info!(gpu, "hevc sections of host fetches decode on nvdec");
+                        Some(NvdecHevcDecoder::from_pool(pool.clone(), CodecHevcLayout))
+                    }
+                    None => {
+                        tracing::info!(gpu, "no nvdec: hevc sections decode in software");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::info!(
+                        gpu,
+                        "gpu unavailable ({e}): hevc sections decode in software"
+                    );
+                    None
+                }
+            })
+            .as_ref()
+    }
+}
+
+impl SectionDecoder for DeviceHevcDecoder {
+    fn variant(&self) -> VariantKind {
+        VariantKind::Hevc
+    }
+
+    fn decode(
+        &self,
+        shape: PlaneShape,
+        params: &[u8],
+        payload: &[u8],
+    ) -> Result<CodePlane, CodecError> {
+        match self.nvdec() {
+            Some(d) => d.decode(shape, params, payload),
+            None => self
+                .fallback
+                .decoder(VariantKind::Hevc)?
+                .decode(shape, params, payload),
         }
     }
 }

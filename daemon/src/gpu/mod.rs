@@ -29,8 +29,12 @@ pub mod sections;
 pub use cuda::{Cuda, DeviceBuffer, DeviceInfo, Event, Module, Stream};
 pub use devices::{DeviceError, GpuDevice, GpuDevices, GpuOptions};
 pub use error::GpuError;
-pub use hevc_backend::{hevc_section_decoder, CodecHevcLayout, HevcFrameLayout, NvdecHevcDecoder};
-pub use nvdec::{Chroma, DeviceFrames, FrameFormat, HevcCaps, HostFrames, Nvdec, NvdecSession};
+pub use hevc_backend::{
+    hevc_section_decoder, CodecHevcLayout, DeviceHevcDecoder, HevcFrameLayout, NvdecHevcDecoder,
+};
+pub use nvdec::{
+    Chroma, DeviceFrames, FrameFormat, HevcCaps, HostFrames, Nvdec, NvdecSession, SessionPool,
+};
 pub use restore::{
     restore_cpu, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping,
     RestoreKernels, TargetSpec,

@@ -8,7 +8,8 @@
 //! This module does not know how codes are laid out in frames: that is the HEVC variant's job.
 
 use std::ffi::{c_int, c_void};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::cuda::{Cuda, DeviceBuffer, Stream};
 use super::nvcuvid_sys::{self as sys, NvcuvidApi};
@@ -218,6 +219,67 @@ impl Nvdec {
             stream: self.cuda.stream()?,
             decoder: None,
         })
+    }
+}
+
+/// Decode sessions of one device shared by everything that decodes there (GPU fetches and the
+/// HEVC section decoder of host fetches), so a device never has more sessions than asked for.
+pub struct SessionPool {
+    sessions: Vec<Mutex<NvdecSession>>,
+    next: AtomicUsize,
+    _nvdec: Nvdec,
+}
+
+impl std::fmt::Debug for SessionPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionPool")
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+impl SessionPool {
+    /// Opens NVDEC on `cuda`'s device with `sessions(engines)` sessions (at least one), where
+    /// `engines` is the card's NVDEC engine count.
+    pub fn open(
+        cuda: Arc<Cuda>,
+        sessions: impl FnOnce(usize) -> usize,
+    ) -> Result<SessionPool, GpuError> {
+        let nvdec = Nvdec::open(cuda)?;
+        let n = sessions(nvdec.engines()?).max(1);
+        let sessions = (0..n)
+            .map(|_| nvdec.session().map(Mutex::new))
+            .collect::<Result<_, _>>()?;
+        Ok(SessionPool {
+            sessions,
+            next: AtomicUsize::new(0),
+            _nvdec: nvdec,
+        })
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether the pool has no session (never: `open` makes at least one).
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Runs `f` on the first idle session, else waits for the next one in round-robin order.
+    /// A session whose decode panicked is not used again.
+    pub fn with<R>(&self, f: impl FnOnce(&mut NvdecSession) -> R) -> Result<R, GpuError> {
+        for s in &self.sessions {
+            if let Ok(mut s) = s.try_lock() {
+                return Ok(f(&mut s));
+            }
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len();
+        let mut s = self.sessions[i]
+            .lock()
+            .map_err(|_| GpuError::Decode("a decode session panicked".into()))?;
+        Ok(f(&mut s))
     }
 }
 

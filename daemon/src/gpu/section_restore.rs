@@ -304,8 +304,9 @@ fn restore_nvdec(
         .cuda()
         .alloc(hg.frames * fmt.surface_bytes_per_frame())?;
     let frames = dev
-        .with_nvdec(|session| session.decode_to_device(streams[0], &surf, 0))
-        .ok_or_else(|| GpuError::NoNvdec("no session".into()))??;
+        .nvdec()
+        .ok_or_else(|| GpuError::NoNvdec("no session".into()))?
+        .with(|session| session.decode_to_device(streams[0], &surf, 0))??;
     if frames.format != fmt || frames.frames != hg.frames {
         return Err(GpuError::Decode(format!(
             "decoded {} frames of {:?}, params say {} of {fmt:?}",
