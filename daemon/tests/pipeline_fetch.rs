@@ -10,7 +10,7 @@ use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{kv_dtype, Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, Destination, ServeError};
 use kvfetcher::store::{LocalDir, ServerOptions, StoreServer};
-use kvfetcher::transport::{write_dev_pki, TlsClientConfig, TlsServerConfig};
+use kvfetcher::transport::{write_dev_pki, StoreClient, TlsClientConfig, TlsServerConfig};
 use kvfetcher_client::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
     decode_chunk, encode_cache, CodecRegistry, EncodeConfig, ModelFingerprint, QuantConfig,
@@ -62,6 +62,8 @@ impl Destination for MemDest {
 struct Fixture {
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The store, for more pipelines and clients.
+    target: StoreTarget,
     pipeline: Arc<Pipeline>,
     cache: KvCache,
     ids: Vec<u32>,
@@ -125,7 +127,7 @@ async fn fixture(save: SaveConfig, fetch: FetchConfig) -> Option<Fixture> {
         tls: TlsClientConfig::from_path(&certs).unwrap(),
     };
     let pipeline = Pipeline::new(
-        vec![target],
+        vec![target.clone()],
         CodecRegistry::software(),
         fetch,
         save,
@@ -139,6 +141,7 @@ async fn fixture(save: SaveConfig, fetch: FetchConfig) -> Option<Fixture> {
     Some(Fixture {
         _dir: dir,
         stop: Some(stop),
+        target,
         pipeline: Arc::new(pipeline),
         cache,
         ids,
@@ -428,4 +431,75 @@ async fn store_down_is_unavailable_and_bad_input_is_rejected() {
     let r = tokio::time::timeout(std::time::Duration::from_secs(20), p.lookup(MODEL, &f.ids)).await;
     let err = r.expect("lookup gives up").unwrap_err();
     assert!(matches!(err, ServeError::Unavailable(_)), "{err}");
+}
+
+/// `fetch.connections_per_store`: a pipeline keeps that many QUIC connections to a store and
+/// spreads its requests over them, while lookups reuse one, observed through the real store's
+/// count of open connections (the observer's own included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_spread_over_connections_per_store() {
+    let save = save_config(8, "zstd");
+    let Some(f) = fixture(save.clone(), FetchConfig::default()).await else {
+        return;
+    };
+    let pipeline = |connections| {
+        let fetch = FetchConfig {
+            connections_per_store: connections,
+            ..FetchConfig::default()
+        };
+        let reg = CodecRegistry::software();
+        Pipeline::new(
+            vec![f.target.clone()],
+            reg,
+            fetch,
+            save.clone(),
+            Metrics::new(),
+        )
+        .unwrap()
+    };
+    let observer = StoreClient::connect(f.target.addr, f.target.tls.clone())
+        .await
+        .unwrap();
+    let open_connections = || async { observer.stats().await.unwrap().connections };
+    assert_eq!(open_connections().await, 1);
+    let shape = shape_of(&f.cache);
+    let (layout, data) = client_bytes(&f.cache);
+
+    // Lookups take whichever connection is open: repeated ones open no more than one.
+    let saver = pipeline(3);
+    for _ in 0..3 {
+        assert_eq!(saver.lookup(MODEL, &f.ids).await.unwrap(), 0);
+    }
+    assert_eq!(open_connections().await, 2);
+    // The three chunk puts go round robin over all three connections.
+    let stored = saver
+        .save(MODEL, &f.ids, &layout, &shape, &data)
+        .await
+        .unwrap();
+    assert_eq!(stored, 3);
+    assert_eq!(open_connections().await, 4);
+
+    // A fresh pipeline's fetch alone opens its three connections, and gets the data right:
+    // a one-connection pipeline fetches the same bytes.
+    let ids: &[u32] = &f.ids;
+    let fetch_into = |p: Pipeline| async move {
+        let dest = MemDest::new(layout);
+        let out = p.fetch(MODEL, ids, &layout, dest.clone()).await.unwrap();
+        assert_eq!(out.tokens, TOKENS as u32);
+        let bytes = dest.buf.lock().unwrap().clone();
+        (p, bytes)
+    };
+    let (three, got3) = fetch_into(pipeline(3)).await;
+    assert_eq!(open_connections().await, 7);
+    let (one, got1) = fetch_into(pipeline(1)).await;
+    assert_eq!(open_connections().await, 8);
+    assert_eq!(got3.len(), data.len());
+    assert!(
+        got3 == got1,
+        "three connections fetched other bytes than one"
+    );
+    // 8-bit quantization keeps every value close: the fetch restored the cache, not zeros.
+    let nonzero = got3.iter().filter(|&&b| b != 0).count();
+    assert!(nonzero > got3.len() / 4, "{nonzero} nonzero bytes");
+    drop((saver, three, one));
 }
