@@ -65,3 +65,20 @@ pub(crate) fn checked_buffer_len(
     }
     Ok(len)
 }
+
+/// The end of a write of `len` bytes at `offset` into a buffer of `buf_len` bytes, refused
+/// when it does not fit: the bounds check of every destination's `write`.
+pub(crate) fn checked_write_end(
+    offset: usize,
+    len: usize,
+    buf_len: usize,
+) -> Result<usize, ServeError> {
+    offset
+        .checked_add(len)
+        .filter(|&e| e <= buf_len)
+        .ok_or_else(|| {
+            ServeError::BadRequest(format!(
+                "write of {len} bytes at {offset} outside a {buf_len} byte buffer"
+            ))
+        })
+}

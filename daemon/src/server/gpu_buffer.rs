@@ -173,16 +173,7 @@ impl Destination for GpuDestination {
             .alloc
             .get()
             .ok_or_else(|| ServeError::Internal("write before allocate".into()))?;
-        if offset
-            .checked_add(bytes.len())
-            .is_none_or(|e| e > a.buffer.len())
-        {
-            return Err(ServeError::BadRequest(format!(
-                "write of {} bytes at {offset} outside a {} byte buffer",
-                bytes.len(),
-                a.buffer.len()
-            )));
-        }
+        super::error::checked_write_end(offset, bytes.len(), a.buffer.len())?;
         self.dirty.store(true, Ordering::Release);
         a.buffer
             .write_at(offset, bytes)

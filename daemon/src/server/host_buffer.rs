@@ -99,16 +99,7 @@ impl Destination for HostDestination {
             .alloc
             .get()
             .ok_or_else(|| ServeError::Internal("write before allocate".into()))?;
-        let end = offset
-            .checked_add(bytes.len())
-            .filter(|&e| e <= a.map.len())
-            .ok_or_else(|| {
-                ServeError::BadRequest(format!(
-                    "write of {} bytes at {offset} outside a {} byte buffer",
-                    bytes.len(),
-                    a.map.len()
-                ))
-            })?;
+        let end = super::error::checked_write_end(offset, bytes.len(), a.map.len())?;
         debug_assert!(end <= a.map.len());
         // SAFETY: `offset..end` lies inside the live mapping (checked above); the mapping is
         // shared read-write and outlives `self`'s borrow; `bytes` cannot alias it (it is a Rust
