@@ -21,9 +21,24 @@ mkdir -p "$out"
 bin="$carry/kvfetcher"
 kv="${KV:-$carry/codelm-kv-a-4l.safetensors}"
 fx="$carry/fixtures"
-export PATH="$PATH:/usr/local/cuda/bin"
-export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/nvidia/lib64:$carry/lib"
+export PATH="$PATH:/usr/local/cuda/bin:$carry/x265"
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/nvidia/lib64:$carry/lib:$carry/x265"
 status=0
+# A bundle from scripts/gpu-prep.sh --bundle: unpack it, and make the fixtures here.
+if [ ! -x "$bin" ] && [ -f "$carry/xz/kvfetcher.xz" ]; then
+  xz -dc "$carry/xz/kvfetcher.xz" > "$bin" && chmod +x "$bin"
+  for t in tests x265; do
+    [ -f "$carry/xz/$t.tar.xz" ] && tar -C "$carry" -xJf "$carry/xz/$t.tar.xz"
+  done
+fi
+if [ ! -f "$fx/kv-444-8.hevc" ] && command -v x265 >/dev/null; then
+  # From the same KV as the checks below (they compare against its codes).
+  echo "making NVDEC fixtures from $kv (x265)"
+  "$bin" gpu fixtures --kv "$kv" --out "$fx" > "$out/fixtures.txt" 2>&1 || status=1
+fi
+if [ ! -d "$fx/sections" ] && command -v x265 >/dev/null; then
+  "$bin" gpu section-fixtures --kv "$kv" --out "$fx/sections" >> "$out/fixtures.txt" 2>&1 || status=1
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/smi.txt"
 if "$root/scripts/gen-ptx.sh" --out "$out/restore.ptx"; then
   export KVFETCHER_RESTORE_PTX="$out/restore.ptx"
@@ -45,7 +60,13 @@ fi
 : > "$out/rust-tests.txt"
 for t in "$carry"/tests/*; do
   [ -x "$t" ] || continue
-  if (cd "$root/daemon" && KVF_GPU_TEST_HEVC_DIR="$carry/h2/hevc" "$t" --test-threads 1) > "$out/rust-$(basename "$t").log" 2>&1; then
+  # HEVC chunks for the tests: encoded by the test itself where libx265 loads, else these.
+  hevc_dir=()
+  [ -d "$carry/h2/hevc" ] && hevc_dir=(env KVF_GPU_TEST_HEVC_DIR="$carry/h2/hevc")
+  # The daemon's own unit tests: only its GPU modules (the rest run in CI).
+  filter=()
+  case "$(basename "$t")" in kvfetcher-*) filter=(gpu::) ;; esac
+  if (cd "$root/daemon" && "${hevc_dir[@]}" "$t" "${filter[@]}" --test-threads 1) > "$out/rust-$(basename "$t").log" 2>&1; then
     echo "| rust $(basename "$t") | $(grep -E '^test result' "$out/rust-$(basename "$t").log" | tail -1) |" >> "$out/rust-tests.txt"
   else
     echo "| rust $(basename "$t") | FAIL: $(grep -E 'panicked|FAILED|failed' "$out/rust-$(basename "$t").log" | head -2 | tr '\n' ' ') |" >> "$out/rust-tests.txt"

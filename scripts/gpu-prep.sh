@@ -8,18 +8,25 @@
 #   .carry/fixtures/                    NVDEC fixtures (kvfetcher gpu fixtures / section-fixtures)
 #   .carry/tests/*                      with --tests: the Rust GPU test binaries (release, stripped),
 #                                       run by gpu-check.sh (they self-skip without a driver)
-# Usage: scripts/gpu-prep.sh [--no-build] [--tests]
+#   .carry/xz/                          with --bundle: the binary, the test binaries and x265 (CLI
+#                                       and libraries, for fixtures and HEVC encoding on the GPU
+#                                       host) compressed, so the carry fits the device's 64 MiB;
+#                                       gpu-check.sh unpacks it and makes the fixtures there.
+#                                       Carry then: .carry/xz .carry/lib .carry/chunks
+#                                       .carry/codelm-kv-a-4l.safetensors (not the rest of .carry)
+# Usage: scripts/gpu-prep.sh [--no-build] [--tests] [--bundle]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 carry="$root/.carry"
 mkdir -p "$carry/lib"
-build=1 tests=0
+build=1 tests=0 bundle=0
 for a in "$@"; do
   case "$a" in
     --no-build) build=0 ;;
     --tests) tests=1 ;;
-    *) echo "usage: $0 [--no-build] [--tests]" >&2; exit 2 ;;
+    --bundle) bundle=1 ;;
+    *) echo "usage: $0 [--no-build] [--tests] [--bundle]" >&2; exit 2 ;;
   esac
 done
 if [ $build = 1 ]; then
@@ -27,10 +34,19 @@ if [ $build = 1 ]; then
 fi
 if [ $tests = 1 ]; then
   rm -rf "$carry/tests" && mkdir -p "$carry/tests"
-  cargo test --release -p kvfetcher --test gpu_fetch --no-run --message-format=json 2>/dev/null |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | while read -r t; do install -m 755 -s "$t" "$carry/tests/"; done
-  cargo test --release -p kvfetcher-client --lib --no-run --message-format=json 2>/dev/null |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | while read -r t; do install -m 755 -s "$t" "$carry/tests/"; done
+  # Only the test harnesses (profile.test), not the binaries cargo builds for them.
+  test_exes() {
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["profile"]["test"] and m.get("executable"):
+        print(m["executable"])'
+  }
+  for args in "-p kvfetcher --test gpu_fetch" "-p kvfetcher --lib" "-p kvfetcher-client --lib"; do
+    # shellcheck disable=SC2086
+    cargo test --release $args --no-run --message-format=json 2>/dev/null | test_exes |
+      while read -r t; do install -m 755 -s "$t" "$carry/tests/"; done
+  done
 fi
 install -m 755 -s target/release/kvfetcher "$carry/kvfetcher"
 install -m 755 -s target/release/libkvfetcher.so "$carry/lib/libkvfetcher.so"
@@ -71,3 +87,19 @@ enc hevc8-mixed --variant hevc --bits 8 --value-grouping token
 enc packed4 --variant packed --bits 4
 enc exact --variant zstd --exact
 du -sh "$carry"/chunks/* "$carry"
+if [ $bundle = 1 ]; then
+  rm -rf "$carry/xz" && mkdir -p "$carry/xz" "$carry/x265"
+  xz -T0 -6 -c "$carry/kvfetcher" > "$carry/xz/kvfetcher.xz"
+  if [ -d "$carry/tests" ]; then tar -C "$carry" -cJf "$carry/xz/tests.tar.xz" tests; fi
+  # x265 is GPL: it travels to the GPU host as a tool for fixtures and benchmarks, never
+  # linked into the client libraries.
+  x265="$(command -v x265 || true)"
+  [ -n "$x265" ] || { echo "gpu-prep: --bundle needs the x265 CLI (apt-get install x265)" >&2; exit 1; }
+  cp "$x265" "$carry/x265/"
+  for lib in $(ldd "$x265" | awk '/libx265|libnuma/ {print $3}') \
+    "$(ldconfig -p | awk '/libde265.so.0 / {print $NF; exit}')"; do
+    [ -n "$lib" ] && cp -L "$lib" "$carry/x265/"
+  done
+  tar -C "$carry" -cJf "$carry/xz/x265.tar.xz" x265
+  du -sh "$carry/xz"/*
+fi

@@ -11,6 +11,18 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// Division by a divisor fixed for a launch: a multiply-high, an add and a shift instead of a
+// ~20-instruction integer division (Granlund-Montgomery; the host's FastDiv::new computes
+// `mul` and `shift`, and its tests check the quotient against `/`). Valid for every 32-bit n.
+struct FastDiv {
+    unsigned int d, mul, shift, pad_;
+};
+
+__device__ __forceinline__ unsigned fdiv(const FastDiv& f, unsigned n) {
+    unsigned t = __umulhi(n, f.mul);
+    return (unsigned)(((unsigned long long)t + n) >> f.shift);
+}
+
 // Where and how to write. Must match RestoreTargetArgs in restore.rs field for field.
 struct RestoreTarget {
     const unsigned long long* out_ptrs;  // [tensors] base address of each tensor's target
@@ -26,9 +38,13 @@ struct RestoreTarget {
     unsigned int dtype;          // 0: f16, 1: bf16, 2: f32
     unsigned int grouping;       // 0: per channel (groups = cols), 1: per token (groups = rows)
     unsigned int pad_;
+    FastDiv per_row;             // by cols / 8 (column groups per row)
+    FastDiv by_head_dim;         // by head_dim
+    FastDiv by_block;            // by block_size (paged; else by 1)
 };
 
-// Where the decoded surfaces are. Must match FrameSourceArgs in restore.rs.
+// Where the decoded surfaces are. Must match FrameSourceArgs in restore.rs. Sample indices
+// fit 32 bits (the host checks frames x samples per frame).
 struct FrameSource {
     const unsigned int* gather;  // code index -> planar sample index; null: identity
     unsigned int width, height;
@@ -36,14 +52,16 @@ struct FrameSource {
     unsigned int bytes_per_sample;
     unsigned int shift;          // 16 - bit_depth for 2-byte samples (MSB-aligned), else 0
     unsigned int pad_;
+    FastDiv per_frame;           // by samples per frame
+    FastDiv per_chroma;          // by samples per chroma plane
 };
 
+// Element offset of (row, col) in a tensor's target, with col = head * head_dim + d.
 __device__ __forceinline__ unsigned long long target_offset(const RestoreTarget& t, unsigned row,
-                                                            unsigned col) {
+                                                            unsigned head, unsigned d) {
     unsigned token = t.token_offset + row;
-    unsigned head = col / t.head_dim, d = col - head * t.head_dim;
     if (t.block_table) {
-        unsigned blk = token / t.block_size, slot = token - blk * t.block_size;
+        unsigned blk = fdiv(t.by_block, token), slot = token - blk * t.block_size;
         unsigned long long phys = (unsigned long long)(unsigned)t.block_table[blk];
         if (t.layout == 0) return ((phys * t.block_size + slot) * t.heads + head) * t.head_dim + d;
         return ((phys * t.heads + head) * t.block_size + slot) * t.head_dim + d;
@@ -52,27 +70,38 @@ __device__ __forceinline__ unsigned long long target_offset(const RestoreTarget&
     return ((unsigned long long)head * t.target_tokens + token) * t.head_dim + d;
 }
 
-// Dequantizes 8 codes of one row, columns col..col+7 (col % 8 == 0, head_dim % 8 == 0), and
-// stores them with one or two 16-byte stores.
-__device__ __forceinline__ void store8(const RestoreTarget& t, unsigned tensor, unsigned row,
-                                       unsigned col, const unsigned (&code)[8]) {
+// Rows each thread restores per step: the loads of several rows are in flight at once, and a
+// per-channel tensor's 8 scales and mins are loaded once for all of them.
+#ifndef ROWS_PER_THREAD
+#define ROWS_PER_THREAD 2
+#endif
+
+// The scales and mins of columns col..col+7 of `tensor` (per-channel grouping).
+__device__ __forceinline__ void channel_params(const RestoreTarget& t, unsigned tensor, unsigned col,
+                                               float (&s)[8], float (&m)[8]) {
+    const float4* s4 = reinterpret_cast<const float4*>(t.scales + (size_t)tensor * t.cols + col);
+    const float4* m4 = reinterpret_cast<const float4*>(t.mins + (size_t)tensor * t.cols + col);
+    float4 s0 = __ldg(s4), s1 = __ldg(s4 + 1), m0 = __ldg(m4), m1 = __ldg(m4 + 1);
+    s[0] = s0.x; s[1] = s0.y; s[2] = s0.z; s[3] = s0.w; s[4] = s1.x; s[5] = s1.y; s[6] = s1.z; s[7] = s1.w;
+    m[0] = m0.x; m[1] = m0.y; m[2] = m0.z; m[3] = m0.w; m[4] = m1.x; m[5] = m1.y; m[6] = m1.z; m[7] = m1.w;
+}
+
+// Dequantizes 8 codes of one row, columns col..col+7 (col % 8 == 0, head_dim % 8 == 0), with
+// the per-channel `s`/`m` (or the row's own scale and min for per-token grouping), and stores
+// them at element `off` of `base` with one or two 16-byte stores.
+__device__ __forceinline__ void store8(const RestoreTarget& t, char* base, unsigned long long off,
+                                       unsigned tensor, unsigned row, const unsigned (&code)[8],
+                                       const float (&s)[8], const float (&m)[8]) {
     float v[8];
     if (t.grouping == 0) {
-        const float4* s4 = reinterpret_cast<const float4*>(t.scales + (size_t)tensor * t.cols + col);
-        const float4* m4 = reinterpret_cast<const float4*>(t.mins + (size_t)tensor * t.cols + col);
-        float4 s0 = __ldg(s4), s1 = __ldg(s4 + 1), m0 = __ldg(m4), m1 = __ldg(m4 + 1);
-        float s[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-        float m[8] = {m0.x, m0.y, m0.z, m0.w, m1.x, m1.y, m1.z, m1.w};
 #pragma unroll
         for (int j = 0; j < 8; j++) v[j] = fmaf((float)code[j], s[j], m[j]);
     } else {
-        float s = __ldg(t.scales + (size_t)tensor * t.rows + row);
-        float m = __ldg(t.mins + (size_t)tensor * t.rows + row);
+        float st = __ldg(t.scales + (size_t)tensor * t.rows + row);
+        float mt = __ldg(t.mins + (size_t)tensor * t.rows + row);
 #pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = fmaf((float)code[j], s, m);
+        for (int j = 0; j < 8; j++) v[j] = fmaf((float)code[j], st, mt);
     }
-    unsigned long long off = target_offset(t, row, col);
-    char* base = reinterpret_cast<char*>(t.out_ptrs[tensor]);
     if (t.dtype == 2) {
         float4* o = reinterpret_cast<float4*>(base + off * 4);
         o[0] = make_float4(v[0], v[1], v[2], v[3]);
@@ -90,44 +119,60 @@ __device__ __forceinline__ void store8(const RestoreTarget& t, unsigned tensor, 
     }
 }
 
-// Splits the index of group g (8 codes) into tensor, row and first column, in 32-bit math
-// (the host checks that tensors * rows * cols / 8 fits 32 bits).
-__device__ __forceinline__ void split(const RestoreTarget& t, unsigned g, unsigned& tensor,
-                                      unsigned& row, unsigned& col) {
-    unsigned per_row = t.cols / 8;
-    unsigned r = g / per_row;
-    col = (g - r * per_row) * 8;
-    tensor = r / t.rows;
-    row = r - tensor * t.rows;
+// The loop every kernel shares. Launched with gridDim.y = tensors: block row y restores tensor
+// y. A work unit is 8 columns of ROWS_PER_THREAD consecutive rows; consecutive threads take
+// consecutive column groups of the same rows, so loads and stores stay coalesced.
+// `load(g, code)` fills the 8 codes of group g = (tensor * rows + row) * cols / 8 + col / 8.
+// Index math is 32-bit (the host checks that tensors * rows * cols fits 32 bits).
+template <typename Load>
+__device__ __forceinline__ void restore_groups(const RestoreTarget& t, Load load) {
+    unsigned tensor = blockIdx.y;
+    unsigned per_row = t.per_row.d;
+    unsigned row_blocks = (t.rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
+    unsigned units = row_blocks * per_row;
+    char* base = reinterpret_cast<char*>(t.out_ptrs[tensor]);
+    unsigned first_group = tensor * t.rows * per_row;
+    for (unsigned u = blockIdx.x * blockDim.x + threadIdx.x; u < units; u += gridDim.x * blockDim.x) {
+        unsigned rb = fdiv(t.per_row, u);
+        unsigned cg = u - rb * per_row;
+        unsigned col = cg * 8;
+        unsigned head = fdiv(t.by_head_dim, col), d = col - head * t.head_dim;
+        unsigned row0 = rb * ROWS_PER_THREAD;
+        float s[8], m[8];
+        if (t.grouping == 0) channel_params(t, tensor, col, s, m);
+        unsigned code[ROWS_PER_THREAD][8];
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_THREAD; r++) {
+            if (row0 + r < t.rows) load(first_group + (row0 + r) * per_row + cg, code[r]);
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_THREAD; r++) {
+            unsigned row = row0 + r;
+            if (row < t.rows) store8(t, base, target_offset(t, row, head, d), tensor, row, code[r], s, m);
+        }
+    }
 }
 
 // Codes already in device memory as u16 [tensors][rows][cols].
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_codes(const uint16_t* __restrict__ codes,
                                                                     RestoreTarget t) {
-    unsigned long long groups = (unsigned long long)t.tensors * t.rows * t.cols / 8;
-    for (unsigned long long g = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; g < groups;
-         g += (unsigned long long)gridDim.x * blockDim.x) {
+    restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
         uint4 raw = __ldg(reinterpret_cast<const uint4*>(codes) + g);
-        unsigned code[8] = {raw.x & 0xffff, raw.x >> 16, raw.y & 0xffff, raw.y >> 16,
-                            raw.z & 0xffff, raw.z >> 16, raw.w & 0xffff, raw.w >> 16};
-        unsigned tensor, row, col;
-        split(t, (unsigned)g, tensor, row, col);
-        store8(t, tensor, row, col, code);
-    }
+        code[0] = raw.x & 0xffff; code[1] = raw.x >> 16; code[2] = raw.y & 0xffff; code[3] = raw.y >> 16;
+        code[4] = raw.z & 0xffff; code[5] = raw.z >> 16; code[6] = raw.w & 0xffff; code[7] = raw.w >> 16;
+    });
 }
 
 // Codes bit-packed LSB-first at `bits` (the `packed` variant), straight from a host-to-device copy.
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_packed(const uint8_t* __restrict__ packed,
                                                                      unsigned long long packed_len,
                                                                      unsigned bits, RestoreTarget t) {
-    unsigned long long groups = (unsigned long long)t.tensors * t.rows * t.cols / 8;
     unsigned mask = (1u << bits) - 1;
-    for (unsigned long long g = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; g < groups;
-         g += (unsigned long long)gridDim.x * blockDim.x) {
+    unsigned words = (bits + 3) / 4;
+    restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
         // 8 codes of `bits` bits start at a byte boundary: g * bits bytes.
-        unsigned long long byte0 = g * bits;
+        unsigned long long byte0 = (unsigned long long)g * bits;
         unsigned long long acc_lo = 0, acc_hi = 0;  // up to 128 bits
-        unsigned words = (bits + 3) / 4;
         if ((byte0 & 3) == 0 && byte0 + 4 * words <= packed_len) {
             const unsigned* w = reinterpret_cast<const unsigned*>(packed + byte0);
 #pragma unroll
@@ -147,33 +192,29 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_packed(const uint8
                 }
             }
         }
-        unsigned code[8];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            unsigned s = j * bits;
+            unsigned sh = j * bits;
             unsigned long long w;
-            if (s >= 64) w = acc_hi >> (s - 64);
-            else if (s == 0) w = acc_lo;
-            else w = (acc_lo >> s) | (acc_hi << (64 - s));
+            if (sh >= 64) w = acc_hi >> (sh - 64);
+            else if (sh == 0) w = acc_lo;
+            else w = (acc_lo >> sh) | (acc_hi << (64 - sh));
             code[j] = (unsigned)w & mask;
         }
-        unsigned tensor, row, col;
-        split(t, (unsigned)g, tensor, row, col);
-        store8(t, tensor, row, col, code);
-    }
+    });
 }
 
+// Sample p of the decoded surfaces (planar index: Y, U, V planes per frame, as in HostFrames).
 __device__ __forceinline__ unsigned frame_sample(const uint8_t* __restrict__ surf, const FrameSource& f,
-                                                 unsigned long long p) {
-    unsigned long long luma = (unsigned long long)f.width * f.height;
-    unsigned long long cn = f.chroma444 ? luma : luma / 4;
-    unsigned long long spf = luma + 2 * cn;
-    unsigned long long frame = p / spf, q = p % spf, off;
+                                                 unsigned p) {
+    unsigned luma = f.width * f.height;
+    unsigned spf = f.per_frame.d, cn = f.per_chroma.d;
+    unsigned frame = fdiv(f.per_frame, p), q = p - frame * spf, off;
     if (q < luma || f.chroma444) {
-        off = frame * spf + q;
+        off = p;
     } else {
-        unsigned long long k = q - luma;
-        unsigned long long plane = k / cn, j = k % cn;
+        unsigned k = q - luma;
+        unsigned plane = fdiv(f.per_chroma, k), j = k - plane * cn;
         off = frame * spf + luma + 2 * j + plane;
     }
     if (f.bytes_per_sample == 1) return __ldg(surf + off);
@@ -183,20 +224,19 @@ __device__ __forceinline__ unsigned frame_sample(const uint8_t* __restrict__ sur
 // Reads 8 consecutive codes starting at planar sample p (p % 8 == 0) with wide loads where the
 // surface layout allows it; false when it does not (plane edge, misalignment).
 __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf, const FrameSource& f,
-                                               unsigned long long p, unsigned (&code)[8]) {
-    unsigned long long luma = (unsigned long long)f.width * f.height;
-    unsigned long long cn = f.chroma444 ? luma : luma / 4;
-    unsigned long long spf = luma + 2 * cn;
-    unsigned long long frame = p / spf, q = p - frame * spf;
-    unsigned long long base = frame * spf;
+                                               unsigned p, unsigned (&code)[8]) {
+    unsigned luma = f.width * f.height;
+    unsigned spf = f.per_frame.d, cn = f.per_chroma.d;
+    unsigned frame = fdiv(f.per_frame, p), q = p - frame * spf;
+    unsigned base = frame * spf;
     bool planar = f.chroma444 || q < luma;
-    unsigned long long off;
+    unsigned off;
     if (planar) {
-        unsigned long long plane_end = q < luma ? luma : (q < luma + cn ? luma + cn : spf);
+        unsigned plane_end = q < luma ? luma : (q < luma + cn ? luma + cn : spf);
         if (q + 8 > plane_end) return false;
         off = base + q;
     } else {
-        unsigned long long k = q - luma, plane = k / cn, j = k - plane * cn;
+        unsigned k = q - luma, plane = fdiv(f.per_chroma, k), j = k - plane * cn;
         if (j + 8 > cn) return false;
         off = base + luma + 2 * j;  // 16 interleaved samples U V U V ...; take every other
         if (f.bytes_per_sample == 1) {
@@ -207,7 +247,7 @@ __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf,
             for (int i = 0; i < 8; i++) code[i] = (w[i / 2] >> (16 * (i % 2) + 8 * plane)) & 0xff;
         } else {
             if ((off * 2) % 16) return false;
-            const uint4* s4 = reinterpret_cast<const uint4*>(surf + off * 2);
+            const uint4* s4 = reinterpret_cast<const uint4*>(surf + (size_t)off * 2);
             uint4 a = __ldg(s4), b = __ldg(s4 + 1);
             unsigned w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
@@ -225,7 +265,7 @@ __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf,
         }
     } else {
         if ((off * 2) % 16) return false;
-        uint4 v = __ldg(reinterpret_cast<const uint4*>(surf + off * 2));
+        uint4 v = __ldg(reinterpret_cast<const uint4*>(surf + (size_t)off * 2));
         unsigned w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 8; i++) code[i] = ((w[i / 2] >> (16 * (i % 2))) & 0xffff) >> f.shift;
@@ -236,20 +276,15 @@ __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf,
 // Codes read from NVDEC's decoded surfaces (packed without pitch, see nvdec.rs DeviceFrames).
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8_t* __restrict__ surf,
                                                                      FrameSource f, RestoreTarget t) {
-    unsigned long long groups = (unsigned long long)t.tensors * t.rows * t.cols / 8;
-    for (unsigned long long g = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; g < groups;
-         g += (unsigned long long)gridDim.x * blockDim.x) {
-        unsigned code[8];
-        if (f.gather || !frame_samples8(surf, f, g * 8, code)) {
+    restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
+        unsigned first = g * 8;
+        if (f.gather || !frame_samples8(surf, f, first, code)) {
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                unsigned long long i = g * 8 + j;
-                unsigned long long p = f.gather ? f.gather[i] : i;
+                unsigned i = first + j;
+                unsigned p = f.gather ? __ldg(f.gather + i) : i;
                 code[j] = frame_sample(surf, f, p);
             }
         }
-        unsigned tensor, row, col;
-        split(t, (unsigned)g, tensor, row, col);
-        store8(t, tensor, row, col, code);
-    }
+    });
 }

@@ -6,7 +6,7 @@ mod store_util;
 use bytes::Bytes;
 use kvfetcher::store::ServerOptions;
 use kvfetcher::transport::{
-    generate_dev_pki, ServerTrust, StoreClient, TlsClientConfig, TransportError,
+    generate_dev_pki, SectionCheck, ServerTrust, StoreClient, TlsClientConfig, TransportError,
     DEFAULT_SERVER_NAME,
 };
 use kvfetcher_codec::{ChunkHeader, ChunkKey, ChunkView, ModelFingerprint};
@@ -110,6 +110,57 @@ async fn sections_arrive_one_at_a_time_and_verified() {
         "{err}"
     );
     assert_eq!(client.get(key).await.unwrap(), *bytes);
+    // With the header already held, the store sends the sections alone.
+    let check = std::sync::Arc::new(SectionCheck::from_header(&all.header).unwrap());
+    let before = client.stats().await.unwrap().bytes_out;
+    let mut known = client.open_known_sections(&check, &[1, 2]).await.unwrap();
+    assert!(known.header().is_empty());
+    for want in [1, 2] {
+        let (i, s) = known.next_section().await.unwrap().unwrap();
+        assert_eq!((i, &s[..]), (want, view.section_bytes(want)));
+    }
+    assert!(known.next_section().await.unwrap().is_none());
+    let sent = client.stats().await.unwrap().bytes_out - before;
+    let sections = (view.section_bytes(1).len() + view.section_bytes(2).len()) as u64;
+    assert_eq!(
+        sent, sections,
+        "payload bytes: the two sections and no header"
+    );
+    store.stop().await;
+}
+
+/// A paced store (whose pacer would otherwise interleave every stream) answers a connection's
+/// streams in the order they were opened: sections asked for at once arrive one after another.
+#[tokio::test]
+async fn a_paced_store_answers_streams_in_order() {
+    let Some(objects) = real_objects() else {
+        return;
+    };
+    let opts = ServerOptions {
+        max_rate: Some(4 << 20),
+        ..ServerOptions::default()
+    };
+    let store = TestStore::start(opts, false).await;
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
+    let (key, bytes) = &objects[2];
+    client.put(Bytes::from(bytes.clone())).await.unwrap();
+    let head = client.open_sections(key, &[]).await.unwrap();
+    let check = std::sync::Arc::new(SectionCheck::from_header(head.header()).unwrap());
+    let n = check.sections().min(4);
+    let arrived = std::sync::Mutex::new(Vec::new());
+    // join_all polls the futures in order, so the streams open in index order.
+    futures::future::join_all((0..n).map(|i| {
+        let (client, check, arrived) = (&client, &check, &arrived);
+        async move {
+            let mut s = client.open_known_sections(check, &[i]).await.unwrap();
+            let (got, _) = s.next_section().await.unwrap().unwrap();
+            arrived.lock().unwrap().push(got);
+        }
+    }))
+    .await;
+    assert_eq!(*arrived.lock().unwrap(), (0..n).collect::<Vec<_>>());
     store.stop().await;
 }
 

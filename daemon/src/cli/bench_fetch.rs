@@ -24,8 +24,8 @@ use clap::Args;
 use futures::StreamExt;
 use kvfetcher_client::{KvDType, KvShape, MemoryKind, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
-    decode_chunk, encode_cache, CodecRegistry, EncodeConfig, ModelFingerprint, QuantConfig,
-    VariantKind,
+    decode_chunk, encode_cache, ChunkHeader, ChunkView, CodecRegistry, EncodeConfig,
+    ModelFingerprint, QuantConfig, VariantKind,
 };
 use kvfetcher_kv::{DType, KvCache, KvFile};
 
@@ -33,7 +33,7 @@ use super::local_stack::LocalStore;
 use crate::config::{FetchConfig, SaveConfig};
 use crate::gpu::{DeviceBuffer, GpuDevice, GpuDevices, GpuOptions};
 use crate::metrics::Metrics;
-use crate::pipeline::{place_cache, Pipeline};
+use crate::pipeline::{encode_config, place_cache, restore_section_into, Pipeline, SectionJob};
 use crate::server::{Backend, Destination, DeviceRegion, ServeError};
 use crate::transport::StoreClient;
 
@@ -68,6 +68,13 @@ pub struct BenchFetchArgs {
     /// Where the KV is restored: `host`, or `gpu:N` (CUDA device N, f16 as the KV file).
     #[arg(long, default_value = "host", value_parser = parse_memory)]
     pub memory: MemoryKind,
+    /// QUIC connections the pipeline opens to the store (`[fetch] connections_per_store`;
+    /// default: the daemon's default).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub connections: Option<u32>,
+    /// NVDEC sessions per GPU (`[gpu] nvdec_sessions`; 0: one per NVDEC engine).
+    #[arg(long, default_value_t = 0)]
+    pub nvdec_sessions: usize,
 }
 
 fn parse_memory(s: &str) -> Result<MemoryKind, String> {
@@ -220,7 +227,11 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
     let gpu = match args.memory {
         MemoryKind::Host => None,
         MemoryKind::Gpu(n) => {
-            let gpus = GpuDevices::new(GpuOptions::default(), Metrics::new());
+            let opts = GpuOptions {
+                nvdec_sessions: args.nvdec_sessions,
+                ..GpuOptions::default()
+            };
+            let gpus = GpuDevices::new(opts, Metrics::new());
             Some(
                 gpus.device(n as usize)
                     .map_err(|e| anyhow::anyhow!("gpu:{n}: {e}"))?,
@@ -292,6 +303,46 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         "{:<10} {:<34} {:>10} {:>7} {:>12} {:>10} {:>9}",
         "link", "method", "wire MB", "ratio", "first layer", "total", "vs bound"
     );
+    let mut fetch = FetchConfig::default();
+    if let Some(c) = args.connections {
+        fetch.connections_per_store = c as usize;
+    }
+    // The decode stage alone: what the network must keep up with.
+    let objects = encode_cache(
+        &cache,
+        &ModelFingerprint::of_bytes(b"bench-decode-stage"),
+        &ids,
+        &encode_config(&save)?,
+        &reg,
+    )?;
+    let mut runs = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        runs.push(decode_stage(
+            &objects,
+            &reg,
+            &target,
+            &shape,
+            gpu.as_ref(),
+            fetch.decode_workers,
+        )?);
+    }
+    let t = median(runs);
+    report(
+        "memory",
+        &format!("decode stage only, {} threads", fetch.decode_workers),
+        t,
+        raw_bf16,
+        None,
+    );
+    println!(
+        "decode stage: {:.3} GB/s of sections in, {:.3} GB/s of raw bf16 out ({} sections)",
+        t.wire as f64 / t.total.as_secs_f64() / 1e9,
+        raw_bf16 as f64 / t.total.as_secs_f64() / 1e9,
+        objects
+            .iter()
+            .map(|(_, o)| ChunkHeader::parse_prefix(o).map_or(0, |(h, _)| h.sections.len()))
+            .sum::<usize>()
+    );
     // The pipeline's total on unlimited loopback: its decode + restore time.
     let mut unlimited: Option<Duration> = None;
     for &rate in &args.rates {
@@ -304,7 +355,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         let pipeline = Pipeline::new(
             vec![store.target()?],
             reg.clone(),
-            FetchConfig::default(),
+            fetch.clone(),
             save.clone(),
             Metrics::new(),
         )?;
@@ -372,6 +423,76 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         client.close().await;
     }
     Ok(())
+}
+
+/// The pipeline's decode stage alone on chunk `objects` already in memory: every section
+/// restored into a fresh destination by `threads` threads (as the fetch's decode slots do),
+/// through the fetch's own per-section code. `first_layer` is the total (no ordering).
+fn decode_stage(
+    objects: &[(kvfetcher_codec::ChunkKey, Vec<u8>)],
+    reg: &CodecRegistry,
+    layout: &TargetLayout,
+    shape: &KvShape,
+    gpu: Option<&Arc<GpuDevice>>,
+    threads: usize,
+) -> anyhow::Result<Timing> {
+    let mut jobs = Vec::new();
+    let mut views = Vec::new();
+    for (_, o) in objects {
+        views.push(ChunkView::parse(o)?);
+    }
+    let mut token_start = 0u32;
+    for v in &views {
+        for index in 0..v.header().sections.len() {
+            jobs.push(SectionJob {
+                header: v.header(),
+                index,
+                payload: v.section_bytes(index),
+                token_start,
+            });
+        }
+        token_start += v.header().token_count;
+    }
+    let wire = jobs.iter().map(|j| j.payload.len() as u64).sum();
+    let start = Instant::now();
+    let dest = TimedDest {
+        start,
+        layout: *layout,
+        memory: match gpu {
+            Some(d) => Memory::Gpu(d.clone(), OnceLock::new()),
+            None => Memory::Host(Mutex::new(Vec::new())),
+        },
+        first: Mutex::new(None),
+    };
+    dest.allocate(shape)?;
+    let metrics = Metrics::new();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                scope.spawn(|| -> Result<(), ServeError> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(job) = jobs.get(i) else {
+                            return Ok(());
+                        };
+                        restore_section_into(&dest, job, reg, layout, shape, &metrics)?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("decode thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let total = start.elapsed();
+    Ok(Timing {
+        first_layer: total,
+        total,
+        wire,
+    })
 }
 
 fn report(link: &str, method: &str, t: Timing, raw: u64, bound: Option<Duration>) {

@@ -139,6 +139,17 @@ impl Cuda {
         })
     }
 
+    /// Waits for the legacy default stream, where the synchronous copies run: a copy from
+    /// pageable memory may return before its last DMA lands, and kernels on our non-blocking
+    /// streams are not ordered after it.
+    fn landed(&self) -> Result<(), GpuError> {
+        // SAFETY: the null stream is the context's legacy default stream; the context is
+        // current (bound by the caller).
+        self.check("cuStreamSynchronize", unsafe {
+            (self.api.cu_stream_synchronize)(std::ptr::null_mut())
+        })
+    }
+
     /// Waits for all work on the device's context.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         self.bind()?;
@@ -155,17 +166,32 @@ impl Cuda {
 
     /// Allocates `bytes` of device memory with `cuMemAlloc` (IPC-exportable).
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer, GpuError> {
-        self.bind()?;
-        let mut ptr = 0;
-        // SAFETY: writes one device pointer; freed in DeviceBuffer's Drop.
-        self.check("cuMemAlloc", unsafe {
-            (self.api.cu_mem_alloc)(&mut ptr, bytes.max(1))
-        })?;
+        let ptr = self.alloc_raw(bytes)?;
         Ok(DeviceBuffer {
             cuda: self.clone(),
             ptr,
             bytes,
+            owner: Owner::Driver,
         })
+    }
+
+    /// `cuMemAlloc` of `bytes` (at least 1); the caller frees it with [`Cuda::free_raw`].
+    pub(super) fn alloc_raw(&self, bytes: usize) -> Result<u64, GpuError> {
+        self.bind()?;
+        let mut ptr = 0;
+        // SAFETY: writes one device pointer.
+        self.check("cuMemAlloc", unsafe {
+            (self.api.cu_mem_alloc)(&mut ptr, bytes.max(1))
+        })?;
+        Ok(ptr)
+    }
+
+    /// `cuMemFree`: waits for the device to finish the work in flight, so hot paths reuse
+    /// memory through a [`super::pool::MemoryPool`] instead.
+    pub(super) fn free_raw(&self, ptr: u64) {
+        let _ = self.bind();
+        // SAFETY: the caller passes a pointer from alloc_raw, once.
+        unsafe { (self.api.cu_mem_free)(ptr) };
     }
 
     /// Allocates a device buffer and copies `data` into it.
@@ -332,7 +358,7 @@ impl Cuda {
     pub(crate) unsafe fn launch(
         &self,
         func: &Function<'_>,
-        grid: u32,
+        grid: (u32, u32),
         block: u32,
         stream: &Stream,
         params: &mut [*mut c_void],
@@ -341,8 +367,8 @@ impl Cuda {
         self.check("cuLaunchKernel", unsafe {
             (self.api.cu_launch_kernel)(
                 func.raw,
-                grid,
-                1,
+                grid.0,
+                grid.1,
                 1,
                 block,
                 1,
@@ -404,11 +430,23 @@ pub mod bytemuck_like {
     unsafe impl Pod for f32 {}
 }
 
-/// Device memory from `cuMemAlloc`, freed on drop.
+/// Device memory from `cuMemAlloc`, freed on drop (or given back to the pool it came from).
 pub struct DeviceBuffer {
     cuda: Arc<Cuda>,
     ptr: u64,
     bytes: usize,
+    owner: Owner,
+}
+
+/// Where a buffer's memory goes when it drops.
+enum Owner {
+    /// `cuMemFree`.
+    Driver,
+    /// Back to its pool, as an allocation of `capacity` bytes.
+    Pool {
+        pool: Arc<super::pool::MemoryPool>,
+        capacity: usize,
+    },
 }
 
 impl std::fmt::Debug for DeviceBuffer {
@@ -418,6 +456,23 @@ impl std::fmt::Debug for DeviceBuffer {
 }
 
 impl DeviceBuffer {
+    /// A buffer of `bytes` over `capacity` bytes at `ptr` lent by `pool`, which takes the
+    /// memory back when the buffer drops.
+    pub(super) fn pooled(
+        cuda: Arc<Cuda>,
+        ptr: u64,
+        bytes: usize,
+        pool: Arc<super::pool::MemoryPool>,
+        capacity: usize,
+    ) -> DeviceBuffer {
+        DeviceBuffer {
+            cuda,
+            ptr,
+            bytes,
+            owner: Owner::Pool { pool, capacity },
+        }
+    }
+
     /// The device address.
     pub fn ptr(&self) -> u64 {
         self.ptr
@@ -446,6 +501,34 @@ impl DeviceBuffer {
         // SAFETY: n bytes fit the allocation and `data` is n readable bytes.
         self.cuda.check("cuMemcpyHtoD", unsafe {
             (self.cuda.api.cu_memcpy_htod)(self.ptr, data.as_ptr().cast(), n)
+        })?;
+        self.cuda.landed()
+    }
+
+    /// Queues a copy of `data` to byte `offset` of the buffer on `stream` (bounds-checked):
+    /// work queued on `stream` afterwards sees the bytes. `data` may be freed on return (the
+    /// driver stages pageable memory before returning).
+    pub fn write_async(&self, offset: usize, data: &[u8], stream: &Stream) -> Result<(), GpuError> {
+        if offset
+            .checked_add(data.len())
+            .is_none_or(|e| e > self.bytes)
+        {
+            return Err(GpuError::InvalidArgument(format!(
+                "{} bytes at {offset} into a {} byte buffer",
+                data.len(),
+                self.bytes
+            )));
+        }
+        self.cuda.bind()?;
+        // SAFETY: offset..offset+len lies in the allocation (checked); `data` is len readable
+        // bytes, staged by the driver before the call returns; `stream` is live.
+        self.cuda.check("cuMemcpyHtoDAsync", unsafe {
+            (self.cuda.api.cu_memcpy_htod_async)(
+                self.ptr + offset as u64,
+                data.as_ptr().cast(),
+                data.len(),
+                stream.raw,
+            )
         })
     }
 
@@ -486,7 +569,8 @@ impl DeviceBuffer {
                 data.as_ptr().cast(),
                 data.len(),
             )
-        })
+        })?;
+        self.cuda.landed()
     }
 
     /// Copies bytes from `offset` of the buffer into `out` (synchronous, bounds-checked).
@@ -533,9 +617,11 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        let _ = self.cuda.bind();
-        // SAFETY: ptr came from cuMemAlloc and is freed once.
-        unsafe { (self.cuda.api.cu_mem_free)(self.ptr) };
+        match &self.owner {
+            // ptr came from alloc_raw and is freed once.
+            Owner::Driver => self.cuda.free_raw(self.ptr),
+            Owner::Pool { pool, capacity } => pool.give_back(self.ptr, *capacity),
+        }
     }
 }
 

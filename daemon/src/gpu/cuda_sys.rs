@@ -96,6 +96,8 @@ pub(crate) struct CudaApi {
     pub(crate) cu_mem_free: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
     pub(crate) cu_memset_d8: unsafe extern "C" fn(CuDevicePtr, u8, usize) -> CuResult,
     pub(crate) cu_memcpy_htod: unsafe extern "C" fn(CuDevicePtr, *const c_void, usize) -> CuResult,
+    pub(crate) cu_memcpy_htod_async:
+        unsafe extern "C" fn(CuDevicePtr, *const c_void, usize, CuStream) -> CuResult,
     pub(crate) cu_memcpy_dtoh: unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize) -> CuResult,
     pub(crate) cu_mem_get_address_range:
         unsafe extern "C" fn(*mut CuDevicePtr, *mut usize, CuDevicePtr) -> CuResult,
@@ -183,6 +185,7 @@ impl CudaApi {
                 cu_mem_free: sym(&lib, "cuMemFree_v2")?,
                 cu_memset_d8: sym(&lib, "cuMemsetD8_v2")?,
                 cu_memcpy_htod: sym(&lib, "cuMemcpyHtoD_v2")?,
+                cu_memcpy_htod_async: sym(&lib, "cuMemcpyHtoDAsync_v2")?,
                 cu_memcpy_dtoh: sym(&lib, "cuMemcpyDtoH_v2")?,
                 cu_mem_get_address_range: sym(&lib, "cuMemGetAddressRange_v2")?,
                 cu_memcpy_dtod_async: sym(&lib, "cuMemcpyDtoDAsync_v2")?,

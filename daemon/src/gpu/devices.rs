@@ -12,13 +12,16 @@ use kvfetcher_codec::HevcGeometry;
 
 use super::cuda::{Cuda, DeviceBuffer, Stream};
 use super::nvdec::SessionPool;
+use super::pool::MemoryPool;
 use super::restore::RestoreKernels;
 use super::sections::gather_table;
 use super::GpuError;
 use crate::metrics::Metrics;
 
-/// Streams kept for reuse per device; more may exist while busy.
-const KEPT_STREAMS: usize = 8;
+/// Streams kept for reuse per device (one per decode thread); more may exist while busy.
+const KEPT_STREAMS: usize = 32;
+/// Free scratch memory kept per device for section restores (see `pool`).
+const KEPT_SCRATCH_BYTES: usize = 1 << 30;
 /// Gather tables kept per device (one per HEVC section geometry; a node serves few).
 const KEPT_GATHERS: usize = 64;
 
@@ -147,11 +150,12 @@ impl GpuDevices {
 }
 
 /// One opened GPU: its context, restore kernels, NVDEC sessions (if the host has NVDEC),
-/// streams and cached gather tables.
+/// scratch memory, streams and cached gather tables.
 pub struct GpuDevice {
     cuda: Arc<Cuda>,
     kernels: RestoreKernels,
     nvdec: Option<Arc<SessionPool>>,
+    scratch: Arc<MemoryPool>,
     streams: Mutex<Vec<Stream>>,
     /// Keyed by geometry alone: a section's other parameters (stream sizes, checksum) differ
     /// from section to section, the table does not.
@@ -203,6 +207,7 @@ impl GpuDevice {
             "gpu opened"
         );
         Ok(GpuDevice {
+            scratch: MemoryPool::new(cuda.clone(), KEPT_SCRATCH_BYTES),
             cuda,
             kernels,
             nvdec,
@@ -241,6 +246,11 @@ impl GpuDevice {
     /// The device's NVDEC sessions, `None` when the host has no NVDEC.
     pub fn nvdec(&self) -> Option<&Arc<SessionPool>> {
         self.nvdec.as_ref()
+    }
+
+    /// Scratch memory for section restores (surfaces, payloads, parameters), reused.
+    pub fn scratch(&self) -> &Arc<MemoryPool> {
+        &self.scratch
     }
 
     /// A stream from the pool, returned to it when the guard drops.

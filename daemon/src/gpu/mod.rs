@@ -22,6 +22,7 @@ pub mod ipc;
 pub mod ipc_check;
 mod nvcuvid_sys;
 pub mod nvdec;
+pub mod pool;
 pub mod restore;
 pub mod section_restore;
 pub mod sections;
@@ -35,6 +36,7 @@ pub use hevc_backend::{
 pub use nvdec::{
     Chroma, DeviceFrames, FrameFormat, HevcCaps, HostFrames, Nvdec, NvdecSession, SessionPool,
 };
+pub use pool::MemoryPool;
 pub use restore::{
     restore_cpu, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping,
     RestoreKernels, TargetSpec,

@@ -13,6 +13,7 @@ use half::{bf16, f16};
 
 use super::cuda::{Cuda, DeviceBuffer, Module, Stream};
 use super::nvdec::{Chroma, DeviceFrames};
+use super::pool::MemoryPool;
 use super::GpuError;
 
 /// The committed PTX of `daemon/kernels/restore.cu` (regenerate with `scripts/gen-ptx.sh`).
@@ -277,6 +278,38 @@ pub fn pack_codes(codes: &[u16], bits: u8) -> Vec<u8> {
     out
 }
 
+/// `FastDiv` of restore.cu: division by `d` as a multiply-high, an add and a shift, exact for
+/// every 32-bit dividend (the kernels divide by launch constants in their inner loop).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastDiv {
+    d: u32,
+    mul: u32,
+    shift: u32,
+    pad: u32,
+}
+
+impl FastDiv {
+    /// The divider for `d` (at least 1).
+    pub fn new(d: u32) -> FastDiv {
+        let d = d.max(1);
+        let shift = 32 - (d - 1).leading_zeros(); // ceil(log2 d)
+        let mul = ((1u64 << 32) * ((1u64 << shift) - u64::from(d)) / u64::from(d) + 1) as u32;
+        FastDiv {
+            d,
+            mul,
+            shift,
+            pad: 0,
+        }
+    }
+
+    /// `n / d` computed as the kernels do.
+    pub fn div(&self, n: u32) -> u32 {
+        let t = ((u64::from(n) * u64::from(self.mul)) >> 32) as u32;
+        ((u64::from(t) + u64::from(n)) >> self.shift) as u32
+    }
+}
+
 /// `RestoreTarget` of restore.cu, field for field.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -297,6 +330,9 @@ struct RestoreTargetArgs {
     dtype: u32,
     grouping: u32,
     pad: u32,
+    per_row: FastDiv,
+    by_head_dim: FastDiv,
+    by_block: FastDiv,
 }
 
 /// `FrameSource` of restore.cu, field for field.
@@ -310,16 +346,16 @@ struct FrameSourceArgs {
     bytes_per_sample: u32,
     shift: u32,
     pad: u32,
+    per_frame: FastDiv,
+    per_chroma: FastDiv,
 }
 
 /// A target and its dequantization parameters, uploaded once and reused for every launch.
 pub struct DeviceTarget {
     args: RestoreTargetArgs,
     geometry: CodeGeometry,
-    _ptrs: DeviceBuffer,
-    _scales: DeviceBuffer,
-    _mins: DeviceBuffer,
-    _table: Option<DeviceBuffer>,
+    /// Output pointers, scales, mins and block table in one allocation.
+    _params: DeviceBuffer,
 }
 
 impl std::fmt::Debug for DeviceTarget {
@@ -328,6 +364,36 @@ impl std::fmt::Debug for DeviceTarget {
             .field("geometry", &self.geometry)
             .finish()
     }
+}
+
+/// How a [`DeviceTarget`]'s parameter block reaches the device.
+#[derive(Clone, Copy)]
+pub enum ParamUpload<'a> {
+    /// A fresh allocation, copied before the constructor returns.
+    Now(&'a Arc<Cuda>),
+    /// A pooled buffer, copied in the order of the stream: launch on that stream, and drop the
+    /// target only after those launches finished.
+    Pooled(&'a Arc<MemoryPool>, &'a Stream),
+}
+
+impl ParamUpload<'_> {
+    fn upload(self, bytes: &[u8]) -> Result<DeviceBuffer, GpuError> {
+        match self {
+            ParamUpload::Now(cuda) => cuda.upload(bytes),
+            ParamUpload::Pooled(pool, stream) => pool.upload_async(bytes, stream),
+        }
+    }
+}
+
+/// Appends `items` to `block` at a 256-byte boundary (the kernels load scales and mins 16
+/// bytes at a time) and returns their offset.
+fn append<T: Copy>(block: &mut Vec<u8>, items: &[T], to_le: impl Fn(T) -> [u8; 4]) -> usize {
+    let at = block.len().next_multiple_of(256);
+    block.resize(at, 0);
+    for &i in items {
+        block.extend_from_slice(&to_le(i));
+    }
+    at
 }
 
 impl DeviceTarget {
@@ -343,7 +409,7 @@ impl DeviceTarget {
         let outs: Vec<(u64, usize)> = outs.iter().map(|o| (o.ptr(), o.len())).collect();
         // SAFETY: each pair is the base and length of a live DeviceBuffer; as before this
         // constructor existed, the caller keeps those buffers alive while it launches.
-        unsafe { Self::from_raw(cuda, g, q, target, &outs) }
+        unsafe { Self::from_raw(ParamUpload::Now(cuda), g, q, target, &outs) }
     }
 
     /// Like [`DeviceTarget::new`], for outputs that are regions of larger allocations (a
@@ -353,9 +419,10 @@ impl DeviceTarget {
     ///
     /// # Safety
     /// Each pointer must be the start of at least `capacity` bytes of live device memory of
-    /// `cuda`'s device, and stay allocated until every launch using this target has finished.
+    /// the upload's device, and stay allocated until every launch using this target has
+    /// finished.
     pub unsafe fn from_raw(
-        cuda: &Arc<Cuda>,
+        upload: ParamUpload<'_>,
         g: CodeGeometry,
         q: &Dequant,
         target: &TargetSpec,
@@ -378,28 +445,27 @@ impl DeviceTarget {
                 "output pointers must be 16-byte aligned".into(),
             ));
         }
-        if !g.len().is_multiple_of(8)
-            || u32::try_from(g.tensors * g.rows).is_err()
-            || u32::try_from(g.len() / 8).is_err()
-        {
+        // The kernels index codes in 32 bits and launch one block row per tensor.
+        if !g.cols.is_multiple_of(8) || u32::try_from(g.len()).is_err() || g.tensors > 65_535 {
             return Err(GpuError::InvalidArgument("geometry too large".into()));
         }
-        let ptrs: Vec<u64> = outs.iter().map(|&(p, _)| p).collect();
-        let ptrs = cuda.upload(&ptrs)?;
-        let scales = cuda.upload(&q.scales)?;
-        let mins = cuda.upload(&q.mins)?;
+        let mut block: Vec<u8> = outs.iter().flat_map(|&(p, _)| p.to_le_bytes()).collect();
+        let scales = append(&mut block, &q.scales, f32::to_le_bytes);
+        let mins = append(&mut block, &q.mins, f32::to_le_bytes);
         let (table, block_size) = match &target.paged {
-            Some((bs, t)) => {
-                let t: Vec<u32> = t.iter().map(|&b| b as u32).collect();
-                (Some(cuda.upload(&t)?), *bs as u32)
-            }
+            Some((bs, t)) => (
+                Some(append(&mut block, t, |b: i32| b.to_le_bytes())),
+                *bs as u32,
+            ),
             None => (None, 0),
         };
+        let params = upload.upload(&block)?;
+        let at = |off: usize| params.ptr() + off as u64;
         let args = RestoreTargetArgs {
-            out_ptrs: ptrs.ptr(),
-            scales: scales.ptr(),
-            mins: mins.ptr(),
-            block_table: table.as_ref().map_or(0, |t| t.ptr()),
+            out_ptrs: params.ptr(),
+            scales: at(scales),
+            mins: at(mins),
+            block_table: table.map_or(0, at),
             tensors: g.tensors as u32,
             rows: g.rows as u32,
             cols: g.cols as u32,
@@ -418,14 +484,14 @@ impl DeviceTarget {
                 QuantGrouping::PerToken => 1,
             },
             pad: 0,
+            per_row: FastDiv::new((g.cols / 8) as u32),
+            by_head_dim: FastDiv::new(target.head_dim as u32),
+            by_block: FastDiv::new(block_size),
         };
         Ok(DeviceTarget {
             args,
             geometry: g,
-            _ptrs: ptrs,
-            _scales: scales,
-            _mins: mins,
-            _table: table,
+            _params: params,
         })
     }
 }
@@ -462,10 +528,17 @@ impl RestoreKernels {
         })
     }
 
-    fn grid(&self, codes: usize) -> u32 {
-        let groups = codes.div_ceil(8);
-        let max = (self.cuda.info().multiprocessors.max(1) as usize) * 16;
-        groups.div_ceil(BLOCK as usize).clamp(1, max) as u32
+    /// The launch grid for `target`: one block row per tensor (gridDim.y), and per tensor
+    /// enough blocks for its work units of ROWS_PER_THREAD (2) rows x 8 columns, capped at 16
+    /// blocks per SM over all tensors (the kernels loop over what a smaller grid leaves).
+    fn grid(&self, target: &DeviceTarget) -> (u32, u32) {
+        let g = target.geometry;
+        let units = g.rows.div_ceil(2) * (g.cols / 8);
+        let cap = (self.cuda.info().multiprocessors.max(1) as usize * 16 / g.tensors.max(1)).max(1);
+        (
+            units.div_ceil(BLOCK as usize).clamp(1, cap) as u32,
+            g.tensors as u32,
+        )
     }
 
     /// Restores u16 codes (`[tensors][rows][cols]`) held in `codes`.
@@ -505,7 +578,7 @@ impl RestoreKernels {
         // DeviceTarget validated every target range.
         unsafe {
             self.cuda
-                .launch(&f, self.grid(n), BLOCK, stream, &mut params)
+                .launch(&f, self.grid(target), BLOCK, stream, &mut params)
         }
     }
 
@@ -556,7 +629,7 @@ impl RestoreKernels {
         // DeviceTarget validated the target ranges.
         unsafe {
             self.cuda
-                .launch(&f, self.grid(n), BLOCK, stream, &mut params)
+                .launch(&f, self.grid(target), BLOCK, stream, &mut params)
         }
     }
 
@@ -585,9 +658,16 @@ impl RestoreKernels {
     ) -> Result<(), GpuError> {
         let n = target.geometry.len();
         let fmt = frames.format;
-        if frames.frames * fmt.samples_per_frame() < n && gather.is_none() {
+        let spf = fmt.samples_per_frame();
+        if frames.frames * spf < n && gather.is_none() {
             return Err(GpuError::InvalidArgument("fewer samples than codes".into()));
         }
+        if u32::try_from(frames.frames * spf).is_err() {
+            return Err(GpuError::InvalidArgument(
+                "more than 2^32 samples in one launch".into(),
+            ));
+        }
+        let luma = fmt.width * fmt.height;
         if gather.is_some_and(|(g, first)| {
             first
                 .checked_add(n)
@@ -610,6 +690,8 @@ impl RestoreKernels {
                 0
             },
             pad: 0,
+            per_frame: FastDiv::new(spf as u32),
+            per_chroma: FastDiv::new(((spf - luma) / 2) as u32),
         };
         let mut args = target.args;
         let mut params = [
@@ -622,7 +704,7 @@ impl RestoreKernels {
         // `first`, checked) indexes into them.
         unsafe {
             self.cuda
-                .launch(&f, self.grid(n), BLOCK, stream, &mut params)
+                .launch(&f, self.grid(target), BLOCK, stream, &mut params)
         }
     }
 }
@@ -633,8 +715,49 @@ mod tests {
 
     #[test]
     fn args_match_the_cuda_structs() {
-        assert_eq!(std::mem::size_of::<RestoreTargetArgs>(), 80);
-        assert_eq!(std::mem::size_of::<FrameSourceArgs>(), 32);
+        assert_eq!(std::mem::size_of::<RestoreTargetArgs>(), 128);
+        assert_eq!(std::mem::size_of::<FrameSourceArgs>(), 64);
+    }
+
+    /// The kernels' division equals `/` for every divisor they see and dividends across the
+    /// whole 32-bit range (edges, powers of two, and a sweep).
+    #[test]
+    fn fast_division_is_exact() {
+        let mut divisors: Vec<u32> = (1..=2048).collect();
+        divisors.extend([
+            3000,
+            4096,
+            6144,
+            12_289,
+            65_535,
+            65_536,
+            1 << 20,
+            3 << 20,
+            1_000_003,
+        ]);
+        divisors.extend([
+            u32::MAX / 3,
+            (1 << 31) - 1,
+            1 << 31,
+            (1 << 31) + 1,
+            u32::MAX,
+        ]);
+        for &d in &divisors {
+            let f = FastDiv::new(d);
+            let mut ns: Vec<u32> = vec![0, 1, d - 1, d, d.wrapping_add(1), u32::MAX, u32::MAX - 1];
+            ns.extend((0..64).map(|k| d.wrapping_mul(k)));
+            ns.extend((0..64).map(|k| d.wrapping_mul(k).wrapping_sub(1)));
+            let mut x = 0x9e37_79b9u32 ^ d;
+            for _ in 0..2000 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                ns.push(x);
+            }
+            for n in ns {
+                assert_eq!(f.div(n), n / d, "{n} / {d}");
+            }
+        }
     }
 
     #[test]

@@ -21,11 +21,12 @@ use kvfetcher_codec::{
 };
 use kvfetcher_kv::DType;
 
-use super::cuda::DeviceBuffer;
-use super::devices::GpuDevice;
+use super::cuda::{bytemuck_like::Pod, DeviceBuffer};
+use super::devices::{GpuDevice, PooledStream};
 use super::nvdec::FrameFormat;
+use super::pool::MemoryPool;
 use super::restore::{
-    CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping, TargetSpec,
+    CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, ParamUpload, QuantGrouping, TargetSpec,
 };
 use super::GpuError;
 
@@ -139,14 +140,60 @@ fn grouping(g: Grouping) -> QuantGrouping {
     }
 }
 
+/// A section's stream and the scratch memory its queued work reads. Dropping it waits for
+/// the stream before the scratch goes back to the device's pool, on every path, errors
+/// included (fields drop after `drop` ran, in order).
+struct SectionWork<'d> {
+    stream: PooledStream<'d>,
+    pool: &'d Arc<MemoryPool>,
+    held: Vec<Arc<DeviceBuffer>>,
+    targets: Vec<DeviceTarget>,
+}
+
+impl<'d> SectionWork<'d> {
+    fn new(dev: &'d GpuDevice) -> Result<SectionWork<'d>, GpuError> {
+        Ok(SectionWork {
+            stream: dev.stream()?,
+            pool: dev.scratch(),
+            held: Vec::new(),
+            targets: Vec::new(),
+        })
+    }
+
+    /// Pooled scratch of `bytes`, kept until the stream is done.
+    fn alloc(&mut self, bytes: usize) -> Result<Arc<DeviceBuffer>, GpuError> {
+        let b = Arc::new(self.pool.alloc(bytes)?);
+        self.held.push(b.clone());
+        Ok(b)
+    }
+
+    /// `data` in pooled scratch, copied in stream order, kept until the stream is done.
+    fn upload<T: Pod>(&mut self, data: &[T]) -> Result<Arc<DeviceBuffer>, GpuError> {
+        let b = Arc::new(self.pool.upload_async(data, &self.stream)?);
+        self.held.push(b.clone());
+        Ok(b)
+    }
+
+    /// Waits for the queued work; the caller then returns, dropping the scratch.
+    fn finish(&self) -> Result<(), GpuError> {
+        self.stream.synchronize()
+    }
+}
+
+impl Drop for SectionWork<'_> {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
+
 /// Restores section `index` of `header` (its payload: `payload`) into `out`, the fetch buffer
 /// of `shape` in `layout`, for the chunk whose first token is `token_start` of the buffer.
 /// Tensor `t` of the section (layer `layer_start + t / 2`, K when `t` is even) goes to
 /// `out + layout.offset(shape, layer, kv, 0, 0)`. Call [`kernels_apply`] first.
 ///
-/// The stream is synchronised before returning, so readiness events recorded afterwards are
-/// trivially ordered after these writes. (Possible optimisation: return an event instead and
-/// let the layer events wait on it, overlapping sections on the device.)
+/// Scratch memory comes from the device's pool and every copy and kernel runs on one pooled
+/// stream, synchronised before returning, so readiness events recorded afterwards are ordered
+/// after these writes.
 #[allow(clippy::too_many_arguments)]
 pub fn restore_section_to_device(
     dev: &GpuDevice,
@@ -213,59 +260,59 @@ pub fn restore_section_to_device(
             })
             .collect()
     };
-    let cuda = dev.cuda();
-    let targets = launches
-        .iter()
-        .map(|l| {
-            let (mut scales, mut mins) = (Vec::new(), Vec::new());
-            for t in l.first..l.first + l.count {
-                let q = &s.quant[t / 2];
-                let p = if t % 2 == 0 { &q.key } else { &q.value };
-                scales.extend_from_slice(&p.scale);
-                mins.extend_from_slice(&p.min);
-            }
-            let lg = CodeGeometry {
-                tensors: l.count,
-                ..g
-            };
-            let dq = Dequant {
-                grouping: l.grouping,
-                scales,
-                mins,
-            };
-            // SAFETY: every pointer is `out`'s base plus a tensor offset whose tensor_len bytes
-            // end within buf_len <= out.len() (checked above: the section's layers and tokens
-            // fit the shape); `out` is borrowed for this whole call, which synchronises the
-            // stream before returning, so the memory outlives every launch.
-            unsafe { DeviceTarget::from_raw(cuda, lg, &dq, &target, &outs[l.first..][..l.count]) }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let stream = dev.stream()?;
+    let mut work = SectionWork::new(dev)?;
+    for l in &launches {
+        let (mut scales, mut mins) = (Vec::new(), Vec::new());
+        for t in l.first..l.first + l.count {
+            let q = &s.quant[t / 2];
+            let p = if t % 2 == 0 { &q.key } else { &q.value };
+            scales.extend_from_slice(&p.scale);
+            mins.extend_from_slice(&p.min);
+        }
+        let lg = CodeGeometry {
+            tensors: l.count,
+            ..g
+        };
+        let dq = Dequant {
+            grouping: l.grouping,
+            scales,
+            mins,
+        };
+        let upload = ParamUpload::Pooled(work.pool, &work.stream);
+        // SAFETY: every pointer is `out`'s base plus a tensor offset whose tensor_len bytes
+        // end within buf_len <= out.len() (checked above: the section's layers and tokens
+        // fit the shape); `out` is borrowed for this whole call, and `work` (which owns the
+        // targets) waits for its stream before it drops, so the memory outlives every launch.
+        let dt = unsafe {
+            DeviceTarget::from_raw(upload, lg, &dq, &target, &outs[l.first..][..l.count])
+        }?;
+        work.targets.push(dt);
+    }
     let per_tensor = g.rows * g.cols;
     let bits = s.shape.bits;
     let done = match header.variant {
         VariantKind::Packed => {
             s.verify(payload)
                 .map_err(|e| GpuError::Decode(e.to_string()))?;
-            let packed = cuda.upload(payload)?;
-            for (l, dt) in launches.iter().zip(&targets) {
+            let packed = work.upload(payload)?;
+            for (l, dt) in launches.iter().zip(&work.targets) {
                 // rows x cols is a multiple of 8, so each tensor starts on a byte.
                 let at = l.first * per_tensor * usize::from(bits) / 8;
                 dev.kernels()
-                    .restore_packed_at(&packed, at, bits, dt, &stream)?;
+                    .restore_packed_at(&packed, at, bits, dt, &work.stream)?;
             }
-            stream.synchronize()?;
+            work.finish()?;
             Some(Route::Packed)
         }
         VariantKind::Hevc if dev.nvdec_sessions() > 0 => {
             s.verify(payload)
                 .map_err(|e| GpuError::Decode(e.to_string()))?;
-            match restore_nvdec(dev, s, payload, &launches, &targets, per_tensor, &stream) {
+            match restore_nvdec(dev, s, payload, &launches, per_tensor, &mut work) {
                 Ok(true) => Some(Route::Nvdec),
                 Ok(false) => None,
                 Err(e) => {
                     tracing::debug!("nvdec route failed ({e}): decoding section on the CPU");
-                    stream.synchronize()?;
+                    work.finish()?;
                     None
                 }
             }
@@ -275,7 +322,7 @@ pub fn restore_section_to_device(
     let route = match done {
         Some(route) => route,
         None => cpu_decode(
-            dev, header, index, payload, registry, &launches, &targets, per_tensor, &stream,
+            dev, header, index, payload, registry, &launches, per_tensor, &mut work,
         )?,
     };
     Ok(route)
@@ -287,9 +334,8 @@ fn restore_nvdec(
     s: &kvfetcher_codec::SectionInfo,
     payload: &[u8],
     launches: &[Launch],
-    targets: &[DeviceTarget],
     per_tensor: usize,
-    stream: &super::cuda::Stream,
+    work: &mut SectionWork<'_>,
 ) -> Result<bool, GpuError> {
     let p = HevcParams::from_bytes(&s.params).map_err(|e| GpuError::Decode(e.to_string()))?;
     let streams = p
@@ -300,9 +346,7 @@ fn restore_nvdec(
     }
     let hg = p.geometry;
     let fmt = FrameFormat::of_geometry(&hg);
-    let surf = dev
-        .cuda()
-        .alloc(hg.frames * fmt.surface_bytes_per_frame())?;
+    let surf = work.alloc(hg.frames * fmt.surface_bytes_per_frame())?;
     let frames = dev
         .nvdec()
         .ok_or_else(|| GpuError::NoNvdec("no session".into()))?
@@ -314,16 +358,15 @@ fn restore_nvdec(
         )));
     }
     let gather: Arc<DeviceBuffer> = dev.gather(&hg)?;
-    for (l, dt) in launches.iter().zip(targets) {
+    for (l, dt) in launches.iter().zip(&work.targets) {
         dev.kernels().restore_frames_at(
             &frames,
             Some((&gather, l.first * per_tensor)),
             dt,
-            stream,
+            &work.stream,
         )?;
     }
-    // `surf` is freed on return: the kernels reading it must be done.
-    stream.synchronize()?;
+    work.finish()?;
     Ok(true)
 }
 
@@ -335,18 +378,17 @@ fn cpu_decode(
     payload: &[u8],
     registry: &CodecRegistry,
     launches: &[Launch],
-    targets: &[DeviceTarget],
     per_tensor: usize,
-    stream: &super::cuda::Stream,
+    work: &mut SectionWork<'_>,
 ) -> Result<Route, GpuError> {
     let plane = decode_section(header, index, payload, registry)
         .map_err(|e| GpuError::Decode(e.to_string()))?;
-    let codes = dev.cuda().upload(&plane.codes)?;
-    for (l, dt) in launches.iter().zip(targets) {
+    let codes = work.upload(&plane.codes)?;
+    for (l, dt) in launches.iter().zip(&work.targets) {
         dev.kernels()
-            .restore_codes_at(&codes, l.first * per_tensor * 2, dt, stream)?;
+            .restore_codes_at(&codes, l.first * per_tensor * 2, dt, &work.stream)?;
     }
-    stream.synchronize()?;
+    work.finish()?;
     Ok(Route::CpuDecode)
 }
 

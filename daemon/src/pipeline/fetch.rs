@@ -20,14 +20,17 @@ use std::time::Instant;
 use futures::stream::{FuturesUnordered, StreamExt};
 use kvfetcher_client::{KvShape, TargetLayout};
 use kvfetcher_codec::{
-    chunk_keys, decode_section, restore_section, ChunkHeader, ChunkKey, ModelFingerprint,
+    chunk_keys, decode_section, restore_section, ChunkHeader, ChunkKey, CodecRegistry,
+    ModelFingerprint,
 };
 
 use super::layout::{place_cache, LayoutIoError};
 use super::plan::{FetchPlanner, SectionRef};
 use super::Pipeline;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
+use crate::metrics::Metrics;
 use crate::server::{Destination, FetchOutcome, ServeError};
+use crate::transport::SectionCheck;
 
 impl From<LayoutIoError> for ServeError {
     fn from(e: LayoutIoError) -> Self {
@@ -39,6 +42,8 @@ impl From<LayoutIoError> for ServeError {
 struct Chunk {
     key: ChunkKey,
     header: Arc<ChunkHeader>,
+    /// The header again, for section requests that skip it.
+    check: Arc<SectionCheck>,
     /// First token of the chunk in the fetched buffer.
     token_start: u32,
 }
@@ -129,7 +134,7 @@ pub(super) async fn fetch(
 
 /// Fetches every chunk's header, at most the fetch window at once, in chain order.
 async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeError> {
-    let fetched: Vec<Result<(ChunkKey, ChunkHeader), ServeError>> =
+    let fetched: Vec<Result<(ChunkKey, ChunkHeader, SectionCheck), ServeError>> =
         futures::stream::iter(keys.iter().copied())
             .map(|key| async move {
                 let client = p.stores.client_for(&key).await?;
@@ -140,7 +145,9 @@ async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeErr
                 p.metrics.bytes_in.add(stream.header().len() as u64);
                 let (header, _) = ChunkHeader::parse_prefix(stream.header())
                     .map_err(|e| ServeError::Internal(format!("chunk {key}: header: {e}")))?;
-                Ok((key, header))
+                let check = SectionCheck::from_header(stream.header())
+                    .map_err(|e| ServeError::Internal(format!("chunk {key}: header: {e}")))?;
+                Ok((key, header, check))
             })
             .buffered(p.fetch.max_inflight_sections)
             .collect()
@@ -148,7 +155,7 @@ async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeErr
     let mut chunks = Vec::with_capacity(keys.len());
     let mut token_start = 0u32;
     for r in fetched {
-        let (key, header) = r?;
+        let (key, header, check) = r?;
         if header.key != key {
             return Err(ServeError::Internal(format!(
                 "chunk {key}: header names {}",
@@ -159,6 +166,7 @@ async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeErr
         chunks.push(Chunk {
             key,
             header: Arc::new(header),
+            check: Arc::new(check),
             token_start,
         });
         token_start = token_start
@@ -218,7 +226,10 @@ async fn section(
     let _queued = p.metrics.sections_in_flight.track();
     let client = p.stores.client_for(&chunk.key).await?;
     let received = async {
-        let mut stream = client.open_sections(&chunk.key, &[s.section]).await?;
+        // The header came with the header round; the sections come alone.
+        let mut stream = client
+            .open_known_sections(&chunk.check, &[s.section])
+            .await?;
         stream.next_section().await
     }
     .await;
@@ -244,59 +255,101 @@ async fn section(
     let metrics = p.metrics.clone();
     let token_start = chunk.token_start;
     let index = s.section;
-    tokio::task::spawn_blocking(move || -> Result<(), ServeError> {
+    tokio::task::spawn_blocking(move || {
         let _busy = metrics.decoders_busy.track();
-        let bad = |e: kvfetcher_codec::FormatError| {
-            ServeError::Internal(format!("chunk {}: section {index}: {e}", header.key))
-        };
-        if let Some(region) = dest.device() {
-            match kernels_apply(&header, index, &layout) {
-                Ok(()) => {
-                    let route = restore_section_to_device(
-                        region.device,
-                        &header,
-                        index,
-                        &bytes,
-                        &registry,
-                        &layout,
-                        &shape,
-                        token_start,
-                        region.buffer,
-                    )
-                    .map_err(|e| {
-                        ServeError::Internal(format!(
-                            "chunk {}: section {index}: gpu restore: {e}",
-                            header.key
-                        ))
-                    })?;
-                    let c = &metrics.gpu_sections;
-                    match route {
-                        Route::Packed => c.packed.add(1),
-                        Route::Nvdec => c.nvdec.add(1),
-                        Route::CpuDecode => c.cpu_decode.add(1),
-                    }
-                    return Ok(());
-                }
-                Err(why) => {
-                    // Restored on the CPU below; `write` copies the placed bytes to the device.
-                    tracing::debug!(chunk = %header.key, index, "gpu kernels skipped: {why}");
-                    metrics.gpu_sections.cpu_restore.add(1);
-                }
-            }
-        }
-        let plane = decode_section(&header, index, &bytes, &registry).map_err(bad)?;
-        let layers = restore_section(&header, index, &plane).map_err(bad)?;
-        let first = u32::from(header.sections[index].layer_start);
-        place_cache(
+        restore_section_into(
+            dest.as_ref(),
+            &SectionJob {
+                header: &header,
+                index,
+                payload: &bytes,
+                token_start,
+            },
+            &registry,
             &layout,
             &shape,
-            first,
-            token_start,
-            &layers,
-            &mut |off, b| dest.write(off, b),
+            &metrics,
         )
     })
     .await
     .map_err(|e| ServeError::Internal(format!("decode task: {e}")))??;
     Ok((s, wire))
+}
+
+/// One fetched section to restore: section `index` of the chunk with `header`, whose first
+/// token is `token_start` of the fetched buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct SectionJob<'a> {
+    /// The chunk's header.
+    pub header: &'a ChunkHeader,
+    /// The section's index in the chunk.
+    pub index: usize,
+    /// The section's bytes as received.
+    pub payload: &'a [u8],
+    /// First token of the chunk in the fetched buffer.
+    pub token_start: u32,
+}
+
+/// The fetch's decode stage for one section (blocking; runs on a decode slot): into device
+/// memory through the GPU kernels (`gpu::section_restore`) when `dest` is device memory and
+/// they reproduce the CPU path bit for bit, else decoded and restored on the CPU and placed
+/// through `dest.write`.
+pub fn restore_section_into(
+    dest: &dyn Destination,
+    job: &SectionJob<'_>,
+    registry: &CodecRegistry,
+    layout: &TargetLayout,
+    shape: &KvShape,
+    metrics: &Metrics,
+) -> Result<(), ServeError> {
+    let SectionJob {
+        header,
+        index,
+        payload,
+        token_start,
+    } = *job;
+    let bad = |e: kvfetcher_codec::FormatError| {
+        ServeError::Internal(format!("chunk {}: section {index}: {e}", header.key))
+    };
+    if let Some(region) = dest.device() {
+        match kernels_apply(header, index, layout) {
+            Ok(()) => {
+                let route = restore_section_to_device(
+                    region.device,
+                    header,
+                    index,
+                    payload,
+                    registry,
+                    layout,
+                    shape,
+                    token_start,
+                    region.buffer,
+                )
+                .map_err(|e| {
+                    ServeError::Internal(format!(
+                        "chunk {}: section {index}: gpu restore: {e}",
+                        header.key
+                    ))
+                })?;
+                let c = &metrics.gpu_sections;
+                match route {
+                    Route::Packed => c.packed.add(1),
+                    Route::Nvdec => c.nvdec.add(1),
+                    Route::CpuDecode => c.cpu_decode.add(1),
+                }
+                return Ok(());
+            }
+            Err(why) => {
+                // Restored on the CPU below; `write` copies the placed bytes to the device.
+                tracing::debug!(chunk = %header.key, index, "gpu kernels skipped: {why}");
+                metrics.gpu_sections.cpu_restore.add(1);
+            }
+        }
+    }
+    let plane = decode_section(header, index, payload, registry).map_err(bad)?;
+    let layers = restore_section(header, index, &plane).map_err(bad)?;
+    let first = u32::from(header.sections[index].layer_start);
+    place_cache(layout, shape, first, token_start, &layers, &mut |off, b| {
+        dest.write(off, b)
+    })
 }

@@ -21,6 +21,7 @@ use kvfetcher_client::{KvShape, TargetLayout};
 use kvfetcher_codec::{chunk_keys, CodecRegistry, ModelFingerprint};
 use tokio::sync::Semaphore;
 
+pub use fetch::{restore_section_into, SectionJob};
 pub use layout::{extract_cache, kv_dtype, place_cache, place_tensor, LayoutIoError, Sink};
 pub use plan::{FetchPlanner, PlanError, SectionRef};
 pub use save::encode_config;

@@ -193,10 +193,12 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(&shared.counters.connections);
     let authed = Arc::new(AtomicBool::new(shared.opts.token.is_none()));
+    let mut order = StreamOrder::default();
     while let Ok((send, recv)) = conn.accept_bi().await {
         let shared = shared.clone();
         let authed = authed.clone();
-        tokio::spawn(async move { serve_stream(&shared, &authed, send, recv).await });
+        let turn = order.next();
+        tokio::spawn(async move { serve_stream(&shared, &authed, send, recv, turn).await });
     }
 }
 
@@ -216,12 +218,63 @@ enum Payload {
     Data(Vec<Bytes>),
 }
 
+/// Answers a connection's streams in the order they were opened. A client that asks for many
+/// sections at once (the fetch window) then receives them one after another rather than all
+/// at the end together, and restores each while the next arrives. quinn sends streams of
+/// higher priority first, so each stream gets a lower priority than the one before; and a
+/// paced store (`--max-rate`, whose pacer sits above quinn and would interleave the streams)
+/// sends a stream's payload only once the previous stream's payload is written.
+#[derive(Default)]
+struct StreamOrder {
+    opened: u32,
+    previous: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl StreamOrder {
+    /// The turn of the next stream opened.
+    fn next(&mut self) -> Turn {
+        let (done, next_waits) = tokio::sync::oneshot::channel();
+        let turn = Turn {
+            priority: -(self.opened.min(i32::MAX as u32) as i32),
+            previous: self.previous.replace(next_waits),
+            done: Some(done),
+        };
+        self.opened = self.opened.saturating_add(1);
+        turn
+    }
+}
+
+/// One stream's place in its connection's order. Dropping it (or `finished`) lets the next
+/// stream send, whether this one succeeded or not.
+struct Turn {
+    priority: i32,
+    previous: Option<tokio::sync::oneshot::Receiver<()>>,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Turn {
+    /// Waits until every earlier stream of the connection has written its payload.
+    async fn wait(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            // An error means the previous turn was dropped: it is finished too.
+            let _ = previous.await;
+        }
+    }
+
+    /// This stream's payload is written: the next one may send.
+    fn finished(&mut self) {
+        self.done.take();
+    }
+}
+
 async fn serve_stream(
     shared: &Shared,
     authed: &AtomicBool,
     mut send: SendStream,
     mut recv: RecvStream,
+    mut turn: Turn,
 ) {
+    let _ = send.set_priority(turn.priority);
     let timeout = shared.opts.stream_timeout;
     let result = match read_request(&mut recv, timeout).await {
         Ok(req) => handle(shared, authed, req, &mut recv).await,
@@ -240,6 +293,9 @@ async fn serve_stream(
         return;
     }
     if let Payload::Data(parts) = payload {
+        if shared.pacer.is_some() {
+            turn.wait().await;
+        }
         for part in parts {
             let n = part.len() as u64;
             if send_paced(shared, &mut send, part).await.is_err() {
@@ -248,6 +304,7 @@ async fn serve_stream(
             shared.counters.bytes_out.fetch_add(n, Ordering::Relaxed);
         }
     }
+    turn.finished();
     let _ = send.finish();
     // Let the peer read everything before the stream state is dropped.
     let _ = send.stopped().await;
@@ -375,7 +432,11 @@ async fn handle(
                 Payload::Data(vec![part]),
             ))
         }
-        Request::GetSections { key, sections } => {
+        Request::GetSections {
+            key,
+            sections,
+            header,
+        } => {
             let bytes = backend.get(&key).await?.ok_or_else(|| not_found(&key))?;
             let corrupt = |e: String| {
                 shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
@@ -387,7 +448,10 @@ async fn handle(
                 return Err(corrupt("header disagrees with stored object".into()));
             }
             let mut spans = Vec::with_capacity(sections.len());
-            let mut parts = vec![bytes.slice(..check.header_len())];
+            let mut parts = Vec::with_capacity(sections.len() + 1);
+            if header {
+                parts.push(bytes.slice(..check.header_len()));
+            }
             for &i in &sections {
                 let (off, len) = check
                     .span(i as usize)
@@ -399,8 +463,11 @@ async fn handle(
                 spans.push(SectionSpan { index: i, len });
                 parts.push(part);
             }
-            let header_len =
-                u32::try_from(check.header_len()).map_err(|_| corrupt("header too long".into()))?;
+            let header_len = if header {
+                u32::try_from(check.header_len()).map_err(|_| corrupt("header too long".into()))?
+            } else {
+                0
+            };
             Ok((
                 Response::Sections {
                     header_len,

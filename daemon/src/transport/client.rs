@@ -108,12 +108,13 @@ pub struct Sections {
 pub struct SectionStream {
     recv: RecvStream,
     header: Vec<u8>,
-    check: SectionCheck,
+    check: Arc<SectionCheck>,
     spans: std::vec::IntoIter<SectionSpan>,
 }
 
 impl SectionStream {
-    /// The object's header bytes, already checked to parse and match the requested key.
+    /// The object's header bytes, already checked to parse and match the requested key
+    /// (empty for [`StoreClient::open_known_sections`], whose caller holds the header).
     pub fn header(&self) -> &[u8] {
         &self.header
     }
@@ -261,21 +262,40 @@ impl StoreClient {
         key: &ChunkKey,
         sections: &[usize],
     ) -> Result<SectionStream, TransportError> {
+        self.request_sections(key, None, sections).await
+    }
+
+    /// Starts fetching the listed sections of the object whose header `check` holds (from an
+    /// earlier [`StoreClient::open_sections`]): the store sends the sections alone, which
+    /// saves the header's bytes (the quantization parameters of every layer) on each request.
+    pub async fn open_known_sections(
+        &self,
+        check: &Arc<SectionCheck>,
+        sections: &[usize],
+    ) -> Result<SectionStream, TransportError> {
+        self.request_sections(&check.key(), Some(check), sections)
+            .await
+    }
+
+    async fn request_sections(
+        &self,
+        key: &ChunkKey,
+        known: Option<&Arc<SectionCheck>>,
+        sections: &[usize],
+    ) -> Result<SectionStream, TransportError> {
         let indices = sections
             .iter()
             .map(|&s| u32::try_from(s).map_err(|_| TransportError::Unexpected("section index")))
             .collect::<Result<Vec<_>, _>>()?;
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        send.write_all(
-            &Request::GetSections {
-                key: *key,
-                sections: indices.clone(),
-            }
-            .encode(),
-        )
-        .await?;
+        let request = Request::GetSections {
+            key: *key,
+            sections: indices.clone(),
+            header: known.is_none(),
+        };
+        send.write_all(&request.encode()).await?;
         let _ = send.finish();
-        match read_response(&mut recv, Op::GetSections).await? {
+        match read_response(&mut recv, request.op()).await? {
             Response::Sections {
                 header_len,
                 sections: spans,
@@ -283,15 +303,22 @@ impl StoreClient {
                 if spans.iter().map(|s| s.index).ne(indices.iter().copied()) {
                     return Err(TransportError::Unexpected("get-sections"));
                 }
-                let header = read_exactly(&mut recv, header_len as usize).await?.to_vec();
-                let check = SectionCheck::from_header(&header)
-                    .map_err(|e| TransportError::Corrupt(e.to_string()))?;
-                if check.key() != *key {
-                    return Err(TransportError::Corrupt(format!(
-                        "header carries key {}",
-                        check.key()
-                    )));
-                }
+                let (header, check) = match known {
+                    Some(check) if header_len == 0 => (Vec::new(), check.clone()),
+                    Some(_) => return Err(TransportError::Unexpected("get-sections-only")),
+                    None => {
+                        let header = read_exactly(&mut recv, header_len as usize).await?.to_vec();
+                        let check = SectionCheck::from_header(&header)
+                            .map_err(|e| TransportError::Corrupt(e.to_string()))?;
+                        if check.key() != *key {
+                            return Err(TransportError::Corrupt(format!(
+                                "header carries key {}",
+                                check.key()
+                            )));
+                        }
+                        (header, Arc::new(check))
+                    }
+                };
                 for s in &spans {
                     if check.section_len(s.index as usize) != Some(s.len) {
                         return Err(TransportError::Corrupt(format!(

@@ -85,6 +85,8 @@ pub enum Op {
     Delete = 7,
     /// Report store statistics.
     Stats = 8,
+    /// Download chosen sections of one object without its header (the client holds it).
+    GetSectionsOnly = 9,
 }
 
 impl Op {
@@ -99,6 +101,7 @@ impl Op {
             6 => Op::List,
             7 => Op::Delete,
             8 => Op::Stats,
+            9 => Op::GetSectionsOnly,
             other => return Err(WireError::UnknownOp(other)),
         })
     }
@@ -114,6 +117,7 @@ impl Op {
             Op::List => "list",
             Op::Delete => "delete",
             Op::Stats => "stats",
+            Op::GetSectionsOnly => "get-sections-only",
         }
     }
 }
@@ -142,12 +146,16 @@ pub enum Request {
         /// Number of bytes, or [`RANGE_TO_END`].
         len: u64,
     },
-    /// Download the object header and the listed sections, in the order given.
+    /// Download the listed sections of one object, in the order given, after its header
+    /// when `header` is set (op `GetSections`); without it (op `GetSectionsOnly`, for a client
+    /// that fetched the header before) the answer's `header_len` is 0.
     GetSections {
         /// The object.
         key: ChunkKey,
         /// Section indices, as in the object header.
         sections: Vec<u32>,
+        /// Whether the header comes first.
+        header: bool,
     },
     /// How many leading keys of `keys` are stored.
     ExistsPrefix {
@@ -175,7 +183,8 @@ impl Request {
             Request::Auth { .. } => Op::Auth,
             Request::Put { .. } => Op::Put,
             Request::Get { .. } => Op::Get,
-            Request::GetSections { .. } => Op::GetSections,
+            Request::GetSections { header: true, .. } => Op::GetSections,
+            Request::GetSections { header: false, .. } => Op::GetSectionsOnly,
             Request::ExistsPrefix { .. } => Op::ExistsPrefix,
             Request::List { .. } => Op::List,
             Request::Delete { .. } => Op::Delete,
@@ -197,7 +206,7 @@ impl Request {
                 body.extend_from_slice(&offset.to_le_bytes());
                 body.extend_from_slice(&len.to_le_bytes());
             }
-            Request::GetSections { key, sections } => {
+            Request::GetSections { key, sections, .. } => {
                 body.extend_from_slice(&key.0);
                 put_u32(&mut body, sections.len());
                 for s in sections {
@@ -250,12 +259,16 @@ impl Request {
                 r.finish()?;
                 Request::Get { key, offset, len }
             }
-            Op::GetSections => {
+            Op::GetSections | Op::GetSectionsOnly => {
                 let key = r.key()?;
                 let n = r.count(4)?;
                 let sections = (0..n).map(|_| r.u32()).collect::<Result<_, _>>()?;
                 r.finish()?;
-                Request::GetSections { key, sections }
+                Request::GetSections {
+                    key,
+                    sections,
+                    header: op == Op::GetSections,
+                }
             }
             Op::ExistsPrefix => {
                 let n = r.count(32)?;
@@ -507,7 +520,7 @@ impl Response {
                     len,
                 }
             }
-            Op::GetSections => {
+            Op::GetSections | Op::GetSectionsOnly => {
                 let header_len = r.u32()?;
                 let n = r.count(12)?;
                 let sections = (0..n)
@@ -713,6 +726,12 @@ mod tests {
             Request::GetSections {
                 key: key(3),
                 sections: vec![0, 2, 5],
+                header: true,
+            },
+            Request::GetSections {
+                key: key(3),
+                sections: vec![1],
+                header: false,
             },
             Request::ExistsPrefix {
                 keys: vec![key(4), key(5), key(6)],
@@ -766,6 +785,13 @@ mod tests {
                         SectionSpan { index: 1, len: 5 },
                         SectionSpan { index: 3, len: 9 },
                     ],
+                },
+            ),
+            (
+                Op::GetSectionsOnly,
+                Response::Sections {
+                    header_len: 0,
+                    sections: vec![SectionSpan { index: 2, len: 7 }],
                 },
             ),
             (Op::ExistsPrefix, Response::Present { count: 2 }),
