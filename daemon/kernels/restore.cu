@@ -167,6 +167,27 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_codes(const uint16
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_packed(const uint8_t* __restrict__ packed,
                                                                      unsigned long long packed_len,
                                                                      unsigned bits, RestoreTarget t) {
+    // The common widths get one aligned load per group and constant shifts; the general
+    // path below assembles up to 128 bits with shifts by run-time amounts.
+    if (bits == 8 && reinterpret_cast<size_t>(packed) % 8 == 0) {
+        restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
+            uint2 v = __ldg(reinterpret_cast<const uint2*>(packed) + g);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                code[j] = (v.x >> (8 * j)) & 0xff;
+                code[j + 4] = (v.y >> (8 * j)) & 0xff;
+            }
+        });
+        return;
+    }
+    if (bits == 4 && reinterpret_cast<size_t>(packed) % 4 == 0) {
+        restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
+            unsigned v = __ldg(reinterpret_cast<const unsigned*>(packed) + g);
+#pragma unroll
+            for (int j = 0; j < 8; j++) code[j] = (v >> (4 * j)) & 0xf;
+        });
+        return;
+    }
     unsigned mask = (1u << bits) - 1;
     unsigned words = (bits + 3) / 4;
     restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {

@@ -332,6 +332,10 @@ pub struct RestorePoint {
     pub gbps: f64,
     /// Device-to-device copy GB/s (read + written) of the same output bytes.
     pub copy_gbps: f64,
+    /// Median milliseconds of that copy: the time to put the same KV bytes in place by
+    /// copying them, the other way to compare (inputs smaller than the output count for
+    /// less in `gbps`).
+    pub copy_ms: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -362,8 +366,9 @@ fn time_ms(
     Ok(median(ms))
 }
 
-fn point(name: String, bytes: usize, ms: f64, copy_gbps: f64) -> RestorePoint {
+fn point(name: String, bytes: usize, ms: f64, copy_gbps: f64, copy_ms: f64) -> RestorePoint {
     RestorePoint {
+        copy_ms,
         name,
         bytes,
         ms,
@@ -439,6 +444,7 @@ pub fn bench_restore(
             g.len() * 2 + out_bytes,
             ms,
             copy_gbps,
+            copy_ms,
         ));
         for bits in [4u8, 8] {
             let packed = pack_codes(&codes, bits);
@@ -449,6 +455,7 @@ pub fn bench_restore(
                 packed.len() + out_bytes,
                 ms,
                 copy_gbps,
+                copy_ms,
             ));
         }
         let ms = time_ms(cuda, 20, &|s| kernels.restore_frames(&frames, None, &dt, s))?;
@@ -457,6 +464,7 @@ pub fn bench_restore(
             codes.len() + out_bytes,
             ms,
             copy_gbps,
+            copy_ms,
         ));
     }
     Ok(out)

@@ -9,7 +9,7 @@
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::cuda::{Cuda, DeviceBuffer, Stream};
 use super::nvcuvid_sys::{self as sys, NvcuvidApi};
@@ -224,16 +224,21 @@ impl Nvdec {
 
 /// Decode sessions of one device shared by everything that decodes there (GPU fetches and the
 /// HEVC section decoder of host fetches), so a device never has more sessions than asked for.
+/// A caller takes any idle session, or waits for the first one freed: no session idles while
+/// someone waits.
 pub struct SessionPool {
-    sessions: Vec<Mutex<NvdecSession>>,
-    next: AtomicUsize,
+    idle: Mutex<Vec<NvdecSession>>,
+    freed: Condvar,
+    total: usize,
+    /// Sessions whose decode panicked; they are not used again.
+    lost: AtomicUsize,
     _nvdec: Nvdec,
 }
 
 impl std::fmt::Debug for SessionPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionPool")
-            .field("sessions", &self.sessions.len())
+            .field("sessions", &self.total)
             .finish()
     }
 }
@@ -247,39 +252,74 @@ impl SessionPool {
     ) -> Result<SessionPool, GpuError> {
         let nvdec = Nvdec::open(cuda)?;
         let n = sessions(nvdec.engines()?).max(1);
-        let sessions = (0..n)
-            .map(|_| nvdec.session().map(Mutex::new))
-            .collect::<Result<_, _>>()?;
+        let idle = (0..n)
+            .map(|_| nvdec.session())
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(SessionPool {
-            sessions,
-            next: AtomicUsize::new(0),
+            idle: Mutex::new(idle),
+            freed: Condvar::new(),
+            total: n,
+            lost: AtomicUsize::new(0),
             _nvdec: nvdec,
         })
     }
 
     /// Number of sessions.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.total
     }
 
     /// Whether the pool has no session (never: `open` makes at least one).
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.total == 0
     }
 
-    /// Runs `f` on the first idle session, else waits for the next one in round-robin order.
-    /// A session whose decode panicked is not used again.
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<NvdecSession>> {
+        // The list is consistent at every unlock: a poisoned lock is still usable.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on an idle session, waiting for one when all are busy. A session whose
+    /// decode panicked is not used again; when none is left, an error.
     pub fn with<R>(&self, f: impl FnOnce(&mut NvdecSession) -> R) -> Result<R, GpuError> {
-        for s in &self.sessions {
-            if let Ok(mut s) = s.try_lock() {
-                return Ok(f(&mut s));
+        let session = {
+            let mut idle = self.idle();
+            loop {
+                if let Some(s) = idle.pop() {
+                    break s;
+                }
+                if self.lost.load(Ordering::Relaxed) >= self.total {
+                    return Err(GpuError::Decode("every decode session panicked".into()));
+                }
+                idle = self.freed.wait(idle).unwrap_or_else(|p| p.into_inner());
             }
+        };
+        let mut lent = Lent {
+            pool: self,
+            session: Some(session),
+        };
+        match lent.session.as_mut() {
+            Some(s) => Ok(f(s)),
+            None => Err(GpuError::Decode("no session".into())),
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len();
-        let mut s = self.sessions[i]
-            .lock()
-            .map_err(|_| GpuError::Decode("a decode session panicked".into()))?;
-        Ok(f(&mut s))
+    }
+}
+
+/// A session out of its pool; it goes back when this drops, unless its user panicked.
+struct Lent<'p> {
+    pool: &'p SessionPool,
+    session: Option<NvdecSession>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.pool.lost.fetch_add(1, Ordering::Relaxed);
+            self.pool.freed.notify_all();
+        } else if let Some(s) = self.session.take() {
+            self.pool.idle().push(s);
+            self.pool.freed.notify_one();
+        }
     }
 }
 
