@@ -505,30 +505,27 @@ impl DeviceBuffer {
         self.cuda.landed()
     }
 
+    /// The device address of byte `offset`, when `len` bytes from there fit the buffer.
+    fn span_for_write(&self, offset: usize, len: usize) -> Result<u64, GpuError> {
+        if offset.checked_add(len).is_none_or(|e| e > self.bytes) {
+            return Err(GpuError::InvalidArgument(format!(
+                "{len} bytes at {offset} into a {} byte buffer",
+                self.bytes
+            )));
+        }
+        Ok(self.ptr + offset as u64)
+    }
+
     /// Queues a copy of `data` to byte `offset` of the buffer on `stream` (bounds-checked):
     /// work queued on `stream` afterwards sees the bytes. `data` may be freed on return (the
     /// driver stages pageable memory before returning).
     pub fn write_async(&self, offset: usize, data: &[u8], stream: &Stream) -> Result<(), GpuError> {
-        if offset
-            .checked_add(data.len())
-            .is_none_or(|e| e > self.bytes)
-        {
-            return Err(GpuError::InvalidArgument(format!(
-                "{} bytes at {offset} into a {} byte buffer",
-                data.len(),
-                self.bytes
-            )));
-        }
+        let dst = self.span_for_write(offset, data.len())?;
         self.cuda.bind()?;
         // SAFETY: offset..offset+len lies in the allocation (checked); `data` is len readable
         // bytes, staged by the driver before the call returns; `stream` is live.
         self.cuda.check("cuMemcpyHtoDAsync", unsafe {
-            (self.cuda.api.cu_memcpy_htod_async)(
-                self.ptr + offset as u64,
-                data.as_ptr().cast(),
-                data.len(),
-                stream.raw,
-            )
+            (self.cuda.api.cu_memcpy_htod_async)(dst, data.as_ptr().cast(), data.len(), stream.raw)
         })
     }
 
@@ -550,25 +547,12 @@ impl DeviceBuffer {
 
     /// Copies `data` to byte `offset` of the buffer (synchronous, bounds-checked).
     pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<(), GpuError> {
-        if offset
-            .checked_add(data.len())
-            .is_none_or(|e| e > self.bytes)
-        {
-            return Err(GpuError::InvalidArgument(format!(
-                "{} bytes at {offset} into a {} byte buffer",
-                data.len(),
-                self.bytes
-            )));
-        }
+        let dst = self.span_for_write(offset, data.len())?;
         self.cuda.bind()?;
         // SAFETY: offset..offset+len lies in the allocation (checked); `data` is len readable
         // bytes.
         self.cuda.check("cuMemcpyHtoD", unsafe {
-            (self.cuda.api.cu_memcpy_htod)(
-                self.ptr + offset as u64,
-                data.as_ptr().cast(),
-                data.len(),
-            )
+            (self.cuda.api.cu_memcpy_htod)(dst, data.as_ptr().cast(), data.len())
         })?;
         self.cuda.landed()
     }
