@@ -10,7 +10,6 @@
 //! in-flight section hold it, so a release or a disconnect frees them after the last section.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use kvfetcher_client::protocol::{
@@ -51,8 +50,6 @@ pub(crate) struct GpuDestination {
     out: Outbox,
     device: Arc<GpuDevice>,
     alloc: OnceLock<Allocated>,
-    /// Set by `write`: host-to-device copies may still be in flight until a synchronise.
-    dirty: AtomicBool,
 }
 
 impl std::fmt::Debug for GpuDestination {
@@ -93,7 +90,6 @@ impl GpuDestination {
             out,
             device,
             alloc: OnceLock::new(),
-            dirty: AtomicBool::new(false),
         }
     }
 
@@ -174,7 +170,8 @@ impl Destination for GpuDestination {
             .get()
             .ok_or_else(|| ServeError::Internal("write before allocate".into()))?;
         super::error::checked_write_end(offset, bytes.len(), a.buffer.len())?;
-        self.dirty.store(true, Ordering::Release);
+        // Synchronous: the bytes have landed when it returns (`DeviceBuffer::write_at`), so
+        // the layer events recorded later cover them.
         a.buffer
             .write_at(offset, bytes)
             .map_err(|e| gpu_failed("writing the gpu buffer", e))
@@ -186,15 +183,7 @@ impl Destination for GpuDestination {
         if layers.start >= end {
             return;
         }
-        let cuda = self.device.cuda();
-        // A synchronous copy from pageable memory may return before its DMA lands: wait for
-        // every copy issued so far before the events say "ready".
-        if self.dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = cuda.synchronize() {
-                tracing::warn!(fetch_id = self.fetch_id, "gpu synchronize failed: {e}");
-            }
-        }
-        let bound = cuda.bind();
+        let bound = self.device.cuda().bind();
         for l in layers.start..end {
             if let Err(e) = bound.as_ref().map_err(|e| e.to_string()).and_then(|()| {
                 a.events[l as usize]
