@@ -478,7 +478,6 @@ fn decode_stage(
         token_start += v.header().token_count;
     }
     let wire = jobs.iter().map(|j| j.payload.len() as u64).sum::<u64>() * passes as u64;
-    let total_jobs = jobs.len() * passes;
     let start = Instant::now();
     let dest = TimedDest {
         start,
@@ -491,28 +490,17 @@ fn decode_stage(
     };
     dest.allocate(shape)?;
     let metrics = Metrics::new();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                scope.spawn(|| -> Result<(), ServeError> {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= total_jobs {
-                            return Ok(());
-                        }
-                        let job = &jobs[i % jobs.len()];
-                        restore_section_into(&dest, job, reg, layout, shape, &metrics)?;
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join()
-                .map_err(|_| anyhow::anyhow!("decode thread panicked"))??;
-        }
-        Ok(())
-    })?;
+    on_threads(
+        threads,
+        jobs.len() * passes,
+        || Ok(()),
+        |_, i| {
+            let job = &jobs[i % jobs.len()];
+            Ok(restore_section_into(
+                &dest, job, reg, layout, shape, &metrics,
+            )?)
+        },
+    )?;
     let total = start.elapsed();
     Ok(Timing {
         first_layer: total,
@@ -534,42 +522,60 @@ fn nvdec_alone(
     let mut streams: Vec<&[u8]> = Vec::new();
     let mut surface = 0;
     for (_, o) in objects {
-        let (header, _) = ChunkHeader::parse_prefix(o)?;
         let view = ChunkView::parse(o)?;
-        for (i, s) in header.sections.iter().enumerate() {
+        for (i, s) in view.header().sections.iter().enumerate() {
             let p = HevcParams::from_bytes(&s.params)?;
             let fmt = FrameFormat::of_geometry(&p.geometry);
             surface = surface.max(p.geometry.frames * fmt.surface_bytes_per_frame());
             streams.extend(p.split(view.section_bytes(i))?);
         }
     }
-    let total = streams.len() * passes;
     let bytes = streams.iter().map(|s| s.len() as u64).sum::<u64>() * passes as u64;
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let start = Instant::now();
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..pool.len())
+    on_threads(
+        pool.len(),
+        streams.len() * passes,
+        || Ok(dev.cuda().alloc(surface)?),
+        |buf, i| {
+            let stream = streams[i % streams.len()];
+            pool.with(|s| s.decode_to_device(stream, buf, 0))??;
+            Ok(())
+        },
+    )?;
+    Ok((start.elapsed().as_secs_f64(), bytes))
+}
+
+/// Runs `work(&mut state, i)` for every `i` in `0..n` on `threads` scoped threads, each taking
+/// the next index and holding its own `state` from `init()`. A thread stops at its first
+/// error, which is returned once every thread has ended.
+fn on_threads<S>(
+    threads: usize,
+    n: usize,
+    init: impl Fn() -> anyhow::Result<S> + Sync,
+    work: impl Fn(&mut S, usize) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.max(1))
             .map(|_| {
                 scope.spawn(|| -> anyhow::Result<()> {
-                    let buf = dev.cuda().alloc(surface)?;
+                    let mut state = init()?;
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= total {
+                        if i >= n {
                             return Ok(());
                         }
-                        let stream = streams[i % streams.len()];
-                        pool.with(|s| s.decode_to_device(stream, &buf, 0))??;
+                        work(&mut state, i)?;
                     }
                 })
             })
             .collect();
         for w in workers {
             w.join()
-                .map_err(|_| anyhow::anyhow!("decode thread panicked"))??;
+                .map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
         }
         Ok(())
-    })?;
-    Ok((start.elapsed().as_secs_f64(), bytes))
+    })
 }
 
 fn report(link: &str, method: &str, t: Timing, raw: u64, bound: Option<Duration>) {

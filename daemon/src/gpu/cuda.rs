@@ -519,13 +519,19 @@ impl DeviceBuffer {
     /// Queues a copy of `data` to byte `offset` of the buffer on `stream` (bounds-checked):
     /// work queued on `stream` afterwards sees the bytes. `data` may be freed on return (the
     /// driver stages pageable memory before returning).
-    pub fn write_async(&self, offset: usize, data: &[u8], stream: &Stream) -> Result<(), GpuError> {
-        let dst = self.span_for_write(offset, data.len())?;
+    pub fn write_async<T: bytemuck_like::Pod>(
+        &self,
+        offset: usize,
+        data: &[T],
+        stream: &Stream,
+    ) -> Result<(), GpuError> {
+        let n = std::mem::size_of_val(data);
+        let dst = self.span_for_write(offset, n)?;
         self.cuda.bind()?;
-        // SAFETY: offset..offset+len lies in the allocation (checked); `data` is len readable
-        // bytes, staged by the driver before the call returns; `stream` is live.
+        // SAFETY: n bytes from offset lie in the allocation (checked); `data` is n readable
+        // bytes of a Pod type, staged by the driver before the call returns; `stream` is live.
         self.cuda.check("cuMemcpyHtoDAsync", unsafe {
-            (self.cuda.api.cu_memcpy_htod_async)(dst, data.as_ptr().cast(), data.len(), stream.raw)
+            (self.cuda.api.cu_memcpy_htod_async)(dst, data.as_ptr().cast(), n, stream.raw)
         })
     }
 

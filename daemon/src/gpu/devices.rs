@@ -295,7 +295,8 @@ fn open_nvdec(cuda: &Arc<Cuda>, wanted: usize) -> Result<SessionPool, GpuError> 
     })
 }
 
-/// A stream borrowed from a [`GpuDevice`]'s pool.
+/// A stream borrowed from a [`GpuDevice`]'s pool. Dropping it waits for the work queued on it
+/// (so memory that work reads may be reused once the guard is gone).
 pub struct PooledStream<'a> {
     dev: &'a GpuDevice,
     stream: Option<Stream>,

@@ -102,11 +102,8 @@ impl MemoryPool {
         data: &[T],
         stream: &Stream,
     ) -> Result<DeviceBuffer, GpuError> {
-        let n = std::mem::size_of_val(data);
-        let buf = self.alloc(n)?;
-        // SAFETY: T is Pod (no padding, any bit pattern), so its n bytes may be read as u8.
-        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), n) };
-        buf.write_async(0, bytes, stream)?;
+        let buf = self.alloc(std::mem::size_of_val(data))?;
+        buf.write_async(0, data, stream)?;
         Ok(buf)
     }
 

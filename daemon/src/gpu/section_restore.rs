@@ -142,7 +142,8 @@ fn grouping(g: Grouping) -> QuantGrouping {
 
 /// A section's stream and the scratch memory its queued work reads. Dropping it waits for
 /// the stream before the scratch goes back to the device's pool, on every path, errors
-/// included (fields drop after `drop` ran, in order).
+/// included: fields drop in order, and the stream's drop synchronises it before `held` and
+/// `targets` drop.
 struct SectionWork<'d> {
     stream: PooledStream<'d>,
     pool: &'d Arc<MemoryPool>,
@@ -177,12 +178,6 @@ impl<'d> SectionWork<'d> {
     /// Waits for the queued work; the caller then returns, dropping the scratch.
     fn finish(&self) -> Result<(), GpuError> {
         self.stream.synchronize()
-    }
-}
-
-impl Drop for SectionWork<'_> {
-    fn drop(&mut self) {
-        let _ = self.stream.synchronize();
     }
 }
 

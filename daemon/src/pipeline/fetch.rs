@@ -41,11 +41,16 @@ impl From<LayoutIoError> for ServeError {
 /// One chunk of the fetched prefix.
 struct Chunk {
     key: ChunkKey,
-    header: Arc<ChunkHeader>,
-    /// The header again, for section requests that skip it.
+    /// The parsed header; section requests after the header round skip it.
     check: Arc<SectionCheck>,
     /// First token of the chunk in the fetched buffer.
     token_start: u32,
+}
+
+impl Chunk {
+    fn header(&self) -> &ChunkHeader {
+        self.check.header()
+    }
 }
 
 /// Runs a whole fetch (see the module doc).
@@ -75,7 +80,7 @@ pub(super) async fn fetch(
     let layers = chunks
         .iter()
         .map(|c| {
-            c.header
+            c.header()
                 .sections
                 .iter()
                 .map(|s| u32::from(s.layer_start)..u32::from(s.layer_end))
@@ -134,7 +139,7 @@ pub(super) async fn fetch(
 
 /// Fetches every chunk's header, at most the fetch window at once, in chain order.
 async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeError> {
-    let fetched: Vec<Result<(ChunkKey, ChunkHeader, SectionCheck), ServeError>> =
+    let fetched: Vec<Result<(ChunkKey, SectionCheck), ServeError>> =
         futures::stream::iter(keys.iter().copied())
             .map(|key| async move {
                 let client = p.stores.client_for(&key).await?;
@@ -143,11 +148,9 @@ async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeErr
                     Err(e) => return Err(p.stores.failed(&key, e).await),
                 };
                 p.metrics.bytes_in.add(stream.header().len() as u64);
-                let (header, _) = ChunkHeader::parse_prefix(stream.header())
-                    .map_err(|e| ServeError::Internal(format!("chunk {key}: header: {e}")))?;
                 let check = SectionCheck::from_header(stream.header())
                     .map_err(|e| ServeError::Internal(format!("chunk {key}: header: {e}")))?;
-                Ok((key, header, check))
+                Ok((key, check))
             })
             .buffered(p.fetch.max_inflight_sections)
             .collect()
@@ -155,7 +158,8 @@ async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeErr
     let mut chunks = Vec::with_capacity(keys.len());
     let mut token_start = 0u32;
     for r in fetched {
-        let (key, header, check) = r?;
+        let (key, check) = r?;
+        let header = check.header();
         if header.key != key {
             return Err(ServeError::Internal(format!(
                 "chunk {key}: header names {}",
@@ -165,7 +169,6 @@ async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeErr
         let tokens = header.token_count;
         chunks.push(Chunk {
             key,
-            header: Arc::new(header),
             check: Arc::new(check),
             token_start,
         });
@@ -178,10 +181,10 @@ async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeErr
 
 /// The shape of the whole prefix; every chunk must agree on layers, heads and head size.
 fn shape_of(chunks: &[Chunk]) -> Result<KvShape, ServeError> {
-    let h0 = &chunks[0].header;
+    let h0 = chunks[0].header();
     let mut tokens = 0u32;
     for c in chunks {
-        let h = &c.header;
+        let h = c.header();
         if (h.num_layers, h.kv_heads, h.head_dim) != (h0.num_layers, h0.kv_heads, h0.head_dim) {
             return Err(ServeError::Internal(format!(
                 "chunk {} is {}x{}x{}, chunk 0 is {}x{}x{}",
@@ -213,7 +216,7 @@ async fn section(
     shape: KvShape,
     dest: Arc<dyn Destination>,
 ) -> Result<(SectionRef, u64), ServeError> {
-    let info = &chunk.header.sections[s.section];
+    let info = &chunk.header().sections[s.section];
     // Back-pressure: hold the section's share of the byte budget until it is restored. A
     // section larger than the whole budget takes all of it, and so runs alone.
     let want = info.len.min(p.fetch.max_inflight_bytes as u64).max(1);
@@ -250,7 +253,7 @@ async fn section(
         .acquire()
         .await
         .map_err(|_| ServeError::Unavailable("pipeline shut down".into()))?;
-    let header = chunk.header.clone();
+    let check = chunk.check.clone();
     let registry = p.registry.clone();
     let metrics = p.metrics.clone();
     let token_start = chunk.token_start;
@@ -260,7 +263,7 @@ async fn section(
         restore_section_into(
             dest.as_ref(),
             &SectionJob {
-                header: &header,
+                header: check.header(),
                 index,
                 payload: &bytes,
                 token_start,

@@ -67,6 +67,11 @@ impl SectionCheck {
         Ok(SectionCheck { header, header_len })
     }
 
+    /// The parsed header.
+    pub fn header(&self) -> &ChunkHeader {
+        &self.header
+    }
+
     /// The key in the header.
     pub fn key(&self) -> ChunkKey {
         self.header.key
