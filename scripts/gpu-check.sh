@@ -10,6 +10,8 @@
 #   .carry/fixtures/sections/       kvfetcher gpu section-fixtures --kv .carry/codelm-kv-a-4l.safetensors --out .carry/fixtures/sections
 #   .carry/codelm-kv-a-4l.safetensors  the real KV the fixtures came from (first 4 layers of
 #                                    shared/data/codelm-kv-a.safetensors; override with KV=)
+#   .carry/kvfull/codelm-kv-a.safetensors  the whole KV, for the end-to-end fetch rows
+#                                    (override with FULL_KV=; else the 4-layer KV)
 # Writes logs and the fresh PTX to ${OUT:-/tmp/gpu-check}. SKIP_BENCH=1 skips the benchmarks;
 # SKIP_INTERFERENCE=1 skips only scripts/gpu-interference.py (GEMM next to NVDEC / nvCOMP, needs
 # torch; nvCOMP from .whl/*.whl when present, INTERFERENCE_SECONDS per setting, default 10).
@@ -78,8 +80,16 @@ if [ -z "${SKIP_LLAMA:-}" ] && [ -d "$carry/llama" ]; then
   OUT="$out" bash "$root/scripts/llama-gpu-check.sh" > "$out/llama-gpu.log" 2>&1 || status=1
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  "$bin" bench fetch --kv "$kv" --memory gpu:0 --variant packed --rates 0,1,4,10,25 --repeat 5 > "$out/fetch-gpu-packed.txt" 2>&1 || status=1
-  "$bin" bench fetch --kv "$kv" --memory gpu:0 --variant zstd --rates 0,1,4,10,25 --repeat 5 > "$out/fetch-gpu-zstd.txt" 2>&1 || status=1
+  # End to end on the whole 8-layer KV (1024 tokens, and x4 tokens) when carried: the issue's
+  # rows, each against the link's transfer time and the decode stage.
+  full="${FULL_KV:-$carry/kvfull/codelm-kv-a.safetensors}"
+  [ -f "$full" ] || full="$kv"
+  for v in packed hevc; do
+    for tile in 1 4; do
+      "$bin" bench fetch --kv "$full" --memory gpu:0 --variant $v --tile $tile --rates 0,1,4,10,25 \
+        --repeat 5 > "$out/fetch-gpu-$v-x$tile.txt" 2>&1 || status=1
+    done
+  done
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   "$bin" gpu bench --kv "$kv" --fixtures "$fx" ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1 || status=1
@@ -95,6 +105,7 @@ if [ -z "${SKIP_BENCH:-}" ] && [ -z "${SKIP_INTERFERENCE:-}" ]; then
   fi
   PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 python3 "$root/scripts/gpu-interference.py" \
     --bin "$bin" --kv "$kv" --fixtures "$fx" --seconds "${INTERFERENCE_SECONDS:-10}" \
+    --nvdec-frames copy,map,none \
     > "$out/interference.txt" 2>&1 || status=1
 else
   : > "$out/interference.txt"
@@ -105,7 +116,9 @@ cat "$out/smi.txt"
 cat "$out/daemon-gpu.txt" 2>/dev/null || tail -5 "$out/daemon-check.log"
 cat "$out/rust-tests.txt"
 sed -n '/^| check | result/,$p' "$out/llama-gpu.txt" 2>/dev/null | head -40
-grep -hE "^(link|loopback|[0-9.]+ Gbit)" "$out"/fetch-gpu-*.txt 2>/dev/null
+for f in "$out"/fetch-gpu-*.txt; do
+  [ -f "$f" ] && head -1 "$f" | cut -c1-110 && grep -E "^(link|loopback|[0-9.]+ Gbit)" "$f" | grep -v "whole objects"
+done
 grep -E "^nvdec hevc" "$out/info.txt"
 grep -E "^\| nvdec|checks, " "$out/check.txt"
 grep -E "^\| (nvdec|restore (codes|surfaces)) section" "$out/check.txt" | grep -c "| yes |" | sed 's/^/codec-section rows exact: /'

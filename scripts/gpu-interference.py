@@ -369,6 +369,10 @@ def main():
     ap.add_argument("--sessions", type=int, default=None, help="NVDEC sessions [engine count]")
     ap.add_argument("--stream", default="444-8", help="NVDEC fixture stream (chroma-bits)")
     ap.add_argument("--device", type=int, default=0, help="CUDA device ordinal")
+    ap.add_argument("--nvdec-frames", default="copy",
+                    help="comma-separated frame handlings of the NVDEC load (copy: the real "
+                         "path; map: map and unmap only; none: never mapped), one pair of rows "
+                         "each")
     ap.add_argument("--worker-algorithm", help=argparse.SUPPRESS)
     ap.add_argument("--worker-rate", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -405,10 +409,15 @@ def main():
             "--fixtures", args.fixtures, "--seconds", str(margin), "--stream", args.stream]
     if args.sessions:
         load += ["--sessions", str(args.sessions)]
-    for label, extra in (
-        ("NVDEC flat out", []),
-        (f"NVDEC at {args.rate_gbps:g} Gbit/s", ["--rate-gbps", str(args.rate_gbps)]),
-    ):
+    settings = []
+    for frames in args.nvdec_frames.split(","):
+        tag = "" if frames == "copy" else f" (frames: {frames})"
+        fr = ["--frames", frames]
+        settings += [
+            (f"NVDEC flat out{tag}", fr),
+            (f"NVDEC at {args.rate_gbps:g} Gbit/s{tag}", fr + ["--rate-gbps", str(args.rate_gbps)]),
+        ]
+    for label, extra in settings:
         say(f"{label}:")
         try:
             t, (i, o) = with_tenant(torch, load + extra, "load", args.seconds, parse_load)

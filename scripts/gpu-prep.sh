@@ -4,6 +4,7 @@
 #   .carry/kvfetcher                    release binary (stripped)
 #   .carry/lib/libkvfetcher.so          the C client library
 #   .carry/codelm-kv-a-4l.safetensors   first 4 layers of the real codelm KV
+#   .carry/kvfull/codelm-kv-a.safetensors  the whole real KV (8 layers), for the end-to-end rows
 #   .carry/chunks/<variant>/*.kvc       that KV encoded as chunk objects, one model id per variant
 #   .carry/fixtures/                    NVDEC fixtures (kvfetcher gpu fixtures / section-fixtures)
 #   .carry/tests/*                      with --tests: the Rust GPU test binaries (release, stripped),
@@ -13,7 +14,8 @@
 #                                       host) compressed, so the carry fits the device's 64 MiB;
 #                                       gpu-check.sh unpacks it and makes the fixtures there.
 #                                       Carry then: .carry/xz .carry/lib .carry/chunks
-#                                       .carry/codelm-kv-a-4l.safetensors (not the rest of .carry)
+#                                       .carry/codelm-kv-a-4l.safetensors .carry/kvfull
+#                                       (not the rest of .carry)
 # Usage: scripts/gpu-prep.sh [--no-build] [--tests] [--bundle]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -50,6 +52,8 @@ for line in sys.stdin:
 fi
 install -m 755 -s target/release/kvfetcher "$carry/kvfetcher"
 install -m 755 -s target/release/libkvfetcher.so "$carry/lib/libkvfetcher.so"
+mkdir -p "$carry/kvfull"
+install -m 644 "$root/../shared/data/codelm-kv-a.safetensors" "$carry/kvfull/codelm-kv-a.safetensors"
 kv="$carry/codelm-kv-a-4l.safetensors"
 if [ ! -f "$kv" ]; then
   python3 - "$root/../shared/data/codelm-kv-a.safetensors" "$kv" <<'PY'

@@ -70,12 +70,6 @@ __device__ __forceinline__ unsigned long long target_offset(const RestoreTarget&
     return ((unsigned long long)head * t.target_tokens + token) * t.head_dim + d;
 }
 
-// Rows each thread restores per step: the loads of several rows are in flight at once, and a
-// per-channel tensor's 8 scales and mins are loaded once for all of them.
-#ifndef ROWS_PER_THREAD
-#define ROWS_PER_THREAD 2
-#endif
-
 // The scales and mins of columns col..col+7 of `tensor` (per-channel grouping).
 __device__ __forceinline__ void channel_params(const RestoreTarget& t, unsigned tensor, unsigned col,
                                                float (&s)[8], float (&m)[8]) {
@@ -120,12 +114,14 @@ __device__ __forceinline__ void store8(const RestoreTarget& t, char* base, unsig
 }
 
 // The loop every kernel shares. Launched with gridDim.y = tensors: block row y restores tensor
-// y. A work unit is 8 columns of ROWS_PER_THREAD consecutive rows; consecutive threads take
-// consecutive column groups of the same rows, so loads and stores stay coalesced.
-// `load(g, code)` fills the 8 codes of group g = (tensor * rows + row) * cols / 8 + col / 8.
-// Index math is 32-bit (the host checks that tensors * rows * cols fits 32 bits).
-template <typename Load>
-__device__ __forceinline__ void restore_groups(const RestoreTarget& t, Load load) {
+// y. A work unit is 8 columns of ROWS consecutive rows; consecutive threads take consecutive
+// column groups of the same rows, so loads and stores stay coalesced. With several rows, the
+// loads of all of them are in flight at once and a per-channel tensor's 8 scales and mins are
+// loaded once for all. `load(g, code)` fills the 8 codes of group g = (tensor * rows + row) *
+// cols / 8 + col / 8. Index math is 32-bit (the host checks that tensors * rows * cols fits).
+// The host's RestoreKernels::grid must use the same ROWS as the kernel it launches.
+template <int ROWS_PER_THREAD, typename Load>
+__device__ __forceinline__ void restore_rows(const RestoreTarget& t, Load load) {
     unsigned tensor = blockIdx.y;
     unsigned per_row = t.per_row.d;
     unsigned row_blocks = (t.rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
@@ -153,6 +149,18 @@ __device__ __forceinline__ void restore_groups(const RestoreTarget& t, Load load
     }
 }
 
+// Rows per thread for codes and packed codes: two for 16-bit outputs, one for f32, which
+// writes twice the bytes per code (on an H200, one row is 10-20% slower for bf16 and 15-25%
+// faster for f32). Decoded surfaces take two rows for both (restore_rows<2>).
+template <typename Load>
+__device__ __forceinline__ void restore_groups(const RestoreTarget& t, Load load) {
+    if (t.dtype == 2) {
+        restore_rows<1>(t, load);
+    } else {
+        restore_rows<2>(t, load);
+    }
+}
+
 // Codes already in device memory as u16 [tensors][rows][cols].
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_codes(const uint16_t* __restrict__ codes,
                                                                     RestoreTarget t) {
@@ -163,31 +171,36 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_codes(const uint16
     });
 }
 
-// Codes bit-packed LSB-first at `bits` (the `packed` variant), straight from a host-to-device copy.
+// Codes bit-packed LSB-first (the `packed` variant), straight from a host-to-device copy. The
+// common widths have kernels of their own: one aligned load per group and constant shifts, and
+// none of the general path's registers (the host picks them when the buffer is aligned).
+extern "C" __global__ void __launch_bounds__(256) kvf_restore_packed8(const uint8_t* __restrict__ packed,
+                                                                      unsigned long long packed_len,
+                                                                      unsigned bits, RestoreTarget t) {
+    restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
+        uint2 v = __ldg(reinterpret_cast<const uint2*>(packed) + g);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            code[j] = (v.x >> (8 * j)) & 0xff;
+            code[j + 4] = (v.y >> (8 * j)) & 0xff;
+        }
+    });
+}
+
+extern "C" __global__ void __launch_bounds__(256) kvf_restore_packed4(const uint8_t* __restrict__ packed,
+                                                                      unsigned long long packed_len,
+                                                                      unsigned bits, RestoreTarget t) {
+    restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
+        unsigned v = __ldg(reinterpret_cast<const unsigned*>(packed) + g);
+#pragma unroll
+        for (int j = 0; j < 8; j++) code[j] = (v >> (4 * j)) & 0xf;
+    });
+}
+
+// Any width 1..16: assembles up to 128 bits with shifts by run-time amounts.
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_packed(const uint8_t* __restrict__ packed,
                                                                      unsigned long long packed_len,
                                                                      unsigned bits, RestoreTarget t) {
-    // The common widths get one aligned load per group and constant shifts; the general
-    // path below assembles up to 128 bits with shifts by run-time amounts.
-    if (bits == 8 && reinterpret_cast<size_t>(packed) % 8 == 0) {
-        restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
-            uint2 v = __ldg(reinterpret_cast<const uint2*>(packed) + g);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                code[j] = (v.x >> (8 * j)) & 0xff;
-                code[j + 4] = (v.y >> (8 * j)) & 0xff;
-            }
-        });
-        return;
-    }
-    if (bits == 4 && reinterpret_cast<size_t>(packed) % 4 == 0) {
-        restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
-            unsigned v = __ldg(reinterpret_cast<const unsigned*>(packed) + g);
-#pragma unroll
-            for (int j = 0; j < 8; j++) code[j] = (v >> (4 * j)) & 0xf;
-        });
-        return;
-    }
     unsigned mask = (1u << bits) - 1;
     unsigned words = (bits + 3) / 4;
     restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
@@ -297,7 +310,7 @@ __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf,
 // Codes read from NVDEC's decoded surfaces (packed without pitch, see nvdec.rs DeviceFrames).
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8_t* __restrict__ surf,
                                                                      FrameSource f, RestoreTarget t) {
-    restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
+    restore_rows<2>(t, [&](unsigned g, unsigned (&code)[8]) {
         unsigned first = g * 8;
         if (f.gather || !frame_samples8(surf, f, first, code)) {
 #pragma unroll

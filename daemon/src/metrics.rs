@@ -143,7 +143,7 @@ pub struct Metrics {
     pub bytes_saved_raw: Counter,
     /// Fetches in progress.
     pub fetches_active: Gauge,
-    /// Sections requested from stores and not yet decoded (fetch queue depth).
+    /// Sections a fetch is waiting for, receiving or decoding (fetch queue depth).
     pub sections_in_flight: Gauge,
     /// Chunks waiting for or in the save encoder pool (save queue depth).
     pub save_queue: Gauge,
@@ -233,7 +233,7 @@ impl Metrics {
             ),
             (
                 "kvfetcher_fetch_queue_depth",
-                "Sections requested and not yet restored.",
+                "Sections waited for, in transfer or being restored.",
                 &self.sections_in_flight,
             ),
             (

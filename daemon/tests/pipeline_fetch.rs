@@ -503,3 +503,95 @@ async fn requests_spread_over_connections_per_store() {
     assert!(nonzero > got3.len() / 4, "{nonzero} nonzero bytes");
     drop((saver, three, one));
 }
+
+/// Store requests a fetch makes and bytes the store sends for it, measured with an observer
+/// connection (whose own stats request is counted once per call).
+async fn fetch_cost(f: &Fixture, pipeline: &Pipeline, layout: TargetLayout) -> (u64, u64, u64) {
+    let observer = StoreClient::connect(f.target.addr, f.target.tls.clone())
+        .await
+        .unwrap();
+    let a = observer.stats().await.unwrap();
+    let b = observer.stats().await.unwrap();
+    let per_stats = b.requests - a.requests;
+    let dest = MemDest::new(layout);
+    let out = pipeline
+        .fetch(MODEL, &f.ids, &layout, dest.clone())
+        .await
+        .unwrap();
+    let c = observer.stats().await.unwrap();
+    assert_eq!(out.tokens, TOKENS as u32);
+    let save = save_config(8, "packed");
+    assert_matches(
+        &dest.buf.lock().unwrap(),
+        &layout,
+        &expected(&f.cache, &f.ids, &save),
+    );
+    (
+        c.requests - b.requests - per_stats,
+        c.bytes_out - b.bytes_out,
+        out.bytes_on_wire,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_per_header_and_section_and_no_lookup() {
+    let save = save_config(8, "packed");
+    let Some(f) = fixture(save.clone(), FetchConfig::default()).await else {
+        return;
+    };
+    let shape = shape_of(&f.cache);
+    let (layout, data) = client_bytes(&f.cache);
+    let stored = f
+        .pipeline
+        .save(MODEL, &f.ids, &layout, &shape, &data)
+        .await
+        .unwrap();
+    assert_eq!(stored, 3);
+    let groups = shape.num_layers.div_ceil(save.layers_per_group) as u64;
+    let objects = StoreClient::connect(f.target.addr, f.target.tls.clone())
+        .await
+        .unwrap()
+        .stats()
+        .await
+        .unwrap()
+        .bytes;
+
+    // No lookup round: one request per header and one per section, and every stored byte sent
+    // once (and counted as received).
+    let (requests, sent, wire) = fetch_cost(&f, &f.pipeline, layout).await;
+    assert_eq!(
+        requests,
+        3 + 3 * groups,
+        "one request per header and per section"
+    );
+    assert_eq!(sent, objects, "each header and section sent once");
+    assert_eq!(
+        wire, objects,
+        "bytes on the wire count headers and sections"
+    );
+
+    // A byte budget too small for two sections: at most the first chunk's first section is
+    // requested early; other early requests are cancelled and made again in the planner's
+    // order, and the fetch completes.
+    let tight = Pipeline::new(
+        vec![f.target.clone()],
+        CodecRegistry::software(),
+        FetchConfig {
+            max_inflight_bytes: 4096,
+            ..FetchConfig::default()
+        },
+        save.clone(),
+        Metrics::new(),
+    )
+    .unwrap();
+    let (requests, _, wire) = fetch_cost(&f, &tight, layout).await;
+    assert!(
+        (3 + 3 * groups..=3 + 3 * groups + 2).contains(&requests),
+        "{requests} requests for 3 headers and {} sections",
+        3 * groups
+    );
+    assert_eq!(
+        wire, objects,
+        "a dropped first section is not counted twice"
+    );
+}

@@ -187,7 +187,7 @@ pub struct FetchDone {
     pub fetch_id: u64,
     /// Tokens restored (0 if nothing was available; then no buffer was sent).
     pub tokens: u32,
-    /// Bytes received from the store.
+    /// Bytes received from the store: chunk headers and sections.
     pub bytes_on_wire: u64,
 }
 

@@ -173,6 +173,11 @@ struct Timing {
 
 /// Runs `kvfetcher bench fetch`.
 pub fn run(args: BenchFetchArgs) -> anyhow::Result<()> {
+    // Quiet by default (the table is the output); RUST_LOG=kvfetcher=debug shows each
+    // fetch's phases (lookup, headers, first section).
+    if std::env::var_os("RUST_LOG").is_some() {
+        super::daemon::init_logging(crate::config::LogFormat::Text, "warn");
+    }
     let file = KvFile::read(&args.kv).with_context(|| format!("reading {}", args.kv.display()))?;
     let cache = tiled(file.cache, args.tile as usize)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

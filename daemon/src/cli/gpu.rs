@@ -152,6 +152,11 @@ pub struct LoadArgs {
     /// Fixture stream, chroma-bits: 420-8, 420-10, 420-12, 444-8, 444-10 or 444-12.
     #[arg(long, default_value = "444-8")]
     pub stream: String,
+    /// What happens to each decoded frame: `copy` (map, copy to device memory, unmap: the
+    /// real path), `map` (map and unmap only) or `none` (never mapped: NVDEC's decode alone).
+    /// The last two measure which step costs a co-tenant its compute.
+    #[arg(long, default_value = "copy")]
+    pub frames: String,
 }
 
 /// Runs `kvfetcher gpu ...`.
@@ -200,21 +205,24 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
             let r = bench::bench_restore(&cuda, &a.run.kv, a.copies)?;
             // "% of copy": GB/s read + written against the copy's; "copy time / ms": how long
             // a D2D copy of the restored bytes takes against the restore (both put the same
-            // KV bytes in place).
+            // KV bytes in place); "fill time / ms": the same for a memset of those bytes, the
+            // write-only ceiling.
             println!(
-                "| restore | MB moved | ms | GB/s | D2D copy GB/s | % of copy | copy time / ms |"
+                "| restore | MB moved | ms | GB/s | D2D copy GB/s | % of copy | copy time / ms \
+                 | fill time / ms |"
             );
-            println!("|---|---|---|---|---|---|---|");
+            println!("|---|---|---|---|---|---|---|---|");
             for p in &r {
                 println!(
-                    "| {} | {:.0} | {:.3} | {:.0} | {:.0} | {:.0}% | {:.0}% |",
+                    "| {} | {:.0} | {:.3} | {:.0} | {:.0} | {:.0}% | {:.0}% | {:.0}% |",
                     p.name,
                     p.bytes as f64 / 1e6,
                     p.ms,
                     p.gbps,
                     p.copy_gbps,
                     100.0 * p.gbps / p.copy_gbps,
-                    100.0 * p.copy_ms / p.ms
+                    100.0 * p.copy_ms / p.ms,
+                    100.0 * p.fill_ms / p.ms
                 );
             }
             let pts =
@@ -247,6 +255,7 @@ fn load(a: LoadArgs) -> anyhow::Result<()> {
         sessions: a.sessions,
         seconds: a.seconds,
         rate_gbit: a.rate_gbps,
+        frames: a.frames.parse()?,
     };
     let cuda = Cuda::open(a.run.device)?;
     let pace = match a.rate_gbps {
@@ -255,8 +264,9 @@ fn load(a: LoadArgs) -> anyhow::Result<()> {
     };
     let r = bench::nvdec_load(&cuda, &a.run.kv, &a.run.fixtures, &spec, &mut |n| {
         eprintln!(
-            "load: ready, {n} sessions, stream {}, {pace}, {} s on {}",
+            "load: ready, {n} sessions, stream {}, frames {}, {pace}, {} s on {}",
             a.stream,
+            a.frames,
             a.seconds,
             cuda.info().name
         );

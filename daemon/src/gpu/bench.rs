@@ -47,7 +47,14 @@ pub fn bench_nvdec(
         let fx = FixtureStream::read(kv, fixtures, chroma, bits)?;
         for &n in sessions {
             let mut workers = open_sessions(cuda, &nvdec, n, &fx)?;
-            let (decodes, secs) = decode_loop(cuda, &mut workers, &fx.stream, seconds, None)?;
+            let (decodes, secs) = decode_loop(
+                cuda,
+                &mut workers,
+                &fx.stream,
+                seconds,
+                None,
+                FrameHandling::Copy,
+            )?;
             out.push(NvdecPoint {
                 chroma,
                 bits,
@@ -127,6 +134,7 @@ fn decode_loop(
     stream: &[u8],
     seconds: f64,
     pace: Option<f64>,
+    handling: FrameHandling,
 ) -> Result<(usize, f64), GpuError> {
     let n = workers.len().max(1);
     let cost = stream.len() as f64;
@@ -156,7 +164,17 @@ fn decode_loop(
                                 std::thread::sleep(Duration::from_secs_f64(wait));
                             }
                         }
-                        w.session.decode_to_device(stream, &w.buf, 0)?;
+                        match handling {
+                            FrameHandling::Copy => {
+                                w.session.decode_to_device(stream, &w.buf, 0)?;
+                            }
+                            FrameHandling::Map => {
+                                w.session.decode_discard(stream, true)?;
+                            }
+                            FrameHandling::None => {
+                                w.session.decode_discard(stream, false)?;
+                            }
+                        }
                         done += 1;
                     }
                     Ok(done)
@@ -250,6 +268,33 @@ pub fn parse_stream(name: &str) -> Result<(Chroma, u8), GpuError> {
         })
 }
 
+/// What a load does with each decoded frame: the real path copies it out; the other two
+/// isolate what NVDEC's decode and its post-processing (the map) cost a co-tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameHandling {
+    /// Map, copy into device memory, unmap: what every real decode does.
+    Copy,
+    /// Map and unmap (NVDEC's post-processing into an output surface), no copy.
+    Map,
+    /// Never mapped: NVDEC's decode alone.
+    None,
+}
+
+impl std::str::FromStr for FrameHandling {
+    type Err = GpuError;
+
+    fn from_str(s: &str) -> Result<Self, GpuError> {
+        match s {
+            "copy" => Ok(FrameHandling::Copy),
+            "map" => Ok(FrameHandling::Map),
+            "none" => Ok(FrameHandling::None),
+            _ => Err(GpuError::InvalidArgument(format!(
+                "frame handling {s:?}: expected copy, map or none"
+            ))),
+        }
+    }
+}
+
 /// What to run as a background NVDEC load (`kvfetcher gpu load`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadSpec {
@@ -263,6 +308,8 @@ pub struct LoadSpec {
     pub seconds: f64,
     /// Total compressed input rate, Gbit/s, split evenly over sessions; `None` = flat out.
     pub rate_gbit: Option<f64>,
+    /// What happens to each decoded frame.
+    pub frames: FrameHandling,
 }
 
 /// What a background NVDEC load achieved.
@@ -309,7 +356,14 @@ pub fn nvdec_load(
     let surface =
         frames * fixture::fixture_format(spec.chroma, spec.bits).surface_bytes_per_frame();
     ready(n);
-    let (decodes, secs) = decode_loop(cuda, &mut workers, &fx.stream, spec.seconds, pace)?;
+    let (decodes, secs) = decode_loop(
+        cuda,
+        &mut workers,
+        &fx.stream,
+        spec.seconds,
+        pace,
+        spec.frames,
+    )?;
     Ok(LoadReport {
         sessions: n,
         in_gbps: (decodes * fx.stream.len()) as f64 / secs / 1e9,
@@ -336,6 +390,9 @@ pub struct RestorePoint {
     /// copying them, the other way to compare (inputs smaller than the output count for
     /// less in `gbps`).
     pub copy_ms: f64,
+    /// Median milliseconds of a memset of the output bytes: the card's write-only rate, the
+    /// ceiling of a restore whose reads are few (packed codes into f32).
+    pub fill_ms: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -366,9 +423,23 @@ fn time_ms(
     Ok(median(ms))
 }
 
-fn point(name: String, bytes: usize, ms: f64, copy_gbps: f64, copy_ms: f64) -> RestorePoint {
+/// The two references every restore of one output dtype is compared with.
+#[derive(Debug, Clone, Copy)]
+struct References {
+    copy_gbps: f64,
+    copy_ms: f64,
+    fill_ms: f64,
+}
+
+fn point(name: String, bytes: usize, ms: f64, r: References) -> RestorePoint {
+    let References {
+        copy_gbps,
+        copy_ms,
+        fill_ms,
+    } = r;
     RestorePoint {
         copy_ms,
+        fill_ms,
         name,
         bytes,
         ms,
@@ -437,14 +508,21 @@ pub fn bench_restore(
         let dst = cuda.alloc(out_bytes)?;
         let copy_ms = time_ms(cuda, 20, &|s| cuda.copy_dtod(&dst, &src, out_bytes, s))?;
         let copy_gbps = 2.0 * out_bytes as f64 / copy_ms / 1e6;
+        let fill_ms = time_ms(cuda, 20, &|s| {
+            cuda.fill_u32(&dst, 0x3f80_0000, out_bytes, s)
+        })?;
+        let reference = References {
+            copy_gbps,
+            copy_ms,
+            fill_ms,
+        };
         let d = dtype.name();
         let ms = time_ms(cuda, 20, &|s| kernels.restore_codes(&dcodes, &dt, s))?;
         out.push(point(
             format!("codes u16 -> {d} NHD"),
             g.len() * 2 + out_bytes,
             ms,
-            copy_gbps,
-            copy_ms,
+            reference,
         ));
         for bits in [4u8, 8] {
             let packed = pack_codes(&codes, bits);
@@ -454,8 +532,7 @@ pub fn bench_restore(
                 format!("packed {bits}-bit -> {d} NHD"),
                 packed.len() + out_bytes,
                 ms,
-                copy_gbps,
-                copy_ms,
+                reference,
             ));
         }
         let ms = time_ms(cuda, 20, &|s| kernels.restore_frames(&frames, None, &dt, s))?;
@@ -463,8 +540,7 @@ pub fn bench_restore(
             format!("frames 444 8-bit -> {d} NHD"),
             codes.len() + out_bytes,
             ms,
-            copy_gbps,
-            copy_ms,
+            reference,
         ));
     }
     Ok(out)
@@ -530,6 +606,26 @@ mod tests {
         assert!(session_rate(10.0, 0).is_err());
         assert!(session_rate(0.0, 4).is_err());
         assert!(session_rate(f64::INFINITY, 4).is_err());
+    }
+
+    #[test]
+    fn frame_handling_parses_its_three_names() {
+        assert_eq!(
+            "copy".parse::<FrameHandling>().ok(),
+            Some(FrameHandling::Copy)
+        );
+        assert_eq!(
+            "map".parse::<FrameHandling>().ok(),
+            Some(FrameHandling::Map)
+        );
+        assert_eq!(
+            "none".parse::<FrameHandling>().ok(),
+            Some(FrameHandling::None)
+        );
+        assert!(matches!(
+            "Copy".parse::<FrameHandling>(),
+            Err(GpuError::InvalidArgument(m)) if m.contains("copy, map or none")
+        ));
     }
 
     #[test]

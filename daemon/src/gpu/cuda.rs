@@ -275,6 +275,26 @@ impl Cuda {
         })
     }
 
+    /// Sets the first `bytes` (a multiple of 4) of `dst` to the 32-bit `value` on `stream`:
+    /// the device's write-only bandwidth, for benchmarks.
+    pub fn fill_u32(
+        &self,
+        dst: &DeviceBuffer,
+        value: u32,
+        bytes: usize,
+        stream: &Stream,
+    ) -> Result<(), GpuError> {
+        if bytes > dst.bytes || !bytes.is_multiple_of(4) {
+            return Err(GpuError::InvalidArgument(
+                "fill larger than the buffer or not whole words".into(),
+            ));
+        }
+        // SAFETY: the range lies within a live allocation (checked above).
+        self.check("cuMemsetD32Async", unsafe {
+            (self.api.cu_memset_d32_async)(dst.ptr, value, bytes / 4, stream.raw)
+        })
+    }
+
     /// Copies a pitched device region of `rows` rows of `row_bytes` into `dst` at `dst_offset`,
     /// tightly packed, on `stream`.
     pub(crate) fn copy_2d_to_device(

@@ -95,6 +95,8 @@ pub(crate) struct CudaApi {
     pub(crate) cu_mem_alloc: unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult,
     pub(crate) cu_mem_free: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
     pub(crate) cu_memset_d8: unsafe extern "C" fn(CuDevicePtr, u8, usize) -> CuResult,
+    pub(crate) cu_memset_d32_async:
+        unsafe extern "C" fn(CuDevicePtr, u32, usize, CuStream) -> CuResult,
     pub(crate) cu_memcpy_htod: unsafe extern "C" fn(CuDevicePtr, *const c_void, usize) -> CuResult,
     pub(crate) cu_memcpy_htod_async:
         unsafe extern "C" fn(CuDevicePtr, *const c_void, usize, CuStream) -> CuResult,
@@ -184,6 +186,7 @@ impl CudaApi {
                 cu_mem_alloc: sym(&lib, "cuMemAlloc_v2")?,
                 cu_mem_free: sym(&lib, "cuMemFree_v2")?,
                 cu_memset_d8: sym(&lib, "cuMemsetD8_v2")?,
+                cu_memset_d32_async: sym(&lib, "cuMemsetD32Async")?,
                 cu_memcpy_htod: sym(&lib, "cuMemcpyHtoD_v2")?,
                 cu_memcpy_htod_async: sym(&lib, "cuMemcpyHtoDAsync_v2")?,
                 cu_memcpy_dtoh: sym(&lib, "cuMemcpyDtoH_v2")?,

@@ -374,6 +374,11 @@ enum Sink<'a> {
         capacity: usize,
         used: usize,
     },
+    /// Frames are decoded and then dropped: mapped (post-processed) and unmapped when `map`,
+    /// never touched otherwise. Only for measuring what each step costs a co-tenant.
+    Discard {
+        map: bool,
+    },
 }
 
 /// State shared with the parser callbacks during one `parse` call.
@@ -421,6 +426,13 @@ impl NvdecSession {
             frames,
             ptr,
         })
+    }
+
+    /// Decodes one complete HEVC stream and drops its frames (mapped and unmapped when `map`):
+    /// the NVDEC work of a decode without its output, for measuring what each step costs.
+    /// Returns the number of frames.
+    pub fn decode_discard(&mut self, bitstream: &[u8], map: bool) -> Result<usize, GpuError> {
+        Ok(self.parse(bitstream, Sink::Discard { map })?.1)
     }
 
     fn parse(
@@ -634,6 +646,10 @@ unsafe extern "C" fn on_display(user: *mut c_void, disp: *mut sys::CuvidParserDi
 }
 
 fn display(st: &mut ParseState<'_>, disp: &sys::CuvidParserDispInfo) -> Result<(), GpuError> {
+    if let Sink::Discard { map: false } = st.sink {
+        st.frames += 1;
+        return Ok(());
+    }
     let format = st
         .format
         .ok_or_else(|| GpuError::Decode("frame before sequence header".into()))?;
@@ -731,6 +747,7 @@ fn copy_frame(
             }
             *used += frame_bytes;
         }
+        Sink::Discard { .. } => {}
         Sink::Host(_) => {
             st.staging.resize(frame_bytes, 0);
             let mut at = 0;

@@ -508,6 +508,25 @@ impl std::fmt::Debug for RestoreKernels {
     }
 }
 
+/// Rows each thread of a kernel restores, as `restore.cu` has it: codes and packed codes take
+/// one row into f32 targets and two into 16-bit ones; decoded surfaces take two.
+fn rows_per_thread(from_surfaces: bool, target: &DeviceTarget) -> usize {
+    if !from_surfaces && target.args.dtype == KvDtype::F32.code() {
+        1
+    } else {
+        2
+    }
+}
+
+/// The entry points `restore.cu` must define.
+const KERNELS: [&str; 5] = [
+    "kvf_restore_codes",
+    "kvf_restore_packed",
+    "kvf_restore_packed8",
+    "kvf_restore_packed4",
+    "kvf_restore_frames",
+];
+
 impl RestoreKernels {
     /// Loads the committed PTX, or the file named by `KVFETCHER_RESTORE_PTX` when set.
     pub fn load(cuda: &Arc<Cuda>) -> Result<RestoreKernels, GpuError> {
@@ -516,10 +535,12 @@ impl RestoreKernels {
                 .map_err(|e| GpuError::Kernels(format!("{}: {e}", p.to_string_lossy())))?,
             None => RESTORE_PTX.to_string(),
         };
-        if !ptx.contains(".entry kvf_restore_codes") {
-            return Err(GpuError::Kernels(
-                "ptx lacks kvf_restore_codes (run scripts/gen-ptx.sh)".into(),
-            ));
+        for entry in KERNELS {
+            if !ptx.contains(&format!(".entry {entry}(")) {
+                return Err(GpuError::Kernels(format!(
+                    "ptx lacks {entry} (run scripts/gen-ptx.sh)"
+                )));
+            }
         }
         let module = cuda.load_module(&ptx)?;
         Ok(RestoreKernels {
@@ -531,9 +552,11 @@ impl RestoreKernels {
     /// The launch grid for `target`: one block row per tensor (gridDim.y), and per tensor
     /// enough blocks for its work units of ROWS_PER_THREAD (2) rows x 8 columns, capped at 16
     /// blocks per SM over all tensors (the kernels loop over what a smaller grid leaves).
-    fn grid(&self, target: &DeviceTarget) -> (u32, u32) {
+    /// The launch grid for `target` with `rows` rows per thread (what `restore.cu`'s kernel
+    /// uses: see [`rows_per_thread`]).
+    fn grid(&self, target: &DeviceTarget, rows: usize) -> (u32, u32) {
         let g = target.geometry;
-        let units = g.rows.div_ceil(2) * (g.cols / 8);
+        let units = g.rows.div_ceil(rows) * (g.cols / 8);
         let cap = (self.cuda.info().multiprocessors.max(1) as usize * 16 / g.tensors.max(1)).max(1);
         (
             units.div_ceil(BLOCK as usize).clamp(1, cap) as u32,
@@ -577,8 +600,13 @@ impl RestoreKernels {
         // the code buffer holds n codes from a 16-byte aligned offset (checked) and
         // DeviceTarget validated every target range.
         unsafe {
-            self.cuda
-                .launch(&f, self.grid(target), BLOCK, stream, &mut params)
+            self.cuda.launch(
+                &f,
+                self.grid(target, rows_per_thread(false, target)),
+                BLOCK,
+                stream,
+                &mut params,
+            )
         }
     }
 
@@ -613,8 +641,13 @@ impl RestoreKernels {
                 "packed buffer too small or bad bit width".into(),
             ));
         }
-        let f = self.module.function("kvf_restore_packed")?;
         let mut ptr = packed.ptr() + offset as u64;
+        // The 8- and 4-bit kernels read one aligned word per 8 codes.
+        let f = self.module.function(match bits {
+            8 if ptr.is_multiple_of(8) => "kvf_restore_packed8",
+            4 if ptr.is_multiple_of(4) => "kvf_restore_packed4",
+            _ => "kvf_restore_packed",
+        })?;
         let mut len = (packed.len() - offset) as u64;
         let mut bits = u32::from(bits);
         let mut args = target.args;
@@ -628,8 +661,13 @@ impl RestoreKernels {
         // kernel reads below `len` bytes from ptr only, all inside the buffer (checked), and
         // DeviceTarget validated the target ranges.
         unsafe {
-            self.cuda
-                .launch(&f, self.grid(target), BLOCK, stream, &mut params)
+            self.cuda.launch(
+                &f,
+                self.grid(target, rows_per_thread(false, target)),
+                BLOCK,
+                stream,
+                &mut params,
+            )
         }
     }
 
@@ -703,8 +741,13 @@ impl RestoreKernels {
         // hold at least n samples (checked) or the caller's gather table (n entries from
         // `first`, checked) indexes into them.
         unsafe {
-            self.cuda
-                .launch(&f, self.grid(target), BLOCK, stream, &mut params)
+            self.cuda.launch(
+                &f,
+                self.grid(target, rows_per_thread(true, target)),
+                BLOCK,
+                stream,
+                &mut params,
+            )
         }
     }
 }

@@ -1,36 +1,48 @@
 //! The fetch driver: runs a [`FetchPlanner`] against the stores, the decode pool and the
 //! destination, so network, decode and restore overlap.
 //!
-//! Steps: one prefix lookup; every chunk's header in parallel; allocate the destination; then
-//! sections in the planner's order, each on its own QUIC stream, at most the planner's window
-//! per fetch. A section holds permits of the shared byte budget from before it is requested
-//! until it is restored (back-pressure: a fetch cannot pull more compressed bytes into memory
-//! than the budget, whatever the link does), and one decode slot while it decodes. Both are
-//! FIFO semaphores shared by all fetches, so concurrent clients take turns. Dropping the fetch
-//! future drops its streams (the store sees them reset) and stops new work; a section already
-//! on a decode thread finishes into a buffer nobody reads.
+//! Steps: every chunk's header, at most the fetch window at once, which is also the prefix
+//! lookup (the prefix ends at the first chunk no store holds); as each header arrives, its
+//! chunk's first section (layer 0) is requested right away; allocate the destination; then the
+//! other sections in the planner's order, each on its own QUIC stream, at most the planner's
+//! window per fetch. So the first section is one round trip after the headers' instead of
+//! three (lookup, headers, sections): on a real network each is a round trip.
+//!
+//! A section holds permits of the shared byte budget from before it is requested until it is
+//! restored (back-pressure: a fetch cannot pull more compressed bytes into memory than the
+//! budget, whatever the link does), and one decode slot while it decodes. Both are FIFO
+//! semaphores shared by all fetches, so concurrent clients take turns. A first section is
+//! requested early only if the budget has room for it when its header arrives, and only for a
+//! run of chunks from the first (the others' early requests are cancelled): the planner asks
+//! for layer 0 of every chunk first, in chain order, so early sections are restored before any
+//! request that waits on the budget (no deadlock). Dropping the fetch future drops its streams
+//! (the store sees them reset) and stops new work; a section already on a decode thread
+//! finishes into a buffer nobody reads.
 //!
 //! A destination in GPU memory ([`Destination::device`]) gets its sections restored there by
 //! the GPU kernels (`gpu::section_restore`), still on the blocking pool and holding a decode
 //! slot; sections the kernels cannot reproduce bit for bit are restored on the CPU and copied.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use kvfetcher_client::{KvShape, TargetLayout};
 use kvfetcher_codec::{
     chunk_keys, decode_section, restore_section, ChunkHeader, ChunkKey, CodecRegistry,
     ModelFingerprint,
 };
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::layout::{place_cache, LayoutIoError};
 use super::plan::{FetchPlanner, SectionRef};
+use super::stores::Stores;
 use super::Pipeline;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
 use crate::metrics::Metrics;
 use crate::server::{Destination, FetchOutcome, ServeError};
-use crate::transport::SectionCheck;
+use crate::transport::{SectionCheck, StoreClient};
 
 impl From<LayoutIoError> for ServeError {
     fn from(e: LayoutIoError) -> Self {
@@ -45,6 +57,34 @@ struct Chunk {
     check: Arc<SectionCheck>,
     /// First token of the chunk in the fetched buffer.
     token_start: u32,
+    /// Section 0, requested when the header arrived; the section task takes it.
+    first: std::sync::Mutex<Option<EarlySection>>,
+}
+
+/// A section's bytes as received, holding its share of the byte budget until restored.
+struct Received {
+    bytes: Bytes,
+    /// When the last byte arrived.
+    arrived: Instant,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// A section requested ahead of the planner (a chunk's first, in the header round), on a task
+/// of its own; cancelled when dropped, so a dropped fetch stops it.
+struct EarlySection(tokio::task::JoinHandle<Result<Received, ServeError>>);
+
+impl EarlySection {
+    async fn received(mut self) -> Result<Received, ServeError> {
+        (&mut self.0)
+            .await
+            .map_err(|e| ServeError::Internal(format!("section task: {e}")))?
+    }
+}
+
+impl Drop for EarlySection {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Chunk {
@@ -65,13 +105,14 @@ pub(super) async fn fetch(
     let _active = p.metrics.fetches_active.track();
     let fp = ModelFingerprint::of_bytes(model.as_bytes());
     let keys = chunk_keys(&fp, token_ids, p.save.chunk_tokens as usize);
-    let n = p.stores.exists_prefix(&keys).await?;
-    if n == 0 {
+    let (chunks, header_bytes) = stored_prefix(p, &keys).await?;
+    if chunks.is_empty() {
         return Err(ServeError::NotFound(format!(
             "no stored prefix for model {model:?}"
         )));
     }
-    let chunks = headers(p, &keys[..n]).await?;
+    let n = chunks.len();
+    let headed = started.elapsed();
     let shape = shape_of(&chunks)?;
     layout
         .checked_buffer_len(&shape)
@@ -90,8 +131,10 @@ pub(super) async fn fetch(
     let mut planner = FetchPlanner::new(shape.num_layers, layers, p.fetch.max_inflight_sections)
         .map_err(|e| ServeError::Internal(format!("plan: {e}")))?;
     let mut tasks = FuturesUnordered::new();
-    let mut wire = 0u64;
+    let mut wire = header_bytes;
+    let mut sections = 0usize;
     let mut first_layer = false;
+    let (mut first_arrival, mut last_arrival) = (Duration::ZERO, Duration::ZERO);
     loop {
         while let Some(s) = planner.poll_request() {
             tasks.push(section(
@@ -106,7 +149,15 @@ pub(super) async fn fetch(
         let Some(done) = tasks.next().await else {
             break;
         };
-        let (s, bytes) = done?;
+        let (s, bytes, arrived) = done?;
+        let at = arrived.duration_since(started);
+        first_arrival = if sections == 0 {
+            at
+        } else {
+            first_arrival.min(at)
+        };
+        last_arrival = last_arrival.max(at);
+        sections += 1;
         wire += bytes;
         let event = |e| ServeError::Internal(format!("plan: {e}"));
         planner.handle_received(s).map_err(event)?;
@@ -120,6 +171,13 @@ pub(super) async fn fetch(
         }
     }
     p.metrics.fetch_seconds.observe(started.elapsed());
+    tracing::debug!(
+        ?headed,
+        ?first_arrival,
+        ?last_arrival,
+        total = ?started.elapsed(),
+        "fetch phases (from the request; arrivals: sections fully received)"
+    );
     p.metrics
         .bytes_restored
         .add(layout.buffer_len(&shape) as u64);
@@ -137,46 +195,79 @@ pub(super) async fn fetch(
     })
 }
 
-/// Fetches every chunk's header, at most the fetch window at once, in chain order.
-async fn headers(p: &Pipeline, keys: &[ChunkKey]) -> Result<Vec<Chunk>, ServeError> {
-    let fetched: Vec<Result<(ChunkKey, SectionCheck), ServeError>> =
-        futures::stream::iter(keys.iter().copied())
-            .map(|key| async move {
-                let client = p.stores.client_for(&key).await?;
-                let stream = match client.open_sections(&key, &[]).await {
-                    Ok(s) => s,
-                    Err(e) => return Err(p.stores.failed(&key, e).await),
-                };
-                p.metrics.bytes_in.add(stream.header().len() as u64);
-                let check = SectionCheck::from_header(stream.header())
-                    .map_err(|e| ServeError::Internal(format!("chunk {key}: header: {e}")))?;
-                Ok((key, check))
-            })
-            .buffered(p.fetch.max_inflight_sections)
-            .collect()
-            .await;
-    let mut chunks = Vec::with_capacity(keys.len());
+/// The stored prefix of the chain `keys`: asks for each chunk's header, at most the fetch
+/// window at once, and stops at the first chunk no store holds. Keeps the early first sections
+/// of a leading run of chunks only (see the module doc). Returns the chunks and the header
+/// bytes received.
+async fn stored_prefix(p: &Pipeline, keys: &[ChunkKey]) -> Result<(Vec<Chunk>, u64), ServeError> {
+    let mut answers = futures::stream::iter(keys.iter().copied())
+        .map(|key| header_and_first(p, key))
+        .buffered(p.fetch.max_inflight_sections);
+    let mut chunks: Vec<Chunk> = Vec::new();
     let mut token_start = 0u32;
-    for r in fetched {
-        let (key, check) = r?;
-        let header = check.header();
-        if header.key != key {
-            return Err(ServeError::Internal(format!(
-                "chunk {key}: header names {}",
-                header.key
-            )));
-        }
-        let tokens = header.token_count;
+    let mut bytes = 0u64;
+    let mut early = true;
+    while let Some(answer) = answers.next().await {
+        let (check, first) = match answer {
+            Ok(a) => a,
+            Err(ServeError::NotFound(_)) => break,
+            Err(e) => return Err(e),
+        };
+        early &= first.is_some();
+        bytes += check.header_len() as u64;
+        let tokens = check.header().token_count;
         chunks.push(Chunk {
-            key,
-            check: Arc::new(check),
+            key: check.key(),
+            check,
             token_start,
+            first: std::sync::Mutex::new(first.filter(|_| early)),
         });
         token_start = token_start
             .checked_add(tokens)
             .ok_or_else(|| ServeError::Internal("token count overflows".into()))?;
     }
-    Ok(chunks)
+    Ok((chunks, bytes))
+}
+
+/// One chunk's header; then its first section is requested on a task of its own when that is
+/// the chunk's layer-0 section and the byte budget has room for it now.
+async fn header_and_first(
+    p: &Pipeline,
+    key: ChunkKey,
+) -> Result<(Arc<SectionCheck>, Option<EarlySection>), ServeError> {
+    let client = p.stores.client_for(&key).await?;
+    let stream = match client.open_sections(&key, &[]).await {
+        Ok(s) => s,
+        Err(e) => return Err(p.stores.failed(&key, e).await),
+    };
+    p.metrics.bytes_in.add(stream.header().len() as u64);
+    let check = stream.check().clone();
+    let header = check.header();
+    if header.sections.first().map(|s| s.layer_start) != Some(0) {
+        return Ok((check, None));
+    }
+    let want = budget_permits(p, header.sections[0].len);
+    let Ok(budget) = p.wire_budget.clone().try_acquire_many_owned(want) else {
+        return Ok((check, None));
+    };
+    let task = request_section(
+        p.stores.clone(),
+        p.metrics.clone(),
+        client,
+        check.clone(),
+        0,
+        budget,
+    );
+    Ok((check, Some(EarlySection(tokio::spawn(task)))))
+}
+
+/// Permits of the byte budget a section of `len` bytes holds. A section larger than the whole
+/// budget takes all of it, and so runs alone.
+fn budget_permits(p: &Pipeline, len: u64) -> u32 {
+    let want = len.min(p.fetch.max_inflight_bytes as u64).max(1);
+    u32::try_from(want.div_ceil(super::BUDGET_UNIT))
+        .unwrap_or(u32::MAX)
+        .min(p.budget_permits)
 }
 
 /// The shape of the whole prefix; every chunk must agree on layers, heads and head size.
@@ -215,39 +306,38 @@ async fn section(
     layout: TargetLayout,
     shape: KvShape,
     dest: Arc<dyn Destination>,
-) -> Result<(SectionRef, u64), ServeError> {
-    let info = &chunk.header().sections[s.section];
-    // Back-pressure: hold the section's share of the byte budget until it is restored. A
-    // section larger than the whole budget takes all of it, and so runs alone.
-    let want = info.len.min(p.fetch.max_inflight_bytes as u64).max(1);
-    let permits = u32::try_from(want.div_ceil(super::BUDGET_UNIT)).unwrap_or(u32::MAX);
-    let _budget = p
-        .wire_budget
-        .acquire_many(permits.min(p.budget_permits))
-        .await
-        .map_err(|_| ServeError::Unavailable("pipeline shut down".into()))?;
+) -> Result<(SectionRef, u64, Instant), ServeError> {
     let _queued = p.metrics.sections_in_flight.track();
-    let client = p.stores.client_for(&chunk.key).await?;
-    let received = async {
-        // The header came with the header round; the sections come alone.
-        let mut stream = client
-            .open_known_sections(&chunk.check, &[s.section])
-            .await?;
-        stream.next_section().await
-    }
-    .await;
-    let bytes = match received {
-        Ok(Some((_, bytes))) => bytes,
-        Ok(None) => {
-            return Err(ServeError::Internal(format!(
-                "chunk {}: section {} missing",
-                chunk.key, s.section
-            )))
-        }
-        Err(e) => return Err(p.stores.failed(&chunk.key, e).await),
+    let early = match s.section {
+        0 => chunk.first.lock().unwrap_or_else(|e| e.into_inner()).take(),
+        _ => None,
     };
+    let got = match early {
+        Some(e) => e.received().await?,
+        None => {
+            // Back-pressure: the section's share of the byte budget before it is requested.
+            let len = chunk.header().sections[s.section].len;
+            let budget = p
+                .wire_budget
+                .clone()
+                .acquire_many_owned(budget_permits(p, len))
+                .await
+                .map_err(|_| ServeError::Unavailable("pipeline shut down".into()))?;
+            let client = p.stores.client_for(&chunk.key).await?;
+            let (stores, metrics) = (p.stores.clone(), p.metrics.clone());
+            request_section(
+                stores,
+                metrics,
+                client,
+                chunk.check.clone(),
+                s.section,
+                budget,
+            )
+            .await?
+        }
+    };
+    let (bytes, arrived, _budget) = (got.bytes, got.arrived, got._budget);
     let wire = bytes.len() as u64;
-    p.metrics.bytes_in.add(wire);
     let _slot = p
         .decode_slots
         .acquire()
@@ -276,7 +366,39 @@ async fn section(
     })
     .await
     .map_err(|e| ServeError::Internal(format!("decode task: {e}")))??;
-    Ok((s, wire))
+    Ok((s, wire, arrived))
+}
+
+/// Requests section `index` of the chunk whose header `check` holds (the store sends it
+/// without the header) and receives it; `budget` is its share of the byte budget.
+async fn request_section(
+    stores: Stores,
+    metrics: Arc<Metrics>,
+    client: StoreClient,
+    check: Arc<SectionCheck>,
+    index: usize,
+    budget: OwnedSemaphorePermit,
+) -> Result<Received, ServeError> {
+    let received = async {
+        let mut stream = client.open_known_sections(&check, &[index]).await?;
+        stream.next_section().await
+    }
+    .await;
+    match received {
+        Ok(Some((_, bytes))) => {
+            metrics.bytes_in.add(bytes.len() as u64);
+            Ok(Received {
+                bytes,
+                arrived: Instant::now(),
+                _budget: budget,
+            })
+        }
+        Ok(None) => Err(ServeError::Internal(format!(
+            "chunk {}: section {index} missing",
+            check.key()
+        ))),
+        Err(e) => Err(stores.failed(&check.key(), e).await),
+    }
 }
 
 /// One fetched section to restore: section `index` of the chunk with `header`, whose first

@@ -50,7 +50,7 @@ pub struct DeviceRegion<'a> {
 pub struct FetchOutcome {
     /// Tokens restored (a prefix of those asked for).
     pub tokens: u32,
-    /// Bytes received from the remote store for this fetch.
+    /// Bytes received from the remote store for this fetch: chunk headers and sections.
     pub bytes_on_wire: u64,
 }
 

@@ -119,6 +119,11 @@ impl SectionStream {
         &self.header
     }
 
+    /// The parsed header the sections are checked against.
+    pub fn check(&self) -> &Arc<SectionCheck> {
+        &self.check
+    }
+
     /// Receives the next section: `(index, bytes)`, checksum verified; `None` after the last.
     pub async fn next_section(&mut self) -> Result<Option<(usize, Bytes)>, TransportError> {
         let Some(span) = self.spans.next() else {
