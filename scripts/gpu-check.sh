@@ -124,7 +124,7 @@ grep -E "^\| nvdec|checks, " "$out/check.txt"
 grep -E "^\| (nvdec|restore (codes|surfaces)) section" "$out/check.txt" | grep -c "| yes |" | sed 's/^/codec-section rows exact: /'
 grep -E "NO:|Error|error" "$out/check.txt" | head -8
 grep -E "^\| ipc|checks, |rror" "$out/ipc.txt"
-grep -E "^\| (restore|codes|packed|frames|---)" "$out/bench.txt" | head -12
+grep -E "^\| (restore|codes|packed|frames|---)" "$out/bench.txt" | head -14
 grep -E "^\| (nvdec|4[24][04] )" "$out/bench.txt"
 tail -3 "$out/bench.txt" | grep -i error
 grep -E "^\| (algorithm|ANS|Bitcomp|Zstd|GDeflate) " "$out/interference.txt"

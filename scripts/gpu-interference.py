@@ -275,6 +275,19 @@ def nvcomp_worker(args):
 # ---------------------------------------------------------------- GEMM
 
 
+# SM clock (MHz) and board power (W) averaged over the last GEMM window, sampled through NVML
+# between batches (None where NVML is unavailable): a decoder that slows the GEMM without
+# taking its SMs does it through the card's power budget, which shows as a lower clock.
+LAST_WINDOW = {"mhz": None, "watts": None}
+
+
+def nvml_sample(torch):
+    try:
+        return float(torch.cuda.clock_rate()), float(torch.cuda.power_draw()) / 1000.0
+    except Exception:  # noqa: BLE001 - pynvml missing or unsupported: no clock column
+        return None
+
+
 def gemm_tflops(torch, seconds):
     """Mean TFLOP/s of back-to-back bf16 8192^3 GEMMs: batches of 10 timed with CUDA events."""
     n = GEMM_N
@@ -285,7 +298,7 @@ def gemm_tflops(torch, seconds):
         torch.matmul(a, b, out=c)
     torch.cuda.synchronize()
     flops = 2.0 * n * n * n
-    rates = []
+    rates, samples = [], []
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -293,8 +306,13 @@ def gemm_tflops(torch, seconds):
         for _ in range(10):
             torch.matmul(a, b, out=c)
         e.record()
+        sample = nvml_sample(torch)  # while the batch runs
         e.synchronize()
         rates.append(10 * flops / (s.elapsed_time(e) / 1e3) / 1e12)
+        if sample:
+            samples.append(sample)
+    LAST_WINDOW["mhz"] = sum(m for m, _ in samples) / len(samples) if samples else None
+    LAST_WINDOW["watts"] = sum(w for _, w in samples) / len(samples) if samples else None
     return sum(rates) / len(rates)
 
 
@@ -401,7 +419,7 @@ def main():
     # (a) alone
     alone = gemm_tflops(torch, args.seconds)
     say(f"(a) alone: {alone:.1f} TFLOP/s")
-    rows.append(("alone", alone, None, None, ""))
+    rows.append(("alone", alone, None, None, "", dict(LAST_WINDOW)))
 
     # (b), (c) NVDEC
     margin = args.seconds + 3.0  # ready -> 1 s settle -> warm-up -> window, with slack
@@ -421,10 +439,10 @@ def main():
         say(f"{label}:")
         try:
             t, (i, o) = with_tenant(torch, load + extra, "load", args.seconds, parse_load)
-            rows.append((label, t, i, o, ""))
+            rows.append((label, t, i, o, "", dict(LAST_WINDOW)))
         except Exception as e:  # noqa: BLE001 - report the row, keep measuring
             say(f"  failed: {e}")
-            rows.append((label, None, None, None, f"failed: {e}"))
+            rows.append((label, None, None, None, f"failed: {e}", {}))
 
     # nvCOMP alone: ratio and speed of each algorithm on the 8-bit codes and the raw KV
     nvcomp = nvcomp_module()
@@ -435,7 +453,7 @@ def main():
     if nvcomp is None:
         say(f"nvCOMP: {NVCOMP_SKIP}")
         for label in nv_labels:
-            rows.append((label, None, None, None, NVCOMP_SKIP))
+            rows.append((label, None, None, None, NVCOMP_SKIP, {}))
     else:
         say(f"nvCOMP {getattr(nvcomp, '__version__', '?')}: ratio and decompression alone")
         tensors, raw, dtype = read_kv(args.kv)
@@ -466,24 +484,26 @@ def main():
             say(f"{label}:")
             try:
                 t, (i, o) = with_tenant(torch, worker + extra, "nvcomp", args.seconds, parse_worker)
-                rows.append((label, t, i, o, ""))
+                rows.append((label, t, i, o, "", dict(LAST_WINDOW)))
             except Exception as e:  # noqa: BLE001
                 say(f"  failed: {e}")
-                rows.append((label, None, None, None, f"failed: {e}"))
+                rows.append((label, None, None, None, f"failed: {e}", {}))
 
     say("")
     say(f"interference table ({torch.cuda.get_device_name()}, GEMM bf16 {GEMM_N}^3, "
         f"{args.seconds:g} s each; decoder in = compressed bytes consumed, out = bytes written):")
-    say("| setting | GEMM TFLOP/s | vs alone | decoder in GB/s | decoder out GB/s |")
-    say("|---|---|---|---|---|")
-    for label, t, i, o, note in rows:
+    say("| setting | GEMM TFLOP/s | vs alone | decoder in GB/s | decoder out GB/s | SM MHz | W |")
+    say("|---|---|---|---|---|---|---|")
+    for label, t, i, o, note, clocks in rows:
         if t is None:
-            say(f"| {label} | {note} | | | |")
+            say(f"| {label} | {note} | | | | | |")
             continue
         vs = "-" if label == "alone" else f"{100.0 * (t / alone - 1.0):+.1f}%"
         fi = "-" if i is None else f"{i:.3f}"
         fo = "-" if o is None else f"{o:.3f}"
-        say(f"| {label} | {t:.1f} | {vs} | {fi} | {fo} |")
+        mhz = "-" if clocks.get("mhz") is None else f"{clocks['mhz']:.0f}"
+        watts = "-" if clocks.get("watts") is None else f"{clocks['watts']:.0f}"
+        say(f"| {label} | {t:.1f} | {vs} | {fi} | {fo} | {mhz} | {watts} |")
     return 0 if all(r[1] is not None or r[4] == NVCOMP_SKIP for r in rows) else 1
 
 

@@ -51,7 +51,7 @@ struct FrameSource {
     unsigned int chroma444;      // 1: 4:4:4 planar; 0: 4:2:0 with interleaved UV
     unsigned int bytes_per_sample;
     unsigned int shift;          // 16 - bit_depth for 2-byte samples (MSB-aligned), else 0
-    unsigned int pad_;
+    unsigned int gather_groups;  // 1: gather holds one index per 8 codes (8 consecutive samples)
     FastDiv per_frame;           // by samples per frame
     FastDiv per_chroma;          // by samples per chroma plane
 };
@@ -151,7 +151,8 @@ __device__ __forceinline__ void restore_rows(const RestoreTarget& t, Load load) 
 
 // Rows per thread for codes and packed codes: two for 16-bit outputs, one for f32, which
 // writes twice the bytes per code (on an H200, one row is 10-20% slower for bf16 and 15-25%
-// faster for f32). Decoded surfaces take two rows for both (restore_rows<2>).
+// faster for f32). Surfaces read through a gather table take two rows for both (one row is no
+// faster, four are slower); 4:4:4 surfaces without one are read like codes.
 template <typename Load>
 __device__ __forceinline__ void restore_groups(const RestoreTarget& t, Load load) {
     if (t.dtype == 2) {
@@ -310,6 +311,39 @@ __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf,
 // Codes read from NVDEC's decoded surfaces (packed without pitch, see nvdec.rs DeviceFrames).
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8_t* __restrict__ surf,
                                                                      FrameSource f, RestoreTarget t) {
+    // 4:4:4 planes without a gather hold the codes in order (planar sample p is code p, see
+    // frame_sample): one aligned load per 8 codes, none of the frame arithmetic below.
+    if (!f.gather && f.chroma444 && reinterpret_cast<size_t>(surf) % 16 == 0) {
+        if (f.bytes_per_sample == 1) {
+            restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
+                uint2 v = __ldg(reinterpret_cast<const uint2*>(surf) + g);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    code[j] = (v.x >> (8 * j)) & 0xff;
+                    code[j + 4] = (v.y >> (8 * j)) & 0xff;
+                }
+            });
+        } else {
+            restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
+                uint4 v = __ldg(reinterpret_cast<const uint4*>(surf) + g);
+                unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int i = 0; i < 8; i++) code[i] = ((w[i / 2] >> (16 * (i % 2))) & 0xffff) >> f.shift;
+            });
+        }
+        return;
+    }
+    if (f.gather_groups) {
+        // Group g's codes are the 8 consecutive planar samples from its table entry.
+        restore_rows<2>(t, [&](unsigned g, unsigned (&code)[8]) {
+            unsigned p = __ldg(f.gather + g);
+            if (!frame_samples8(surf, f, p, code)) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) code[j] = frame_sample(surf, f, p + j);
+            }
+        });
+        return;
+    }
     restore_rows<2>(t, [&](unsigned g, unsigned (&code)[8]) {
         unsigned first = g * 8;
         if (f.gather || !frame_samples8(surf, f, first, code)) {

@@ -12,7 +12,8 @@ use super::cuda::{Cuda, DeviceBuffer, Stream};
 use super::fixture::{self, FIXTURE_FORMATS};
 use super::nvdec::{Chroma, DeviceFrames, Nvdec, NvdecSession};
 use super::restore::{
-    pack_codes, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec,
+    pack_codes, CodeGeometry, Dequant, DeviceGather, DeviceTarget, KvDtype, KvLayout,
+    RestoreKernels, TargetSpec,
 };
 use super::GpuError;
 
@@ -485,6 +486,23 @@ pub fn bench_restore(
         frames: nframes,
         ptr: dsurf.ptr(),
     };
+    // The daemon's HEVC sections read their codes through the geometry's gather table: per
+    // group of 8 codes for the codec's layouts, per code otherwise. Identity tables cost the
+    // same traffic as real ones.
+    let per_code: Vec<u32> = (0..codes.len() as u32).collect();
+    let per_group: Vec<u32> = (0..codes.len().div_ceil(8) as u32).map(|g| 8 * g).collect();
+    let gathers = [
+        (
+            "per-code",
+            4 * codes.len(),
+            DeviceGather::upload(cuda, &per_code, false)?,
+        ),
+        (
+            "per-group",
+            codes.len() / 2,
+            DeviceGather::upload(cuda, &per_group, true)?,
+        ),
+    ];
     let mut out = Vec::new();
     for dtype in [KvDtype::Bf16, KvDtype::F32] {
         let target = TargetSpec {
@@ -542,6 +560,17 @@ pub fn bench_restore(
             ms,
             reference,
         ));
+        for (how, table_bytes, gather) in &gathers {
+            let ms = time_ms(cuda, 20, &|s| {
+                kernels.restore_frames(&frames, Some(gather), &dt, s)
+            })?;
+            out.push(point(
+                format!("frames 444 8-bit, {how} gather -> {d} NHD"),
+                codes.len() + table_bytes + out_bytes,
+                ms,
+                reference,
+            ));
+        }
     }
     Ok(out)
 }

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvfetcher_codec::HevcGeometry;
 
-use super::cuda::{Cuda, DeviceBuffer, Stream};
+use super::cuda::{Cuda, Stream};
 use super::nvdec::SessionPool;
 use super::pool::MemoryPool;
-use super::restore::RestoreKernels;
-use super::sections::gather_table;
+use super::restore::{DeviceGather, RestoreKernels};
+use super::sections::device_gather;
 use super::GpuError;
 use crate::metrics::Metrics;
 
@@ -159,7 +159,7 @@ pub struct GpuDevice {
     streams: Mutex<Vec<Stream>>,
     /// Keyed by geometry alone: a section's other parameters (stream sizes, checksum) differ
     /// from section to section, the table does not.
-    gathers: Mutex<HashMap<HevcGeometry, Arc<DeviceBuffer>>>,
+    gathers: Mutex<HashMap<HevcGeometry, Arc<DeviceGather>>>,
     /// Held while a missing table is built, so concurrent sections build it once.
     building: Mutex<()>,
     metrics: Arc<Metrics>,
@@ -267,7 +267,7 @@ impl GpuDevice {
 
     /// The gather table (code index -> planar sample index) of an HEVC section geometry,
     /// uploaded once per geometry and reused.
-    pub fn gather(&self, geometry: &HevcGeometry) -> Result<Arc<DeviceBuffer>, GpuError> {
+    pub fn gather(&self, geometry: &HevcGeometry) -> Result<Arc<DeviceGather>, GpuError> {
         if let Some(g) = lock(&self.gathers).get(geometry) {
             return Ok(g.clone());
         }
@@ -275,7 +275,7 @@ impl GpuDevice {
         if let Some(g) = lock(&self.gathers).get(geometry) {
             return Ok(g.clone());
         }
-        let table = Arc::new(self.cuda.upload(&gather_table(geometry)?)?);
+        let table = Arc::new(device_gather(&self.cuda, geometry)?);
         let mut cache = lock(&self.gathers);
         if cache.len() >= KEPT_GATHERS {
             cache.clear();

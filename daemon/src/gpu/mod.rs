@@ -38,6 +38,6 @@ pub use nvdec::{
 };
 pub use pool::MemoryPool;
 pub use restore::{
-    restore_cpu, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping,
-    RestoreKernels, TargetSpec,
+    restore_cpu, CodeGeometry, Dequant, DeviceGather, DeviceTarget, GatherFrom, KvDtype, KvLayout,
+    QuantGrouping, RestoreKernels, TargetSpec,
 };

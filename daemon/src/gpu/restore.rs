@@ -345,7 +345,7 @@ struct FrameSourceArgs {
     chroma444: u32,
     bytes_per_sample: u32,
     shift: u32,
-    pad: u32,
+    gather_groups: u32,
     per_frame: FastDiv,
     per_chroma: FastDiv,
 }
@@ -508,10 +508,72 @@ impl std::fmt::Debug for RestoreKernels {
     }
 }
 
-/// Rows each thread of a kernel restores, as `restore.cu` has it: codes and packed codes take
-/// one row into f32 targets and two into 16-bit ones; decoded surfaces take two.
-fn rows_per_thread(from_surfaces: bool, target: &DeviceTarget) -> usize {
-    if !from_surfaces && target.args.dtype == KvDtype::F32.code() {
+/// A gather table in device memory (see `sections::Gather`): one planar sample index per code,
+/// or one per aligned group of 8 codes whose samples are consecutive.
+#[derive(Debug)]
+pub struct DeviceGather {
+    table: DeviceBuffer,
+    per_group: bool,
+}
+
+impl DeviceGather {
+    /// Uploads `indices` (per code, or per group of 8 codes when `per_group`).
+    pub fn upload(cuda: &Arc<Cuda>, indices: &[u32], per_group: bool) -> Result<Self, GpuError> {
+        Ok(DeviceGather {
+            table: cuda.upload(indices)?,
+            per_group,
+        })
+    }
+
+    /// Whether the table holds one index per group of 8 codes.
+    pub fn per_group(&self) -> bool {
+        self.per_group
+    }
+
+    /// The table read from code `first` on (a multiple of 8 for a per-group table).
+    pub fn from_code(&self, first: usize) -> GatherFrom<'_> {
+        GatherFrom {
+            table: &self.table,
+            first,
+            per_group: self.per_group,
+        }
+    }
+}
+
+/// A launch's view of a [`DeviceGather`]: its codes start at code `first` of the table.
+#[derive(Debug, Clone, Copy)]
+pub struct GatherFrom<'a> {
+    table: &'a DeviceBuffer,
+    first: usize,
+    per_group: bool,
+}
+
+impl GatherFrom<'_> {
+    /// The device address of the entry of code `first`, checked to hold entries for `n` codes.
+    fn device_ptr(&self, n: usize) -> Result<u64, GpuError> {
+        let (first, n) = if self.per_group {
+            if !self.first.is_multiple_of(8) || !n.is_multiple_of(8) {
+                return Err(GpuError::InvalidArgument(
+                    "per-group gather from a code that starts no group".into(),
+                ));
+            }
+            (self.first / 8, n / 8)
+        } else {
+            (self.first, n)
+        };
+        let end = first.checked_add(n).and_then(|e| e.checked_mul(4));
+        if end.is_none_or(|e| e > self.table.len()) {
+            return Err(GpuError::InvalidArgument("gather table too small".into()));
+        }
+        Ok(self.table.ptr() + 4 * first as u64)
+    }
+}
+
+/// Rows each thread of a kernel restores, as `restore.cu` has it: codes, packed codes and 4:4:4
+/// surfaces without a gather table (`by_dtype`) take one row into f32 targets and two into
+/// 16-bit ones; other surfaces take two. (A mismatch would only size the grid wrongly.)
+fn rows_per_thread(by_dtype: bool, target: &DeviceTarget) -> usize {
+    if by_dtype && target.args.dtype == KvDtype::F32.code() {
         1
     } else {
         2
@@ -602,7 +664,7 @@ impl RestoreKernels {
         unsafe {
             self.cuda.launch(
                 &f,
-                self.grid(target, rows_per_thread(false, target)),
+                self.grid(target, rows_per_thread(true, target)),
                 BLOCK,
                 stream,
                 &mut params,
@@ -663,7 +725,7 @@ impl RestoreKernels {
         unsafe {
             self.cuda.launch(
                 &f,
-                self.grid(target, rows_per_thread(false, target)),
+                self.grid(target, rows_per_thread(true, target)),
                 BLOCK,
                 stream,
                 &mut params,
@@ -677,11 +739,11 @@ impl RestoreKernels {
     pub fn restore_frames(
         &self,
         frames: &DeviceFrames,
-        gather: Option<&DeviceBuffer>,
+        gather: Option<&DeviceGather>,
         target: &DeviceTarget,
         stream: &Stream,
     ) -> Result<(), GpuError> {
-        self.restore_frames_at(frames, gather.map(|g| (g, 0)), target, stream)
+        self.restore_frames_at(frames, gather.map(|g| g.from_code(0)), target, stream)
     }
 
     /// Like [`RestoreKernels::restore_frames`] with the gather table read from entry
@@ -690,7 +752,7 @@ impl RestoreKernels {
     pub fn restore_frames_at(
         &self,
         frames: &DeviceFrames,
-        gather: Option<(&DeviceBuffer, usize)>,
+        gather: Option<GatherFrom<'_>>,
         target: &DeviceTarget,
         stream: &Stream,
     ) -> Result<(), GpuError> {
@@ -706,18 +768,15 @@ impl RestoreKernels {
             ));
         }
         let luma = fmt.width * fmt.height;
-        if gather.is_some_and(|(g, first)| {
-            first
-                .checked_add(n)
-                .and_then(|e| e.checked_mul(4))
-                .is_none_or(|e| e > g.len())
-        }) {
-            return Err(GpuError::InvalidArgument("gather table too small".into()));
-        }
+        let gather_at = match gather {
+            None => 0,
+            Some(g) => g.device_ptr(n)?,
+        };
         let f = self.module.function("kvf_restore_frames")?;
+        let by_dtype = gather.is_none() && fmt.chroma == Chroma::Yuv444;
         let mut ptr = frames.ptr;
         let mut src = FrameSourceArgs {
-            gather: gather.map_or(0, |(g, first)| g.ptr() + 4 * first as u64),
+            gather: gather_at,
             width: fmt.width as u32,
             height: fmt.height as u32,
             chroma444: u32::from(fmt.chroma == Chroma::Yuv444),
@@ -727,7 +786,7 @@ impl RestoreKernels {
             } else {
                 0
             },
-            pad: 0,
+            gather_groups: u32::from(gather.is_some_and(|g| g.per_group)),
             per_frame: FastDiv::new(spf as u32),
             per_chroma: FastDiv::new(((spf - luma) / 2) as u32),
         };
@@ -738,12 +797,12 @@ impl RestoreKernels {
             (&mut args as *mut RestoreTargetArgs).cast(),
         ];
         // SAFETY: the parameters match (const uint8_t*, FrameSource, RestoreTarget); the frames
-        // hold at least n samples (checked) or the caller's gather table (n entries from
+        // hold at least n samples (checked) or the caller's gather table (entries for n codes from
         // `first`, checked) indexes into them.
         unsafe {
             self.cuda.launch(
                 &f,
-                self.grid(target, rows_per_thread(true, target)),
+                self.grid(target, rows_per_thread(by_dtype, target)),
                 BLOCK,
                 stream,
                 &mut params,

@@ -352,11 +352,11 @@ fn restore_nvdec(
             frames.frames, frames.format, hg.frames
         )));
     }
-    let gather: Arc<DeviceBuffer> = dev.gather(&hg)?;
+    let gather = dev.gather(&hg)?;
     for (l, dt) in launches.iter().zip(&work.targets) {
         dev.kernels().restore_frames_at(
             &frames,
-            Some((&gather, l.first * per_tensor)),
+            Some(gather.from_code(l.first * per_tensor)),
             dt,
             &work.stream,
         )?;

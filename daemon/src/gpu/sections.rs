@@ -23,8 +23,8 @@ use super::cuda::{Cuda, DeviceBuffer};
 use super::hevc_backend::{CodecHevcLayout, NvdecHevcDecoder};
 use super::nvdec::{FrameFormat, Nvdec};
 use super::restore::{
-    CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, QuantGrouping, RestoreKernels,
-    TargetSpec,
+    CodeGeometry, Dequant, DeviceGather, DeviceTarget, KvDtype, KvLayout, QuantGrouping,
+    RestoreKernels, TargetSpec,
 };
 use super::GpuError;
 
@@ -147,6 +147,29 @@ pub fn gather_table(g: &HevcGeometry) -> Result<Vec<u32>, GpuError> {
         return Err(invalid(format!("code {i} lies in no frame")));
     }
     Ok(table)
+}
+
+/// The per-group form of a gather `table`: the first sample index of each aligned group of 8
+/// codes, when every group's 8 samples are consecutive (the codec's layouts put a row's codes
+/// side by side). The kernel then reads an eighth of the table and the samples with one load.
+pub fn group_gather(table: &[u32]) -> Option<Vec<u32>> {
+    if !table.len().is_multiple_of(8) {
+        return None;
+    }
+    let consecutive = |c: &[u32]| (1..8).all(|j| c[0].checked_add(j as u32) == Some(c[j]));
+    table
+        .chunks_exact(8)
+        .map(|c| consecutive(c).then_some(c[0]))
+        .collect()
+}
+
+/// The codec's gather table for `g` on the device, per group of 8 codes when it allows.
+pub fn device_gather(cuda: &Arc<Cuda>, g: &HevcGeometry) -> Result<DeviceGather, GpuError> {
+    let table = gather_table(g)?;
+    match group_gather(&table) {
+        Some(groups) => DeviceGather::upload(cuda, &groups, true),
+        None => DeviceGather::upload(cuda, &table, false),
+    }
 }
 
 fn kv_dtype(d: DType) -> Result<KvDtype, GpuError> {
@@ -340,11 +363,24 @@ pub fn run_section_checks(cuda: &Arc<Cuda>, dir: &Path) -> Result<Vec<CheckRow>,
                 let fmt = FrameFormat::of_geometry(&hg);
                 let surf = cuda.alloc(hg.frames * fmt.surface_bytes_per_frame())?;
                 let dev = session.decode_to_device(streams[0], &surf, 0)?;
-                let gather = cuda.upload(&gather_table(&hg)?)?;
-                let detail = compare_with(cuda, g, &dequant, &target, &want, &|dt| {
-                    kernels.restore_frames(&dev, Some(&gather), dt, &stream)
-                })?;
-                rows.push(row(format!("restore surfaces {label}"), n, detail));
+                // The per-code table, and the per-group one the daemon uses where it exists.
+                let table = gather_table(&hg)?;
+                let mut gathers = vec![(
+                    "per-code gather",
+                    DeviceGather::upload(cuda, &table, false)?,
+                )];
+                if let Some(groups) = group_gather(&table) {
+                    gathers.push((
+                        "per-group gather",
+                        DeviceGather::upload(cuda, &groups, true)?,
+                    ));
+                }
+                for (how, gather) in &gathers {
+                    let detail = compare_with(cuda, g, &dequant, &target, &want, &|dt| {
+                        kernels.restore_frames(&dev, Some(gather), dt, &stream)
+                    })?;
+                    rows.push(row(format!("restore surfaces {label} ({how})"), n, detail));
+                }
             }
         }
     }
@@ -381,5 +417,37 @@ mod tests {
                 assert_eq!(samples[s as usize], plane.codes[i], "{layout} code {i}");
             }
         }
+    }
+
+    /// The codec's layouts put each aligned group of 8 codes in 8 consecutive samples, so the
+    /// daemon reads an eighth of the table; a table that breaks a group stays per code.
+    #[test]
+    fn codec_layouts_gather_per_group() {
+        for layout in SECTION_LAYOUTS {
+            let shape = PlaneShape {
+                tensors: 4,
+                rows: 128,
+                cols: 256,
+                bits: 8,
+            };
+            let spec: LayoutSpec = layout.parse().expect("layout");
+            let g = HevcGeometry::new(shape, &spec).expect("geometry");
+            let table = gather_table(&g).expect("table");
+            let groups = group_gather(&table).unwrap_or_else(|| panic!("{layout}: not grouped"));
+            assert_eq!(groups.len() * 8, table.len());
+            for (i, &s) in table.iter().enumerate() {
+                assert_eq!(groups[i / 8] + (i % 8) as u32, s, "{layout} code {i}");
+            }
+        }
+        let identity: Vec<u32> = (0..64).collect();
+        assert_eq!(
+            group_gather(&identity),
+            Some((0..8).map(|g| 8 * g).collect())
+        );
+        let mut broken = identity.clone();
+        broken.swap(9, 10);
+        assert_eq!(group_gather(&broken), None);
+        assert_eq!(group_gather(&identity[..12]), None, "not whole groups");
+        assert_eq!(group_gather(&[u32::MAX - 3; 8]), None, "overflow is no run");
     }
 }
