@@ -12,6 +12,11 @@ one run, on one card:
       script: its own CUDA context and stream, like a real second tenant);
   (e) nvCOMP ANS paced to the same 10 Gbit/s compressed input rate.
 
+With --nvdec-frames copy,map,none, (b) and (c) run once per frame handling of the load (`map`:
+frames mapped and unmapped, not copied; `none`: never mapped), which splits NVDEC's cost into
+NVDEC's decode, its per-frame post-processing (the map) and the daemon's copies. The table also
+gives the SM clock and board power during each GEMM window (NVML, when torch can read them).
+
 "The same KV" for nvCOMP is the 8-bit codes of the real KV (per-channel min/max over tokens,
 as the codec quantizes), one byte each, tiled to ~256 MiB on the GPU; the raw KV (the file's
 16-bit floats) is a second row of the ratio table. Prints nvCOMP's ratio and decompression GB/s
