@@ -70,6 +70,22 @@ __device__ __forceinline__ unsigned long long target_offset(const RestoreTarget&
     return ((unsigned long long)head * t.target_tokens + token) * t.head_dim + d;
 }
 
+// The 8 bytes of v as 8 codes, lowest byte first.
+__device__ __forceinline__ void unpack_bytes(uint2 v, unsigned (&code)[8]) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        code[j] = (v.x >> (8 * j)) & 0xff;
+        code[j + 4] = (v.y >> (8 * j)) & 0xff;
+    }
+}
+
+// The 8 16-bit halves of v as 8 codes, lowest first, each shifted right by `shift`.
+__device__ __forceinline__ void unpack_halves(uint4 v, unsigned shift, unsigned (&code)[8]) {
+    unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 8; i++) code[i] = ((w[i / 2] >> (16 * (i % 2))) & 0xffff) >> shift;
+}
+
 // The scales and mins of columns col..col+7 of `tensor` (per-channel grouping).
 __device__ __forceinline__ void channel_params(const RestoreTarget& t, unsigned tensor, unsigned col,
                                                float (&s)[8], float (&m)[8]) {
@@ -166,9 +182,7 @@ __device__ __forceinline__ void restore_groups(const RestoreTarget& t, Load load
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_codes(const uint16_t* __restrict__ codes,
                                                                     RestoreTarget t) {
     restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
-        uint4 raw = __ldg(reinterpret_cast<const uint4*>(codes) + g);
-        code[0] = raw.x & 0xffff; code[1] = raw.x >> 16; code[2] = raw.y & 0xffff; code[3] = raw.y >> 16;
-        code[4] = raw.z & 0xffff; code[5] = raw.z >> 16; code[6] = raw.w & 0xffff; code[7] = raw.w >> 16;
+        unpack_halves(__ldg(reinterpret_cast<const uint4*>(codes) + g), 0, code);
     });
 }
 
@@ -179,12 +193,7 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_packed8(const uint
                                                                       unsigned long long packed_len,
                                                                       unsigned bits, RestoreTarget t) {
     restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
-        uint2 v = __ldg(reinterpret_cast<const uint2*>(packed) + g);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            code[j] = (v.x >> (8 * j)) & 0xff;
-            code[j + 4] = (v.y >> (8 * j)) & 0xff;
-        }
+        unpack_bytes(__ldg(reinterpret_cast<const uint2*>(packed) + g), code);
     });
 }
 
@@ -292,18 +301,10 @@ __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf,
     }
     if (f.bytes_per_sample == 1) {
         if (off % 8) return false;
-        uint2 v = __ldg(reinterpret_cast<const uint2*>(surf + off));
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            code[i] = (v.x >> (8 * i)) & 0xff;
-            code[i + 4] = (v.y >> (8 * i)) & 0xff;
-        }
+        unpack_bytes(__ldg(reinterpret_cast<const uint2*>(surf + off)), code);
     } else {
         if ((off * 2) % 16) return false;
-        uint4 v = __ldg(reinterpret_cast<const uint4*>(surf + (size_t)off * 2));
-        unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 8; i++) code[i] = ((w[i / 2] >> (16 * (i % 2))) & 0xffff) >> f.shift;
+        unpack_halves(__ldg(reinterpret_cast<const uint4*>(surf + (size_t)off * 2)), f.shift, code);
     }
     return true;
 }
@@ -316,19 +317,11 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8
     if (!f.gather && f.chroma444 && reinterpret_cast<size_t>(surf) % 16 == 0) {
         if (f.bytes_per_sample == 1) {
             restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
-                uint2 v = __ldg(reinterpret_cast<const uint2*>(surf) + g);
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    code[j] = (v.x >> (8 * j)) & 0xff;
-                    code[j + 4] = (v.y >> (8 * j)) & 0xff;
-                }
+                unpack_bytes(__ldg(reinterpret_cast<const uint2*>(surf) + g), code);
             });
         } else {
             restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
-                uint4 v = __ldg(reinterpret_cast<const uint4*>(surf) + g);
-                unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int i = 0; i < 8; i++) code[i] = ((w[i / 2] >> (16 * (i % 2))) & 0xffff) >> f.shift;
+                unpack_halves(__ldg(reinterpret_cast<const uint4*>(surf) + g), f.shift, code);
             });
         }
         return;

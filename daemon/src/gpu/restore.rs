@@ -612,10 +612,9 @@ impl RestoreKernels {
     }
 
     /// The launch grid for `target`: one block row per tensor (gridDim.y), and per tensor
-    /// enough blocks for its work units of ROWS_PER_THREAD (2) rows x 8 columns, capped at 16
-    /// blocks per SM over all tensors (the kernels loop over what a smaller grid leaves).
-    /// The launch grid for `target` with `rows` rows per thread (what `restore.cu`'s kernel
-    /// uses: see [`rows_per_thread`]).
+    /// enough blocks for its work units of `rows` rows x 8 columns (as the kernel launched
+    /// has them: see [`rows_per_thread`]), capped at 16 blocks per SM over all tensors (the
+    /// kernels loop over what a smaller grid leaves).
     fn grid(&self, target: &DeviceTarget, rows: usize) -> (u32, u32) {
         let g = target.geometry;
         let units = g.rows.div_ceil(rows) * (g.cols / 8);

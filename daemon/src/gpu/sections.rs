@@ -393,17 +393,23 @@ mod tests {
     use kvfetcher_codec::{LayoutSpec, PlaneShape};
 
     /// The gather table picks, for every code, the sample the codec's own frames put it in.
+    /// A section's geometry in `layout`: 4 tensors of 128 x 256 codes of `bits` bits.
+    fn geometry(layout: &str, bits: u8) -> HevcGeometry {
+        let shape = PlaneShape {
+            tensors: 4,
+            rows: 128,
+            cols: 256,
+            bits,
+        };
+        let spec: LayoutSpec = layout.parse().expect("layout");
+        HevcGeometry::new(shape, &spec).expect("geometry")
+    }
+
     #[test]
     fn gather_table_inverts_the_codec_layout() {
         for layout in SECTION_LAYOUTS {
-            let shape = PlaneShape {
-                tensors: 4,
-                rows: 128,
-                cols: 256,
-                bits: 4,
-            };
-            let spec: LayoutSpec = layout.parse().expect("layout");
-            let g = HevcGeometry::new(shape, &spec).expect("geometry");
+            let g = geometry(layout, 4);
+            let shape = g.shape;
             let codes: Vec<u16> = (0..shape.len()).map(|i| ((i * 7) % 16) as u16).collect();
             let plane = CodePlane { shape, codes };
             let samples: Vec<u16> = g
@@ -424,15 +430,7 @@ mod tests {
     #[test]
     fn codec_layouts_gather_per_group() {
         for layout in SECTION_LAYOUTS {
-            let shape = PlaneShape {
-                tensors: 4,
-                rows: 128,
-                cols: 256,
-                bits: 8,
-            };
-            let spec: LayoutSpec = layout.parse().expect("layout");
-            let g = HevcGeometry::new(shape, &spec).expect("geometry");
-            let table = gather_table(&g).expect("table");
+            let table = gather_table(&geometry(layout, 8)).expect("table");
             let groups = group_gather(&table).unwrap_or_else(|| panic!("{layout}: not grouped"));
             assert_eq!(groups.len() * 8, table.len());
             for (i, &s) in table.iter().enumerate() {
