@@ -327,10 +327,18 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8
         return;
     }
     if (f.gather_groups) {
-        // Group g's codes are the 8 consecutive planar samples from its table entry.
+        // Group g's codes are the 8 consecutive planar samples from its table entry; in 4:4:4
+        // planes planar sample p sits at p (see frame_sample), so no frame arithmetic.
+        bool direct = f.chroma444 && reinterpret_cast<size_t>(surf) % 16 == 0;
         restore_rows<2>(t, [&](unsigned g, unsigned (&code)[8]) {
             unsigned p = __ldg(f.gather + g);
-            if (!frame_samples8(surf, f, p, code)) {
+            if (direct && p % 8 == 0) {
+                if (f.bytes_per_sample == 1) {
+                    unpack_bytes(__ldg(reinterpret_cast<const uint2*>(surf + p)), code);
+                } else {
+                    unpack_halves(__ldg(reinterpret_cast<const uint4*>(surf + (size_t)p * 2)), f.shift, code);
+                }
+            } else if (!frame_samples8(surf, f, p, code)) {
 #pragma unroll
                 for (int j = 0; j < 8; j++) code[j] = frame_sample(surf, f, p + j);
             }
