@@ -265,6 +265,27 @@ __device__ __forceinline__ unsigned frame_sample(const uint8_t* __restrict__ sur
     return (unsigned)__ldg(reinterpret_cast<const uint16_t*>(surf) + off) >> f.shift;
 }
 
+// The 8 samples of a plane from sample offset `off` of the surfaces (off % 8 == 0, surfaces
+// 16-byte aligned), BYTES bytes each, with one load.
+template <int BYTES>
+__device__ __forceinline__ void plane_samples8(const uint8_t* __restrict__ surf, const FrameSource& f,
+                                               unsigned off, unsigned (&code)[8]) {
+    if (BYTES == 1) {
+        unpack_bytes(__ldg(reinterpret_cast<const uint2*>(surf + off)), code);
+    } else {
+        unpack_halves(__ldg(reinterpret_cast<const uint4*>(surf + (size_t)off * 2)), f.shift, code);
+    }
+}
+
+__device__ __forceinline__ void plane_samples8(const uint8_t* __restrict__ surf, const FrameSource& f,
+                                               unsigned off, unsigned (&code)[8]) {
+    if (f.bytes_per_sample == 1) {
+        plane_samples8<1>(surf, f, off, code);
+    } else {
+        plane_samples8<2>(surf, f, off, code);
+    }
+}
+
 // Reads 8 consecutive codes starting at planar sample p (p % 8 == 0) with wide loads where the
 // surface layout allows it; false when it does not (plane edge, misalignment).
 __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf, const FrameSource& f,
@@ -299,13 +320,8 @@ __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf,
         }
         return true;
     }
-    if (f.bytes_per_sample == 1) {
-        if (off % 8) return false;
-        unpack_bytes(__ldg(reinterpret_cast<const uint2*>(surf + off)), code);
-    } else {
-        if ((off * 2) % 16) return false;
-        unpack_halves(__ldg(reinterpret_cast<const uint4*>(surf + (size_t)off * 2)), f.shift, code);
-    }
+    if (off % 8) return false;
+    plane_samples8(surf, f, off, code);
     return true;
 }
 
@@ -315,14 +331,11 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8
     // 4:4:4 planes without a gather hold the codes in order (planar sample p is code p, see
     // frame_sample): one aligned load per 8 codes, none of the frame arithmetic below.
     if (!f.gather && f.chroma444 && reinterpret_cast<size_t>(surf) % 16 == 0) {
+        // Specialised per sample size: a branch inside the loop costs this path ~10%.
         if (f.bytes_per_sample == 1) {
-            restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
-                unpack_bytes(__ldg(reinterpret_cast<const uint2*>(surf) + g), code);
-            });
+            restore_groups(t, [&](unsigned g, unsigned (&code)[8]) { plane_samples8<1>(surf, f, 8 * g, code); });
         } else {
-            restore_groups(t, [&](unsigned g, unsigned (&code)[8]) {
-                unpack_halves(__ldg(reinterpret_cast<const uint4*>(surf) + g), f.shift, code);
-            });
+            restore_groups(t, [&](unsigned g, unsigned (&code)[8]) { plane_samples8<2>(surf, f, 8 * g, code); });
         }
         return;
     }
@@ -333,11 +346,7 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8
         restore_rows<2>(t, [&](unsigned g, unsigned (&code)[8]) {
             unsigned p = __ldg(f.gather + g);
             if (direct && p % 8 == 0) {
-                if (f.bytes_per_sample == 1) {
-                    unpack_bytes(__ldg(reinterpret_cast<const uint2*>(surf + p)), code);
-                } else {
-                    unpack_halves(__ldg(reinterpret_cast<const uint4*>(surf + (size_t)p * 2)), f.shift, code);
-                }
+                plane_samples8(surf, f, p, code);
             } else if (!frame_samples8(surf, f, p, code)) {
 #pragma unroll
                 for (int j = 0; j < 8; j++) code[j] = frame_sample(surf, f, p + j);

@@ -165,16 +165,11 @@ fn decode_loop(
                                 std::thread::sleep(Duration::from_secs_f64(wait));
                             }
                         }
-                        match handling {
-                            FrameHandling::Copy => {
-                                w.session.decode_to_device(stream, &w.buf, 0)?;
-                            }
-                            FrameHandling::Map => {
-                                w.session.decode_discard(stream, true)?;
-                            }
-                            FrameHandling::None => {
-                                w.session.decode_discard(stream, false)?;
-                            }
+                        if handling == FrameHandling::Copy {
+                            w.session.decode_to_device(stream, &w.buf, 0)?;
+                        } else {
+                            w.session
+                                .decode_discard(stream, handling == FrameHandling::Map)?;
                         }
                         done += 1;
                     }

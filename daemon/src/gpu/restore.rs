@@ -508,8 +508,8 @@ impl std::fmt::Debug for RestoreKernels {
     }
 }
 
-/// A gather table in device memory (see `sections::Gather`): one planar sample index per code,
-/// or one per aligned group of 8 codes whose samples are consecutive.
+/// A gather table in device memory: one planar sample index per code, or one per aligned group
+/// of 8 codes whose samples are consecutive (`sections::group_gather`).
 #[derive(Debug)]
 pub struct DeviceGather {
     table: DeviceBuffer,
@@ -612,12 +612,12 @@ impl RestoreKernels {
     }
 
     /// The launch grid for `target`: one block row per tensor (gridDim.y), and per tensor
-    /// enough blocks for its work units of `rows` rows x 8 columns (as the kernel launched
-    /// has them: see [`rows_per_thread`]), capped at 16 blocks per SM over all tensors (the
-    /// kernels loop over what a smaller grid leaves).
-    fn grid(&self, target: &DeviceTarget, rows: usize) -> (u32, u32) {
+    /// enough blocks for its work units of 8 columns x the kernel's rows per thread (see
+    /// [`rows_per_thread`]), capped at 16 blocks per SM over all tensors (the kernels loop
+    /// over what a smaller grid leaves).
+    fn grid(&self, target: &DeviceTarget, by_dtype: bool) -> (u32, u32) {
         let g = target.geometry;
-        let units = g.rows.div_ceil(rows) * (g.cols / 8);
+        let units = g.rows.div_ceil(rows_per_thread(by_dtype, target)) * (g.cols / 8);
         let cap = (self.cuda.info().multiprocessors.max(1) as usize * 16 / g.tensors.max(1)).max(1);
         (
             units.div_ceil(BLOCK as usize).clamp(1, cap) as u32,
@@ -661,13 +661,8 @@ impl RestoreKernels {
         // the code buffer holds n codes from a 16-byte aligned offset (checked) and
         // DeviceTarget validated every target range.
         unsafe {
-            self.cuda.launch(
-                &f,
-                self.grid(target, rows_per_thread(true, target)),
-                BLOCK,
-                stream,
-                &mut params,
-            )
+            self.cuda
+                .launch(&f, self.grid(target, true), BLOCK, stream, &mut params)
         }
     }
 
@@ -722,13 +717,8 @@ impl RestoreKernels {
         // kernel reads below `len` bytes from ptr only, all inside the buffer (checked), and
         // DeviceTarget validated the target ranges.
         unsafe {
-            self.cuda.launch(
-                &f,
-                self.grid(target, rows_per_thread(true, target)),
-                BLOCK,
-                stream,
-                &mut params,
-            )
+            self.cuda
+                .launch(&f, self.grid(target, true), BLOCK, stream, &mut params)
         }
     }
 
@@ -799,13 +789,8 @@ impl RestoreKernels {
         // hold at least n samples (checked) or the caller's gather table (entries for n codes from
         // `first`, checked) indexes into them.
         unsafe {
-            self.cuda.launch(
-                &f,
-                self.grid(target, rows_per_thread(by_dtype, target)),
-                BLOCK,
-                stream,
-                &mut params,
-            )
+            self.cuda
+                .launch(&f, self.grid(target, by_dtype), BLOCK, stream, &mut params)
         }
     }
 }

@@ -52,8 +52,7 @@ impl From<LayoutIoError> for ServeError {
 
 /// One chunk of the fetched prefix.
 struct Chunk {
-    key: ChunkKey,
-    /// The parsed header; section requests after the header round skip it.
+    /// The parsed header (with the chunk's key); section requests after the header round skip it.
     check: Arc<SectionCheck>,
     /// First token of the chunk in the fetched buffer.
     token_start: u32,
@@ -90,6 +89,10 @@ impl Drop for EarlySection {
 impl Chunk {
     fn header(&self) -> &ChunkHeader {
         self.check.header()
+    }
+
+    fn key(&self) -> ChunkKey {
+        self.check.key()
     }
 }
 
@@ -132,9 +135,8 @@ pub(super) async fn fetch(
         .map_err(|e| ServeError::Internal(format!("plan: {e}")))?;
     let mut tasks = FuturesUnordered::new();
     let mut wire = header_bytes;
-    let mut sections = 0usize;
     let mut first_layer = false;
-    let (mut first_arrival, mut last_arrival) = (Duration::ZERO, Duration::ZERO);
+    let (mut first_arrival, mut last_arrival) = (None::<Duration>, Duration::ZERO);
     loop {
         while let Some(s) = planner.poll_request() {
             tasks.push(section(
@@ -151,13 +153,8 @@ pub(super) async fn fetch(
         };
         let (s, bytes, arrived) = done?;
         let at = arrived.duration_since(started);
-        first_arrival = if sections == 0 {
-            at
-        } else {
-            first_arrival.min(at)
-        };
+        first_arrival = Some(first_arrival.map_or(at, |f| f.min(at)));
         last_arrival = last_arrival.max(at);
-        sections += 1;
         wire += bytes;
         let event = |e| ServeError::Internal(format!("plan: {e}"));
         planner.handle_received(s).map_err(event)?;
@@ -217,7 +214,6 @@ async fn stored_prefix(p: &Pipeline, keys: &[ChunkKey]) -> Result<(Vec<Chunk>, u
         bytes += check.header_len() as u64;
         let tokens = check.header().token_count;
         chunks.push(Chunk {
-            key: check.key(),
             check,
             token_start,
             first: std::sync::Mutex::new(first.filter(|_| early)),
@@ -279,7 +275,7 @@ fn shape_of(chunks: &[Chunk]) -> Result<KvShape, ServeError> {
         if (h.num_layers, h.kv_heads, h.head_dim) != (h0.num_layers, h0.kv_heads, h0.head_dim) {
             return Err(ServeError::Internal(format!(
                 "chunk {} is {}x{}x{}, chunk 0 is {}x{}x{}",
-                c.key,
+                c.key(),
                 h.num_layers,
                 h.kv_heads,
                 h.head_dim,
@@ -323,7 +319,7 @@ async fn section(
                 .acquire_many_owned(budget_permits(p, len))
                 .await
                 .map_err(|_| ServeError::Unavailable("pipeline shut down".into()))?;
-            let client = p.stores.client_for(&chunk.key).await?;
+            let client = p.stores.client_for(&chunk.key()).await?;
             let (stores, metrics) = (p.stores.clone(), p.metrics.clone());
             request_section(
                 stores,
@@ -336,7 +332,11 @@ async fn section(
             .await?
         }
     };
-    let (bytes, arrived, _budget) = (got.bytes, got.arrived, got._budget);
+    let Received {
+        bytes,
+        arrived,
+        _budget,
+    } = got;
     let wire = bytes.len() as u64;
     let _slot = p
         .decode_slots
