@@ -87,6 +87,8 @@ enc() {
 enc packed8 --variant packed --bits 8
 enc zstd8 --variant zstd --bits 8
 enc hevc8 --variant hevc --bits 8 --layers-per-section 2
+# Sections cut into one-frame streams: decoded on several NVDEC sessions at once.
+enc hevc8-streams --variant hevc --bits 8 --layers-per-section 2 --stream-frames 1
 enc hevc8-mixed --variant hevc --bits 8 --value-grouping token
 enc packed4 --variant packed --bits 4
 enc exact --variant zstd --exact

@@ -27,6 +27,9 @@ pub struct EncodeConfig {
     pub variant: VariantKind,
     /// A layout name for the hevc encoder; `None` uses the registry's hevc encoder as is.
     pub hevc_layout: Option<String>,
+    /// Frames per HEVC stream (`None`: the registry's hevc encoder as is). Sections cut into
+    /// streams decode on several NVDEC engines at once (see `HevcEncoder::with_stream_frames`).
+    pub hevc_stream_frames: Option<usize>,
     /// Tokens per chunk (the last chunk may be shorter).
     pub chunk_tokens: usize,
     /// Layers per section (groups are split further where per-layer bits differ).
@@ -40,6 +43,7 @@ impl Default for EncodeConfig {
             quant: QuantConfig::default(),
             variant: VariantKind::Zstd,
             hevc_layout: None,
+            hevc_stream_frames: None,
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
             layers_per_section: 1,
         }
@@ -102,9 +106,14 @@ pub fn encode_cache(
     }
     cfg.quant.validate(cache.num_layers())?;
     let owned: Arc<dyn SectionEncoder>;
-    let encoder: &dyn SectionEncoder = match (&cfg.variant, &cfg.hevc_layout) {
-        (VariantKind::Hevc, Some(layout)) => {
-            owned = crate::registry::hevc_encoder(Some(layout))?;
+    let encoder: &dyn SectionEncoder = match cfg {
+        EncodeConfig {
+            variant: VariantKind::Hevc,
+            hevc_layout,
+            hevc_stream_frames,
+            ..
+        } if hevc_layout.is_some() || hevc_stream_frames.is_some() => {
+            owned = crate::registry::hevc_encoder(hevc_layout.as_deref(), *hevc_stream_frames)?;
             owned.as_ref()
         }
         _ => registry.encoder(cfg.variant)?,

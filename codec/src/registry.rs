@@ -63,7 +63,7 @@ impl CodecRegistry {
     /// [`CodecRegistry::software`] plus `hevc` when x265 / libde265 load.
     pub fn standard() -> CodecRegistry {
         let mut reg = CodecRegistry::software();
-        match hevc_encoder(None) {
+        match hevc_encoder(None, None) {
             Ok(e) => reg = reg.with(VariantKind::Hevc, e),
             Err(e) => {
                 reg.missing.insert(VariantKind::Hevc, e.to_string());
@@ -132,10 +132,16 @@ impl CodecRegistry {
     }
 }
 
-/// An HEVC encoder with `layout` (None: the encoder's default layout); fails when x265 cannot
-/// be loaded or the layout is unknown.
-pub fn hevc_encoder(layout: Option<&str>) -> Result<Arc<dyn SectionEncoder>, CodecError> {
-    Ok(Arc::new(crate::HevcEncoder::new(layout)?))
+/// An HEVC encoder with `layout` (None: the encoder's default layout) and `stream_frames`
+/// frames per stream (None: one stream per section); fails when x265 cannot be loaded or the
+/// layout is unknown.
+pub fn hevc_encoder(
+    layout: Option<&str>,
+    stream_frames: Option<usize>,
+) -> Result<Arc<dyn SectionEncoder>, CodecError> {
+    Ok(Arc::new(
+        crate::HevcEncoder::new(layout)?.with_stream_frames(stream_frames),
+    ))
 }
 
 /// A software HEVC decoder; fails when libde265 cannot be loaded.

@@ -37,6 +37,7 @@ fn small_objects() -> Option<Vec<Vec<u8>>> {
                 chunk_tokens: 8,
                 layers_per_section: 2,
                 hevc_layout: None,
+                hevc_stream_frames: None,
             };
             let mut chunks =
                 encode_cache(&cache, &ModelFingerprint::of_bytes(b"m"), &ids, &cfg, &reg).unwrap();

@@ -99,6 +99,14 @@ fn layouts_on_codelm() {
             "frames medium".into(),
             encoder("frames").unwrap().with_preset("medium"),
         ));
+        for per in [1, 2] {
+            for layout in ["frames", "rows"] {
+                runs.push((
+                    format!("{layout}, {per}-frame streams"),
+                    encoder(layout).unwrap().with_stream_frames(Some(per)),
+                ));
+            }
+        }
         // Extra presets for the tokens-along-frames layouts, e.g. HEVC_PRESETS=fast,veryfast.
         for preset in std::env::var("HEVC_PRESETS").unwrap_or_default().split(',') {
             for layout in ["frames", "frames420", "frames:12"] {

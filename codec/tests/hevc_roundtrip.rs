@@ -43,6 +43,44 @@ fn every_layout_and_bit_width_is_bit_exact() {
     }
 }
 
+/// A section cut into streams of at most N frames records one stream per cut, each a whole
+/// Annex-B stream, and decodes to the same codes.
+#[test]
+fn sections_cut_into_streams_round_trip() {
+    let Some(cache) = codelm() else { return };
+    let Some(dec) = decoder() else { return };
+    let plane = quantized(&cache, 0..2, 0..200, 8);
+    for layout in ["frames:16", "rows"] {
+        let one = encoder(layout).unwrap().encode(&plane).expect("one stream");
+        let frames = HevcParams::from_bytes(&one.params).unwrap().geometry.frames;
+        for per in [1, 2, 5] {
+            let enc = encoder(layout).unwrap().with_stream_frames(Some(per));
+            let s = enc.encode(&plane).expect("encodes");
+            let p = HevcParams::from_bytes(&s.params).expect("params");
+            let want: Vec<usize> = (0..frames)
+                .step_by(per)
+                .map(|f| per.min(frames - f))
+                .collect();
+            let got: Vec<usize> = p.streams.iter().map(|s| s.frames).collect();
+            assert_eq!(got, want, "{layout}, {per} frames per stream");
+            for stream in p.split(&s.payload).unwrap() {
+                // Every stream opens with its own parameter sets (a VPS NAL unit).
+                assert_eq!(&stream[..5], &[0, 0, 0, 1, 0x40], "{layout}: stream start");
+            }
+            let back = dec
+                .decode(plane.shape, &s.params, &s.payload)
+                .expect("decodes");
+            assert!(back == plane, "{layout}, {per} frames per stream");
+        }
+        let none = encoder(layout).unwrap().with_stream_frames(Some(0));
+        assert_eq!(
+            none.encode(&plane).unwrap().payload,
+            one.payload,
+            "0: one stream"
+        );
+    }
+}
+
 #[test]
 fn default_and_rows_layouts_beat_packed_codes_at_four_bits() {
     let Some(cache) = codelm() else { return };

@@ -156,6 +156,7 @@ fn bf16_and_f32_exact_and_mixed_configs() {
                     chunk_tokens: 16,
                     layers_per_section: 3,
                     hevc_layout: None,
+                    hevc_stream_frames: None,
                 };
                 check(cache, &ids, &cfg, &reg);
             }
@@ -250,6 +251,7 @@ fn hevc_layout_is_passed_to_the_encoder() {
             quant: QuantConfig::bits(6),
             variant: VariantKind::Hevc,
             hevc_layout: Some(layout.into()),
+            hevc_stream_frames: None,
             chunk_tokens: 32,
             layers_per_section: 1,
         };

@@ -51,7 +51,12 @@ struct FrameSource {
     unsigned int chroma444;      // 1: 4:4:4 planar; 0: 4:2:0 with interleaved UV
     unsigned int bytes_per_sample;
     unsigned int shift;          // 16 - bit_depth for 2-byte samples (MSB-aligned), else 0
-    unsigned int gather_groups;  // 1: gather holds one index per 8 codes (8 consecutive samples)
+    unsigned int gather_groups;  // 0: gather holds one index per code; k: one per run of k groups
+                                 // of 8 codes (8k consecutive samples, e.g. a row of codes)
+    unsigned int gather_direct;  // 1: runs, 4:4:4, 16-byte aligned surfaces and every entry a
+                                 // multiple of 8 (host-checked): one aligned load per group
+    unsigned int pad_[3];
+    FastDiv per_entry;           // by gather_groups
     FastDiv per_frame;           // by samples per frame
     FastDiv per_chroma;          // by samples per chroma plane
 };
@@ -325,6 +330,14 @@ __device__ __forceinline__ bool frame_samples8(const uint8_t* __restrict__ surf,
     return true;
 }
 
+// The planar sample of group g's first code through a table of runs: group g's codes are 8
+// consecutive samples, 8 * (g % k) on from the entry of its run of k groups (a run's threads
+// share one cached entry). In 4:4:4 planes planar sample p sits at p (see frame_sample).
+__device__ __forceinline__ unsigned run_sample(const FrameSource& f, unsigned g) {
+    unsigned e = fdiv(f.per_entry, g);
+    return __ldg(f.gather + e) + 8 * (g - e * f.per_entry.d);
+}
+
 // Codes read from NVDEC's decoded surfaces (packed without pitch, see nvdec.rs DeviceFrames).
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8_t* __restrict__ surf,
                                                                      FrameSource f, RestoreTarget t) {
@@ -339,12 +352,19 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8
         }
         return;
     }
+    if (f.gather_direct) {
+        // Specialised per sample size, like the path without a table.
+        if (f.bytes_per_sample == 1) {
+            restore_rows<2>(t, [&](unsigned g, unsigned (&code)[8]) { plane_samples8<1>(surf, f, run_sample(f, g), code); });
+        } else {
+            restore_rows<2>(t, [&](unsigned g, unsigned (&code)[8]) { plane_samples8<2>(surf, f, run_sample(f, g), code); });
+        }
+        return;
+    }
     if (f.gather_groups) {
-        // Group g's codes are the 8 consecutive planar samples from its table entry; in 4:4:4
-        // planes planar sample p sits at p (see frame_sample), so no frame arithmetic.
         bool direct = f.chroma444 && reinterpret_cast<size_t>(surf) % 16 == 0;
         restore_rows<2>(t, [&](unsigned g, unsigned (&code)[8]) {
-            unsigned p = __ldg(f.gather + g);
+            unsigned p = run_sample(f, g);
             if (direct && p % 8 == 0) {
                 plane_samples8(surf, f, p, code);
             } else if (!frame_samples8(surf, f, p, code)) {

@@ -144,8 +144,19 @@ pub struct SaveConfig {
     pub chunk_tokens: u32,
     /// Layers per section (layer group).
     pub layers_per_group: u32,
+    /// `hevc` only: frames per HEVC stream, 0 = one stream per section. The streams of a section
+    /// decode on several NVDEC engines at once, for 1.4-2.4% larger sections; on small frames
+    /// the per-stream cost ate the gain (docs/LAYOUT.md), hence the default.
+    pub hevc_stream_frames: u32,
     /// Chunks encoded at once.
     pub workers: usize,
+}
+
+impl SaveConfig {
+    /// Frames per HEVC stream for the encoder (`None`: one stream per section).
+    pub fn hevc_stream_frames(&self) -> Option<usize> {
+        (self.hevc_stream_frames > 0).then_some(self.hevc_stream_frames as usize)
+    }
 }
 
 fn default_server_name() -> String {
@@ -203,6 +214,7 @@ impl Default for SaveConfig {
             bits: 8,
             chunk_tokens: 256,
             layers_per_group: 1,
+            hevc_stream_frames: 0,
             workers: available_cores().div_ceil(2),
         }
     }

@@ -237,6 +237,22 @@ fn hevc_round_trip_and_streams_read_by_ffprobe() {
         }
         Err(e) => println!("skipped ffprobe: {e}"),
     }
+    // Sections cut into one-frame streams: several streams per section, same KV back.
+    let cut = tmp.path().join("cut");
+    let args = ["--variant", "hevc", "--layout", "frames:16", "--bits", "4"];
+    let files = encode(
+        &input,
+        &cut,
+        &[
+            &args[..],
+            &["--preset", "ultrafast", "--stream-frames", "1"],
+        ]
+        .concat(),
+    );
+    assert_eq!(decode(&cut, &out).layers(), direct(&cache, |_| 4));
+    let info = ok(&["inspect", s(&files[0])]);
+    assert!(info.contains("4 frames, 4 stream(s)"), "{info}");
+
     // A non-hevc chunk has no streams to extract.
     let zdir = tmp.path().join("z");
     let zfiles = encode(&input, &zdir, &["--bits", "4"]);
@@ -360,6 +376,16 @@ fn bad_inputs_fail_with_clear_messages() {
         "1",
     ]);
     assert!(err.contains("1 bits is outside"), "{err}");
+    let err = fails(&[
+        "encode",
+        "--input",
+        s(&input),
+        "--out",
+        s(&t.join("o")),
+        "--stream-frames",
+        "2",
+    ]);
+    assert!(err.contains("apply to the hevc variant only"), "{err}");
     let out = t.join("out.safetensors");
 
     // A flipped payload byte: decode and inspect name the file and the checksum.

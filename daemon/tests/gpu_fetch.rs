@@ -34,8 +34,8 @@ use kvfetcher_client::protocol::{
 };
 use kvfetcher_client::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
-    encode_cache, ChunkKey, ChunkView, CodecRegistry, EncodeConfig, Grouping, ModelFingerprint,
-    QuantConfig, VariantKind,
+    encode_cache, ChunkKey, ChunkView, CodecRegistry, EncodeConfig, FormatError, Grouping,
+    ModelFingerprint, QuantConfig, VariantKind,
 };
 use kvfetcher_kv::{KvCache, KvFile};
 use server_support::{eventually, Kv, MemBackend, TestServer, MODEL};
@@ -170,6 +170,7 @@ fn save_config(variant: &str) -> SaveConfig {
         bits: 8,
         chunk_tokens: 128,
         layers_per_group: 2,
+        hevc_stream_frames: 0,
         workers: 2,
     }
 }
@@ -341,6 +342,11 @@ async fn gpu_fetches_equal_host_fetches_for_every_variant() {
             )
             .unwrap();
             compare_host_and_gpu(&p, &dev, &ids, "hevc").await;
+            // Every section, one stream or several, went through NVDEC when the card has it.
+            let c = &p.metrics().gpu_sections;
+            if dev.nvdec_sessions() > 0 {
+                assert!(c.nvdec.get() > 0 && c.cpu_decode.get() == 0, "hevc routes");
+            }
         }
         None => println!("skipped hevc: no encoder and no KVF_GPU_TEST_HEVC_DIR"),
     }
@@ -364,6 +370,7 @@ async fn gpu_fetches_equal_host_fetches_for_every_variant() {
         },
         variant: VariantKind::Packed,
         hevc_layout: None,
+        hevc_stream_frames: None,
         chunk_tokens: 128,
         layers_per_section: 2,
     };
@@ -388,14 +395,28 @@ async fn put_all(s: &Store, objects: Vec<(ChunkKey, Vec<u8>)>) {
     }
 }
 
-fn hevc_config() -> EncodeConfig {
-    EncodeConfig {
-        quant: QuantConfig::bits(8),
-        variant: VariantKind::Hevc,
-        hevc_layout: None,
-        chunk_tokens: 128,
-        layers_per_section: 2,
-    }
+/// HEVC chunk objects of the test KV: every other chunk cut into one-frame streams (decoded
+/// on several NVDEC sessions at once), the others one stream per section. Fails without libx265.
+fn encode_hevc(cache: &KvCache, ids: &[u32]) -> Result<Vec<(ChunkKey, Vec<u8>)>, FormatError> {
+    let fp = ModelFingerprint::of_bytes(MODEL.as_bytes());
+    let encode = |stream_frames| {
+        let cfg = EncodeConfig {
+            quant: QuantConfig::bits(8),
+            variant: VariantKind::Hevc,
+            hevc_layout: None,
+            hevc_stream_frames: stream_frames,
+            chunk_tokens: 128,
+            layers_per_section: 2,
+        };
+        encode_cache(cache, &fp, ids, &cfg, &CodecRegistry::standard())
+    };
+    let (one, cut) = (encode(None)?, encode(Some(1))?);
+    Ok(one
+        .into_iter()
+        .zip(cut)
+        .enumerate()
+        .map(|(i, (a, b))| if i % 2 == 0 { a } else { b })
+        .collect())
 }
 
 /// HEVC chunk objects of the test KV: read from `KVF_GPU_TEST_HEVC_DIR`, else encoded here.
@@ -409,8 +430,7 @@ fn hevc_objects(cache: &KvCache, ids: &[u32]) -> Option<Vec<(ChunkKey, Vec<u8>)>
         }
         return Some(v);
     }
-    let fp = ModelFingerprint::of_bytes(MODEL.as_bytes());
-    encode_cache(cache, &fp, ids, &hevc_config(), &CodecRegistry::standard()).ok()
+    encode_hevc(cache, ids).ok()
 }
 
 /// Writes the HEVC objects [`hevc_objects`] reads into `KVF_GPU_TEST_WRITE_HEVC` (on a host
@@ -422,15 +442,7 @@ fn write_hevc_objects_for_a_gpu_host() {
         return;
     };
     let Some(cache) = real_cache() else { return };
-    let fp = ModelFingerprint::of_bytes(MODEL.as_bytes());
-    let objects = encode_cache(
-        &cache,
-        &fp,
-        &test_ids(&cache),
-        &hevc_config(),
-        &CodecRegistry::standard(),
-    )
-    .expect("hevc encode (needs libx265)");
+    let objects = encode_hevc(&cache, &test_ids(&cache)).expect("hevc encode (needs libx265)");
     std::fs::create_dir_all(&dir).unwrap();
     for (i, (_, bytes)) in objects.iter().enumerate() {
         std::fs::write(PathBuf::from(&dir).join(format!("chunk-{i}.kvc")), bytes).unwrap();

@@ -99,6 +99,7 @@ fn save_config(bits: u8, variant: &str) -> SaveConfig {
         bits,
         chunk_tokens: 256,
         layers_per_group: 2,
+        hevc_stream_frames: 0,
         workers: 1,
     }
 }
@@ -182,6 +183,7 @@ fn expected(c: &KvCache, ids: &[u32], save: &SaveConfig) -> KvCache {
         },
         variant,
         hevc_layout: None,
+        hevc_stream_frames: None,
         chunk_tokens: save.chunk_tokens as usize,
         layers_per_section: save.layers_per_group as usize,
     };

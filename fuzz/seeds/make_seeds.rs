@@ -64,6 +64,7 @@ fn write_seeds(out: &Path, src: &Path) -> Result<usize, Box<dyn std::error::Erro
             chunk_tokens: 8,
             layers_per_section: 2,
             hevc_layout: None,
+            hevc_stream_frames: None,
         };
         let chunks = encode_cache(
             &cache,

@@ -235,6 +235,7 @@ pub fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
             quant: quant.clone(),
             variant,
             hevc_layout: None,
+            hevc_stream_frames: None,
             chunk_tokens: args.chunk_tokens,
             layers_per_section: args.layers_per_section,
         };
@@ -245,6 +246,7 @@ pub fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
                 *variant,
                 layout.as_deref(),
                 &args.preset,
+                None,
                 args.zstd_level,
             )?;
             let rt = round_trip(&cache, &ids, &cfg(*variant), &registry).with_context(|| {
@@ -279,6 +281,7 @@ pub fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
             quant: QuantConfig::Exact,
             variant: VariantKind::Packed,
             hevc_layout: None,
+            hevc_stream_frames: None,
             chunk_tokens: args.chunk_tokens,
             layers_per_section: args.layers_per_section,
         },

@@ -55,6 +55,9 @@ pub struct BenchFetchArgs {
     /// Layers per section of the pipeline's chunks.
     #[arg(long, default_value_t = 1)]
     pub layers_per_group: u32,
+    /// `hevc`: frames per HEVC stream (`[save] hevc_stream_frames`; 0: one stream per section).
+    #[arg(long, default_value_t = 0)]
+    pub hevc_stream_frames: u32,
     /// Tokens per chunk.
     #[arg(long, default_value_t = 256)]
     pub chunk_tokens: u32,
@@ -260,6 +263,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         quant,
         variant,
         hevc_layout: None,
+        hevc_stream_frames: None,
         chunk_tokens: args.chunk_tokens as usize,
         layers_per_section: cache.num_layers(),
     };
@@ -282,6 +286,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         bits: args.bits,
         chunk_tokens: args.chunk_tokens,
         layers_per_group: args.layers_per_group,
+        hevc_stream_frames: args.hevc_stream_frames,
         workers: SaveConfig::default().workers,
     };
     let client_bytes: Vec<u8> = cache

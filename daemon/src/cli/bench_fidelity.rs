@@ -89,7 +89,8 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
     let ids = &generation.token_ids;
     let raw16 = super::codec::bytes_16bit(&original);
     let variant = VariantKind::from(args.variant);
-    let registry = super::codec::registry_for(variant, None, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL)?;
+    let registry =
+        super::codec::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL)?;
     let bar = progress(args.bits.len() as u64, "fidelity");
     let mut results = Vec::new();
     for &bits in &args.bits {
@@ -97,6 +98,7 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
             quant: bits.quant(args.key_grouping, args.value_grouping),
             variant,
             hevc_layout: None,
+            hevc_stream_frames: None,
             chunk_tokens: args.chunk_tokens,
             layers_per_section: 1,
         };

@@ -481,23 +481,22 @@ pub fn bench_restore(
         frames: nframes,
         ptr: dsurf.ptr(),
     };
-    // The daemon's HEVC sections read their codes through the geometry's gather table: per
-    // group of 8 codes for the codec's layouts, per code otherwise. Identity tables cost the
-    // same traffic as real ones.
-    let per_code: Vec<u32> = (0..codes.len() as u32).collect();
-    let per_group: Vec<u32> = (0..codes.len().div_ceil(8) as u32).map(|g| 8 * g).collect();
-    let gathers = [
-        (
-            "per-code",
-            4 * codes.len(),
-            DeviceGather::upload(cuda, &per_code, false)?,
-        ),
-        (
-            "per-group",
-            codes.len() / 2,
-            DeviceGather::upload(cuda, &per_group, true)?,
-        ),
-    ];
+    // The daemon's HEVC sections read their codes through the geometry's gather table: per row
+    // of codes for the codec's layouts (per group of 8 codes or per code for layouts that break
+    // rows). Identity tables cost the same traffic as real ones.
+    let gathers = [("per-code", 1), ("per-group", 8), ("per-row", g.cols)]
+        .into_iter()
+        .map(|(how, run)| {
+            let entries: Vec<u32> = (0..codes.len().div_ceil(run) as u32)
+                .map(|e| e * run as u32)
+                .collect();
+            Ok((
+                how,
+                4 * entries.len(),
+                DeviceGather::upload(cuda, &entries, run)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, GpuError>>()?;
     let mut out = Vec::new();
     for dtype in [KvDtype::Bf16, KvDtype::F32] {
         let target = TargetSpec {

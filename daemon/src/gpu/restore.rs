@@ -346,6 +346,9 @@ struct FrameSourceArgs {
     bytes_per_sample: u32,
     shift: u32,
     gather_groups: u32,
+    gather_direct: u32,
+    pad: [u32; 3],
+    per_entry: FastDiv,
     per_frame: FastDiv,
     per_chroma: FastDiv,
 }
@@ -508,34 +511,45 @@ impl std::fmt::Debug for RestoreKernels {
     }
 }
 
-/// A gather table in device memory: one planar sample index per code, or one per aligned group
-/// of 8 codes whose samples are consecutive (`sections::group_gather`).
+/// A gather table in device memory: the planar sample index of the first code of each aligned
+/// run of `run` codes whose samples are consecutive (`run` 1: one index per code; else a
+/// multiple of 8, see `sections::run_gather`).
 #[derive(Debug)]
 pub struct DeviceGather {
     table: DeviceBuffer,
-    per_group: bool,
+    run: usize,
+    /// Every entry a multiple of 8: runs of 4:4:4 samples start on 8-sample boundaries, so the
+    /// kernel reads each group with one aligned load and needs no fallback.
+    aligned: bool,
 }
 
 impl DeviceGather {
-    /// Uploads `indices` (per code, or per group of 8 codes when `per_group`).
-    pub fn upload(cuda: &Arc<Cuda>, indices: &[u32], per_group: bool) -> Result<Self, GpuError> {
+    /// Uploads `indices`, one per run of `run` codes (1, or a multiple of 8 below 2^32).
+    pub fn upload(cuda: &Arc<Cuda>, indices: &[u32], run: usize) -> Result<Self, GpuError> {
+        if run != 1 && (run == 0 || !run.is_multiple_of(8) || u32::try_from(run).is_err()) {
+            return Err(GpuError::InvalidArgument(format!(
+                "gather runs of {run} codes (1 or a multiple of 8)"
+            )));
+        }
         Ok(DeviceGather {
             table: cuda.upload(indices)?,
-            per_group,
+            run,
+            aligned: indices.iter().all(|i| i.is_multiple_of(8)),
         })
     }
 
-    /// Whether the table holds one index per group of 8 codes.
-    pub fn per_group(&self) -> bool {
-        self.per_group
+    /// Codes per table entry.
+    pub fn run(&self) -> usize {
+        self.run
     }
 
-    /// The table read from code `first` on (a multiple of 8 for a per-group table).
+    /// The table read from code `first` on (a multiple of the run).
     pub fn from_code(&self, first: usize) -> GatherFrom<'_> {
         GatherFrom {
             table: &self.table,
             first,
-            per_group: self.per_group,
+            run: self.run,
+            aligned: self.aligned,
         }
     }
 }
@@ -545,27 +559,30 @@ impl DeviceGather {
 pub struct GatherFrom<'a> {
     table: &'a DeviceBuffer,
     first: usize,
-    per_group: bool,
+    run: usize,
+    aligned: bool,
 }
 
 impl GatherFrom<'_> {
     /// The device address of the entry of code `first`, checked to hold entries for `n` codes.
     fn device_ptr(&self, n: usize) -> Result<u64, GpuError> {
-        let (first, n) = if self.per_group {
-            if !self.first.is_multiple_of(8) || !n.is_multiple_of(8) {
-                return Err(GpuError::InvalidArgument(
-                    "per-group gather from a code that starts no group".into(),
-                ));
-            }
-            (self.first / 8, n / 8)
-        } else {
-            (self.first, n)
-        };
+        if !self.first.is_multiple_of(self.run) || !n.is_multiple_of(self.run) {
+            return Err(GpuError::InvalidArgument(format!(
+                "gather of runs of {} codes used from code {} for {n} codes",
+                self.run, self.first
+            )));
+        }
+        let (first, n) = (self.first / self.run, n / self.run);
         let end = first.checked_add(n).and_then(|e| e.checked_mul(4));
         if end.is_none_or(|e| e > self.table.len()) {
             return Err(GpuError::InvalidArgument("gather table too small".into()));
         }
         Ok(self.table.ptr() + 4 * first as u64)
+    }
+
+    /// Groups of 8 codes per entry as the kernel takes it (0: one entry per code).
+    fn groups_per_entry(&self) -> u32 {
+        (self.run / 8) as u32
     }
 }
 
@@ -764,6 +781,7 @@ impl RestoreKernels {
         let f = self.module.function("kvf_restore_frames")?;
         let by_dtype = gather.is_none() && fmt.chroma == Chroma::Yuv444;
         let mut ptr = frames.ptr;
+        let groups_per_entry = gather.map_or(0, |g| g.groups_per_entry());
         let mut src = FrameSourceArgs {
             gather: gather_at,
             width: fmt.width as u32,
@@ -775,7 +793,15 @@ impl RestoreKernels {
             } else {
                 0
             },
-            gather_groups: u32::from(gather.is_some_and(|g| g.per_group)),
+            gather_groups: groups_per_entry,
+            gather_direct: u32::from(
+                groups_per_entry > 0
+                    && gather.is_some_and(|g| g.aligned)
+                    && fmt.chroma == Chroma::Yuv444
+                    && frames.ptr.is_multiple_of(16),
+            ),
+            pad: [0; 3],
+            per_entry: FastDiv::new(groups_per_entry),
             per_frame: FastDiv::new(spf as u32),
             per_chroma: FastDiv::new(((spf - luma) / 2) as u32),
         };
@@ -802,7 +828,7 @@ mod tests {
     #[test]
     fn args_match_the_cuda_structs() {
         assert_eq!(std::mem::size_of::<RestoreTargetArgs>(), 128);
-        assert_eq!(std::mem::size_of::<FrameSourceArgs>(), 64);
+        assert_eq!(std::mem::size_of::<FrameSourceArgs>(), 96);
     }
 
     /// The kernels' division equals `/` for every divisor they see and dividends across the

@@ -2,10 +2,11 @@
 //!
 //! Three routes, cheapest first (the blueprint is `sections::run_section_checks`):
 //! - `packed`: the payload is uploaded as is and one kernel unpacks and dequantizes it;
-//! - `nvdec`: a single-stream HEVC section is decoded by NVDEC into device surfaces and the
-//!   kernel reads the codes out of them through the geometry's gather table;
-//! - `cpu-decode`: anything else (zstd, multi-stream HEVC, no NVDEC, NVDEC refusing a stream)
-//!   is decoded on the CPU; the codes are uploaded and dequantized by the kernel.
+//! - `nvdec`: an HEVC section is decoded by NVDEC into device surfaces (its streams on as many
+//!   sessions at once) and the kernel reads the codes out of them through the geometry's
+//!   gather table;
+//! - `cpu-decode`: anything else (zstd, no NVDEC, NVDEC refusing a stream) is decoded on the
+//!   CPU; the codes are uploaded and dequantized by the kernel.
 //!
 //! The kernels compute `fma(code, scale, min)` in f32 and round once to the target type, the
 //! same math as the CPU path when the chunk's dtype is the target's or f32. Sections the
@@ -23,7 +24,7 @@ use kvfetcher_kv::DType;
 
 use super::cuda::{bytemuck_like::Pod, DeviceBuffer};
 use super::devices::{GpuDevice, PooledStream};
-use super::nvdec::FrameFormat;
+use super::nvdec::{DeviceFrames, FrameFormat};
 use super::pool::MemoryPool;
 use super::restore::{
     CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, ParamUpload, QuantGrouping, TargetSpec,
@@ -303,8 +304,7 @@ pub fn restore_section_to_device(
             s.verify(payload)
                 .map_err(|e| GpuError::Decode(e.to_string()))?;
             match restore_nvdec(dev, s, payload, &launches, per_tensor, &mut work) {
-                Ok(true) => Some(Route::Nvdec),
-                Ok(false) => None,
+                Ok(()) => Some(Route::Nvdec),
                 Err(e) => {
                     tracing::debug!("nvdec route failed ({e}): decoding section on the CPU");
                     work.finish()?;
@@ -323,7 +323,7 @@ pub fn restore_section_to_device(
     Ok(route)
 }
 
-/// The NVDEC route; `Ok(false)` when the section is not a single stream (not an error).
+/// The NVDEC route.
 fn restore_nvdec(
     dev: &GpuDevice,
     s: &kvfetcher_codec::SectionInfo,
@@ -331,27 +331,63 @@ fn restore_nvdec(
     launches: &[Launch],
     per_tensor: usize,
     work: &mut SectionWork<'_>,
-) -> Result<bool, GpuError> {
+) -> Result<(), GpuError> {
     let p = HevcParams::from_bytes(&s.params).map_err(|e| GpuError::Decode(e.to_string()))?;
     let streams = p
         .split(payload)
         .map_err(|e| GpuError::Decode(e.to_string()))?;
-    if streams.len() != 1 || p.geometry.shape != s.shape {
-        return Ok(false);
+    if p.geometry.shape != s.shape {
+        return Err(GpuError::Decode(format!(
+            "hevc parameters hold {:?}, the section {:?}",
+            p.geometry.shape, s.shape
+        )));
     }
     let hg = p.geometry;
     let fmt = FrameFormat::of_geometry(&hg);
-    let surf = work.alloc(hg.frames * fmt.surface_bytes_per_frame())?;
-    let frames = dev
+    let per_frame = fmt.surface_bytes_per_frame();
+    let surf = work.alloc(hg.frames * per_frame)?;
+    let nvdec = dev
         .nvdec()
-        .ok_or_else(|| GpuError::NoNvdec("no session".into()))?
-        .with(|session| session.decode_to_device(streams[0], &surf, 0))??;
-    if frames.format != fmt || frames.frames != hg.frames {
-        return Err(GpuError::Decode(format!(
-            "decoded {} frames of {:?}, params say {} of {fmt:?}",
-            frames.frames, frames.format, hg.frames
-        )));
-    }
+        .ok_or_else(|| GpuError::NoNvdec("no session".into()))?;
+    // Stream k's frames follow those of the streams before it; the streams decode at once on
+    // as many sessions (the pool hands each an idle one).
+    let mut first = 0;
+    let jobs: Vec<(&[u8], usize, usize)> = streams
+        .iter()
+        .zip(&p.streams)
+        .map(|(&stream, info)| {
+            first += info.frames;
+            (stream, first - info.frames, info.frames)
+        })
+        .collect();
+    let decode = |(stream, first, frames): (&[u8], usize, usize)| {
+        let got =
+            nvdec.with(|session| session.decode_to_device(stream, &surf, first * per_frame))??;
+        if got.format != fmt || got.frames != frames {
+            return Err(GpuError::Decode(format!(
+                "decoded {} frames of {:?}, params say {frames} of {fmt:?}",
+                got.frames, got.format
+            )));
+        }
+        Ok(())
+    };
+    std::thread::scope(|scope| {
+        let others: Vec<_> = jobs[1..]
+            .iter()
+            .map(|&job| scope.spawn(move || decode(job)))
+            .collect();
+        let mine = decode(jobs[0]);
+        others.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(GpuError::Decode("decode thread panicked".into())))
+        })?;
+        mine
+    })?;
+    let frames = DeviceFrames {
+        format: fmt,
+        frames: hg.frames,
+        ptr: surf.ptr(),
+    };
     let gather = dev.gather(&hg)?;
     for (l, dt) in launches.iter().zip(&work.targets) {
         dev.kernels().restore_frames_at(
@@ -362,7 +398,7 @@ fn restore_nvdec(
         )?;
     }
     work.finish()?;
-    Ok(true)
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -73,6 +73,7 @@ pub fn write_section_fixtures(kv: &Path, dir: &Path) -> Result<Vec<PathBuf>, Gpu
                 quant: QuantConfig::bits(bits),
                 variant: VariantKind::Hevc,
                 hevc_layout: Some(layout.into()),
+                hevc_stream_frames: None,
                 chunk_tokens: cache.tokens(),
                 layers_per_section: SECTION_LAYERS,
             };
@@ -149,27 +150,31 @@ pub fn gather_table(g: &HevcGeometry) -> Result<Vec<u32>, GpuError> {
     Ok(table)
 }
 
-/// The per-group form of a gather `table`: the first sample index of each aligned group of 8
-/// codes, when every group's 8 samples are consecutive (the codec's layouts put a row's codes
-/// side by side). The kernel then reads an eighth of the table and the samples with one load.
-pub fn group_gather(table: &[u32]) -> Option<Vec<u32>> {
-    if !table.len().is_multiple_of(8) {
+/// The run form of a gather `table`: the first sample index of each aligned run of `run` codes
+/// (a multiple of 8), when every run's samples are consecutive. The codec's layouts keep each
+/// row of codes in one piece, so a table per row (`run` = columns) is 1/cols of the per-code
+/// one: the threads of a row share one cached entry and read their samples with one load per 8.
+pub fn run_gather(table: &[u32], run: usize) -> Option<Vec<u32>> {
+    if run == 0 || !run.is_multiple_of(8) || !table.len().is_multiple_of(run) {
         return None;
     }
-    let consecutive = |c: &[u32]| (1..8).all(|j| c[0].checked_add(j as u32) == Some(c[j]));
+    let consecutive = |c: &[u32]| (1..run).all(|j| c[0].checked_add(j as u32) == Some(c[j]));
     table
-        .chunks_exact(8)
+        .chunks_exact(run)
         .map(|c| consecutive(c).then_some(c[0]))
         .collect()
 }
 
-/// The codec's gather table for `g` on the device, per group of 8 codes when it allows.
+/// The codec's gather table for `g` on the device: per row of codes, per group of 8 codes, or
+/// per code, the first form the layout allows.
 pub fn device_gather(cuda: &Arc<Cuda>, g: &HevcGeometry) -> Result<DeviceGather, GpuError> {
     let table = gather_table(g)?;
-    match group_gather(&table) {
-        Some(groups) => DeviceGather::upload(cuda, &groups, true),
-        None => DeviceGather::upload(cuda, &table, false),
+    for run in [g.shape.cols, 8] {
+        if let Some(runs) = run_gather(&table, run) {
+            return DeviceGather::upload(cuda, &runs, run);
+        }
     }
+    DeviceGather::upload(cuda, &table, 1)
 }
 
 fn kv_dtype(d: DType) -> Result<KvDtype, GpuError> {
@@ -363,17 +368,14 @@ pub fn run_section_checks(cuda: &Arc<Cuda>, dir: &Path) -> Result<Vec<CheckRow>,
                 let fmt = FrameFormat::of_geometry(&hg);
                 let surf = cuda.alloc(hg.frames * fmt.surface_bytes_per_frame())?;
                 let dev = session.decode_to_device(streams[0], &surf, 0)?;
-                // The per-code table, and the per-group one the daemon uses where it exists.
+                // The per-code table and the per-group and per-row ones (the daemon uses the
+                // coarsest the layout allows).
                 let table = gather_table(&hg)?;
-                let mut gathers = vec![(
-                    "per-code gather",
-                    DeviceGather::upload(cuda, &table, false)?,
-                )];
-                if let Some(groups) = group_gather(&table) {
-                    gathers.push((
-                        "per-group gather",
-                        DeviceGather::upload(cuda, &groups, true)?,
-                    ));
+                let mut gathers = vec![("per-code gather", DeviceGather::upload(cuda, &table, 1)?)];
+                for (how, run) in [("per-group gather", 8), ("per-row gather", hg.shape.cols)] {
+                    if let Some(runs) = run_gather(&table, run) {
+                        gathers.push((how, DeviceGather::upload(cuda, &runs, run)?));
+                    }
                 }
                 for (how, gather) in &gathers {
                     let detail = compare_with(cuda, g, &dequant, &target, &want, &|dt| {
@@ -425,27 +427,47 @@ mod tests {
         }
     }
 
-    /// The codec's layouts put each aligned group of 8 codes in 8 consecutive samples, so the
-    /// daemon reads an eighth of the table; a table that breaks a group stays per code.
+    /// The codec's layouts keep each row of codes in consecutive samples, so the daemon reads
+    /// one table entry per row; a table that breaks a run falls back to a finer form.
     #[test]
-    fn codec_layouts_gather_per_group() {
+    fn codec_layouts_gather_per_row_and_per_group() {
         for layout in SECTION_LAYOUTS {
-            let table = gather_table(&geometry(layout, 8)).expect("table");
-            let groups = group_gather(&table).unwrap_or_else(|| panic!("{layout}: not grouped"));
-            assert_eq!(groups.len() * 8, table.len());
-            for (i, &s) in table.iter().enumerate() {
-                assert_eq!(groups[i / 8] + (i % 8) as u32, s, "{layout} code {i}");
+            let g = geometry(layout, 8);
+            let table = gather_table(&g).expect("table");
+            for run in [8, g.shape.cols] {
+                let runs =
+                    run_gather(&table, run).unwrap_or_else(|| panic!("{layout}: no runs of {run}"));
+                assert_eq!(runs.len() * run, table.len());
+                for (i, &s) in table.iter().enumerate() {
+                    assert_eq!(runs[i / run] + (i % run) as u32, s, "{layout} code {i}");
+                }
             }
         }
         let identity: Vec<u32> = (0..64).collect();
         assert_eq!(
-            group_gather(&identity),
+            run_gather(&identity, 8),
             Some((0..8).map(|g| 8 * g).collect())
         );
+        assert_eq!(run_gather(&identity, 32), Some(vec![0, 32]));
         let mut broken = identity.clone();
         broken.swap(9, 10);
-        assert_eq!(group_gather(&broken), None);
-        assert_eq!(group_gather(&identity[..12]), None, "not whole groups");
-        assert_eq!(group_gather(&[u32::MAX - 3; 8]), None, "overflow is no run");
+        assert_eq!(run_gather(&broken, 8), None);
+        assert_eq!(run_gather(&broken, 64), None);
+        let mut seam = identity.clone();
+        seam[32..].iter_mut().for_each(|s| *s += 100);
+        assert_eq!(run_gather(&seam, 32), Some(vec![0, 132]));
+        assert_eq!(run_gather(&seam, 64), None, "a run that jumps");
+        assert_eq!(run_gather(&identity[..12], 8), None, "not whole runs");
+        assert_eq!(
+            run_gather(&identity, 12),
+            None,
+            "runs are whole groups of 8"
+        );
+        assert_eq!(run_gather(&identity, 0), None);
+        assert_eq!(
+            run_gather(&[u32::MAX - 3; 8], 8),
+            None,
+            "overflow is no run"
+        );
     }
 }

@@ -34,6 +34,7 @@ pub fn encode_config(save: &SaveConfig) -> Result<EncodeConfig, ServeError> {
         quant,
         variant,
         hevc_layout: None,
+        hevc_stream_frames: save.hevc_stream_frames(),
         chunk_tokens: save.chunk_tokens as usize,
         layers_per_section: save.layers_per_group as usize,
     })

@@ -287,6 +287,7 @@ pub(crate) fn expected(c: &KvCache, model: &str, ids: &[u32]) -> KvCache {
         quant: QuantConfig::bits(BITS),
         variant: VariantKind::Zstd,
         hevc_layout: None,
+        hevc_stream_frames: None,
         chunk_tokens: CHUNK_TOKENS,
         layers_per_section: LAYERS_PER_GROUP,
     };
