@@ -366,25 +366,14 @@ fn bad_inputs_fail_with_clear_messages() {
     let Some((input, _)) = small_input(t) else {
         return;
     };
-    let err = fails(&[
-        "encode",
-        "--input",
-        s(&input),
-        "--out",
-        s(&t.join("o")),
-        "--bits",
-        "1",
-    ]);
+    let o = t.join("o");
+    let encode_fails = |extra: &[&str]| {
+        let args = ["encode", "--input", s(&input), "--out", s(&o)];
+        fails(&[&args[..], extra].concat())
+    };
+    let err = encode_fails(&["--bits", "1"]);
     assert!(err.contains("1 bits is outside"), "{err}");
-    let err = fails(&[
-        "encode",
-        "--input",
-        s(&input),
-        "--out",
-        s(&t.join("o")),
-        "--stream-frames",
-        "2",
-    ]);
+    let err = encode_fails(&["--stream-frames", "2"]);
     assert!(err.contains("apply to the hevc variant only"), "{err}");
     let out = t.join("out.safetensors");
 

@@ -371,12 +371,15 @@ fn restore_nvdec(
         }
         Ok(())
     };
+    let Some((&mine, others)) = jobs.split_first() else {
+        return Err(GpuError::Decode("hevc section without streams".into()));
+    };
     std::thread::scope(|scope| {
-        let others: Vec<_> = jobs[1..]
+        let others: Vec<_> = others
             .iter()
             .map(|&job| scope.spawn(move || decode(job)))
             .collect();
-        let mine = decode(jobs[0]);
+        let mine = decode(mine);
         others.into_iter().try_for_each(|h| {
             h.join()
                 .unwrap_or_else(|_| Err(GpuError::Decode("decode thread panicked".into())))
