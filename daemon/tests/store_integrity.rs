@@ -129,3 +129,79 @@ async fn invalid_uploads_are_refused_and_leave_nothing() {
     );
     store.stop().await;
 }
+
+/// The KV of `cache` with `n` times the heads (each head repeated): a wider model.
+fn widen(cache: &kvfetcher_kv::KvCache, n: usize) -> kvfetcher_kv::KvCache {
+    use kvfetcher_kv::{LayerKv, Tensor};
+    let wide = |t: &Tensor| {
+        let [tokens, heads, dim] = t.shape();
+        let v = t.to_f32();
+        let rows: Vec<f32> = v
+            .chunks(heads * dim)
+            .flat_map(|row| (0..n).flat_map(move |_| row.iter().copied()))
+            .collect();
+        Tensor::from_f32(t.dtype(), [tokens, heads * n, dim], &rows).unwrap()
+    };
+    let layers = cache
+        .layers()
+        .iter()
+        .map(|l| LayerKv {
+            key: wide(&l.key),
+            value: wide(&l.value),
+        })
+        .collect();
+    kvfetcher_kv::KvCache::new(layers, None).unwrap()
+}
+
+/// A section request reads the header and the sections asked for, not the whole object: a
+/// header longer than the server's first read (a wide model's per-channel parameters) is read
+/// again whole, and a file shorter than its header says is reported corrupt.
+#[tokio::test]
+async fn wide_headers_are_read_whole_and_short_files_are_corrupt() {
+    let Some(path) = store_util::kv_path() else {
+        return;
+    };
+    let cache = kvfetcher_kv::KvFile::read(&path)
+        .unwrap()
+        .cache
+        .slice_tokens(0, 64)
+        .unwrap();
+    let wide = widen(&cache, 4);
+    let cfg = kvfetcher_codec::EncodeConfig {
+        variant: kvfetcher_codec::VariantKind::Packed,
+        chunk_tokens: 64,
+        layers_per_section: 2,
+        ..kvfetcher_codec::EncodeConfig::default()
+    };
+    let ids: Vec<u32> = (0..64).collect();
+    let objects = kvfetcher_codec::encode_cache(
+        &wide,
+        &store_util::model(),
+        &ids,
+        &cfg,
+        &kvfetcher_codec::CodecRegistry::software(),
+    )
+    .unwrap();
+    let (key, bytes) = &objects[0];
+    let view = ChunkView::parse(bytes).unwrap();
+    assert!(
+        view.header_len() > 64 << 10,
+        "{} header bytes",
+        view.header_len()
+    );
+    let store = TestStore::start(ServerOptions::default(), false).await;
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
+    client.put(Bytes::from(bytes.clone())).await.unwrap();
+    let got = client.get_sections(key, &[3, 0]).await.unwrap();
+    assert_eq!(got.header, &bytes[..view.header_len()]);
+    assert_eq!(&got.sections[0].1[..], view.section_bytes(3));
+    assert_eq!(&got.sections[1].1[..], view.section_bytes(0));
+    // One byte short: every section request is refused as corrupt, nothing is served.
+    std::fs::write(store.backend.object_path(key), &bytes[..bytes.len() - 1]).unwrap();
+    let err = client.get_sections(key, &[0]).await.unwrap_err();
+    assert!(matches!(err, TransportError::Corrupt(_)), "{err}");
+    assert_eq!(client.stats().await.unwrap().corrupt, 1);
+    store.stop().await;
+}

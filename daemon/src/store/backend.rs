@@ -5,6 +5,8 @@
 //! [`ObjectWriter`] so bytes can reach storage as they arrive; nothing is visible under the key
 //! until [`ObjectWriter::commit`] returns.
 
+use std::ops::Range;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use kvfetcher_codec::{ChunkKey, ModelFingerprint};
@@ -56,6 +58,37 @@ pub trait ObjectWriter: Send {
     async fn abort(self: Box<Self>);
 }
 
+/// An object opened for ranged reads: every read sees the object as it was when opened, even if
+/// a put replaces it meanwhile.
+#[async_trait]
+pub trait ObjectReader: Send + Sync {
+    /// The object's length in bytes.
+    fn size(&self) -> u64;
+    /// Bytes `range` of the object; a range past the end is an error.
+    async fn read(&self, range: Range<u64>) -> Result<Bytes, BackendError>;
+}
+
+/// An object already in memory.
+struct InMemory(Bytes);
+
+#[async_trait]
+impl ObjectReader for InMemory {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    async fn read(&self, range: Range<u64>) -> Result<Bytes, BackendError> {
+        if range.start > range.end || range.end > self.size() {
+            return Err(BackendError::Io {
+                op: "read",
+                path: "(object in memory)".into(),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        Ok(self.0.slice(range.start as usize..range.end as usize))
+    }
+}
+
 /// A place to keep chunk objects.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -63,6 +96,15 @@ pub trait Backend: Send + Sync + 'static {
     async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, BackendError>;
     /// The whole object, or `None` when absent.
     async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, BackendError>;
+    /// The object opened for ranged reads, or `None` when absent, so that a request for a
+    /// header or a few sections reads those, not the whole object. The default reads the whole
+    /// object once (backends that can read ranges override it).
+    async fn open(&self, key: &ChunkKey) -> Result<Option<Box<dyn ObjectReader>>, BackendError> {
+        Ok(self
+            .get(key)
+            .await?
+            .map(|b| Box::new(InMemory(b)) as Box<dyn ObjectReader>))
+    }
     /// Whether the object is present.
     async fn exists(&self, key: &ChunkKey) -> Result<bool, BackendError>;
     /// Keys indexed under `model`.

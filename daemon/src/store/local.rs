@@ -6,6 +6,7 @@
 //! fsyncs the directory, so a crash at any moment leaves either the old state or the whole new
 //! object, never a partial one. Leftover `tmp/` files are removed when the backend opens.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use kvfetcher_codec::{ChunkKey, ModelFingerprint};
 use tokio::io::AsyncWriteExt;
 
-use super::backend::{key_from_name, Backend, BackendError, ObjectWriter, Usage};
+use super::backend::{key_from_name, Backend, BackendError, ObjectReader, ObjectWriter, Usage};
 
 /// A directory-backed store.
 #[derive(Debug, Clone)]
@@ -63,6 +64,35 @@ impl LocalDir {
 
     fn model_dir(&self, model: &ModelFingerprint) -> PathBuf {
         self.root.join("models").join(model.to_hex())
+    }
+}
+
+/// An object file opened once: positional reads on the blocking pool, so a replacing put
+/// (a rename over the path) does not change what this reader sees.
+struct FileReader {
+    file: Arc<std::fs::File>,
+    len: u64,
+    path: PathBuf,
+}
+
+#[async_trait]
+impl ObjectReader for FileReader {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    async fn read(&self, range: Range<u64>) -> Result<Bytes, BackendError> {
+        use std::os::unix::fs::FileExt;
+        let file = self.file.clone();
+        let n = usize::try_from(range.end.saturating_sub(range.start))
+            .map_err(|_| io("read", &self.path)(std::io::Error::other("range exceeds memory")))?;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, range.start).map(|()| buf)
+        })
+        .await
+        .map_err(|e| io("read", &self.path)(std::io::Error::other(e)))?;
+        read.map(Bytes::from).map_err(io("read", &self.path))
     }
 }
 
@@ -184,6 +214,29 @@ impl Backend for LocalDir {
         }
     }
 
+    async fn open(&self, key: &ChunkKey) -> Result<Option<Box<dyn ObjectReader>>, BackendError> {
+        let path = self.object_path(key);
+        let opened = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                let file = std::fs::File::open(&path)?;
+                let len = file.metadata()?.len();
+                Ok::<_, std::io::Error>((file, len))
+            }
+        })
+        .await
+        .map_err(|e| io("open", &path)(std::io::Error::other(e)))?;
+        match opened {
+            Ok((file, len)) => Ok(Some(Box::new(FileReader {
+                file: Arc::new(file),
+                len,
+                path,
+            }))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("open", &path)(e)),
+        }
+    }
+
     async fn exists(&self, key: &ChunkKey) -> Result<bool, BackendError> {
         let path = self.object_path(key);
         tokio::fs::try_exists(&path)
@@ -296,6 +349,37 @@ mod tests {
         assert!(store.delete(&k1).await.unwrap());
         assert!(!store.delete(&k1).await.unwrap());
         assert!(store.list(&model).await.unwrap().is_empty());
+    }
+
+    /// An opened object reads ranges of itself, and goes on reading the object it opened when a
+    /// put replaces it; absent keys open to `None`.
+    #[tokio::test]
+    async fn opened_objects_read_ranges_of_what_was_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDir::open(dir.path()).unwrap();
+        let (key, model) = (ChunkKey([4; 32]), ModelFingerprint([7; 32]));
+        let put = |bytes: &'static [u8]| {
+            let store = store.clone();
+            async move {
+                let mut w = store.begin_put(&key).await.unwrap();
+                w.write(Bytes::from_static(bytes)).await.unwrap();
+                w.commit(model).await.unwrap();
+            }
+        };
+        assert!(store.open(&key).await.unwrap().is_none());
+        put(b"0123456789").await;
+        let object = store.open(&key).await.unwrap().unwrap();
+        assert_eq!(object.size(), 10);
+        assert_eq!(object.read(2..5).await.unwrap(), Bytes::from_static(b"234"));
+        put(b"abcdefghijklmnop").await;
+        assert_eq!(
+            object.read(7..10).await.unwrap(),
+            Bytes::from_static(b"789")
+        );
+        assert!(object.read(8..12).await.is_err(), "a range past the end");
+        let again = store.open(&key).await.unwrap().unwrap();
+        assert_eq!(again.size(), 16);
+        assert_eq!(again.read(0..3).await.unwrap(), Bytes::from_static(b"abc"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod pace;
 mod s3;
 mod server;
 
-pub use backend::{Backend, BackendError, ObjectWriter, Usage};
+pub use backend::{Backend, BackendError, ObjectReader, ObjectWriter, Usage};
 pub use config::{StoreConfig, StoreConfigError};
 pub use local::LocalDir;
 pub use memory::MemoryBackend;

@@ -12,16 +12,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kvfetcher_codec::FormatError;
 use quinn::{RecvStream, SendStream, VarInt};
 
-use super::backend::{Backend, BackendError, ObjectWriter};
+use super::backend::{Backend, BackendError, ObjectReader, ObjectWriter};
 use super::pace::{Pacer, PIECE};
 use crate::transport::wire::{
     self, ErrorCode, Request, Response, SectionSpan, StatsReport, RANGE_TO_END,
 };
 use crate::transport::{
-    transport_config, verify_object, Congestion, SectionCheck, TlsError, TlsServerConfig,
-    TransportTuning,
+    transport_config, verify_object, Congestion, ObjectError, SectionCheck, TlsError,
+    TlsServerConfig, TransportTuning,
 };
 
 /// QUIC application error code sent when the server stops reading a stream it refused.
@@ -437,26 +438,29 @@ async fn handle(
             sections,
             header,
         } => {
-            let bytes = backend.get(&key).await?.ok_or_else(|| not_found(&key))?;
+            // Only the header and the sections asked for are read, not the whole object.
+            let object = backend.open(&key).await?.ok_or_else(|| not_found(&key))?;
             let corrupt = |e: String| {
                 shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("object {key} is corrupt: {e}");
                 Refusal(ErrorCode::Corrupt, format!("object {key}: {e}"))
             };
-            let check = SectionCheck::from_header(&bytes).map_err(|e| corrupt(e.to_string()))?;
-            if check.key() != key || check.object_len() != bytes.len() as u64 {
+            let (check, head) = read_header(&*object)
+                .await?
+                .map_err(|e| corrupt(e.to_string()))?;
+            if check.key() != key || check.object_len() != object.size() {
                 return Err(corrupt("header disagrees with stored object".into()));
             }
             let mut spans = Vec::with_capacity(sections.len());
             let mut parts = Vec::with_capacity(sections.len() + 1);
             if header {
-                parts.push(bytes.slice(..check.header_len()));
+                parts.push(head);
             }
             for &i in &sections {
                 let (off, len) = check
                     .span(i as usize)
                     .map_err(|e| Refusal(ErrorCode::OutOfRange, e.to_string()))?;
-                let part = bytes.slice(off as usize..(off + len) as usize);
+                let part = object.read(off..off + len).await?;
                 check
                     .verify(i as usize, &part)
                     .map_err(|e| corrupt(e.to_string()))?;
@@ -515,6 +519,31 @@ async fn handle(
             ))
         }
     }
+}
+
+/// Bytes read first for a header: enough for the headers of chunks of up to ~1000 channels per
+/// layer group (a header holds each channel's quantization parameters); a longer one says its
+/// length there and is read again whole.
+const HEADER_PROBE: u64 = 64 << 10;
+
+/// Reads and parses the header at the start of `object`: `Ok(Err(_))` when the bytes are no
+/// valid header (a corrupt object), `Err` when the backend failed.
+async fn read_header(
+    object: &dyn ObjectReader,
+) -> Result<Result<(SectionCheck, Bytes), ObjectError>, Refusal> {
+    let probe = object.read(0..object.size().min(HEADER_PROBE)).await?;
+    let head = match SectionCheck::from_header(&probe) {
+        Err(ObjectError::Format(FormatError::Truncated { needed, .. }))
+            if needed as u64 > probe.len() as u64 && needed as u64 <= object.size() =>
+        {
+            object.read(0..needed as u64).await?
+        }
+        _ => probe,
+    };
+    Ok(SectionCheck::from_header(&head).map(|c| {
+        let head = head.slice(..c.header_len());
+        (c, head)
+    }))
 }
 
 fn not_found(key: &kvfetcher_codec::ChunkKey) -> Refusal {
