@@ -2,18 +2,20 @@
 //! destination, so network, decode and restore overlap.
 //!
 //! Steps: every chunk's header, at most the fetch window at once, which is also the prefix
-//! lookup (the prefix ends at the first chunk no store holds); as each header arrives, its
-//! chunk's first section (layer 0) is requested right away; allocate the destination; then the
-//! other sections in the planner's order, each on its own QUIC stream, at most the planner's
-//! window per fetch. So the first section is one round trip after the headers' instead of
-//! three (lookup, headers, sections): on a real network each is a round trip.
+//! lookup (the prefix ends at the first chunk no store holds); each header request also asks
+//! for the chunk's first section (layer 0), whose bytes follow the header on the same stream;
+//! allocate the destination; then the other sections in the planner's order, each on its own
+//! QUIC stream, at most the planner's window per fetch. So the first section arrives in the
+//! same round trip as the headers instead of three round trips later (lookup, headers,
+//! sections): on a real network each is a round trip.
 //!
 //! A section holds permits of the shared byte budget from before it is requested until it is
 //! restored (back-pressure: a fetch cannot pull more compressed bytes into memory than the
 //! budget, whatever the link does), and one decode slot while it decodes. Both are FIFO
 //! semaphores shared by all fetches, so concurrent clients take turns. A first section is
-//! requested early only if the budget has room for it when its header arrives, and only for a
-//! run of chunks from the first (the others' early requests are cancelled): the planner asks
+//! received early only if the budget has room for it when its header arrives, and only for a
+//! run of chunks from the first (the others' streams are dropped and their first sections asked
+//! for again in the planner's order; the bytes already sent are lost): the planner asks
 //! for layer 0 of every chunk first, in chain order, so early sections are restored before any
 //! request that waits on the budget (no deadlock). Dropping the fetch future drops its streams
 //! (the store sees them reset) and stops new work; a section already on a decode thread
@@ -42,7 +44,7 @@ use super::Pipeline;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
 use crate::metrics::Metrics;
 use crate::server::{Destination, FetchOutcome, ServeError};
-use crate::transport::{SectionCheck, StoreClient};
+use crate::transport::{SectionCheck, SectionStream, StoreClient};
 
 impl From<LayoutIoError> for ServeError {
     fn from(e: LayoutIoError) -> Self {
@@ -225,14 +227,16 @@ async fn stored_prefix(p: &Pipeline, keys: &[ChunkKey]) -> Result<(Vec<Chunk>, u
     Ok((chunks, bytes))
 }
 
-/// One chunk's header; then its first section is requested on a task of its own when that is
-/// the chunk's layer-0 section and the byte budget has room for it now.
+/// One chunk's header, with its first section on the same stream (its bytes follow the header
+/// without a second round trip). The section is received on a task of its own when it is the
+/// chunk's layer-0 section and the byte budget has room for it now; otherwise the stream is
+/// dropped (the store sees it reset) and the planner asks for the section again later.
 async fn header_and_first(
     p: &Pipeline,
     key: ChunkKey,
 ) -> Result<(Arc<SectionCheck>, Option<EarlySection>), ServeError> {
     let client = p.stores.client_for(&key).await?;
-    let stream = match client.open_sections(&key, &[]).await {
+    let stream = match client.open_sections(&key, &[0]).await {
         Ok(s) => s,
         Err(e) => return Err(p.stores.failed(&key, e).await),
     };
@@ -246,10 +250,10 @@ async fn header_and_first(
     let Ok(budget) = p.wire_budget.clone().try_acquire_many_owned(want) else {
         return Ok((check, None));
     };
-    let task = request_section(
+    let task = receive_section(
         p.stores.clone(),
         p.metrics.clone(),
-        client,
+        stream,
         check.clone(),
         0,
         budget,
@@ -379,12 +383,23 @@ async fn request_section(
     index: usize,
     budget: OwnedSemaphorePermit,
 ) -> Result<Received, ServeError> {
-    let received = async {
-        let mut stream = client.open_known_sections(&check, &[index]).await?;
-        stream.next_section().await
+    match client.open_known_sections(&check, &[index]).await {
+        Ok(stream) => receive_section(stores, metrics, stream, check, index, budget).await,
+        Err(e) => Err(stores.failed(&check.key(), e).await),
     }
-    .await;
-    match received {
+}
+
+/// Receives section `index` from `stream` (which asked for it alone); `budget` is its share of
+/// the byte budget.
+async fn receive_section(
+    stores: Stores,
+    metrics: Arc<Metrics>,
+    mut stream: SectionStream,
+    check: Arc<SectionCheck>,
+    index: usize,
+    budget: OwnedSemaphorePermit,
+) -> Result<Received, ServeError> {
+    match stream.next_section().await {
         Ok(Some((_, bytes))) => {
             metrics.bytes_in.add(bytes.len() as u64);
             Ok(Received {
