@@ -521,9 +521,9 @@ async fn handle(
     }
 }
 
-/// Bytes read first for a header: enough for the headers of chunks of up to ~1000 channels per
-/// layer group (a header holds each channel's quantization parameters); a longer one says its
-/// length there and is read again whole.
+/// Bytes read first for a header: a header holds every layer's per-channel quantization
+/// parameters (16 bytes per channel and layer), so this covers e.g. 8 layers of 512 channels;
+/// a longer one says its length in its first bytes and is read again whole.
 const HEADER_PROBE: u64 = 64 << 10;
 
 /// Reads and parses the header at the start of `object`: `Ok(Err(_))` when the bytes are no
