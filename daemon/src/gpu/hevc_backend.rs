@@ -84,24 +84,9 @@ impl<L: HevcFrameLayout> SectionDecoder for NvdecHevcDecoder<L> {
     ) -> Result<CodePlane, CodecError> {
         let streams = self.layout.streams(shape, params, payload)?;
         // Streams of one section decode in parallel across the sessions.
-        let frames: Vec<Result<HostFrames, GpuError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = streams
-                .iter()
-                .map(|s| {
-                    scope.spawn(move || self.pool.with(|session| session.decode_to_host(s))?)
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(GpuError::Decode("decode thread panicked".into())))
-                })
-                .collect()
-        });
-        let frames = frames
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
+        let frames = self
+            .pool
+            .each(&streams, |session, s| session.decode_to_host(s))
             .map_err(library)?;
         self.layout.codes_from_frames(shape, params, &frames)
     }

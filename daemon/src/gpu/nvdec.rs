@@ -305,6 +305,34 @@ impl SessionPool {
     }
 }
 
+impl SessionPool {
+    /// Runs `f` on every job at once, each on an idle session of its own (a scoped thread per
+    /// job after the first, which runs here), and returns the results in job order: the
+    /// streams of one section decode on several engines.
+    pub fn each<J: Sync, R: Send>(
+        &self,
+        jobs: &[J],
+        f: impl Fn(&mut NvdecSession, &J) -> Result<R, GpuError> + Sync,
+    ) -> Result<Vec<R>, GpuError> {
+        let Some((first, rest)) = jobs.split_first() else {
+            return Ok(Vec::new());
+        };
+        let run = |job: &J| self.with(|session| f(session, job))?;
+        std::thread::scope(|scope| {
+            let others: Vec<_> = rest
+                .iter()
+                .map(|job| scope.spawn(move || run(job)))
+                .collect();
+            let mut out = vec![run(first)];
+            out.extend(others.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(GpuError::Decode("decode thread panicked".into())))
+            }));
+            out.into_iter().collect()
+        })
+    }
+}
+
 /// A session out of its pool; it goes back when this drops, unless its user panicked.
 struct Lent<'p> {
     pool: &'p SessionPool,

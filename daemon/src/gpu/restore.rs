@@ -538,11 +538,6 @@ impl DeviceGather {
         })
     }
 
-    /// Codes per table entry.
-    pub fn run(&self) -> usize {
-        self.run
-    }
-
     /// The table read from code `first` on (a multiple of the run).
     pub fn from_code(&self, first: usize) -> GatherFrom<'_> {
         GatherFrom {

@@ -360,32 +360,20 @@ fn restore_nvdec(
             (stream, first - info.frames, info.frames)
         })
         .collect();
-    let decode = |(stream, first, frames): (&[u8], usize, usize)| {
-        let got =
-            nvdec.with(|session| session.decode_to_device(stream, &surf, first * per_frame))??;
+    if jobs.is_empty() {
+        return Err(GpuError::Decode("hevc section without streams".into()));
+    }
+    let decoded = nvdec.each(&jobs, |session, &(stream, first, _)| {
+        session.decode_to_device(stream, &surf, first * per_frame)
+    })?;
+    for (got, &(_, _, frames)) in decoded.iter().zip(&jobs) {
         if got.format != fmt || got.frames != frames {
             return Err(GpuError::Decode(format!(
                 "decoded {} frames of {:?}, params say {frames} of {fmt:?}",
                 got.frames, got.format
             )));
         }
-        Ok(())
-    };
-    let Some((&mine, others)) = jobs.split_first() else {
-        return Err(GpuError::Decode("hevc section without streams".into()));
-    };
-    std::thread::scope(|scope| {
-        let others: Vec<_> = others
-            .iter()
-            .map(|&job| scope.spawn(move || decode(job)))
-            .collect();
-        let mine = decode(mine);
-        others.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(GpuError::Decode("decode thread panicked".into())))
-        })?;
-        mine
-    })?;
+    }
     let frames = DeviceFrames {
         format: fmt,
         frames: hg.frames,

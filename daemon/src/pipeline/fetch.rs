@@ -44,7 +44,7 @@ use super::Pipeline;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
 use crate::metrics::Metrics;
 use crate::server::{Destination, FetchOutcome, ServeError};
-use crate::transport::{SectionCheck, SectionStream, StoreClient};
+use crate::transport::{SectionCheck, SectionStream};
 
 impl From<LayoutIoError> for ServeError {
     fn from(e: LayoutIoError) -> Self {
@@ -323,17 +323,7 @@ async fn section(
                 .acquire_many_owned(budget_permits(p, len))
                 .await
                 .map_err(|_| ServeError::Unavailable("pipeline shut down".into()))?;
-            let client = p.stores.client_for(&chunk.key()).await?;
-            let (stores, metrics) = (p.stores.clone(), p.metrics.clone());
-            request_section(
-                stores,
-                metrics,
-                client,
-                chunk.check.clone(),
-                s.section,
-                budget,
-            )
-            .await?
+            request_section(p, &chunk.check, s.section, budget).await?
         }
     };
     let Received {
@@ -376,16 +366,19 @@ async fn section(
 /// Requests section `index` of the chunk whose header `check` holds (the store sends it
 /// without the header) and receives it; `budget` is its share of the byte budget.
 async fn request_section(
-    stores: Stores,
-    metrics: Arc<Metrics>,
-    client: StoreClient,
-    check: Arc<SectionCheck>,
+    p: &Pipeline,
+    check: &Arc<SectionCheck>,
     index: usize,
     budget: OwnedSemaphorePermit,
 ) -> Result<Received, ServeError> {
-    match client.open_known_sections(&check, &[index]).await {
-        Ok(stream) => receive_section(stores, metrics, stream, check, index, budget).await,
-        Err(e) => Err(stores.failed(&check.key(), e).await),
+    let key = check.key();
+    let client = p.stores.client_for(&key).await?;
+    match client.open_known_sections(check, &[index]).await {
+        Ok(stream) => {
+            let (stores, metrics) = (p.stores.clone(), p.metrics.clone());
+            receive_section(stores, metrics, stream, check.clone(), index, budget).await
+        }
+        Err(e) => Err(p.stores.failed(&key, e).await),
     }
 }
 
