@@ -139,6 +139,8 @@ pub struct Metrics {
     pub bytes_out: Counter,
     /// Bytes of KV written into clients' buffers by fetches.
     pub bytes_restored: Counter,
+    /// Sections decoded and restored by fetches (any route).
+    pub sections_restored: Counter,
     /// Bytes of KV that clients handed over for saving.
     pub bytes_saved_raw: Counter,
     /// Fetches in progress.
@@ -211,6 +213,11 @@ impl Metrics {
                 "kvfetcher_bytes_restored_total",
                 "KV bytes written into client buffers.",
                 &self.bytes_restored,
+            ),
+            (
+                "kvfetcher_sections_restored_total",
+                "Sections decoded and restored by fetches.",
+                &self.sections_restored,
             ),
             (
                 "kvfetcher_bytes_saved_raw_total",

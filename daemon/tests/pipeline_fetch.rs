@@ -149,6 +149,20 @@ async fn fixture(save: SaveConfig, fetch: FetchConfig) -> Option<Fixture> {
     })
 }
 
+impl Fixture {
+    /// Saves the whole cache through the pipeline from a client buffer; returns the buffer's
+    /// layout and the number of chunks stored.
+    async fn save_all(&self) -> (TargetLayout, u32) {
+        let (layout, data) = client_bytes(&self.cache);
+        let stored = self
+            .pipeline
+            .save(MODEL, &self.ids, &layout, &shape_of(&self.cache), &data)
+            .await
+            .unwrap();
+        (layout, stored)
+    }
+}
+
 fn shape_of(c: &KvCache) -> KvShape {
     KvShape {
         num_layers: c.num_layers() as u32,
@@ -354,12 +368,7 @@ async fn concurrent_and_cancelled_fetches_share_the_pipeline() {
     let Some(f) = fixture(save.clone(), fetch).await else {
         return;
     };
-    let shape = shape_of(&f.cache);
-    let (layout, data) = client_bytes(&f.cache);
-    f.pipeline
-        .save(MODEL, &f.ids, &layout, &shape, &data)
-        .await
-        .unwrap();
+    let (layout, _) = f.save_all().await;
     // A fetch dropped part-way (cancelled client) must leave no permits or gauges held.
     {
         let dest = MemDest::new(layout);
@@ -542,12 +551,7 @@ async fn one_request_per_header_and_section_and_no_lookup() {
         return;
     };
     let shape = shape_of(&f.cache);
-    let (layout, data) = client_bytes(&f.cache);
-    let stored = f
-        .pipeline
-        .save(MODEL, &f.ids, &layout, &shape, &data)
-        .await
-        .unwrap();
+    let (layout, stored) = f.save_all().await;
     assert_eq!(stored, 3);
     let groups = shape.num_layers.div_ceil(save.layers_per_group) as u64;
     let objects = StoreClient::connect(f.target.addr, f.target.tls.clone())
@@ -596,5 +600,110 @@ async fn one_request_per_header_and_section_and_no_lookup() {
     assert_eq!(
         wire, objects,
         "a dropped first section is not counted twice"
+    );
+}
+
+/// A destination whose first write waits until the test opens its gate: the fetch's one
+/// decode worker is held there while the other sections arrive and queue.
+struct GatedDest {
+    inner: Arc<MemDest>,
+    entered: std::sync::atomic::AtomicBool,
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl GatedDest {
+    fn open_gate(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl Destination for GatedDest {
+    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
+        self.inner.allocate(shape)
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
+        if !self.entered.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+        self.inner.write(offset, bytes)
+    }
+
+    fn layers_ready(&self, layers: Range<u32>) {
+        self.inner.layers_ready(layers)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_fetch_leaves_its_queued_sections_undecoded() {
+    let save = save_config(8, "zstd");
+    // One decode worker and a window as large as the fetch: sections queue behind the held one.
+    let fetch = FetchConfig {
+        max_inflight_sections: 256,
+        decode_workers: 1,
+        ..FetchConfig::default()
+    };
+    let Some(f) = fixture(save.clone(), fetch).await else {
+        return;
+    };
+    let (layout, _) = f.save_all().await;
+    let m = f.pipeline.metrics().clone();
+    let dest = Arc::new(GatedDest {
+        inner: MemDest::new(layout),
+        entered: Default::default(),
+        open: Mutex::new(false),
+        opened: Default::default(),
+    });
+    let task = tokio::spawn({
+        let (p, ids, dest) = (f.pipeline.clone(), f.ids.clone(), dest.clone());
+        async move { p.fetch(MODEL, &ids, &layout, dest).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !dest.entered.load(std::sync::atomic::Ordering::SeqCst) || m.sections_in_flight.get() < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fetch never queued sections"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Let the rest arrive and queue, then drop the fetch (a client gone) and free the worker.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    dest.open_gate();
+    while m.decoders_busy.get() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held section never finished"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Only the section already on the worker ran; the queued ones were skipped.
+    assert_eq!(m.sections_restored.get(), 1);
+    assert_eq!(m.sections_in_flight.get(), 0);
+    // The pipeline is whole: the next fetch restores every section.
+    let dest = MemDest::new(layout);
+    let out = f
+        .pipeline
+        .fetch(MODEL, &f.ids, &layout, dest.clone())
+        .await
+        .unwrap();
+    assert_eq!(out.tokens, TOKENS as u32);
+    assert_matches(
+        &dest.buf.lock().unwrap(),
+        &layout,
+        &expected(&f.cache, &f.ids, &save),
+    );
+    assert!(
+        m.sections_restored.get() > 3,
+        "{}",
+        m.sections_restored.get()
     );
 }

@@ -11,19 +11,20 @@
 //!
 //! A section holds permits of the shared byte budget from before it is requested until it is
 //! restored (back-pressure: a fetch cannot pull more compressed bytes into memory than the
-//! budget, whatever the link does), and one decode slot while it decodes. Both are FIFO
-//! semaphores shared by all fetches, so concurrent clients take turns. A first section is
-//! received early only if the budget has room for it when its header arrives, and only for a
-//! run of chunks from the first (the others' streams are dropped and their first sections asked
-//! for again in the planner's order; the bytes already sent are lost): the planner asks
-//! for layer 0 of every chunk first, in chain order, so early sections are restored before any
-//! request that waits on the budget (no deadlock). Dropping the fetch future drops its streams
-//! (the store sees them reset) and stops new work; a section already on a decode thread
-//! finishes into a buffer nobody reads.
+//! budget, whatever the link does; a FIFO semaphore shared by all fetches), then joins the
+//! decode workers' queue (FIFO across fetches too, so concurrent clients take turns; a free
+//! worker takes the next section itself, without waiting for this async task to run). A first
+//! section is received early only if the budget has room for it when its header arrives, and
+//! only for a run of chunks from the first (the others' streams are dropped and their first
+//! sections asked for again in the planner's order; the bytes already sent are lost): the
+//! planner asks for layer 0 of every chunk first, in chain order, so early sections are
+//! restored before any request that waits on the budget (no deadlock). Dropping the fetch future drops its streams
+//! (the store sees them reset) and stops new work: its sections still queued for a decode
+//! worker are skipped, one already on a worker finishes into a buffer nobody reads.
 //!
 //! A destination in GPU memory ([`Destination::device`]) gets its sections restored there by
-//! the GPU kernels (`gpu::section_restore`), still on the blocking pool and holding a decode
-//! slot; sections the kernels cannot reproduce bit for bit are restored on the CPU and copied.
+//! the GPU kernels (`gpu::section_restore`), still on a decode worker; sections the kernels
+//! cannot reproduce bit for bit are restored on the CPU and copied.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -139,6 +140,7 @@ pub(super) async fn fetch(
     let mut wire = header_bytes;
     let mut first_layer = false;
     let (mut first_arrival, mut last_arrival) = (None::<Duration>, Duration::ZERO);
+    let (mut queue_wait, mut decode_busy) = (Duration::ZERO, Duration::ZERO);
     loop {
         while let Some(s) = planner.poll_request() {
             tasks.push(section(
@@ -153,8 +155,10 @@ pub(super) async fn fetch(
         let Some(done) = tasks.next().await else {
             break;
         };
-        let (s, bytes, arrived) = done?;
-        let at = arrived.duration_since(started);
+        let (s, bytes, times) = done?;
+        let at = times.arrived.duration_since(started);
+        queue_wait += times.started.duration_since(times.arrived);
+        decode_busy += times.decoded;
         first_arrival = Some(first_arrival.map_or(at, |f| f.min(at)));
         last_arrival = last_arrival.max(at);
         wire += bytes;
@@ -175,7 +179,10 @@ pub(super) async fn fetch(
         ?first_arrival,
         ?last_arrival,
         total = ?started.elapsed(),
-        "fetch phases (from the request; arrivals: sections fully received)"
+        ?queue_wait,
+        ?decode_busy,
+        "fetch phases (from the request; arrivals: sections fully received; queue_wait and \
+         decode_busy: summed over sections, from arrival to a decode worker and on it)"
     );
     p.metrics
         .bytes_restored
@@ -298,6 +305,16 @@ fn shape_of(chunks: &[Chunk]) -> Result<KvShape, ServeError> {
     })
 }
 
+/// When a section's stages happened, for the fetch's phase log.
+struct SectionTimes {
+    /// Its last byte arrived (and it joined the decode queue).
+    arrived: Instant,
+    /// A decode worker took it.
+    started: Instant,
+    /// Time on the decode worker (decode and restore).
+    decoded: Duration,
+}
+
 /// Fetches, decodes and restores one section; returns it with the bytes it took on the wire.
 async fn section(
     p: &Pipeline,
@@ -306,7 +323,7 @@ async fn section(
     layout: TargetLayout,
     shape: KvShape,
     dest: Arc<dyn Destination>,
-) -> Result<(SectionRef, u64, Instant), ServeError> {
+) -> Result<(SectionRef, u64, SectionTimes), ServeError> {
     let _queued = p.metrics.sections_in_flight.track();
     let early = match s.section {
         0 => chunk.first.lock().unwrap_or_else(|e| e.into_inner()).take(),
@@ -332,35 +349,49 @@ async fn section(
         _budget,
     } = got;
     let wire = bytes.len() as u64;
-    let _slot = p
-        .decode_slots
-        .acquire()
-        .await
-        .map_err(|_| ServeError::Unavailable("pipeline shut down".into()))?;
     let check = chunk.check.clone();
     let registry = p.registry.clone();
     let metrics = p.metrics.clone();
     let token_start = chunk.token_start;
     let index = s.section;
-    tokio::task::spawn_blocking(move || {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    p.decode_pool.spawn_fifo(move || {
+        // The fetch was dropped while this section waited: nobody reads the result.
+        if tx.is_closed() {
+            return;
+        }
         let _busy = metrics.decoders_busy.track();
-        restore_section_into(
-            dest.as_ref(),
-            &SectionJob {
-                header: check.header(),
-                index,
-                payload: &bytes,
-                token_start,
-            },
-            &registry,
-            &layout,
-            &shape,
-            &metrics,
-        )
-    })
-    .await
-    .map_err(|e| ServeError::Internal(format!("decode task: {e}")))??;
-    Ok((s, wire, arrived))
+        let started = Instant::now();
+        let job = SectionJob {
+            header: check.header(),
+            index,
+            payload: &bytes,
+            token_start,
+        };
+        // A panic stays in this section (a worker of the shared pool must not abort the daemon).
+        let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            restore_section_into(dest.as_ref(), &job, &registry, &layout, &shape, &metrics)
+        }))
+        .unwrap_or_else(|_| {
+            Err(ServeError::Internal(format!(
+                "chunk {}: section {index}: decode panicked",
+                check.key()
+            )))
+        });
+        if restored.is_ok() {
+            metrics.sections_restored.add(1);
+        }
+        let _ = tx.send(restored.map(|()| (started, started.elapsed())));
+    });
+    let (started, decoded) = rx
+        .await
+        .map_err(|_| ServeError::Internal("decode worker stopped".into()))??;
+    let times = SectionTimes {
+        arrived,
+        started,
+        decoded,
+    };
+    Ok((s, wire, times))
 }
 
 /// Requests section `index` of the chunk whose header `check` holds (the store sends it
