@@ -65,6 +65,9 @@ pub struct GpuConfig {
     pub enabled: bool,
     /// NVDEC sessions per GPU; 0 means one per NVDEC engine of the card.
     pub nvdec_sessions: usize,
+    /// How the daemon's threads wait for the GPU: `auto` (the driver's choice, default), `spin`,
+    /// `yield` or `block`.
+    pub host_wait: crate::gpu::HostWait,
 }
 
 impl Default for GpuConfig {
@@ -72,6 +75,7 @@ impl Default for GpuConfig {
         GpuConfig {
             enabled: true,
             nvdec_sessions: 0,
+            host_wait: crate::gpu::HostWait::default(),
         }
     }
 }
@@ -82,6 +86,7 @@ impl GpuConfig {
         crate::gpu::GpuOptions {
             enabled: self.enabled,
             nvdec_sessions: self.nvdec_sessions,
+            host_wait: self.host_wait,
         }
     }
 }
@@ -380,5 +385,10 @@ mod tests {
         let c = Config::parse("[gpu]\nnvdec_sessions = 0\n").unwrap();
         assert!(c.gpu.enabled);
         assert_eq!(c.gpu.nvdec_sessions, 0);
+        assert_eq!(c.gpu.host_wait, crate::gpu::HostWait::Auto);
+        let c = Config::parse("[gpu]\nhost_wait = \"block\"\n").unwrap();
+        assert_eq!(c.gpu.options().host_wait, crate::gpu::HostWait::Block);
+        let err = Config::parse("[gpu]\nhost_wait = \"busy\"\n").unwrap_err();
+        assert!(err.to_string().contains("host_wait"), "{err}");
     }
 }

@@ -278,7 +278,7 @@ fn gpu_disabled_in_config_is_refused_clearly() {
         kvfetcher::server::ServeOptions::default(),
         kvfetcher::gpu::GpuOptions {
             enabled: false,
-            nvdec_sessions: 0,
+            ..Default::default()
         },
     );
     let c = Client::connect(&srv.path).unwrap();

@@ -31,7 +31,7 @@ use kvfetcher_kv::{DType, KvCache, KvFile};
 
 use super::local_stack::LocalStore;
 use crate::config::{FetchConfig, SaveConfig};
-use crate::gpu::{DeviceBuffer, FrameFormat, GpuDevice, GpuDevices, GpuOptions};
+use crate::gpu::{DeviceBuffer, FrameFormat, GpuDevice, GpuDevices, GpuOptions, HostWait};
 use crate::metrics::Metrics;
 use crate::pipeline::{encode_config, place_cache, restore_section_into, Pipeline, SectionJob};
 use crate::server::{Backend, Destination, DeviceRegion, ServeError};
@@ -78,6 +78,13 @@ pub struct BenchFetchArgs {
     /// NVDEC sessions per GPU (`[gpu] nvdec_sessions`; 0: one per NVDEC engine).
     #[arg(long, default_value_t = 0)]
     pub nvdec_sessions: usize,
+    /// How host threads wait for the GPU (`[gpu] host_wait`).
+    #[arg(long, value_enum, default_value_t = HostWait::Auto)]
+    pub host_wait: HostWait,
+    /// Sections one fetch keeps requested but not restored (`[fetch] max_inflight_sections`;
+    /// default: the daemon's default).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_inflight_sections: Option<u32>,
 }
 
 fn parse_memory(s: &str) -> Result<MemoryKind, String> {
@@ -237,6 +244,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         MemoryKind::Gpu(n) => {
             let opts = GpuOptions {
                 nvdec_sessions: args.nvdec_sessions,
+                host_wait: args.host_wait,
                 ..GpuOptions::default()
             };
             let gpus = GpuDevices::new(opts, Metrics::new());
@@ -316,6 +324,9 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
     let mut fetch = FetchConfig::default();
     if let Some(c) = args.connections {
         fetch.connections_per_store = c as usize;
+    }
+    if let Some(n) = args.max_inflight_sections {
+        fetch.max_inflight_sections = n as usize;
     }
     // The decode stage alone: what the network must keep up with.
     let objects = encode_cache(

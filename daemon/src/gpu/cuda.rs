@@ -6,6 +6,7 @@
 //! the restore kernels need. Raw FFI lives in `cuda_sys`.
 
 use std::ffi::{c_void, CStr, CString};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::cuda_sys::{self as sys, CudaApi, CudaMemcpy2d};
@@ -26,6 +27,54 @@ pub struct DeviceInfo {
     pub total_memory: usize,
     /// Driver API version, e.g. 13000.
     pub driver_version: i32,
+}
+
+/// How a host thread waits for the GPU (stream and event synchronisation, NVDEC frame maps).
+///
+/// The driver's default spins while a process has no more contexts than cores, so each decode
+/// worker waiting on the GPU holds a core. A sidecar next to an engine that needs its cores
+/// may prefer `Block`. On an H100 the fetch totals were within run-to-run noise of each other,
+/// spinning slightly ahead (docs/BENCHMARKS.md, fifth round), hence the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostWait {
+    /// The driver's choice (`CU_CTX_SCHED_AUTO`): spin here.
+    #[default]
+    Auto,
+    /// Spin (`CU_CTX_SCHED_SPIN`): the lowest latency, one core per waiting thread.
+    Spin,
+    /// Spin, yielding the core between checks (`CU_CTX_SCHED_YIELD`).
+    Yield,
+    /// Sleep on an OS primitive until the GPU is done (`CU_CTX_SCHED_BLOCKING_SYNC`).
+    Block,
+}
+
+impl HostWait {
+    fn flags(self) -> std::ffi::c_uint {
+        match self {
+            HostWait::Auto => sys::CTX_SCHED_AUTO,
+            HostWait::Spin => sys::CTX_SCHED_SPIN,
+            HostWait::Yield => sys::CTX_SCHED_YIELD,
+            HostWait::Block => sys::CTX_SCHED_BLOCKING_SYNC,
+        }
+    }
+}
+
+/// The wait mode devices opened from now on get (one setting per device and process: the
+/// driver keeps it on the primary context, which every part of the process shares).
+static HOST_WAIT: AtomicU8 = AtomicU8::new(HostWait::Auto as u8);
+
+/// Sets how host threads wait for devices opened after this call (`[gpu] host_wait`).
+pub fn set_host_wait(wait: HostWait) {
+    HOST_WAIT.store(wait as u8, Ordering::Relaxed);
+}
+
+/// The mode [`set_host_wait`] last set ([`HostWait::Auto`] unless set).
+pub fn host_wait() -> HostWait {
+    [HostWait::Spin, HostWait::Yield, HostWait::Block]
+        .into_iter()
+        .find(|&w| w as u8 == HOST_WAIT.load(Ordering::Relaxed))
+        .unwrap_or(HostWait::Auto)
 }
 
 /// One CUDA device's primary context and the loaded driver. Share it with `Arc`.
@@ -103,6 +152,20 @@ impl Cuda {
         check(&api, "cuDriverGetVersion", unsafe {
             (api.cu_driver_get_version)(&mut driver_version)
         })?;
+        // A chosen wait mode is set before the context is used (the _v2 call also applies to an
+        // active primary context); `Auto` leaves the driver's setting. A refusal leaves it too.
+        let wait = host_wait();
+        if wait != HostWait::Auto {
+            // SAFETY: a valid device and a documented flag value.
+            let rc = unsafe { (api.cu_device_primary_ctx_set_flags)(device, wait.flags()) };
+            if rc != sys::CUDA_SUCCESS {
+                tracing::warn!(
+                    rc,
+                    ?wait,
+                    "cuDevicePrimaryCtxSetFlags failed; the driver's wait"
+                );
+            }
+        }
         let mut ctx = std::ptr::null_mut();
         // SAFETY: writes the primary context handle; released in Drop.
         check(&api, "cuDevicePrimaryCtxRetain", unsafe {
@@ -779,5 +842,20 @@ mod tests {
             Err(GpuError::NoDriver(m)) => println!("skipped: no CUDA driver ({m})"),
             Err(e) => panic!("unexpected error: {e}"),
         }
+    }
+
+    #[test]
+    fn the_wait_mode_set_is_the_one_devices_get() {
+        for wait in [
+            HostWait::Spin,
+            HostWait::Yield,
+            HostWait::Block,
+            HostWait::Auto,
+        ] {
+            set_host_wait(wait);
+            assert_eq!(host_wait(), wait);
+        }
+        assert_eq!(HostWait::Block.flags(), 4);
+        assert_eq!(HostWait::Auto.flags(), 0);
     }
 }

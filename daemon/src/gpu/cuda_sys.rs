@@ -25,6 +25,11 @@ pub(crate) type CuStream = *mut c_void;
 /// `CUevent`.
 pub(crate) type CuEvent = *mut c_void;
 
+/// `CU_CTX_SCHED_AUTO`, `_SPIN`, `_YIELD`, `_BLOCKING_SYNC`: how a host thread waits for the GPU.
+pub(crate) const CTX_SCHED_AUTO: c_uint = 0;
+pub(crate) const CTX_SCHED_SPIN: c_uint = 1;
+pub(crate) const CTX_SCHED_YIELD: c_uint = 2;
+pub(crate) const CTX_SCHED_BLOCKING_SYNC: c_uint = 4;
 /// `CUDA_SUCCESS`.
 pub(crate) const CUDA_SUCCESS: CuResult = 0;
 /// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
@@ -90,6 +95,7 @@ pub(crate) struct CudaApi {
     pub(crate) cu_device_primary_ctx_retain:
         unsafe extern "C" fn(*mut CuContext, CuDevice) -> CuResult,
     pub(crate) cu_device_primary_ctx_release: unsafe extern "C" fn(CuDevice) -> CuResult,
+    pub(crate) cu_device_primary_ctx_set_flags: unsafe extern "C" fn(CuDevice, c_uint) -> CuResult,
     pub(crate) cu_ctx_set_current: unsafe extern "C" fn(CuContext) -> CuResult,
     pub(crate) cu_ctx_synchronize: unsafe extern "C" fn() -> CuResult,
     pub(crate) cu_mem_alloc: unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult,
@@ -181,6 +187,7 @@ impl CudaApi {
                 cu_device_total_mem: sym(&lib, "cuDeviceTotalMem_v2")?,
                 cu_device_primary_ctx_retain: sym(&lib, "cuDevicePrimaryCtxRetain")?,
                 cu_device_primary_ctx_release: sym(&lib, "cuDevicePrimaryCtxRelease_v2")?,
+                cu_device_primary_ctx_set_flags: sym(&lib, "cuDevicePrimaryCtxSetFlags_v2")?,
                 cu_ctx_set_current: sym(&lib, "cuCtxSetCurrent")?,
                 cu_ctx_synchronize: sym(&lib, "cuCtxSynchronize")?,
                 cu_mem_alloc: sym(&lib, "cuMemAlloc_v2")?,

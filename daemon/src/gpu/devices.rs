@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvfetcher_codec::HevcGeometry;
 
-use super::cuda::{Cuda, Stream};
+use super::cuda::{set_host_wait, Cuda, HostWait, Stream};
 use super::nvdec::SessionPool;
 use super::pool::MemoryPool;
 use super::restore::{DeviceGather, RestoreKernels};
@@ -32,6 +32,8 @@ pub struct GpuOptions {
     pub enabled: bool,
     /// NVDEC sessions per device; 0 means one per NVDEC engine.
     pub nvdec_sessions: usize,
+    /// How host threads wait for the GPU (for the whole process; see [`HostWait`]).
+    pub host_wait: HostWait,
 }
 
 impl Default for GpuOptions {
@@ -39,6 +41,7 @@ impl Default for GpuOptions {
         GpuOptions {
             enabled: true,
             nvdec_sessions: 0,
+            host_wait: HostWait::default(),
         }
     }
 }
@@ -103,8 +106,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl GpuDevices {
     /// The node's GPUs under `opts`; GPU buffer bytes and restore routes are counted in
-    /// `metrics`.
+    /// `metrics`. Sets the process's [`HostWait`] for every device opened afterwards.
     pub fn new(opts: GpuOptions, metrics: Arc<Metrics>) -> GpuDevices {
+        set_host_wait(opts.host_wait);
         GpuDevices {
             opts,
             metrics,
@@ -333,7 +337,7 @@ mod tests {
         let off = GpuDevices::new(
             GpuOptions {
                 enabled: false,
-                nvdec_sessions: 0,
+                ..GpuOptions::default()
             },
             Metrics::new(),
         );

@@ -27,7 +27,9 @@ pub mod restore;
 pub mod section_restore;
 pub mod sections;
 
-pub use cuda::{Cuda, DeviceBuffer, DeviceInfo, Event, Module, Stream};
+pub use cuda::{
+    host_wait, set_host_wait, Cuda, DeviceBuffer, DeviceInfo, Event, HostWait, Module, Stream,
+};
 pub use devices::{DeviceError, GpuDevice, GpuDevices, GpuOptions};
 pub use error::GpuError;
 pub use hevc_backend::{
