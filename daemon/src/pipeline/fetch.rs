@@ -18,9 +18,10 @@
 //! only for a run of chunks from the first (the others' streams are dropped and their first
 //! sections asked for again in the planner's order; the bytes already sent are lost): the
 //! planner asks for layer 0 of every chunk first, in chain order, so early sections are
-//! restored before any request that waits on the budget (no deadlock). Dropping the fetch future drops its streams
-//! (the store sees them reset) and stops new work: its sections still queued for a decode
-//! worker are skipped, one already on a worker finishes into a buffer nobody reads.
+//! restored before any request that waits on the budget (no deadlock). Dropping the fetch
+//! future drops its streams (the store sees them reset) and stops new work: its sections still
+//! queued for a decode worker are skipped, one already on a worker finishes into a buffer
+//! nobody reads.
 //!
 //! A destination in GPU memory ([`Destination::device`]) gets its sections restored there by
 //! the GPU kernels (`gpu::section_restore`), still on a decode worker; sections the kernels

@@ -532,15 +532,17 @@ async fn read_header(
     object: &dyn ObjectReader,
 ) -> Result<Result<(SectionCheck, Bytes), ObjectError>, Refusal> {
     let probe = object.read(0..object.size().min(HEADER_PROBE)).await?;
-    let head = match SectionCheck::from_header(&probe) {
+    // The probe is parsed once; only a header longer than the probe is read and parsed again.
+    let (parsed, head) = match SectionCheck::from_header(&probe) {
         Err(ObjectError::Format(FormatError::Truncated { needed, .. }))
             if needed as u64 > probe.len() as u64 && needed as u64 <= object.size() =>
         {
-            object.read(0..needed as u64).await?
+            let head = object.read(0..needed as u64).await?;
+            (SectionCheck::from_header(&head), head)
         }
-        _ => probe,
+        parsed => (parsed, probe),
     };
-    Ok(SectionCheck::from_header(&head).map(|c| {
+    Ok(parsed.map(|c| {
         let head = head.slice(..c.header_len());
         (c, head)
     }))
