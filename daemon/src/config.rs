@@ -153,6 +153,9 @@ pub struct SaveConfig {
     /// decode on several NVDEC engines at once, for 1.4-2.4% larger sections; on small frames
     /// the per-stream cost ate the gain (docs/LAYOUT.md), hence the default.
     pub hevc_stream_frames: u32,
+    /// `hevc` only: how codes become frames (docs/LAYOUT.md: `frames`, `rows`, `frames420`,
+    /// `rows420`, `frames:N`); unset = the codec's default (`frames`).
+    pub hevc_layout: Option<String>,
     /// Chunks encoded at once.
     pub workers: usize,
 }
@@ -220,6 +223,7 @@ impl Default for SaveConfig {
             chunk_tokens: 256,
             layers_per_group: 1,
             hevc_stream_frames: 0,
+            hevc_layout: None,
             workers: available_cores().div_ceil(2),
         }
     }
@@ -300,6 +304,11 @@ impl Config {
                 s.variant
             ));
         }
+        if let Some(l) = &s.hevc_layout {
+            if let Err(e) = l.parse::<kvfetcher_codec::LayoutSpec>() {
+                return invalid(format!("save.hevc_layout: {e}"));
+            }
+        }
         Ok(())
     }
 }
@@ -331,6 +340,8 @@ mod tests {
             "stores = []",
             "[save]\nbits = 12",
             "[save]\nvariant = \"lz4\"",
+            "[save]\nhevc_layout = \"columns\"",
+            "[save]\nhevc_layout = \"rows:24\"",
             "[fetch]\ndecode_workers = 0",
             "unknown_key = 1",
             "[gpu]\nenabled = \"yes\"",
@@ -348,7 +359,8 @@ mod tests {
     fn reads_stores_and_limits() {
         let c = Config::parse(
             "socket = \"/tmp/x.sock\"\n[[stores]]\naddr = \"10.0.0.2:4433\"\nserver_name = \"s\"\n\
-             [fetch]\nmax_inflight_sections = 4\n[save]\nbits = 4\nvariant = \"packed\"\n",
+             [fetch]\nmax_inflight_sections = 4\n[save]\nbits = 4\nvariant = \"packed\"\n\
+             hevc_layout = \"frames:64\"\n",
         )
         .unwrap();
         assert_eq!(c.stores.len(), 1);
@@ -356,6 +368,7 @@ mod tests {
         assert_eq!(c.fetch.max_inflight_sections, 4);
         assert_eq!(c.save.bits, 4);
         assert_eq!(c.save.variant, "packed");
+        assert_eq!(c.save.hevc_layout.as_deref(), Some("frames:64"));
         assert_eq!(c.gpu, GpuConfig::default());
         assert!(c.gpu.enabled);
     }

@@ -171,6 +171,7 @@ fn save_config(variant: &str) -> SaveConfig {
         chunk_tokens: 128,
         layers_per_group: 2,
         hevc_stream_frames: 0,
+        hevc_layout: None,
         workers: 2,
     }
 }

@@ -13,8 +13,8 @@ use kvfetcher::store::{LocalDir, ServerOptions, StoreServer};
 use kvfetcher::transport::{write_dev_pki, StoreClient, TlsClientConfig, TlsServerConfig};
 use kvfetcher_client::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
-    decode_chunk, encode_cache, CodecRegistry, EncodeConfig, ModelFingerprint, QuantConfig,
-    VariantKind,
+    chunk_keys, decode_chunk, encode_cache, Chroma, ChunkHeader, CodecRegistry, EncodeConfig,
+    HevcLayout, HevcParams, ModelFingerprint, QuantConfig, VariantKind,
 };
 use kvfetcher_kv::{KvCache, KvFile, Tensor};
 
@@ -100,6 +100,7 @@ fn save_config(bits: u8, variant: &str) -> SaveConfig {
         chunk_tokens: 256,
         layers_per_group: 2,
         hevc_stream_frames: 0,
+        hevc_layout: None,
         workers: 1,
     }
 }
@@ -705,5 +706,63 @@ async fn a_dropped_fetch_leaves_its_queued_sections_undecoded() {
         m.sections_restored.get() > 3,
         "{}",
         m.sections_restored.get()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saves_take_the_configured_hevc_layout() {
+    if let Err(e) = kvfetcher_codec::HevcEncoder::new(None).and(kvfetcher_codec::HevcDecoder::new())
+    {
+        println!("skipped: no x265 / libde265 here ({e})");
+        return;
+    }
+    let save = SaveConfig {
+        hevc_layout: Some("rows".into()),
+        ..save_config(8, "hevc")
+    };
+    let Some(f) = fixture(save.clone(), FetchConfig::default()).await else {
+        return;
+    };
+    let pipeline = Pipeline::new(
+        vec![f.target.clone()],
+        CodecRegistry::standard(),
+        FetchConfig::default(),
+        save.clone(),
+        Metrics::new(),
+    )
+    .unwrap();
+    let (layout, data) = client_bytes(&f.cache);
+    let shape = shape_of(&f.cache);
+    assert_eq!(
+        pipeline
+            .save(MODEL, &f.ids, &layout, &shape, &data)
+            .await
+            .unwrap(),
+        3
+    );
+    // Every stored section is laid out as configured, not in the codec's default.
+    let client = StoreClient::connect(f.target.addr, f.target.tls.clone())
+        .await
+        .unwrap();
+    let fp = ModelFingerprint::of_bytes(MODEL.as_bytes());
+    for key in chunk_keys(&fp, &f.ids, save.chunk_tokens as usize) {
+        let object = client.get(&key).await.unwrap();
+        let (header, _) = ChunkHeader::parse_prefix(&object).unwrap();
+        assert_eq!(header.variant, VariantKind::Hevc);
+        for s in &header.sections {
+            let g = HevcParams::from_bytes(&s.params).unwrap().geometry;
+            assert_eq!((g.layout, g.chroma), (HevcLayout::Rows, Chroma::Yuv444));
+        }
+    }
+    // And they fetch back to the quantized values.
+    let dest = MemDest::new(layout);
+    pipeline
+        .fetch(MODEL, &f.ids, &layout, dest.clone())
+        .await
+        .unwrap();
+    assert_matches(
+        &dest.buf.lock().unwrap(),
+        &layout,
+        &expected(&f.cache, &f.ids, &save),
     );
 }

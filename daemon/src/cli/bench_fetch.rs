@@ -58,6 +58,10 @@ pub struct BenchFetchArgs {
     /// `hevc`: frames per HEVC stream (`[save] hevc_stream_frames`; 0: one stream per section).
     #[arg(long, default_value_t = 0)]
     pub hevc_stream_frames: u32,
+    /// `hevc`: how codes become frames (`[save] hevc_layout`: frames, rows, frames420, rows420,
+    /// frames:N; default: the codec's, `frames`).
+    #[arg(long)]
+    pub hevc_layout: Option<String>,
     /// Tokens per chunk.
     #[arg(long, default_value_t = 256)]
     pub chunk_tokens: u32,
@@ -295,6 +299,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         chunk_tokens: args.chunk_tokens,
         layers_per_group: args.layers_per_group,
         hevc_stream_frames: args.hevc_stream_frames,
+        hevc_layout: args.hevc_layout.clone(),
         workers: SaveConfig::default().workers,
     };
     let client_bytes: Vec<u8> = cache

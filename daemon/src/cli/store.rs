@@ -46,7 +46,8 @@ pub struct StoreArgs {
     /// File with the bearer token clients must present.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// Limit on bytes per second sent to all clients (slow-link emulation without tc).
+    /// Limit on bytes per second sent to all clients (slow-link emulation without tc: a token
+    /// bucket of half a millisecond, like scripts/netns-link.sh's tbf).
     #[arg(long, value_name = "BYTES_PER_SEC")]
     pub max_rate: Option<u64>,
     /// Largest object accepted.

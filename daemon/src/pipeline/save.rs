@@ -33,7 +33,7 @@ pub fn encode_config(save: &SaveConfig) -> Result<EncodeConfig, ServeError> {
     Ok(EncodeConfig {
         quant,
         variant,
-        hevc_layout: None,
+        hevc_layout: save.hevc_layout.clone(),
         hevc_stream_frames: save.hevc_stream_frames(),
         chunk_tokens: save.chunk_tokens as usize,
         layers_per_section: save.layers_per_group as usize,
