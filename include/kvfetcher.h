@@ -92,6 +92,8 @@ enum kvf_error
   // A CUDA driver call failed (opening the daemon's GPU buffer, waiting on it, exporting a
   // device pointer); the detail names the call and the `CUresult`.
   KVF_ERR_GPU_DRIVER = 206,
+  // A local file (a model file given to `kvf_model_id_from_file`) could not be read.
+  KVF_ERR_FILE = 207,
   // The daemon found the request invalid.
   KVF_ERR_BAD_REQUEST = 300,
   // The model or the tokens are not available.
@@ -177,6 +179,18 @@ size_t kvf_error_message(uint32_t code, char *buf, size_t len);
 // # Safety
 // `buf` is NULL (then `len` must be 0) or points to `len` writable bytes.
 size_t kvf_last_error_detail(char *buf, size_t len);
+
+// Writes the model id of the model file at `path` into `buf`, like `kvf_error_message`, and
+// its full length (without the NUL) into `*out_len`. The id is `sha256:` and the SHA-256 of
+// the file's bytes: a renamed copy keeps it, different content never shares it. Use it (plus
+// the engine's settings that change the KV) as the `model` of lookups, fetches and saves. The
+// first call for a file hashes it (seconds for a large model); later calls read a per-user
+// cache while the file is unchanged.
+//
+// # Safety
+// `path` is a NUL-terminated string; `buf` is NULL (then `len` must be 0) or points to `len`
+// writable bytes; `out_len` is writable.
+kvf_error kvf_model_id_from_file(const char *path, char *buf, size_t len, size_t *out_len);
 
 // Connects to the daemon's socket at `path` (for example "/run/kvfetcher/kvfetcher.sock").
 // On success `*out` is a new client: the caller owns it and must call `kvf_client_free`.

@@ -73,6 +73,37 @@ pub unsafe extern "C" fn kvf_last_error_detail(buf: *mut c_char, len: usize) -> 
     unsafe { copy_message(&d, buf, len) }
 }
 
+/// Writes the model id of the model file at `path` into `buf`, like `kvf_error_message`, and
+/// its full length (without the NUL) into `*out_len`. The id is `sha256:` and the SHA-256 of
+/// the file's bytes: a renamed copy keeps it, different content never shares it. Use it (plus
+/// the engine's settings that change the KV) as the `model` of lookups, fetches and saves. The
+/// first call for a file hashes it (seconds for a large model); later calls read a per-user
+/// cache while the file is unchanged.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `buf` is NULL (then `len` must be 0) or points to `len`
+/// writable bytes; `out_len` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_model_id_from_file(
+    path: *const c_char,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> kvf_error {
+    guard(|| {
+        let out = Out::new(out_len, "out_len")?;
+        // SAFETY: caller guarantee.
+        let path = unsafe { arg_str(path, "path") }?;
+        let id = kvfetcher_client::model_id::model_id_from_file(std::path::Path::new(path))
+            .map_err(|e| arg_error(kvf_error::KVF_ERR_FILE, &format!("{path}: {e}")))?;
+        // SAFETY: forwarded caller guarantee.
+        let full = unsafe { copy_message(&id, buf, len) };
+        // SAFETY: `out` was checked non-null; the caller guarantees it is writable.
+        unsafe { out.write(full) };
+        Ok(())
+    })
+}
+
 /// Connects to the daemon's socket at `path` (for example "/run/kvfetcher/kvfetcher.sock").
 /// On success `*out` is a new client: the caller owns it and must call `kvf_client_free`.
 ///

@@ -37,6 +37,8 @@ pub enum kvf_error {
     /// A CUDA driver call failed (opening the daemon's GPU buffer, waiting on it, exporting a
     /// device pointer); the detail names the call and the `CUresult`.
     KVF_ERR_GPU_DRIVER = 206,
+    /// A local file (a model file given to `kvf_model_id_from_file`) could not be read.
+    KVF_ERR_FILE = 207,
     /// The daemon found the request invalid.
     KVF_ERR_BAD_REQUEST = 300,
     /// The model or the tokens are not available.
@@ -60,7 +62,7 @@ pub enum kvf_error {
 
 impl kvf_error {
     /// Every code, for lookups by value.
-    pub(crate) const ALL: [kvf_error; 22] = [
+    pub(crate) const ALL: [kvf_error; 23] = [
         kvf_error::KVF_OK,
         kvf_error::KVF_ERR_NULL_ARGUMENT,
         kvf_error::KVF_ERR_INVALID_UTF8,
@@ -74,6 +76,7 @@ impl kvf_error {
         kvf_error::KVF_ERR_CLOSED,
         kvf_error::KVF_ERR_SHARED_MEMORY,
         kvf_error::KVF_ERR_GPU_DRIVER,
+        kvf_error::KVF_ERR_FILE,
         kvf_error::KVF_ERR_BAD_REQUEST,
         kvf_error::KVF_ERR_NOT_FOUND,
         kvf_error::KVF_ERR_UNAVAILABLE,
@@ -102,6 +105,7 @@ impl kvf_error {
             KVF_ERR_CLOSED => "connection closed by the daemon",
             KVF_ERR_SHARED_MEMORY => "shared memory error",
             KVF_ERR_GPU_DRIVER => "cuda driver call failed",
+            KVF_ERR_FILE => "cannot read the file",
             KVF_ERR_BAD_REQUEST => "bad request",
             KVF_ERR_NOT_FOUND => "not found",
             KVF_ERR_UNAVAILABLE => "remote store unavailable",

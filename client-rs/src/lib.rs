@@ -3,6 +3,7 @@
 //! - [`protocol`]: messages, layouts and framing (sans-IO), shared with the daemon.
 //! - [`transport`]: frames and fds over Unix sockets, blocking and async.
 //! - [`memfd`]: the shared host memory.
+//! - [`model_id`]: a model's id from its file's content (the key namespace).
 //! - [`Client`] / [`FetchHandle`]: the blocking API; [`AsyncClient`] / [`AsyncFetchHandle`]:
 //!   the async one. Buffers are in host memory (a memfd) or, with [`MemoryKind::Gpu`], in the
 //!   daemon's GPU memory opened over CUDA IPC (`libcuda.so.1` is loaded on first use).
@@ -15,6 +16,7 @@ mod cuda;
 mod error;
 mod gpu;
 pub mod memfd;
+pub mod model_id;
 pub mod protocol;
 mod sys;
 pub mod transport;
