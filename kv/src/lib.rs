@@ -8,6 +8,7 @@ mod fidelity;
 mod llama2;
 mod model;
 mod safetensors;
+mod scored;
 mod tensor;
 
 pub use dtype::DType;
@@ -15,4 +16,5 @@ pub use fidelity::{fidelity, Fidelity};
 pub use llama2::{Generation, Llama2Model, ModelError, BOS_TOKEN};
 pub use model::config::Llama2Config;
 pub use safetensors::{KvFile, KvFileError};
+pub use scored::{ScoreAccumulator, ScoredFidelity};
 pub use tensor::{KvCache, LayerKv, Tensor, TensorError};
