@@ -8,6 +8,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "kv_state.h"
 
@@ -49,9 +50,10 @@ void eng_reset(eng *e);
  */
 int eng_decode(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *logits);
 
-/* Tokenizes text with the model's vocabulary (BOS first). Returns the count (caller frees
- * *out) or -1. */
-long eng_tokenize(eng *e, const char *text, int32_t **out);
+/* Tokenizes text with the model's vocabulary: plain text with BOS first (where the vocabulary
+ * adds one); with chat set, text rendered by a chat template, whose special tokens are parsed.
+ * Returns the count (caller frees *out) or -1. */
+long eng_tokenize(eng *e, const char *text, int chat, int32_t **out);
 
 /* Drops sequence 0's cached tokens at positions >= keep. Returns 0 or -1. */
 int eng_truncate(eng *e, uint32_t keep);
@@ -61,11 +63,30 @@ int32_t eng_argmax(const float *logits, int32_t n_vocab);
 
 /*
  * Greedy generation: token i is argmax of the current logits (first: `logits`, which is
- * updated), then decoded at pos + i. Writes n_gen tokens to out and, when step_logits is not
- * NULL, the logits each choice was made from (n_gen * n_vocab floats). Returns 0 or -1.
+ * updated), then decoded at pos + i. Writes up to n_gen tokens to out and, when step_logits is
+ * not NULL, the logits each choice was made from (n_gen * n_vocab floats). With stop_eog it
+ * stops before an end-of-generation token (not written). Returns the count written, or -1.
  */
-int eng_generate(eng *e, float *logits, uint32_t pos, uint32_t n_gen, int32_t *out,
-                 float *step_logits);
+long eng_generate(eng *e, float *logits, uint32_t pos, uint32_t n_gen, int stop_eog, int32_t *out,
+                  float *step_logits);
+
+/* Decodes n tokens at positions pos0.. and copies every token's logits into all_logits
+ * (n * n_vocab floats, in token order). Returns 0 or -1. */
+int eng_decode_all(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *all_logits);
+
+/* The vocabulary's beginning-of-sequence token (0 when it has none). */
+int32_t eng_bos(const eng *e);
+
+/* `user` as one user turn in the model's own chat template, with the assistant's turn opened.
+ * The caller frees the result; NULL when the model has no template llama.cpp knows. */
+char *eng_chat_prompt(const eng *e, const char *user);
+
+/* The text of n tokens (special tokens left out). The caller frees it; NULL on failure. */
+char *eng_detokenize(const eng *e, const int32_t *toks, uint32_t n);
+
+/* Prints the KV geometry and the model's scalar GGUF metadata (tokenizer tables, arrays and
+ * multi-line texts left out) as key=value lines: what a KV capture records about its model. */
+void eng_print_info(const eng *e, FILE *f);
 
 /*
  * Copies sequence 0's KV out of llama.cpp as a KVFetcher host buffer (per layer K then V,
@@ -86,5 +107,13 @@ int eng_set_kv(eng *e, const uint8_t *host, size_t host_len, uint32_t tokens, ch
  * as a fetch hands them out. */
 int eng_set_kv_layers(eng *e, const uint8_t *const *layers, size_t layer_len, uint32_t tokens,
                       char *err, size_t err_len);
+
+/*
+ * Writes a copy of the GGUF model `in` with every weight dequantized to f32 (same values, no
+ * quantized matrix products): llama.cpp's CPU kernels multiply quantized weights with
+ * activations rounded to 8 bits, whose rounding makes any change of the KV, however small,
+ * move the next-token distribution by a floor of its own. Returns 0, or -1 with err.
+ */
+int eng_dequantize(const char *in, const char *out, int threads, char *err, size_t err_len);
 
 #endif
