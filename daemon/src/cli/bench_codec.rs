@@ -181,23 +181,54 @@ pub(crate) fn round_trip(
 
 /// `(max_abs_err, rel_l2_err)` of `decoded` against `original`, over all K and V values.
 pub(crate) fn errors(original: &KvCache, decoded: &KvCache) -> (f64, f64) {
-    let (mut max_abs, mut diff2, mut norm2) = (0.0f64, 0.0f64, 0.0f64);
+    let e = error_sums(original, decoded);
+    (e.max_abs, e.rel_l2())
+}
+
+/// Error sums of `decoded` against `original` over all K and V values; sums of several caches
+/// add up to the error of all of them.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ErrorSums {
+    /// The largest absolute difference.
+    pub(crate) max_abs: f64,
+    /// Sum of squared differences.
+    pub(crate) diff2: f64,
+    /// Sum of squared original values.
+    pub(crate) norm2: f64,
+}
+
+impl ErrorSums {
+    /// `||decoded - original|| / ||original||` (the absolute norm for an all-zero original).
+    pub(crate) fn rel_l2(&self) -> f64 {
+        if self.norm2 > 0.0 {
+            (self.diff2 / self.norm2).sqrt()
+        } else {
+            self.diff2.sqrt()
+        }
+    }
+
+    /// Adds another cache's sums.
+    pub(crate) fn add(&mut self, other: ErrorSums) {
+        self.max_abs = self.max_abs.max(other.max_abs);
+        self.diff2 += other.diff2;
+        self.norm2 += other.norm2;
+    }
+}
+
+/// The [`ErrorSums`] of one cache.
+pub(crate) fn error_sums(original: &KvCache, decoded: &KvCache) -> ErrorSums {
+    let mut e = ErrorSums::default();
     for (a, b) in original.layers().iter().zip(decoded.layers()) {
         for (x, y) in [(&a.key, &b.key), (&a.value, &b.value)] {
             for (p, q) in x.to_f32().iter().zip(y.to_f32()) {
                 let (p, q) = (f64::from(*p), f64::from(q));
-                max_abs = max_abs.max((p - q).abs());
-                diff2 += (p - q) * (p - q);
-                norm2 += p * p;
+                e.max_abs = e.max_abs.max((p - q).abs());
+                e.diff2 += (p - q) * (p - q);
+                e.norm2 += p * p;
             }
         }
     }
-    let rel = if norm2 > 0.0 {
-        (diff2 / norm2).sqrt()
-    } else {
-        diff2.sqrt()
-    };
-    (max_abs, rel)
+    e
 }
 
 /// Runs `kvfetcher bench codec`.

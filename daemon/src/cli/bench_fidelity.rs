@@ -1,32 +1,65 @@
-//! `kvfetcher bench fidelity`: how much each bit width changes a model's next-token predictions.
+//! `kvfetcher bench fidelity`: how much each codec setting changes a model's predictions.
 //!
-//! Captures a KV cache with a llama2.c model (sampled with a fixed seed), stores it in the chosen
-//! dtype (the "original"), encodes and decodes it through the codec at each bit width, and
-//! compares the model's predictions over the original and the decoded KV with
-//! [`kvfetcher_kv::fidelity`] (top-1 agreement and KL divergence at every position). Every variant
-//! returns the quantized codes bit-exactly, so the variant does not change these numbers.
+//! With `--gguf` (the real measure) the model runs in llama.cpp through the engine: for each text
+//! and each split, the KV of a prefix is captured, the continuation is scored once over the
+//! exact prefix KV and once per setting over the prefix KV after a round trip through real chunk
+//! objects (sizes with headers), and every continuation position's next-token distribution is
+//! compared ([`kvfetcher_kv::ScoreAccumulator`]). With `--model` a llama2.c toy does the same
+//! over KV it samples itself ([`kvfetcher_kv::fidelity`]): a labelled toy row, not a claim.
+//! Every variant returns the quantized codes bit-exactly, so the variant changes the ratio only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{ensure, Context};
 use clap::Args;
+use kvfetcher_client::model_id::model_id_from_file;
 use kvfetcher_codec::{
     EncodeConfig, VariantKind, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL,
 };
-use kvfetcher_kv::{fidelity, Llama2Model};
+use kvfetcher_kv::{fidelity, KvCache, Llama2Model, ScoreAccumulator};
 use serde::Serialize;
 
-use super::bench_codec::{errors, round_trip, BitsArg};
+use super::engine::Engine;
+
+use super::bench_codec::{error_sums, errors, round_trip, BitsArg, ErrorSums};
 use super::codec::{progress, GroupingArg};
 use super::kv::DTypeArg;
 
 /// Arguments of `kvfetcher bench fidelity`.
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["model", "gguf"]))]
 pub struct BenchFidelityArgs {
-    /// The llama2.c checkpoint (e.g. ../shared/data/stories260K.bin).
+    /// A GGUF model, run in llama.cpp through the engine (`make engine`): the real measure.
+    #[arg(long, requires = "text")]
+    pub gguf: Option<PathBuf>,
+    /// Reference texts (with --gguf; give several, e.g. prose and code).
     #[arg(long)]
-    pub model: PathBuf,
-    /// Positions captured and compared (1..=the model's seq_len).
+    pub text: Vec<PathBuf>,
+    /// Prefix lengths whose KV is reused (with --gguf): each text is split at each of them.
+    #[arg(long, value_delimiter = ',', default_value = "256,512")]
+    pub prefix: Vec<usize>,
+    /// Continuation tokens scored after each prefix (with --gguf).
+    #[arg(long, default_value_t = 256)]
+    pub continuation: usize,
+    /// Greedy tokens generated after each continuation, compared until the first divergence
+    /// (with --gguf).
+    #[arg(long, default_value_t = 32)]
+    pub gen: usize,
+    /// The engine binary (default $KVF_LLAMA or build/llama/bin/kvf-llama).
+    #[arg(long)]
+    pub engine: Option<PathBuf>,
+    /// Weights the engine computes with (with --gguf): `f32`, the model's weights dequantized
+    /// (the model's own response to KV error), or `as-is` (the file's quantized kernels, whose
+    /// 8-bit activation rounding puts a floor under any lossy row).
+    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    pub weights: Weights,
+    /// Engine CPU threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// A llama2.c checkpoint (e.g. ../shared/data/stories260K.bin): the toy measure.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Positions captured and compared with --model (1..=the model's seq_len).
     #[arg(long, default_value_t = 256)]
     pub tokens: usize,
     /// Sampler seed of the capture.
@@ -81,9 +114,81 @@ pub struct FidelityResult {
     pub max_logit_diff: f32,
 }
 
+/// The weights `bench fidelity --gguf` runs the model with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Weights {
+    /// Every weight dequantized to f32 (same values).
+    F32,
+    /// The GGUF file as it is.
+    AsIs,
+}
+
+/// One row of `bench fidelity --gguf`: a codec setting measured through the engine.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineFidelityRow {
+    /// The setting: `exact` or the bit width (`8b`), with the variant and grouping.
+    pub setting: String,
+    /// Bits per value (16 for exact mode).
+    pub bits: u8,
+    /// Bit-exact mode.
+    pub exact: bool,
+    /// The prefixes' 16-bit KV size over their chunk objects' size (headers included).
+    pub ratio_vs_16bit: f64,
+    /// `||decoded - exact|| / ||exact||` over every reused prefix.
+    pub rel_l2_err: f64,
+    /// Fraction of continuation positions whose most likely next token is unchanged.
+    pub top1_agreement: f64,
+    /// Mean KL(exact || decoded) of the next-token distribution, nats.
+    pub mean_kl: f64,
+    /// 99th percentile of the per-position KL, nats.
+    pub p99_kl: f64,
+    /// Largest per-position KL, nats.
+    pub max_kl: f64,
+    /// Perplexity of the continuations with the exact prefix KV.
+    pub ppl_ref: f64,
+    /// Perplexity of the continuations with the decoded prefix KV.
+    pub ppl: f64,
+    /// Greedy tokens after each continuation equal to the exact run's, until the first
+    /// divergence: the mean over splits.
+    pub greedy_match_tokens: f64,
+    /// Greedy tokens generated per split (the most `greedy_match_tokens` can be).
+    pub greedy_tokens: usize,
+    /// Continuation positions compared.
+    pub positions: usize,
+}
+
+/// The output of `bench fidelity --gguf --json`.
+#[derive(Debug, Serialize)]
+pub struct EngineFidelityReport {
+    /// The GGUF file name.
+    pub model: String,
+    /// The model's content id (`sha256:...`).
+    pub model_id: String,
+    /// The weights the engine computed with.
+    pub weights: Weights,
+    /// Texts and splits measured: `file@prefix+continuation`.
+    pub splits: Vec<String>,
+    /// One row per setting.
+    pub results: Vec<EngineFidelityRow>,
+}
+
 /// Runs `kvfetcher bench fidelity`.
 pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
-    let model = Llama2Model::load(&args.model)?;
+    if let Some(gguf) = args.gguf.clone() {
+        let report = run_engine(&args, &gguf)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print_engine_table(&report);
+        }
+        return Ok(());
+    }
+    let model_path = args
+        .model
+        .as_deref()
+        .context("--model or --gguf is required")?;
+    let model = Llama2Model::load(model_path)?;
     let generation = model.generate(args.tokens, args.seed, args.temperature)?;
     let original = generation.cache.to_dtype(args.dtype.into());
     let ids = &generation.token_ids;
@@ -124,6 +229,10 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&results)?);
         return Ok(());
     }
+    println!(
+        "toy model {} (llama2.c, not a real model):",
+        model_path.display()
+    );
     println!("| bits | size vs 16-bit | rel L2 err | top-1 agreement | mean KL (nats) | max KL (nats) | max logit diff |");
     println!("|---|---|---|---|---|---|---|");
     for r in &results {
@@ -138,4 +247,174 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A text's exact run over one split: what every setting is compared with.
+struct Split {
+    label: String,
+    ids: Vec<u32>,
+    prefix: KvCache,
+    logits: Vec<f32>,
+    generated: Vec<u32>,
+}
+
+/// `bench fidelity --gguf`: captures, reference runs, then every setting over every split.
+pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<EngineFidelityReport> {
+    ensure!(!args.text.is_empty(), "--gguf needs at least one --text");
+    ensure!(
+        !args.prefix.is_empty() && args.prefix.iter().all(|&p| p > 0),
+        "--prefix needs lengths of at least 1"
+    );
+    ensure!(args.continuation > 0, "--continuation must be at least 1");
+    let scratch = tempfile::tempdir()?;
+    let mut engine = Engine::locate(args.engine.as_deref(), gguf, args.threads)?;
+    if args.weights == Weights::F32 {
+        eprintln!("fidelity: dequantizing the weights to f32 (--weights f32)");
+        engine = engine.dequantized(&scratch.path().join("model-f32.gguf"))?;
+    }
+    let info = engine.info()?;
+    let longest = args.prefix.iter().max().copied().unwrap_or(0) + args.continuation;
+    let mut splits = Vec::new();
+    for text in &args.text {
+        let cap = engine.capture(text, longest, false, scratch.path())?;
+        let n = cap.token_ids.len();
+        let name = text
+            .file_name()
+            .map_or_else(String::new, |f| f.to_string_lossy().into());
+        for &p in &args.prefix {
+            if p + args.continuation > n {
+                eprintln!(
+                    "fidelity: {name} has {n} tokens, too few for prefix {p} + {}",
+                    args.continuation
+                );
+                continue;
+            }
+            let ids = cap.token_ids[..p + args.continuation].to_vec();
+            let prefix = cap.cache.slice_tokens(0, p)?;
+            let exact = engine.score(&ids, &prefix, args.gen, info.n_vocab, scratch.path())?;
+            eprintln!(
+                "fidelity: reference run {name}@{p}+{} done",
+                args.continuation
+            );
+            splits.push(Split {
+                label: format!("{name}@{p}+{}", args.continuation),
+                ids,
+                prefix,
+                logits: exact.logits,
+                generated: exact.generated,
+            });
+        }
+    }
+    ensure!(
+        !splits.is_empty(),
+        "no text is long enough for any --prefix + --continuation"
+    );
+
+    let variant = VariantKind::from(args.variant);
+    let registry =
+        super::codec::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL)?;
+    let mut results = Vec::new();
+    for (i, &bits) in args.bits.iter().enumerate() {
+        let cfg = EncodeConfig {
+            quant: bits.quant(args.key_grouping, args.value_grouping),
+            variant,
+            hevc_layout: None,
+            hevc_stream_frames: None,
+            chunk_tokens: args.chunk_tokens,
+            layers_per_section: 1,
+        };
+        let (mut raw16, mut bytes, mut err) = (0u64, 0u64, ErrorSums::default());
+        let (mut acc, mut greedy) = (ScoreAccumulator::default(), 0usize);
+        for s in &splits {
+            let p = s.prefix.tokens();
+            let rt = round_trip(&s.prefix, &s.ids[..p], &cfg, &registry)
+                .with_context(|| format!("{} bits on {}", bits.reported(), s.label))?;
+            raw16 += super::codec::bytes_16bit(&s.prefix) as u64;
+            bytes += rt.bytes;
+            err.add(error_sums(&s.prefix, &rt.decoded));
+            let decoded =
+                engine.score(&s.ids, &rt.decoded, args.gen, info.n_vocab, scratch.path())?;
+            let v = info.n_vocab;
+            for (row, (r, d)) in s
+                .logits
+                .chunks_exact(v)
+                .zip(decoded.logits.chunks_exact(v))
+                .enumerate()
+            {
+                acc.add(r, d, s.ids.get(p + row + 1).copied());
+            }
+            greedy += s
+                .generated
+                .iter()
+                .zip(&decoded.generated)
+                .take_while(|(a, b)| a == b)
+                .count();
+        }
+        let f = acc.finish();
+        let setting = match bits {
+            BitsArg::Exact => format!("exact {:?}", args.variant).to_lowercase(),
+            BitsArg::Bits(b) => format!(
+                "{b}b {:?} k:{:?} v:{:?}",
+                args.variant, args.key_grouping, args.value_grouping
+            )
+            .to_lowercase(),
+        };
+        eprintln!(
+            "fidelity: setting {}/{} ({setting}) done",
+            i + 1,
+            args.bits.len()
+        );
+        results.push(EngineFidelityRow {
+            setting,
+            bits: bits.reported(),
+            exact: bits == BitsArg::Exact,
+            ratio_vs_16bit: raw16 as f64 / bytes as f64,
+            rel_l2_err: err.rel_l2(),
+            top1_agreement: f.top1_agreement,
+            mean_kl: f.mean_kl,
+            p99_kl: f.p99_kl,
+            max_kl: f.max_kl,
+            ppl_ref: f.ppl_ref,
+            ppl: f.ppl,
+            greedy_match_tokens: greedy as f64 / splits.len() as f64,
+            greedy_tokens: args.gen,
+            positions: f.positions,
+        });
+    }
+    Ok(EngineFidelityReport {
+        model: gguf
+            .file_name()
+            .map_or_else(String::new, |f| f.to_string_lossy().into()),
+        model_id: model_id_from_file(gguf)?,
+        weights: args.weights,
+        splits: splits.into_iter().map(|s| s.label).collect(),
+        results,
+    })
+}
+
+fn print_engine_table(r: &EngineFidelityReport) {
+    println!(
+        "model {} ({}), weights {:?}, splits: {}",
+        r.model,
+        r.model_id,
+        r.weights,
+        r.splits.join(", ")
+    );
+    println!("| setting | size vs 16-bit | top-1 agreement | mean KL | p99 KL | ppl (ref) | greedy match | positions |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for x in &r.results {
+        println!(
+            "| {} | {:.2}x | {:.4} | {:.2e} | {:.2e} | {:.2} ({:.2}) | {:.1}/{} | {} |",
+            x.setting,
+            x.ratio_vs_16bit,
+            x.top1_agreement,
+            x.mean_kl,
+            x.p99_kl,
+            x.ppl,
+            x.ppl_ref,
+            x.greedy_match_tokens,
+            x.greedy_tokens,
+            x.positions
+        );
+    }
 }

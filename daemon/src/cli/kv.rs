@@ -1,16 +1,20 @@
-//! `kvfetcher kv ...`: produce real KV caches with a llama2.c model (`capture`), measure how well
-//! a decoded cache preserves the model's predictions (`fidelity`), and describe a KV file
-//! (`info`).
+//! `kvfetcher kv ...`: produce real KV caches (`capture`: a GGUF model's KV as llama.cpp computes
+//! it for a text, or a llama2.c toy's), measure how well a decoded cache preserves a llama2.c
+//! model's predictions (`fidelity`), and describe a KV file (`info`).
 //!
-//! Thin wrappers over `kvfetcher_kv`; nothing here touches the network or a GPU.
+//! Thin wrappers over `kvfetcher_kv` and the engine driver; nothing here touches the network
+//! or a GPU.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use kvfetcher_client::model_id::model_id_from_file;
 use kvfetcher_kv::{fidelity, DType, KvFile, Llama2Model, BOS_TOKEN};
+
+use super::engine::Engine;
 
 /// Print a progress line every this many positions: often enough for a 512-token debug build
 /// run, rare enough not to flood a log.
@@ -27,7 +31,8 @@ pub struct KvArgs {
 /// The `kv` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum KvCommand {
-    /// Generate tokens with a llama2.c model and write the KV cache they produce.
+    /// Write the KV cache a model computes: a GGUF model over a text (through llama.cpp), or a
+    /// llama2.c model over tokens it samples.
     Capture(CaptureArgs),
     /// Compare next-token predictions made from an original and a decoded KV cache.
     Fidelity(FidelityArgs),
@@ -37,11 +42,29 @@ pub enum KvCommand {
 
 /// Arguments of `kvfetcher kv capture`.
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["model", "gguf"]))]
 pub struct CaptureArgs {
-    /// The llama2.c checkpoint (e.g. stories260K.bin).
+    /// A GGUF model: its KV (K after RoPE, V) for --text, computed by llama.cpp through the
+    /// engine (`make engine`); shapes and metadata come from the model.
+    #[arg(long, requires = "text")]
+    pub gguf: Option<PathBuf>,
+    /// The text whose KV to capture (with --gguf).
     #[arg(long)]
-    pub model: PathBuf,
-    /// Positions to generate, BOS included (1..=seq_len).
+    pub text: Option<PathBuf>,
+    /// With --gguf: the text is one user turn in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --gguf: the engine binary (default $KVF_LLAMA or build/llama/bin/kvf-llama).
+    #[arg(long)]
+    pub engine: Option<PathBuf>,
+    /// With --gguf: engine CPU threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// A llama2.c checkpoint (e.g. stories260K.bin): KV of tokens it samples itself (a toy).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Tokens to capture: the text's first N (--gguf), or positions to generate, BOS
+    /// included (--model, 1..=seq_len).
     #[arg(long)]
     pub tokens: usize,
     /// Sampler seed (xorshift64*, as in llama2.c's run.c).
@@ -118,7 +141,14 @@ pub fn run_to(args: KvArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 }
 
 fn capture(a: &CaptureArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let model = Llama2Model::load(&a.model)?;
+    if let Some(gguf) = &a.gguf {
+        return capture_gguf(a, gguf, out);
+    }
+    let model_path = a
+        .model
+        .as_deref()
+        .context("--model or --gguf is required")?;
+    let model = Llama2Model::load(model_path)?;
     let total = a.tokens;
     let mut next_report = PROGRESS_EVERY;
     let generation = model.generate_with_progress(total, a.seed, a.temperature, |done| {
@@ -130,8 +160,7 @@ fn capture(a: &CaptureArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let dtype = DType::from(a.dtype);
     let cache = generation.cache.to_dtype(dtype);
     let cfg = model.config();
-    let file_name = a
-        .model
+    let file_name = model_path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -160,12 +189,71 @@ fn capture(a: &CaptureArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let file = KvFile { cache, metadata };
-    file.write(&a.out)?;
+    write_capture(KvFile { cache, metadata }, &a.out, out)
+}
+
+/// `kv capture --gguf`: the engine's own KV for the first `--tokens` tokens of `--text`.
+fn capture_gguf(a: &CaptureArgs, gguf: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
+    let text = a.text.as_deref().context("--gguf needs --text")?;
+    ensure!(a.tokens > 0, "--tokens must be at least 1");
+    let engine = Engine::locate(a.engine.as_deref(), gguf, a.threads)?;
+    let info = engine.info()?;
+    let scratch = tempfile::tempdir()?;
+    eprintln!(
+        "kv capture: prefilling up to {} tokens of {} with llama.cpp",
+        a.tokens,
+        text.display()
+    );
+    let capture = engine.capture(text, a.tokens, a.chat, scratch.path())?;
+    if capture.token_ids.len() < a.tokens {
+        eprintln!(
+            "kv capture: {} holds only {} tokens",
+            text.display(),
+            capture.token_ids.len()
+        );
+    }
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let mut metadata: BTreeMap<String, String> = [
+        ("source", "llama.cpp".to_string()),
+        ("model_file", file_name(gguf)),
+        ("model_id", model_id_from_file(gguf)?),
+        ("text_file", file_name(text)),
+        ("chat_template", a.chat.to_string()),
+        ("tokens", capture.token_ids.len().to_string()),
+        ("dtype", DType::F16.name().to_string()),
+        ("key", "after RoPE".to_string()),
+        (
+            "generator",
+            format!("kvfetcher kv capture {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (k, v) in &info.fields {
+        metadata.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    write_capture(
+        KvFile {
+            cache: capture.cache,
+            metadata,
+        },
+        &a.out,
+        out,
+    )
+}
+
+fn write_capture(file: KvFile, path: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
+    file.write(path)?;
+    let dtype = file.cache.dtype();
     writeln!(
         out,
         "wrote {}: {} layers x {} tokens x {} kv heads x {} head_dim, {}, {} bytes of KV",
-        a.out.display(),
+        path.display(),
         file.cache.num_layers(),
         file.cache.tokens(),
         file.cache.kv_heads(),

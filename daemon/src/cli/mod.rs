@@ -9,6 +9,7 @@ pub mod bench_net;
 pub mod codec;
 pub mod daemon;
 pub mod demo;
+pub mod engine;
 pub mod gpu;
 pub mod kv;
 mod local_stack;
