@@ -22,6 +22,14 @@ set -euo pipefail
 
 # Pinned: llama-cpp-python 0.3.36 vendors the llama.cpp whose state format examples/llama parses.
 LLAMA_CPP_PYTHON_VERSION="0.3.36"
+# Build options that change results, named in the cache folder and in a stamp beside the build,
+# so a build made with other options is never reused. GGML_LLAMAFILE=OFF: ggml's llamafile sgemm
+# kernels are picked by batch shape, which makes the KV llama.cpp computes depend on how a prompt
+# was split into batches (measured on SmolLM2: prefilling 299 tokens then 1 differs from 300 at
+# once); without them the CPU path is batch-invariant, so reused KV gives exactly what a full
+# prefill would (tests/llama/run.sh asserts it). Prefill speed on the dev machine is unchanged.
+BUILD_OPTIONS="-DGGML_LLAMAFILE=OFF"
+BUILD_TAG="nollamafile"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$ROOT/build/llama"
@@ -30,13 +38,16 @@ LLAMA_SRC="$SRC/vendor/llama.cpp"
 PREFIX="$OUT/install"
 JOBS="${LLAMA_JOBS:-2}"
 
-CACHE="${KVF_LLAMA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvfetcher/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$(uname -m)}"
+CACHE="${KVF_LLAMA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvfetcher/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$BUILD_TAG-$(uname -m)}"
+STAMP="build-options: $BUILD_OPTIONS ${LLAMA_CMAKE_ARGS:-}"
 
-if [[ -f "$PREFIX/lib/libllama.so" && -f "$PREFIX/include/llama.h" && -d "$PREFIX/gguf-py" ]]; then
+if [[ -f "$PREFIX/lib/libllama.so" && -f "$PREFIX/include/llama.h" && -d "$PREFIX/gguf-py" &&
+      "$(cat "$PREFIX/STAMP" 2>/dev/null)" == "$STAMP" ]]; then
     echo "llama-build: cached: $PREFIX/lib/libllama.so"
     exit 0
 fi
-if [[ "$CACHE" != none && -f "$CACHE/install/lib/libllama.so" && -d "$CACHE/install/gguf-py" ]]; then
+if [[ "$CACHE" != none && -f "$CACHE/install/lib/libllama.so" && -d "$CACHE/install/gguf-py" &&
+      "$(cat "$CACHE/install/STAMP" 2>/dev/null)" == "$STAMP" ]]; then
     mkdir -p "$OUT"
     rm -rf "$PREFIX"
     cp -a "$CACHE/install" "$PREFIX"
@@ -82,11 +93,13 @@ nice -n 10 cmake -S "$LLAMA_SRC" -B "$OUT/cmake" \
     -DLLAMA_OPENSSL=OFF \
     -DLLAMA_CURL=OFF \
     -DGGML_CPU=ON \
+    $BUILD_OPTIONS \
     ${LLAMA_CMAKE_ARGS:-}
 nice -n 10 cmake --build "$OUT/cmake" --target llama -j "$JOBS"
 cmake --install "$OUT/cmake" >/dev/null
 rm -rf "$PREFIX/gguf-py"
 cp -a "$LLAMA_SRC/gguf-py" "$PREFIX/gguf-py"
+echo "$STAMP" >"$PREFIX/STAMP"
 if [[ "$CACHE" != none ]]; then
     mkdir -p "$CACHE"
     rm -rf "$CACHE/install.tmp"
