@@ -17,6 +17,8 @@
 # check passes. Re-running reuses the llama.cpp build in $KVF_LLAMA_GPU_DIR (default
 # build/llama-gpu, git-ignored), so a run cut short by a time limit resumes where ninja stopped.
 #
+# KVF_LLAMA_GPU_BUILD_ONLY=1 stops after building kvf-llama (for tests/llama/bench-ttft.sh with
+# KVF_GPU, see scripts/llama-gpu-ttft.sh).
 # Environment: CARRY (default .carry), KVF_GPU_ID, KVF_LLAMA_GPU_DIR, KVF_TTFT_RUNS (default 5),
 # CUDA_HOME (default /usr/local/cuda). KVF_LLAMA_GPU_CHECK_CPU=1 runs the same checks on the CPU
 # with the dev machine's builds (build/llama/install, target/$KVF_PROFILE): a test of this
@@ -51,7 +53,9 @@ say() { echo "== [$((SECONDS - T0))s] $*"; }
 status=0
 row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3" >>"$RESULTS"; }
 
-for f in "$CARRY/kvfetcher" "$CARRY/lib/libkvfetcher.so" "$CARRY/llama/llama-src.tgz" "$CARRY/llama/stories260K.gguf"; do
+need=("$CARRY/lib/libkvfetcher.so" "$CARRY/llama/llama-src.tgz")
+[[ "${KVF_LLAMA_GPU_BUILD_ONLY:-0}" == 1 ]] || need+=("$CARRY/kvfetcher" "$CARRY/llama/stories260K.gguf")
+for f in "${need[@]}"; do
     [[ -e "$f" ]] || { echo "llama-gpu-check: $f missing (run scripts/llama-gpu-prep.sh here and carry .carry)" >&2; exit 1; }
 done
 if [[ "$CPU_ONLY" == 1 ]]; then
@@ -95,6 +99,10 @@ say "llama.cpp: $LLAMA_PREFIX/lib"
 make -s -B -C "$ROOT/examples/llama" engine LLAMA="$LLAMA_PREFIX" KVF_LIB="$CARRY/lib" \
     KVF_INCLUDE="$ROOT/include" OUT="$W/bin"
 
+if [[ "${KVF_LLAMA_GPU_BUILD_ONLY:-0}" == 1 ]]; then
+    say "built $W/bin/kvf-llama (KVF_LLAMA_GPU_BUILD_ONLY=1: no checks)"
+    exit 0
+fi
 KVF="$CARRY/kvfetcher"
 ENGINE="$W/bin/kvf-llama"
 GGUF="$CARRY/llama/stories260K.gguf"

@@ -25,7 +25,8 @@ field() { sed -n "s/^$1=//p"; }
 free_port() { python3 -c "import socket,sys;s=socket.socket(socket.AF_INET,getattr(socket,sys.argv[1]));s.bind(('127.0.0.1',0));print(s.getsockname()[1])" "$1"; }
 first_n() { awk -v n="$2" '{for (i = 1; i <= NF && i <= n; i++) printf "%s ", $i} END {print ""}' "$1"; }
 
-# start_stack NAME BITS CHUNK [MAX_RATE]: a store and a daemon on loopback in $TMP/NAME.
+# start_stack NAME BITS CHUNK [MAX_RATE]: a store and a daemon on loopback in $TMP/NAME
+# (sets STORE_PID, STORE_PORT, METRICS_PORT, DAEMON_PID, SOCK).
 start_stack() {
     local d="$TMP/$1" sport mport
     mkdir -p "$d"
@@ -36,6 +37,7 @@ start_stack() {
         ${4:+--max-rate "$4"} >"$d/store.log" 2>&1 &
     STORE_PID=$!
     STORE_PORT="$sport"
+    METRICS_PORT="$mport"
     PIDS+=("$STORE_PID")
     cat >"$d/kvf.toml" <<EOF
 socket = "$d/kvf.sock"
