@@ -9,7 +9,8 @@
 #      its K/V equal those of the Rust forward pass (kv/src/llama2.rs via `kvfetcher kv
 #      capture`); a checkpoint converted with the (wrong) HF Q/K permutation must fail the
 #      reference check (the check can fail);
-#   3. SmolLM2, prompts tokenized from real text (prose and code): --selftest (KV <-> llama.cpp
+#   3. SmolLM2, prompts tokenized from real text (prose and code): `kvfetcher kv capture --gguf`
+#      writes the engine's own ids and KV with the model's shapes; --selftest (KV <-> llama.cpp
 #      state round trip and prefix reuse, flash attention off/on);
 #   4. bit-exact store (bits = 16, 64-token chunks): greedy continuations after a fetched prefix
 #      equal those after a full local prefill, token for token, for several prompts and prefix
@@ -104,6 +105,35 @@ first_n "$TMP/pA.txt" 187 >"$TMP/p187.txt"
 { first_n "$TMP/pA.txt" 100; awk '{for (i = 101; i <= 170; i++) printf "%s ", $i} END {print ""}' "$TMP/pB.txt"; } | tr '\n' ' ' >"$TMP/pX.txt"
 first_n "$TMP/pB.txt" 256 >"$TMP/p256.txt"
 first_n "$TMP/pB.txt" 200 >"$TMP/pC.txt"
+
+step "kvfetcher kv capture --gguf: the engine's own KV with the model's shapes and metadata"
+"$KVF" kv capture --gguf "$SMOL" --engine "$ROOT/build/llama/bin/kvf-llama" --text "$ROOT/data/texts/declaration.txt" \
+    --tokens 300 --out "$TMP/capture.st" >/dev/null 2>"$TMP/kvf.err" || { cat "$TMP/kvf.err"; fail "kv capture --gguf"; }
+# The same tokens and, bit for bit, the KV the engine itself writes for that prompt.
+engine --tokens-file "$TMP/pA.txt" --gen 1 --no-remote --kv-out "$TMP/engine-kv.st" >/dev/null
+python3 - "$TMP/capture.st" "$TMP/engine-kv.st" "$TMP/pA.txt" <<'PY' || fail "kv capture --gguf: wrong file"
+import json, struct, sys
+def load(p):
+    b = open(p, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    return json.loads(b[8:8 + n]), b[8 + n:]
+(h, data), (e, edata) = load(sys.argv[1]), load(sys.argv[2])
+meta = h["__metadata__"]
+ids = [int(t) for t in open(sys.argv[3]).read().split()]
+m = h["token_ids"]
+got = list(struct.unpack("<%d%s" % (len(ids), {"U32": "I", "I32": "i"}[m["dtype"]]), data[m["data_offsets"][0]:m["data_offsets"][1]]))
+assert got == ids, "token ids differ from the engine's tokenization"
+assert meta["source"] == "llama.cpp" and meta["model_id"].startswith("sha256:"), meta
+assert (meta["n_layer"], meta["kv_heads"], meta["head_dim"]) == ("30", "3", "64"), meta
+assert meta["meta.general.architecture"] == "llama", meta
+for l in range(30):
+    for kind in ("key", "value"):
+        t, u = h[f"layers.{l}.{kind}"], e[f"layers.{l}.{kind}"]
+        assert t["shape"] == [300, 3, 64] and t["dtype"] == "F16", t
+        a, b = t["data_offsets"], u["data_offsets"]
+        assert data[a[0]:a[1]] == edata[b[0]:b[1]], f"layer {l} {kind} differs"
+print("   30 layers x 300 tokens x 3 x 64, f16, ids and KV equal the engine's own, model", meta["model_id"][:23] + "...")
+PY
 
 step "selftest (SmolLM2): state round trip and prefix reuse in llama.cpp alone"
 for fa in "" --flash-attn; do
