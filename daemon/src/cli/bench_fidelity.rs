@@ -329,7 +329,7 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
             let p = s.prefix.tokens();
             let rt = round_trip(&s.prefix, &s.ids[..p], &cfg, &registry)
                 .with_context(|| format!("{} bits on {}", bits.reported(), s.label))?;
-            raw16 += super::codec::bytes_16bit(&s.prefix) as u64;
+            raw16 += super::codec::bytes_16bit(&s.prefix);
             bytes += rt.bytes;
             err.add(error_sums(&s.prefix, &rt.decoded));
             let decoded =
