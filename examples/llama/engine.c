@@ -131,11 +131,15 @@ void eng_close(eng *e) {
 
 void eng_reset(eng *e) { llama_memory_clear(llama_get_memory(e->ctx), true); }
 
-int eng_decode(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *logits) {
+/* Decodes n tokens at positions pos0.. in batches of n_batch. Copies the last token's logits
+ * into `last` and every token's into `all` (n * n_vocab floats, token order); either may be
+ * NULL (the last token's logits are computed either way, as llama.cpp's own callers do). */
+static int decode(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *last, float *all) {
     if (n == 0 || (uint64_t)pos0 + n > e->n_ctx) {
         return -1;
     }
     const uint32_t step = llama_n_batch(e->ctx);
+    const size_t nv = (size_t)e->n_vocab;
     struct llama_batch b = llama_batch_init((int32_t)step, 0, 1);
     int rc = 0;
     for (uint32_t done = 0; done < n && rc == 0; done += step) {
@@ -146,22 +150,38 @@ int eng_decode(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *lo
             b.pos[i] = (llama_pos)(pos0 + done + i);
             b.n_seq_id[i] = 1;
             b.seq_id[i][0] = 0;
-            b.logits[i] = (done + i == n - 1);
+            b.logits[i] = all != NULL || done + i == n - 1;
         }
         if (llama_decode(e->ctx, b) != 0) {
             rc = -1;
         }
+        for (uint32_t i = 0; all && rc == 0 && i < m; i++) {
+            const float *l = llama_get_logits_ith(e->ctx, (int32_t)i);
+            if (!l) {
+                rc = -1;
+            } else {
+                memcpy(all + (size_t)(done + i) * nv, l, nv * sizeof(float));
+            }
+        }
     }
-    if (rc == 0 && logits) {
+    if (rc == 0 && last) {
         const float *l = llama_get_logits_ith(e->ctx, -1);
         if (!l) {
             rc = -1;
         } else {
-            memcpy(logits, l, (size_t)e->n_vocab * sizeof(float));
+            memcpy(last, l, nv * sizeof(float));
         }
     }
     llama_batch_free(b);
     return rc;
+}
+
+int eng_decode(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *logits) {
+    return decode(e, toks, n, pos0, logits, NULL);
+}
+
+int eng_decode_all(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *all_logits) {
+    return decode(e, toks, n, pos0, NULL, all_logits);
 }
 
 long eng_tokenize(eng *e, const char *text, int chat, int32_t **out) {
@@ -212,41 +232,6 @@ long eng_generate(eng *e, float *logits, uint32_t pos, uint32_t n_gen, int stop_
         }
     }
     return (long)n_gen;
-}
-
-int eng_decode_all(eng *e, const int32_t *toks, uint32_t n, uint32_t pos0, float *all_logits) {
-    if (n == 0 || (uint64_t)pos0 + n > e->n_ctx) {
-        return -1;
-    }
-    const uint32_t step = llama_n_batch(e->ctx);
-    struct llama_batch b = llama_batch_init((int32_t)step, 0, 1);
-    const size_t nv = (size_t)e->n_vocab;
-    int rc = 0;
-    for (uint32_t done = 0; done < n && rc == 0; done += step) {
-        const uint32_t m = n - done < step ? n - done : step;
-        b.n_tokens = (int32_t)m;
-        for (uint32_t i = 0; i < m; i++) {
-            b.token[i] = toks[done + i];
-            b.pos[i] = (llama_pos)(pos0 + done + i);
-            b.n_seq_id[i] = 1;
-            b.seq_id[i][0] = 0;
-            b.logits[i] = 1;
-        }
-        if (llama_decode(e->ctx, b) != 0) {
-            rc = -1;
-            break;
-        }
-        for (uint32_t i = 0; i < m; i++) {
-            const float *l = llama_get_logits_ith(e->ctx, (int32_t)i);
-            if (!l) {
-                rc = -1;
-                break;
-            }
-            memcpy(all_logits + (size_t)(done + i) * nv, l, nv * sizeof(float));
-        }
-    }
-    llama_batch_free(b);
-    return rc;
 }
 
 int32_t eng_bos(const eng *e) {

@@ -130,7 +130,8 @@ fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
         .max(0.0)
 }
 
-fn log_softmax(z: &[f32]) -> Vec<f64> {
+/// `log(softmax(z))` in `f64`.
+pub(crate) fn log_softmax(z: &[f32]) -> Vec<f64> {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
     z.iter().map(|&v| v as f64 - lse).collect()

@@ -15,6 +15,9 @@
 
 use serde::Serialize;
 
+use crate::fidelity::log_softmax;
+use crate::model::sampler::argmax;
+
 /// Collects positions one at a time; [`ScoreAccumulator::finish`] gives the statistics.
 #[derive(Debug, Default, Clone)]
 pub struct ScoreAccumulator {
@@ -101,23 +104,6 @@ impl ScoreAccumulator {
             ppl: per(self.nll_dec, self.targets).exp(),
         }
     }
-}
-
-/// The first index of the largest value.
-fn argmax(z: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, v) in z.iter().enumerate() {
-        if *v > z[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-fn log_softmax(z: &[f32]) -> Vec<f64> {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-    z.iter().map(|&v| v as f64 - lse).collect()
 }
 
 #[cfg(test)]

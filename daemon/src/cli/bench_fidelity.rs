@@ -16,7 +16,7 @@ use kvfetcher_client::model_id::model_id_from_file;
 use kvfetcher_codec::{
     EncodeConfig, VariantKind, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL,
 };
-use kvfetcher_kv::{fidelity, KvCache, Llama2Model, ScoreAccumulator};
+use kvfetcher_kv::{fidelity, KvCache, Llama2Model, ScoreAccumulator, ScoredFidelity};
 use serde::Serialize;
 
 use super::engine::Engine;
@@ -137,25 +137,14 @@ pub struct EngineFidelityRow {
     pub ratio_vs_16bit: f64,
     /// `||decoded - exact|| / ||exact||` over every reused prefix.
     pub rel_l2_err: f64,
-    /// Fraction of continuation positions whose most likely next token is unchanged.
-    pub top1_agreement: f64,
-    /// Mean KL(exact || decoded) of the next-token distribution, nats.
-    pub mean_kl: f64,
-    /// 99th percentile of the per-position KL, nats.
-    pub p99_kl: f64,
-    /// Largest per-position KL, nats.
-    pub max_kl: f64,
-    /// Perplexity of the continuations with the exact prefix KV.
-    pub ppl_ref: f64,
-    /// Perplexity of the continuations with the decoded prefix KV.
-    pub ppl: f64,
+    /// Over every continuation position: top-1 agreement, KL, perplexities (flattened).
+    #[serde(flatten)]
+    pub fidelity: ScoredFidelity,
     /// Greedy tokens after each continuation equal to the exact run's, until the first
     /// divergence: the mean over splits.
     pub greedy_match_tokens: f64,
     /// Greedy tokens generated per split (the most `greedy_match_tokens` can be).
     pub greedy_tokens: usize,
-    /// Continuation positions compared.
-    pub positions: usize,
 }
 
 /// The output of `bench fidelity --gguf --json`.
@@ -199,14 +188,7 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
     let bar = progress(args.bits.len() as u64, "fidelity");
     let mut results = Vec::new();
     for &bits in &args.bits {
-        let cfg = EncodeConfig {
-            quant: bits.quant(args.key_grouping, args.value_grouping),
-            variant,
-            hevc_layout: None,
-            hevc_stream_frames: None,
-            chunk_tokens: args.chunk_tokens,
-            layers_per_section: 1,
-        };
+        let cfg = encode_config(&args, bits);
         let rt = round_trip(&original, ids, &cfg, &registry)
             .with_context(|| format!("{} bits", bits.reported()))?;
         let f = fidelity(&model, ids, &original, &rt.decoded)?;
@@ -247,6 +229,18 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The codec setting of one row: `bits` with the arguments' variant, grouping and chunking.
+fn encode_config(args: &BenchFidelityArgs, bits: BitsArg) -> EncodeConfig {
+    EncodeConfig {
+        quant: bits.quant(args.key_grouping, args.value_grouping),
+        variant: VariantKind::from(args.variant),
+        hevc_layout: None,
+        hevc_stream_frames: None,
+        chunk_tokens: args.chunk_tokens,
+        layers_per_section: 1,
+    }
 }
 
 /// A text's exact run over one split: what every setting is compared with.
@@ -315,14 +309,7 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
         super::codec::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL)?;
     let mut results = Vec::new();
     for (i, &bits) in args.bits.iter().enumerate() {
-        let cfg = EncodeConfig {
-            quant: bits.quant(args.key_grouping, args.value_grouping),
-            variant,
-            hevc_layout: None,
-            hevc_stream_frames: None,
-            chunk_tokens: args.chunk_tokens,
-            layers_per_section: 1,
-        };
+        let cfg = encode_config(args, bits);
         let (mut raw16, mut bytes, mut err) = (0u64, 0u64, ErrorSums::default());
         let (mut acc, mut greedy) = (ScoreAccumulator::default(), 0usize);
         for s in &splits {
@@ -350,7 +337,6 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
                 .take_while(|(a, b)| a == b)
                 .count();
         }
-        let f = acc.finish();
         let setting = match bits {
             BitsArg::Exact => format!("exact {:?}", args.variant).to_lowercase(),
             BitsArg::Bits(b) => format!(
@@ -370,15 +356,9 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
             exact: bits == BitsArg::Exact,
             ratio_vs_16bit: raw16 as f64 / bytes as f64,
             rel_l2_err: err.rel_l2(),
-            top1_agreement: f.top1_agreement,
-            mean_kl: f.mean_kl,
-            p99_kl: f.p99_kl,
-            max_kl: f.max_kl,
-            ppl_ref: f.ppl_ref,
-            ppl: f.ppl,
+            fidelity: acc.finish(),
             greedy_match_tokens: greedy as f64 / splits.len() as f64,
             greedy_tokens: args.gen,
-            positions: f.positions,
         });
     }
     Ok(EngineFidelityReport {
@@ -407,14 +387,14 @@ fn print_engine_table(r: &EngineFidelityReport) {
             "| {} | {:.2}x | {:.4} | {:.2e} | {:.2e} | {:.2} ({:.2}) | {:.1}/{} | {} |",
             x.setting,
             x.ratio_vs_16bit,
-            x.top1_agreement,
-            x.mean_kl,
-            x.p99_kl,
-            x.ppl,
-            x.ppl_ref,
+            x.fidelity.top1_agreement,
+            x.fidelity.mean_kl,
+            x.fidelity.p99_kl,
+            x.fidelity.ppl,
+            x.fidelity.ppl_ref,
             x.greedy_match_tokens,
             x.greedy_tokens,
-            x.positions
+            x.fidelity.positions
         );
     }
 }
