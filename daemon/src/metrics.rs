@@ -155,6 +155,44 @@ pub struct Metrics {
     pub gpu_buffer_bytes: Gauge,
     /// Sections restored into GPU buffers, per route.
     pub gpu_sections: GpuSectionCounters,
+    /// Local connections refused or cut off by the server's limits, per reason.
+    pub local_refusals: LocalRefusalCounters,
+    /// Replies queued for local clients and not yet written to their sockets, all connections.
+    pub local_queued_replies: Gauge,
+}
+
+/// Local connections the server refused or closed because of a limit (see `server`), by reason.
+#[derive(Debug, Default)]
+pub struct LocalRefusalCounters {
+    /// The client did not read its replies: its queue of unsent replies reached its bound.
+    pub queue_full: Counter,
+    /// The client had too many requests in progress at once.
+    pub too_many_requests: Counter,
+    /// No handshake within the handshake timeout.
+    pub handshake_timeout: Counter,
+    /// A pending handshake was dropped to make room for a newer one (handshake cap).
+    pub handshake_evicted: Counter,
+    /// Connected clients at the daemon's limit: answered `busy`.
+    pub max_clients: Counter,
+    /// Connected clients of this uid at their limit: answered `busy`.
+    pub max_clients_per_uid: Counter,
+    /// No request and nothing in progress for the idle timeout.
+    pub idle: Counter,
+}
+
+impl LocalRefusalCounters {
+    /// Every counter with its `reason` label.
+    fn labelled(&self) -> [(&'static str, &Counter); 7] {
+        [
+            ("queue_full", &self.queue_full),
+            ("too_many_requests", &self.too_many_requests),
+            ("handshake_timeout", &self.handshake_timeout),
+            ("handshake_evicted", &self.handshake_evicted),
+            ("max_clients", &self.max_clients),
+            ("max_clients_per_uid", &self.max_clients_per_uid),
+            ("idle", &self.idle),
+        ]
+    }
 }
 
 /// Sections restored into GPU memory, by the route they took (see `gpu::section_restore`).
@@ -258,6 +296,11 @@ impl Metrics {
                 "Bytes of GPU fetch buffers alive.",
                 &self.gpu_buffer_bytes,
             ),
+            (
+                "kvfetcher_local_queued_replies",
+                "Replies queued for local clients, not yet written.",
+                &self.local_queued_replies,
+            ),
         ];
         for (name, help, g) in gauges {
             let _ = writeln!(
@@ -279,6 +322,14 @@ impl Metrics {
             ("cpu-restore", &g.cpu_restore),
         ] {
             let _ = writeln!(out, "{name}{{route=\"{route}\"}} {}", c.get());
+        }
+        let name = "kvfetcher_local_refusals_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Local connections refused or closed by a limit, per reason.\n# TYPE {name} counter"
+        );
+        for (reason, c) in self.local_refusals.labelled() {
+            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", c.get());
         }
         let name = "kvfetcher_compression_ratio";
         let _ = writeln!(
@@ -393,6 +444,10 @@ mod tests {
         assert!(text.contains("kvfetcher_gpu_sections_total{route=\"nvdec\"} 3"));
         assert!(text.contains("kvfetcher_gpu_sections_total{route=\"cpu-decode\"} 0"));
         assert!(text.contains("kvfetcher_gpu_buffer_bytes 4096"));
+        m.local_refusals.queue_full.add(2);
+        let text = m.render();
+        assert!(text.contains("kvfetcher_local_refusals_total{reason=\"queue_full\"} 2"));
+        assert!(text.contains("kvfetcher_local_refusals_total{reason=\"idle\"} 0"));
     }
 
     #[tokio::test]

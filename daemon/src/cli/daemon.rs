@@ -144,8 +144,8 @@ pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Resu
         tokio::spawn(serve_metrics(l, metrics.clone(), stopped(stop.clone())));
     }
     let backend: Arc<dyn crate::server::Backend> = Arc::new(pipeline);
+    let opts = config.server.options();
     tokio::spawn(async move {
-        let opts = crate::server::ServeOptions::default();
         if let Err(e) =
             crate::server::serve_with(listener, backend, opts, gpus, stopped(stop)).await
         {

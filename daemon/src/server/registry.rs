@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kvfetcher_client::protocol::{DaemonStats, ErrorCode, Message, PeerCred};
 use tokio::task::AbortHandle;
 
+use super::admission::ClientTable;
 use super::gpu_buffer::GpuDestination;
 use super::host_buffer::HostDestination;
 use super::Destination;
@@ -102,7 +103,8 @@ pub(crate) struct Registry {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fetch: AtomicU64,
     next_conn: AtomicU64,
-    clients: AtomicU64,
+    /// Connected clients, capped in total and per uid.
+    pub(crate) clients: Arc<ClientTable>,
     fetches_total: AtomicU64,
     tokens_restored: AtomicU64,
     saves_total: AtomicU64,
@@ -114,15 +116,9 @@ impl Registry {
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new connection id (and one more connected client).
-    pub(crate) fn connect(&self) -> u64 {
-        self.clients.fetch_add(1, Ordering::Relaxed);
+    /// A new connection id.
+    pub(crate) fn new_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Clients connected now.
-    pub(crate) fn clients(&self) -> u64 {
-        self.clients.load(Ordering::Relaxed)
     }
 
     /// A connection ended: its handles are released and their tasks aborted.
@@ -141,7 +137,6 @@ impl Registry {
                 t.abort();
             }
         }
-        self.clients.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Drops every handle and aborts every fetch task (server shutdown).
@@ -220,7 +215,7 @@ impl Registry {
     /// The counters, as seen by a client with credentials `peer`.
     pub(crate) fn stats(&self, peer: PeerCred) -> DaemonStats {
         DaemonStats {
-            clients: self.clients.load(Ordering::Relaxed) as u32,
+            clients: self.clients.total() as u32,
             fetches_active: self.lock().len() as u32,
             fetches_total: self.fetches_total.load(Ordering::Relaxed),
             tokens_restored: self.tokens_restored.load(Ordering::Relaxed),

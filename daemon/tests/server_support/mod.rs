@@ -82,6 +82,9 @@ pub struct MemBackend {
     pub saves: Mutex<Vec<Saved>>,
     pub gate_from: u32,
     pub gate: Semaphore,
+    /// When set, each lookup waits for a permit on `lookup_gate` before answering.
+    pub hold_lookups: bool,
+    pub lookup_gate: Semaphore,
     /// Set when a fetch future is dropped.
     pub fetch_dropped: Arc<AtomicBool>,
     pub fetches: AtomicUsize,
@@ -99,6 +102,8 @@ impl MemBackend {
             saves: Mutex::new(Vec::new()),
             gate_from: u32::MAX,
             gate: Semaphore::new(0),
+            hold_lookups: false,
+            lookup_gate: Semaphore::new(0),
             fetch_dropped: Arc::new(AtomicBool::new(false)),
             fetches: AtomicUsize::new(0),
         }
@@ -128,7 +133,12 @@ impl Backend for MemBackend {
         model: &'a str,
         token_ids: &'a [u32],
     ) -> BoxFuture<'a, Result<u32, ServeError>> {
-        Box::pin(async move { Ok(self.prefix(model, token_ids)?.1) })
+        Box::pin(async move {
+            if self.hold_lookups {
+                self.lookup_gate.acquire().await.expect("gate").forget();
+            }
+            Ok(self.prefix(model, token_ids)?.1)
+        })
     }
 
     fn fetch<'a>(
