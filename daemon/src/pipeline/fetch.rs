@@ -2,7 +2,9 @@
 //! destination, so network, decode and restore overlap.
 //!
 //! Steps: every chunk's header, at most the fetch window at once, which is also the prefix
-//! lookup (the prefix ends at the first chunk no store holds); each header request also asks
+//! lookup (the prefix ends at the first chunk no store holds), each header checked to be the
+//! chunk asked for (`verify`: key, model, token range, shape) before anything is sized from
+//! it; each header request also asks
 //! for the chunk's first section (layer 0), whose bytes follow the header on the same stream;
 //! allocate the destination; then the other sections in the planner's order, each on its own
 //! QUIC stream, at most the planner's window per fetch. So the first section arrives in the
@@ -42,6 +44,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::layout::{place_cache, LayoutIoError};
 use super::plan::{FetchPlanner, SectionRef};
 use super::stores::Stores;
+use super::verify::{check_header, Expected, Geometry, Mismatch};
 use super::Pipeline;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
 use crate::metrics::Metrics;
@@ -112,7 +115,13 @@ pub(super) async fn fetch(
     let _active = p.metrics.fetches_active.track();
     let fp = ModelFingerprint::of_bytes(model.as_bytes());
     let keys = chunk_keys(&fp, token_ids, p.save.chunk_tokens as usize);
-    let (chunks, header_bytes) = stored_prefix(p, &keys).await?;
+    let wanted = keys
+        .iter()
+        .enumerate()
+        .map(|(i, &key)| Expected::chunk(key, fp, i, p.save.chunk_tokens, token_ids.len()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ServeError::BadRequest("too many tokens".into()))?;
+    let (chunks, header_bytes) = stored_prefix(p, &wanted).await?;
     if chunks.is_empty() {
         return Err(ServeError::NotFound(format!(
             "no stored prefix for model {model:?}"
@@ -202,13 +211,14 @@ pub(super) async fn fetch(
     })
 }
 
-/// The stored prefix of the chain `keys`: asks for each chunk's header, at most the fetch
-/// window at once, and stops at the first chunk no store holds. Keeps the early first sections
+/// The stored prefix of the chain `wanted`: asks for each chunk's header, at most the fetch
+/// window at once, and stops at the first chunk no store holds. Every header must be the chunk
+/// asked for and share the first chunk's geometry (`verify`). Keeps the early first sections
 /// of a leading run of chunks only (see the module doc). Returns the chunks and the header
 /// bytes received.
-async fn stored_prefix(p: &Pipeline, keys: &[ChunkKey]) -> Result<(Vec<Chunk>, u64), ServeError> {
-    let mut answers = futures::stream::iter(keys.iter().copied())
-        .map(|key| header_and_first(p, key))
+async fn stored_prefix(p: &Pipeline, wanted: &[Expected]) -> Result<(Vec<Chunk>, u64), ServeError> {
+    let mut answers = futures::stream::iter(wanted.iter().copied())
+        .map(|want| header_and_first(p, want))
         .buffered(p.fetch.max_inflight_sections);
     let mut chunks: Vec<Chunk> = Vec::new();
     let mut token_start = 0u32;
@@ -220,6 +230,10 @@ async fn stored_prefix(p: &Pipeline, keys: &[ChunkKey]) -> Result<(Vec<Chunk>, u
             Err(ServeError::NotFound(_)) => break,
             Err(e) => return Err(e),
         };
+        let geometry = chunks.first().map(|c| Geometry::of(c.header()));
+        if let Err(m) = check_header(check.header(), &wanted[chunks.len()], geometry) {
+            return Err(corrupt_header(&check.key(), &m));
+        }
         early &= first.is_some();
         bytes += check.header_len() as u64;
         let tokens = check.header().token_count;
@@ -238,11 +252,13 @@ async fn stored_prefix(p: &Pipeline, keys: &[ChunkKey]) -> Result<(Vec<Chunk>, u
 /// One chunk's header, with its first section on the same stream (its bytes follow the header
 /// without a second round trip). The section is received on a task of its own when it is the
 /// chunk's layer-0 section and the byte budget has room for it now; otherwise the stream is
-/// dropped (the store sees it reset) and the planner asks for the section again later.
+/// dropped (the store sees it reset) and the planner asks for the section again later. A
+/// header that is not the chunk `want` is refused before its section is received.
 async fn header_and_first(
     p: &Pipeline,
-    key: ChunkKey,
+    want: Expected,
 ) -> Result<(Arc<SectionCheck>, Option<EarlySection>), ServeError> {
+    let key = want.key;
     let client = p.stores.client_for(&key).await?;
     let stream = match client.open_sections(&key, &[0]).await {
         Ok(s) => s,
@@ -251,6 +267,9 @@ async fn header_and_first(
     p.metrics.bytes_in.add(stream.header().len() as u64);
     let check = stream.check().clone();
     let header = check.header();
+    if let Err(m) = check_header(header, &want, None) {
+        return Err(corrupt_header(&key, &m));
+    }
     if header.sections.first().map(|s| s.layer_start) != Some(0) {
         return Ok((check, None));
     }
@@ -267,6 +286,11 @@ async fn header_and_first(
         budget,
     );
     Ok((check, Some(EarlySection(tokio::spawn(task)))))
+}
+
+/// The error of a header that is not the chunk asked for.
+fn corrupt_header(key: &ChunkKey, m: &Mismatch) -> ServeError {
+    ServeError::Internal(format!("corrupt chunk {key}: {m}"))
 }
 
 /// Permits of the byte budget a section of `len` bytes holds. A section larger than the whole

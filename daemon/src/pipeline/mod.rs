@@ -6,6 +6,7 @@
 //! - `plan`: the sans-IO fetch planner (order, window, per-layer readiness).
 //! - `layout`: restore into the engine's layout on the CPU, and read a client's buffer back.
 //! - `stores`: which store holds which key; prefix lookups; lazy reconnection.
+//! - `verify`: what a fetched header must say (the chunk asked for).
 //! - `fetch`, `save`: the two drivers.
 
 mod fetch;
@@ -13,6 +14,7 @@ mod layout;
 mod plan;
 mod save;
 mod stores;
+mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;
