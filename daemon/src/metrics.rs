@@ -133,6 +133,8 @@ pub struct Metrics {
     pub lookups: Counter,
     /// Requests that failed.
     pub errors: Counter,
+    /// Stored objects found damaged or not the chunk asked for (by fetches).
+    pub corrupt_objects: Counter,
     /// Compressed bytes received from stores.
     pub bytes_in: Counter,
     /// Compressed bytes uploaded to stores.
@@ -237,6 +239,11 @@ impl Metrics {
                 &self.lookups,
             ),
             ("kvfetcher_errors_total", "Failed requests.", &self.errors),
+            (
+                "kvfetcher_corrupt_objects_total",
+                "Stored objects found damaged or not the chunk asked for.",
+                &self.corrupt_objects,
+            ),
             (
                 "kvfetcher_bytes_in_total",
                 "Compressed bytes received from stores.",
@@ -448,6 +455,8 @@ mod tests {
         let text = m.render();
         assert!(text.contains("kvfetcher_local_refusals_total{reason=\"queue_full\"} 2"));
         assert!(text.contains("kvfetcher_local_refusals_total{reason=\"idle\"} 0"));
+        m.corrupt_objects.add(1);
+        assert!(m.render().contains("kvfetcher_corrupt_objects_total 1"));
     }
 
     #[tokio::test]

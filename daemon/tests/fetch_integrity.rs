@@ -186,6 +186,10 @@ async fn good_objects_fetch() {
     f.store.stop().await;
 }
 
+fn is_corrupt(r: &Result<u32, ServeError>) -> bool {
+    matches!(r, Err(ServeError::Corrupt(_)))
+}
+
 #[tokio::test]
 async fn an_object_stored_under_another_chunks_key_is_refused() {
     let f = Fixture::new().await;
@@ -194,16 +198,32 @@ async fn an_object_stored_under_another_chunks_key_is_refused() {
     // accepts it under that key).
     f.put(forge(&f.objects[1].1, |h| h.key = k0)).await;
     let (r, shapes) = f.fetch().await;
-    let e = r.unwrap_err();
-    assert!(e.to_string().contains("corrupt"), "{e}");
-    assert!(e.to_string().contains("tokens 256..+256"), "{e}");
+    assert!(is_corrupt(&r), "{r:?}");
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("tokens 256..+256") && e.contains(&k0.to_string()),
+        "{e}"
+    );
     assert!(shapes.is_empty(), "allocated {shapes:?}");
-    // Another model's chunk under this model's key.
+    assert_eq!(f.pipeline.metrics().corrupt_objects.get(), 1);
+    // No good prefix before it: lookup and fetch agree on none.
+    assert_eq!(f.pipeline.lookup(MODEL, &ids()).await.unwrap(), 0);
+    let (r, shapes) = f.fetch().await;
+    assert!(matches!(r, Err(ServeError::NotFound(_))), "{r:?}");
+    assert!(shapes.is_empty());
+    assert_eq!(f.pipeline.metrics().corrupt_objects.get(), 1);
+    f.store.stop().await;
+}
+
+#[tokio::test]
+async fn another_models_chunk_under_this_models_key_is_refused() {
+    let f = Fixture::new().await;
     f.put(forge(&f.objects[0].1, |h| {
         h.model = ModelFingerprint::of_bytes(b"another model")
     }))
     .await;
     let (r, shapes) = f.fetch().await;
+    assert!(is_corrupt(&r), "{r:?}");
     assert!(r.unwrap_err().to_string().contains("model"));
     assert!(shapes.is_empty(), "allocated {shapes:?}");
     f.store.stop().await;
@@ -217,8 +237,56 @@ async fn an_oversize_token_count_is_refused_before_any_allocation() {
     f.put(forge(&f.objects[0].1, |h| h.token_count = 65536))
         .await;
     let (r, shapes) = f.fetch().await;
-    let e = r.unwrap_err();
-    assert!(e.to_string().contains("65536"), "{e}");
+    assert!(is_corrupt(&r), "{r:?}");
+    assert!(r.unwrap_err().to_string().contains("65536"));
     assert!(shapes.is_empty(), "allocated {shapes:?}");
+    f.store.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_later_header_leaves_the_good_prefix() {
+    let f = Fixture::new().await;
+    f.put(forge(&f.objects[2].1, |h| h.token_count = 65536))
+        .await;
+    // The store holds all four keys: a lookup cannot tell before a fetch read the header.
+    assert_eq!(f.pipeline.lookup(MODEL, &ids()).await.unwrap(), 1024);
+    let (r, shapes) = f.fetch().await;
+    assert_eq!(r.unwrap(), 512);
+    assert_eq!(shapes.len(), 1);
+    assert_eq!(shapes[0].tokens, 512);
+    assert_eq!(f.pipeline.metrics().corrupt_objects.get(), 1);
+    assert!(f
+        .pipeline
+        .metrics()
+        .render()
+        .contains("kvfetcher_corrupt_objects_total 1"));
+    // From now on lookup and fetch agree on the good prefix.
+    assert_eq!(f.pipeline.lookup(MODEL, &ids()).await.unwrap(), 512);
+    let (r, _) = f.fetch().await;
+    assert_eq!(r.unwrap(), 512);
+    assert_eq!(f.pipeline.metrics().corrupt_objects.get(), 1);
+    f.store.stop().await;
+}
+
+#[tokio::test]
+async fn a_damaged_section_fails_the_fetch_and_later_fetches_stop_before_it() {
+    let f = Fixture::new().await;
+    let (k2, o2) = &f.objects[2];
+    let view = ChunkView::parse(o2).unwrap();
+    let s1 = &view.header().sections[1];
+    let path = f.store.backend.object_path(k2);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(s1.offset + s1.len / 2) as usize] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    // The buffer is sized and announced before section 1 of chunk 2 arrives: the fetch fails.
+    let (r, shapes) = f.fetch().await;
+    assert!(is_corrupt(&r), "{r:?}");
+    assert!(r.unwrap_err().to_string().contains(&k2.to_string()));
+    assert_eq!(shapes.len(), 1);
+    assert_eq!(f.pipeline.metrics().corrupt_objects.get(), 1);
+    assert_eq!(f.pipeline.lookup(MODEL, &ids()).await.unwrap(), 512);
+    let (r, shapes) = f.fetch().await;
+    assert_eq!(r.unwrap(), 512);
+    assert_eq!(shapes[0].tokens, 512);
     f.store.stop().await;
 }

@@ -36,8 +36,8 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use kvfetcher_client::{KvShape, TargetLayout};
 use kvfetcher_codec::{
-    chunk_keys, decode_section, restore_section, ChunkHeader, ChunkKey, CodecRegistry,
-    ModelFingerprint,
+    chunk_keys, decode_section, restore_section, ChunkHeader, ChunkKey, CodecError, CodecRegistry,
+    FormatError, ModelFingerprint,
 };
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -217,7 +217,13 @@ pub(super) async fn fetch(
 /// of a leading run of chunks only (see the module doc). Returns the chunks and the header
 /// bytes received.
 async fn stored_prefix(p: &Pipeline, wanted: &[Expected]) -> Result<(Vec<Chunk>, u64), ServeError> {
-    let mut answers = futures::stream::iter(wanted.iter().copied())
+    // Chunks found corrupt lately end the prefix, as they end a lookup's.
+    let keys: Vec<ChunkKey> = wanted.iter().map(|w| w.key).collect();
+    let usable = p
+        .quarantine
+        .first_in(&keys, Instant::now())
+        .unwrap_or(keys.len());
+    let mut answers = futures::stream::iter(wanted[..usable].iter().copied())
         .map(|want| header_and_first(p, want))
         .buffered(p.fetch.max_inflight_sections);
     let mut chunks: Vec<Chunk> = Vec::new();
@@ -225,15 +231,22 @@ async fn stored_prefix(p: &Pipeline, wanted: &[Expected]) -> Result<(Vec<Chunk>,
     let mut bytes = 0u64;
     let mut early = true;
     while let Some(answer) = answers.next().await {
+        let geometry = chunks.first().map(|c| Geometry::of(c.header()));
+        let answer = answer.and_then(|(check, first)| {
+            match check_header(check.header(), &wanted[chunks.len()], geometry) {
+                Ok(()) => Ok((check, first)),
+                Err(m) => Err(p.noted(&check.key(), corrupt_header(&check.key(), &m))),
+            }
+        });
         let (check, first) = match answer {
             Ok(a) => a,
             Err(ServeError::NotFound(_)) => break,
+            // A corrupt chunk (counted and logged) ends the prefix; the good chunks before it
+            // are fetched. A corrupt first chunk leaves nothing to fetch.
+            Err(e @ ServeError::Corrupt(_)) if chunks.is_empty() => return Err(e),
+            Err(ServeError::Corrupt(_)) => break,
             Err(e) => return Err(e),
         };
-        let geometry = chunks.first().map(|c| Geometry::of(c.header()));
-        if let Err(m) = check_header(check.header(), &wanted[chunks.len()], geometry) {
-            return Err(corrupt_header(&check.key(), &m));
-        }
         early &= first.is_some();
         bytes += check.header_len() as u64;
         let tokens = check.header().token_count;
@@ -262,13 +275,13 @@ async fn header_and_first(
     let client = p.stores.client_for(&key).await?;
     let stream = match client.open_sections(&key, &[0]).await {
         Ok(s) => s,
-        Err(e) => return Err(p.stores.failed(&key, e).await),
+        Err(e) => return Err(p.noted(&key, p.stores.failed(&key, e).await)),
     };
     p.metrics.bytes_in.add(stream.header().len() as u64);
     let check = stream.check().clone();
     let header = check.header();
     if let Err(m) = check_header(header, &want, None) {
-        return Err(corrupt_header(&key, &m));
+        return Err(p.noted(&key, corrupt_header(&key, &m)));
     }
     if header.sections.first().map(|s| s.layer_start) != Some(0) {
         return Ok((check, None));
@@ -290,7 +303,7 @@ async fn header_and_first(
 
 /// The error of a header that is not the chunk asked for.
 fn corrupt_header(key: &ChunkKey, m: &Mismatch) -> ServeError {
-    ServeError::Internal(format!("corrupt chunk {key}: {m}"))
+    ServeError::Corrupt(format!("chunk {key}: {m}"))
 }
 
 /// Permits of the byte budget a section of `len` bytes holds. A section larger than the whole
@@ -341,6 +354,9 @@ struct SectionTimes {
 }
 
 /// Fetches, decodes and restores one section; returns it with the bytes it took on the wire.
+/// A section found corrupt (checksum, or a payload that does not decode) fails the fetch: its
+/// buffer and shape are already the client's. The chunk is quarantined, so the next lookup and
+/// fetch stop before it.
 async fn section(
     p: &Pipeline,
     chunk: &Chunk,
@@ -350,6 +366,20 @@ async fn section(
     dest: Arc<dyn Destination>,
 ) -> Result<(SectionRef, u64, SectionTimes), ServeError> {
     let _queued = p.metrics.sections_in_flight.track();
+    section_inner(p, chunk, s, layout, shape, dest)
+        .await
+        .map_err(|e| p.noted(&chunk.key(), e))
+}
+
+/// [`section`], its errors not yet noted.
+async fn section_inner(
+    p: &Pipeline,
+    chunk: &Chunk,
+    s: SectionRef,
+    layout: TargetLayout,
+    shape: KvShape,
+    dest: Arc<dyn Destination>,
+) -> Result<(SectionRef, u64, SectionTimes), ServeError> {
     let early = match s.section {
         0 => chunk.first.lock().unwrap_or_else(|e| e.into_inner()).take(),
         _ => None,
@@ -497,8 +527,18 @@ pub fn restore_section_into(
         payload,
         token_start,
     } = *job;
-    let bad = |e: kvfetcher_codec::FormatError| {
-        ServeError::Internal(format!("chunk {}: section {index}: {e}", header.key))
+    let bad = |e: FormatError| {
+        let m = format!("chunk {}: section {index}: {e}", header.key);
+        match e {
+            // No decoder here, or the decoder library failed: not the object's fault.
+            FormatError::Codec(
+                CodecError::Unavailable { .. }
+                | CodecError::Library { .. }
+                | CodecError::Unsupported { .. },
+            ) => ServeError::Internal(m),
+            // The section passed its checksum: a payload that does not decode was stored so.
+            _ => ServeError::Corrupt(m),
+        }
     };
     if let Some(region) = dest.device() {
         match kernels_apply(header, index, layout) {

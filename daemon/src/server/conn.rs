@@ -65,7 +65,7 @@ pub(crate) async fn run(
     let metrics = gpus.metrics().clone();
     let stream = Arc::new(stream);
     let mut rx = AsyncReceiver::new(opts.max_frame);
-    if !hello::handshake(
+    let Some(peer_flags) = hello::handshake(
         &stream,
         &mut rx,
         &mut slot,
@@ -73,9 +73,9 @@ pub(crate) async fn run(
         &metrics,
     )
     .await
-    {
+    else {
         return;
-    }
+    };
     let conn = registry.new_conn_id();
     let place = registry
         .clients
@@ -95,7 +95,12 @@ pub(crate) async fn run(
     drop(slot);
     tracing::info!(conn, pid = ?peer.pid, uid = peer.uid, gid = peer.gid, "local client connected");
     let closer = Closer::new();
-    let (out, queue) = Outbox::new(opts.max_queued_replies, closer.clone(), metrics.clone());
+    let (out, queue) = Outbox::new(
+        opts.max_queued_replies,
+        closer.clone(),
+        metrics.clone(),
+        peer_flags,
+    );
     let writer = tokio::spawn(write_loop(stream.clone(), queue, opts.max_frame));
     let ctx = Arc::new(Ctx {
         conn,

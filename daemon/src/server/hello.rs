@@ -29,42 +29,43 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// refusal already queued for it).
 const REFUSAL_DRAIN_BYTES: usize = 2 << 20;
 
-/// Reads the client's hello; true if the client speaks our version, and the caller then
-/// answers with [`accept`]. False if the connection must close (bad hello, other version:
-/// answered here, timeout, or a newer connection took this one's place).
+/// Reads the client's hello; its flags (which error codes it parses: `HELLO_FLAG_*`) if the
+/// client speaks our version, and the caller then answers with [`accept`]. `None` if the
+/// connection must close (bad hello, other version: answered here, timeout, or a newer
+/// connection took this one's place).
 pub(crate) async fn handshake(
     stream: &UnixStream,
     rx: &mut AsyncReceiver,
     slot: &mut HandshakeSlot,
     timeout: Duration,
     metrics: &Metrics,
-) -> bool {
+) -> Option<u16> {
     let hello = tokio::select! {
         r = tokio::time::timeout(timeout, rx.recv_hello(stream)) => r,
         () = slot.evicted() => {
             tracing::debug!("pending handshake closed to make room for a newer connection");
-            return false;
+            return None;
         }
     };
     let hello = match hello {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             tracing::warn!("bad handshake: {e}");
-            return false;
+            return None;
         }
         Err(_) => {
             metrics.local_refusals.handshake_timeout.add(1);
             tracing::warn!("handshake timed out");
-            return false;
+            return None;
         }
     };
     if hello.0 != PROTOCOL_VERSION {
         let reply = encode_hello_reply(PROTOCOL_VERSION, HELLO_VERSION_UNSUPPORTED);
         let _ = send_bytes_async(stream, &reply, &[]).await;
         tracing::warn!(theirs = hello.0, "client protocol version unsupported");
-        return false;
+        return None;
     }
-    true
+    Some(hello.1)
 }
 
 /// Answers a good hello; false if the client is gone. The caller decides on the client's

@@ -114,30 +114,36 @@ pub(crate) struct Outbox {
     tx: mpsc::Sender<Queued>,
     closer: Arc<Closer>,
     metrics: Arc<Metrics>,
+    /// The client's hello flags: which error codes it parses.
+    peer_flags: u16,
 }
 
 impl Outbox {
-    /// A queue holding at most `bound` messages (at least one), and its receiving end.
+    /// A queue holding at most `bound` messages (at least one) for a client whose hello
+    /// carried `peer_flags`, and its receiving end.
     pub(crate) fn new(
         bound: usize,
         closer: Arc<Closer>,
         metrics: Arc<Metrics>,
+        peer_flags: u16,
     ) -> (Outbox, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(bound.max(1));
         let out = Outbox {
             tx,
             closer,
             metrics,
+            peer_flags,
         };
         (out, rx)
     }
 
-    /// Queues `msg` without waiting. A full queue cuts the connection off
+    /// Queues `msg` without waiting, its error code one the client parses
+    /// ([`Message::for_peer`]). A full queue cuts the connection off
     /// ([`CloseReason::QueueFull`]); a gone client drops it. Either way its fds are closed.
     pub(crate) fn send(&self, msg: Message, fds: Vec<OwnedFd>) {
         self.metrics.local_queued_replies.add(1);
         let q = Queued {
-            msg,
+            msg: msg.for_peer(self.peer_flags),
             fds,
             _counted: Counted(self.metrics.clone()),
         };
@@ -177,7 +183,7 @@ mod tests {
     async fn a_full_queue_cuts_the_connection_and_counts_nothing_it_dropped() {
         let m = Metrics::new();
         let closer = Closer::new();
-        let (out, mut rx) = Outbox::new(2, closer.clone(), m.clone());
+        let (out, mut rx) = Outbox::new(2, closer.clone(), m.clone(), 0);
         out.send(stats(1), vec![]);
         out.send(stats(2), vec![]);
         assert_eq!(m.local_queued_replies.get(), 2);

@@ -88,6 +88,8 @@ pub struct MemBackend {
     /// Set when a fetch future is dropped.
     pub fetch_dropped: Arc<AtomicBool>,
     pub fetches: AtomicUsize,
+    /// When set, every fetch fails with `ServeError::Corrupt` (a damaged stored object).
+    pub corrupt_fetches: AtomicBool,
 }
 
 impl MemBackend {
@@ -106,6 +108,7 @@ impl MemBackend {
             lookup_gate: Semaphore::new(0),
             fetch_dropped: Arc::new(AtomicBool::new(false)),
             fetches: AtomicUsize::new(0),
+            corrupt_fetches: AtomicBool::new(false),
         }
     }
 
@@ -151,6 +154,9 @@ impl Backend for MemBackend {
         Box::pin(async move {
             let _flag = DropFlag(self.fetch_dropped.clone());
             self.fetches.fetch_add(1, Ordering::SeqCst);
+            if self.corrupt_fetches.load(Ordering::SeqCst) {
+                return Err(ServeError::Corrupt("chunk 00: section 1 damaged".into()));
+            }
             let (kv, tokens) = self.prefix(model, token_ids)?;
             if tokens == 0 {
                 return Err(ServeError::NotFound("no prefix stored".into()));
