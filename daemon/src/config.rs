@@ -76,6 +76,8 @@ pub struct ServerConfig {
     pub idle_timeout_s: u64,
     /// Live fetch handles per connection at most.
     pub max_fetches_per_client: usize,
+    /// Live fetch handles in the daemon at most; one more fetch is answered `busy`.
+    pub max_fetches: usize,
     /// Messages queued for one client and not yet written to its socket; a client that
     /// does not read its replies reaches this bound and is disconnected.
     pub max_queued_replies: usize,
@@ -93,6 +95,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: d.handshake_timeout.as_millis() as u64,
             idle_timeout_s: d.idle_timeout.map_or(0, |t| t.as_secs()),
             max_fetches_per_client: d.max_fetches_per_client,
+            max_fetches: d.max_fetches,
             max_queued_replies: d.max_queued_replies,
             max_pending_requests: d.max_pending_requests,
         }
@@ -110,6 +113,7 @@ impl ServerConfig {
             idle_timeout: (self.idle_timeout_s > 0)
                 .then(|| std::time::Duration::from_secs(self.idle_timeout_s)),
             max_fetches_per_client: self.max_fetches_per_client,
+            max_fetches: self.max_fetches,
             max_queued_replies: self.max_queued_replies,
             max_pending_requests: self.max_pending_requests,
             ..crate::server::ServeOptions::default()
@@ -360,6 +364,7 @@ impl Config {
             || v.max_handshakes == 0
             || v.handshake_timeout_ms == 0
             || v.max_fetches_per_client == 0
+            || v.max_fetches == 0
             || v.max_queued_replies == 0
             || v.max_pending_requests == 0
         {
@@ -424,6 +429,7 @@ mod tests {
             "[fetch]\nconnections_per_store = 17",
             "[fetch]\nconnections_per_store = -1",
             "[server]\nmax_queued_replies = 0",
+            "[server]\nmax_fetches = 0",
             "[server]\nmax_pending_requests = 0",
             "[server]\nmax_handshakes = 0",
             "[server]\nhandshake_timeout_ms = 0",
@@ -473,7 +479,7 @@ mod tests {
         let c = Config::parse(
             "[server]\nmax_clients = 8\nmax_fetches_per_client = 2\nmax_queued_replies = 16\n\
              max_pending_requests = 4\nmax_clients_per_uid = 3\nmax_handshakes = 5\n\
-             handshake_timeout_ms = 250\nidle_timeout_s = 60\n",
+             handshake_timeout_ms = 250\nidle_timeout_s = 60\nmax_fetches = 9\n",
         )
         .unwrap();
         let o = c.server.options();
@@ -484,6 +490,7 @@ mod tests {
         assert_eq!(d.idle_timeout, None);
         assert_eq!(o.max_clients, 8);
         assert_eq!(o.max_fetches_per_client, 2);
+        assert_eq!(o.max_fetches, 9);
         assert_eq!(o.max_queued_replies, 16);
         assert_eq!(o.max_pending_requests, 4);
         assert_eq!(o.max_frame, d.max_frame);

@@ -180,11 +180,13 @@ pub struct LocalRefusalCounters {
     pub max_clients_per_uid: Counter,
     /// No request and nothing in progress for the idle timeout.
     pub idle: Counter,
+    /// Fetches refused because the daemon holds `max_fetches` (the connection stays).
+    pub max_fetches: Counter,
 }
 
 impl LocalRefusalCounters {
     /// Every counter with its `reason` label.
-    fn labelled(&self) -> [(&'static str, &Counter); 7] {
+    fn labelled(&self) -> [(&'static str, &Counter); 8] {
         [
             ("queue_full", &self.queue_full),
             ("too_many_requests", &self.too_many_requests),
@@ -193,6 +195,7 @@ impl LocalRefusalCounters {
             ("max_clients", &self.max_clients),
             ("max_clients_per_uid", &self.max_clients_per_uid),
             ("idle", &self.idle),
+            ("max_fetches", &self.max_fetches),
         ]
     }
 }

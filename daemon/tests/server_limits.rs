@@ -286,3 +286,40 @@ fn a_client_waiting_for_its_fetch_is_not_idle() {
     f.wait_done().unwrap();
     assert_eq!(m.local_refusals.idle.get(), 0);
 }
+
+#[test]
+fn fetches_are_capped_in_total_across_clients() {
+    let Some(kv) = load_kv(16) else { return };
+    let ids = kv.token_ids.clone();
+    let opts = ServeOptions {
+        max_fetches: 3,
+        max_fetches_per_client: 2,
+        ..ServeOptions::default()
+    };
+    let (srv, m) = start(MemBackend::new(Some(kv)), opts);
+    let layout = kvfetcher_client::TargetLayout::host(
+        kvfetcher_client::KvDType::F16,
+        kvfetcher_client::TokenOrder::Nhd,
+    );
+    let (a, b) = (
+        Client::connect(&srv.path).unwrap(),
+        Client::connect(&srv.path).unwrap(),
+    );
+    // A finished fetch keeps its handle (and buffer) until released.
+    let a1 = a.fetch(MODEL, &ids, &layout).unwrap();
+    let _a2 = a.fetch(MODEL, &ids, &layout).unwrap();
+    let e = a.fetch(MODEL, &ids, &layout).unwrap_err();
+    assert_eq!(e.daemon_code(), Some(ErrorCode::Busy), "{e}");
+    assert!(e.to_string().contains("on this connection"), "{e}");
+    let _b1 = b.fetch(MODEL, &ids, &layout).unwrap();
+    // B holds one of its two, but the daemon holds three.
+    let e = b.fetch(MODEL, &ids, &layout).unwrap_err();
+    assert_eq!(e.daemon_code(), Some(ErrorCode::Busy), "{e}");
+    assert!(e.to_string().contains("in the daemon (limit 3)"), "{e}");
+    assert_eq!(m.local_refusals.max_fetches.get(), 1);
+    // The connection stays; a released handle makes room.
+    a1.release().unwrap();
+    let b2 = b.fetch(MODEL, &ids, &layout).unwrap();
+    b2.wait_done().unwrap();
+    assert_eq!(b.stats().unwrap().fetches_active, 3);
+}

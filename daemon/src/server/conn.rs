@@ -25,7 +25,7 @@ use super::gpu_buffer::GpuDestination;
 use super::hello;
 use super::host_buffer::HostDestination;
 use super::outbox::{CloseReason, Closer, Outbox, Queued};
-use super::registry::{FetchDest, Handle, Registry};
+use super::registry::{FetchDest, FetchLimit, Handle, Registry};
 use super::{Backend, ServeError, ServeOptions};
 use crate::gpu::ipc::ImportedBuffer;
 use crate::gpu::{GpuDevice, GpuDevices};
@@ -306,12 +306,6 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
     }) {
         return refuse(ErrorCode::BadRequest, e.to_string());
     }
-    if ctx.registry.count_owned(ctx.conn) >= ctx.opts.max_fetches_per_client {
-        return refuse(
-            ErrorCode::Busy,
-            "too many fetches on this connection".into(),
-        );
-    }
     let fetch_id = ctx.registry.new_fetch_id();
     let dest = match device {
         None => FetchDest::Host(Arc::new(HostDestination::new(
@@ -330,15 +324,20 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
             device,
         ))),
     };
-    ctx.registry.insert(
-        fetch_id,
-        Handle {
-            owner: ctx.conn,
-            peer: ctx.peer,
-            dest: dest.clone(),
-            task: None,
-        },
-    );
+    let handle = Handle {
+        owner: ctx.conn,
+        peer: ctx.peer,
+        dest: dest.clone(),
+        task: None,
+    };
+    let (per_client, total) = (ctx.opts.max_fetches_per_client, ctx.opts.max_fetches);
+    if let Err(limit) = ctx.registry.try_insert(fetch_id, handle, per_client, total) {
+        if let FetchLimit::Total { .. } = limit {
+            ctx.gpus.metrics().local_refusals.max_fetches.add(1);
+            tracing::warn!(conn = ctx.conn, pid = ?ctx.peer.pid, uid = ctx.peer.uid, "fetch refused: {limit}");
+        }
+        return refuse(ErrorCode::Busy, limit.to_string());
+    }
     let c = ctx.clone();
     // Not in the connection's JoinSet: the registry owns the task's abort handle, so a release
     // or the disconnect cancels it.

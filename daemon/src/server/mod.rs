@@ -54,6 +54,9 @@ pub struct ServeOptions {
     pub max_frame: usize,
     /// Live fetch handles per connection at most.
     pub max_fetches_per_client: usize,
+    /// Live fetch handles in the daemon at most, all connections together; one more fetch is
+    /// answered `Busy`.
+    pub max_fetches: usize,
     /// Largest buffer one fetch or save may use, in bytes.
     pub max_buffer_bytes: u64,
     /// Messages queued for one client and not yet written to its socket; a client whose queue
@@ -82,6 +85,10 @@ impl Default for ServeOptions {
             max_frame: kvfetcher_client::protocol::DEFAULT_MAX_FRAME,
             // Enough for an engine that prefetches a batch of requests.
             max_fetches_per_client: 64,
+            // Each live fetch holds a buffer (memory or GPU memory) and a few fds while it
+            // runs: 1024 keep a full table of clients from exhausting either, far below
+            // LimitNOFILE=65536 (packaging/kvfetcher.service).
+            max_fetches: 1024,
             // A 100k-token prefix of a 70B model in f32 is 64 GB.
             max_buffer_bytes: 128 << 30,
             // Replies are small (under 1 KiB but for FetchBuffer's handles): 4096 of them bound

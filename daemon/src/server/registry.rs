@@ -97,6 +97,32 @@ fn refuse(h: &Handle, conn: u64, fetch_id: u64) -> AccessError {
     AccessError::NotOwner
 }
 
+/// Why a fetch got no handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FetchLimit {
+    /// The connection holds `max` live handles.
+    PerClient {
+        /// The limit.
+        max: usize,
+    },
+    /// The daemon holds `max` live handles.
+    Total {
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl std::fmt::Display for FetchLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchLimit::PerClient { max } => {
+                write!(f, "too many fetches on this connection (limit {max})")
+            }
+            FetchLimit::Total { max } => write!(f, "too many fetches in the daemon (limit {max})"),
+        }
+    }
+}
+
 /// The daemon-wide table of handles and counters.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
@@ -158,9 +184,24 @@ impl Registry {
         self.lock().values().filter(|h| h.owner == conn).count()
     }
 
-    /// Records a new handle.
-    pub(crate) fn insert(&self, fetch_id: u64, handle: Handle) {
-        self.lock().insert(fetch_id, handle);
+    /// Records a new handle unless its owner holds `per_client` handles or the daemon holds
+    /// `total` (checked and inserted under one lock, so concurrent fetches cannot overshoot).
+    pub(crate) fn try_insert(
+        &self,
+        fetch_id: u64,
+        handle: Handle,
+        per_client: usize,
+        total: usize,
+    ) -> Result<(), FetchLimit> {
+        let mut h = self.lock();
+        if h.len() >= total {
+            return Err(FetchLimit::Total { max: total });
+        }
+        if h.values().filter(|v| v.owner == handle.owner).count() >= per_client {
+            return Err(FetchLimit::PerClient { max: per_client });
+        }
+        h.insert(fetch_id, handle);
+        Ok(())
     }
 
     /// Attaches the task of a handle (if it is still there).
