@@ -161,6 +161,8 @@ pub struct Metrics {
     pub local_refusals: LocalRefusalCounters,
     /// Replies queued for local clients and not yet written to their sockets, all connections.
     pub local_queued_replies: Gauge,
+    /// Failed `accept` calls of the local socket (out of fds or memory, mostly).
+    pub local_accept_errors: Counter,
 }
 
 /// Local connections the server refused or closed because of a limit (see `server`), by reason.
@@ -266,6 +268,11 @@ impl Metrics {
                 "kvfetcher_sections_restored_total",
                 "Sections decoded and restored by fetches.",
                 &self.sections_restored,
+            ),
+            (
+                "kvfetcher_local_accept_errors_total",
+                "Failed accepts of the local socket (out of fds or memory).",
+                &self.local_accept_errors,
             ),
             (
                 "kvfetcher_bytes_saved_raw_total",

@@ -68,6 +68,15 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
         config.socket = s;
     }
     init_logging(config.log_format, "info");
+    match crate::rlimit::raise_nofile() {
+        Ok(l) => tracing::info!(
+            soft_before = l.before,
+            soft = l.soft,
+            hard = l.hard,
+            "open file limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kvf-daemon")

@@ -2,6 +2,7 @@
 //! of `kvfetcher_client::protocol`, hands requests to a [`Backend`] and shares restored buffers
 //! as memfds.
 //!
+//! - `accept_backoff`: waiting out fd or memory exhaustion in the accept loop.
 //! - `admission`: pending handshakes and connected clients, and their caps.
 //! - `backend`: the [`Backend`] / [`Destination`] interface to the fetch pipeline.
 //! - `error`: [`ServeError`].
@@ -12,6 +13,7 @@
 //! - `host_buffer`: the memfd [`Destination`].
 //! - `gpu_buffer`: the device-memory [`Destination`] (CUDA IPC handle, one event per layer).
 
+mod accept_backoff;
 mod admission;
 mod backend;
 mod conn;
@@ -128,12 +130,24 @@ pub async fn serve_with(
     let handshakes = admission::Handshakes::new(opts.max_handshakes);
     let metrics = gpus.metrics().clone();
     let mut conns = JoinSet::new();
+    let mut backoff = accept_backoff::AcceptBackoff::default();
+    // When to accept again after a resource error (connections keep being served meanwhile).
+    let mut paused_until: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
+            () = async {
+                match paused_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => paused_until = None,
+            accepted = listener.accept(), if paused_until.is_none() => match accepted {
                 Ok((stream, _)) => {
+                    if let Some(n) = backoff.handle_success() {
+                        tracing::warn!(failures = n, "accepting local connections again");
+                    }
                     let (slot, evicted) = handshakes.begin();
                     if evicted {
                         metrics.local_refusals.handshake_evicted.add(1);
@@ -148,9 +162,21 @@ pub async fn serve_with(
                     ));
                 }
                 Err(e) => {
-                    // Out of fds or memory: transient, keep serving the clients we have.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of fds or memory: transient; keep serving the clients we have (they
+                    // free fds) and try again later, logging once per burst.
+                    metrics.local_accept_errors.add(1);
+                    let pause = backoff.handle_error(&e);
+                    if pause.log {
+                        tracing::warn!(
+                            "accept failed: {e}; backing off (up to {:?}) until it succeeds",
+                            accept_backoff::MAX_PAUSE
+                        );
+                    } else if pause.wait.is_zero() {
+                        tracing::debug!("accept failed: {e}");
+                    }
+                    if !pause.wait.is_zero() {
+                        paused_until = Some(tokio::time::Instant::now() + pause.wait);
+                    }
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
