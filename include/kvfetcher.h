@@ -111,6 +111,9 @@ enum kvf_error
   KVF_ERR_GPU_UNSUPPORTED = 306,
   // The daemon is at its limit of clients or fetches.
   KVF_ERR_BUSY = 307,
+  // A stored object is damaged or is not the chunk asked for (a store fault, logged and
+  // counted by the daemon); a later fetch gets the good prefix before it.
+  KVF_ERR_CORRUPT = 308,
   // A bug: a panic was caught at the library boundary.
   KVF_ERR_PANIC = 900,
 };

@@ -56,6 +56,9 @@ pub enum kvf_error {
     KVF_ERR_GPU_UNSUPPORTED = 306,
     /// The daemon is at its limit of clients or fetches.
     KVF_ERR_BUSY = 307,
+    /// A stored object is damaged or is not the chunk asked for (a store fault, logged and
+    /// counted by the daemon); a later fetch gets the good prefix before it.
+    KVF_ERR_CORRUPT = 308,
     /// A bug: a panic was caught at the library boundary.
     KVF_ERR_PANIC = 900,
 }
@@ -85,6 +88,7 @@ impl kvf_error {
         kvf_error::KVF_ERR_UNKNOWN_HANDLE,
         kvf_error::KVF_ERR_GPU_UNSUPPORTED,
         kvf_error::KVF_ERR_BUSY,
+        kvf_error::KVF_ERR_CORRUPT,
         kvf_error::KVF_ERR_PANIC,
     ];
 
@@ -116,6 +120,7 @@ impl kvf_error {
                 "gpu memory not supported by this daemon build/host or no cuda driver"
             }
             KVF_ERR_BUSY => "daemon busy",
+            KVF_ERR_CORRUPT => "corrupt object in the remote store",
             KVF_ERR_PANIC => "internal panic in libkvfetcher",
         }
     }
@@ -148,6 +153,7 @@ impl kvf_error {
                 ErrorCode::UnknownHandle => kvf_error::KVF_ERR_UNKNOWN_HANDLE,
                 ErrorCode::GpuUnsupported => kvf_error::KVF_ERR_GPU_UNSUPPORTED,
                 ErrorCode::Busy => kvf_error::KVF_ERR_BUSY,
+                ErrorCode::Corrupt => kvf_error::KVF_ERR_CORRUPT,
             },
             ClientError::LayerOutOfRange { .. } => kvf_error::KVF_ERR_LAYER_OUT_OF_RANGE,
             ClientError::Layout(_) | ClientError::InvalidArgument(_) => {

@@ -11,6 +11,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
 use crate::buffer::{announced_fetch, reply_error, save_gpu_source, save_memfd, MappedBuffer};
+use crate::client::fatal_or;
 use crate::core::{ClientCore, LayerStatus};
 use crate::protocol::{
     encode_hello, DaemonStats, Fetch, FetchDone, FrameError, KvShape, Lookup, Message, Release,
@@ -33,13 +34,9 @@ impl Shared {
                 self.core.handle_message(m, fds);
                 Ok(())
             }
-            Err(TransportError::Closed) => Err(match self.core.fatal() {
-                Some((code, message)) => ClientError::Daemon {
-                    code: *code,
-                    message: message.clone(),
-                },
-                None => TransportError::Closed.into(),
-            }),
+            Err(e @ (TransportError::Closed | TransportError::Io(_))) => {
+                Err(fatal_or(&self.core, e))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -52,7 +49,13 @@ impl Shared {
         let req = self.core.new_request();
         if let Err(e) = send_async(&self.stream, &build(req), fds, DEFAULT_MAX_FRAME).await {
             self.core.abandon(req);
-            return Err(e.into());
+            // The reason the daemon gave before closing (a `busy` refusal), if unread.
+            if matches!(e, TransportError::Io(_)) {
+                for (m, fds) in self.rx.recv_ready(&self.stream) {
+                    self.core.handle_message(m, fds);
+                }
+            }
+            return Err(fatal_or(&self.core, e));
         }
         loop {
             if let Some(r) = self.core.take_reply(req) {

@@ -32,13 +32,9 @@ impl Shared {
                 self.core.handle_message(m, fds);
                 Ok(())
             }
-            Err(TransportError::Closed) => Err(match self.core.fatal() {
-                Some((code, message)) => ClientError::Daemon {
-                    code: *code,
-                    message: message.clone(),
-                },
-                None => TransportError::Closed.into(),
-            }),
+            Err(e @ (TransportError::Closed | TransportError::Io(_))) => {
+                Err(fatal_or(&self.core, e))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -52,7 +48,7 @@ impl Shared {
         let req = self.core.new_request();
         if let Err(e) = self.conn.send(&build(req), fds) {
             self.core.abandon(req);
-            return Err(e.into());
+            return Err(self.send_failed(e));
         }
         loop {
             if let Some(r) = self.core.take_reply(req) {
@@ -65,6 +61,18 @@ impl Shared {
         }
     }
 
+    /// The error for a failed send: the reason the daemon gave before it closed the
+    /// connection (a `busy` refusal is sent before the client's first request), if one is
+    /// waiting unread, else the send's error.
+    fn send_failed(&mut self, e: TransportError) -> ClientError {
+        if matches!(e, TransportError::Io(_)) {
+            for (m, fds) in self.conn.recv_ready() {
+                self.core.handle_message(m, fds);
+            }
+        }
+        fatal_or(&self.core, e)
+    }
+
     /// Releases `fetch_id` without waiting for the answer (best effort: if the connection is
     /// gone, the daemon has released everything anyway).
     fn release_quietly(&mut self, fetch_id: u64) {
@@ -73,6 +81,17 @@ impl Shared {
         let _ = self
             .conn
             .send(&Message::Release(Release { req, fetch_id }), &[]);
+    }
+}
+
+/// The daemon's last word before it closed the connection, if it sent one, else `e`.
+pub(crate) fn fatal_or(core: &ClientCore, e: TransportError) -> ClientError {
+    match core.fatal() {
+        Some((code, message)) => ClientError::Daemon {
+            code: *code,
+            message: message.clone(),
+        },
+        None => e.into(),
     }
 }
 

@@ -39,13 +39,32 @@ pub(crate) fn recv_with_fds(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
+    recv_with_fds_flags(sock, buf, fds, MsgFlags::empty())
+}
+
+/// [`recv_with_fds`] that never waits (`MSG_DONTWAIT`, even on a blocking socket): nothing to
+/// read is `WouldBlock`.
+pub(crate) fn recv_with_fds_nowait(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    recv_with_fds_flags(sock, buf, fds, MsgFlags::MSG_DONTWAIT)
+}
+
+fn recv_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: MsgFlags,
+) -> io::Result<usize> {
     let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_PENDING_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
         &mut iov,
         Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
+        MsgFlags::MSG_CMSG_CLOEXEC | flags,
     )
     .map_err(io::Error::from)?;
     let n = msg.bytes;

@@ -51,6 +51,35 @@ fn write_all_blocking(
     Ok(())
 }
 
+/// Decodes every whole message already waiting on `sock`, without waiting for more: reads until
+/// the socket is empty, closed or failing. After a write failed because the daemon closed the
+/// connection, this finds the reason it sent first (a `busy` refusal, say).
+fn recv_ready(
+    sock: BorrowedFd<'_>,
+    decoder: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> Vec<(Message, Vec<OwnedFd>)> {
+    loop {
+        let mut fds = Vec::new();
+        match sys::recv_with_fds_nowait(sock, buf, &mut fds) {
+            Ok(0) => break,
+            Ok(n) => {
+                if decoder.handle_fds(fds).is_err() {
+                    break;
+                }
+                decoder.handle_bytes(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let mut got = Vec::new();
+    while let Ok(Some(m)) = decoder.poll_message() {
+        got.push(m);
+    }
+    got
+}
+
 /// A blocking connection: a std Unix stream plus its frame decoder.
 #[derive(Debug)]
 pub struct BlockingConn {
@@ -99,6 +128,11 @@ impl BlockingConn {
         let bytes = encode_message(msg, self.max_frame)?;
         write_all_blocking(self.stream.as_fd(), &bytes, fds)?;
         Ok(())
+    }
+
+    /// The whole messages already received, without blocking (see [`recv_ready`]).
+    pub fn recv_ready(&mut self) -> Vec<(Message, Vec<OwnedFd>)> {
+        recv_ready(self.stream.as_fd(), &mut self.decoder, &mut self.buf)
     }
 
     /// Blocks until one whole message arrives.
@@ -194,6 +228,11 @@ impl AsyncReceiver {
             got += n;
         }
         Ok(parse_hello(&hello)?)
+    }
+
+    /// The whole messages already received on `stream`, without waiting (see [`recv_ready`]).
+    pub fn recv_ready(&mut self, stream: &TokioUnixStream) -> Vec<(Message, Vec<OwnedFd>)> {
+        recv_ready(stream.as_fd(), &mut self.decoder, &mut self.buf)
     }
 
     /// Waits for one whole message from `stream`.

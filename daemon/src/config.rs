@@ -54,6 +54,71 @@ pub struct Config {
     pub save: SaveConfig,
     /// GPU fetch buffers and saves.
     pub gpu: GpuConfig,
+    /// Limits of the local server (per client and in total).
+    pub server: ServerConfig,
+}
+
+/// Limits of the local Unix-socket server: how much one client may hold of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Connected clients at most; one more is answered `busy`.
+    pub max_clients: usize,
+    /// Connected clients of one uid at most; one more is answered `busy`.
+    pub max_clients_per_uid: usize,
+    /// Connections in their handshake at most (not counted as clients); at the cap the
+    /// oldest pending handshake is closed to make room.
+    pub max_handshakes: usize,
+    /// Milliseconds a connection may take to send its handshake.
+    pub handshake_timeout_ms: u64,
+    /// Seconds without a request, with nothing in progress, after which a client is
+    /// disconnected; 0: never.
+    pub idle_timeout_s: u64,
+    /// Live fetch handles per connection at most.
+    pub max_fetches_per_client: usize,
+    /// Live fetch handles in the daemon at most; one more fetch is answered `busy`.
+    pub max_fetches: usize,
+    /// Messages queued for one client and not yet written to its socket; a client that
+    /// does not read its replies reaches this bound and is disconnected.
+    pub max_queued_replies: usize,
+    /// Lookups and saves of one client in progress at once; one more disconnects it.
+    pub max_pending_requests: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let d = crate::server::ServeOptions::default();
+        ServerConfig {
+            max_clients: d.max_clients,
+            max_clients_per_uid: d.max_clients_per_uid,
+            max_handshakes: d.max_handshakes,
+            handshake_timeout_ms: d.handshake_timeout.as_millis() as u64,
+            idle_timeout_s: d.idle_timeout.map_or(0, |t| t.as_secs()),
+            max_fetches_per_client: d.max_fetches_per_client,
+            max_fetches: d.max_fetches,
+            max_queued_replies: d.max_queued_replies,
+            max_pending_requests: d.max_pending_requests,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The options of the daemon's [`crate::server::serve_with`].
+    pub fn options(&self) -> crate::server::ServeOptions {
+        crate::server::ServeOptions {
+            max_clients: self.max_clients,
+            max_clients_per_uid: self.max_clients_per_uid,
+            max_handshakes: self.max_handshakes,
+            handshake_timeout: std::time::Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: (self.idle_timeout_s > 0)
+                .then(|| std::time::Duration::from_secs(self.idle_timeout_s)),
+            max_fetches_per_client: self.max_fetches_per_client,
+            max_fetches: self.max_fetches,
+            max_queued_replies: self.max_queued_replies,
+            max_pending_requests: self.max_pending_requests,
+            ..crate::server::ServeOptions::default()
+        }
+    }
 }
 
 /// GPU settings: whether `gpu:N` requests are served and with how many NVDEC sessions.
@@ -195,6 +260,7 @@ impl Default for Config {
             fetch: FetchConfig::default(),
             save: SaveConfig::default(),
             gpu: GpuConfig::default(),
+            server: ServerConfig::default(),
         }
     }
 }
@@ -292,6 +358,18 @@ impl Config {
                 "save.chunk_tokens, layers_per_group and workers must be positive".into(),
             );
         }
+        let v = &self.server;
+        if v.max_clients == 0
+            || v.max_clients_per_uid == 0
+            || v.max_handshakes == 0
+            || v.handshake_timeout_ms == 0
+            || v.max_fetches_per_client == 0
+            || v.max_fetches == 0
+            || v.max_queued_replies == 0
+            || v.max_pending_requests == 0
+        {
+            return invalid("server limits must be positive".into());
+        }
         if self.gpu.nvdec_sessions > 64 {
             return invalid(format!(
                 "gpu.nvdec_sessions {} is more than 64",
@@ -350,6 +428,13 @@ mod tests {
             "[fetch]\nconnections_per_store = 0",
             "[fetch]\nconnections_per_store = 17",
             "[fetch]\nconnections_per_store = -1",
+            "[server]\nmax_queued_replies = 0",
+            "[server]\nmax_fetches = 0",
+            "[server]\nmax_pending_requests = 0",
+            "[server]\nmax_handshakes = 0",
+            "[server]\nhandshake_timeout_ms = 0",
+            "[server]\nmax_clients_per_uid = 0",
+            "[server]\nunknown = 1",
         ] {
             assert!(Config::parse(bad).is_err(), "accepted {bad:?}");
         }
@@ -385,6 +470,30 @@ mod tests {
             matches!(&err, ConfigError::Invalid(m) if m.contains("connections_per_store")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn reads_server_limits() {
+        let d = crate::server::ServeOptions::default();
+        assert_eq!(Config::default().server.options(), d);
+        let c = Config::parse(
+            "[server]\nmax_clients = 8\nmax_fetches_per_client = 2\nmax_queued_replies = 16\n\
+             max_pending_requests = 4\nmax_clients_per_uid = 3\nmax_handshakes = 5\n\
+             handshake_timeout_ms = 250\nidle_timeout_s = 60\nmax_fetches = 9\n",
+        )
+        .unwrap();
+        let o = c.server.options();
+        assert_eq!(o.max_clients_per_uid, 3);
+        assert_eq!(o.max_handshakes, 5);
+        assert_eq!(o.handshake_timeout, std::time::Duration::from_millis(250));
+        assert_eq!(o.idle_timeout, Some(std::time::Duration::from_secs(60)));
+        assert_eq!(d.idle_timeout, None);
+        assert_eq!(o.max_clients, 8);
+        assert_eq!(o.max_fetches_per_client, 2);
+        assert_eq!(o.max_fetches, 9);
+        assert_eq!(o.max_queued_replies, 16);
+        assert_eq!(o.max_pending_requests, 4);
+        assert_eq!(o.max_frame, d.max_frame);
     }
 
     #[test]

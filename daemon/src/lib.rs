@@ -9,6 +9,7 @@ pub mod config;
 pub mod gpu;
 pub mod metrics;
 pub mod pipeline;
+pub mod rlimit;
 pub mod server;
 pub mod store;
 pub mod transport;

@@ -133,6 +133,8 @@ pub struct Metrics {
     pub lookups: Counter,
     /// Requests that failed.
     pub errors: Counter,
+    /// Stored objects found damaged or not the chunk asked for (by fetches).
+    pub corrupt_objects: Counter,
     /// Compressed bytes received from stores.
     pub bytes_in: Counter,
     /// Compressed bytes uploaded to stores.
@@ -155,6 +157,49 @@ pub struct Metrics {
     pub gpu_buffer_bytes: Gauge,
     /// Sections restored into GPU buffers, per route.
     pub gpu_sections: GpuSectionCounters,
+    /// Local connections refused or cut off by the server's limits, per reason.
+    pub local_refusals: LocalRefusalCounters,
+    /// Replies queued for local clients and not yet written to their sockets, all connections.
+    pub local_queued_replies: Gauge,
+    /// Failed `accept` calls of the local socket (out of fds or memory, mostly).
+    pub local_accept_errors: Counter,
+}
+
+/// Local connections the server refused or closed because of a limit (see `server`), by reason.
+#[derive(Debug, Default)]
+pub struct LocalRefusalCounters {
+    /// The client did not read its replies: its queue of unsent replies reached its bound.
+    pub queue_full: Counter,
+    /// The client had too many requests in progress at once.
+    pub too_many_requests: Counter,
+    /// No handshake within the handshake timeout.
+    pub handshake_timeout: Counter,
+    /// A pending handshake was dropped to make room for a newer one (handshake cap).
+    pub handshake_evicted: Counter,
+    /// Connected clients at the daemon's limit: answered `busy`.
+    pub max_clients: Counter,
+    /// Connected clients of this uid at their limit: answered `busy`.
+    pub max_clients_per_uid: Counter,
+    /// No request and nothing in progress for the idle timeout.
+    pub idle: Counter,
+    /// Fetches refused because the daemon holds `max_fetches` (the connection stays).
+    pub max_fetches: Counter,
+}
+
+impl LocalRefusalCounters {
+    /// Every counter with its `reason` label.
+    fn labelled(&self) -> [(&'static str, &Counter); 8] {
+        [
+            ("queue_full", &self.queue_full),
+            ("too_many_requests", &self.too_many_requests),
+            ("handshake_timeout", &self.handshake_timeout),
+            ("handshake_evicted", &self.handshake_evicted),
+            ("max_clients", &self.max_clients),
+            ("max_clients_per_uid", &self.max_clients_per_uid),
+            ("idle", &self.idle),
+            ("max_fetches", &self.max_fetches),
+        ]
+    }
 }
 
 /// Sections restored into GPU memory, by the route they took (see `gpu::section_restore`).
@@ -200,6 +245,11 @@ impl Metrics {
             ),
             ("kvfetcher_errors_total", "Failed requests.", &self.errors),
             (
+                "kvfetcher_corrupt_objects_total",
+                "Stored objects found damaged or not the chunk asked for.",
+                &self.corrupt_objects,
+            ),
+            (
                 "kvfetcher_bytes_in_total",
                 "Compressed bytes received from stores.",
                 &self.bytes_in,
@@ -218,6 +268,11 @@ impl Metrics {
                 "kvfetcher_sections_restored_total",
                 "Sections decoded and restored by fetches.",
                 &self.sections_restored,
+            ),
+            (
+                "kvfetcher_local_accept_errors_total",
+                "Failed accepts of the local socket (out of fds or memory).",
+                &self.local_accept_errors,
             ),
             (
                 "kvfetcher_bytes_saved_raw_total",
@@ -258,6 +313,11 @@ impl Metrics {
                 "Bytes of GPU fetch buffers alive.",
                 &self.gpu_buffer_bytes,
             ),
+            (
+                "kvfetcher_local_queued_replies",
+                "Replies queued for local clients, not yet written.",
+                &self.local_queued_replies,
+            ),
         ];
         for (name, help, g) in gauges {
             let _ = writeln!(
@@ -279,6 +339,14 @@ impl Metrics {
             ("cpu-restore", &g.cpu_restore),
         ] {
             let _ = writeln!(out, "{name}{{route=\"{route}\"}} {}", c.get());
+        }
+        let name = "kvfetcher_local_refusals_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Local connections refused or closed by a limit, per reason.\n# TYPE {name} counter"
+        );
+        for (reason, c) in self.local_refusals.labelled() {
+            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", c.get());
         }
         let name = "kvfetcher_compression_ratio";
         let _ = writeln!(
@@ -393,6 +461,12 @@ mod tests {
         assert!(text.contains("kvfetcher_gpu_sections_total{route=\"nvdec\"} 3"));
         assert!(text.contains("kvfetcher_gpu_sections_total{route=\"cpu-decode\"} 0"));
         assert!(text.contains("kvfetcher_gpu_buffer_bytes 4096"));
+        m.local_refusals.queue_full.add(2);
+        let text = m.render();
+        assert!(text.contains("kvfetcher_local_refusals_total{reason=\"queue_full\"} 2"));
+        assert!(text.contains("kvfetcher_local_refusals_total{reason=\"idle\"} 0"));
+        m.corrupt_objects.add(1);
+        assert!(m.render().contains("kvfetcher_corrupt_objects_total 1"));
     }
 
     #[tokio::test]

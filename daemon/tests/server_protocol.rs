@@ -8,9 +8,10 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use kvfetcher_client::protocol::{
-    encode_hello, encode_message, parse_hello, ErrorCode, FrameDecoder, GpuSource, KvDType,
-    KvShape, LookupReply, MemoryKind, Message, Release, Save, Stats, TargetLayout, TokenOrder,
-    DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK, HELLO_VERSION_UNSUPPORTED, PROTOCOL_VERSION,
+    encode_hello, encode_hello_with_flags, encode_message, parse_hello, ErrorCode, Fetch,
+    FrameDecoder, GpuSource, KvDType, KvShape, LookupReply, MemoryKind, Message, Release, Save,
+    Stats, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK,
+    HELLO_VERSION_UNSUPPORTED, PROTOCOL_VERSION,
 };
 use kvfetcher_client::Client;
 use server_support::*;
@@ -290,4 +291,41 @@ fn gpu_disabled_in_config_is_refused_clearly() {
     assert_eq!(e.daemon_code(), Some(ErrorCode::GpuUnsupported));
     assert!(e.to_string().contains("disabled in config"), "{e}");
     still_serving(&srv);
+}
+
+/// `corrupt` is a code added after the first list: a client that announced it in its hello
+/// gets it, a client of before (hello flags 0, which fails on an unknown code) gets `internal`.
+#[test]
+fn corrupt_objects_are_reported_to_clients_that_parse_the_code() {
+    let backend = MemBackend::new(None);
+    backend
+        .corrupt_fetches
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let srv = TestServer::start(backend);
+    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let c = Client::connect(&srv.path).unwrap();
+    let e = c.fetch(MODEL, &[1, 2], &layout).unwrap_err();
+    assert_eq!(e.daemon_code(), Some(ErrorCode::Corrupt), "{e}");
+
+    let mut s = raw(&srv);
+    s.write_all(&encode_hello_with_flags(PROTOCOL_VERSION, 0))
+        .unwrap();
+    let mut r = [0u8; HELLO_LEN];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(parse_hello(&r).unwrap(), (PROTOCOL_VERSION, HELLO_OK));
+    let fetch = Message::Fetch(Fetch {
+        req: 9,
+        model: MODEL.into(),
+        token_ids: vec![1, 2],
+        layout,
+    });
+    s.write_all(&encode_message(&fetch, DEFAULT_MAX_FRAME).unwrap())
+        .unwrap();
+    match next(&mut s, &mut FrameDecoder::new(DEFAULT_MAX_FRAME)) {
+        Some(Message::FetchFailed(f)) => {
+            assert_eq!((f.req, f.code), (9, ErrorCode::Internal));
+            assert!(f.message.contains("corrupt"), "{}", f.message);
+        }
+        other => panic!("expected FetchFailed, got {other:?}"),
+    }
 }

@@ -28,6 +28,11 @@ pub const MAX_PENDING_FDS: usize = 16;
 pub const HELLO_OK: u16 = 0;
 /// Handshake status: the daemon does not speak the client's version (it sends its own).
 pub const HELLO_VERSION_UNSUPPORTED: u16 = 1;
+/// Client hello flag: the client parses the `corrupt` error code. A daemon sends `internal`
+/// instead to a client without it (clients before this flag fail on an unknown code).
+pub const HELLO_FLAG_CORRUPT: u16 = 1;
+/// The hello flags this crate's clients send.
+pub const CLIENT_HELLO_FLAGS: u16 = HELLO_FLAG_CORRUPT;
 
 /// Why bytes could not be turned into messages (or messages into bytes).
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +75,15 @@ pub enum FrameError {
     TooManyFds,
 }
 
-/// Encodes the client's side of the handshake.
+/// Encodes the client's side of the handshake, with the flags of this crate's clients
+/// ([`CLIENT_HELLO_FLAGS`]).
 pub fn encode_hello(version: u16) -> [u8; HELLO_LEN] {
-    hello(version, 0)
+    hello(version, CLIENT_HELLO_FLAGS)
+}
+
+/// Encodes the client's side of the handshake with explicit `flags` (tests of older clients).
+pub fn encode_hello_with_flags(version: u16, flags: u16) -> [u8; HELLO_LEN] {
+    hello(version, flags)
 }
 
 /// Encodes the daemon's answer to a handshake: its version and [`HELLO_OK`] or
@@ -358,7 +369,12 @@ mod tests {
     #[test]
     fn handshake() {
         let h = encode_hello(PROTOCOL_VERSION);
-        assert_eq!(parse_hello(&h).unwrap(), (PROTOCOL_VERSION, 0));
+        assert_eq!(
+            parse_hello(&h).unwrap(),
+            (PROTOCOL_VERSION, HELLO_FLAG_CORRUPT)
+        );
+        let old = encode_hello_with_flags(PROTOCOL_VERSION, 0);
+        assert_eq!(parse_hello(&old).unwrap(), (PROTOCOL_VERSION, 0));
         let r = encode_hello_reply(1, HELLO_VERSION_UNSUPPORTED);
         assert_eq!(parse_hello(&r).unwrap(), (1, HELLO_VERSION_UNSUPPORTED));
         assert!(matches!(

@@ -297,6 +297,18 @@ pub(crate) mod ty {
 }
 
 impl Message {
+    /// This message as a peer whose hello carried `flags` can parse it: error codes it does
+    /// not know are replaced ([`ErrorCode::for_peer`]).
+    pub fn for_peer(mut self, flags: u16) -> Message {
+        match &mut self {
+            Message::Error(Error { code, .. }) | Message::FetchFailed(FetchFailed { code, .. }) => {
+                *code = code.for_peer(flags);
+            }
+            _ => {}
+        }
+        self
+    }
+
     /// The frame type number of this message.
     pub fn type_id(&self) -> u16 {
         match self {

@@ -15,9 +15,10 @@ mod message;
 
 pub use code::ErrorCode;
 pub use frame::{
-    encode_hello, encode_hello_reply, encode_message, parse_hello, FrameDecoder, FrameError,
-    DEFAULT_MAX_FRAME, FRAME_HEADER_LEN, HELLO_LEN, HELLO_OK, HELLO_VERSION_UNSUPPORTED, MAGIC,
-    MAX_PENDING_FDS, PROTOCOL_VERSION,
+    encode_hello, encode_hello_reply, encode_hello_with_flags, encode_message, parse_hello,
+    FrameDecoder, FrameError, CLIENT_HELLO_FLAGS, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN,
+    HELLO_FLAG_CORRUPT, HELLO_LEN, HELLO_OK, HELLO_VERSION_UNSUPPORTED, MAGIC, MAX_PENDING_FDS,
+    PROTOCOL_VERSION,
 };
 pub use layout::{KvDType, KvShape, LayoutError, MemoryKind, Paging, TargetLayout, TokenOrder};
 pub use message::{

@@ -1,18 +1,18 @@
 //! `kvfetcher daemon --config FILE`: the node service. Loads the config, sets up logging,
-//! binds the Unix socket (mode from the config) and the metrics endpoint, serves the local
-//! protocol with the fetch pipeline as backend, tells systemd it is ready, pings the watchdog,
-//! and shuts down cleanly on SIGTERM or SIGINT.
+//! binds the Unix socket (mode from the config; one daemon per path, see `socket`) and the
+//! metrics endpoint, serves the local protocol with the fetch pipeline as backend, tells
+//! systemd it is ready, pings the watchdog, and shuts down cleanly on SIGTERM or SIGINT.
 
 mod notify;
+mod socket;
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
 use kvfetcher_codec::{CodecRegistry, VariantKind};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, LogFormat};
@@ -20,6 +20,7 @@ use crate::gpu::{DeviceHevcDecoder, GpuDevices};
 use crate::metrics::{serve_metrics, Metrics};
 use crate::pipeline::Pipeline;
 use notify::Notifier;
+pub use socket::SocketLock;
 
 /// Exit status for a bad configuration (sysexits.h `EX_CONFIG`).
 pub const EX_CONFIG: i32 = 78;
@@ -48,6 +49,8 @@ pub struct Running {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The pipeline's metrics.
     pub metrics: Arc<Metrics>,
+    /// The socket path's lock, held while this daemon serves it.
+    pub lock: SocketLock,
 }
 
 /// Runs `kvfetcher daemon`.
@@ -65,6 +68,15 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
         config.socket = s;
     }
     init_logging(config.log_format, "info");
+    match crate::rlimit::raise_nofile() {
+        Ok(l) => tracing::info!(
+            soft_before = l.before,
+            soft = l.soft,
+            hard = l.hard,
+            "open file limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kvf-daemon")
@@ -134,7 +146,7 @@ pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Resu
     // One per daemon: each GPU is opened on the first request for it.
     let gpus = Arc::new(GpuDevices::new(config.gpu.options(), metrics.clone()));
     let pipeline = Pipeline::from_config(config, codec_registry(&gpus), metrics.clone())?;
-    let listener = bind_socket(&config.socket, config.socket_mode_bits()?)?;
+    let (listener, lock) = socket::bind_socket(&config.socket, config.socket_mode_bits()?)?;
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics_addr {
         let l = TcpListener::bind(addr)
@@ -144,8 +156,8 @@ pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Resu
         tokio::spawn(serve_metrics(l, metrics.clone(), stopped(stop.clone())));
     }
     let backend: Arc<dyn crate::server::Backend> = Arc::new(pipeline);
+    let opts = config.server.options();
     tokio::spawn(async move {
-        let opts = crate::server::ServeOptions::default();
         if let Err(e) =
             crate::server::serve_with(listener, backend, opts, gpus, stopped(stop)).await
         {
@@ -156,6 +168,7 @@ pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Resu
         socket: config.socket.clone(),
         metrics_addr,
         metrics,
+        lock,
     })
 }
 
@@ -166,24 +179,6 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
             return;
         }
     }
-}
-
-/// Binds the Unix socket, replacing a stale socket file (never any other kind of file), and
-/// sets its mode.
-fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        anyhow::ensure!(
-            meta.file_type().is_socket(),
-            "{} exists and is not a socket",
-            path.display()
-        );
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
-    Ok(listener)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -2,7 +2,9 @@
 //! destination, so network, decode and restore overlap.
 //!
 //! Steps: every chunk's header, at most the fetch window at once, which is also the prefix
-//! lookup (the prefix ends at the first chunk no store holds); each header request also asks
+//! lookup (the prefix ends at the first chunk no store holds), each header checked to be the
+//! chunk asked for (`verify`: key, model, token range, shape) before anything is sized from
+//! it; each header request also asks
 //! for the chunk's first section (layer 0), whose bytes follow the header on the same stream;
 //! allocate the destination; then the other sections in the planner's order, each on its own
 //! QUIC stream, at most the planner's window per fetch. So the first section arrives in the
@@ -34,14 +36,15 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use kvfetcher_client::{KvShape, TargetLayout};
 use kvfetcher_codec::{
-    chunk_keys, decode_section, restore_section, ChunkHeader, ChunkKey, CodecRegistry,
-    ModelFingerprint,
+    chunk_keys, decode_section, restore_section, ChunkHeader, ChunkKey, CodecError, CodecRegistry,
+    FormatError, ModelFingerprint,
 };
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::layout::{place_cache, LayoutIoError};
 use super::plan::{FetchPlanner, SectionRef};
 use super::stores::Stores;
+use super::verify::{check_header, Expected, Geometry, Mismatch};
 use super::Pipeline;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
 use crate::metrics::Metrics;
@@ -112,7 +115,13 @@ pub(super) async fn fetch(
     let _active = p.metrics.fetches_active.track();
     let fp = ModelFingerprint::of_bytes(model.as_bytes());
     let keys = chunk_keys(&fp, token_ids, p.save.chunk_tokens as usize);
-    let (chunks, header_bytes) = stored_prefix(p, &keys).await?;
+    let wanted = keys
+        .iter()
+        .enumerate()
+        .map(|(i, &key)| Expected::chunk(key, fp, i, p.save.chunk_tokens, token_ids.len()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ServeError::BadRequest("too many tokens".into()))?;
+    let (chunks, header_bytes) = stored_prefix(p, &wanted).await?;
     if chunks.is_empty() {
         return Err(ServeError::NotFound(format!(
             "no stored prefix for model {model:?}"
@@ -202,22 +211,40 @@ pub(super) async fn fetch(
     })
 }
 
-/// The stored prefix of the chain `keys`: asks for each chunk's header, at most the fetch
-/// window at once, and stops at the first chunk no store holds. Keeps the early first sections
+/// The stored prefix of the chain `wanted`: asks for each chunk's header, at most the fetch
+/// window at once, and stops at the first chunk no store holds. Every header must be the chunk
+/// asked for and share the first chunk's geometry (`verify`). Keeps the early first sections
 /// of a leading run of chunks only (see the module doc). Returns the chunks and the header
 /// bytes received.
-async fn stored_prefix(p: &Pipeline, keys: &[ChunkKey]) -> Result<(Vec<Chunk>, u64), ServeError> {
-    let mut answers = futures::stream::iter(keys.iter().copied())
-        .map(|key| header_and_first(p, key))
+async fn stored_prefix(p: &Pipeline, wanted: &[Expected]) -> Result<(Vec<Chunk>, u64), ServeError> {
+    // Chunks found corrupt lately end the prefix, as they end a lookup's.
+    let keys: Vec<ChunkKey> = wanted.iter().map(|w| w.key).collect();
+    let usable = p
+        .quarantine
+        .first_in(&keys, Instant::now())
+        .unwrap_or(keys.len());
+    let mut answers = futures::stream::iter(wanted[..usable].iter().copied())
+        .map(|want| header_and_first(p, want))
         .buffered(p.fetch.max_inflight_sections);
     let mut chunks: Vec<Chunk> = Vec::new();
     let mut token_start = 0u32;
     let mut bytes = 0u64;
     let mut early = true;
     while let Some(answer) = answers.next().await {
+        let geometry = chunks.first().map(|c| Geometry::of(c.header()));
+        let answer = answer.and_then(|(check, first)| {
+            match check_header(check.header(), &wanted[chunks.len()], geometry) {
+                Ok(()) => Ok((check, first)),
+                Err(m) => Err(p.noted(&check.key(), corrupt_header(&check.key(), &m))),
+            }
+        });
         let (check, first) = match answer {
             Ok(a) => a,
             Err(ServeError::NotFound(_)) => break,
+            // A corrupt chunk (counted and logged) ends the prefix; the good chunks before it
+            // are fetched. A corrupt first chunk leaves nothing to fetch.
+            Err(e @ ServeError::Corrupt(_)) if chunks.is_empty() => return Err(e),
+            Err(ServeError::Corrupt(_)) => break,
             Err(e) => return Err(e),
         };
         early &= first.is_some();
@@ -238,19 +265,24 @@ async fn stored_prefix(p: &Pipeline, keys: &[ChunkKey]) -> Result<(Vec<Chunk>, u
 /// One chunk's header, with its first section on the same stream (its bytes follow the header
 /// without a second round trip). The section is received on a task of its own when it is the
 /// chunk's layer-0 section and the byte budget has room for it now; otherwise the stream is
-/// dropped (the store sees it reset) and the planner asks for the section again later.
+/// dropped (the store sees it reset) and the planner asks for the section again later. A
+/// header that is not the chunk `want` is refused before its section is received.
 async fn header_and_first(
     p: &Pipeline,
-    key: ChunkKey,
+    want: Expected,
 ) -> Result<(Arc<SectionCheck>, Option<EarlySection>), ServeError> {
+    let key = want.key;
     let client = p.stores.client_for(&key).await?;
     let stream = match client.open_sections(&key, &[0]).await {
         Ok(s) => s,
-        Err(e) => return Err(p.stores.failed(&key, e).await),
+        Err(e) => return Err(p.noted(&key, p.stores.failed(&key, e).await)),
     };
     p.metrics.bytes_in.add(stream.header().len() as u64);
     let check = stream.check().clone();
     let header = check.header();
+    if let Err(m) = check_header(header, &want, None) {
+        return Err(p.noted(&key, corrupt_header(&key, &m)));
+    }
     if header.sections.first().map(|s| s.layer_start) != Some(0) {
         return Ok((check, None));
     }
@@ -267,6 +299,11 @@ async fn header_and_first(
         budget,
     );
     Ok((check, Some(EarlySection(tokio::spawn(task)))))
+}
+
+/// The error of a header that is not the chunk asked for.
+fn corrupt_header(key: &ChunkKey, m: &Mismatch) -> ServeError {
+    ServeError::Corrupt(format!("chunk {key}: {m}"))
 }
 
 /// Permits of the byte budget a section of `len` bytes holds. A section larger than the whole
@@ -317,6 +354,9 @@ struct SectionTimes {
 }
 
 /// Fetches, decodes and restores one section; returns it with the bytes it took on the wire.
+/// A section found corrupt (checksum, or a payload that does not decode) fails the fetch: its
+/// buffer and shape are already the client's. The chunk is quarantined, so the next lookup and
+/// fetch stop before it.
 async fn section(
     p: &Pipeline,
     chunk: &Chunk,
@@ -326,6 +366,20 @@ async fn section(
     dest: Arc<dyn Destination>,
 ) -> Result<(SectionRef, u64, SectionTimes), ServeError> {
     let _queued = p.metrics.sections_in_flight.track();
+    section_inner(p, chunk, s, layout, shape, dest)
+        .await
+        .map_err(|e| p.noted(&chunk.key(), e))
+}
+
+/// [`section`], its errors not yet noted.
+async fn section_inner(
+    p: &Pipeline,
+    chunk: &Chunk,
+    s: SectionRef,
+    layout: TargetLayout,
+    shape: KvShape,
+    dest: Arc<dyn Destination>,
+) -> Result<(SectionRef, u64, SectionTimes), ServeError> {
     let early = match s.section {
         0 => chunk.first.lock().unwrap_or_else(|e| e.into_inner()).take(),
         _ => None,
@@ -473,8 +527,18 @@ pub fn restore_section_into(
         payload,
         token_start,
     } = *job;
-    let bad = |e: kvfetcher_codec::FormatError| {
-        ServeError::Internal(format!("chunk {}: section {index}: {e}", header.key))
+    let bad = |e: FormatError| {
+        let m = format!("chunk {}: section {index}: {e}", header.key);
+        match e {
+            // No decoder here, or the decoder library failed: not the object's fault.
+            FormatError::Codec(
+                CodecError::Unavailable { .. }
+                | CodecError::Library { .. }
+                | CodecError::Unsupported { .. },
+            ) => ServeError::Internal(m),
+            // The section passed its checksum: a payload that does not decode was stored so.
+            _ => ServeError::Corrupt(m),
+        }
     };
     if let Some(region) = dest.device() {
         match kernels_apply(header, index, layout) {

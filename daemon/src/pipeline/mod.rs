@@ -6,19 +6,23 @@
 //! - `plan`: the sans-IO fetch planner (order, window, per-layer readiness).
 //! - `layout`: restore into the engine's layout on the CPU, and read a client's buffer back.
 //! - `stores`: which store holds which key; prefix lookups; lazy reconnection.
+//! - `verify`: what a fetched header must say (the chunk asked for).
+//! - `quarantine`: chunks found corrupt lately, where lookups and fetches stop.
 //! - `fetch`, `save`: the two drivers.
 
 mod fetch;
 mod layout;
 mod plan;
+mod quarantine;
 mod save;
 mod stores;
+mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kvfetcher_client::{KvShape, TargetLayout};
-use kvfetcher_codec::{chunk_keys, CodecRegistry, ModelFingerprint};
+use kvfetcher_codec::{chunk_keys, ChunkKey, CodecRegistry, ModelFingerprint};
 use tokio::sync::Semaphore;
 
 pub use fetch::{restore_section_into, SectionJob};
@@ -31,6 +35,7 @@ use crate::config::{Config, FetchConfig, SaveConfig};
 use crate::metrics::Metrics;
 use crate::server::{Backend, BoxFuture, Destination, FetchOutcome, ServeError};
 use crate::transport::TlsClientConfig;
+use quarantine::Quarantine;
 use stores::Stores;
 
 /// Bytes per permit of the in-flight byte budget (a semaphore counts in `u32` permits).
@@ -72,6 +77,8 @@ pub struct Pipeline {
     wire_budget: Arc<Semaphore>,
     budget_permits: u32,
     save_pool: Arc<rayon::ThreadPool>,
+    /// Chunks found corrupt lately: lookups and fetches stop before them.
+    quarantine: Quarantine,
 }
 
 impl Pipeline {
@@ -118,6 +125,7 @@ impl Pipeline {
             fetch,
             save,
             save_pool: Arc::new(save_pool),
+            quarantine: Quarantine::default(),
         })
     }
 
@@ -165,9 +173,28 @@ impl Pipeline {
         let fp = ModelFingerprint::of_bytes(model.as_bytes());
         let chunk = self.save.chunk_tokens as usize;
         let keys = chunk_keys(&fp, token_ids, chunk);
-        let n = self.stores.exists_prefix(&keys).await?;
+        let mut n = self.stores.exists_prefix(&keys).await?;
+        // A fetch would stop before a chunk found corrupt: so does the lookup.
+        if let Some(bad) = self
+            .quarantine
+            .first_in(&keys[..n], std::time::Instant::now())
+        {
+            n = bad;
+        }
         self.metrics.lookups.add(1);
         Ok((n * chunk).min(token_ids.len()) as u32)
+    }
+}
+
+impl Pipeline {
+    /// Counts, logs and quarantines chunk `key` if `e` says it is corrupt; returns `e`.
+    fn noted(&self, key: &ChunkKey, e: ServeError) -> ServeError {
+        if let ServeError::Corrupt(why) = &e {
+            self.metrics.corrupt_objects.add(1);
+            tracing::warn!(chunk = %key, "corrupt object in the store: {why}");
+            self.quarantine.insert(*key, std::time::Instant::now());
+        }
+        e
     }
 }
 

@@ -86,6 +86,8 @@ pub(super) async fn save(
             match client.put(Bytes::from(bytes)).await {
                 Ok(_) => {
                     p.metrics.bytes_out.add(len);
+                    // Saved again: a damaged copy this daemon found is replaced.
+                    p.quarantine.remove(&key);
                     Ok(1u32)
                 }
                 Err(e) => Err(p.stores.failed(&key, e).await),

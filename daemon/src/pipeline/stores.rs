@@ -52,7 +52,7 @@ pub(crate) struct Stores {
 pub(crate) fn serve_error(e: TransportError) -> ServeError {
     match e {
         TransportError::NotFound(m) => ServeError::NotFound(m),
-        TransportError::Corrupt(m) => ServeError::Internal(format!("corrupt chunk: {m}")),
+        TransportError::Corrupt(m) => ServeError::Corrupt(m),
         TransportError::InvalidObject(m) => ServeError::Internal(format!("invalid chunk: {m}")),
         other => ServeError::Unavailable(format!("store: {other}")),
     }

@@ -1,4 +1,4 @@
-//! One client connection: handshake, then a read loop that turns each request into a task, and
+//! One client connection: handshake and admission (`hello`, `admission`), then a read loop that turns each request into a task, and
 //! a writer task that sends answers and readiness events in order. When the client goes away
 //! (cleanly or not) every task and handle of the connection is dropped.
 
@@ -10,51 +10,25 @@ use std::time::Duration;
 
 use kvfetcher_client::memfd;
 use kvfetcher_client::protocol::{
-    encode_hello_reply, ErrorCode, Fetch, FetchDone, FetchFailed, FrameError, LookupReply,
-    MemoryKind, Message, PeerCred, Released, Save, SaveReply, StatsReply, HELLO_OK,
-    HELLO_VERSION_UNSUPPORTED, PROTOCOL_VERSION,
+    ErrorCode, Fetch, FetchDone, FetchFailed, FrameError, LookupReply, MemoryKind, Message,
+    PeerCred, Released, Save, SaveReply, StatsReply,
 };
-use kvfetcher_client::transport::{send_async, send_bytes_async, AsyncReceiver, TransportError};
+use kvfetcher_client::transport::{send_async, AsyncReceiver, TransportError};
 use memmap2::Mmap;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
+use super::admission::HandshakeSlot;
 use super::gpu_buffer::GpuDestination;
+use super::hello;
 use super::host_buffer::HostDestination;
-use super::registry::{FetchDest, Handle, Registry};
+use super::outbox::{CloseReason, Closer, Outbox, Queued};
+use super::registry::{FetchDest, FetchLimit, Handle, Registry};
 use super::{Backend, ServeError, ServeOptions};
 use crate::gpu::ipc::ImportedBuffer;
 use crate::gpu::{GpuDevice, GpuDevices};
-
-/// How long a client may take to send its handshake.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The queue of messages (with their fds) to send to one client, in order.
-#[derive(Debug, Clone)]
-pub(crate) struct Outbox(mpsc::UnboundedSender<(Message, Vec<OwnedFd>)>);
-
-impl Outbox {
-    /// Queues `msg`; a gone client drops it (its fds are closed).
-    pub(crate) fn send(&self, msg: Message, fds: Vec<OwnedFd>) {
-        let _ = self.0.send((msg, fds));
-    }
-
-    fn error(&self, req: Option<u64>, code: ErrorCode, message: impl Into<String>) {
-        self.send(
-            Message::Error(kvfetcher_client::protocol::Error {
-                req,
-                code,
-                message: message.into(),
-            }),
-            vec![],
-        );
-    }
-
-    fn serve_error(&self, req: u64, e: &ServeError) {
-        self.error(Some(req), e.code(), e.to_string());
-    }
-}
 
 /// The state one connection's request handlers share.
 struct Ctx {
@@ -67,13 +41,15 @@ struct Ctx {
     out: Outbox,
 }
 
-/// Serves one accepted connection until the client leaves or the task is aborted.
+/// Serves one accepted connection until the client leaves or the task is aborted. `slot` is
+/// the connection's place among pending handshakes, held until it is a client (or refused).
 pub(crate) async fn run(
     stream: UnixStream,
     backend: Arc<dyn Backend>,
     registry: Arc<Registry>,
     opts: ServeOptions,
     gpus: Arc<GpuDevices>,
+    mut slot: HandshakeSlot,
 ) {
     let peer = match stream.peer_cred() {
         Ok(c) => PeerCred {
@@ -86,98 +62,124 @@ pub(crate) async fn run(
             return;
         }
     };
-    let conn = registry.connect();
-    tracing::info!(conn, pid = ?peer.pid, uid = peer.uid, gid = peer.gid, "local client connected");
-    let busy = registry.clients() > opts.max_clients as u64;
+    let metrics = gpus.metrics().clone();
     let stream = Arc::new(stream);
     let mut rx = AsyncReceiver::new(opts.max_frame);
-    if handshake(&stream, &mut rx, busy).await {
-        let (tx, queue) = mpsc::unbounded_channel();
-        let out = Outbox(tx);
-        let writer = tokio::spawn(write_loop(stream.clone(), queue, opts.max_frame));
-        let ctx = Arc::new(Ctx {
-            conn,
-            peer,
-            backend,
-            registry: registry.clone(),
-            opts,
-            gpus,
-            out: out.clone(),
-        });
-        read_loop(&stream, &mut rx, &ctx).await;
-        // Cancel the connection's fetches first: their tasks hold the outbox open.
-        registry.disconnect(conn);
-        drop(ctx);
-        drop(out);
+    let Some(peer_flags) = hello::handshake(
+        &stream,
+        &mut rx,
+        &mut slot,
+        opts.handshake_timeout,
+        &metrics,
+    )
+    .await
+    else {
+        return;
+    };
+    let conn = registry.new_conn_id();
+    let place = registry
+        .clients
+        .admit(peer.uid, opts.max_clients, opts.max_clients_per_uid);
+    if !hello::accept(&stream).await {
+        return;
+    }
+    let _place = match place {
+        Ok(p) => p,
+        Err(r) => {
+            r.count(&metrics);
+            tracing::warn!(conn, pid = ?peer.pid, uid = peer.uid, "local client refused: {}", r.message());
+            hello::refuse(&stream, &mut slot, r.message()).await;
+            return;
+        }
+    };
+    drop(slot);
+    tracing::info!(conn, pid = ?peer.pid, uid = peer.uid, gid = peer.gid, "local client connected");
+    let closer = Closer::new();
+    let (out, queue) = Outbox::new(
+        opts.max_queued_replies,
+        closer.clone(),
+        metrics.clone(),
+        peer_flags,
+    );
+    let writer = tokio::spawn(write_loop(stream.clone(), queue, opts.max_frame));
+    let ctx = Arc::new(Ctx {
+        conn,
+        peer,
+        backend,
+        registry: registry.clone(),
+        opts,
+        gpus,
+        out: out.clone(),
+    });
+    let cut = read_loop(&stream, &mut rx, &ctx, &closer).await;
+    // Cancel the connection's fetches first: their tasks hold the outbox open.
+    registry.disconnect(conn);
+    drop(ctx);
+    if let Some(reason) = cut {
+        reason.count(&metrics);
+        tracing::warn!(conn, pid = ?peer.pid, uid = peer.uid, "local client disconnected: {}", reason.describe());
+        if reason.tells_client() {
+            out.error(None, ErrorCode::Busy, reason.describe());
+        }
+    }
+    drop(out);
+    if cut.is_some_and(|r| !r.tells_client()) {
+        // The client does not read: drop what is queued for it unsent.
+        writer.abort();
+    } else {
         // Drain what is queued (a final error, say), but never wait long on a client that
         // stopped reading.
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-    } else {
-        registry.disconnect(conn);
     }
     tracing::info!(conn, "local client disconnected");
 }
 
-/// Answers the client's hello; false if the connection must close.
-async fn handshake(stream: &UnixStream, rx: &mut AsyncReceiver, busy: bool) -> bool {
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, rx.recv_hello(stream)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            tracing::warn!("bad handshake: {e}");
-            return false;
-        }
-        Err(_) => {
-            tracing::warn!("handshake timed out");
-            return false;
-        }
-    };
-    let ok = hello.0 == PROTOCOL_VERSION;
-    let status = if ok {
-        HELLO_OK
-    } else {
-        HELLO_VERSION_UNSUPPORTED
-    };
-    let sent = send_bytes_async(stream, &encode_hello_reply(PROTOCOL_VERSION, status), &[]).await;
-    if !ok {
-        tracing::warn!(theirs = hello.0, "client protocol version unsupported");
-        return false;
-    }
-    if busy {
-        let msg = Message::Error(kvfetcher_client::protocol::Error {
-            req: None,
-            code: ErrorCode::Busy,
-            message: "too many clients".into(),
-        });
-        let _ = send_async(stream, &msg, &[], usize::MAX).await;
-        return false;
-    }
-    sent.is_ok()
-}
-
-async fn write_loop(
-    stream: Arc<UnixStream>,
-    mut queue: mpsc::UnboundedReceiver<(Message, Vec<OwnedFd>)>,
-    max_frame: usize,
-) {
-    while let Some((msg, fds)) = queue.recv().await {
-        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        if let Err(e) = send_async(&stream, &msg, &borrowed, max_frame).await {
+async fn write_loop(stream: Arc<UnixStream>, mut queue: mpsc::Receiver<Queued>, max_frame: usize) {
+    while let Some(q) = queue.recv().await {
+        let borrowed: Vec<_> = q.fds.iter().map(|f| f.as_fd()).collect();
+        if let Err(e) = send_async(&stream, &q.msg, &borrowed, max_frame).await {
             tracing::debug!("local client write failed: {e}");
             return;
         }
     }
 }
 
-async fn read_loop(stream: &UnixStream, rx: &mut AsyncReceiver, ctx: &Arc<Ctx>) {
+/// Reads and dispatches requests until the client leaves (`None`) or the connection is cut
+/// off (the reason).
+async fn read_loop(
+    stream: &UnixStream,
+    rx: &mut AsyncReceiver,
+    ctx: &Arc<Ctx>,
+    closer: &Closer,
+) -> Option<CloseReason> {
     // Request tasks of this connection: dropped (aborted) when the loop ends.
     let mut tasks = JoinSet::new();
+    let idle = ctx.opts.idle_timeout;
+    let mut idle_at = idle.map(|d| Instant::now() + d);
     loop {
-        let (msg, fds) = match rx.recv(stream).await {
+        // `recv` keeps a partial frame in `rx` across cancellation, and the connection ends
+        // when the closer or the idle timer wins anyway.
+        let received = tokio::select! {
+            biased;
+            reason = closer.closed() => return Some(reason),
+            () = sleep_until(idle_at) => {
+                while tasks.try_join_next().is_some() {}
+                if tasks.is_empty() && ctx.registry.count_owned(ctx.conn) == 0 {
+                    return Some(CloseReason::Idle);
+                }
+                // Waiting for its own requests or holding fetches is not idle.
+                idle_at = idle.map(|d| Instant::now() + d);
+                continue;
+            }
+            r = rx.recv(stream) => r,
+        };
+        idle_at = idle.map(|d| Instant::now() + d);
+        let (msg, fds) = match received {
             Ok(m) => m,
-            Err(TransportError::Closed) => return,
+            Err(TransportError::Closed) => return None,
             Err(TransportError::Io(e)) => {
                 tracing::debug!("local client read failed: {e}");
-                return;
+                return None;
             }
             Err(TransportError::Frame(e)) => {
                 let code = match e {
@@ -186,12 +188,29 @@ async fn read_loop(stream: &UnixStream, rx: &mut AsyncReceiver, ctx: &Arc<Ctx>) 
                 };
                 tracing::warn!(conn = ctx.conn, "protocol violation: {e}");
                 ctx.out.error(None, code, e.to_string());
-                return;
+                return None;
             }
         };
         while tasks.try_join_next().is_some() {}
+        if tasks.len() >= ctx.opts.max_pending_requests && spawns_task(&msg) {
+            return Some(CloseReason::TooManyRequests);
+        }
         dispatch(ctx, msg, fds, &mut tasks);
     }
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether `dispatch` answers `msg` from a task of the connection's set (rather than at once,
+/// or from a fetch task that `max_fetches_per_client` bounds).
+fn spawns_task(msg: &Message) -> bool {
+    matches!(msg, Message::Lookup(_) | Message::Save(_))
 }
 
 fn dispatch(ctx: &Arc<Ctx>, msg: Message, fds: Vec<OwnedFd>, tasks: &mut JoinSet<()>) {
@@ -287,12 +306,6 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
     }) {
         return refuse(ErrorCode::BadRequest, e.to_string());
     }
-    if ctx.registry.count_owned(ctx.conn) >= ctx.opts.max_fetches_per_client {
-        return refuse(
-            ErrorCode::Busy,
-            "too many fetches on this connection".into(),
-        );
-    }
     let fetch_id = ctx.registry.new_fetch_id();
     let dest = match device {
         None => FetchDest::Host(Arc::new(HostDestination::new(
@@ -311,15 +324,20 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
             device,
         ))),
     };
-    ctx.registry.insert(
-        fetch_id,
-        Handle {
-            owner: ctx.conn,
-            peer: ctx.peer,
-            dest: dest.clone(),
-            task: None,
-        },
-    );
+    let handle = Handle {
+        owner: ctx.conn,
+        peer: ctx.peer,
+        dest: dest.clone(),
+        task: None,
+    };
+    let (per_client, total) = (ctx.opts.max_fetches_per_client, ctx.opts.max_fetches);
+    if let Err(limit) = ctx.registry.try_insert(fetch_id, handle, per_client, total) {
+        if let FetchLimit::Total { .. } = limit {
+            ctx.gpus.metrics().local_refusals.max_fetches.add(1);
+            tracing::warn!(conn = ctx.conn, pid = ?ctx.peer.pid, uid = ctx.peer.uid, "fetch refused: {limit}");
+        }
+        return refuse(ErrorCode::Busy, limit.to_string());
+    }
     let c = ctx.clone();
     // Not in the connection's JoinSet: the registry owns the task's abort handle, so a release
     // or the disconnect cancels it.

@@ -17,6 +17,9 @@ pub enum ServeError {
     /// An unexpected failure.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A stored object is damaged, or is not the chunk asked for: a store fault.
+    #[error("corrupt object: {0}")]
+    Corrupt(String),
     /// GPU memory was asked for and this host or configuration cannot provide it (why: no
     /// driver, no such device, disabled in config...).
     #[error("gpu memory not supported: {0}")]
@@ -34,6 +37,7 @@ impl ServeError {
             ServeError::BadRequest(_) => ErrorCode::BadRequest,
             ServeError::Unavailable(_) => ErrorCode::Unavailable,
             ServeError::Internal(_) | ServeError::Io(_) => ErrorCode::Internal,
+            ServeError::Corrupt(_) => ErrorCode::Corrupt,
             ServeError::GpuUnsupported(_) => ErrorCode::GpuUnsupported,
         }
     }

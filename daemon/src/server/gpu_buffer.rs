@@ -17,7 +17,7 @@ use kvfetcher_client::protocol::{
 };
 
 use super::backend::DeviceRegion;
-use super::conn::Outbox;
+use super::outbox::Outbox;
 use super::{Destination, ServeError};
 use crate::gpu::{DeviceBuffer, Event, GpuDevice, GpuError, Stream};
 

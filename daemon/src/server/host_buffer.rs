@@ -13,7 +13,7 @@ use kvfetcher_client::protocol::{
 };
 use memmap2::{MmapOptions, MmapRaw};
 
-use super::conn::Outbox;
+use super::outbox::Outbox;
 use super::{Destination, ServeError};
 
 /// The allocated part of a [`HostDestination`].

@@ -2,18 +2,26 @@
 //! of `kvfetcher_client::protocol`, hands requests to a [`Backend`] and shares restored buffers
 //! as memfds.
 //!
+//! - `accept_backoff`: waiting out fd or memory exhaustion in the accept loop.
+//! - `admission`: pending handshakes and connected clients, and their caps.
 //! - `backend`: the [`Backend`] / [`Destination`] interface to the fetch pipeline.
 //! - `error`: [`ServeError`].
-//! - `conn`: one connection's handshake, read loop and writer.
+//! - `hello`: a connection's handshake, and the refusal a client without a place can read.
+//! - `conn`: one connection's life: handshake, admission, read loop and writer.
+//! - `outbox`: a connection's bounded reply queue and the signal that cuts it off.
 //! - `registry`: live fetch handles, their owners, access checks and counters.
 //! - `host_buffer`: the memfd [`Destination`].
 //! - `gpu_buffer`: the device-memory [`Destination`] (CUDA IPC handle, one event per layer).
 
+mod accept_backoff;
+mod admission;
 mod backend;
 mod conn;
 mod error;
 mod gpu_buffer;
+mod hello;
 mod host_buffer;
+mod outbox;
 mod registry;
 
 use std::future::Future;
@@ -32,14 +40,33 @@ pub use error::ServeError;
 /// Limits of the local server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeOptions {
-    /// Connected clients at most; one more is answered `Busy` and closed.
+    /// Connected clients at most (handshake done); one more is answered `Busy` and closed.
     pub max_clients: usize,
+    /// Connected clients of one uid at most; one more is answered `Busy` and closed.
+    pub max_clients_per_uid: usize,
+    /// Connections in their handshake at most; they do not count as clients. At the cap the
+    /// oldest pending handshake is closed to make room for the new connection.
+    pub max_handshakes: usize,
+    /// How long a connection may take to send its handshake.
+    pub handshake_timeout: Duration,
+    /// A client with no request for this long and nothing in progress (no pending request,
+    /// no live fetch handle) is told `busy` and disconnected; `None`: never.
+    pub idle_timeout: Option<Duration>,
     /// Largest frame payload accepted or sent, in bytes.
     pub max_frame: usize,
     /// Live fetch handles per connection at most.
     pub max_fetches_per_client: usize,
+    /// Live fetch handles in the daemon at most, all connections together; one more fetch is
+    /// answered `Busy`.
+    pub max_fetches: usize,
     /// Largest buffer one fetch or save may use, in bytes.
     pub max_buffer_bytes: u64,
+    /// Messages queued for one client and not yet written to its socket; a client whose queue
+    /// is full does not read, and is disconnected.
+    pub max_queued_replies: usize,
+    /// Requests of one client in progress at once (lookups and saves; fetches count against
+    /// `max_fetches_per_client`); one more disconnects the client.
+    pub max_pending_requests: usize,
 }
 
 impl Default for ServeOptions {
@@ -47,11 +74,33 @@ impl Default for ServeOptions {
         ServeOptions {
             // An engine uses one connection per process; a node runs a handful of engines.
             max_clients: 256,
+            // A quarter of the table: one user cannot lock the others out.
+            max_clients_per_uid: 64,
+            // Real clients send their hello right after connecting, so they hold a place for
+            // a round trip; 64 is far more than a node's engines start at once.
+            max_handshakes: 64,
+            // A local process that has not sent 8 bytes in 5 s is not a client.
+            handshake_timeout: Duration::from_secs(5),
+            // Off: engines keep one connection for their lifetime and may not reconnect
+            // (examples/llama does not); the per-uid cap bounds what idle clients hold.
+            idle_timeout: None,
             max_frame: kvfetcher_client::protocol::DEFAULT_MAX_FRAME,
             // Enough for an engine that prefetches a batch of requests.
             max_fetches_per_client: 64,
+            // Each live fetch holds a buffer (memory or GPU memory) and a few fds while it
+            // runs: 1024 keep a full table of clients from exhausting either, far below
+            // LimitNOFILE=65536 (packaging/kvfetcher.service).
+            max_fetches: 1024,
             // A 100k-token prefix of a 70B model in f32 is 64 GB.
             max_buffer_bytes: 128 << 30,
+            // Replies are small (under 1 KiB but for FetchBuffer's handles): 4096 of them bound
+            // a client to a few MiB, behind the ~200 KiB the kernel's socket buffer holds. A
+            // client reading normally has a handful queued; 64 fetches of 80 layers each send
+            // 5120 LayersReady events in all, spread over their fetches' time.
+            max_queued_replies: 4096,
+            // The clients serialise their calls (one request at a time per connection), so
+            // this only bounds raw clients; a lookup request may hold up to a 16 MiB frame.
+            max_pending_requests: 64,
         }
     }
 }
@@ -78,25 +127,56 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let registry = Arc::new(registry::Registry::default());
+    let handshakes = admission::Handshakes::new(opts.max_handshakes);
+    let metrics = gpus.metrics().clone();
     let mut conns = JoinSet::new();
+    let mut backoff = accept_backoff::AcceptBackoff::default();
+    // When to accept again after a resource error (connections keep being served meanwhile).
+    let mut paused_until: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
+            () = async {
+                match paused_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => paused_until = None,
+            accepted = listener.accept(), if paused_until.is_none() => match accepted {
                 Ok((stream, _)) => {
+                    if let Some(n) = backoff.handle_success() {
+                        tracing::warn!(failures = n, "accepting local connections again");
+                    }
+                    let (slot, evicted) = handshakes.begin();
+                    if evicted {
+                        metrics.local_refusals.handshake_evicted.add(1);
+                    }
                     conns.spawn(conn::run(
                         stream,
                         backend.clone(),
                         registry.clone(),
                         opts,
                         gpus.clone(),
+                        slot,
                     ));
                 }
                 Err(e) => {
-                    // Out of fds or memory: transient, keep serving the clients we have.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of fds or memory: transient; keep serving the clients we have (they
+                    // free fds) and try again later, logging once per burst.
+                    metrics.local_accept_errors.add(1);
+                    let pause = backoff.handle_error(&e);
+                    if pause.log {
+                        tracing::warn!(
+                            "accept failed: {e}; backing off (up to {:?}) until it succeeds",
+                            accept_backoff::MAX_PAUSE
+                        );
+                    } else if pause.wait.is_zero() {
+                        tracing::debug!("accept failed: {e}");
+                    }
+                    if !pause.wait.is_zero() {
+                        paused_until = Some(tokio::time::Instant::now() + pause.wait);
+                    }
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}

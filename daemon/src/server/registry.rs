@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kvfetcher_client::protocol::{DaemonStats, ErrorCode, Message, PeerCred};
 use tokio::task::AbortHandle;
 
+use super::admission::ClientTable;
 use super::gpu_buffer::GpuDestination;
 use super::host_buffer::HostDestination;
 use super::Destination;
@@ -96,13 +97,40 @@ fn refuse(h: &Handle, conn: u64, fetch_id: u64) -> AccessError {
     AccessError::NotOwner
 }
 
+/// Why a fetch got no handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FetchLimit {
+    /// The connection holds `max` live handles.
+    PerClient {
+        /// The limit.
+        max: usize,
+    },
+    /// The daemon holds `max` live handles.
+    Total {
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl std::fmt::Display for FetchLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchLimit::PerClient { max } => {
+                write!(f, "too many fetches on this connection (limit {max})")
+            }
+            FetchLimit::Total { max } => write!(f, "too many fetches in the daemon (limit {max})"),
+        }
+    }
+}
+
 /// The daemon-wide table of handles and counters.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fetch: AtomicU64,
     next_conn: AtomicU64,
-    clients: AtomicU64,
+    /// Connected clients, capped in total and per uid.
+    pub(crate) clients: Arc<ClientTable>,
     fetches_total: AtomicU64,
     tokens_restored: AtomicU64,
     saves_total: AtomicU64,
@@ -114,15 +142,9 @@ impl Registry {
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new connection id (and one more connected client).
-    pub(crate) fn connect(&self) -> u64 {
-        self.clients.fetch_add(1, Ordering::Relaxed);
+    /// A new connection id.
+    pub(crate) fn new_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Clients connected now.
-    pub(crate) fn clients(&self) -> u64 {
-        self.clients.load(Ordering::Relaxed)
     }
 
     /// A connection ended: its handles are released and their tasks aborted.
@@ -141,7 +163,6 @@ impl Registry {
                 t.abort();
             }
         }
-        self.clients.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Drops every handle and aborts every fetch task (server shutdown).
@@ -163,9 +184,24 @@ impl Registry {
         self.lock().values().filter(|h| h.owner == conn).count()
     }
 
-    /// Records a new handle.
-    pub(crate) fn insert(&self, fetch_id: u64, handle: Handle) {
-        self.lock().insert(fetch_id, handle);
+    /// Records a new handle unless its owner holds `per_client` handles or the daemon holds
+    /// `total` (checked and inserted under one lock, so concurrent fetches cannot overshoot).
+    pub(crate) fn try_insert(
+        &self,
+        fetch_id: u64,
+        handle: Handle,
+        per_client: usize,
+        total: usize,
+    ) -> Result<(), FetchLimit> {
+        let mut h = self.lock();
+        if h.len() >= total {
+            return Err(FetchLimit::Total { max: total });
+        }
+        if h.values().filter(|v| v.owner == handle.owner).count() >= per_client {
+            return Err(FetchLimit::PerClient { max: per_client });
+        }
+        h.insert(fetch_id, handle);
+        Ok(())
     }
 
     /// Attaches the task of a handle (if it is still there).
@@ -220,7 +256,7 @@ impl Registry {
     /// The counters, as seen by a client with credentials `peer`.
     pub(crate) fn stats(&self, peer: PeerCred) -> DaemonStats {
         DaemonStats {
-            clients: self.clients.load(Ordering::Relaxed) as u32,
+            clients: self.clients.total() as u32,
             fetches_active: self.lock().len() as u32,
             fetches_total: self.fetches_total.load(Ordering::Relaxed),
             tokens_restored: self.tokens_restored.load(Ordering::Relaxed),

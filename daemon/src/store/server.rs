@@ -4,6 +4,10 @@
 //! Protocol parsing is [`crate::transport::wire`]; storage is a [`Backend`]. The socket and the
 //! shutdown signal come from outside ([`StoreServer::bind`], [`StoreServer::run`]), so tests
 //! bind port 0 on loopback.
+//!
+//! Logs (tracing, in a `store_conn` span naming the peer's address): connections opened and
+//! closed and every request at debug, refusals and corrupt objects at warn (with the key),
+//! backend failures at error. A `NotFound` is an answer, logged at debug.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,8 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kvfetcher_codec::FormatError;
+use kvfetcher_codec::{ChunkKey, FormatError};
 use quinn::{RecvStream, SendStream, VarInt};
+use tracing::Instrument;
 
 use super::backend::{Backend, BackendError, ObjectReader, ObjectWriter};
 use super::pace::{Pacer, PIECE};
@@ -166,12 +171,16 @@ impl StoreServer {
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) => {
                         let shared = self.shared.clone();
+                        let peer = incoming.remote_address();
+                        let span = tracing::info_span!("store_conn", %peer);
                         tokio::spawn(async move {
                             match incoming.await {
                                 Ok(conn) => serve_connection(shared, conn).await,
-                                Err(e) => tracing::debug!("handshake failed: {e}"),
+                                // Refused TLS (no or untrusted client certificate, wrong
+                                // ALPN) or a handshake that never completed.
+                                Err(e) => tracing::warn!("handshake failed: {e}"),
                             }
-                        });
+                        }.instrument(span));
                     }
                     None => break,
                 },
@@ -195,12 +204,26 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let _guard = ConnGuard(&shared.counters.connections);
     let authed = Arc::new(AtomicBool::new(shared.opts.token.is_none()));
     let mut order = StreamOrder::default();
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        let shared = shared.clone();
-        let authed = authed.clone();
-        let turn = order.next();
-        tokio::spawn(async move { serve_stream(&shared, &authed, send, recv, turn).await });
-    }
+    tracing::debug!(conn = conn.stable_id(), "connection opened");
+    let closed = loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let shared = shared.clone();
+                let authed = authed.clone();
+                let turn = order.next();
+                tokio::spawn(
+                    async move { serve_stream(&shared, &authed, send, recv, turn).await }
+                        .in_current_span(),
+                );
+            }
+            Err(e) => break e,
+        }
+    };
+    tracing::debug!(
+        conn = conn.stable_id(),
+        streams = order.opened,
+        "connection closed: {closed}"
+    );
 }
 
 /// A request that failed: the code and message sent back.
@@ -208,8 +231,42 @@ struct Refusal(ErrorCode, String);
 
 impl From<BackendError> for Refusal {
     fn from(e: BackendError) -> Self {
-        tracing::warn!("backend: {e}");
-        Refusal(ErrorCode::Internal, e.to_string())
+        // Logged at error by `log_request`, as every `Internal`.
+        Refusal(ErrorCode::Internal, format!("backend: {e}"))
+    }
+}
+
+/// The object a request names, for the log.
+fn key_of(req: &Request) -> Option<ChunkKey> {
+    match req {
+        Request::Put { key, .. }
+        | Request::Get { key, .. }
+        | Request::GetSections { key, .. }
+        | Request::Delete { key } => Some(*key),
+        Request::ExistsPrefix { keys } => keys.first().copied(),
+        Request::Auth { .. } | Request::List { .. } | Request::Stats => None,
+    }
+}
+
+/// Logs one answered request: debug when served (or not found), warn when refused (a corrupt
+/// object included), error when the store failed.
+fn log_request(op: Option<wire::Op>, key: Option<ChunkKey>, result: &Result<(), &Refusal>) {
+    let key = key.map(|k| k.to_string());
+    let key = key.as_deref().unwrap_or("-");
+    // "-": the request did not parse.
+    let op = op.map_or_else(|| "-".to_string(), |o| format!("{o:?}"));
+    match result {
+        Ok(()) => tracing::debug!(%op, key, "request served"),
+        Err(Refusal(code @ ErrorCode::NotFound, m)) => {
+            tracing::debug!(%op, key, ?code, "request answered: {m}")
+        }
+        Err(Refusal(code @ ErrorCode::Internal, m)) => {
+            tracing::error!(%op, key, ?code, "request failed: {m}")
+        }
+        Err(Refusal(code @ ErrorCode::Corrupt, m)) => {
+            tracing::warn!(%op, key, ?code, "corrupt object not served: {m}")
+        }
+        Err(Refusal(code, m)) => tracing::warn!(%op, key, ?code, "request refused: {m}"),
     }
 }
 
@@ -277,10 +334,14 @@ async fn serve_stream(
 ) {
     let _ = send.set_priority(turn.priority);
     let timeout = shared.opts.stream_timeout;
-    let result = match read_request(&mut recv, timeout).await {
-        Ok(req) => handle(shared, authed, req, &mut recv).await,
-        Err(r) => Err(r),
+    let (op, key, result) = match read_request(&mut recv, timeout).await {
+        Ok(req) => {
+            let (op, key) = (req.op(), key_of(&req));
+            (Some(op), key, handle(shared, authed, req, &mut recv).await)
+        }
+        Err(r) => (None, None, Err(r)),
     };
+    log_request(op, key, &result.as_ref().map(|_| ()));
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
     let (resp, payload) = match result {
         Ok(pair) => pair,
@@ -442,7 +503,6 @@ async fn handle(
             let object = backend.open(&key).await?.ok_or_else(|| not_found(&key))?;
             let corrupt = |e: String| {
                 shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-                tracing::error!("object {key} is corrupt: {e}");
                 Refusal(ErrorCode::Corrupt, format!("object {key}: {e}"))
             };
             let (check, head) = read_header(&*object)
@@ -567,7 +627,6 @@ async fn get_verified(shared: &Shared, key: &kvfetcher_codec::ChunkKey) -> Resul
     };
     if let Some(e) = problem {
         shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-        tracing::error!("object {key} is corrupt: {e}");
         return Err(Refusal(ErrorCode::Corrupt, format!("object {key}: {e}")));
     }
     Ok(bytes)

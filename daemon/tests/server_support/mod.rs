@@ -82,9 +82,14 @@ pub struct MemBackend {
     pub saves: Mutex<Vec<Saved>>,
     pub gate_from: u32,
     pub gate: Semaphore,
+    /// When set, each lookup waits for a permit on `lookup_gate` before answering.
+    pub hold_lookups: bool,
+    pub lookup_gate: Semaphore,
     /// Set when a fetch future is dropped.
     pub fetch_dropped: Arc<AtomicBool>,
     pub fetches: AtomicUsize,
+    /// When set, every fetch fails with `ServeError::Corrupt` (a damaged stored object).
+    pub corrupt_fetches: AtomicBool,
 }
 
 impl MemBackend {
@@ -99,8 +104,11 @@ impl MemBackend {
             saves: Mutex::new(Vec::new()),
             gate_from: u32::MAX,
             gate: Semaphore::new(0),
+            hold_lookups: false,
+            lookup_gate: Semaphore::new(0),
             fetch_dropped: Arc::new(AtomicBool::new(false)),
             fetches: AtomicUsize::new(0),
+            corrupt_fetches: AtomicBool::new(false),
         }
     }
 
@@ -128,7 +136,12 @@ impl Backend for MemBackend {
         model: &'a str,
         token_ids: &'a [u32],
     ) -> BoxFuture<'a, Result<u32, ServeError>> {
-        Box::pin(async move { Ok(self.prefix(model, token_ids)?.1) })
+        Box::pin(async move {
+            if self.hold_lookups {
+                self.lookup_gate.acquire().await.expect("gate").forget();
+            }
+            Ok(self.prefix(model, token_ids)?.1)
+        })
     }
 
     fn fetch<'a>(
@@ -141,6 +154,9 @@ impl Backend for MemBackend {
         Box::pin(async move {
             let _flag = DropFlag(self.fetch_dropped.clone());
             self.fetches.fetch_add(1, Ordering::SeqCst);
+            if self.corrupt_fetches.load(Ordering::SeqCst) {
+                return Err(ServeError::Corrupt("chunk 00: section 1 damaged".into()));
+            }
             let (kv, tokens) = self.prefix(model, token_ids)?;
             if tokens == 0 {
                 return Err(ServeError::NotFound("no prefix stored".into()));
