@@ -65,7 +65,7 @@ pub enum kvf_error {
 
 impl kvf_error {
     /// Every code, for lookups by value.
-    pub(crate) const ALL: [kvf_error; 23] = [
+    pub(crate) const ALL: [kvf_error; 24] = [
         kvf_error::KVF_OK,
         kvf_error::KVF_ERR_NULL_ARGUMENT,
         kvf_error::KVF_ERR_INVALID_UTF8,
