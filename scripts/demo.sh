@@ -22,7 +22,7 @@ while [[ $# -gt 0 ]]; do
         --model) GGUF="$2"; shift 2 ;;
         --doc) DOC="$2"; shift 2 ;;
         --threads) THREADS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "demo: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -52,7 +52,8 @@ pub enum BenchCommand {
     Fetch(super::bench_fetch::BenchFetchArgs),
     /// Codec size, speed and error per variant, HEVC layout and bit width.
     Codec(super::bench_codec::BenchCodecArgs),
-    /// Next-token fidelity of a llama2.c model per bit width.
+    /// How each codec setting changes a model's next-token predictions: a GGUF model in
+    /// llama.cpp (--gguf), or a llama2.c toy (--model).
     Fidelity(super::bench_fidelity::BenchFidelityArgs),
 }
 
