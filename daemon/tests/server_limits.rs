@@ -14,8 +14,8 @@ use kvfetcher::gpu::{GpuDevices, GpuOptions};
 use kvfetcher::metrics::Metrics;
 use kvfetcher::server::ServeOptions;
 use kvfetcher_client::protocol::{
-    encode_hello, encode_message, parse_hello, ErrorCode, FrameDecoder, Lookup, Message, Stats,
-    DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION,
+    encode_hello, encode_message, ErrorCode, FrameDecoder, Lookup, Message, Stats,
+    DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use kvfetcher_client::Client;
 use server_support::*;
@@ -28,20 +28,14 @@ fn start(backend: MemBackend, opts: ServeOptions) -> (TestServer, Arc<Metrics>) 
 }
 
 fn raw(srv: &TestServer) -> UnixStream {
-    let s = UnixStream::connect(&srv.path).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let s = raw_conn(srv, Duration::from_secs(20));
     s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     s
 }
 
 /// Connects and completes the handshake.
 fn hello(srv: &TestServer) -> UnixStream {
-    let mut s = raw(srv);
-    s.write_all(&encode_hello(PROTOCOL_VERSION)).unwrap();
-    let mut r = [0u8; HELLO_LEN];
-    s.read_exact(&mut r).unwrap();
-    assert_eq!(parse_hello(&r).unwrap(), (PROTOCOL_VERSION, HELLO_OK));
-    s
+    handshake(raw(srv))
 }
 
 /// Reads messages until the daemon closes the connection; returns them all.

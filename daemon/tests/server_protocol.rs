@@ -17,19 +17,12 @@ use kvfetcher_client::Client;
 use server_support::*;
 
 fn raw(srv: &TestServer) -> UnixStream {
-    let s = UnixStream::connect(&srv.path).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s
+    raw_conn(srv, Duration::from_secs(5))
 }
 
 /// Connects and completes the handshake.
 fn hello(srv: &TestServer) -> UnixStream {
-    let mut s = raw(srv);
-    s.write_all(&encode_hello(PROTOCOL_VERSION)).unwrap();
-    let mut r = [0u8; HELLO_LEN];
-    s.read_exact(&mut r).unwrap();
-    assert_eq!(parse_hello(&r).unwrap(), (PROTOCOL_VERSION, HELLO_OK));
-    s
+    handshake(raw(srv))
 }
 
 /// Reads the next message (blocking), or `None` once the daemon closed the connection.

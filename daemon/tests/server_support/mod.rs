@@ -354,6 +354,29 @@ impl Drop for TestServer {
 }
 
 /// Open fds of this process.
+/// A raw connection to the server's socket, reads bounded by `read_timeout`.
+pub fn raw_conn(
+    srv: &TestServer,
+    read_timeout: std::time::Duration,
+) -> std::os::unix::net::UnixStream {
+    let s = std::os::unix::net::UnixStream::connect(&srv.path).unwrap();
+    s.set_read_timeout(Some(read_timeout)).unwrap();
+    s
+}
+
+/// Does the handshake on `s` (current protocol version, which must be accepted).
+pub fn handshake(mut s: std::os::unix::net::UnixStream) -> std::os::unix::net::UnixStream {
+    use kvfetcher_client::protocol::{
+        encode_hello, parse_hello, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION,
+    };
+    use std::io::{Read, Write};
+    s.write_all(&encode_hello(PROTOCOL_VERSION)).unwrap();
+    let mut r = [0u8; HELLO_LEN];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(parse_hello(&r).unwrap(), (PROTOCOL_VERSION, HELLO_OK));
+    s
+}
+
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
