@@ -54,6 +54,8 @@ pub enum BenchCommand {
     Codec(super::bench_codec::BenchCodecArgs),
     /// Next-token fidelity of a llama2.c model per bit width.
     Fidelity(super::bench_fidelity::BenchFidelityArgs),
+    /// Many clients against one daemon: fetches/s, p50/p99 latency and RSS.
+    Load(super::bench_load::BenchLoadArgs),
 }
 
 /// How links are emulated.
@@ -169,6 +171,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Fetch(a) => super::bench_fetch::run(a),
         BenchCommand::Codec(a) => super::bench_codec::run(a),
         BenchCommand::Fidelity(a) => super::bench_fidelity::run(a),
+        BenchCommand::Load(a) => super::bench_load::run(a),
         BenchCommand::DelayBridge(a) => bridge::run(
             &a.a,
             &a.b,
