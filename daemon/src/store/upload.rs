@@ -141,6 +141,9 @@ impl UploadCheck {
                 return Ok(piece);
             }
             let take = (needed - self.head.len()).min(piece.len());
+            // `needed` is at most the format's header limit: reserve it exactly, so the buffer
+            // holds no more than the header (no doubling).
+            self.head.reserve_exact(needed - self.head.len());
             self.head.extend_from_slice(&piece[..take]);
             self.peak_held = self.peak_held.max(self.head.len());
             piece = &piece[take..];
