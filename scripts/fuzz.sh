@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Builds the `parse_chunk` fuzz target (fuzz/, a cargo-fuzz project outside the workspace) and
-# runs it for SECONDS (default 60) from a seed corpus of real chunk objects encoded from
-# shared/data/codelm-kv-a.safetensors. Needs cargo-fuzz; on a stable toolchain it runs with
-# RUSTC_BOOTSTRAP=1 for the sanitizer flags. Crashes land in fuzz/artifacts/parse_chunk/.
+# Builds the cargo-fuzz targets (fuzz/, a cargo-fuzz project outside the workspace) and runs each
+# for its share of SECONDS (default 60, split evenly, at least 1 s each), so the total stays
+# SECONDS:
+#   parse_chunk   the chunk object parser and decoders, from a seed corpus of real chunk objects
+#                 encoded from shared/data/codelm-kv-a.safetensors
+#   local_frames  the local protocol's hello, framing, messages and fd pairing
+#   store_wire    the store wire protocol's request and response decoding
+#   layout_math   the byte arithmetic of restored buffers (TargetLayout)
+# Needs cargo-fuzz; on a stable toolchain it runs with RUSTC_BOOTSTRAP=1 for the sanitizer
+# flags. Crashes land in fuzz/artifacts/<target>/; each one found becomes a regression test in
+# the owning crate's normal tests.
 set -euo pipefail
 
 secs="${1:-60}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-corpus="$root/fuzz/corpus/parse_chunk"
 data="$root/../shared/data/codelm-kv-a.safetensors"
+targets=(parse_chunk local_frames store_wire layout_math)
+share=$(( secs / ${#targets[@]} ))
+(( share >= 1 )) || share=1
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz.sh: cargo-fuzz is not installed (cargo install cargo-fuzz)" >&2
@@ -17,12 +26,20 @@ fi
 export RUSTC_BOOTSTRAP=1
 
 cd "$root/fuzz"
-mkdir -p "$corpus"
+for t in "${targets[@]}"; do
+    mkdir -p "corpus/$t"
+done
 if [[ -f "$data" ]]; then
-    cargo run --quiet --bin make_seeds -- "$corpus" "$data"
+    cargo run --quiet --bin make_seeds -- "corpus/parse_chunk" "$data"
 else
-    echo "fuzz.sh: $data not found; fuzzing from an empty corpus" >&2
+    echo "fuzz.sh: $data not found; fuzzing parse_chunk from an empty corpus" >&2
 fi
-cargo fuzz build parse_chunk
+for t in "${targets[@]}"; do
+    cargo fuzz build "$t"
+done
 # rss_limit: decoding a resealed header may legitimately allocate up to the format's limits.
-cargo fuzz run parse_chunk "$corpus" -- -max_total_time="$secs" -rss_limit_mb=4096 -max_len=262144
+cargo fuzz run parse_chunk corpus/parse_chunk -- \
+    -max_total_time="$share" -rss_limit_mb=4096 -max_len=262144
+cargo fuzz run local_frames corpus/local_frames -- -max_total_time="$share" -max_len=65536
+cargo fuzz run store_wire corpus/store_wire -- -max_total_time="$share" -max_len=65536
+cargo fuzz run layout_math corpus/layout_math -- -max_total_time="$share" -max_len=4096

@@ -6,7 +6,7 @@ mod store_util;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvfetcher::store::ServerOptions;
+use kvfetcher::store::{ServerOptions, CLOSE_BUSY, CLOSE_BUSY_REASON};
 use kvfetcher::transport::wire::{ErrorCode, Op, Request, Response};
 use kvfetcher::transport::{ClientOptions, StoreClient, TransportError, TransportTuning};
 use kvfetcher_codec::ChunkKey;
@@ -21,6 +21,16 @@ async fn raw_exchange(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> R
     }
     let buf = recv.read_to_end(1 << 20).await.unwrap();
     Response::decode(Op::Stats, &buf).unwrap().unwrap().0
+}
+
+/// Like `raw_exchange`, but the server may stop reading before everything is sent (it refused
+/// the request early): write errors are ignored, the answer is what counts.
+async fn raw_exchange_refused(conn: &quinn::Connection, bytes: &[u8]) -> Response {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    let buf = recv.read_to_end(1 << 20).await.unwrap();
+    Response::decode(Op::Put, &buf).unwrap().unwrap().0
 }
 
 fn code(r: &Response) -> Option<ErrorCode> {
@@ -163,17 +173,18 @@ async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
     let (mut s1, mut r1) = slow.open_bi().await.unwrap();
     s1.write_all(&Request::Stats.encode()[..5]).await.unwrap();
     // Slowloris 2: a put that stalls halfway through its object.
+    let (stalled_key, stalled) = &objects[1];
     let (mut s2, mut r2) = slow.open_bi().await.unwrap();
     s2.write_all(
         &Request::Put {
-            key: ChunkKey([9; 32]),
-            len: bytes.len() as u64,
+            key: *stalled_key,
+            len: stalled.len() as u64,
         }
         .encode(),
     )
     .await
     .unwrap();
-    s2.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+    s2.write_all(&stalled[..stalled.len() / 2]).await.unwrap();
     // Meanwhile the good client is served normally.
     let t = Instant::now();
     for _ in 0..5 {
@@ -190,7 +201,7 @@ async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
         Some(ErrorCode::Timeout)
     );
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert_eq!(good.exists_prefix(&[ChunkKey([9; 32])]).await.unwrap(), 0);
+    assert_eq!(good.exists_prefix(&[*stalled_key]).await.unwrap(), 0);
     // The silent raw connection (no keep-alive) is closed by the server's idle timeout;
     // the good client keeps alive and stays connected.
     let closed = tokio::time::timeout(Duration::from_secs(5), slow.closed()).await;
@@ -199,5 +210,164 @@ async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
         "{closed:?}"
     );
     assert_eq!(good.get(key).await.unwrap(), *bytes);
+    store.stop().await;
+}
+
+/// A put of `bytes` under `key`, as encoded on the wire (request, then the object).
+fn put_message(key: ChunkKey, declared: usize, bytes: &[u8]) -> Vec<u8> {
+    let mut msg = Request::Put {
+        key,
+        len: declared as u64,
+    }
+    .encode();
+    msg.extend_from_slice(bytes);
+    msg
+}
+
+/// Puts over `max_uploads` are refused as `Busy` while the first goes on, and connections over
+/// `max_connections` are closed with a reason; both are served again once a slot is free.
+#[tokio::test]
+async fn uploads_and_connections_over_the_caps_are_refused() {
+    let Some(objects) = real_objects() else {
+        return;
+    };
+    let opts = ServerOptions {
+        max_uploads: 1,
+        max_connections: 2,
+        ..ServerOptions::default()
+    };
+    let store = TestStore::start(opts, false).await;
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
+    let tls = store.client_tls();
+    let (_ep, raw) = raw_connection(store.addr, &tls).await;
+    // The first upload takes the only slot: half its object, then it waits.
+    let (k0, b0) = &objects[0];
+    let (mut send, mut recv) = raw.open_bi().await.unwrap();
+    let half = b0.len() / 2;
+    send.write_all(&put_message(*k0, b0.len(), &b0[..half]))
+        .await
+        .unwrap();
+    // The server counts an upload's bytes once it holds the slot.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.stats().await.unwrap().bytes_in == 0 {
+        assert!(Instant::now() < deadline, "the first upload never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (k1, b1) = &objects[1];
+    let err = client.put(Bytes::from(b1.clone())).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Server {
+                code: ErrorCode::Busy,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(client.exists_prefix(&[*k1]).await.unwrap(), 0);
+    // The first upload completes, and frees its slot.
+    send.write_all(&b0[half..]).await.unwrap();
+    send.finish().unwrap();
+    let buf = recv.read_to_end(1 << 20).await.unwrap();
+    let (r, _) = Response::decode(Op::Put, &buf).unwrap().unwrap();
+    assert!(matches!(r, Response::Stored { created: true }), "{r:?}");
+    assert!(client.put(Bytes::from(b1.clone())).await.unwrap());
+
+    // A third connection is closed after its handshake, with the reason.
+    let connect = || async {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(quinn::ClientConfig::new(tls.quic().unwrap()));
+        let conn = ep.connect(store.addr, "localhost").unwrap().await;
+        (ep, conn)
+    };
+    let (_ep3, third) = connect().await;
+    let closed = match third {
+        Ok(conn) => tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .expect("the connection over the cap stays open"),
+        Err(e) => e,
+    };
+    match &closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(CLOSE_BUSY));
+            assert_eq!(&c.reason[..], CLOSE_BUSY_REASON);
+        }
+        other => panic!("expected a busy close, got {other:?}"),
+    }
+    // Once the raw connection is gone, a new one is served (the server notices the close
+    // within a round trip; bounded retries).
+    raw.close(quinn::VarInt::from_u32(0), b"done");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_ep, conn) = connect().await;
+        if let Ok(conn) = conn {
+            let (mut s, mut r) = conn.open_bi().await.unwrap();
+            let _ = s.write_all(&Request::Stats.encode()).await;
+            let _ = s.finish();
+            if let Ok(buf) = r.read_to_end(1 << 20).await {
+                if let Ok(Some((Response::Stats(_), _))) = Response::decode(Op::Stats, &buf) {
+                    break;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no connection slot came free");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.stop().await;
+}
+
+/// An upload cut short, reset, or damaged anywhere is refused, and leaves neither an object
+/// nor a temporary file in the data directory.
+#[tokio::test]
+async fn cut_or_damaged_uploads_leave_no_object_and_no_temp_file() {
+    let Some(objects) = real_objects() else {
+        return;
+    };
+    let store = TestStore::start(ServerOptions::default(), false).await;
+    let tls = store.client_tls();
+    let (_ep, conn) = raw_connection(store.addr, &tls).await;
+    let (key, bytes) = &objects[0];
+    let leftovers = || {
+        let tmp = std::fs::read_dir(store.data.path().join("tmp"))
+            .unwrap()
+            .count();
+        (tmp, store.backend.object_path(key).exists())
+    };
+    // The stream ends halfway.
+    let r = raw_exchange_refused(
+        &conn,
+        &put_message(*key, bytes.len(), &bytes[..bytes.len() / 2]),
+    )
+    .await;
+    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(leftovers(), (0, false));
+    // Damaged in the header, the first section, the last byte: refused as soon as seen.
+    let header_len = kvfetcher::transport::verify_object(bytes)
+        .unwrap()
+        .header_len;
+    for at in [40, header_len + 5, bytes.len() - 1] {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x01;
+        let r = raw_exchange_refused(&conn, &put_message(*key, bad.len(), &bad)).await;
+        assert_eq!(code(&r), Some(ErrorCode::InvalidObject), "byte {at}: {r:?}");
+        assert_eq!(leftovers(), (0, false), "byte {at}");
+    }
+    // The client resets the stream mid-upload.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&put_message(*key, bytes.len(), &bytes[..bytes.len() / 2]))
+        .await
+        .unwrap();
+    send.reset(quinn::VarInt::from_u32(7)).unwrap();
+    let buf = recv.read_to_end(1 << 20).await.unwrap();
+    let (r, _) = Response::decode(Op::Put, &buf).unwrap().unwrap();
+    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(leftovers(), (0, false));
+    // The same bytes, whole, are stored.
+    let r = raw_exchange_refused(&conn, &put_message(*key, bytes.len(), bytes)).await;
+    assert!(matches!(r, Response::Stored { created: true }), "{r:?}");
+    assert_eq!(leftovers(), (0, true));
     store.stop().await;
 }

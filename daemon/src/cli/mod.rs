@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod bench_codec;
 pub mod bench_fetch;
 pub mod bench_fidelity;
+pub mod bench_load;
 pub mod bench_net;
 pub mod codec;
 pub mod daemon;
@@ -50,7 +51,7 @@ pub enum Command {
     Put(store::PutArgs),
     /// Download one chunk object from a store.
     Get(store::GetArgs),
-    /// Benchmarks: `bench net`, `bench fetch`, `bench codec`, `bench fidelity`, ...
+    /// Benchmarks: `bench net`, `bench fetch`, `bench codec`, `bench fidelity`, `bench load`, ...
     Bench(bench_net::BenchArgs),
 }
 

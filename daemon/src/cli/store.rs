@@ -65,6 +65,12 @@ pub struct StoreArgs {
     /// Congestion controller.
     #[arg(long, value_enum)]
     pub congestion: Option<Congestion>,
+    /// Connections served at once (default 1024); more are closed with "too many connections".
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Puts received at once over all connections (default 32); more are refused as Busy.
+    #[arg(long, value_name = "N")]
+    pub max_uploads: Option<usize>,
 }
 
 /// How a client command reaches a store.
@@ -129,7 +135,8 @@ impl StoreArgs {
               key <- self.key, client_ca <- self.client_ca, token_file <- self.token_file,
               max_rate <- self.max_rate, max_object_bytes <- self.max_object_bytes,
               max_streams <- self.max_streams, stream_timeout_s <- self.stream_timeout,
-              idle_timeout_s <- self.idle_timeout, congestion <- self.congestion);
+              idle_timeout_s <- self.idle_timeout, congestion <- self.congestion,
+              max_connections <- self.max_connections, max_uploads <- self.max_uploads);
         if self.s3_from_env {
             c.s3 = Some(S3Config::from_env().context("--s3-from-env needs KVF_S3_ENDPOINT, KVF_S3_BUCKET, KVF_S3_ACCESS_KEY, KVF_S3_SECRET_KEY")?);
             c.data_dir = None;

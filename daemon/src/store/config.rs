@@ -11,6 +11,10 @@ use super::s3::S3Config;
 use super::server::ServerOptions;
 use crate::transport::Congestion;
 
+/// Largest `max_connections` / `max_uploads`: far above what one host serves, and well inside
+/// what a tokio semaphore counts.
+const MAX_SLOTS: usize = 1 << 20;
+
 /// Why a store configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreConfigError {
@@ -62,6 +66,10 @@ pub struct StoreConfig {
     pub max_rate: Option<u64>,
     /// Congestion controller.
     pub congestion: Option<Congestion>,
+    /// Connections served at once.
+    pub max_connections: Option<usize>,
+    /// Puts received at once, over all connections.
+    pub max_uploads: Option<usize>,
 }
 
 impl StoreConfig {
@@ -99,6 +107,16 @@ impl StoreConfig {
                 "max_streams must be at least 1".into(),
             ));
         }
+        for (name, value) in [
+            ("max_connections", self.max_connections),
+            ("max_uploads", self.max_uploads),
+        ] {
+            if let Some(v) = value.filter(|v| !(1..=MAX_SLOTS).contains(v)) {
+                return Err(StoreConfigError::Invalid(format!(
+                    "{name} = {v} is outside 1..={MAX_SLOTS}"
+                )));
+            }
+        }
         if self.max_rate == Some(0) {
             return Err(StoreConfigError::Invalid(
                 "max_rate must be positive".into(),
@@ -123,6 +141,8 @@ impl StoreConfig {
             congestion: self.congestion.unwrap_or(d.congestion),
             large_windows: true,
             ack_every: None,
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_uploads: self.max_uploads.unwrap_or(d.max_uploads),
         })
     }
 }
@@ -141,6 +161,14 @@ mod tests {
         assert_eq!(o.max_rate, Some(125_000_000));
         assert_eq!(o.congestion, Congestion::Bbr);
         assert!(toml::from_str::<StoreConfig>("lisen = \"x\"").is_err());
+        let caps: StoreConfig = toml::from_str("max_connections = 8\nmax_uploads = 2\n").unwrap();
+        let o = caps.server_options().unwrap();
+        assert_eq!((o.max_connections, o.max_uploads), (8, 2));
+        let zero: StoreConfig = toml::from_str("max_uploads = 0\n").unwrap();
+        assert!(matches!(
+            zero.server_options(),
+            Err(StoreConfigError::Invalid(_))
+        ));
         let both: StoreConfig = toml::from_str(
             "data_dir = \"/x\"\n[s3]\nendpoint = \"http://e\"\nbucket = \"b\"\naccess_key = \"a\"\nsecret_key = \"s\"\n",
         )

@@ -10,6 +10,7 @@ mod memory;
 mod pace;
 mod s3;
 mod server;
+mod upload;
 
 pub use backend::{Backend, BackendError, ObjectReader, ObjectWriter, Usage};
 pub use config::{StoreConfig, StoreConfigError};
@@ -17,4 +18,6 @@ pub use local::LocalDir;
 pub use memory::MemoryBackend;
 pub use pace::Pacer;
 pub use s3::{S3Backend, S3Config};
-pub use server::{ServerError, ServerOptions, StoreServer, STOP_REFUSED};
+pub use server::{
+    ServerError, ServerOptions, StoreServer, CLOSE_BUSY, CLOSE_BUSY_REASON, STOP_REFUSED,
+};

@@ -1,5 +1,10 @@
 //! The store server: accepts QUIC connections, runs one task per request stream, checks every
-//! object on put and on get, and enforces size, stream, idle and rate limits.
+//! object on put and on get, and enforces size, stream, idle, rate, connection and upload
+//! limits.
+//!
+//! An upload goes to the backend piece by piece as it arrives and is checked on the way
+//! ([`super::upload::UploadCheck`]): the server holds its header and one piece, never the
+//! whole object.
 //!
 //! Protocol parsing is [`crate::transport::wire`]; storage is a [`Backend`]. The socket and the
 //! shutdown signal come from outside ([`StoreServer::bind`], [`StoreServer::run`]), so tests
@@ -20,18 +25,32 @@ use kvfetcher_codec::{ChunkKey, FormatError};
 use quinn::{RecvStream, SendStream, VarInt};
 use tracing::Instrument;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use super::backend::{Backend, BackendError, ObjectReader, ObjectWriter};
 use super::pace::{Pacer, PIECE};
+use super::upload::{UploadCheck, UploadError};
 use crate::transport::wire::{
     self, ErrorCode, Request, Response, SectionSpan, StatsReport, RANGE_TO_END,
 };
 use crate::transport::{
-    transport_config, verify_object, Congestion, ObjectError, SectionCheck, TlsError,
+    transport_config, verify_object, Congestion, ObjectError, ObjectInfo, SectionCheck, TlsError,
     TlsServerConfig, TransportTuning,
 };
 
 /// QUIC application error code sent when the server stops reading a stream it refused.
 pub const STOP_REFUSED: u32 = 1;
+
+/// QUIC application error code of a connection closed because the store is at
+/// [`ServerOptions::max_connections`]; the close reason says so.
+pub const CLOSE_BUSY: u32 = 2;
+
+/// The close reason sent with [`CLOSE_BUSY`].
+pub const CLOSE_BUSY_REASON: &[u8] = b"too many connections";
+
+/// Most bytes read from an upload's stream at once: what the server holds of an upload
+/// besides its header (quinn's receive window aside).
+const UPLOAD_PIECE: usize = PIECE * 16;
 
 /// Limits and behaviour of a store server.
 #[derive(Debug, Clone)]
@@ -55,6 +74,10 @@ pub struct ServerOptions {
     pub large_windows: bool,
     /// ACK frequency asked of clients (see `TransportTuning::ack_every`).
     pub ack_every: Option<u32>,
+    /// Connections served at once; one more is closed after its handshake with [`CLOSE_BUSY`].
+    pub max_connections: usize,
+    /// Puts received at once, over all connections; one more is refused with `Busy`.
+    pub max_uploads: usize,
 }
 
 impl Default for ServerOptions {
@@ -69,6 +92,8 @@ impl Default for ServerOptions {
             congestion: Congestion::Cubic,
             large_windows: true,
             ack_every: None,
+            max_connections: 1024,
+            max_uploads: 32,
         }
     }
 }
@@ -106,6 +131,10 @@ struct Shared {
     opts: ServerOptions,
     pacer: Option<Pacer>,
     counters: Counters,
+    /// One permit per connection served ([`ServerOptions::max_connections`]).
+    connection_slots: Arc<Semaphore>,
+    /// One permit per put being received ([`ServerOptions::max_uploads`]).
+    upload_slots: Arc<Semaphore>,
 }
 
 /// A bound store server; [`StoreServer::run`] serves until shutdown.
@@ -143,6 +172,8 @@ impl StoreServer {
         let endpoint = crate::transport::quic_endpoint(addr, Some(cfg))
             .map_err(|source| ServerError::Bind { addr, source })?;
         let pacer = opts.max_rate.map(Pacer::new);
+        let connection_slots = Arc::new(Semaphore::new(opts.max_connections));
+        let upload_slots = Arc::new(Semaphore::new(opts.max_uploads));
         Ok(StoreServer {
             endpoint,
             shared: Arc::new(Shared {
@@ -150,6 +181,8 @@ impl StoreServer {
                 opts,
                 pacer,
                 counters: Counters::default(),
+                connection_slots,
+                upload_slots,
             }),
         })
     }
@@ -173,9 +206,13 @@ impl StoreServer {
                         let shared = self.shared.clone();
                         let peer = incoming.remote_address();
                         let span = tracing::info_span!("store_conn", %peer);
+                        let slot = shared.connection_slots.clone().try_acquire_owned().ok();
                         tokio::spawn(async move {
                             match incoming.await {
-                                Ok(conn) => serve_connection(shared, conn).await,
+                                Ok(conn) => match slot {
+                                    Some(slot) => serve_connection(shared, conn, slot).await,
+                                    None => refuse_connection(&shared, &conn),
+                                },
                                 // Refused TLS (no or untrusted client certificate, wrong
                                 // ALPN) or a handshake that never completed.
                                 Err(e) => tracing::warn!("handshake failed: {e}"),
@@ -199,7 +236,22 @@ impl Drop for ConnGuard<'_> {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+/// Closes a connection over [`ServerOptions::max_connections`], after its handshake so that
+/// the client reads the reason.
+fn refuse_connection(shared: &Shared, conn: &quinn::Connection) {
+    tracing::warn!(
+        max_connections = shared.opts.max_connections,
+        "connection refused: too many connections"
+    );
+    conn.close(VarInt::from_u32(CLOSE_BUSY), CLOSE_BUSY_REASON);
+}
+
+/// Serves a connection's streams; `_slot` is its place under the connection limit.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    _slot: OwnedSemaphorePermit,
+) {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(&shared.counters.connections);
     let authed = Arc::new(AtomicBool::new(shared.opts.token.is_none()));
@@ -464,6 +516,15 @@ async fn handle(
                     ),
                 ));
             }
+            let Ok(_slot) = shared.upload_slots.clone().try_acquire_owned() else {
+                return Err(Refusal(
+                    ErrorCode::Busy,
+                    format!(
+                        "{} uploads in progress, the limit: try again later",
+                        shared.opts.max_uploads
+                    ),
+                ));
+            };
             let writer = backend.begin_put(&key).await?;
             let created = receive_put(shared, writer, key, len, recv).await?;
             Ok((Response::Stored { created }, Payload::None))
@@ -632,8 +693,9 @@ async fn get_verified(shared: &Shared, key: &kvfetcher_codec::ChunkKey) -> Resul
     Ok(bytes)
 }
 
-/// Streams a put's bytes into `writer` (and memory, for the final check), then verifies and
-/// commits. Any failure aborts the writer, so nothing partial becomes visible.
+/// Streams a put's bytes into `writer` piece by piece, checking them on the way
+/// ([`UploadCheck`]), then commits. Any failure aborts the writer, so nothing partial becomes
+/// visible (and the `LocalDir` temp file is removed).
 async fn receive_put(
     shared: &Shared,
     mut writer: Box<dyn ObjectWriter>,
@@ -641,12 +703,20 @@ async fn receive_put(
     len: u64,
     recv: &mut RecvStream,
 ) -> Result<bool, Refusal> {
-    let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(64 << 20));
-    let outcome: Result<(), Refusal> = async {
+    let mut check = UploadCheck::new(key, len);
+    let refused = |e: UploadError| {
+        let code = if e.is_framing() {
+            ErrorCode::BadRequest
+        } else {
+            ErrorCode::InvalidObject
+        };
+        Refusal(code, e.to_string())
+    };
+    let outcome: Result<ObjectInfo, Refusal> = async {
         loop {
             let chunk = match tokio::time::timeout(
                 shared.opts.stream_timeout,
-                recv.read_chunk(PIECE * 16, true),
+                recv.read_chunk(UPLOAD_PIECE, true),
             )
             .await
             {
@@ -664,41 +734,18 @@ async fn receive_put(
                 .counters
                 .bytes_in
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            if (buf.len() + chunk.len()) as u64 > len {
-                return Err(Refusal(
-                    ErrorCode::BadRequest,
-                    format!("upload longer than the declared {len} bytes"),
-                ));
-            }
-            buf.extend_from_slice(&chunk);
+            check.feed(&chunk).map_err(refused)?;
             writer.write(chunk).await?;
         }
-        if buf.len() as u64 != len {
-            return Err(Refusal(
-                ErrorCode::BadRequest,
-                format!("upload of {} bytes, declared {len}", buf.len()),
-            ));
-        }
-        Ok(())
+        tracing::debug!(key = %key, held = check.peak_held(), "upload received");
+        check.finish().map_err(refused)
     }
     .await;
-    if let Err(r) = outcome {
-        writer.abort().await;
-        return Err(r);
+    match outcome {
+        Ok(info) => Ok(writer.commit(info.model).await?),
+        Err(r) => {
+            writer.abort().await;
+            Err(r)
+        }
     }
-    let info = match verify_object(&buf) {
-        Ok(info) if info.key == key => info,
-        Ok(info) => {
-            writer.abort().await;
-            return Err(Refusal(
-                ErrorCode::InvalidObject,
-                format!("object carries key {}, not {key}", info.key),
-            ));
-        }
-        Err(e) => {
-            writer.abort().await;
-            return Err(Refusal(ErrorCode::InvalidObject, e.to_string()));
-        }
-    };
-    Ok(writer.commit(info.model).await?)
 }

@@ -317,6 +317,8 @@ pub enum ErrorCode {
     Timeout = 8,
     /// A byte range or section index lies outside the object.
     OutOfRange = 9,
+    /// The server is at its limit of concurrent uploads: try again later.
+    Busy = 10,
 }
 
 impl ErrorCode {
@@ -332,6 +334,7 @@ impl ErrorCode {
             7 => ErrorCode::InvalidObject,
             8 => ErrorCode::Timeout,
             9 => ErrorCode::OutOfRange,
+            10 => ErrorCode::Busy,
             other => return Err(WireError::UnknownStatus(other)),
         })
     }

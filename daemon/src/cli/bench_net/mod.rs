@@ -55,6 +55,8 @@ pub enum BenchCommand {
     /// How each codec setting changes a model's next-token predictions: a GGUF model in
     /// llama.cpp (--gguf), or a llama2.c toy (--model).
     Fidelity(super::bench_fidelity::BenchFidelityArgs),
+    /// Many clients against one daemon: fetches/s, p50/p99 latency and RSS.
+    Load(super::bench_load::BenchLoadArgs),
 }
 
 /// How links are emulated.
@@ -170,6 +172,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Fetch(a) => super::bench_fetch::run(a),
         BenchCommand::Codec(a) => super::bench_codec::run(a),
         BenchCommand::Fidelity(a) => super::bench_fidelity::run(a),
+        BenchCommand::Load(a) => super::bench_load::run(a),
         BenchCommand::DelayBridge(a) => bridge::run(
             &a.a,
             &a.b,
