@@ -6,7 +6,8 @@
 //! Writes into REFDIR `tokens.bin` (the token ids, u32
 //! LE) and the exact buffers a fetch must return: `ref-f16-nhd.bin` (contiguous) and
 //! `ref-bf16-hnd-p16.bin` (paged, 16 tokens per block). Prints `ready` once listening and runs
-//! until SIGTERM or SIGINT. Exits with 77 (skip) if the shared data is absent.
+//! until SIGTERM or SIGINT. Exits with 77 (skip) if the shared data is absent. It serves at most
+//! 4 clients at once, so that the C test can see a refused client's `busy`.
 
 mod server_support;
 
@@ -20,6 +21,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// Tokens served: not a multiple of the 16-token block, so paged buffers carry padding.
 const TOKENS: usize = 130;
+
+/// Clients served at once; tests/c/test_client.c opens one more than this (keep them equal).
+const C_TEST_MAX_CLIENTS: usize = 4;
 
 #[test]
 #[ignore = "a server for tests/c/run.sh, not a test"]
@@ -60,7 +64,16 @@ fn serve_for_c_tests() {
         std::io::stdout().flush().expect("stdout");
         let mut term = signal(SignalKind::terminate()).expect("sigterm");
         let mut int = signal(SignalKind::interrupt()).expect("sigint");
-        kvfetcher::server::serve(listener, backend, async move {
+        // A small client table, so that tests/c sees the daemon's `busy` refusal.
+        let opts = kvfetcher::server::ServeOptions {
+            max_clients: C_TEST_MAX_CLIENTS,
+            ..Default::default()
+        };
+        let gpus = Arc::new(kvfetcher::gpu::GpuDevices::new(
+            kvfetcher::gpu::GpuOptions::default(),
+            kvfetcher::metrics::Metrics::new(),
+        ));
+        kvfetcher::server::serve_with(listener, backend, opts, gpus, async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}

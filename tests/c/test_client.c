@@ -137,6 +137,31 @@ static void test_save_gpu_arguments(kvf_client *c, const uint32_t *tokens) {
                KVF_ERR_INVALID_ARGUMENT);
 }
 
+/* The harness serves 4 clients at once (server_c_harness.rs C_TEST_MAX_CLIENTS): with `held`
+ * connected, the first client over the limit is refused with `busy` after its handshake, and
+ * its first request must return KVF_ERR_BUSY with the daemon's reason, not a socket error. */
+#define HARNESS_MAX_CLIENTS 4
+static void test_busy(const char *sock, int held, const uint32_t *tokens, size_t n_tokens) {
+    kvf_client *extra[HARNESS_MAX_CLIENTS + 1] = {0};
+    int n = 0;
+    kvf_error last = KVF_OK;
+    uint32_t avail = 0;
+    while (n < HARNESS_MAX_CLIENTS + 1) {
+        CHECK_CODE(kvf_client_connect(sock, &extra[n]), KVF_OK);
+        if (!extra[n]) break;
+        last = kvf_client_lookup(extra[n++], "codelm-107m", tokens, n_tokens, &avail);
+        if (last != KVF_OK) break;
+    }
+    CHECK_CODE(last, KVF_ERR_BUSY);
+    CHECK(n + held == HARNESS_MAX_CLIENTS + 1);
+    char detail[256] = "";
+    CHECK(kvf_last_error_detail(detail, sizeof detail) > 0);
+    CHECK(strstr(detail, "clients") != NULL);
+    for (int i = 0; i < n; i++) {
+        kvf_client_free(extra[i]);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: %s SOCKET REFDIR\n", argv[0]);
@@ -155,6 +180,7 @@ int main(int argc, char **argv) {
     kvf_client *c = NULL;
     CHECK_CODE(kvf_client_connect(sock, &c), KVF_OK);
     if (!c) return 1;
+    test_busy(sock, 1, tokens, n_tokens);
 
     uint32_t avail = 0;
     CHECK_CODE(kvf_client_lookup(c, "codelm-107m", tokens, n_tokens, &avail), KVF_OK);
