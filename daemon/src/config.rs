@@ -183,6 +183,13 @@ pub struct StoreConfig {
     /// File holding a bearer token the store requires, if any.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Milliseconds between QUIC keep-alives on an idle connection to the store.
+    #[serde(default = "default_keep_alive_ms")]
+    pub keep_alive_ms: u64,
+    /// Milliseconds without a packet from the store after which its connection counts as
+    /// dead: requests on it fail and the next one reconnects. Must exceed `keep_alive_ms`.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
 }
 
 /// Fetch-side limits: memory bound, parallelism and fairness.
@@ -236,6 +243,28 @@ fn default_server_name() -> String {
     "localhost".to_string()
 }
 
+impl StoreConfig {
+    /// The store at `addr` trusted through `tls`, every other setting at its default.
+    pub fn new(addr: SocketAddr, tls: PathBuf) -> StoreConfig {
+        StoreConfig {
+            addr,
+            server_name: default_server_name(),
+            tls,
+            token_file: None,
+            keep_alive_ms: default_keep_alive_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+        }
+    }
+}
+
+fn default_keep_alive_ms() -> u64 {
+    crate::transport::DEFAULT_KEEP_ALIVE.as_millis() as u64
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    crate::transport::DEFAULT_IDLE_TIMEOUT.as_millis() as u64
+}
+
 fn default_tls() -> PathBuf {
     PathBuf::from("/etc/kvfetcher/tls")
 }
@@ -251,12 +280,10 @@ impl Default for Config {
             socket_mode: "0660".to_string(),
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             log_format: LogFormat::Text,
-            stores: vec![StoreConfig {
-                addr: SocketAddr::from(([127, 0, 0, 1], 4433)),
-                server_name: default_server_name(),
-                tls: default_tls(),
-                token_file: None,
-            }],
+            stores: vec![StoreConfig::new(
+                SocketAddr::from(([127, 0, 0, 1], 4433)),
+                default_tls(),
+            )],
             fetch: FetchConfig::default(),
             save: SaveConfig::default(),
             gpu: GpuConfig::default(),
@@ -334,6 +361,14 @@ impl Config {
         }
         if self.stores.is_empty() {
             return invalid("at least one store is needed".into());
+        }
+        for s in &self.stores {
+            if s.keep_alive_ms == 0 || s.idle_timeout_ms <= s.keep_alive_ms {
+                return invalid(format!(
+                    "store {}: keep_alive_ms must be positive and below idle_timeout_ms",
+                    s.addr
+                ));
+            }
         }
         let f = &self.fetch;
         if f.max_inflight_sections == 0
@@ -435,9 +470,28 @@ mod tests {
             "[server]\nhandshake_timeout_ms = 0",
             "[server]\nmax_clients_per_uid = 0",
             "[server]\nunknown = 1",
+            "[[stores]]\naddr = \"10.0.0.2:4433\"\nkeep_alive_ms = 0",
+            "[[stores]]\naddr = \"10.0.0.2:4433\"\nidle_timeout_ms = 1000",
         ] {
             assert!(Config::parse(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn reads_store_liveness() {
+        let c = Config::parse("[[stores]]\naddr = \"10.0.0.2:4433\"\n").unwrap();
+        assert_eq!(
+            (c.stores[0].keep_alive_ms, c.stores[0].idle_timeout_ms),
+            (1000, 3000)
+        );
+        let c = Config::parse(
+            "[[stores]]\naddr = \"10.0.0.2:4433\"\nkeep_alive_ms = 500\nidle_timeout_ms = 2000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.stores[0].keep_alive_ms, c.stores[0].idle_timeout_ms),
+            (500, 2000)
+        );
     }
 
     #[test]

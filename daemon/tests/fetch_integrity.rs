@@ -14,7 +14,7 @@ use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, Destination, ServeError};
 use kvfetcher::store::ServerOptions;
-use kvfetcher::transport::StoreClient;
+use kvfetcher::transport::{ClientOptions, StoreClient};
 use kvfetcher_client::{KvDType, KvShape, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
     encode_cache, ChunkHeader, ChunkKey, ChunkView, CodecRegistry, EncodeConfig, ModelFingerprint,
@@ -137,6 +137,7 @@ impl Fixture {
         let target = StoreTarget {
             addr: store.addr,
             tls: store.client_tls(),
+            options: ClientOptions::default(),
         };
         let save = SaveConfig {
             chunk_tokens: CHUNK,

@@ -27,7 +27,7 @@ use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, Destination, DeviceRegion, ServeError, ServeOptions};
 use kvfetcher::store::{Backend as _, LocalDir, ServerOptions, StoreServer};
-use kvfetcher::transport::{write_dev_pki, TlsClientConfig, TlsServerConfig};
+use kvfetcher::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
 use kvfetcher_client::protocol::{
     encode_hello, encode_message, parse_hello, BufferMemory, Fetch, FrameDecoder, Message, Release,
     Reopen, DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION,
@@ -151,6 +151,7 @@ async fn store() -> Store {
     let target = StoreTarget {
         addr: server.local_addr(),
         tls: TlsClientConfig::from_path(&certs).unwrap(),
+        options: ClientOptions::default(),
     };
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(server.run(async {

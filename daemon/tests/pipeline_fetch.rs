@@ -10,7 +10,9 @@ use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{kv_dtype, Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, Destination, ServeError};
 use kvfetcher::store::{LocalDir, ServerOptions, StoreServer};
-use kvfetcher::transport::{write_dev_pki, StoreClient, TlsClientConfig, TlsServerConfig};
+use kvfetcher::transport::{
+    write_dev_pki, ClientOptions, StoreClient, TlsClientConfig, TlsServerConfig,
+};
 use kvfetcher_client::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
     chunk_keys, decode_chunk, encode_cache, Chroma, ChunkHeader, CodecRegistry, EncodeConfig,
@@ -127,6 +129,7 @@ async fn fixture(save: SaveConfig, fetch: FetchConfig) -> Option<Fixture> {
     let target = StoreTarget {
         addr,
         tls: TlsClientConfig::from_path(&certs).unwrap(),
+        options: ClientOptions::default(),
     };
     let pipeline = Pipeline::new(
         vec![target.clone()],
@@ -427,6 +430,7 @@ async fn store_down_is_unavailable_and_bad_input_is_rejected() {
     let target = StoreTarget {
         addr,
         tls: TlsClientConfig::from_path(dir.path()).unwrap(),
+        options: ClientOptions::default(),
     };
     let fetch = FetchConfig {
         connect_timeout_ms: 300,

@@ -136,12 +136,7 @@ pub fn measure(args: &BenchLoadArgs) -> anyhow::Result<LoadReport> {
         let store = LocalStore::start(dir.path(), "load", None)?;
         let mut config = Config {
             socket: dir.path().join("kvfetcher.sock"),
-            stores: vec![StoreConfig {
-                addr: store.addr,
-                server_name: "localhost".into(),
-                tls: store.certs.clone(),
-                token_file: None,
-            }],
+            stores: vec![StoreConfig::new(store.addr, store.certs.clone())],
             ..Config::default()
         };
         // All clients are this process's uid: the table must fit them all.

@@ -64,12 +64,7 @@ async fn demo(args: DemoArgs, c: CClient) -> anyhow::Result<()> {
     let config = Config {
         socket: dir.path().join("kvfetcher.sock"),
         metrics_addr: Some(([127, 0, 0, 1], 0).into()),
-        stores: vec![StoreConfig {
-            addr: store.addr,
-            server_name: "localhost".into(),
-            tls: store.certs.clone(),
-            token_file: None,
-        }],
+        stores: vec![StoreConfig::new(store.addr, store.certs.clone())],
         ..Config::default()
     };
     let (stop, stop_rx) = watch::channel(false);

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::pipeline::StoreTarget;
 use crate::store::{LocalDir, ServerOptions, StoreServer};
-use crate::transport::{write_dev_pki, TlsClientConfig, TlsServerConfig};
+use crate::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
 
 /// A running in-process store.
 #[derive(Debug)]
@@ -56,6 +56,7 @@ impl LocalStore {
         Ok(StoreTarget {
             addr: self.addr,
             tls: TlsClientConfig::from_path(&self.certs)?,
+            options: ClientOptions::default(),
         })
     }
 }

@@ -34,7 +34,7 @@ pub use stores::StoreTarget;
 use crate::config::{Config, FetchConfig, SaveConfig};
 use crate::metrics::Metrics;
 use crate::server::{Backend, BoxFuture, Destination, FetchOutcome, ServeError};
-use crate::transport::TlsClientConfig;
+use crate::transport::{ClientOptions, TlsClientConfig};
 use quarantine::Quarantine;
 use stores::Stores;
 
@@ -148,7 +148,14 @@ impl Pipeline {
                     .map_err(|e| err(format!("token {}: {e}", path.display())))?;
                 tls.token = Some(token.trim().as_bytes().to_vec());
             }
-            targets.push(StoreTarget { addr: s.addr, tls });
+            targets.push(StoreTarget {
+                addr: s.addr,
+                tls,
+                options: ClientOptions::liveness(
+                    Duration::from_millis(s.keep_alive_ms),
+                    Duration::from_millis(s.idle_timeout_ms),
+                ),
+            });
         }
         Pipeline::new(
             targets,

@@ -3,7 +3,10 @@
 //!
 //! Keys are spread by their first byte, so every node maps a key to the same store without
 //! coordination. A connection is opened on first use and dropped after a connection-level
-//! error, so the daemon starts before its stores and survives their restarts.
+//! error, so the daemon starts before its stores and survives their restarts. A store killed
+//! without closing its connections is noticed by the QUIC keep-alive and idle timeout of
+//! [`StoreTarget::options`] (1 s and 3 s by default): requests on the dead connection fail
+//! then, and the next one dials again.
 //!
 //! Each store gets `connections_per_store` connections, handed out round robin: quinn drives
 //! one connection on one task, which tops out near 4 Gbit/s of CPU, so a fetch only goes
@@ -18,7 +21,7 @@ use kvfetcher_codec::ChunkKey;
 use tokio::sync::Mutex;
 
 use crate::server::ServeError;
-use crate::transport::{StoreClient, TlsClientConfig, TransportError};
+use crate::transport::{ClientOptions, StoreClient, TlsClientConfig, TransportError};
 
 /// How to reach one store.
 #[derive(Debug, Clone)]
@@ -27,6 +30,9 @@ pub struct StoreTarget {
     pub addr: SocketAddr,
     /// TLS trust, server name and optional token.
     pub tls: TlsClientConfig,
+    /// Transport options, notably the keep-alive and idle timeout that bound how long a
+    /// dead store goes unnoticed.
+    pub options: ClientOptions,
 }
 
 /// One connection slot: empty until first use and after its connection died.
@@ -143,7 +149,8 @@ impl Stores {
             return Ok(c);
         }
         let addr = store.target.addr;
-        let connect = StoreClient::connect(addr, store.target.tls.clone());
+        let connect =
+            StoreClient::connect_with(addr, store.target.tls.clone(), store.target.options);
         let c = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(ServeError::Unavailable(format!("store {addr}: {e}"))),

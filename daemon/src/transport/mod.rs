@@ -9,7 +9,10 @@ mod tls;
 mod tuning;
 pub mod wire;
 
-pub use client::{ClientOptions, SectionStream, Sections, StoreClient, TransportError};
+pub use client::{
+    ClientOptions, SectionStream, Sections, StoreClient, TransportError, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_KEEP_ALIVE,
+};
 pub use object::{verify_object, ObjectError, ObjectInfo, SectionCheck};
 pub use tls::{
     files as cert_files, generate_dev_pki, load_certs, load_key, write_dev_pki, DevPki,
