@@ -182,6 +182,7 @@ impl AsyncClient {
                 layout: *layout,
                 shape: *shape,
                 gpu: None,
+                replace: false,
             })
         };
         match self.shared.lock().await.call(mk, &[f.as_fd()]).await?.0 {
@@ -209,6 +210,7 @@ impl AsyncClient {
                 layout: *layout,
                 shape: *shape,
                 gpu: Some(gpu),
+                replace: false,
             })
         };
         match self.shared.lock().await.call(mk, &[]).await?.0 {

@@ -184,7 +184,8 @@ impl Client {
     }
 
     /// Hands `data` (KV of `shape` in the host `layout`) to the daemon to store for `model` and
-    /// `token_ids`. Returns the number of chunks stored.
+    /// `token_ids`. Returns the number of chunks stored; chunks already stored count as stored
+    /// and are kept as they are (stored chunks are write-once).
     pub fn save(
         &self,
         model: &str,
@@ -192,6 +193,21 @@ impl Client {
         layout: &TargetLayout,
         shape: &KvShape,
         data: &[u8],
+    ) -> Result<u32, ClientError> {
+        self.save_replacing(model, token_ids, layout, shape, data, false)
+    }
+
+    /// [`Client::save`], overwriting chunks already stored when `replace` is set; the daemon
+    /// refuses that (`BadRequest`, "forbidden") unless its `[save] replace_uids` or
+    /// `replace_gids` lists this process's uid or gid.
+    pub fn save_replacing(
+        &self,
+        model: &str,
+        token_ids: &[u32],
+        layout: &TargetLayout,
+        shape: &KvShape,
+        data: &[u8],
+        replace: bool,
     ) -> Result<u32, ClientError> {
         let f = save_memfd(token_ids, layout, shape, data)?;
         let (m, _) = lock(&self.shared).call(
@@ -203,6 +219,7 @@ impl Client {
                     layout: *layout,
                     shape: *shape,
                     gpu: None,
+                    replace,
                 })
             },
             &[f.as_fd()],
@@ -238,6 +255,7 @@ impl Client {
                     layout: *layout,
                     shape: *shape,
                     gpu: Some(gpu),
+                    replace: false,
                 })
             },
             &[],

@@ -230,12 +230,32 @@ pub struct SaveConfig {
     pub hevc_layout: Option<String>,
     /// Chunks encoded at once.
     pub workers: usize,
+    /// Uids that may save; with `save_gids` both empty (the default) every client that can
+    /// open the socket may save.
+    pub save_uids: Vec<u32>,
+    /// Primary gids that may save.
+    pub save_gids: Vec<u32>,
+    /// Uids that may overwrite stored chunks (a save with `replace`); with `replace_gids`
+    /// both empty (the default) nobody may: stored chunks are write-once.
+    pub replace_uids: Vec<u32>,
+    /// Primary gids that may overwrite stored chunks.
+    pub replace_gids: Vec<u32>,
 }
 
 impl SaveConfig {
     /// Frames per HEVC stream for the encoder (`None`: one stream per section).
     pub fn hevc_stream_frames(&self) -> Option<usize> {
         (self.hevc_stream_frames > 0).then_some(self.hevc_stream_frames as usize)
+    }
+
+    /// The allow-lists the local server checks saves against.
+    pub fn access(&self) -> crate::server::SaveAccess {
+        crate::server::SaveAccess {
+            save_uids: self.save_uids.clone(),
+            save_gids: self.save_gids.clone(),
+            replace_uids: self.replace_uids.clone(),
+            replace_gids: self.replace_gids.clone(),
+        }
     }
 }
 
@@ -318,6 +338,10 @@ impl Default for SaveConfig {
             hevc_stream_frames: 0,
             hevc_layout: None,
             workers: available_cores().div_ceil(2),
+            save_uids: Vec::new(),
+            save_gids: Vec::new(),
+            replace_uids: Vec::new(),
+            replace_gids: Vec::new(),
         }
     }
 }

@@ -174,6 +174,7 @@ fn save_config(variant: &str) -> SaveConfig {
         hevc_stream_frames: 0,
         hevc_layout: None,
         workers: 2,
+        ..SaveConfig::default()
     }
 }
 
@@ -309,7 +310,7 @@ async fn gpu_fetches_equal_host_fetches_for_every_variant() {
         )
         .unwrap();
         if let Err(e) = p
-            .save(MODEL, &ids, &client_layout, &shape_of(&cache), &data)
+            .save(MODEL, &ids, &client_layout, &shape_of(&cache), &data, false)
             .await
         {
             println!("skipped {variant}: save failed ({e})");

@@ -104,6 +104,7 @@ fn save_config(bits: u8, variant: &str) -> SaveConfig {
         hevc_stream_frames: 0,
         hevc_layout: None,
         workers: 1,
+        ..SaveConfig::default()
     }
 }
 
@@ -160,7 +161,14 @@ impl Fixture {
         let (layout, data) = client_bytes(&self.cache);
         let stored = self
             .pipeline
-            .save(MODEL, &self.ids, &layout, &shape_of(&self.cache), &data)
+            .save(
+                MODEL,
+                &self.ids,
+                &layout,
+                &shape_of(&self.cache),
+                &data,
+                false,
+            )
             .await
             .unwrap();
         (layout, stored)
@@ -250,7 +258,7 @@ async fn save_then_fetch_returns_quantized_values_in_every_layout() {
     let (client_layout, data) = client_bytes(&f.cache);
     let stored = f
         .pipeline
-        .save(MODEL, &f.ids, &client_layout, &shape, &data)
+        .save(MODEL, &f.ids, &client_layout, &shape, &data, false)
         .await
         .unwrap();
     assert_eq!(stored, 3, "600 tokens in 256-token chunks");
@@ -323,7 +331,14 @@ async fn prefix_lookup_and_partial_fetch() {
     let (layout, data) = client_bytes(&head);
     let stored = f
         .pipeline
-        .save(MODEL, &f.ids[..512], &layout, &shape_of(&head), &data)
+        .save(
+            MODEL,
+            &f.ids[..512],
+            &layout,
+            &shape_of(&head),
+            &data,
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(stored, 2);
@@ -411,13 +426,13 @@ async fn store_down_is_unavailable_and_bad_input_is_rejected() {
     // Wrong token count and a short buffer are bad requests.
     let err = f
         .pipeline
-        .save(MODEL, &f.ids[..10], &layout, &shape, &data)
+        .save(MODEL, &f.ids[..10], &layout, &shape, &data, false)
         .await
         .unwrap_err();
     assert!(matches!(err, ServeError::BadRequest(_)), "{err}");
     let err = f
         .pipeline
-        .save(MODEL, &f.ids, &layout, &shape, &data[..100])
+        .save(MODEL, &f.ids, &layout, &shape, &data[..100], false)
         .await
         .unwrap_err();
     assert!(matches!(err, ServeError::BadRequest(_)), "{err}");
@@ -489,7 +504,7 @@ async fn requests_spread_over_connections_per_store() {
     assert_eq!(open_connections().await, 2);
     // The three chunk puts go round robin over all three connections.
     let stored = saver
-        .save(MODEL, &f.ids, &layout, &shape, &data)
+        .save(MODEL, &f.ids, &layout, &shape, &data, false)
         .await
         .unwrap();
     assert_eq!(stored, 3);
@@ -739,7 +754,7 @@ async fn saves_take_the_configured_hevc_layout() {
     let shape = shape_of(&f.cache);
     assert_eq!(
         pipeline
-            .save(MODEL, &f.ids, &layout, &shape, &data)
+            .save(MODEL, &f.ids, &layout, &shape, &data, false)
             .await
             .unwrap(),
         3
@@ -769,4 +784,52 @@ async fn saves_take_the_configured_hevc_layout() {
         &layout,
         &expected(&f.cache, &f.ids, &save),
     );
+}
+
+/// Every stored object of a `LocalDir` under `data`, by path.
+fn stored_objects(data: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(data.join("objects")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            let b = std::fs::read(&p).unwrap();
+            out.push((p, b));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Stored chunks are write-once (issue 18 item 5a): saving a stored prefix again, even with
+/// other values (all 1.0, as a poisoning client would), succeeds and keeps the stored chunks;
+/// a save with `replace` overwrites them.
+#[tokio::test]
+async fn saving_a_stored_prefix_again_keeps_the_stored_chunks() {
+    let Some(f) = fixture(save_config(8, "zstd"), FetchConfig::default()).await else {
+        return;
+    };
+    let (layout, stored) = f.save_all().await;
+    let data = f._dir.path().join("data");
+    let before = stored_objects(&data);
+    assert_eq!(before.len(), stored as usize);
+    let (_, bytes) = client_bytes(&f.cache);
+    let ones: Vec<u8> = bytes
+        .chunks_exact(2)
+        .flat_map(|_| half::f16::from_f32(1.0).to_le_bytes())
+        .collect();
+    let shape = shape_of(&f.cache);
+    let again = f
+        .pipeline
+        .save(MODEL, &f.ids, &layout, &shape, &ones, false)
+        .await
+        .unwrap();
+    assert_eq!(again, stored, "already stored counts as stored");
+    assert!(stored_objects(&data) == before, "stored chunks rewritten");
+    f.pipeline
+        .save(MODEL, &f.ids, &layout, &shape, &ones, true)
+        .await
+        .unwrap();
+    let after = stored_objects(&data);
+    assert_eq!(after.len(), before.len());
+    assert!(after != before, "replace overwrites");
 }

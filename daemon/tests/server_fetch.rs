@@ -3,6 +3,7 @@
 
 mod server_support;
 
+use kvfetcher::server::{SaveAccess, ServeOptions};
 use kvfetcher_client::protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_client::{AsyncClient, Client, ClientError, ErrorCode, KvShape};
 use server_support::*;
@@ -168,6 +169,79 @@ fn save_hands_the_backend_the_clients_bytes() {
         .unwrap_err();
     assert!(matches!(e, ClientError::InvalidArgument(_)), "{e}");
     assert_eq!(c.stats().unwrap().saves_total, 1);
+    assert_eq!(*srv.backend.replaces.lock().unwrap(), [false]);
+}
+
+/// A uid/gid allowed by nothing: the test never runs as it.
+const NOBODY: u32 = 4_000_000_000;
+
+fn save_kv(kv: &Kv) -> (TargetLayout, KvShape, Vec<u8>) {
+    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let shape = KvShape {
+        num_layers: 8,
+        tokens: kv.token_ids.len() as u32,
+        kv_heads: kv.heads,
+        head_dim: kv.dim,
+    };
+    let mut data = Vec::new();
+    let mut row = Vec::new();
+    for l in &kv.layers {
+        for t in l {
+            kvfetcher_kv::DType::F16.encode_f32(t, &mut row);
+            data.extend_from_slice(&row);
+        }
+    }
+    (layout, shape, data)
+}
+
+#[test]
+fn replace_is_refused_unless_the_uid_or_gid_is_allowed() {
+    let Some(kv) = load_kv(40) else { return };
+    let (layout, shape, data) = save_kv(&kv);
+    // Default lists: everyone saves, nobody replaces.
+    let srv = TestServer::start(MemBackend::new(None));
+    let c = Client::connect(&srv.path).unwrap();
+    let e = c
+        .save_replacing("m", &kv.token_ids, &layout, &shape, &data, true)
+        .unwrap_err();
+    assert_eq!(e.daemon_code(), Some(ErrorCode::BadRequest), "{e}");
+    assert!(e.to_string().contains("may not replace"), "{e}");
+    assert!(srv.backend.saves.lock().unwrap().is_empty());
+    c.save("m", &kv.token_ids, &layout, &shape, &data).unwrap();
+    assert_eq!(*srv.backend.replaces.lock().unwrap(), [false]);
+    drop(c);
+    // This process's uid is allowed to replace.
+    let uid = nix::unistd::getuid().as_raw();
+    let opts = ServeOptions {
+        save_access: SaveAccess {
+            replace_uids: vec![uid],
+            ..SaveAccess::default()
+        },
+        ..ServeOptions::default()
+    };
+    let srv = TestServer::start_with(MemBackend::new(None), opts);
+    let c = Client::connect(&srv.path).unwrap();
+    c.save_replacing("m", &kv.token_ids, &layout, &shape, &data, true)
+        .unwrap();
+    assert_eq!(*srv.backend.replaces.lock().unwrap(), [true]);
+    drop(c);
+    // A save list that does not name this process refuses even a plain save.
+    let opts = ServeOptions {
+        save_access: SaveAccess {
+            save_uids: vec![NOBODY],
+            save_gids: vec![NOBODY],
+            replace_uids: vec![uid],
+            ..SaveAccess::default()
+        },
+        ..ServeOptions::default()
+    };
+    let srv = TestServer::start_with(MemBackend::new(None), opts);
+    let c = Client::connect(&srv.path).unwrap();
+    let e = c
+        .save("m", &kv.token_ids, &layout, &shape, &data)
+        .unwrap_err();
+    assert!(e.to_string().contains("may not save"), "{e}");
+    assert!(srv.backend.saves.lock().unwrap().is_empty());
 }
 
 #[test]

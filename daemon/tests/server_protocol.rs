@@ -172,6 +172,7 @@ fn out_of_order_messages_are_refused_but_the_connection_lives() {
             head_dim: 1,
         },
         gpu: None,
+        replace: false,
     });
     s.write_all(&encode_message(&save, DEFAULT_MAX_FRAME).unwrap())
         .unwrap();
@@ -233,6 +234,7 @@ fn gpu_saves_are_validated_and_never_panic() {
             layout,
             shape,
             gpu: Some(src),
+            replace: false,
         });
         s.write_all(&encode_message(&save, DEFAULT_MAX_FRAME).unwrap())
             .unwrap();

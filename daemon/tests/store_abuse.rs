@@ -131,6 +131,7 @@ async fn oversized_and_overlong_uploads_are_refused() {
     let mut msg = Request::Put {
         key: *key,
         len: 100,
+        replace: false,
     }
     .encode();
     msg.extend_from_slice(&bytes[..1000]);
@@ -179,6 +180,7 @@ async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
         &Request::Put {
             key: *stalled_key,
             len: stalled.len() as u64,
+            replace: false,
         }
         .encode(),
     )
@@ -218,6 +220,7 @@ fn put_message(key: ChunkKey, declared: usize, bytes: &[u8]) -> Vec<u8> {
     let mut msg = Request::Put {
         key,
         len: declared as u64,
+        replace: false,
     }
     .encode();
     msg.extend_from_slice(bytes);

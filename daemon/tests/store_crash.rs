@@ -86,6 +86,7 @@ async fn kill_mid_upload_leaves_no_partial_object() {
         &Request::Put {
             key: *key,
             len: bytes.len() as u64,
+            replace: false,
         }
         .encode(),
     )

@@ -344,6 +344,7 @@ mod tests {
                 head_dim: 2,
             },
             gpu: None,
+            replace: false,
         });
         let bytes = encode_message(&save, DEFAULT_MAX_FRAME).unwrap();
         let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);

@@ -100,6 +100,11 @@ pub struct Save {
     /// travels, the daemon opens the handle and copies the bytes out. Absent for host saves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuSource>,
+    /// Overwrite chunks already stored (stored chunks are write-once otherwise: a save of a
+    /// stored prefix keeps them). Only uids and gids of the daemon's `[save] replace_uids` /
+    /// `replace_gids` may; others are refused. Absent means false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
 }
 
 /// GPU memory a client hands to the daemon for a save, exported as a CUDA IPC handle.

@@ -300,7 +300,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         layers_per_group: args.layers_per_group,
         hevc_stream_frames: args.hevc_stream_frames,
         hevc_layout: args.hevc_layout.clone(),
-        workers: SaveConfig::default().workers,
+        ..SaveConfig::default()
     };
     let client_bytes: Vec<u8> = cache
         .layers()
@@ -414,6 +414,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
                 &client_layout,
                 &shape,
                 &client_bytes,
+                false,
             )
             .await?;
         let link = if rate > 0.0 {

@@ -156,7 +156,8 @@ pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Resu
         tokio::spawn(serve_metrics(l, metrics.clone(), stopped(stop.clone())));
     }
     let backend: Arc<dyn crate::server::Backend> = Arc::new(pipeline);
-    let opts = config.server.options();
+    let mut opts = config.server.options();
+    opts.save_access = config.save.access();
     tokio::spawn(async move {
         if let Err(e) =
             crate::server::serve_with(listener, backend, opts, gpus, stopped(stop)).await

@@ -246,11 +246,12 @@ impl Backend for Pipeline {
         layout: &'a TargetLayout,
         shape: &'a KvShape,
         data: &'a [u8],
+        replace: bool,
     ) -> BoxFuture<'a, Result<u32, ServeError>> {
         Box::pin(async move {
             counted(
                 &self.metrics,
-                save::save(self, model, token_ids, layout, shape, data).await,
+                save::save(self, model, token_ids, layout, shape, data, replace).await,
             )
         })
     }

@@ -3,7 +3,9 @@
 //!
 //! Encoding runs on a dedicated thread pool of `save.workers` threads, never on the decode
 //! slots or the async runtime, so a large save slows fetches only by the cores it is given.
-//! Chunks already stored are uploaded anyway and counted (the store answers "already there").
+//! Chunks already stored are counted as stored and kept (the store is write-once and answers
+//! `Exists`, which the client reports as "already there"); a save with `replace` (allowed by
+//! the server's `[save]` lists) overwrites them.
 
 use std::time::Instant;
 
@@ -41,6 +43,7 @@ pub fn encode_config(save: &SaveConfig) -> Result<EncodeConfig, ServeError> {
 }
 
 /// Runs a whole save; returns the number of chunks stored.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn save(
     p: &Pipeline,
     model: &str,
@@ -48,6 +51,7 @@ pub(super) async fn save(
     layout: &TargetLayout,
     shape: &KvShape,
     data: &[u8],
+    replace: bool,
 ) -> Result<u32, ServeError> {
     let started = Instant::now();
     if shape.tokens as usize != token_ids.len() {
@@ -83,7 +87,7 @@ pub(super) async fn save(
         .map(|(key, bytes)| async move {
             let len = bytes.len() as u64;
             let client = p.stores.client_for(&key).await?;
-            match client.put(Bytes::from(bytes)).await {
+            match client.put_object(Bytes::from(bytes), replace).await {
                 Ok(_) => {
                     p.metrics.bytes_out.add(len);
                     // Saved again: a damaged copy this daemon found is replaced.

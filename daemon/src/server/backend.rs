@@ -76,7 +76,9 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<FetchOutcome, ServeError>>;
 
     /// Saves KV the client handed over (host bytes in `layout`, shape given) for `model` and
-    /// `token_ids` (`shape.tokens == token_ids.len()`). Returns the number of chunks stored.
+    /// `token_ids` (`shape.tokens == token_ids.len()`). Returns the number of chunks stored
+    /// (chunks already stored count as stored, and are overwritten only with `replace`).
+    #[allow(clippy::too_many_arguments)]
     fn save<'a>(
         &'a self,
         model: &'a str,
@@ -84,5 +86,6 @@ pub trait Backend: Send + Sync + 'static {
         layout: &'a TargetLayout,
         shape: &'a KvShape,
         data: &'a [u8],
+        replace: bool,
     ) -> BoxFuture<'a, Result<u32, ServeError>>;
 }

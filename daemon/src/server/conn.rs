@@ -436,6 +436,10 @@ fn save_len(ctx: &Ctx, s: &Save) -> Result<usize, ServeError> {
 }
 
 async fn save(ctx: &Ctx, s: Save, fd: Option<OwnedFd>) -> Result<u32, ServeError> {
+    if let Some(why) = ctx.opts.save_access.refusal(&ctx.peer, s.replace) {
+        tracing::warn!(conn = ctx.conn, pid = ?ctx.peer.pid, uid = ctx.peer.uid, "save refused: {why}");
+        return Err(ServeError::Forbidden(why));
+    }
     match (s.layout.memory, &s.gpu) {
         (MemoryKind::Host, Some(_)) => {
             return Err(ServeError::BadRequest(
@@ -463,7 +467,14 @@ async fn save(ctx: &Ctx, s: Save, fd: Option<OwnedFd>) -> Result<u32, ServeError
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))??;
     ctx.backend
-        .save(&s.model, &s.token_ids, &s.layout, &s.shape, data.bytes())
+        .save(
+            &s.model,
+            &s.token_ids,
+            &s.layout,
+            &s.shape,
+            data.bytes(),
+            s.replace,
+        )
         .await
 }
 
@@ -528,7 +539,7 @@ async fn gpu_save(ctx: &Ctx, s: &Save, n: u32, fd: Option<OwnedFd>) -> Result<u3
         ..s.layout
     };
     ctx.backend
-        .save(&s.model, &s.token_ids, &host, &s.shape, &data)
+        .save(&s.model, &s.token_ids, &host, &s.shape, &data, s.replace)
         .await
 }
 

@@ -24,6 +24,9 @@ pub enum ServeError {
     /// driver, no such device, disabled in config...).
     #[error("gpu memory not supported: {0}")]
     GpuUnsupported(String),
+    /// The client's credentials do not allow the request (`[save]` allow-lists).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// An I/O error of the server's socket or memory.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -34,7 +37,7 @@ impl ServeError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ServeError::NotFound(_) => ErrorCode::NotFound,
-            ServeError::BadRequest(_) => ErrorCode::BadRequest,
+            ServeError::BadRequest(_) | ServeError::Forbidden(_) => ErrorCode::BadRequest,
             ServeError::Unavailable(_) => ErrorCode::Unavailable,
             ServeError::Internal(_) | ServeError::Io(_) => ErrorCode::Internal,
             ServeError::Corrupt(_) => ErrorCode::Corrupt,

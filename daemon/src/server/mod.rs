@@ -23,6 +23,7 @@ mod hello;
 mod host_buffer;
 mod outbox;
 mod registry;
+mod save_access;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,9 +37,10 @@ use crate::metrics::Metrics;
 
 pub use backend::{Backend, BoxFuture, Destination, DeviceRegion, FetchOutcome};
 pub use error::ServeError;
+pub use save_access::SaveAccess;
 
 /// Limits of the local server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeOptions {
     /// Connected clients at most (handshake done); one more is answered `Busy` and closed.
     pub max_clients: usize,
@@ -67,6 +69,8 @@ pub struct ServeOptions {
     /// Requests of one client in progress at once (lookups and saves; fetches count against
     /// `max_fetches_per_client`); one more disconnects the client.
     pub max_pending_requests: usize,
+    /// Who may save, and who may replace stored chunks (`[save]` allow-lists).
+    pub save_access: SaveAccess,
 }
 
 impl Default for ServeOptions {
@@ -101,6 +105,7 @@ impl Default for ServeOptions {
             // The clients serialise their calls (one request at a time per connection), so
             // this only bounds raw clients; a lookup request may hold up to a 16 MiB frame.
             max_pending_requests: 64,
+            save_access: SaveAccess::default(),
         }
     }
 }
@@ -156,7 +161,7 @@ pub async fn serve_with(
                         stream,
                         backend.clone(),
                         registry.clone(),
-                        opts,
+                        opts.clone(),
                         gpus.clone(),
                         slot,
                     ));

@@ -506,7 +506,7 @@ async fn handle(
     let backend = &shared.backend;
     match req {
         Request::Auth { .. } => Err(Refusal(ErrorCode::BadRequest, "auth handled above".into())),
-        Request::Put { key, len } => {
+        Request::Put { key, len, replace } => {
             if len > shared.opts.max_object_bytes {
                 return Err(Refusal(
                     ErrorCode::TooLarge,
@@ -525,8 +525,10 @@ async fn handle(
                     ),
                 ));
             };
+            // Write-once: without `replace`, a put must find the key absent (or corrupt).
+            let once = !replace && !refuse_stored(shared, &key).await?;
             let writer = backend.begin_put(&key).await?;
-            let created = receive_put(shared, writer, key, len, recv).await?;
+            let created = receive_put(shared, writer, key, len, once, recv).await?;
             Ok((Response::Stored { created }, Payload::None))
         }
         Request::Get { key, offset, len } => {
@@ -693,14 +695,43 @@ async fn get_verified(shared: &Shared, key: &kvfetcher_codec::ChunkKey) -> Resul
     Ok(bytes)
 }
 
+/// Stored objects are write-once: refuses with `Exists` a put (without `replace`) of a key
+/// whose stored object is valid. A stored object that fails its checksums may be overwritten,
+/// so that saving a chunk again heals a damaged copy: returns true when such a copy is there.
+async fn refuse_stored(shared: &Shared, key: &ChunkKey) -> Result<bool, Refusal> {
+    if !shared.backend.exists(key).await? {
+        return Ok(false);
+    }
+    match get_verified(shared, key).await {
+        Ok(_) => Err(exists(key)),
+        Err(Refusal(ErrorCode::Corrupt, m)) => {
+            tracing::warn!(%key, "overwriting a corrupt stored object: {m}");
+            Ok(true)
+        }
+        // Deleted meanwhile: the put may create it.
+        Err(Refusal(ErrorCode::NotFound, _)) => Ok(false),
+        Err(r) => Err(r),
+    }
+}
+
+fn exists(key: &ChunkKey) -> Refusal {
+    Refusal(
+        ErrorCode::Exists,
+        format!("object {key} is already stored (write-once; a put may ask to replace)"),
+    )
+}
+
 /// Streams a put's bytes into `writer` piece by piece, checking them on the way
-/// ([`UploadCheck`]), then commits. Any failure aborts the writer, so nothing partial becomes
+/// ([`UploadCheck`]), then commits. With `once` (a write-once put of an absent key) the put
+/// is refused with `Exists` when the key appeared meanwhile (the window left is the commit
+/// itself). Any failure aborts the writer, so nothing partial becomes
 /// visible (and the `LocalDir` temp file is removed).
 async fn receive_put(
     shared: &Shared,
     mut writer: Box<dyn ObjectWriter>,
     key: kvfetcher_codec::ChunkKey,
     len: u64,
+    once: bool,
     recv: &mut RecvStream,
 ) -> Result<bool, Refusal> {
     let mut check = UploadCheck::new(key, len);
@@ -738,7 +769,12 @@ async fn receive_put(
             writer.write(chunk).await?;
         }
         tracing::debug!(key = %key, held = check.peak_held(), "upload received");
-        check.finish().map_err(refused)
+        let info = check.finish().map_err(refused)?;
+        // Another put of the key may have committed while this one was received.
+        if once && shared.backend.exists(&key).await? {
+            return Err(exists(&key));
+        }
+        Ok(info)
     }
     .await;
     match outcome {

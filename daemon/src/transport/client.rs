@@ -218,18 +218,34 @@ impl StoreClient {
 
     /// Uploads a chunk object under the key in its header; true when the store did not have it.
     /// The object is checked locally first, so a corrupt file is never sent.
+    /// A key already stored is left as it is (stored objects are write-once) and answers false.
     pub async fn put(&self, object: Bytes) -> Result<bool, TransportError> {
+        self.put_object(object, false).await
+    }
+
+    /// [`StoreClient::put`], overwriting a stored object when `replace` is set.
+    pub async fn put_object(&self, object: Bytes, replace: bool) -> Result<bool, TransportError> {
         let key = object::verify_object(&object)?.key;
-        self.put_raw(key, object).await
+        self.put_with(key, object, replace).await
     }
 
     /// Uploads bytes under `key` without checking them locally (the server still checks).
     pub async fn put_raw(&self, key: ChunkKey, object: Bytes) -> Result<bool, TransportError> {
+        self.put_with(key, object, false).await
+    }
+
+    async fn put_with(
+        &self,
+        key: ChunkKey,
+        object: Bytes,
+        replace: bool,
+    ) -> Result<bool, TransportError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         send.write_all(
             &Request::Put {
                 key,
                 len: object.len() as u64,
+                replace,
             }
             .encode(),
         )
@@ -240,6 +256,14 @@ impl StoreClient {
         let _ = send.finish();
         match (read_response(&mut recv, Op::Put).await, written) {
             (Ok(Response::Stored { created }), Ok(())) => Ok(created),
+            // Already stored and not replaced: the store keeps its copy, as asked.
+            (
+                Ok(Response::Error {
+                    code: ErrorCode::Exists,
+                    ..
+                }),
+                _,
+            ) if !replace => Ok(false),
             (Ok(Response::Error { code, message }), _) => {
                 Err(TransportError::from_server(code, message))
             }

@@ -136,6 +136,10 @@ pub enum Request {
         key: ChunkKey,
         /// Exact number of object bytes that follow.
         len: u64,
+        /// Overwrite an object already stored under `key`. Without it a stored key is
+        /// write-once: the put is refused with [`ErrorCode::Exists`]. Encoded as one optional
+        /// trailing body byte (absent: false), so older clients' puts parse unchanged.
+        replace: bool,
     },
     /// Download `len` bytes from `offset` ([`RANGE_TO_END`] for the rest).
     Get {
@@ -197,9 +201,12 @@ impl Request {
         let mut body = Vec::new();
         match self {
             Request::Auth { token } => body.extend_from_slice(token),
-            Request::Put { key, len } => {
+            Request::Put { key, len, replace } => {
                 body.extend_from_slice(&key.0);
                 body.extend_from_slice(&len.to_le_bytes());
+                if *replace {
+                    body.push(1);
+                }
             }
             Request::Get { key, offset, len } => {
                 body.extend_from_slice(&key.0);
@@ -249,8 +256,9 @@ impl Request {
             Op::Put => {
                 let key = r.key()?;
                 let len = r.u64()?;
+                let replace = if r.buf.is_empty() { false } else { r.bool()? };
                 r.finish()?;
-                Request::Put { key, len }
+                Request::Put { key, len, replace }
             }
             Op::Get => {
                 let key = r.key()?;
@@ -319,6 +327,9 @@ pub enum ErrorCode {
     OutOfRange = 9,
     /// The server is at its limit of concurrent uploads: try again later.
     Busy = 10,
+    /// The key is already stored and the put did not ask to replace it (stored objects are
+    /// write-once): the stored object is unchanged.
+    Exists = 11,
 }
 
 impl ErrorCode {
@@ -335,6 +346,7 @@ impl ErrorCode {
             8 => ErrorCode::Timeout,
             9 => ErrorCode::OutOfRange,
             10 => ErrorCode::Busy,
+            11 => ErrorCode::Exists,
             other => return Err(WireError::UnknownStatus(other)),
         })
     }
@@ -720,6 +732,12 @@ mod tests {
             Request::Put {
                 key: key(1),
                 len: 12345,
+                replace: false,
+            },
+            Request::Put {
+                key: key(1),
+                len: 12345,
+                replace: true,
             },
             Request::Get {
                 key: key(2),
@@ -860,8 +878,11 @@ mod tests {
         let put = Request::Put {
             key: key(1),
             len: 5,
+            replace: false,
         }
         .encode();
+        // An old client's put (no replace byte) is 40 bytes and means "do not replace".
+        assert_eq!(put.len(), FRAME_HEADER_LEN + 40);
         let mut short = put.clone();
         short.pop();
         short[8..12].copy_from_slice(&39u32.to_le_bytes());
@@ -869,8 +890,15 @@ mod tests {
             Request::decode(&short),
             Err(WireError::Malformed { op: "put", .. })
         ));
+        let mut long = put.clone();
+        long.extend_from_slice(&[1, 0]);
+        long[8..12].copy_from_slice(&42u32.to_le_bytes());
+        assert!(matches!(
+            Request::decode(&long),
+            Err(WireError::Malformed { op: "put", .. })
+        ));
         let mut long = put;
-        long.push(0);
+        long.push(2);
         long[8..12].copy_from_slice(&41u32.to_le_bytes());
         assert!(matches!(
             Request::decode(&long),

@@ -90,6 +90,8 @@ pub struct MemBackend {
     pub fetches: AtomicUsize,
     /// When set, every fetch fails with `ServeError::Corrupt` (a damaged stored object).
     pub corrupt_fetches: AtomicBool,
+    /// The `replace` flag of every save, in order.
+    pub replaces: Mutex<Vec<bool>>,
 }
 
 impl MemBackend {
@@ -109,6 +111,7 @@ impl MemBackend {
             fetch_dropped: Arc::new(AtomicBool::new(false)),
             fetches: AtomicUsize::new(0),
             corrupt_fetches: AtomicBool::new(false),
+            replaces: Mutex::new(Vec::new()),
         }
     }
 
@@ -205,6 +208,7 @@ impl Backend for MemBackend {
         layout: &'a TargetLayout,
         shape: &'a KvShape,
         data: &'a [u8],
+        replace: bool,
     ) -> BoxFuture<'a, Result<u32, ServeError>> {
         Box::pin(async move {
             // Contiguous NHD saves become fetchable, so a client can check the round trip.
@@ -229,6 +233,7 @@ impl Backend for MemBackend {
                     .unwrap()
                     .insert(model.to_string(), Arc::new(kv));
             }
+            self.replaces.lock().unwrap().push(replace);
             self.saves.lock().unwrap().push((
                 model.to_string(),
                 token_ids.to_vec(),

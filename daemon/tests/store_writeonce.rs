@@ -1,0 +1,107 @@
+//! Stored chunks are write-once (issue 18 item 5a, KV poisoning): a second put of a stored key
+//! is refused with `Exists` and leaves the object as it was, unless the put asks to replace.
+
+mod store_util;
+
+use bytes::Bytes;
+use kvfetcher::store::ServerOptions;
+use kvfetcher::transport::wire::{ErrorCode, Op, Request, Response};
+use kvfetcher::transport::StoreClient;
+use kvfetcher_codec::{encode_cache, ChunkKey, CodecRegistry, EncodeConfig, VariantKind};
+use kvfetcher_kv::KvFile;
+use store_util::{kv_path, model, raw_connection, real_objects, TestStore};
+
+/// Another object under the first real object's key: the same tokens, encoded otherwise.
+fn other_object() -> Option<(ChunkKey, Vec<u8>)> {
+    let cache = KvFile::read(&kv_path()?).expect("read kv").cache;
+    let ids: Vec<u32> = cache
+        .token_ids()
+        .map(|t| t.to_vec())
+        .unwrap_or_else(|| (0..cache.tokens() as u32).collect());
+    let cfg = EncodeConfig {
+        layers_per_section: 2,
+        variant: VariantKind::Packed,
+        ..EncodeConfig::default()
+    };
+    let objects = encode_cache(&cache, &model(), &ids, &cfg, &CodecRegistry::software()).unwrap();
+    objects.into_iter().next()
+}
+
+/// Sends one raw put and returns the store's answer.
+async fn raw_put(conn: &quinn::Connection, key: ChunkKey, bytes: &[u8], replace: bool) -> Response {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let req = Request::Put {
+        key,
+        len: bytes.len() as u64,
+        replace,
+    };
+    send.write_all(&req.encode()).await.unwrap();
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    let buf = recv.read_to_end(1 << 20).await.unwrap();
+    Response::decode(Op::Put, &buf).unwrap().unwrap().0
+}
+
+#[tokio::test]
+async fn a_stored_key_is_refused_without_replace_and_kept() {
+    let (Some(objects), Some((key, poison))) = (real_objects(), other_object()) else {
+        return;
+    };
+    let (k0, original) = &objects[0];
+    assert_eq!(key, *k0, "same tokens, same key");
+    assert_ne!(&poison, original);
+    let store = TestStore::start(ServerOptions::default(), false).await;
+    let (_ep, conn) = raw_connection(store.addr, &store.client_tls()).await;
+    assert_eq!(
+        raw_put(&conn, key, original, false).await,
+        Response::Stored { created: true }
+    );
+    match raw_put(&conn, key, &poison, false).await {
+        Response::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Exists);
+            assert!(message.contains("already stored"), "{message}");
+        }
+        other => panic!("second put accepted: {other:?}"),
+    }
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
+    assert_eq!(
+        &client.get(&key).await.unwrap(),
+        original,
+        "object unchanged"
+    );
+    // The client reports "already stored" as success, not created, and changes nothing.
+    assert!(!client.put(Bytes::from(poison.clone())).await.unwrap());
+    assert_eq!(&client.get(&key).await.unwrap(), original);
+    // An explicit replace overwrites.
+    assert!(!client
+        .put_object(Bytes::from(poison.clone()), true)
+        .await
+        .unwrap());
+    assert_eq!(client.get(&key).await.unwrap(), poison);
+    client.close().await;
+    store.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_stored_object_may_be_saved_again() {
+    let Some(objects) = real_objects() else {
+        return;
+    };
+    let (key, bytes) = &objects[0];
+    let store = TestStore::start(ServerOptions::default(), false).await;
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
+    assert!(client.put(Bytes::from(bytes.clone())).await.unwrap());
+    let path = store.backend.object_path(key);
+    let mut damaged = std::fs::read(&path).unwrap();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0xff;
+    std::fs::write(&path, &damaged).unwrap();
+    assert!(!client.put(Bytes::from(bytes.clone())).await.unwrap());
+    assert_eq!(&client.get(key).await.unwrap(), bytes, "healed");
+    client.close().await;
+    store.stop().await;
+}
