@@ -1,8 +1,7 @@
-//! Client of the KVFetcher node daemon, and the one definition of its local protocol.
+//! Client of the KVFetcher node daemon.
 //!
-//! - [`protocol`]: messages, layouts and framing (sans-IO), shared with the daemon.
-//! - [`transport`]: frames and fds over Unix sockets, blocking and async.
-//! - [`memfd`]: the shared host memory.
+//! - [`protocol`], [`transport`], [`memfd`]: the local protocol, re-exported from the
+//!   `kvfetcher-protocol` crate that the daemon shares.
 //! - [`model_id`]: a model's id from its file's content (the key namespace).
 //! - [`Client`] / [`FetchHandle`]: the blocking API; [`AsyncClient`] / [`AsyncFetchHandle`]:
 //!   the async one. Buffers are in host memory (a memfd) or, with [`MemoryKind::Gpu`], in the
@@ -15,11 +14,10 @@ mod core;
 mod cuda;
 mod error;
 mod gpu;
-pub mod memfd;
 pub mod model_id;
-pub mod protocol;
-mod sys;
-pub mod transport;
+
+pub use kvfetcher_protocol as protocol;
+pub use kvfetcher_protocol::{memfd, transport};
 
 pub use async_client::{AsyncClient, AsyncFetchHandle};
 pub use client::{Client, FetchHandle};

@@ -15,11 +15,11 @@ use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, Destination, ServeError};
 use kvfetcher::store::ServerOptions;
 use kvfetcher::transport::{ClientOptions, StoreClient};
-use kvfetcher_client::{KvDType, KvShape, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
     encode_cache, ChunkHeader, ChunkKey, ChunkView, CodecRegistry, EncodeConfig, ModelFingerprint,
 };
 use kvfetcher_kv::{DType, KvCache, LayerKv, Tensor};
+use kvfetcher_protocol::{KvDType, KvShape, TargetLayout, TokenOrder};
 use store_util::TestStore;
 
 const MODEL: &str = "tiny-model";

@@ -28,16 +28,16 @@ use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, Destination, DeviceRegion, ServeError, ServeOptions};
 use kvfetcher::store::{Backend as _, LocalDir, ServerOptions, StoreServer};
 use kvfetcher::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
-use kvfetcher_client::protocol::{
-    encode_hello, encode_message, parse_hello, BufferMemory, Fetch, FrameDecoder, Message, Release,
-    Reopen, DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION,
-};
-use kvfetcher_client::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
     encode_cache, ChunkKey, ChunkView, CodecRegistry, EncodeConfig, FormatError, Grouping,
     ModelFingerprint, QuantConfig, VariantKind,
 };
 use kvfetcher_kv::{KvCache, KvFile};
+use kvfetcher_protocol::{
+    encode_hello, encode_message, parse_hello, BufferMemory, Fetch, FrameDecoder, Message, Release,
+    Reopen, DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION,
+};
+use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use server_support::{eventually, Kv, MemBackend, TestServer, MODEL};
 
 /// Device 0, or `None` (printed) on a host without a driver or GPU.

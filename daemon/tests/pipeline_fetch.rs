@@ -13,12 +13,12 @@ use kvfetcher::store::{LocalDir, ServerOptions, StoreServer};
 use kvfetcher::transport::{
     write_dev_pki, ClientOptions, StoreClient, TlsClientConfig, TlsServerConfig,
 };
-use kvfetcher_client::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
     chunk_keys, decode_chunk, encode_cache, Chroma, ChunkHeader, CodecRegistry, EncodeConfig,
     HevcLayout, HevcParams, ModelFingerprint, QuantConfig, VariantKind,
 };
 use kvfetcher_kv::{KvCache, KvFile, Tensor};
+use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 
 const MODEL: &str = "codelm-107m";
 const TOKENS: usize = 600;

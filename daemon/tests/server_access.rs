@@ -6,11 +6,11 @@ mod server_support;
 use std::fs::File;
 use std::os::unix::net::UnixStream;
 
-use kvfetcher_client::protocol::{
+use kvfetcher_client::Client;
+use kvfetcher_protocol::transport::BlockingConn;
+use kvfetcher_protocol::{
     ErrorCode, KvDType, Message, Release, Reopen, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME,
 };
-use kvfetcher_client::transport::BlockingConn;
-use kvfetcher_client::Client;
 use server_support::*;
 
 fn conn(srv: &TestServer) -> BlockingConn {
@@ -117,7 +117,7 @@ fn the_owner_can_reopen_its_buffer() {
     let mut c = conn(&srv);
     let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
     c.send(
-        &Message::Fetch(kvfetcher_client::protocol::Fetch {
+        &Message::Fetch(kvfetcher_protocol::Fetch {
             req: 1,
             model: MODEL.into(),
             token_ids: kv.token_ids.clone(),

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kvfetcher_client::protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
 use server_support::{load_kv, reference_buffer, MemBackend};
 use tokio::signal::unix::{signal, SignalKind};
 

@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 use kvfetcher::gpu::{GpuDevices, GpuOptions};
 use kvfetcher::metrics::Metrics;
 use kvfetcher::server::ServeOptions;
-use kvfetcher_client::protocol::{
-    encode_hello, parse_hello, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION,
-};
+use kvfetcher_protocol::{encode_hello, parse_hello, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION};
 use server_support::*;
 
 fn set_soft_nofile(n: u64) {

@@ -4,8 +4,9 @@
 mod server_support;
 
 use kvfetcher::server::{SaveAccess, ServeOptions};
-use kvfetcher_client::protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
-use kvfetcher_client::{AsyncClient, Client, ClientError, ErrorCode, KvShape};
+use kvfetcher_client::{AsyncClient, Client, ClientError};
+use kvfetcher_protocol::{ErrorCode, KvShape};
+use kvfetcher_protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
 use server_support::*;
 
 fn layouts() -> Vec<TargetLayout> {

@@ -9,12 +9,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 
-use kvfetcher_client::protocol::{
+use kvfetcher_client::Client;
+use kvfetcher_protocol::transport::BlockingConn;
+use kvfetcher_protocol::{
     encode_hello, encode_message, ErrorCode, Fetch, FrameDecoder, KvDType, Lookup, Message,
     TargetLayout, TokenOrder, DEFAULT_MAX_FRAME, HELLO_LEN, MAX_PENDING_FDS,
 };
-use kvfetcher_client::transport::BlockingConn;
-use kvfetcher_client::Client;
 use nix::sys::socket::{ControlMessage, MsgFlags};
 use server_support::*;
 

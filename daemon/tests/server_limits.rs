@@ -13,11 +13,11 @@ use std::time::Duration;
 use kvfetcher::gpu::{GpuDevices, GpuOptions};
 use kvfetcher::metrics::Metrics;
 use kvfetcher::server::ServeOptions;
-use kvfetcher_client::protocol::{
+use kvfetcher_client::Client;
+use kvfetcher_protocol::{
     encode_hello, encode_message, ErrorCode, FrameDecoder, Lookup, Message, Stats,
     DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
-use kvfetcher_client::Client;
 use server_support::*;
 
 /// A server with `opts` whose metrics the test reads.
@@ -268,9 +268,9 @@ fn a_client_waiting_for_its_fetch_is_not_idle() {
     };
     let (srv, m) = start(b, opts);
     let c = Client::connect(&srv.path).unwrap();
-    let layout = kvfetcher_client::TargetLayout::host(
-        kvfetcher_client::KvDType::F16,
-        kvfetcher_client::TokenOrder::Nhd,
+    let layout = kvfetcher_protocol::TargetLayout::host(
+        kvfetcher_protocol::KvDType::F16,
+        kvfetcher_protocol::TokenOrder::Nhd,
     );
     let f = c.fetch(MODEL, &kv.token_ids, &layout).unwrap();
     // Many idle timeouts pass while the fetch waits between its layers (this can only make
@@ -291,9 +291,9 @@ fn fetches_are_capped_in_total_across_clients() {
         ..ServeOptions::default()
     };
     let (srv, m) = start(MemBackend::new(Some(kv)), opts);
-    let layout = kvfetcher_client::TargetLayout::host(
-        kvfetcher_client::KvDType::F16,
-        kvfetcher_client::TokenOrder::Nhd,
+    let layout = kvfetcher_protocol::TargetLayout::host(
+        kvfetcher_protocol::KvDType::F16,
+        kvfetcher_protocol::TokenOrder::Nhd,
     );
     let (a, b) = (
         Client::connect(&srv.path).unwrap(),

@@ -7,13 +7,13 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use kvfetcher_client::protocol::{
+use kvfetcher_client::Client;
+use kvfetcher_protocol::{
     encode_hello, encode_hello_with_flags, encode_message, parse_hello, ErrorCode, Fetch,
     FrameDecoder, GpuSource, KvDType, KvShape, LookupReply, MemoryKind, Message, Release, Save,
     Stats, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK,
     HELLO_VERSION_UNSUPPORTED, PROTOCOL_VERSION,
 };
-use kvfetcher_client::Client;
 use server_support::*;
 
 fn raw(srv: &TestServer) -> UnixStream {

@@ -1,5 +1,5 @@
 //! Fuzzes the byte arithmetic of restored buffers (`TargetLayout` in
-//! `kvfetcher_client::protocol`): the daemon sizes a client's buffer with
+//! `kvfetcher_protocol`): the daemon sizes a client's buffer with
 //! `checked_buffer_len` and writes every element at `offset`.
 //!
 //! Input: a shape (four u16s), dtype, order and paging bytes, then element coordinates. For a
@@ -8,7 +8,7 @@
 
 #![no_main]
 
-use kvfetcher_client::protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use libfuzzer_sys::fuzz_target;
 
 /// Elements enumerated whole to check that none overlap.

@@ -1,4 +1,4 @@
-//! Fuzzes the local protocol's decoding (`kvfetcher_client::protocol`): the hello, and a byte
+//! Fuzzes the local protocol's decoding (`kvfetcher_protocol`): the hello, and a byte
 //! stream cut into arbitrary reads, each arriving with some fds (as `recvmsg` delivers them), fed
 //! to a `FrameDecoder`.
 //!
@@ -11,7 +11,7 @@
 
 use std::os::fd::OwnedFd;
 
-use kvfetcher_client::protocol::{encode_message, parse_hello, FrameDecoder, HELLO_LEN};
+use kvfetcher_protocol::{encode_message, parse_hello, FrameDecoder, HELLO_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fn null_fds(n: usize) -> Vec<OwnedFd> {

@@ -1,6 +1,6 @@
 //! Restore one chunk section straight into a fetch's device buffer, in the client's layout.
 //!
-//! Three routes, cheapest first (the blueprint is `sections::run_section_checks`):
+//! Three routes, cheapest first (the blueprint is the GPU section checks of `kvfetcher-bench gpu check`):
 //! - `packed`: the payload is uploaded as is and one kernel unpacks and dequantizes it;
 //! - `nvdec`: an HEVC section is decoded by NVDEC into device surfaces (its streams on as many
 //!   sessions at once) and the kernel reads the codes out of them through the geometry's
@@ -16,11 +16,11 @@
 
 use std::sync::Arc;
 
-use kvfetcher_client::protocol::{KvDType, KvShape, Paging, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
     decode_section, ChunkHeader, CodecRegistry, Grouping, HevcParams, VariantKind,
 };
 use kvfetcher_kv::DType;
+use kvfetcher_protocol::{KvDType, KvShape, Paging, TargetLayout, TokenOrder};
 
 use super::cuda::{bytemuck_like::Pod, DeviceBuffer};
 use super::devices::{GpuDevice, PooledStream};
@@ -417,7 +417,7 @@ fn cpu_decode(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvfetcher_client::protocol::MemoryKind;
+    use kvfetcher_protocol::MemoryKind;
 
     /// `TargetSpec::offset` (times the element size, plus the tensor's base) is
     /// `TargetLayout::offset` for every order, paging and dtype, with codes starting inside

@@ -7,8 +7,8 @@
 //!
 //! Pure byte arithmetic on top of [`TargetLayout::offset`]: no I/O, no GPU.
 
-use kvfetcher_client::{KvDType, KvShape, MemoryKind, TargetLayout};
 use kvfetcher_kv::{DType, KvCache, LayerKv, Tensor};
+use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, TargetLayout};
 
 /// Why KV could not be placed into or read out of a layout.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -105,7 +105,7 @@ where
         }
         Ok(())
     };
-    let head_major = matches!(layout.order, kvfetcher_client::TokenOrder::Hnd);
+    let head_major = matches!(layout.order, kvfetcher_protocol::TokenOrder::Hnd);
     let (outer, inner) = if head_major {
         (heads, tokens)
     } else {
@@ -204,8 +204,8 @@ pub fn extract_cache(
 mod tests {
     use std::path::Path;
 
-    use kvfetcher_client::{Paging, TokenOrder};
     use kvfetcher_kv::KvFile;
+    use kvfetcher_protocol::{Paging, TokenOrder};
 
     use super::*;
 

@@ -21,8 +21,8 @@ mod verify;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvfetcher_client::{KvShape, TargetLayout};
 use kvfetcher_codec::{chunk_keys, ChunkKey, CodecRegistry, ModelFingerprint};
+use kvfetcher_protocol::{KvShape, TargetLayout};
 use tokio::sync::Semaphore;
 
 pub use fetch::{restore_section_into, SectionJob};

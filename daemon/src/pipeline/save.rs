@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::stream::{StreamExt, TryStreamExt};
-use kvfetcher_client::{KvShape, TargetLayout};
 use kvfetcher_codec::{encode_cache, EncodeConfig, ModelFingerprint, QuantConfig, VariantKind};
+use kvfetcher_protocol::{KvShape, TargetLayout};
 
 use super::layout::extract_cache;
 use super::Pipeline;

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use kvfetcher_client::protocol::{KvShape, TargetLayout};
+use kvfetcher_protocol::{KvShape, TargetLayout};
 
 use super::ServeError;
 use crate::gpu::{DeviceBuffer, GpuDevice};

@@ -8,12 +8,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvfetcher_client::memfd;
-use kvfetcher_client::protocol::{
+use kvfetcher_protocol::memfd;
+use kvfetcher_protocol::transport::{send_async, AsyncReceiver, TransportError};
+use kvfetcher_protocol::{
     ErrorCode, Fetch, FetchDone, FetchFailed, FrameError, LookupReply, MemoryKind, Message,
     PeerCred, Released, Save, SaveReply, StatsReply,
 };
-use kvfetcher_client::transport::{send_async, AsyncReceiver, TransportError};
 use memmap2::Mmap;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -298,7 +298,7 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
     if f.token_ids.is_empty() {
         return refuse(ErrorCode::BadRequest, "no token ids".into());
     }
-    if let Err(e) = f.layout.checked_buffer_len(&kvfetcher_client::KvShape {
+    if let Err(e) = f.layout.checked_buffer_len(&kvfetcher_protocol::KvShape {
         num_layers: 1,
         tokens: 1,
         kv_heads: 1,
@@ -534,7 +534,7 @@ async fn gpu_save(ctx: &Ctx, s: &Save, n: u32, fd: Option<OwnedFd>) -> Result<u3
     })
     .await
     .map_err(|e| ServeError::Internal(e.to_string()))??;
-    let host = kvfetcher_client::protocol::TargetLayout {
+    let host = kvfetcher_protocol::TargetLayout {
         memory: MemoryKind::Host,
         ..s.layout
     };

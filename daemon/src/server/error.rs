@@ -1,6 +1,6 @@
 //! The server's error type: what a backend or the server itself reports, and its protocol code.
 
-use kvfetcher_client::protocol::ErrorCode;
+use kvfetcher_protocol::ErrorCode;
 
 /// An error of the local server or of a [`crate::server::Backend`] call.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +55,8 @@ impl From<crate::gpu::DeviceError> for ServeError {
 /// The buffer length of `layout` for `shape`, refused when it is empty or above `max_bytes`:
 /// the checks every destination makes before allocating.
 pub(crate) fn checked_buffer_len(
-    layout: &kvfetcher_client::protocol::TargetLayout,
-    shape: &kvfetcher_client::protocol::KvShape,
+    layout: &kvfetcher_protocol::TargetLayout,
+    shape: &kvfetcher_protocol::KvShape,
     max_bytes: u64,
 ) -> Result<usize, ServeError> {
     let len = layout

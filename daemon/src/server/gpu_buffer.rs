@@ -12,9 +12,7 @@
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
-use kvfetcher_client::protocol::{
-    BufferMemory, FetchBuffer, KvShape, LayersReady, Message, TargetLayout,
-};
+use kvfetcher_protocol::{BufferMemory, FetchBuffer, KvShape, LayersReady, Message, TargetLayout};
 
 use super::backend::DeviceRegion;
 use super::outbox::Outbox;

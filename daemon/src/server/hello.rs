@@ -10,10 +10,10 @@
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use kvfetcher_client::protocol::{
+use kvfetcher_protocol::transport::{send_async, send_bytes_async, AsyncReceiver};
+use kvfetcher_protocol::{
     encode_hello_reply, ErrorCode, Message, HELLO_OK, HELLO_VERSION_UNSUPPORTED, PROTOCOL_VERSION,
 };
-use kvfetcher_client::transport::{send_async, send_bytes_async, AsyncReceiver};
 use nix::sys::socket::{shutdown, Shutdown};
 use tokio::net::UnixStream;
 
@@ -78,7 +78,7 @@ pub(crate) async fn accept(stream: &UnixStream) -> bool {
 /// Tells a client that completed its handshake that it gets no place (`busy`, `message`), so
 /// that it can read the refusal; returns when the connection may be closed.
 pub(crate) async fn refuse(stream: &UnixStream, slot: &mut HandshakeSlot, message: String) {
-    let msg = Message::Error(kvfetcher_client::protocol::Error {
+    let msg = Message::Error(kvfetcher_protocol::Error {
         req: None,
         code: ErrorCode::Busy,
         message,

@@ -7,10 +7,8 @@ use std::fs::File;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use kvfetcher_client::memfd;
-use kvfetcher_client::protocol::{
-    BufferMemory, FetchBuffer, KvShape, LayersReady, Message, TargetLayout,
-};
+use kvfetcher_protocol::memfd;
+use kvfetcher_protocol::{BufferMemory, FetchBuffer, KvShape, LayersReady, Message, TargetLayout};
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::outbox::Outbox;

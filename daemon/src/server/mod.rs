@@ -1,5 +1,5 @@
 //! The daemon's local Unix-socket server: accepts engine connections, speaks the local protocol
-//! of `kvfetcher_client::protocol`, hands requests to a [`Backend`] and shares restored buffers
+//! of `kvfetcher_protocol`, hands requests to a [`Backend`] and shares restored buffers
 //! as memfds.
 //!
 //! - `accept_backoff`: waiting out fd or memory exhaustion in the accept loop.
@@ -88,7 +88,7 @@ impl Default for ServeOptions {
             // Off: engines keep one connection for their lifetime and may not reconnect
             // (examples/llama does not); the per-uid cap bounds what idle clients hold.
             idle_timeout: None,
-            max_frame: kvfetcher_client::protocol::DEFAULT_MAX_FRAME,
+            max_frame: kvfetcher_protocol::DEFAULT_MAX_FRAME,
             // Enough for an engine that prefetches a batch of requests.
             max_fetches_per_client: 64,
             // Each live fetch holds a buffer (memory or GPU memory) and a few fds while it

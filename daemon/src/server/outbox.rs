@@ -9,7 +9,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use kvfetcher_client::protocol::{ErrorCode, Message};
+use kvfetcher_protocol::{ErrorCode, Message};
 use tokio::sync::{mpsc, watch};
 
 use super::ServeError;
@@ -155,7 +155,7 @@ impl Outbox {
     /// Queues an `Error` message.
     pub(crate) fn error(&self, req: Option<u64>, code: ErrorCode, message: impl Into<String>) {
         self.send(
-            Message::Error(kvfetcher_client::protocol::Error {
+            Message::Error(kvfetcher_protocol::Error {
                 req,
                 code,
                 message: message.into(),
@@ -173,7 +173,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvfetcher_client::protocol::{Released, Stats};
+    use kvfetcher_protocol::{Released, Stats};
 
     fn stats(req: u64) -> Message {
         Message::Stats(Stats { req })

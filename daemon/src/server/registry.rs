@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvfetcher_client::protocol::{DaemonStats, ErrorCode, Message, PeerCred};
+use kvfetcher_protocol::{DaemonStats, ErrorCode, Message, PeerCred};
 use tokio::task::AbortHandle;
 
 use super::admission::ClientTable;

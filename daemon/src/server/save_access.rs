@@ -5,7 +5,7 @@
 //! stored chunks as they are. Only a client that asks for replace (`Save.replace`) and whose
 //! uid or primary gid is listed may overwrite them.
 
-use kvfetcher_client::protocol::PeerCred;
+use kvfetcher_protocol::PeerCred;
 
 /// The allow-lists of `[save]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -12,8 +12,8 @@ use kvfetcher::metrics::Metrics;
 use kvfetcher::server::{
     serve_with, Backend, BoxFuture, Destination, FetchOutcome, ServeError, ServeOptions,
 };
-use kvfetcher_client::protocol::{KvDType, KvShape, Paging, TargetLayout, TokenOrder};
 use kvfetcher_kv::{DType, KvFile};
+use kvfetcher_protocol::{KvDType, KvShape, Paging, TargetLayout, TokenOrder};
 use tokio::sync::{oneshot, Semaphore};
 
 /// The model id under which the test KV is stored.
@@ -371,9 +371,7 @@ pub fn raw_conn(
 
 /// Does the handshake on `s` (current protocol version, which must be accepted).
 pub fn handshake(mut s: std::os::unix::net::UnixStream) -> std::os::unix::net::UnixStream {
-    use kvfetcher_client::protocol::{
-        encode_hello, parse_hello, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION,
-    };
+    use kvfetcher_protocol::{encode_hello, parse_hello, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION};
     use std::io::{Read, Write};
     s.write_all(&encode_hello(PROTOCOL_VERSION)).unwrap();
     let mut r = [0u8; HELLO_LEN];

@@ -253,8 +253,8 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::message::*;
-    use crate::protocol::{ErrorCode, KvDType, TargetLayout, TokenOrder};
+    use crate::message::*;
+    use crate::{ErrorCode, KvDType, TargetLayout, TokenOrder};
 
     fn fetch(n: u32) -> Message {
         Message::Fetch(Fetch {
@@ -337,7 +337,7 @@ mod tests {
             model: "m".into(),
             token_ids: vec![1, 2],
             layout: TargetLayout::host(KvDType::F16, TokenOrder::Nhd),
-            shape: crate::protocol::KvShape {
+            shape: crate::KvShape {
                 num_layers: 1,
                 tokens: 2,
                 kv_heads: 1,

@@ -1,5 +1,5 @@
 //! Moving protocol frames and their fds over a Unix stream socket, blocking (std) or async
-//! (tokio). Framing itself is the sans-IO [`crate::protocol::FrameDecoder`]; this module only
+//! (tokio). Framing itself is the sans-IO [`crate::FrameDecoder`]; this module only
 //! feeds it and writes encoded frames. The daemon's server uses the async half too.
 
 use std::io;
@@ -9,11 +9,11 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use tokio::io::Interest;
 use tokio::net::UnixStream as TokioUnixStream;
 
-use crate::protocol::{
+use crate::sys;
+use crate::{
     encode_hello, encode_message, parse_hello, FrameDecoder, FrameError, Message, HELLO_LEN,
     HELLO_OK, PROTOCOL_VERSION,
 };
-use crate::sys;
 
 /// Size of one socket read: large enough that a 100k-token request takes a few reads.
 const READ_CHUNK: usize = 64 << 10;

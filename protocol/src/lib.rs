@@ -1,17 +1,18 @@
 //! The local protocol between engines and the daemon: one definition, used by the daemon and by
-//! both clients. See `docs/PROTOCOL.md` for the wire format.
+//! every client (Rust, C, Python). See `docs/PROTOCOL.md` for the wire format.
 //!
-//! - `code`: error codes.
-//! - `layout`: target layouts and the byte arithmetic of restored buffers.
-//! - `message`: the messages.
-//! - `frame`: handshake, framing and fd pairing (sans-IO).
-//!
-//! Everything here is sans-IO: no sockets, no clocks.
+//! Sans-IO (no sockets, no clocks): `code` (error codes), `layout` (target layouts and the byte
+//! arithmetic of restored buffers), `message` (the messages), `frame` (handshake, framing and
+//! fd pairing). With I/O: [`transport`] moves frames and their fds over a Unix socket (blocking
+//! and tokio) and [`memfd`] makes the sealed host buffers both sides map.
 
 mod code;
 mod frame;
 mod layout;
+pub mod memfd;
 mod message;
+mod sys;
+pub mod transport;
 
 pub use code::ErrorCode;
 pub use frame::{

@@ -9,7 +9,7 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-use crate::protocol::MAX_PENDING_FDS;
+use crate::MAX_PENDING_FDS;
 
 /// One `sendmsg`: `bytes` with `fds` attached. Returns how many bytes the kernel took; the fds
 /// went with the first of them. Never raises SIGPIPE.
