@@ -6,8 +6,9 @@
 # The device's carry limit (64 MiB) may need the run split in two calls (docs/GPU.md).
 # Expects the release binary and the fixtures prepared on a build host:
 #   .carry/kvfetcher                 cargo build --release -p kvfetcher
-#   .carry/fixtures/*.hevc           kvfetcher gpu fixtures --kv shared/data/codelm-kv-a.safetensors --out .carry/fixtures
-#   .carry/fixtures/sections/       kvfetcher gpu section-fixtures --kv .carry/codelm-kv-a-4l.safetensors --out .carry/fixtures/sections
+#   .carry/kvfetcher-bench           cargo build --release -p kvfetcher-tools
+#   .carry/fixtures/*.hevc           kvfetcher-bench gpu fixtures --kv shared/data/codelm-kv-a.safetensors --out .carry/fixtures
+#   .carry/fixtures/sections/       kvfetcher-bench gpu section-fixtures --kv .carry/codelm-kv-a-4l.safetensors --out .carry/fixtures/sections
 #   .carry/codelm-kv-a-4l.safetensors  the real KV the fixtures came from (first 4 layers of
 #                                    shared/data/codelm-kv-a.safetensors; override with KV=)
 #   .carry/kvfull/codelm-kv-a.safetensors  the whole KV, for the end-to-end fetch rows
@@ -23,6 +24,7 @@ carry="${CARRY:-$root/.carry}"
 out="${OUT:-/tmp/gpu-check}"
 mkdir -p "$out"
 bin="$carry/kvfetcher"
+bench_bin="$carry/kvfetcher-bench"
 kv="${KV:-$carry/codelm-kv-a-4l.safetensors}"
 fx="$carry/fixtures"
 export PATH="$PATH:/usr/local/cuda/bin:$carry/x265"
@@ -31,6 +33,7 @@ status=0
 # A bundle from scripts/gpu-prep.sh --bundle: unpack it, and make the fixtures here.
 if [ ! -x "$bin" ] && [ -f "$carry/xz/kvfetcher.xz" ]; then
   xz -dc "$carry/xz/kvfetcher.xz" > "$bin" && chmod +x "$bin"
+  xz -dc "$carry/xz/kvfetcher-bench.xz" > "$bench_bin" && chmod +x "$bench_bin"
   for t in tests x265; do
     [ -f "$carry/xz/$t.tar.xz" ] && tar -C "$carry" -xJf "$carry/xz/$t.tar.xz"
   done
@@ -38,10 +41,10 @@ fi
 if [ ! -f "$fx/kv-444-8.hevc" ] && command -v x265 >/dev/null; then
   # From the same KV as the checks below (they compare against its codes).
   echo "making NVDEC fixtures from $kv (x265)"
-  "$bin" gpu fixtures --kv "$kv" --out "$fx" > "$out/fixtures.txt" 2>&1 || status=1
+  "$bench_bin" gpu fixtures --kv "$kv" --out "$fx" > "$out/fixtures.txt" 2>&1 || status=1
 fi
 if [ ! -d "$fx/sections" ] && command -v x265 >/dev/null; then
-  "$bin" gpu section-fixtures --kv "$kv" --out "$fx/sections" >> "$out/fixtures.txt" 2>&1 || status=1
+  "$bench_bin" gpu section-fixtures --kv "$kv" --out "$fx/sections" >> "$out/fixtures.txt" 2>&1 || status=1
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/smi.txt"
 if "$root/scripts/gen-ptx.sh" --out "$out/restore.ptx"; then
@@ -56,8 +59,8 @@ else
 fi
 "$bin" gpu info 2>&1 | tee "$out/info.txt" || status=1
 if [ -z "${SKIP_CHECKS:-}" ]; then
-  "$bin" gpu check --kv "$kv" --fixtures "$fx" > "$out/check.txt" 2>&1 || status=1
-  "$bin" gpu ipc-check --kv "$kv" > "$out/ipc.txt" 2>&1 || status=1
+  "$bench_bin" gpu check --kv "$kv" --fixtures "$fx" > "$out/check.txt" 2>&1 || status=1
+  "$bench_bin" gpu ipc-check --kv "$kv" > "$out/ipc.txt" 2>&1 || status=1
   # The daemon's GPU path end to end (C example in another process, kill test, two GPUs).
   "$root/scripts/gpu-daemon-check.sh" > "$out/daemon-check.log" 2>&1 || status=1
   # Rust GPU tests, when their binaries were carried (scripts/gpu-prep.sh --tests): they
@@ -90,13 +93,13 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   [ -f "$full" ] || full="$kv"
   for v in packed hevc; do
     for tile in 1 4; do
-      "$bin" bench fetch --kv "$full" --memory gpu:0 --variant $v --tile $tile --rates 0,1,4,10,25 \
+      "$bench_bin" fetch --kv "$full" --memory gpu:0 --variant $v --tile $tile --rates 0,1,4,10,25 \
         --repeat 5 > "$out/fetch-gpu-$v-x$tile.txt" 2>&1 || status=1
     done
   done
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  "$bin" gpu bench --kv "$kv" --fixtures "$fx" ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1 || status=1
+  "$bench_bin" gpu bench --kv "$kv" --fixtures "$fx" ${BENCH_ARGS:-} > "$out/bench.txt" 2>&1 || status=1
 else
   : > "$out/bench.txt"
 fi
@@ -108,7 +111,7 @@ if [ -z "${SKIP_BENCH:-}" ] && [ -z "${SKIP_INTERFERENCE:-}" ]; then
       || echo "nvcomp wheels did not install: nvCOMP rows will be skipped"
   fi
   PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 python3 "$root/scripts/gpu-interference.py" \
-    --bin "$bin" --kv "$kv" --fixtures "$fx" --seconds "${INTERFERENCE_SECONDS:-10}" \
+    --bin "$bench_bin" --kv "$kv" --fixtures "$fx" --seconds "${INTERFERENCE_SECONDS:-10}" \
     --nvdec-frames copy,map,none \
     > "$out/interference.txt" 2>&1 || status=1
 else

@@ -5,7 +5,7 @@ Runs on a GPU host (torch with CUDA; nvCOMP optional). Each setting is its own m
 one run, on one card:
 
   (a) GEMM alone;
-  (b) GEMM while `kvfetcher gpu load` decodes the real-KV HEVC fixture flat out on the card's
+  (b) GEMM while `kvfetcher-bench gpu load` decodes the real-KV HEVC fixture flat out on the card's
       NVDEC engine count of sessions (a separate process, started first, outliving the window);
   (c) the same, paced to a 10 Gbit/s compressed input rate;
   (d) GEMM while nvCOMP ANS decompresses the same KV flat out (a python subprocess of this
@@ -22,7 +22,7 @@ as the codec quantizes), one byte each, tiled to ~256 MiB on the GPU; the raw KV
 16-bit floats) is a second row of the ratio table. Prints nvCOMP's ratio and decompression GB/s
 for each algorithm tried, the decoders' achieved rates, and last a markdown table.
 
-  python3 scripts/gpu-interference.py --bin .carry/kvfetcher \\
+  python3 scripts/gpu-interference.py --bin .carry/kvfetcher-bench \\
       --kv .carry/codelm-kv-a-4l.safetensors --fixtures .carry/fixtures --seconds 10
 
 nvCOMP (PyPI nvidia-nvcomp-cu13) comes from its wheels:
@@ -253,7 +253,7 @@ def nvcomp_worker(args):
             out_b += 4 * p.in_bytes
             torch.cuda.synchronize()
     else:
-        # Token bucket over the compressed bytes, one piece per decode, as kvfetcher gpu load.
+        # Token bucket over the compressed bytes, one piece per decode, as kvfetcher-bench gpu load.
         rate = args.rate_gbps * 1e9 / 8.0
         tokens, last, i = 0.0, 0.0, 0
         while True:
@@ -365,7 +365,7 @@ def with_tenant(torch, cmd, tag, seconds, parse):
 def parse_load(out):
     m = re.search(r"in ([0-9.]+) GB/s bitstream, out ([0-9.]+) GB/s samples", out)
     if not m:
-        raise RuntimeError(f"unexpected kvfetcher gpu load output: {out.strip()!r}")
+        raise RuntimeError(f"unexpected kvfetcher-bench gpu load output: {out.strip()!r}")
     return float(m.group(1)), float(m.group(2))
 
 
@@ -379,14 +379,14 @@ def parse_worker(out):
 
 def main():
     ap = argparse.ArgumentParser(
-        description="bf16 GEMM TFLOP/s alone and next to NVDEC (kvfetcher gpu load) or nvCOMP "
+        description="bf16 GEMM TFLOP/s alone and next to NVDEC (kvfetcher-bench gpu load) or nvCOMP "
         "decompressing the same real KV, flat out and paced to a link rate."
     )
-    ap.add_argument("--bin", default=".carry/kvfetcher", help="the kvfetcher binary")
+    ap.add_argument("--bin", default=".carry/kvfetcher-bench", help="the kvfetcher-bench binary")
     ap.add_argument(
         "--kv", default=".carry/codelm-kv-a-4l.safetensors", help="real KV (safetensors)"
     )
-    ap.add_argument("--fixtures", default=".carry/fixtures", help="kvfetcher gpu fixtures output")
+    ap.add_argument("--fixtures", default=".carry/fixtures", help="kvfetcher-bench gpu fixtures output")
     ap.add_argument("--seconds", type=float, default=10.0, help="GEMM window per setting")
     ap.add_argument("--rate-gbps", type=float, default=10.0, help="link pace, Gbit/s compressed")
     ap.add_argument("--sessions", type=int, default=None, help="NVDEC sessions [engine count]")

@@ -2,11 +2,12 @@
 # Prepares, on the build host, what scripts/gpu-check.sh needs on a GPU host (which has no Rust
 # toolchain, no x265 and no network) under .carry/ (ignored by git, named in the device's carry):
 #   .carry/kvfetcher                    release binary (stripped)
+#   .carry/kvfetcher-bench              the tools' binary: GPU checks, benchmarks, fixtures
 #   .carry/lib/libkvfetcher.so          the C client library
 #   .carry/codelm-kv-a-4l.safetensors   first 4 layers of the real codelm KV
 #   .carry/kvfull/codelm-kv-a.safetensors  the whole real KV (8 layers), for the end-to-end rows
 #   .carry/chunks/<variant>/*.kvc       that KV encoded as chunk objects, one model id per variant
-#   .carry/fixtures/                    NVDEC fixtures (kvfetcher gpu fixtures / section-fixtures)
+#   .carry/fixtures/                    NVDEC fixtures (kvfetcher-bench gpu fixtures / section-fixtures)
 #   .carry/tests/*                      with --tests: the Rust GPU test binaries (release, stripped),
 #                                       run by gpu-check.sh (they self-skip without a driver)
 #   .carry/xz/                          with --bundle: the binary, the test binaries and x265 (CLI
@@ -32,7 +33,7 @@ for a in "$@"; do
   esac
 done
 if [ $build = 1 ]; then
-  cargo build --release -p kvfetcher -p kvfetcher-c
+  cargo build --release -p kvfetcher -p kvfetcher-tools -p kvfetcher-c
 fi
 if [ $tests = 1 ]; then
   rm -rf "$carry/tests" && mkdir -p "$carry/tests"
@@ -51,6 +52,7 @@ for line in sys.stdin:
   done
 fi
 install -m 755 -s target/release/kvfetcher "$carry/kvfetcher"
+install -m 755 -s target/release/kvfetcher-bench "$carry/kvfetcher-bench"
 install -m 755 -s target/release/libkvfetcher.so "$carry/lib/libkvfetcher.so"
 mkdir -p "$carry/kvfull"
 install -m 644 "$root/../shared/data/codelm-kv-a.safetensors" "$carry/kvfull/codelm-kv-a.safetensors"
@@ -96,6 +98,7 @@ du -sh "$carry"/chunks/* "$carry"
 if [ $bundle = 1 ]; then
   rm -rf "$carry/xz" && mkdir -p "$carry/xz" "$carry/x265"
   xz -T0 -6 -c "$carry/kvfetcher" > "$carry/xz/kvfetcher.xz"
+  xz -T0 -6 -c "$carry/kvfetcher-bench" > "$carry/xz/kvfetcher-bench.xz"
   if [ -d "$carry/tests" ]; then tar -C "$carry" -cJf "$carry/xz/tests.tar.xz" tests; fi
   # x265 is GPL: it travels to the GPU host as a tool for fixtures and benchmarks, never
   # linked into the client libraries.

@@ -8,13 +8,13 @@
 #
 # Usage (as root):
 #   scripts/netns-link.sh --rate 10gbit --rtt 2ms [--loss 0.1%] [--mtu 1500] \
-#       [--delay auto|netem|bridge] [--delay-bridge 'kvfetcher bench delay-bridge'] \
-#       --server 'kvfetcher bench net-serve ...' --client 'kvfetcher bench net-fetch ...'
+#       [--delay auto|netem|bridge] [--delay-bridge 'kvfetcher-bench delay-bridge'] \
+#       --server 'kvfetcher-bench net-serve ...' --client 'kvfetcher-bench net-fetch ...'
 #   scripts/netns-link.sh --down          # remove leftovers of an interrupted run
 #
 # Delay: with netem in the kernel, netem adds rate, delay and loss on each veth end. Without it
 # (CONFIG_NET_SCH_NETEM unset, as on the development VM), tbf shapes the rate and a userspace
-# delay line (`kvfetcher bench delay-bridge`) in a middle namespace adds RTT/2 each way.
+# delay line (`kvfetcher-bench delay-bridge`) in a middle namespace adds RTT/2 each way.
 #
 # The commands run through `bash -c`; they see KVF_SERVER_IP and KVF_CLIENT_IP. The client's
 # exit status is the script's; the server gets SIGTERM after the client ends, and 10 s to exit.
@@ -30,7 +30,7 @@ RTT=2ms
 LOSS=
 MTU=1500
 DELAY_MODE=auto
-BRIDGE_CMD=${KVF_DELAY_BRIDGE:-kvfetcher bench delay-bridge}
+BRIDGE_CMD=${KVF_DELAY_BRIDGE:-kvfetcher-bench delay-bridge}
 SERVER_CMD=
 CLIENT_CMD=
 

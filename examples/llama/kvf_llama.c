@@ -406,7 +406,7 @@ static int write_file(const char *path, const void *data, size_t len) {
 }
 
 /* Writes a host KV buffer as safetensors (layers.{i}.key / layers.{i}.value,
- * [tokens, kv_heads, head_dim]), the format of `kvfetcher kv capture`. */
+ * [tokens, kv_heads, head_dim]), the format of `kvfetcher-bench kv capture`. */
 static int write_safetensors(const char *path, const kvs_geometry *g, uint32_t tokens,
                              const uint8_t *host, size_t host_len) {
     const char *dt = g->ggml_type == KVS_GGML_TYPE_F32 ? "F32" : g->ggml_type == KVS_GGML_TYPE_F16 ? "F16" : "BF16";
@@ -773,7 +773,7 @@ out:
 }
 
 /*
- * --score P: the engine half of `kvfetcher bench fidelity`. Loads the KV of tokens [0,P) from
+ * --score P: the engine half of `kvfetcher-bench fidelity`. Loads the KV of tokens [0,P) from
  * --prefix-kv (exact or decoded, as a fetch would hand it over), decodes tokens [P,n) in one
  * pass with every position's logits written to --logits-out, then generates --gen tokens
  * greedily. Run once with the exact KV and once per codec setting, only the KV differs.

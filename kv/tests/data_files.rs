@@ -1,4 +1,4 @@
-//! The KV files committed under data/: real stories260K KV written by `kvfetcher kv capture`
+//! The KV files committed under data/: real stories260K KV written by `kvfetcher-bench kv capture`
 //! and real all-MiniLM-L6-v2 K/V written by scripts/capture_minilm.py.
 
 use std::path::{Path, PathBuf};

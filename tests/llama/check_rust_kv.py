@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Compares the KV cache llama.cpp keeps (kvf-llama --kv-out) with the one the Rust llama2.c
-forward pass (kv/src/llama2.rs, `kvfetcher kv capture --dtype f32`) records for the same tokens:
+forward pass (kv/src/llama2.rs, `kvfetcher-bench kv capture --dtype f32`) records for the same tokens:
 same layer order, head order and RoPE pairing, within float tolerance.
 
 Usage:

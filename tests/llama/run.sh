@@ -9,7 +9,7 @@
 #      its K/V equal those of the Rust forward pass (kv/src/llama2.rs via `kvfetcher kv
 #      capture`); a checkpoint converted with the (wrong) HF Q/K permutation must fail the
 #      reference check (the check can fail);
-#   3. SmolLM2, prompts tokenized from real text (prose and code): `kvfetcher kv capture --gguf`
+#   3. SmolLM2, prompts tokenized from real text (prose and code): `kvfetcher-bench kv capture --gguf`
 #      writes the engine's own ids and KV with the model's shapes; --selftest (KV <-> llama.cpp
 #      state round trip and prefix reuse, flash attention off/on);
 #   4. bit-exact store (bits = 16, 64-token chunks): greedy continuations after a fetched prefix
@@ -23,7 +23,7 @@
 #   7. fallbacks: daemon down, prefix absent, store down: prefill with a logged reason, same
 #      tokens;
 #   8. the daemon's default lossy setting (8-bit zstd): continuations from a fetched prefix
-#      (agreement reported), and `kvfetcher bench fidelity` through llama.cpp on a fixed text
+#      (agreement reported), and `kvfetcher-bench fidelity` through llama.cpp on a fixed text
 #      within the bound measured for it (mean KL, top-1), with 4 bits outside it (the check can
 #      fail).
 #
@@ -60,6 +60,7 @@ cargo_flags=(--locked --workspace --lib --bins --tests)
 (cd "$ROOT" && cargo build --quiet "${cargo_flags[@]}")
 make -s -B -C "$ROOT/examples/llama" KVF_LIB="$ROOT/target/$PROFILE"
 KVF="$ROOT/target/$PROFILE/kvfetcher"
+KVF_BENCH="$ROOT/target/$PROFILE/kvfetcher-bench"
 # Every engine call runs the AddressSanitizer/UBSan build (timings here are not benchmarks).
 ENGINE="$ROOT/build/llama/bin/kvf-llama-asan"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
@@ -77,8 +78,8 @@ python3 "$HERE/check_reference.py" "$DATA" "$TMP/s60.txt" "$TMP/kv.st" "$TMP/lg.
 out="$(engine --tokens-file "$TMP/s60.txt" --gen 16 --no-remote --kv-out "$TMP/kv16.st" --logits-out "$TMP/lg16.f32")"
 python3 "$HERE/check_reference.py" "$DATA" "$TMP/s60.txt" "$TMP/kv16.st" "$TMP/lg16.f32" "$(field gen <<<"$out")" \
     --tol-kv 1e-2 --tol-logit 1e-1 || fail "f16 cache: llama.cpp drifts from the reference"
-step "llama.cpp vs the Rust llama2.c forward pass (kvfetcher kv capture): same K/V"
-"$KVF" kv capture --model "$DATA" --tokens 120 --seed 7 --dtype f32 --out "$TMP/rust.st" >/dev/null 2>"$TMP/kvf.err"
+step "llama.cpp vs the Rust llama2.c forward pass (kvfetcher-bench kv capture): same K/V"
+"$KVF_BENCH" kv capture --model "$DATA" --tokens 120 --seed 7 --dtype f32 --out "$TMP/rust.st" >/dev/null 2>"$TMP/kvf.err"
 python3 "$HERE/check_rust_kv.py" tokens "$TMP/rust.st" >"$TMP/prust.txt"
 engine --tokens-file "$TMP/prust.txt" --gen 1 --no-remote --kv-f32 --kv-out "$TMP/llama.st" >/dev/null
 python3 "$HERE/check_rust_kv.py" compare "$TMP/rust.st" "$TMP/llama.st" --tol 1e-4 ||
@@ -106,8 +107,8 @@ first_n "$TMP/pA.txt" 187 >"$TMP/p187.txt"
 first_n "$TMP/pB.txt" 256 >"$TMP/p256.txt"
 first_n "$TMP/pB.txt" 200 >"$TMP/pC.txt"
 
-step "kvfetcher kv capture --gguf: the engine's own KV with the model's shapes and metadata"
-"$KVF" kv capture --gguf "$SMOL" --engine "$ROOT/build/llama/bin/kvf-llama" --text "$ROOT/data/texts/declaration.txt" \
+step "kvfetcher-bench kv capture --gguf: the engine's own KV with the model's shapes and metadata"
+"$KVF_BENCH" kv capture --gguf "$SMOL" --engine "$ROOT/build/llama/bin/kvf-llama" --text "$ROOT/data/texts/declaration.txt" \
     --tokens 300 --out "$TMP/capture.st" >/dev/null 2>"$TMP/kvf.err" || { cat "$TMP/kvf.err"; fail "kv capture --gguf"; }
 # The same tokens and, bit for bit, the KV the engine itself writes for that prompt.
 engine --tokens-file "$TMP/pA.txt" --gen 1 --no-remote --kv-out "$TMP/engine-kv.st" >/dev/null
@@ -204,7 +205,7 @@ echo "   renamed copy: fetch; same name, one weight changed: prefill (prefix not
 
 step "cross-engine (toy): KV computed by the Rust forward pass, stored bit-exact, used by llama.cpp"
 GGUF="$STORIES"
-"$KVF" kv capture --model "$DATA" --tokens 200 --seed 9 --out "$TMP/rust200.st" >/dev/null 2>"$TMP/kvf.err"
+"$KVF_BENCH" kv capture --model "$DATA" --tokens 200 --seed 9 --out "$TMP/rust200.st" >/dev/null 2>"$TMP/kvf.err"
 python3 "$HERE/check_rust_kv.py" tokens "$TMP/rust200.st" >"$TMP/prust200.txt"
 "$KVF" encode --input "$TMP/rust200.st" --out "$TMP/rust-chunks" --exact --chunk-tokens 64 \
     --model-id "rust-llama2c" >/dev/null 2>>"$TMP/kvf.err"
@@ -250,7 +251,7 @@ kill "$DAEMON_PID" "$STORE_PID"
 KL_BOUND=0.005
 TOP1_BOUND=0.95
 step "fidelity through llama.cpp: the default 8-bit setting within mean KL $KL_BOUND, top-1 $TOP1_BOUND"
-"$KVF" bench fidelity --gguf "$SMOL" --engine "$ROOT/build/llama/bin/kvf-llama" \
+"$KVF_BENCH" fidelity --gguf "$SMOL" --engine "$ROOT/build/llama/bin/kvf-llama" \
     --text "$ROOT/data/texts/declaration.txt" --prefix 256 --continuation 128 --bits 8,4 --gen 8 \
     --json >"$TMP/fidelity.json" 2>"$TMP/fidelity.err" || { cat "$TMP/fidelity.err"; fail "bench fidelity"; }
 python3 - "$TMP/fidelity.json" "$KL_BOUND" "$TOP1_BOUND" <<'PY' || fail "fidelity outside the measured bound"

@@ -14,13 +14,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvfetcher_kv::KvCache;
 
 pub use decode::{run_decode, DecodeArgs};
-pub(crate) use encode::registry_for;
+pub use encode::registry_for;
 pub use encode::{run_encode, EncodeArgs, GroupingArg, VariantArg};
 pub use inspect::{run_inspect, InspectArgs};
 
 /// A progress bar of `len` steps on stderr, hidden when stderr is not a terminal (so logs and
 /// tests see no control characters).
-pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
+pub fn progress(len: u64, what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -35,7 +35,7 @@ pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
 }
 
 /// A spinner on stderr for work without steps to count (hidden when stderr is not a terminal).
-pub(crate) fn spinner(what: &str) -> ProgressBar {
+pub fn spinner(what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -47,6 +47,6 @@ pub(crate) fn spinner(what: &str) -> ProgressBar {
 
 /// Bytes of `cache` as 16-bit values (the size ratios of the codec's reports are against it,
 /// whatever the file's dtype).
-pub(crate) fn bytes_16bit(cache: &KvCache) -> u64 {
+pub fn bytes_16bit(cache: &KvCache) -> u64 {
     (cache.num_layers() * 2 * cache.tokens() * cache.kv_heads() * cache.head_dim() * 2) as u64
 }

@@ -1,19 +1,11 @@
 //! Command-line interface: one module per group of subcommands, each with its `Args` and `run`.
+//! Benchmarks, GPU self-checks, KV capture and the demo are `kvfetcher-bench` (crate `tools`).
 
 use clap::{Parser, Subcommand};
 
-pub mod bench_codec;
-pub mod bench_fetch;
-pub mod bench_fidelity;
-pub mod bench_load;
-pub mod bench_net;
 pub mod codec;
 pub mod daemon;
-pub mod demo;
-pub mod engine;
 pub mod gpu;
-pub mod kv;
-mod local_stack;
 pub mod lookup;
 pub mod store;
 
@@ -31,13 +23,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the node daemon (Unix socket for engines, QUIC to stores); for systemd.
     Daemon(daemon::DaemonArgs),
-    /// Store + daemon on loopback, real KV captured, saved (Rust client), fetched (C client), verified.
-    Demo(demo::DemoArgs),
     /// Ask a running daemon how many leading tokens of a sequence it can fetch.
     Lookup(lookup::LookupArgs),
-    /// Real KV caches: capture with a llama2.c model, measure fidelity, describe files.
-    Kv(kv::KvArgs),
-    /// The GPU path: device info, NVDEC and restore-kernel checks, benchmarks.
+    /// The node's GPUs: device, driver and NVDEC capabilities.
     Gpu(gpu::GpuArgs),
     /// Run the remote chunk store (QUIC), or write dev certificates with --dev-cert.
     Store(store::StoreArgs),
@@ -51,17 +39,13 @@ pub enum Command {
     Put(store::PutArgs),
     /// Download one chunk object from a store.
     Get(store::GetArgs),
-    /// Benchmarks: `bench net`, `bench fetch`, `bench codec`, `bench fidelity`, `bench load`, ...
-    Bench(bench_net::BenchArgs),
 }
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(args) => daemon::run(args),
-        Command::Demo(args) => demo::run(args),
         Command::Lookup(args) => lookup::run(args),
-        Command::Kv(args) => kv::run(args),
         Command::Gpu(args) => gpu::run(args),
         Command::Store(args) => store::run_store(args),
         Command::Encode(args) => codec::run_encode(args),
@@ -69,6 +53,5 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => codec::run_inspect(args),
         Command::Put(args) => store::run_put(args),
         Command::Get(args) => store::run_get(args),
-        Command::Bench(args) => bench_net::run(args),
     }
 }

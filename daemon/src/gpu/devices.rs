@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kvfetcher_codec::HevcGeometry;
 
 use super::cuda::{set_host_wait, Cuda, HostWait, Stream};
+use super::gather::device_gather;
 use super::nvdec::SessionPool;
 use super::pool::MemoryPool;
 use super::restore::{DeviceGather, RestoreKernels};
-use super::sections::device_gather;
 use super::GpuError;
 use crate::metrics::Metrics;
 

@@ -4,28 +4,23 @@
 //! unsafe FFI), [`cuda`] and [`nvdec`] (safe wrappers), [`restore`] (the PTX kernels and their
 //! bit-exact CPU reference), [`ipc`] (importing CUDA IPC handles), [`devices`] (the node's GPUs
 //! as the daemon serves them) and [`section_restore`] (a fetched section straight into a
-//! client's device buffer), then fixtures, self-checks
-//! (raster fixtures, the codec's own HEVC sections in [`sections`], the IPC proof in [`ipc_check`])
-//! and benchmarks for `kvfetcher gpu`.
+//! client's device buffer, with the [`gather`] table of the HEVC surface route). Fixtures,
+//! self-checks and benchmarks of this path live in the `kvfetcher-tools` crate.
 //! Everything builds and its non-GPU tests pass on hosts without a driver: loading fails with
 //! [`GpuError::NoDriver`] / [`GpuError::NoNvdec`].
 
-pub mod bench;
-pub mod check;
 pub mod cuda;
 mod cuda_sys;
 pub mod devices;
 mod error;
-pub mod fixture;
+pub mod gather;
 pub mod hevc_backend;
 pub mod ipc;
-pub mod ipc_check;
 mod nvcuvid_sys;
 pub mod nvdec;
 pub mod pool;
 pub mod restore;
 pub mod section_restore;
-pub mod sections;
 
 pub use cuda::{
     host_wait, set_host_wait, Cuda, DeviceBuffer, DeviceInfo, Event, HostWait, Module, Stream,

@@ -513,7 +513,7 @@ impl std::fmt::Debug for RestoreKernels {
 
 /// A gather table in device memory: the planar sample index of the first code of each aligned
 /// run of `run` codes whose samples are consecutive (`run` 1: one index per code; else a
-/// multiple of 8, see `sections::run_gather`).
+/// multiple of 8, see `gather::run_gather`).
 #[derive(Debug)]
 pub struct DeviceGather {
     table: DeviceBuffer,

@@ -3,7 +3,7 @@
 //!
 //! The model fingerprint (the namespace of the keys) is, in order of preference: SHA-256 of
 //! `--model-id`; the file's `model_sha256` metadata (the SHA-256 of the weights file, as
-//! `kvfetcher kv capture` records it, used as is); SHA-256 of the file's `model` metadata; or
+//! `kvfetcher-bench kv capture` records it, used as is); SHA-256 of the file's `model` metadata; or
 //! SHA-256 of the file's safetensors header (its JSON bytes: shapes, dtypes and metadata).
 //! Keys chain over the file's `token_ids` tensor; a file without one uses positions `0..n`
 //! (with a warning): such keys name this file's KV, not a text.
@@ -131,7 +131,7 @@ fn parse_layer_bits(s: &str) -> Result<(usize, u8), String> {
 /// A registry with `zstd` at `zstd_level` and, when `variant` is hevc, an x265 encoder with
 /// `layout`, `preset` and `stream_frames` frames per stream (an error saying why when x265
 /// cannot be loaded).
-pub(crate) fn registry_for(
+pub fn registry_for(
     variant: VariantKind,
     layout: Option<&str>,
     preset: &str,

@@ -12,8 +12,8 @@ use std::process::Command;
 use kvfetcher_codec::{quantize, Grouping};
 use kvfetcher_kv::KvFile;
 
-use super::nvdec::{Chroma, FrameFormat};
-use super::restore::{CodeGeometry, Dequant, QuantGrouping};
+use kvfetcher::gpu::nvdec::{Chroma, FrameFormat};
+use kvfetcher::gpu::restore::{CodeGeometry, Dequant, QuantGrouping};
 
 /// Frame width and height of the fixtures: a size every NVDEC accepts (>= 144) and that
 /// x265 needs no padding for (a multiple of 8).

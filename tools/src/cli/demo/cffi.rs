@@ -1,7 +1,7 @@
 //! The C client (`libkvfetcher.so`) loaded at run time, so the demo fetches exactly as a C
 //! engine would. Raw FFI stays in this module: the rest of the demo calls [`CClient`].
 //!
-//! Declarations mirror `client-c/include/kvfetcher.h`: `kvf_layout`, `kvf_shape`, and the
+//! Declarations mirror `include/kvfetcher.h`: `kvf_layout`, `kvf_shape`, and the
 //! functions used here, each returning a `kvf_error` (`uint32_t`, 0 = success).
 
 use std::ffi::{c_char, CString};

@@ -1,4 +1,4 @@
-//! `kvfetcher bench fidelity`: how much each codec setting changes a model's predictions.
+//! `kvfetcher-bench fidelity`: how much each codec setting changes a model's predictions.
 //!
 //! With `--gguf` (the real measure) the model runs in llama.cpp through the engine: for each text
 //! and each split, the KV of a prefix is captured, the continuation is scored once over the
@@ -22,10 +22,10 @@ use serde::Serialize;
 use super::engine::Engine;
 
 use super::bench_codec::{error_sums, errors, round_trip, BitsArg, ErrorSums};
-use super::codec::{progress, GroupingArg};
 use super::kv::DTypeArg;
+use kvfetcher::cli::codec::{progress, GroupingArg};
 
-/// Arguments of `kvfetcher bench fidelity`.
+/// Arguments of `kvfetcher-bench fidelity`.
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("source").required(true).args(["model", "gguf"]))]
 pub struct BenchFidelityArgs {
@@ -75,8 +75,8 @@ pub struct BenchFidelityArgs {
     #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,7,8,exact")]
     pub bits: Vec<BitsArg>,
     /// Variant used for the round trip.
-    #[arg(long, value_enum, default_value_t = super::codec::VariantArg::Zstd)]
-    pub variant: super::codec::VariantArg,
+    #[arg(long, value_enum, default_value_t = kvfetcher::cli::codec::VariantArg::Zstd)]
+    pub variant: kvfetcher::cli::codec::VariantArg,
     /// Tokens per chunk (quantization ranges are per chunk).
     #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
     pub chunk_tokens: usize,
@@ -162,7 +162,7 @@ pub struct EngineFidelityReport {
     pub results: Vec<EngineFidelityRow>,
 }
 
-/// Runs `kvfetcher bench fidelity`.
+/// Runs `kvfetcher-bench fidelity`.
 pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
     if let Some(gguf) = args.gguf.clone() {
         let report = run_engine(&args, &gguf)?;
@@ -181,10 +181,15 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
     let generation = model.generate(args.tokens, args.seed, args.temperature)?;
     let original = generation.cache.to_dtype(args.dtype.into());
     let ids = &generation.token_ids;
-    let raw16 = super::codec::bytes_16bit(&original);
+    let raw16 = kvfetcher::cli::codec::bytes_16bit(&original);
     let variant = VariantKind::from(args.variant);
-    let registry =
-        super::codec::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL)?;
+    let registry = kvfetcher::cli::codec::registry_for(
+        variant,
+        None,
+        DEFAULT_PRESET,
+        None,
+        DEFAULT_ZSTD_LEVEL,
+    )?;
     let bar = progress(args.bits.len() as u64, "fidelity");
     let mut results = Vec::new();
     for &bits in &args.bits {
@@ -305,8 +310,13 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
     );
 
     let variant = VariantKind::from(args.variant);
-    let registry =
-        super::codec::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL)?;
+    let registry = kvfetcher::cli::codec::registry_for(
+        variant,
+        None,
+        DEFAULT_PRESET,
+        None,
+        DEFAULT_ZSTD_LEVEL,
+    )?;
     let mut results = Vec::new();
     for (i, &bits) in args.bits.iter().enumerate() {
         let cfg = encode_config(args, bits);
@@ -316,7 +326,7 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
             let p = s.prefix.tokens();
             let rt = round_trip(&s.prefix, &s.ids[..p], &cfg, &registry)
                 .with_context(|| format!("{} bits on {}", bits.reported(), s.label))?;
-            raw16 += super::codec::bytes_16bit(&s.prefix);
+            raw16 += kvfetcher::cli::codec::bytes_16bit(&s.prefix);
             bytes += rt.bytes;
             err.add(error_sums(&s.prefix, &rt.decoded));
             let decoded =

@@ -8,14 +8,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::cuda::{Cuda, DeviceBuffer, Stream};
 use super::fixture::{self, FIXTURE_FORMATS};
-use super::nvdec::{Chroma, DeviceFrames, Nvdec, NvdecSession};
-use super::restore::{
+use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer, Stream};
+use kvfetcher::gpu::nvdec::{Chroma, DeviceFrames, Nvdec, NvdecSession};
+use kvfetcher::gpu::restore::{
     pack_codes, CodeGeometry, Dequant, DeviceGather, DeviceTarget, KvDtype, KvLayout,
     RestoreKernels, TargetSpec,
 };
-use super::GpuError;
+use kvfetcher::gpu::GpuError;
 
 /// One NVDEC throughput point.
 #[derive(Debug, Clone, PartialEq)]
@@ -291,7 +291,7 @@ impl std::str::FromStr for FrameHandling {
     }
 }
 
-/// What to run as a background NVDEC load (`kvfetcher gpu load`).
+/// What to run as a background NVDEC load (`kvfetcher-bench gpu load`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadSpec {
     /// Fixture stream format.

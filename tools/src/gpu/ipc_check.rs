@@ -1,4 +1,4 @@
-//! The cross-process CUDA IPC proof behind `kvfetcher gpu ipc-check`.
+//! The cross-process CUDA IPC proof behind `kvfetcher-bench gpu ipc-check`.
 //!
 //! The parent exports one buffer per K/V tensor and one interprocess event per layer, hands the
 //! 64-byte handles to a child (itself, `gpu ipc-child`) over its stdin, then restores real KV
@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::check::CheckRow;
-use super::cuda::{Cuda, DeviceBuffer};
 use super::fixture::{self, KvCodes};
-use super::ipc::{mem_info, ImportedBuffer, ImportedEvent};
-use super::restore::{
+use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer};
+use kvfetcher::gpu::ipc::{mem_info, ImportedBuffer, ImportedEvent};
+use kvfetcher::gpu::restore::{
     restore_cpu, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec,
 };
-use super::GpuError;
+use kvfetcher::gpu::GpuError;
 
 /// Bits of the restored codes.
 const BITS: u8 = 8;

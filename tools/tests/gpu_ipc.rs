@@ -19,7 +19,7 @@ fn ipc_check_passes_across_processes() {
         println!("skipped: shared/data/codelm-kv-a.safetensors absent");
         return;
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_kvfetcher"))
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfetcher-bench"))
         .args(["gpu", "ipc-check", "--kv"])
         .arg(&kv)
         .output()
@@ -36,7 +36,7 @@ fn ipc_check_passes_across_processes() {
 #[test]
 fn ipc_child_rejects_a_bad_header() {
     // The header is read before the driver is touched: this runs on every host.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvfetcher"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvfetcher-bench"))
         .args([
             "gpu",
             "ipc-child",

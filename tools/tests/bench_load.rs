@@ -1,7 +1,7 @@
 //! `kvfetcher bench load` on a small scale: two clients for one second against an in-process
 //! store and daemon; every fetch must verify and none may fail.
 
-use kvfetcher::cli::bench_load::{measure, BenchLoadArgs};
+use kvfetcher_tools::cli::bench_load::{measure, BenchLoadArgs};
 
 #[test]
 fn two_clients_for_a_second_fetch_and_verify_every_time() {

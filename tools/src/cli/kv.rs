@@ -1,4 +1,4 @@
-//! `kvfetcher kv ...`: produce real KV caches (`capture`: a GGUF model's KV as llama.cpp computes
+//! `kvfetcher-bench kv ...`: produce real KV caches (`capture`: a GGUF model's KV as llama.cpp computes
 //! it for a text, or a llama2.c toy's), measure how well a decoded cache preserves a llama2.c
 //! model's predictions (`fidelity`), and describe a KV file (`info`).
 //!
@@ -40,7 +40,7 @@ pub enum KvCommand {
     Info(InfoArgs),
 }
 
-/// Arguments of `kvfetcher kv capture`.
+/// Arguments of `kvfetcher-bench kv capture`.
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("source").required(true).args(["model", "gguf"]))]
 pub struct CaptureArgs {
@@ -81,7 +81,7 @@ pub struct CaptureArgs {
     pub out: PathBuf,
 }
 
-/// Arguments of `kvfetcher kv fidelity`.
+/// Arguments of `kvfetcher-bench kv fidelity`.
 #[derive(Debug, Args)]
 pub struct FidelityArgs {
     /// The llama2.c checkpoint that produced the original cache.
@@ -98,7 +98,7 @@ pub struct FidelityArgs {
     pub json: bool,
 }
 
-/// Arguments of `kvfetcher kv info`.
+/// Arguments of `kvfetcher-bench kv info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
     /// The KV safetensors file.
@@ -183,7 +183,7 @@ fn capture(a: &CaptureArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         ("dim", cfg.dim.to_string()),
         (
             "generator",
-            format!("kvfetcher kv capture {}", env!("CARGO_PKG_VERSION")),
+            format!("kvfetcher-bench kv capture {}", env!("CARGO_PKG_VERSION")),
         ),
     ]
     .into_iter()
@@ -228,7 +228,7 @@ fn capture_gguf(a: &CaptureArgs, gguf: &Path, out: &mut dyn Write) -> anyhow::Re
         ("key", "after RoPE".to_string()),
         (
             "generator",
-            format!("kvfetcher kv capture {}", env!("CARGO_PKG_VERSION")),
+            format!("kvfetcher-bench kv capture {}", env!("CARGO_PKG_VERSION")),
         ),
     ]
     .into_iter()

@@ -1,4 +1,4 @@
-//! `kvfetcher bench load`: many engines against one daemon. Starts a store and a daemon in this
+//! `kvfetcher-bench load`: many engines against one daemon. Starts a store and a daemon in this
 //! process on loopback (temp dir, dev certificates), saves one prefix of synthetic KV, then N
 //! clients, each on its own connection and thread, loop lookup + fetch + verify for S seconds;
 //! reports fetches per second, p50/p99 latency and the daemon's RSS.
@@ -20,8 +20,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::local_stack::LocalStore;
-use crate::config::{Config, LogFormat, StoreConfig};
-use crate::pipeline::{place_cache, LayoutIoError};
+use kvfetcher::config::{Config, LogFormat, StoreConfig};
+use kvfetcher::pipeline::{place_cache, LayoutIoError};
 
 /// Most clients: each is a thread and a connection; the daemon's table is sized to fit.
 const MAX_CLIENTS: usize = 1024;
@@ -30,7 +30,7 @@ const MAX_SECONDS: f64 = 600.0;
 /// The model id the prefix is saved under.
 const MODEL: &str = "kvfetcher-bench-load";
 
-/// Arguments of `kvfetcher bench load`.
+/// Arguments of `kvfetcher-bench load`.
 #[derive(Debug, Args)]
 pub struct BenchLoadArgs {
     /// Concurrent clients (1..=1024), each a thread with its own connection.
@@ -74,9 +74,9 @@ pub struct LoadReport {
     pub first_error: Option<String>,
 }
 
-/// Runs `kvfetcher bench load`.
+/// Runs `kvfetcher-bench load`.
 pub fn run(args: BenchLoadArgs) -> anyhow::Result<()> {
-    super::daemon::init_logging(LogFormat::Text, "warn");
+    kvfetcher::cli::daemon::init_logging(LogFormat::Text, "warn");
     let report = measure(&args)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -142,7 +142,7 @@ pub fn measure(args: &BenchLoadArgs) -> anyhow::Result<LoadReport> {
         // All clients are this process's uid: the table must fit them all.
         config.server.max_clients = config.server.max_clients.max(args.clients + 2);
         config.server.max_clients_per_uid = config.server.max_clients;
-        let daemon = super::daemon::start(&config, stop_rx).await?;
+        let daemon = kvfetcher::cli::daemon::start(&config, stop_rx).await?;
         anyhow::Ok((store, (daemon, config)))
     })?;
     let (daemon, config) = daemon;
@@ -332,7 +332,8 @@ fn expected(
     layout: &TargetLayout,
     shape: &KvShape,
 ) -> anyhow::Result<Vec<u8>> {
-    let cfg = crate::pipeline::encode_config(&config.save).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg =
+        kvfetcher::pipeline::encode_config(&config.save).map_err(|e| anyhow::anyhow!("{e}"))?;
     let reg = CodecRegistry::software();
     let objects = encode_cache(
         cache,

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use kvfetcher::gpu::fixture::{encode_raster, fixture_format, frames_for, kv_codes};
 use kvfetcher::gpu::{Chroma, Cuda, GpuError, Nvdec};
+use kvfetcher_tools::gpu::fixture::{encode_raster, fixture_format, frames_for, kv_codes};
 
 #[test]
 fn nvdec_decodes_real_kv_bit_exactly() {

@@ -4,13 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use kvfetcher::gpu::check::{target_name, targets};
-use kvfetcher::gpu::fixture::kv_codes;
 use kvfetcher::gpu::restore::pack_codes;
 use kvfetcher::gpu::{
     restore_cpu, Cuda, DeviceBuffer, DeviceTarget, GpuError, KvDtype, RestoreKernels,
 };
 use kvfetcher_codec::{dequantize, GroupParams, Grouping};
+use kvfetcher_tools::gpu::check::{target_name, targets};
+use kvfetcher_tools::gpu::fixture::kv_codes;
 
 fn kv_path() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");

@@ -1,4 +1,4 @@
-//! `kvfetcher demo`: the whole path on one machine with embedded defaults. Starts a store and
+//! `kvfetcher-bench demo`: the whole path on one machine with embedded defaults. Starts a store and
 //! a daemon on loopback (temp dirs, dev certificates), captures real KV from a llama2.c model,
 //! saves it through the Rust client, fetches it back through the C client (`libkvfetcher.so`)
 //! into host memory, verifies every value against what was saved (after quantization), and
@@ -17,11 +17,11 @@ use kvfetcher_kv::{DType, KvCache, Llama2Model};
 use tokio::sync::watch;
 
 use super::local_stack::LocalStore;
-use crate::config::{Config, LogFormat, StoreConfig};
-use crate::pipeline::{kv_dtype, place_cache, LayoutIoError};
 use cffi::{CClient, KvfLayout};
+use kvfetcher::config::{Config, LogFormat, StoreConfig};
+use kvfetcher::pipeline::{kv_dtype, place_cache, LayoutIoError};
 
-/// Arguments of `kvfetcher demo`.
+/// Arguments of `kvfetcher-bench demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// llama2.c checkpoint to capture KV from.
@@ -38,9 +38,9 @@ pub struct DemoArgs {
     pub c_lib: Option<PathBuf>,
 }
 
-/// Runs `kvfetcher demo`.
+/// Runs `kvfetcher-bench demo`.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    super::daemon::init_logging(LogFormat::Text, "warn");
+    kvfetcher::cli::daemon::init_logging(LogFormat::Text, "warn");
     let c_lib = match &args.c_lib {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -68,7 +68,7 @@ async fn demo(args: DemoArgs, c: CClient) -> anyhow::Result<()> {
         ..Config::default()
     };
     let (stop, stop_rx) = watch::channel(false);
-    let daemon = super::daemon::start(&config, stop_rx).await?;
+    let daemon = kvfetcher::cli::daemon::start(&config, stop_rx).await?;
     println!(
         "demo: store on {} and daemon on {} (temp dir {})",
         store.addr,
@@ -214,7 +214,8 @@ fn expected(
     ids: &[u32],
     config: &Config,
 ) -> anyhow::Result<KvCache> {
-    let cfg = crate::pipeline::encode_config(&config.save).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg =
+        kvfetcher::pipeline::encode_config(&config.save).map_err(|e| anyhow::anyhow!("{e}"))?;
     let reg = CodecRegistry::software();
     let objects = encode_cache(
         cache,

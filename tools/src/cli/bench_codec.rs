@@ -1,4 +1,4 @@
-//! `kvfetcher bench codec`: size, speed and error of every variant, HEVC layout and bit width on
+//! `kvfetcher-bench codec`: size, speed and error of every variant, HEVC layout and bit width on
 //! a real KV file, beside zstd -19 on the raw 16-bit input.
 //!
 //! Sizes count whole chunk objects (headers included). Ratios are against the input's 16-bit
@@ -20,12 +20,12 @@ use kvfetcher_kv::{KvCache, KvFile};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::codec::{bytes_16bit, progress, GroupingArg};
+use kvfetcher::cli::codec::{bytes_16bit, progress, GroupingArg};
 
 /// zstd level of the raw 16-bit baseline: the strongest commonly used.
 const RAW_ZSTD_LEVEL: i32 = 19;
 
-/// Arguments of `kvfetcher bench codec`.
+/// Arguments of `kvfetcher-bench codec`.
 #[derive(Debug, Args)]
 pub struct BenchCodecArgs {
     /// The KV safetensors file.
@@ -36,7 +36,7 @@ pub struct BenchCodecArgs {
     pub tokens: Option<usize>,
     /// Variants to measure.
     #[arg(long, value_delimiter = ',', default_value = "packed,zstd,hevc")]
-    pub variants: Vec<super::codec::VariantArg>,
+    pub variants: Vec<kvfetcher::cli::codec::VariantArg>,
     /// HEVC layouts to measure.
     #[arg(
         long,
@@ -231,7 +231,7 @@ pub(crate) fn error_sums(original: &KvCache, decoded: &KvCache) -> ErrorSums {
     e
 }
 
-/// Runs `kvfetcher bench codec`.
+/// Runs `kvfetcher-bench codec`.
 pub fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
     let file = KvFile::read(&args.input).with_context(|| format!("{}", args.input.display()))?;
     let cache = match args.tokens {
@@ -273,7 +273,7 @@ pub fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
         let software = CodecRegistry::software();
         let packed = round_trip(&cache, &ids, &cfg(VariantKind::Packed), &software)?.bytes;
         for (variant, layout) in &configs {
-            let registry = super::codec::registry_for(
+            let registry = kvfetcher::cli::codec::registry_for(
                 *variant,
                 layout.as_deref(),
                 &args.preset,

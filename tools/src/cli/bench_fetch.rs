@@ -1,4 +1,4 @@
-//! `kvfetcher bench fetch`: time to first layer and total fetch time of real KV through the
+//! `kvfetcher-bench fetch`: time to first layer and total fetch time of real KV through the
 //! pipeline, against fetching the same KV as raw bf16 and as zstd-compressed int8 whole objects
 //! over the same link. `--memory gpu:N` restores into GPU memory (the daemon's GPU path: packed
 //! sections and NVDEC surfaces restored by the kernels); the baselines then copy their host
@@ -30,14 +30,14 @@ use kvfetcher_codec::{
 use kvfetcher_kv::{DType, KvCache, KvFile};
 
 use super::local_stack::LocalStore;
-use crate::config::{FetchConfig, SaveConfig};
-use crate::gpu::{DeviceBuffer, FrameFormat, GpuDevice, GpuDevices, GpuOptions, HostWait};
-use crate::metrics::Metrics;
-use crate::pipeline::{encode_config, place_cache, restore_section_into, Pipeline, SectionJob};
-use crate::server::{Backend, Destination, DeviceRegion, ServeError};
-use crate::transport::StoreClient;
+use kvfetcher::config::{FetchConfig, SaveConfig};
+use kvfetcher::gpu::{DeviceBuffer, FrameFormat, GpuDevice, GpuDevices, GpuOptions, HostWait};
+use kvfetcher::metrics::Metrics;
+use kvfetcher::pipeline::{encode_config, place_cache, restore_section_into, Pipeline, SectionJob};
+use kvfetcher::server::{Backend, Destination, DeviceRegion, ServeError};
+use kvfetcher::transport::StoreClient;
 
-/// Arguments of `kvfetcher bench fetch`.
+/// Arguments of `kvfetcher-bench fetch`.
 #[derive(Debug, Args)]
 pub struct BenchFetchArgs {
     /// Real KV (safetensors) to fetch.
@@ -120,7 +120,7 @@ fn poisoned<T>(_: T) -> ServeError {
     ServeError::Internal("poisoned".into())
 }
 
-fn gpu_error(e: crate::gpu::GpuError) -> ServeError {
+fn gpu_error(e: kvfetcher::gpu::GpuError) -> ServeError {
     ServeError::Internal(e.to_string())
 }
 
@@ -185,12 +185,12 @@ struct Timing {
     wire: u64,
 }
 
-/// Runs `kvfetcher bench fetch`.
+/// Runs `kvfetcher-bench fetch`.
 pub fn run(args: BenchFetchArgs) -> anyhow::Result<()> {
     // Quiet by default (the table is the output); RUST_LOG=kvfetcher=debug shows each
     // fetch's phases (lookup, headers, first section).
     if std::env::var_os("RUST_LOG").is_some() {
-        super::daemon::init_logging(crate::config::LogFormat::Text, "warn");
+        kvfetcher::cli::daemon::init_logging(kvfetcher::config::LogFormat::Text, "warn");
     }
     let file = KvFile::read(&args.kv).with_context(|| format!("reading {}", args.kv.display()))?;
     let cache = tiled(file.cache, args.tile as usize)?;
@@ -641,7 +641,7 @@ async fn whole_objects(
         wire += bytes.len() as u64;
         let reg = reg.clone();
         let part = tokio::task::spawn_blocking(move || decode_chunk(&bytes, &reg)).await??;
-        let mut write = |off: usize, b: &[u8]| -> Result<(), crate::pipeline::LayoutIoError> {
+        let mut write = |off: usize, b: &[u8]| -> Result<(), kvfetcher::pipeline::LayoutIoError> {
             buf[off..off + b.len()].copy_from_slice(b);
             Ok(())
         };

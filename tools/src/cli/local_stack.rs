@@ -1,5 +1,5 @@
 //! An embedded store (and optionally daemon) on loopback in a temp dir, with dev certificates:
-//! what `kvfetcher demo` and `kvfetcher bench fetch` run against.
+//! what `kvfetcher-bench demo` and `kvfetcher-bench fetch` run against.
 //!
 //! Everything stops when the [`LocalStore`] (or the caller's shutdown sender) drops.
 
@@ -10,9 +10,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::sync::watch;
 
-use crate::pipeline::StoreTarget;
-use crate::store::{LocalDir, ServerOptions, StoreServer};
-use crate::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
+use kvfetcher::pipeline::StoreTarget;
+use kvfetcher::store::{LocalDir, ServerOptions, StoreServer};
+use kvfetcher::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
 
 /// A running in-process store.
 #[derive(Debug)]

@@ -1,10 +1,10 @@
-//! `kvfetcher bench net`: goodput of one fetch of a large chunk set over emulated links, for
+//! `kvfetcher-bench net`: goodput of one fetch of a large chunk set over emulated links, for
 //! QUIC (the real store server and client, CUBIC and BBR) against a plain TCP stream, with the
 //! CPU time each side spends per GB.
 //!
-//! Each run is two processes: `bench net-serve` and `bench net-fetch`. With `--emulation netns`
+//! Each run is two processes: `net-serve` and `net-fetch`. With `--emulation netns`
 //! (root) they run in two network namespaces joined through `scripts/netns-link.sh`, which
-//! shapes the rate with `tc` and adds the RTT (netem, or `bench delay-bridge` where the kernel
+//! shapes the rate with `tc` and adds the RTT (netem, or `delay-bridge` where the kernel
 //! lacks netem). With `--emulation loopback` they run on 127.0.0.1 and the servers pace
 //! themselves (`--max-rate`); loopback adds no RTT.
 //!
@@ -22,42 +22,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-pub use peer::{FetchArgs, FetchReport, Proto, ServeArgs, ServeReport};
+pub use peer::{fetch, serve, FetchArgs, FetchReport, Proto, ServeArgs, ServeReport};
 
-use crate::transport::Congestion;
-
-/// Arguments of `kvfetcher bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// Which benchmark.
-    #[command(subcommand)]
-    pub command: BenchCommand,
-}
-
-/// Benchmarks.
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Network goodput of the store over emulated links (QUIC cubic/BBR vs TCP).
-    Net(NetArgs),
-    /// One benchmark server (used by `bench net`).
-    NetServe(ServeArgs),
-    /// One benchmark fetch (used by `bench net`).
-    NetFetch(FetchArgs),
-    /// Userspace delay line between two interfaces (used by scripts/netns-link.sh).
-    DelayBridge(BridgeArgs),
-    /// Fetch pipeline (CPU path) against raw bf16 and zstd int8 whole objects.
-    Fetch(super::bench_fetch::BenchFetchArgs),
-    /// Codec size, speed and error per variant, HEVC layout and bit width.
-    Codec(super::bench_codec::BenchCodecArgs),
-    /// How each codec setting changes a model's next-token predictions: a GGUF model in
-    /// llama.cpp (--gguf), or a llama2.c toy (--model).
-    Fidelity(super::bench_fidelity::BenchFidelityArgs),
-    /// Many clients against one daemon: fetches/s, p50/p99 latency and RSS.
-    Load(super::bench_load::BenchLoadArgs),
-}
+use kvfetcher::transport::Congestion;
 
 /// How links are emulated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -68,7 +38,7 @@ pub enum Emulation {
     Loopback,
 }
 
-/// Arguments of `kvfetcher bench net`.
+/// Arguments of `kvfetcher-bench net`.
 #[derive(Debug, Args)]
 pub struct NetArgs {
     /// Link rates in Gbit/s, comma separated.
@@ -109,12 +79,12 @@ pub struct NetArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Departure window of the delay bridge in microseconds (see `bench delay-bridge`).
+    /// Departure window of the delay bridge in microseconds (see `delay-bridge`).
     #[arg(long)]
     pub bridge_window_us: Option<u64>,
 }
 
-/// Arguments of `kvfetcher bench delay-bridge`.
+/// Arguments of `kvfetcher-bench delay-bridge`.
 #[derive(Debug, Args)]
 pub struct BridgeArgs {
     /// First interface.
@@ -163,25 +133,16 @@ pub struct NetResult {
     pub fetch: FetchReport,
 }
 
-/// Runs `kvfetcher bench ...`.
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.command {
-        BenchCommand::Net(a) => run_net(a),
-        BenchCommand::NetServe(a) => peer::serve(a),
-        BenchCommand::NetFetch(a) => peer::fetch(a),
-        BenchCommand::Fetch(a) => super::bench_fetch::run(a),
-        BenchCommand::Codec(a) => super::bench_codec::run(a),
-        BenchCommand::Fidelity(a) => super::bench_fidelity::run(a),
-        BenchCommand::Load(a) => super::bench_load::run(a),
-        BenchCommand::DelayBridge(a) => bridge::run(
-            &a.a,
-            &a.b,
-            Duration::from_micros(a.delay_us),
-            Duration::from_micros(a.window_us),
-            a.loss_ppm,
-            a.report.as_deref(),
-        ),
-    }
+/// Runs `kvfetcher-bench delay-bridge`.
+pub fn run_bridge(a: BridgeArgs) -> anyhow::Result<()> {
+    bridge::run(
+        &a.a,
+        &a.b,
+        Duration::from_micros(a.delay_us),
+        Duration::from_micros(a.window_us),
+        a.loss_ppm,
+        a.report.as_deref(),
+    )
 }
 
 fn parse_proto(label: &str) -> anyhow::Result<(Proto, Congestion, String)> {
@@ -216,7 +177,8 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn run_net(args: NetArgs) -> anyhow::Result<()> {
+/// Runs `kvfetcher-bench net`: every transport at every rate, one table (and JSON).
+pub fn run_net(args: NetArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.kv.is_file(),
         "{} not found (give --kv)",
@@ -232,7 +194,7 @@ fn run_net(args: NetArgs) -> anyhow::Result<()> {
 fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("own executable")?;
     let certs = work.join("certs");
-    crate::transport::write_dev_pki(&certs)?;
+    kvfetcher::transport::write_dev_pki(&certs)?;
     let kv = std::fs::canonicalize(&args.kv)?;
     let mut results = Vec::new();
     println!(
@@ -281,11 +243,11 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
             };
             let q = |p: &std::path::Path| shell_quote(&p.display().to_string());
             let mut serve = format!(
-                "{} bench net-serve --proto {proto_arg} --congestion {cc_arg} --listen {host}:{port} --certs {} --kv {} --set-mb {} --ready {} --report {}{extra}",
+                "{} net-serve --proto {proto_arg} --congestion {cc_arg} --listen {host}:{port} --certs {} --kv {} --set-mb {} --ready {} --report {}{extra}",
                 q(&exe), q(&certs), q(&kv), args.set_mb, q(&ready), q(&srv_report)
             );
             let fetch = format!(
-                "{} bench net-fetch --proto {proto_arg} --congestion {cc_arg} --server {host}:{port} --certs {} --streams {} --connections {connections} --ready {} --report {}{extra}",
+                "{} net-fetch --proto {proto_arg} --congestion {cc_arg} --server {host}:{port} --certs {} --streams {} --connections {connections} --ready {} --report {}{extra}",
                 q(&exe), q(&certs), args.streams, q(&ready), q(&cli_report)
             );
             let status = match args.emulation {
@@ -300,7 +262,7 @@ fn run_net_in(args: &NetArgs, work: &std::path::Path) -> anyhow::Result<()> {
                         .args([
                             "--delay-bridge",
                             &format!(
-                                "{} bench delay-bridge --report {}{}",
+                                "{} delay-bridge --report {}{}",
                                 q(&exe),
                                 q(&bridge_report),
                                 args.bridge_window_us

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use kvfetcher::gpu::fixture::kv_codes;
 use kvfetcher::gpu::{hevc_section_decoder, CodecHevcLayout};
 use kvfetcher_codec::{CodePlane, HevcDecoder, HevcEncoder, PlaneShape, SectionEncoder};
+use kvfetcher_tools::gpu::fixture::kv_codes;
 
 #[test]
 fn chosen_hevc_decoder_round_trips_real_kv() {

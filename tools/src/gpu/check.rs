@@ -1,19 +1,19 @@
 //! GPU self-tests on real KV: NVDEC output against the codes that were encoded, and every
 //! restore kernel against [`restore_cpu`] to the bit.
 //!
-//! Runs on a GPU host (`kvfetcher gpu check`); returns one [`CheckRow`] per comparison so the
+//! Runs on a GPU host (`kvfetcher-bench gpu check`); returns one [`CheckRow`] per comparison so the
 //! caller can print a table. A mismatch is a failed row, not an error.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use super::cuda::{Cuda, DeviceBuffer};
 use super::fixture::{self, KvCodes, FIXTURE_FORMATS};
-use super::nvdec::Nvdec;
-use super::restore::{
+use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer};
+use kvfetcher::gpu::nvdec::Nvdec;
+use kvfetcher::gpu::restore::{
     pack_codes, restore_cpu, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec,
 };
-use super::GpuError;
+use kvfetcher::gpu::GpuError;
 
 /// One comparison's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]

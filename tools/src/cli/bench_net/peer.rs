@@ -16,8 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::chunkset;
 use super::sys::cpu_seconds;
-use crate::store::{MemoryBackend, Pacer, ServerOptions, StoreServer};
-use crate::transport::{
+use kvfetcher::store::{MemoryBackend, Pacer, ServerOptions, StoreServer};
+use kvfetcher::transport::{
     ClientOptions, Congestion, StoreClient, TlsClientConfig, TlsServerConfig, TransportTuning,
 };
 
@@ -31,7 +31,7 @@ pub enum Proto {
     Tcp,
 }
 
-/// Arguments of `kvfetcher bench net-serve`.
+/// Arguments of `kvfetcher-bench net-serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Transport.
@@ -72,7 +72,7 @@ pub struct ServeArgs {
     pub report: PathBuf,
 }
 
-/// Arguments of `kvfetcher bench net-fetch`.
+/// Arguments of `kvfetcher-bench net-fetch`.
 #[derive(Debug, Args)]
 pub struct FetchArgs {
     /// Transport.
@@ -173,7 +173,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
 }
 
 /// Runs `bench net-serve` until SIGTERM.
-pub(super) fn serve(args: ServeArgs) -> anyhow::Result<()> {
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let set = chunkset::build(&args.kv, args.set_mb << 20)?;
     let rt = runtime(args.current_thread)?;
     rt.block_on(async move {
@@ -250,7 +250,7 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Runs `bench net-fetch`: one fetch of the whole chunk set.
-pub(super) fn fetch(args: FetchArgs) -> anyhow::Result<()> {
+pub fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !args.ready.exists() {
         anyhow::ensure!(Instant::now() < deadline, "server not ready after 120 s");

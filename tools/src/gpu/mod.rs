@@ -1,0 +1,10 @@
+//! Fixtures, bit-exact self-checks and benchmarks of the daemon's GPU path (`kvfetcher::gpu`):
+//! raster fixtures ([`fixture`]), NVDEC and restore-kernel checks ([`check`]), the codec's own
+//! HEVC sections ([`sections`]), the cross-process CUDA IPC proof ([`ipc_check`]) and the NVDEC
+//! and restore benchmarks ([`bench`]).
+
+pub mod bench;
+pub mod check;
+pub mod fixture;
+pub mod ipc_check;
+pub mod sections;
