@@ -1,0 +1,185 @@
+//! The import rules of docs/ARCHITECTURE.md, checked: which workspace crate may depend on which
+//! (from `cargo metadata`), which crates stay free of network and async I/O, and which daemon
+//! modules may import which (from the sources). A change that breaks a rule fails here with the
+//! rule's reason; change the rule (and the map) deliberately, not the code around it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Each workspace crate's normal (non-dev, non-build) dependencies, by package name.
+fn workspace_deps() -> Vec<(String, BTreeSet<String>)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata json");
+    meta["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| {
+            let deps = p["dependencies"]
+                .as_array()
+                .expect("dependencies")
+                .iter()
+                .filter(|d| d["kind"].is_null())
+                .map(|d| d["name"].as_str().expect("name").to_string())
+                .collect();
+            (p["name"].as_str().expect("name").to_string(), deps)
+        })
+        .collect()
+}
+
+/// Which workspace crates each crate may use (normal dependencies). Every workspace crate
+/// must be listed, so a new crate forces a decision here and in docs/ARCHITECTURE.md.
+const ALLOWED: &[(&str, &[&str])] = &[
+    ("kvfetcher-kv", &[]),
+    ("kvfetcher-codec", &["kvfetcher-kv"]),
+    ("kvfetcher-protocol", &[]),
+    (
+        "kvfetcher",
+        &["kvfetcher-kv", "kvfetcher-codec", "kvfetcher-protocol"],
+    ),
+    ("kvfetcher-client", &["kvfetcher-protocol"]),
+    ("kvfetcher-c", &["kvfetcher-client"]),
+    (
+        "kvfetcher-tools",
+        &[
+            "kvfetcher",
+            "kvfetcher-kv",
+            "kvfetcher-codec",
+            "kvfetcher-protocol",
+            "kvfetcher-client",
+        ],
+    ),
+    ("kvfetcher-tests", &[]),
+];
+
+/// Crates that hold no network or async I/O: the KV model, the codec and the protocol's
+/// sans-IO core are testable and fuzzable without sockets.
+const NO_NETWORK: &[&str] = &["kvfetcher-kv", "kvfetcher-codec"];
+const NETWORK_CRATES: &[&str] = &["tokio", "quinn", "rustls", "object_store", "nix"];
+
+#[test]
+fn crates_depend_only_on_what_the_map_allows() {
+    let deps = workspace_deps();
+    let members: BTreeSet<&str> = deps.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, used) in &deps {
+        let allowed = ALLOWED
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} is not in ALLOWED: add it and to ARCHITECTURE.md"))
+            .1;
+        for d in used.iter().filter(|d| members.contains(d.as_str())) {
+            assert!(
+                allowed.contains(&d.as_str()),
+                "{name} depends on {d}, which docs/ARCHITECTURE.md does not allow"
+            );
+        }
+    }
+    // The rules that matter most, stated on their own.
+    let of = |n: &str| &deps.iter().find(|(p, _)| p == n).expect(n).1;
+    assert!(
+        !of("kvfetcher").contains("kvfetcher-client"),
+        "the daemon speaks the protocol crate, never the client crate"
+    );
+    assert!(
+        !of("kvfetcher-client").contains("kvfetcher"),
+        "clients never link the daemon"
+    );
+}
+
+#[test]
+fn kv_and_codec_stay_free_of_io_crates() {
+    for (name, used) in workspace_deps() {
+        if NO_NETWORK.contains(&name.as_str()) {
+            for d in NETWORK_CRATES {
+                assert!(!used.contains(*d), "{name} must stay I/O-free but uses {d}");
+            }
+        }
+    }
+}
+
+/// `use crate::<module>` paths in the Rust files under `dir`.
+fn crate_imports(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).expect("read source");
+                for (i, _) in text.match_indices("crate::") {
+                    let module: String = text[i + 7..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    found.push((p.clone(), module));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn daemon_modules_import_only_downward() {
+    let src = repo_root().join("daemon/src");
+    // (module, modules of the daemon it must not import, why)
+    let rules: &[(&str, &[&str], &str)] = &[
+        (
+            "store",
+            &["pipeline", "server", "gpu", "cli"],
+            "the store is a second service: it knows objects, not fetches or engines",
+        ),
+        (
+            "transport",
+            &["pipeline", "server", "gpu", "cli"],
+            "the QUIC transport moves objects for the pipeline and the store alike",
+        ),
+        (
+            "gpu",
+            &["pipeline", "server", "store", "transport", "cli"],
+            "the GPU layer decodes and restores; it never learns where bytes came from",
+        ),
+        (
+            "pipeline",
+            &["cli"],
+            "the fetch and save pipelines are a library, the CLI only starts them",
+        ),
+        (
+            "server",
+            &["cli", "store"],
+            "the Unix-socket server talks to engines, and to stores only through the pipeline",
+        ),
+    ];
+    for (module, forbidden, why) in rules {
+        for (file, used) in crate_imports(&src.join(module)) {
+            assert!(
+                !forbidden.contains(&used.as_str()),
+                "{} imports crate::{used}: {why}",
+                file.display()
+            );
+        }
+    }
+}
