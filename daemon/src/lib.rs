@@ -1,8 +1,15 @@
-//! The `kvfetcher` library: everything the binary does, split by concern.
+//! The `kvfetcher` library: the node daemon and the store service, split by concern (see
+//! docs/ARCHITECTURE.md for who may import whom).
 //!
-//! - `cli`: argument parsing and the subcommands' entry points.
+//! - [`server`]: the Unix-socket server engines talk to (the local protocol).
+//! - [`pipeline`]: fetch and save: plan, verify, decode, restore, encode, upload.
+//! - [`gpu`]: CUDA and NVDEC loaded at run time, the restore kernels, IPC.
+//! - [`transport`]: QUIC + TLS to stores, the store wire protocol.
+//! - [`store`]: the store service.
+//! - [`config`], [`metrics`], [`rlimit`]: configuration, Prometheus metrics, fd limits.
+//! - [`cli`]: the `kvfetcher` subcommands.
 //!
-//! Further modules (store, transport, server, gpu) each own one concern.
+//! Benchmarks, GPU self-checks and the demo use this library from the `kvfetcher-tools` crate.
 
 pub mod cli;
 pub mod config;

@@ -13,22 +13,17 @@ use kvfetcher_client::{Client, KvDType, MemoryKind, Paging, TargetLayout, TokenO
 
 const MODEL: &str = "codelm-107m-c";
 
-/// Builds libkvfetcher.so and the C program; `None` (printed) when no C compiler or header.
+/// Builds libkvfetcher.so and the C program; `None` (printed) when there is no C compiler.
 fn build_c_program(out_dir: &std::path::Path) -> Option<PathBuf> {
-    // The committed header (include/ at the root, or client-c/include), or KVFETCHER_INCLUDE_DIR.
-    let candidates = [
-        std::env::var_os("KVFETCHER_INCLUDE_DIR").map(PathBuf::from),
-        Some(repo_root().join("include")),
-        Some(repo_root().join("client-c/include")),
-    ];
-    let Some(header_dir) = candidates
-        .into_iter()
-        .flatten()
-        .find(|d| d.join("kvfetcher.h").exists())
-    else {
-        println!("skipped: kvfetcher.h not found in include/ or client-c/include");
-        return None;
-    };
+    // The committed header (include/kvfetcher.h), or KVFETCHER_INCLUDE_DIR.
+    let header_dir = std::env::var_os("KVFETCHER_INCLUDE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("include"));
+    assert!(
+        header_dir.join("kvfetcher.h").exists(),
+        "no kvfetcher.h in {}",
+        header_dir.display()
+    );
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     if Command::new(&cc).arg("--version").output().is_err() {
         println!("skipped: no C compiler ({cc})");

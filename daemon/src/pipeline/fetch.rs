@@ -1,44 +1,25 @@
 //! The fetch driver: runs a [`FetchPlanner`] against the stores, the decode pool and the
 //! destination, so network, decode and restore overlap.
 //!
-//! Steps: every chunk's header, at most the fetch window at once, which is also the prefix
-//! lookup (the prefix ends at the first chunk no store holds), each header checked to be the
-//! chunk asked for (`verify`: key, model, token range, shape) before anything is sized from
-//! it; each header request also asks
-//! for the chunk's first section (layer 0), whose bytes follow the header on the same stream;
-//! allocate the destination; then the other sections in the planner's order, each on its own
-//! QUIC stream, at most the planner's window per fetch. So the first section arrives in the
-//! same round trip as the headers instead of three round trips later (lookup, headers,
-//! sections): on a real network each is a round trip.
-//!
-//! A section holds permits of the shared byte budget from before it is requested until it is
-//! restored (back-pressure: a fetch cannot pull more compressed bytes into memory than the
-//! budget, whatever the link does; a FIFO semaphore shared by all fetches), then joins the
-//! decode workers' queue (FIFO across fetches too, so concurrent clients take turns; a free
-//! worker takes the next section itself, without waiting for this async task to run). A first
-//! section is received early only if the budget has room for it when its header arrives, and
-//! only for a run of chunks from the first (the others' streams are dropped and their first
-//! sections asked for again in the planner's order; the bytes already sent are lost): the
-//! planner asks for layer 0 of every chunk first, in chain order, so early sections are
-//! restored before any request that waits on the budget (no deadlock). Dropping the fetch
-//! future drops its streams (the store sees them reset) and stops new work: its sections still
-//! queued for a decode worker are skipped, one already on a worker finishes into a buffer
-//! nobody reads.
-//!
-//! A destination in GPU memory ([`Destination::device`]) gets its sections restored there by
-//! the GPU kernels (`gpu::section_restore`), still on a decode worker; sections the kernels
-//! cannot reproduce bit for bit are restored on the CPU and copied.
+//! Headers first (at most the fetch window at once; this is also the prefix lookup), each
+//! checked by `verify` before anything is sized from it, each carrying its chunk's layer-0
+//! section on the same stream so the first layer arrives in the headers' round trip; then the
+//! other sections in the planner's order, one QUIC stream each. A section holds permits of a
+//! shared byte budget (FIFO) from request to restore, so no fetch buffers more compressed bytes
+//! than the budget; decode workers take sections FIFO across fetches. Dropping the fetch future
+//! resets its streams and skips its queued sections. Device destinations are restored by the GPU
+//! kernels (`gpu::section_restore`), with a CPU restore and copy for what they cannot reproduce.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use kvfetcher_client::{KvShape, TargetLayout};
 use kvfetcher_codec::{
     chunk_keys, decode_section, restore_section, ChunkHeader, ChunkKey, CodecError, CodecRegistry,
     FormatError, ModelFingerprint,
 };
+use kvfetcher_protocol::{KvShape, TargetLayout};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::layout::{place_cache, LayoutIoError};
