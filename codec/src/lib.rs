@@ -35,7 +35,7 @@ pub use hevc::{
     HevcLayout, HevcParams, LayoutSpec, StreamInfo, DEFAULT_PRESET,
 };
 pub use key::{chunk_keys, ChunkKey, ModelFingerprint, DEFAULT_CHUNK_TOKENS};
-pub use packed::PackedCodec;
+pub use packed::{pack_codes, PackedCodec};
 pub use quant::{
     dequantize, quantize, GroupParams, Grouping, LayerQuant, QuantConfig, MAX_BITS, MIN_BITS,
 };

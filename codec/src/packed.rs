@@ -16,7 +16,7 @@ pub struct PackedCodec;
 const NAME: &str = "packed";
 
 /// Packs codes LSB-first at `bits` bits each.
-pub(crate) fn pack(codes: &[u16], bits: u8) -> Vec<u8> {
+pub fn pack_codes(codes: &[u16], bits: u8) -> Vec<u8> {
     let bits = u32::from(bits);
     let mut out = Vec::with_capacity((codes.len() * bits as usize).div_ceil(8));
     let (mut acc, mut n) = (0u64, 0u32);
@@ -68,7 +68,7 @@ impl SectionEncoder for PackedCodec {
         }
         Ok(EncodedSection {
             params: Vec::new(),
-            payload: pack(&plane.codes, plane.shape.bits),
+            payload: pack_codes(&plane.codes, plane.shape.bits),
         })
     }
 }
@@ -114,9 +114,9 @@ mod tests {
 
     #[test]
     fn packs_lsb_first() {
-        assert_eq!(pack(&[1, 2, 3], 2), vec![0b0011_1001]);
-        assert_eq!(pack(&[0xABC, 0x123], 12), vec![0xBC, 0x3A, 0x12]);
-        assert_eq!(pack(&[7, 1, 0], 3), vec![0b0000_1111, 0]);
+        assert_eq!(pack_codes(&[1, 2, 3], 2), vec![0b0011_1001]);
+        assert_eq!(pack_codes(&[0xABC, 0x123], 12), vec![0xBC, 0x3A, 0x12]);
+        assert_eq!(pack_codes(&[7, 1, 0], 3), vec![0b0000_1111, 0]);
     }
 
     #[test]

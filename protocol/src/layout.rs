@@ -25,6 +25,15 @@ impl KvDType {
             KvDType::F32 => 4,
         }
     }
+
+    /// The protocol's name: "f16", "bf16" or "f32".
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDType::F16 => "f16",
+            KvDType::BF16 => "bf16",
+            KvDType::F32 => "f32",
+        }
+    }
 }
 
 /// Order of the token and head axes inside one K or V tensor (dims are always innermost).

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use kvfetcher::gpu::{Chroma, Cuda, GpuError, Nvdec};
+use kvfetcher_codec::Chroma;
+
+use kvfetcher::gpu::{Cuda, GpuError, Nvdec};
 use kvfetcher_tools::gpu::fixture::{encode_raster, fixture_format, frames_for, kv_codes};
 
 #[test]

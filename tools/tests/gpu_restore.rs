@@ -4,11 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use kvfetcher::gpu::restore::pack_codes;
-use kvfetcher::gpu::{
-    restore_cpu, Cuda, DeviceBuffer, DeviceTarget, GpuError, KvDtype, RestoreKernels,
-};
+use kvfetcher::gpu::{restore_cpu, Cuda, DeviceBuffer, DeviceTarget, GpuError, RestoreKernels};
+use kvfetcher_codec::pack_codes;
 use kvfetcher_codec::{dequantize, GroupParams, Grouping};
+use kvfetcher_protocol::KvDType;
 use kvfetcher_tools::gpu::check::{target_name, targets};
 use kvfetcher_tools::gpu::fixture::kv_codes;
 
@@ -53,9 +52,9 @@ fn cpu_restore_matches_codec_dequantize_on_real_kv() {
                 let at = target.offset(row, col) * target.dtype.size();
                 let b = &outs[t][at..at + target.dtype.size()];
                 let ok = match target.dtype {
-                    KvDtype::F16 => f16::from_le_bytes([b[0], b[1]]) == f16::from_f32(*w),
-                    KvDtype::Bf16 => bf16::from_le_bytes([b[0], b[1]]) == bf16::from_f32(*w),
-                    KvDtype::F32 => {
+                    KvDType::F16 => f16::from_le_bytes([b[0], b[1]]) == f16::from_f32(*w),
+                    KvDType::BF16 => bf16::from_le_bytes([b[0], b[1]]) == bf16::from_f32(*w),
+                    KvDType::F32 => {
                         f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == w.to_bits()
                     }
                 };

@@ -63,6 +63,14 @@ impl Chroma {
         }
     }
 
+    /// The short name used in reports and fixture names ("420", "444").
+    pub fn name(self) -> &'static str {
+        match self {
+            Chroma::Yuv420 => "420",
+            Chroma::Yuv444 => "444",
+        }
+    }
+
     /// Parses a stored code.
     pub fn from_code(code: u8) -> Option<Chroma> {
         match code {

@@ -4,7 +4,9 @@
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use crate::gpu::{Chroma, Cuda, Nvdec};
+use kvfetcher_codec::Chroma;
+
+use crate::gpu::{Cuda, Nvdec};
 
 /// `kvfetcher gpu`.
 #[derive(Debug, Args)]

@@ -31,10 +31,10 @@ pub use hevc_backend::{
     hevc_section_decoder, CodecHevcLayout, DeviceHevcDecoder, HevcFrameLayout, NvdecHevcDecoder,
 };
 pub use nvdec::{
-    Chroma, DeviceFrames, FrameFormat, HevcCaps, HostFrames, Nvdec, NvdecSession, SessionPool,
+    DeviceFrames, FrameFormat, HevcCaps, HostFrames, Nvdec, NvdecSession, SessionPool,
 };
 pub use pool::MemoryPool;
 pub use restore::{
-    restore_cpu, CodeGeometry, Dequant, DeviceGather, DeviceTarget, GatherFrom, KvDtype, KvLayout,
-    QuantGrouping, RestoreKernels, TargetSpec,
+    restore_cpu, CodeGeometry, Dequant, DeviceGather, DeviceTarget, GatherFrom, RestoreKernels,
+    TargetSpec,
 };

@@ -14,30 +14,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::cuda::{Cuda, DeviceBuffer, Stream};
 use super::nvcuvid_sys::{self as sys, NvcuvidApi};
 use super::GpuError;
+use kvfetcher_codec::Chroma;
 
-/// Chroma subsampling of a decoded stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Chroma {
-    /// 4:2:0: chroma planes of half width and half height.
-    Yuv420,
-    /// 4:4:4: three full planes.
-    Yuv444,
-}
-
-impl Chroma {
-    fn raw(self) -> c_int {
-        match self {
-            Chroma::Yuv420 => sys::CHROMA_420,
-            Chroma::Yuv444 => sys::CHROMA_444,
-        }
-    }
-
-    /// The short name used in reports ("420", "444").
-    pub fn name(self) -> &'static str {
-        match self {
-            Chroma::Yuv420 => "420",
-            Chroma::Yuv444 => "444",
-        }
+/// NVDEC's code for a chroma format.
+fn raw_chroma(c: Chroma) -> c_int {
+    match c {
+        Chroma::Yuv420 => sys::CHROMA_420,
+        Chroma::Yuv444 => sys::CHROMA_444,
     }
 }
 
@@ -60,10 +43,7 @@ impl FrameFormat {
         FrameFormat {
             width: g.width,
             height: g.height,
-            chroma: match g.chroma {
-                kvfetcher_codec::Chroma::Yuv420 => Chroma::Yuv420,
-                kvfetcher_codec::Chroma::Yuv444 => Chroma::Yuv444,
-            },
+            chroma: g.chroma,
             bit_depth: g.bit_depth,
         }
     }
@@ -184,7 +164,7 @@ impl Nvdec {
         self.cuda.bind()?;
         let mut caps = sys::CuvidDecodeCaps {
             codec_type: sys::CODEC_HEVC,
-            chroma_format: chroma.raw(),
+            chroma_format: raw_chroma(chroma),
             bit_depth_minus8: u32::from(bit_depth.saturating_sub(8)),
             ..Default::default()
         };
@@ -601,7 +581,7 @@ fn sequence(st: &mut ParseState<'_>, fmt: &sys::CuVideoFormat) -> Result<u32, Gp
         height: fmt.coded_height as _,
         num_decode_surfaces: surfaces as _,
         codec_type: sys::CODEC_HEVC,
-        chroma_format: chroma.raw(),
+        chroma_format: raw_chroma(chroma),
         creation_flags: sys::CREATE_PREFER_CUVID,
         bit_depth_minus8: fmt.bit_depth_luma_minus8 as _,
         intra_decode_only: 0,

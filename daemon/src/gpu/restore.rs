@@ -10,9 +10,11 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use half::{bf16, f16};
+use kvfetcher_codec::{Chroma, Grouping};
+use kvfetcher_protocol::{KvDType, TokenOrder};
 
 use super::cuda::{Cuda, DeviceBuffer, Module, Stream};
-use super::nvdec::{Chroma, DeviceFrames};
+use super::nvdec::DeviceFrames;
 use super::pool::MemoryPool;
 use super::GpuError;
 
@@ -22,69 +24,22 @@ pub const RESTORE_PTX: &str = include_str!("../../kernels/restore.ptx");
 /// Threads per block of every restore kernel (its `__launch_bounds__`).
 const BLOCK: u32 = 256;
 
-/// Element type of the target KV.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvDtype {
-    /// IEEE half.
-    F16,
-    /// bfloat16.
-    Bf16,
-    /// f32.
-    F32,
-}
-
-impl KvDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            KvDtype::F16 | KvDtype::Bf16 => 2,
-            KvDtype::F32 => 4,
-        }
+/// The kernels' code for an element type (`restore.cu`'s `DTYPE_*`).
+fn dtype_code(d: KvDType) -> u32 {
+    match d {
+        KvDType::F16 => 0,
+        KvDType::BF16 => 1,
+        KvDType::F32 => 2,
     }
-
-    fn code(self) -> u32 {
-        match self {
-            KvDtype::F16 => 0,
-            KvDtype::Bf16 => 1,
-            KvDtype::F32 => 2,
-        }
-    }
-
-    /// Short name for reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            KvDtype::F16 => "f16",
-            KvDtype::Bf16 => "bf16",
-            KvDtype::F32 => "f32",
-        }
-    }
-}
-
-/// Order of a target tensor's axes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvLayout {
-    /// `[tokens][heads][head_dim]` (in paged form `[block][slot][heads][head_dim]`).
-    Nhd,
-    /// `[heads][tokens][head_dim]` (in paged form `[block][heads][slot][head_dim]`).
-    Hnd,
-}
-
-/// How scales and mins are shared (mirrors `kvfetcher_codec::Grouping`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum QuantGrouping {
-    /// One `(min, scale)` per channel: arrays are `[tensors][cols]`.
-    PerChannel,
-    /// One `(min, scale)` per token: arrays are `[tensors][rows]`.
-    PerToken,
 }
 
 /// Where restored values go: one target tensor per code tensor, all with the same geometry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetSpec {
     /// Axis order.
-    pub layout: KvLayout,
+    pub layout: TokenOrder,
     /// Element type.
-    pub dtype: KvDtype,
+    pub dtype: KvDType,
     /// KV heads.
     pub heads: usize,
     /// Channels per head (a multiple of 8).
@@ -103,16 +58,16 @@ impl TargetSpec {
         let token = self.token_offset + row;
         let (head, d) = (col / self.head_dim, col % self.head_dim);
         match (&self.paged, self.layout) {
-            (Some((bs, table)), KvLayout::Nhd) => {
+            (Some((bs, table)), TokenOrder::Nhd) => {
                 let phys = table[token / bs] as usize;
                 ((phys * bs + token % bs) * self.heads + head) * self.head_dim + d
             }
-            (Some((bs, table)), KvLayout::Hnd) => {
+            (Some((bs, table)), TokenOrder::Hnd) => {
                 let phys = table[token / bs] as usize;
                 ((phys * self.heads + head) * bs + token % bs) * self.head_dim + d
             }
-            (None, KvLayout::Nhd) => (token * self.heads + head) * self.head_dim + d,
-            (None, KvLayout::Hnd) => (head * self.target_tokens + token) * self.head_dim + d,
+            (None, TokenOrder::Nhd) => (token * self.heads + head) * self.head_dim + d,
+            (None, TokenOrder::Hnd) => (head * self.target_tokens + token) * self.head_dim + d,
         }
     }
 
@@ -167,7 +122,7 @@ impl TargetSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dequant {
     /// Grouping of the arrays.
-    pub grouping: QuantGrouping,
+    pub grouping: Grouping,
     /// Scales.
     pub scales: Vec<f32>,
     /// Mins.
@@ -197,17 +152,17 @@ impl CodeGeometry {
     }
 }
 
-fn group_of(grouping: QuantGrouping, g: CodeGeometry, t: usize, row: usize, col: usize) -> usize {
+fn group_of(grouping: Grouping, g: CodeGeometry, t: usize, row: usize, col: usize) -> usize {
     match grouping {
-        QuantGrouping::PerChannel => t * g.cols + col,
-        QuantGrouping::PerToken => t * g.rows + row,
+        Grouping::PerChannel => t * g.cols + col,
+        Grouping::PerToken => t * g.rows + row,
     }
 }
 
 fn check_dequant(g: CodeGeometry, q: &Dequant) -> Result<(), GpuError> {
     let groups = match q.grouping {
-        QuantGrouping::PerChannel => g.tensors * g.cols,
-        QuantGrouping::PerToken => g.tensors * g.rows,
+        Grouping::PerChannel => g.tensors * g.cols,
+        Grouping::PerToken => g.tensors * g.rows,
     };
     if q.scales.len() != groups || q.mins.len() != groups {
         return Err(GpuError::InvalidArgument(format!(
@@ -244,38 +199,18 @@ pub fn restore_cpu(
                 let v = f32::from(code).mul_add(q.scales[k], q.mins[k]);
                 let at = target.offset(row, col) * size;
                 match target.dtype {
-                    KvDtype::F16 => {
+                    KvDType::F16 => {
                         out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes())
                     }
-                    KvDtype::Bf16 => {
+                    KvDType::BF16 => {
                         out[at..at + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes())
                     }
-                    KvDtype::F32 => out[at..at + 4].copy_from_slice(&v.to_le_bytes()),
+                    KvDType::F32 => out[at..at + 4].copy_from_slice(&v.to_le_bytes()),
                 }
             }
         }
     }
     Ok(())
-}
-
-/// Packs codes LSB-first at `bits` each (the `packed` variant's payload format).
-pub fn pack_codes(codes: &[u16], bits: u8) -> Vec<u8> {
-    let bits = u32::from(bits);
-    let mut out = Vec::with_capacity((codes.len() * bits as usize).div_ceil(8));
-    let (mut acc, mut n) = (0u64, 0u32);
-    for &c in codes {
-        acc |= u64::from(c) << n;
-        n += bits;
-        while n >= 8 {
-            out.push(acc as u8);
-            acc >>= 8;
-            n -= 8;
-        }
-    }
-    if n > 0 {
-        out.push(acc as u8);
-    }
-    out
 }
 
 /// `FastDiv` of restore.cu: division by `d` as a multiply-high, an add and a shift, exact for
@@ -478,13 +413,13 @@ impl DeviceTarget {
             target_tokens: target.target_tokens as u32,
             block_size,
             layout: match target.layout {
-                KvLayout::Nhd => 0,
-                KvLayout::Hnd => 1,
+                TokenOrder::Nhd => 0,
+                TokenOrder::Hnd => 1,
             },
-            dtype: target.dtype.code(),
+            dtype: dtype_code(target.dtype),
             grouping: match q.grouping {
-                QuantGrouping::PerChannel => 0,
-                QuantGrouping::PerToken => 1,
+                Grouping::PerChannel => 0,
+                Grouping::PerToken => 1,
             },
             pad: 0,
             per_row: FastDiv::new((g.cols / 8) as u32),
@@ -585,7 +520,7 @@ impl GatherFrom<'_> {
 /// surfaces without a gather table (`by_dtype`) take one row into f32 targets and two into
 /// 16-bit ones; other surfaces take two. (A mismatch would only size the grid wrongly.)
 fn rows_per_thread(by_dtype: bool, target: &DeviceTarget) -> usize {
-    if by_dtype && target.args.dtype == KvDtype::F32.code() {
+    if by_dtype && target.args.dtype == dtype_code(KvDType::F32) {
         1
     } else {
         2
@@ -870,8 +805,8 @@ mod tests {
     #[test]
     fn offsets_cover_a_paged_hnd_target_once() {
         let t = TargetSpec {
-            layout: KvLayout::Hnd,
-            dtype: KvDtype::Bf16,
+            layout: TokenOrder::Hnd,
+            dtype: KvDType::BF16,
             heads: 2,
             head_dim: 8,
             token_offset: 3,
@@ -892,12 +827,6 @@ mod tests {
     }
 
     #[test]
-    fn pack_matches_lsb_first() {
-        assert_eq!(pack_codes(&[1, 2, 3], 4), vec![0x21, 0x03]);
-        assert_eq!(pack_codes(&[0x3ff, 0], 10), vec![0xff, 0x03, 0x00]);
-    }
-
-    #[test]
     fn cpu_restore_rounds_like_fma_then_rne() {
         let g = CodeGeometry {
             tensors: 1,
@@ -905,13 +834,13 @@ mod tests {
             cols: 8,
         };
         let q = Dequant {
-            grouping: QuantGrouping::PerToken,
+            grouping: Grouping::PerToken,
             scales: vec![0.1],
             mins: vec![-0.3],
         };
         let t = TargetSpec {
-            layout: KvLayout::Nhd,
-            dtype: KvDtype::F32,
+            layout: TokenOrder::Nhd,
+            dtype: KvDType::F32,
             heads: 1,
             head_dim: 8,
             token_offset: 0,

@@ -20,15 +20,13 @@ use kvfetcher_codec::{
     decode_section, ChunkHeader, CodecRegistry, Grouping, HevcParams, VariantKind,
 };
 use kvfetcher_kv::DType;
-use kvfetcher_protocol::{KvDType, KvShape, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{KvDType, KvShape, Paging, TargetLayout};
 
 use super::cuda::{bytemuck_like::Pod, DeviceBuffer};
 use super::devices::{GpuDevice, PooledStream};
 use super::nvdec::{DeviceFrames, FrameFormat};
 use super::pool::MemoryPool;
-use super::restore::{
-    CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, ParamUpload, QuantGrouping, TargetSpec,
-};
+use super::restore::{CodeGeometry, Dequant, DeviceTarget, ParamUpload, TargetSpec};
 use super::GpuError;
 
 /// How a section reached the device buffer.
@@ -44,15 +42,6 @@ pub enum Route {
 
 fn invalid(m: impl Into<String>) -> GpuError {
     GpuError::InvalidArgument(m.into())
-}
-
-/// The restore kernels' element type for a protocol element type.
-pub fn kernel_dtype(d: KvDType) -> KvDtype {
-    match d {
-        KvDType::F16 => KvDtype::F16,
-        KvDType::BF16 => KvDtype::Bf16,
-        KvDType::F32 => KvDtype::F32,
-    }
 }
 
 /// The kernels' description of one K or V tensor of a buffer in `layout`, for codes whose row
@@ -77,11 +66,8 @@ pub fn target_spec(
         }
     };
     Ok(TargetSpec {
-        layout: match layout.order {
-            TokenOrder::Nhd => KvLayout::Nhd,
-            TokenOrder::Hnd => KvLayout::Hnd,
-        },
-        dtype: kernel_dtype(layout.dtype),
+        layout: layout.order,
+        dtype: layout.dtype,
         heads: shape.kv_heads as usize,
         head_dim: shape.head_dim as usize,
         token_offset: token_start as usize,
@@ -131,14 +117,7 @@ pub fn kernels_apply(
 struct Launch {
     first: usize,
     count: usize,
-    grouping: QuantGrouping,
-}
-
-fn grouping(g: Grouping) -> QuantGrouping {
-    match g {
-        Grouping::PerChannel => QuantGrouping::PerChannel,
-        Grouping::PerToken => QuantGrouping::PerToken,
-    }
+    grouping: Grouping,
 }
 
 /// A section's stream and the scratch memory its queued work reads. Dropping it waits for
@@ -241,18 +220,18 @@ pub fn restore_section_to_device(
         vec![Launch {
             first: 0,
             count: g.tensors,
-            grouping: grouping(header.key_grouping),
+            grouping: header.key_grouping,
         }]
     } else {
         (0..g.tensors)
             .map(|t| Launch {
                 first: t,
                 count: 1,
-                grouping: grouping(if t % 2 == 0 {
+                grouping: if t % 2 == 0 {
                     header.key_grouping
                 } else {
                     header.value_grouping
-                }),
+                },
             })
             .collect()
     };
@@ -417,7 +396,7 @@ fn cpu_decode(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvfetcher_protocol::MemoryKind;
+    use kvfetcher_protocol::{MemoryKind, TokenOrder};
 
     /// `TargetSpec::offset` (times the element size, plus the tensor's base) is
     /// `TargetLayout::offset` for every order, paging and dtype, with codes starting inside

@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::fixture::{self, FIXTURE_FORMATS};
+use kvfetcher_codec::{pack_codes, Chroma};
+use kvfetcher_protocol::{KvDType, TokenOrder};
+
 use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer, Stream};
-use kvfetcher::gpu::nvdec::{Chroma, DeviceFrames, Nvdec, NvdecSession};
+use kvfetcher::gpu::nvdec::{DeviceFrames, Nvdec, NvdecSession};
 use kvfetcher::gpu::restore::{
-    pack_codes, CodeGeometry, Dequant, DeviceGather, DeviceTarget, KvDtype, KvLayout,
-    RestoreKernels, TargetSpec,
+    CodeGeometry, Dequant, DeviceGather, DeviceTarget, RestoreKernels, TargetSpec,
 };
 use kvfetcher::gpu::GpuError;
 
@@ -498,9 +500,9 @@ pub fn bench_restore(
         })
         .collect::<Result<Vec<_>, GpuError>>()?;
     let mut out = Vec::new();
-    for dtype in [KvDtype::Bf16, KvDtype::F32] {
+    for dtype in [KvDType::BF16, KvDType::F32] {
         let target = TargetSpec {
-            layout: KvLayout::Nhd,
+            layout: TokenOrder::Nhd,
             dtype,
             heads: base.heads,
             head_dim: base.head_dim,

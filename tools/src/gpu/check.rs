@@ -8,11 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::fixture::{self, KvCodes, FIXTURE_FORMATS};
+use kvfetcher_codec::pack_codes;
+use kvfetcher_protocol::{KvDType, TokenOrder};
+
 use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer};
 use kvfetcher::gpu::nvdec::Nvdec;
-use kvfetcher::gpu::restore::{
-    pack_codes, restore_cpu, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec,
-};
+use kvfetcher::gpu::restore::{restore_cpu, DeviceTarget, RestoreKernels, TargetSpec};
 use kvfetcher::gpu::GpuError;
 
 /// One comparison's outcome.
@@ -38,9 +39,9 @@ pub fn targets(codes: &KvCodes) -> Vec<TargetSpec> {
         .map(|b| (1 + (b * 37) % (blocks - 1)) as i32)
         .collect();
     let mut out = Vec::new();
-    for layout in [KvLayout::Nhd, KvLayout::Hnd] {
+    for layout in [TokenOrder::Nhd, TokenOrder::Hnd] {
         for paged in [false, true] {
-            for dtype in [KvDtype::F16, KvDtype::Bf16, KvDtype::F32] {
+            for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
                 out.push(TargetSpec {
                     layout,
                     dtype,
@@ -60,7 +61,7 @@ pub fn targets(codes: &KvCodes) -> Vec<TargetSpec> {
 pub fn target_name(t: &TargetSpec) -> String {
     format!(
         "{}-{}-{}",
-        if t.layout == KvLayout::Nhd {
+        if t.layout == TokenOrder::Nhd {
             "NHD"
         } else {
             "HND"
@@ -166,7 +167,7 @@ pub fn run_checks(cuda: &Arc<Cuda>, kv: &Path, fixtures: &Path) -> Result<Vec<Ch
         let dev = session.decode_to_device(&stream_bytes, &surf, 0)?;
         for target in targets(&codes)
             .iter()
-            .filter(|t| t.dtype == KvDtype::Bf16 || bits == 8)
+            .filter(|t| t.dtype == KvDType::BF16 || bits == 8)
         {
             let (exact, values, detail) = compare_restore(cuda, &codes, target, &|dt| {
                 kernels.restore_frames(&dev, None, dt, &stream)

@@ -9,11 +9,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kvfetcher_codec::{quantize, Grouping};
+use kvfetcher_codec::{quantize, Chroma, Grouping};
 use kvfetcher_kv::KvFile;
 
-use kvfetcher::gpu::nvdec::{Chroma, FrameFormat};
-use kvfetcher::gpu::restore::{CodeGeometry, Dequant, QuantGrouping};
+use kvfetcher::gpu::nvdec::FrameFormat;
+use kvfetcher::gpu::restore::{CodeGeometry, Dequant};
 
 /// Frame width and height of the fixtures: a size every NVDEC accepts (>= 144) and that
 /// x265 needs no padding for (a multiple of 8).
@@ -102,7 +102,7 @@ pub fn kv_codes(path: &Path, bits: u8) -> Result<KvCodes, FixtureError> {
         bits,
         codes,
         dequant: Dequant {
-            grouping: QuantGrouping::PerChannel,
+            grouping: Grouping::PerChannel,
             scales,
             mins,
         },

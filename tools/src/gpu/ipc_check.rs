@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 
 use super::check::CheckRow;
 use super::fixture::{self, KvCodes};
+use kvfetcher_protocol::{KvDType, TokenOrder};
+
 use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer};
 use kvfetcher::gpu::ipc::{mem_info, ImportedBuffer, ImportedEvent};
 use kvfetcher::gpu::restore::{
-    restore_cpu, CodeGeometry, Dequant, DeviceTarget, KvDtype, KvLayout, RestoreKernels, TargetSpec,
+    restore_cpu, CodeGeometry, Dequant, DeviceTarget, RestoreKernels, TargetSpec,
 };
 use kvfetcher::gpu::GpuError;
 
@@ -38,8 +40,8 @@ fn invalid(e: impl std::fmt::Display) -> GpuError {
 
 fn target(codes: &KvCodes) -> TargetSpec {
     TargetSpec {
-        layout: KvLayout::Nhd,
-        dtype: KvDtype::F16,
+        layout: TokenOrder::Nhd,
+        dtype: KvDType::F16,
         heads: codes.heads,
         head_dim: codes.head_dim,
         token_offset: 0,

@@ -16,6 +16,7 @@ use kvfetcher_codec::{
     SectionDecoder, VariantKind,
 };
 use kvfetcher_kv::{DType, KvFile};
+use kvfetcher_protocol::{KvDType, TokenOrder};
 
 use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer};
 use kvfetcher::gpu::gather::{gather_table, run_gather};
@@ -25,8 +26,7 @@ use kvfetcher::gpu::GpuError;
 
 use super::check::CheckRow;
 use kvfetcher::gpu::restore::{
-    CodeGeometry, Dequant, DeviceGather, DeviceTarget, KvDtype, KvLayout, QuantGrouping,
-    RestoreKernels, TargetSpec,
+    CodeGeometry, Dequant, DeviceGather, DeviceTarget, RestoreKernels, TargetSpec,
 };
 
 /// The codec layouts covered.
@@ -102,11 +102,11 @@ pub fn write_section_fixtures(kv: &Path, dir: &Path) -> Result<Vec<PathBuf>, Gpu
     Ok(written)
 }
 
-fn kv_dtype(d: DType) -> Result<KvDtype, GpuError> {
+fn kv_dtype(d: DType) -> Result<KvDType, GpuError> {
     match d {
-        DType::F16 => Ok(KvDtype::F16),
-        DType::BF16 => Ok(KvDtype::Bf16),
-        DType::F32 => Ok(KvDtype::F32),
+        DType::F16 => Ok(KvDType::F16),
+        DType::BF16 => Ok(KvDType::BF16),
+        DType::F32 => Ok(KvDType::F32),
         #[allow(unreachable_patterns)]
         other => Err(invalid(format!("dtype {other:?}"))),
     }
@@ -138,7 +138,7 @@ fn section_target(
         cols: heads * head_dim,
     };
     let target = TargetSpec {
-        layout: KvLayout::Nhd,
+        layout: TokenOrder::Nhd,
         dtype: kv_dtype(header.dtype)?,
         heads,
         head_dim,
@@ -149,7 +149,7 @@ fn section_target(
     Ok((
         geometry,
         Dequant {
-            grouping: QuantGrouping::PerChannel,
+            grouping: Grouping::PerChannel,
             scales,
             mins,
         },
