@@ -12,7 +12,7 @@ mod s3;
 mod server;
 mod upload;
 
-pub use backend::{Backend, BackendError, ObjectReader, ObjectWriter, Usage};
+pub use backend::{Backend, BackendError, CommitMode, ObjectReader, ObjectWriter, Usage};
 pub use config::{StoreConfig, StoreConfigError};
 pub use local::LocalDir;
 pub use memory::MemoryBackend;

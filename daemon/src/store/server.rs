@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::backend::{Backend, BackendError, ObjectReader, ObjectWriter};
+use super::backend::{Backend, BackendError, CommitMode, ObjectReader, ObjectWriter};
 use super::pace::{Pacer, PIECE};
 use super::upload::{UploadCheck, UploadError};
 use crate::transport::wire::{
@@ -283,8 +283,12 @@ struct Refusal(ErrorCode, String);
 
 impl From<BackendError> for Refusal {
     fn from(e: BackendError) -> Self {
-        // Logged at error by `log_request`, as every `Internal`.
-        Refusal(ErrorCode::Internal, format!("backend: {e}"))
+        match e {
+            // A write-once commit lost to another put of the key.
+            BackendError::Exists(key) => exists(&key),
+            // Logged at error by `log_request`, as every `Internal`.
+            e => Refusal(ErrorCode::Internal, format!("backend: {e}")),
+        }
     }
 }
 
@@ -722,10 +726,10 @@ fn exists(key: &ChunkKey) -> Refusal {
 }
 
 /// Streams a put's bytes into `writer` piece by piece, checking them on the way
-/// ([`UploadCheck`]), then commits. With `once` (a write-once put of an absent key) the put
-/// is refused with `Exists` when the key appeared meanwhile (the window left is the commit
-/// itself). Any failure aborts the writer, so nothing partial becomes
-/// visible (and the `LocalDir` temp file is removed).
+/// ([`UploadCheck`]), then commits. With `once` (a write-once put of an absent key) the commit
+/// is [`CommitMode::CreateNew`]: when another put of the key committed meanwhile, this one is
+/// refused with `Exists` and the stored object is kept. Any failure aborts the writer, so
+/// nothing partial becomes visible (and the `LocalDir` temp file is removed).
 async fn receive_put(
     shared: &Shared,
     mut writer: Box<dyn ObjectWriter>,
@@ -769,16 +773,16 @@ async fn receive_put(
             writer.write(chunk).await?;
         }
         tracing::debug!(key = %key, held = check.peak_held(), "upload received");
-        let info = check.finish().map_err(refused)?;
-        // Another put of the key may have committed while this one was received.
-        if once && shared.backend.exists(&key).await? {
-            return Err(exists(&key));
-        }
-        Ok(info)
+        check.finish().map_err(refused)
     }
     .await;
+    let mode = if once {
+        CommitMode::CreateNew
+    } else {
+        CommitMode::Replace
+    };
     match outcome {
-        Ok(info) => Ok(writer.commit(info.model).await?),
+        Ok(info) => Ok(writer.commit(info.model, mode).await?),
         Err(r) => {
             writer.abort().await;
             Err(r)
