@@ -143,6 +143,7 @@ impl StoreConfig {
             ack_every: None,
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             max_uploads: self.max_uploads.unwrap_or(d.max_uploads),
+            auth_throttle: d.auth_throttle,
         })
     }
 }

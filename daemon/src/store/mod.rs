@@ -10,6 +10,7 @@ mod memory;
 mod pace;
 mod s3;
 mod server;
+mod throttle;
 mod upload;
 
 pub use backend::{Backend, BackendError, CommitMode, ObjectReader, ObjectWriter, Usage};
@@ -21,3 +22,4 @@ pub use s3::{S3Backend, S3Config};
 pub use server::{
     ServerError, ServerOptions, StoreServer, CLOSE_BUSY, CLOSE_BUSY_REASON, STOP_REFUSED,
 };
+pub use throttle::{AuthThrottle, AuthThrottleConfig};
