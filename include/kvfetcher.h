@@ -59,6 +59,12 @@
 // `kvf_client_save_gpu`.
 #define KVF_MEMORY_GPU 1
 
+// `kvf_client_save_with_flags` flag: overwrite chunks already stored (stored chunks are
+// otherwise write-once). The daemon refuses it with `KVF_ERR_BAD_REQUEST` (detail "forbidden:
+// ... may not replace") unless its `[save] replace_uids` / `replace_gids` lists this process's
+// uid or primary gid; a daemon older than write-once ignores it.
+#define KVF_SAVE_REPLACE 1
+
 // Result of every fallible `kvf_` function. Values are grouped by kind and never renumbered.
 enum kvf_error
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -245,7 +251,8 @@ kvf_error kvf_client_fetch(const kvf_client *client,
 // in the host `*layout` (`shape->tokens` must equal `n_tokens`; a GPU layout is
 // `KVF_ERR_INVALID_ARGUMENT`: use `kvf_client_save_gpu`). The bytes are copied before the call
 // returns; the caller keeps ownership of `data`. Writes the number of chunks stored to
-// `*out_chunks`.
+// `*out_chunks`. Chunks already stored count as stored and are kept as they are (write-once);
+// `kvf_client_save_with_flags` with `KVF_SAVE_REPLACE` asks to overwrite them.
 //
 // # Safety
 // As `kvf_client_lookup`; `layout` and `shape` point to their structs; `data` points to `len`
@@ -259,6 +266,24 @@ kvf_error kvf_client_save(const kvf_client *client,
                           const uint8_t *data,
                           size_t len,
                           uint32_t *out_chunks);
+
+// `kvf_client_save` with `flags`: 0, or `KVF_SAVE_REPLACE` to overwrite chunks already
+// stored (refused with `KVF_ERR_BAD_REQUEST` unless the daemon's `[save] replace_uids` /
+// `replace_gids` allow this process; the detail says why). Unknown flag bits are
+// `KVF_ERR_INVALID_ARGUMENT`.
+//
+// # Safety
+// As `kvf_client_save`.
+kvf_error kvf_client_save_with_flags(const kvf_client *client,
+                                     const char *model,
+                                     const uint32_t *token_ids,
+                                     size_t n_tokens,
+                                     const kvf_layout *layout,
+                                     const kvf_shape *shape,
+                                     const uint8_t *data,
+                                     size_t len,
+                                     uint32_t flags,
+                                     uint32_t *out_chunks);
 
 // Hands KV in GPU memory to the daemon to store for `model` and `token_ids`: `len` bytes at
 // device address `device_ptr` (a `CUdeviceptr` / CUDA runtime device pointer of this process

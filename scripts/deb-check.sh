@@ -32,7 +32,8 @@ trap cleanup EXIT
 
 port=$(( 20000 + RANDOM % 20000 ))
 /usr/bin/kvfetcher store --dev-cert "$work/certs" >/dev/null
-/usr/bin/kvfetcher store --listen "127.0.0.1:$port" --data-dir "$work/data" --cert-dir "$work/certs" &
+/usr/bin/kvfetcher store --listen "127.0.0.1:$port" --data-dir "$work/data" --cert-dir "$work/certs" \
+    --insecure-open-writes &
 pids+=($!)
 cat > "$work/kvfetcher.toml" <<TOML
 socket = "$work/kvfetcher.sock"

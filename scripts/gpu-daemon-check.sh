@@ -33,7 +33,8 @@ fi
 start_pair() { # name port max_rate(bytes/s, 0 = none) metrics_port
   local name=$1 port=$2 rate=$3 mport=$4 extra=()
   [ "$rate" != 0 ] && extra=(--max-rate "$rate")
-  "$bin" store --listen "127.0.0.1:$port" --data-dir "$w/data" --cert-dir "$w/certs" "${extra[@]}" >"$w/store-$name.log" 2>&1 &
+  "$bin" store --listen "127.0.0.1:$port" --data-dir "$w/data" --cert-dir "$w/certs" --insecure-open-writes \
+    "${extra[@]}" >"$w/store-$name.log" 2>&1 &
   pids+=($!)
   cat >"$w/$name.toml" <<TOML
 socket = "$w/$name.sock"

@@ -9,7 +9,7 @@ use kvfetcher_client::{Client, ClientError, FetchHandle};
 use crate::boundary::{
     arg_error, arg_ref, arg_slice, arg_str, client_error, copy_message, detail, guard, Out,
 };
-use crate::types::{kvf_error, kvf_layout, kvf_shape};
+use crate::types::{kvf_error, kvf_layout, kvf_shape, KVF_SAVE_REPLACE};
 
 /// A connection to the daemon (opaque). Thread-safe: calls on one client are serialized.
 pub struct kvf_client {
@@ -222,7 +222,8 @@ pub unsafe extern "C" fn kvf_client_fetch(
 /// in the host `*layout` (`shape->tokens` must equal `n_tokens`; a GPU layout is
 /// `KVF_ERR_INVALID_ARGUMENT`: use `kvf_client_save_gpu`). The bytes are copied before the call
 /// returns; the caller keeps ownership of `data`. Writes the number of chunks stored to
-/// `*out_chunks`.
+/// `*out_chunks`. Chunks already stored count as stored and are kept as they are (write-once);
+/// `kvf_client_save_with_flags` with `KVF_SAVE_REPLACE` asks to overwrite them.
 ///
 /// # Safety
 /// As `kvf_client_lookup`; `layout` and `shape` point to their structs; `data` points to `len`
@@ -239,8 +240,42 @@ pub unsafe extern "C" fn kvf_client_save(
     len: usize,
     out_chunks: *mut u32,
 ) -> kvf_error {
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        kvf_client_save_with_flags(
+            client, model, token_ids, n_tokens, layout, shape, data, len, 0, out_chunks,
+        )
+    }
+}
+
+/// `kvf_client_save` with `flags`: 0, or `KVF_SAVE_REPLACE` to overwrite chunks already
+/// stored (refused with `KVF_ERR_BAD_REQUEST` unless the daemon's `[save] replace_uids` /
+/// `replace_gids` allow this process; the detail says why). Unknown flag bits are
+/// `KVF_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// As `kvf_client_save`.
+#[no_mangle]
+pub unsafe extern "C" fn kvf_client_save_with_flags(
+    client: *const kvf_client,
+    model: *const c_char,
+    token_ids: *const u32,
+    n_tokens: usize,
+    layout: *const kvf_layout,
+    shape: *const kvf_shape,
+    data: *const u8,
+    len: usize,
+    flags: u32,
+    out_chunks: *mut u32,
+) -> kvf_error {
     guard(|| {
         let out = Out::new(out_chunks, "out_chunks")?;
+        if flags & !KVF_SAVE_REPLACE != 0 {
+            return Err(arg_error(
+                kvf_error::KVF_ERR_INVALID_ARGUMENT,
+                &format!("unknown save flags {flags:#x} (known: KVF_SAVE_REPLACE)"),
+            ));
+        }
         // SAFETY: caller guarantees for each pointer.
         let (c, model, ids, layout, shape, data) = unsafe {
             (
@@ -255,9 +290,10 @@ pub unsafe extern "C" fn kvf_client_save(
         let layout = layout
             .to_rust()
             .map_err(|e| arg_error(e, "layout has an unknown dtype, order or memory"))?;
+        let replace = flags & KVF_SAVE_REPLACE != 0;
         let n = c
             .inner
-            .save(model, ids, &layout, &(*shape).into(), data)
+            .save_replacing(model, ids, &layout, &(*shape).into(), data, replace)
             .map_err(client_error)?;
         // SAFETY: checked non-null; writable per the caller.
         unsafe { out.write(n) };

@@ -189,6 +189,12 @@ pub const KVF_MEMORY_HOST: u32 = 0;
 /// `kvf_client_save_gpu`.
 pub const KVF_MEMORY_GPU: u32 = 1;
 
+/// `kvf_client_save_with_flags` flag: overwrite chunks already stored (stored chunks are
+/// otherwise write-once). The daemon refuses it with `KVF_ERR_BAD_REQUEST` (detail "forbidden:
+/// ... may not replace") unless its `[save] replace_uids` / `replace_gids` lists this process's
+/// uid or primary gid; a daemon older than write-once ignores it.
+pub const KVF_SAVE_REPLACE: u32 = 1;
+
 /// How restored KV is laid out. For each layer: the K tensor, then the V tensor, each in
 /// `order`; paged layouts split each tensor into blocks of `block_tokens` tokens (the last one
 /// zero-padded).

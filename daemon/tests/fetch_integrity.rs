@@ -159,9 +159,13 @@ impl Fixture {
         }
     }
 
-    /// Stores `bytes` (whatever key its header carries).
+    /// Stores `bytes` (whatever key its header carries), replacing the stored object: stored
+    /// objects are write-once, and a forger holding a store credential may replace.
     async fn put(&self, bytes: Vec<u8>) {
-        self.client.put(Bytes::from(bytes)).await.unwrap();
+        self.client
+            .put_object(Bytes::from(bytes), true)
+            .await
+            .unwrap();
     }
 
     /// Fetches the whole request; the result and the shapes allocated.

@@ -26,7 +26,7 @@ use kvfetcher::gpu::{
 use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, Destination, DeviceRegion, ServeError, ServeOptions};
-use kvfetcher::store::{Backend as _, LocalDir, ServerOptions, StoreServer};
+use kvfetcher::store::{Backend as _, CommitMode, LocalDir, ServerOptions, StoreServer};
 use kvfetcher::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
 use kvfetcher_codec::{
     encode_cache, ChunkKey, ChunkView, CodecRegistry, EncodeConfig, FormatError, Grouping,
@@ -394,7 +394,7 @@ async fn put_all(s: &Store, objects: Vec<(ChunkKey, Vec<u8>)>) {
     for (key, bytes) in objects {
         let mut w = s.local.begin_put(&key).await.unwrap();
         w.write(Bytes::from(bytes)).await.unwrap();
-        w.commit(fp).await.unwrap();
+        w.commit(fp, CommitMode::Replace).await.unwrap();
     }
 }
 

@@ -8,6 +8,11 @@
 //! `ref-bf16-hnd-p16.bin` (paged, 16 tokens per block). Prints `ready` once listening and runs
 //! until SIGTERM or SIGINT. Exits with 77 (skip) if the shared data is absent. It serves at most
 //! 4 clients at once, so that the C test can see a refused client's `busy`.
+//!
+//! Saves keep a model already saved unless they ask to replace (as the store keeps stored
+//! chunks). With `KVF_C_REPLACE_SOCKET` it also serves the same backend on that socket with
+//! `[save] replace_uids` listing this process's uid, so that the C test's replace is refused
+//! on the first socket and allowed on this one.
 
 mod server_support;
 
@@ -52,13 +57,20 @@ fn serve_for_c_tests() {
         let (_, buf) = reference_buffer(&kv, TOKENS as u32, &layout);
         std::fs::write(dir.join(name), buf).expect("write reference");
     }
-    let backend = Arc::new(MemBackend::new(Some(kv)));
+    let backend = Arc::new(MemBackend {
+        write_once: true,
+        ..MemBackend::new(Some(kv))
+    });
+    let replace_sock = std::env::var_os("KVF_C_REPLACE_SOCKET").map(PathBuf::from);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async move {
+        // The replace socket first: run.sh waits for the main socket.
+        let replace_listener =
+            replace_sock.map(|p| tokio::net::UnixListener::bind(p).expect("bind replace"));
         let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
         println!("ready");
         std::io::stdout().flush().expect("stdout");
@@ -73,13 +85,39 @@ fn serve_for_c_tests() {
             kvfetcher::gpu::GpuOptions::default(),
             kvfetcher::metrics::Metrics::new(),
         ));
-        kvfetcher::server::serve_with(listener, backend, opts, gpus, async move {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.changed().await;
+        };
+        let replacing = replace_listener.map(|l| {
+            let opts = kvfetcher::server::ServeOptions {
+                save_access: kvfetcher::server::SaveAccess {
+                    replace_uids: vec![nix::unistd::geteuid().as_raw()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let serve = kvfetcher::server::serve_with(
+                l,
+                backend.clone(),
+                opts,
+                gpus.clone(),
+                until_stopped(stopped.clone()),
+            );
+            tokio::spawn(serve)
+        });
+        tokio::spawn(async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-        })
-        .await
-        .expect("serve");
+            let _ = stop.send(true);
+        });
+        kvfetcher::server::serve_with(listener, backend, opts, gpus, until_stopped(stopped))
+            .await
+            .expect("serve");
+        if let Some(r) = replacing {
+            r.await.expect("join").expect("serve replace");
+        }
     });
 }

@@ -23,6 +23,7 @@ fn start_store(listen: &str, data: &Path, certs: &Path) -> (Child, SocketAddr) {
         .arg(data)
         .arg("--cert-dir")
         .arg(certs)
+        .arg("--insecure-open-writes")
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn kvfetcher store");

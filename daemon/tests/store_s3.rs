@@ -7,7 +7,7 @@ mod store_util;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kvfetcher::store::{Backend, S3Backend, S3Config, ServerOptions, StoreServer};
+use kvfetcher::store::{Backend, CommitMode, S3Backend, S3Config, ServerOptions, StoreServer};
 use kvfetcher::transport::{
     write_dev_pki, StoreClient, TlsClientConfig, TlsServerConfig, TransportError,
 };
@@ -40,7 +40,7 @@ async fn s3_backend_operations() {
     w.write(Bytes::from_static(b"first half,")).await.unwrap();
     assert!(!s3.exists(&k1).await.unwrap(), "visible before commit");
     w.write(Bytes::from_static(b" second half")).await.unwrap();
-    assert!(w.commit(model).await.unwrap());
+    assert!(w.commit(model, CommitMode::CreateNew).await.unwrap());
     let mut w = s3.begin_put(&k2).await.unwrap();
     w.write(Bytes::from_static(b"abandoned")).await.unwrap();
     w.abort().await;

@@ -13,6 +13,11 @@ use store_util::{kv_path, model, raw_connection, real_objects, TestStore};
 
 /// Another object under the first real object's key: the same tokens, encoded otherwise.
 fn other_object() -> Option<(ChunkKey, Vec<u8>)> {
+    other_objects().and_then(|o| o.into_iter().next())
+}
+
+/// Other objects under the real objects' keys, in the same order.
+fn other_objects() -> Option<Vec<(ChunkKey, Vec<u8>)>> {
     let cache = KvFile::read(&kv_path()?).expect("read kv").cache;
     let ids: Vec<u32> = cache
         .token_ids()
@@ -23,8 +28,30 @@ fn other_object() -> Option<(ChunkKey, Vec<u8>)> {
         variant: VariantKind::Packed,
         ..EncodeConfig::default()
     };
-    let objects = encode_cache(&cache, &model(), &ids, &cfg, &CodecRegistry::software()).unwrap();
-    objects.into_iter().next()
+    Some(encode_cache(&cache, &model(), &ids, &cfg, &CodecRegistry::software()).unwrap())
+}
+
+/// Sends a put of `bytes` whose last byte waits for `go`, and returns the store's answer.
+async fn held_put(
+    conn: &quinn::Connection,
+    key: ChunkKey,
+    bytes: &[u8],
+    go: &tokio::sync::Barrier,
+) -> Response {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let req = Request::Put {
+        key,
+        len: bytes.len() as u64,
+        replace: false,
+    };
+    send.write_all(&req.encode()).await.unwrap();
+    let (head, last) = bytes.split_at(bytes.len() - 1);
+    send.write_all(head).await.unwrap();
+    go.wait().await;
+    let _ = send.write_all(last).await;
+    let _ = send.finish();
+    let buf = recv.read_to_end(1 << 20).await.unwrap();
+    Response::decode(Op::Put, &buf).unwrap().unwrap().0
 }
 
 /// Sends one raw put and returns the store's answer.
@@ -104,4 +131,48 @@ async fn a_corrupt_stored_object_may_be_saved_again() {
     assert_eq!(&client.get(key).await.unwrap(), bytes, "healed");
     client.close().await;
     store.stop().await;
+}
+
+/// Two puts of one key with different objects, both received before either commits: exactly
+/// one is stored, the other is refused with `Exists`, and the stored object is the winner's,
+/// intact. Before, both passed the "exists" checks and the second rename overwrote the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_of_one_key_store_exactly_one() {
+    let (Some(objects), Some(others)) = (real_objects(), other_objects()) else {
+        return;
+    };
+    for _ in 0..3 {
+        let store = TestStore::start(ServerOptions::default(), false).await;
+        let (_ea, a) = raw_connection(store.addr, &store.client_tls()).await;
+        let (_eb, b) = raw_connection(store.addr, &store.client_tls()).await;
+        for ((key, first), (other_key, second)) in objects.iter().zip(&others) {
+            assert_eq!(key, other_key);
+            assert_ne!(first, second);
+            let go = tokio::sync::Barrier::new(3);
+            let (ra, rb, ()) = tokio::join!(
+                held_put(&a, *key, first, &go),
+                held_put(&b, *key, second, &go),
+                async {
+                    // Both uploads are past the store's first "exists" check by now.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    go.wait().await;
+                }
+            );
+            let created = Response::Stored { created: true };
+            let winner = match (&ra, &rb) {
+                (r, Response::Error { code, .. }) if *r == created => {
+                    assert_eq!(*code, ErrorCode::Exists);
+                    first
+                }
+                (Response::Error { code, .. }, r) if *r == created => {
+                    assert_eq!(*code, ErrorCode::Exists);
+                    second
+                }
+                _ => panic!("not exactly one put stored: {ra:?} and {rb:?}"),
+            };
+            let stored = std::fs::read(store.backend.object_path(key)).unwrap();
+            assert!(stored == *winner, "the stored object is not the winner's");
+        }
+        store.stop().await;
+    }
 }

@@ -53,7 +53,8 @@ fi
 $CC -std=c11 -Wall -Wextra -Werror examples/c/fetch.c $pc -ldl -o "$work/fetch"
 
 mkdir -p "$work/ref"
-KVF_C_SOCKET="$work/kvf.sock" KVF_C_REFDIR="$work/ref" \
+# kvf-replace.sock: the same server, with this uid allowed to replace stored chunks.
+KVF_C_SOCKET="$work/kvf.sock" KVF_C_REFDIR="$work/ref" KVF_C_REPLACE_SOCKET="$work/kvf-replace.sock" \
     "$harness" --ignored --exact serve_for_c_tests --nocapture >"$work/server.log" 2>&1 &
 server_pid=$!
 i=0
@@ -72,12 +73,12 @@ while [ ! -S "$work/kvf.sock" ]; do
 done
 
 echo "== test_client (AddressSanitizer)"
-ASAN_OPTIONS=detect_leaks=1 "$work/test_client_asan" "$work/kvf.sock" "$work/ref"
+ASAN_OPTIONS=detect_leaks=1 "$work/test_client_asan" "$work/kvf.sock" "$work/ref" "$work/kvf-replace.sock"
 
 if command -v valgrind >/dev/null 2>&1; then
     echo "== test_client (valgrind)"
     valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
-        "$work/test_client" "$work/kvf.sock" "$work/ref"
+        "$work/test_client" "$work/kvf.sock" "$work/ref" "$work/kvf-replace.sock"
 else
     echo "skipped: valgrind not found"
 fi

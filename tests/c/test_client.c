@@ -1,9 +1,12 @@
 /* End-to-end test of libkvfetcher from C against the daemon's local server with an in-memory
- * backend (tests/c/run.sh starts it). Usage: test_client SOCKET REFDIR
+ * backend (tests/c/run.sh starts it). Usage: test_client SOCKET REFDIR [REPLACE_SOCKET]
+ * REPLACE_SOCKET is the same server with this uid in [save] replace_uids.
  * Exits 0 on success; prints the failed check otherwise. */
+#define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kvfetcher.h"
 
@@ -162,12 +165,80 @@ static void test_busy(const char *sock, int held, const uint32_t *tokens, size_t
     }
 }
 
+/* Fetches `n_tokens` of `model` and checks every layer against `expect`. */
+static void check_fetch(kvf_client *c, const char *model, const uint32_t *tokens, uint32_t n_tokens,
+                        const kvf_layout *layout, const unsigned char *expect, size_t len) {
+    kvf_fetch *f = NULL;
+    CHECK_CODE(kvf_client_fetch(c, model, tokens, n_tokens, layout, &f), KVF_OK);
+    if (f) {
+        compare_layers(f, expect, len);
+        kvf_fetch_free(f);
+    }
+}
+
+/* Stored chunks are write-once: saving other KV for a saved prefix keeps what was saved, and
+ * KVF_SAVE_REPLACE is refused (KVF_ERR_BAD_REQUEST, "may not replace") unless the daemon's
+ * [save] replace_uids lists this uid, as on the harness's replace socket, where it
+ * overwrites. `saved` holds KV of `*ss` for `tokens`; a model of this process is used, so that
+ * runs against one server (ASan, then valgrind) do not see each other's saves. */
+static void test_save_replace(kvf_client *c, const char *replace_sock, const uint32_t *tokens,
+                              const kvf_layout *layout, const kvf_shape *ss,
+                              const unsigned char *saved, size_t len, size_t tensor) {
+    char model[64];
+    snprintf(model, sizeof model, "c-replace-%ld", (long)getpid());
+    uint32_t chunks = 99;
+    CHECK_CODE(kvf_client_save_with_flags(c, model, tokens, ss->tokens, layout, ss, saved, len, 0, &chunks),
+               KVF_OK);
+    CHECK(chunks == 1);
+    check_fetch(c, model, tokens, ss->tokens, layout, saved, len);
+    /* Other valid KV of the same shape: every tensor moved one place on. */
+    unsigned char *other = malloc(len);
+    for (size_t i = 0; i < len; i++) other[i] = saved[(i + tensor) % len];
+    CHECK(memcmp(other, saved, len) != 0);
+    chunks = 99;
+    CHECK_CODE(kvf_client_save_with_flags(c, model, tokens, ss->tokens, layout, ss, other, len, 0, &chunks),
+               KVF_OK);
+    CHECK(chunks == 1);
+    check_fetch(c, model, tokens, ss->tokens, layout, saved, len);
+
+    chunks = 99;
+    CHECK_CODE(kvf_client_save_with_flags(c, model, tokens, ss->tokens, layout, ss, other, len, 4, &chunks),
+               KVF_ERR_INVALID_ARGUMENT);
+    char detail[256] = "";
+    CHECK(kvf_last_error_detail(detail, sizeof detail) > 0 && strstr(detail, "flags"));
+    CHECK_CODE(kvf_client_save_with_flags(c, model, tokens, ss->tokens, layout, ss, other, len,
+                                          KVF_SAVE_REPLACE, NULL),
+               KVF_ERR_NULL_ARGUMENT);
+    CHECK_CODE(kvf_client_save_with_flags(c, model, tokens, ss->tokens, layout, ss, other, len,
+                                          KVF_SAVE_REPLACE, &chunks),
+               KVF_ERR_BAD_REQUEST);
+    CHECK(kvf_last_error_detail(detail, sizeof detail) > 0 && strstr(detail, "may not replace"));
+    CHECK(chunks == 99);
+    check_fetch(c, model, tokens, ss->tokens, layout, saved, len);
+
+    if (replace_sock) {
+        kvf_client *r = NULL;
+        CHECK_CODE(kvf_client_connect(replace_sock, &r), KVF_OK);
+        if (r) {
+            CHECK_CODE(kvf_client_save_with_flags(r, model, tokens, ss->tokens, layout, ss, other, len,
+                                                  KVF_SAVE_REPLACE, &chunks),
+                       KVF_OK);
+            CHECK(chunks == 1);
+            kvf_client_free(r);
+        }
+        check_fetch(c, model, tokens, ss->tokens, layout, other, len);
+    } else {
+        printf("skipped: replace allowed (no REPLACE_SOCKET given)\n");
+    }
+    free(other);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s SOCKET REFDIR\n", argv[0]);
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: %s SOCKET REFDIR [REPLACE_SOCKET]\n", argv[0]);
         return 2;
     }
-    const char *sock = argv[1], *dir = argv[2];
+    const char *sock = argv[1], *dir = argv[2], *replace_sock = argc == 4 ? argv[3] : NULL;
     size_t tok_bytes, f16_len, bf16_len;
     uint32_t *tokens = (uint32_t *)read_file(dir, "tokens.bin", &tok_bytes);
     size_t n_tokens = tok_bytes / 4;
@@ -241,6 +312,7 @@ int main(int argc, char **argv) {
         compare_layers(back, save, layers * 2 * part_t);
         kvf_fetch_free(back);
     }
+    test_save_replace(c, replace_sock, tokens, &f16, &ss, save, layers * 2 * part_t, part_t);
     free(save);
 
     kvf_client_free(c);

@@ -34,7 +34,7 @@ start_stack() {
     mport="$(free_port SOCK_STREAM)"
     [[ -d "$TMP/certs" ]] || "$KVF" store --dev-cert "$TMP/certs" >/dev/null
     "$KVF" store --listen "127.0.0.1:$sport" --data-dir "$d/data" --cert-dir "$TMP/certs" \
-        ${4:+--max-rate "$4"} >"$d/store.log" 2>&1 &
+        --insecure-open-writes ${4:+--max-rate "$4"} >"$d/store.log" 2>&1 &
     STORE_PID=$!
     STORE_PORT="$sport"
     METRICS_PORT="$mport"

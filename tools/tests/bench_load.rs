@@ -1,4 +1,4 @@
-//! `kvfetcher bench load` on a small scale: two clients for one second against an in-process
+//! `kvfetcher-bench load` on a small scale: two clients for one second against an in-process
 //! store and daemon; every fetch must verify and none may fail.
 
 use kvfetcher_tools::cli::bench_load::{measure, BenchLoadArgs};

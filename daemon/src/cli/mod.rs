@@ -28,6 +28,10 @@ pub enum Command {
     /// The node's GPUs: device, driver and NVDEC capabilities.
     Gpu(gpu::GpuArgs),
     /// Run the remote chunk store (QUIC), or write dev certificates with --dev-cert.
+    ///
+    /// Clients must authenticate: give --client-ca (mutual TLS) or --token-file (bearer
+    /// token); --insecure-open-writes starts without, open to anyone who reaches the port.
+    /// Failed authentication blocks the client's address for a growing backoff.
     Store(store::StoreArgs),
     /// Encode a KV safetensors file into chunk object files (one per chunk, named by key).
     Encode(codec::EncodeArgs),

@@ -40,12 +40,19 @@ pub struct StoreArgs {
     /// Server private key (PEM).
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
-    /// CA bundle for client certificates: enables mutual TLS.
+    /// CA bundle for client certificates: enables mutual TLS. The store requires client
+    /// authentication: this, --token-file, or --insecure-open-writes.
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
-    /// File with the bearer token clients must present.
+    /// File with the bearer token clients must present (authenticates clients, as --client-ca
+    /// does).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Start without client authentication (no --client-ca, no --token-file): anyone who
+    /// reaches the port may read, write and replace chunks. Only for a trusted network or a
+    /// test; a warning is logged at startup.
+    #[arg(long)]
+    pub insecure_open_writes: bool,
     /// Limit on bytes per second sent to all clients (slow-link emulation without tc: a token
     /// bucket of half a millisecond, like scripts/netns-link.sh's tbf).
     #[arg(long, value_name = "BYTES_PER_SEC")]
@@ -137,6 +144,9 @@ impl StoreArgs {
               max_streams <- self.max_streams, stream_timeout_s <- self.stream_timeout,
               idle_timeout_s <- self.idle_timeout, congestion <- self.congestion,
               max_connections <- self.max_connections, max_uploads <- self.max_uploads);
+        if self.insecure_open_writes {
+            c.insecure_open_writes = Some(true);
+        }
         if self.s3_from_env {
             c.s3 = Some(S3Config::from_env().context("--s3-from-env needs KVF_S3_ENDPOINT, KVF_S3_BUCKET, KVF_S3_ACCESS_KEY, KVF_S3_SECRET_KEY")?);
             c.data_dir = None;
@@ -152,6 +162,7 @@ pub fn run_store(args: StoreArgs) -> anyhow::Result<()> {
         println!("wrote dev certificates to {}", dir.display());
         return Ok(());
     }
+    super::daemon::init_logging(crate::config::LogFormat::Text, "info");
     let cfg = args.merged()?;
     let opts = cfg.server_options()?;
     let tls = match (&cfg.cert, &cfg.key, &cfg.cert_dir) {
@@ -173,6 +184,13 @@ pub fn run_store(args: StoreArgs) -> anyhow::Result<()> {
     };
     runtime()?.block_on(async move {
         let server = StoreServer::bind(listen, &tls, backend, opts)?;
+        if cfg.open_to_anyone() {
+            tracing::warn!(
+                addr = %server.local_addr(),
+                "insecure_open_writes: no client authentication (no client_ca, no token_file); \
+                 anyone who reaches this address may read, write and replace chunks"
+            );
+        }
         // Tests and scripts read this line to learn the port when listening on port 0.
         println!("listening on {}", server.local_addr());
         use std::io::Write;

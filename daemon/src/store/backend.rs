@@ -33,6 +33,20 @@ pub enum BackendError {
     /// The backend configuration is unusable.
     #[error("backend config: {0}")]
     Config(String),
+    /// A [`CommitMode::CreateNew`] commit found an object already stored under its key (one
+    /// committed meanwhile by another put): nothing was changed.
+    #[error("object {0} is already stored")]
+    Exists(ChunkKey),
+}
+
+/// What a commit does when the key already holds an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Store only if the key is absent, atomically: of concurrent puts of one key, exactly one
+    /// commits and the others fail with [`BackendError::Exists`] (write-once).
+    CreateNew,
+    /// Store, replacing any object under the key.
+    Replace,
 }
 
 /// Objects and bytes a backend holds.
@@ -52,8 +66,13 @@ pub trait ObjectWriter: Send {
     /// Appends bytes.
     async fn write(&mut self, bytes: Bytes) -> Result<(), BackendError>;
     /// Makes the object durable and visible under its key, indexed under `model`; returns true
-    /// when the key was not present before.
-    async fn commit(self: Box<Self>, model: ModelFingerprint) -> Result<bool, BackendError>;
+    /// when the key was not present before. With [`CommitMode::CreateNew`] a present key is
+    /// [`BackendError::Exists`] and the stored object is left as it is.
+    async fn commit(
+        self: Box<Self>,
+        model: ModelFingerprint,
+        mode: CommitMode,
+    ) -> Result<bool, BackendError>;
     /// Discards what was written.
     async fn abort(self: Box<Self>);
 }

@@ -2,7 +2,8 @@
 //!
 //! Layout under the root: `objects/<first two hex digits>/<key hex>` holds each object,
 //! `models/<model hex>/<key hex>` is an empty index entry, and `tmp/` holds uploads in
-//! progress. A put writes `tmp/<key>.<n>.part`, fsyncs it, renames it over the final name and
+//! progress. A put writes `tmp/<key>.<n>.part`, fsyncs it, moves it to the final name (a hard
+//! link for a write-once put, which fails if the name exists; a rename for a replace) and
 //! fsyncs the directory, so a crash at any moment leaves either the old state or the whole new
 //! object, never a partial one. Leftover `tmp/` files are removed when the backend opens.
 
@@ -16,7 +17,9 @@ use bytes::Bytes;
 use kvfetcher_codec::{ChunkKey, ModelFingerprint};
 use tokio::io::AsyncWriteExt;
 
-use super::backend::{key_from_name, Backend, BackendError, ObjectReader, ObjectWriter, Usage};
+use super::backend::{
+    key_from_name, Backend, BackendError, CommitMode, ObjectReader, ObjectWriter, Usage,
+};
 
 /// A directory-backed store.
 #[derive(Debug, Clone)]
@@ -129,7 +132,14 @@ impl ObjectWriter for LocalWriter {
         file.write_all(&bytes).await.map_err(io("write", &self.tmp))
     }
 
-    async fn commit(mut self: Box<Self>, model: ModelFingerprint) -> Result<bool, BackendError> {
+    /// `Replace` renames the upload over the key; `CreateNew` hard-links it to the key
+    /// (`link(2)` fails when the name exists, atomically, where a rename would overwrite), then
+    /// removes the temp name.
+    async fn commit(
+        mut self: Box<Self>,
+        model: ModelFingerprint,
+        mode: CommitMode,
+    ) -> Result<bool, BackendError> {
         let file = self
             .file
             .take()
@@ -144,12 +154,32 @@ impl ObjectWriter for LocalWriter {
             tokio::fs::create_dir_all(&parent)
                 .await
                 .map_err(io("create", &parent))?;
-            let existed = tokio::fs::try_exists(&dest)
-                .await
-                .map_err(io("stat", &dest))?;
-            tokio::fs::rename(&self.tmp, &dest)
-                .await
-                .map_err(io("rename", &dest))?;
+            let existed = match mode {
+                CommitMode::Replace => {
+                    let existed = tokio::fs::try_exists(&dest)
+                        .await
+                        .map_err(io("stat", &dest))?;
+                    tokio::fs::rename(&self.tmp, &dest)
+                        .await
+                        .map_err(io("rename", &dest))?;
+                    existed
+                }
+                CommitMode::CreateNew => {
+                    match tokio::fs::hard_link(&self.tmp, &dest).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                            return Err(BackendError::Exists(self.key));
+                        }
+                        Err(e) => return Err(io("link", &dest)(e)),
+                    }
+                    // The object is in place; a temp name left by a crash here is removed at
+                    // the next start.
+                    tokio::fs::remove_file(&self.tmp)
+                        .await
+                        .map_err(io("remove", &self.tmp))?;
+                    false
+                }
+            };
             sync_dir(&parent).await?;
             let mdir = self.dir.model_dir(&model);
             tokio::fs::create_dir_all(&mdir)
@@ -321,7 +351,7 @@ mod tests {
         w.write(Bytes::from_static(b"hello ")).await.unwrap();
         assert!(!store.exists(&k1).await.unwrap(), "visible before commit");
         w.write(Bytes::from_static(b"world")).await.unwrap();
-        assert!(w.commit(model).await.unwrap());
+        assert!(w.commit(model, CommitMode::CreateNew).await.unwrap());
         assert_eq!(
             store.get(&k1).await.unwrap().unwrap(),
             Bytes::from_static(b"hello world")
@@ -363,7 +393,7 @@ mod tests {
             async move {
                 let mut w = store.begin_put(&key).await.unwrap();
                 w.write(Bytes::from_static(bytes)).await.unwrap();
-                w.commit(model).await.unwrap();
+                w.commit(model, CommitMode::Replace).await.unwrap();
             }
         };
         assert!(store.open(&key).await.unwrap().is_none());
@@ -380,6 +410,56 @@ mod tests {
         let again = store.open(&key).await.unwrap().unwrap();
         assert_eq!(again.size(), 16);
         assert_eq!(again.read(0..3).await.unwrap(), Bytes::from_static(b"abc"));
+    }
+
+    /// Write-once commits of one key race: exactly one stores its object, intact, the others
+    /// get `Exists` and leave no temp file; a `Replace` commit then overwrites it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn create_new_commits_of_one_key_store_exactly_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDir::open(dir.path()).unwrap();
+        let model = ModelFingerprint([7; 32]);
+        for round in 0..20u8 {
+            let key = ChunkKey([round; 32]);
+            let barrier = Arc::new(tokio::sync::Barrier::new(4));
+            let tasks: Vec<_> = (0..4u8)
+                .map(|i| {
+                    let (store, barrier) = (store.clone(), barrier.clone());
+                    tokio::spawn(async move {
+                        let mut w = store.begin_put(&key).await.unwrap();
+                        w.write(Bytes::from(vec![i; 4096])).await.unwrap();
+                        barrier.wait().await;
+                        (i, w.commit(model, CommitMode::CreateNew).await)
+                    })
+                })
+                .collect();
+            let mut winners = Vec::new();
+            for t in tasks {
+                match t.await.unwrap() {
+                    (i, Ok(created)) => {
+                        assert!(created);
+                        winners.push(i);
+                    }
+                    (_, Err(BackendError::Exists(k))) => assert_eq!(k, key),
+                    (_, Err(e)) => panic!("round {round}: {e}"),
+                }
+            }
+            assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+            let stored = store.get(&key).await.unwrap().unwrap();
+            assert_eq!(stored, Bytes::from(vec![winners[0]; 4096]));
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        let key = ChunkKey([0; 32]);
+        let mut w = store.begin_put(&key).await.unwrap();
+        w.write(Bytes::from_static(b"replaced")).await.unwrap();
+        assert!(!w.commit(model, CommitMode::Replace).await.unwrap());
+        assert_eq!(
+            store.get(&key).await.unwrap().unwrap(),
+            Bytes::from_static(b"replaced")
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use kvfetcher_codec::{ChunkKey, ModelFingerprint};
 
-use super::backend::{Backend, BackendError, ObjectWriter, Usage};
+use super::backend::{Backend, BackendError, CommitMode, ObjectWriter, Usage};
 
 type Objects = HashMap<ChunkKey, (ModelFingerprint, Bytes)>;
 
@@ -51,8 +51,16 @@ impl ObjectWriter for MemoryWriter {
         Ok(())
     }
 
-    async fn commit(self: Box<Self>, model: ModelFingerprint) -> Result<bool, BackendError> {
-        Ok(self.store.insert(self.key, model, self.buf.into()))
+    async fn commit(
+        self: Box<Self>,
+        model: ModelFingerprint,
+        mode: CommitMode,
+    ) -> Result<bool, BackendError> {
+        let mut objects = self.store.write();
+        if mode == CommitMode::CreateNew && objects.contains_key(&self.key) {
+            return Err(BackendError::Exists(self.key));
+        }
+        Ok(objects.insert(self.key, (model, self.buf.into())).is_none())
     }
 
     async fn abort(self: Box<Self>) {}

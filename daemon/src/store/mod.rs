@@ -10,9 +10,10 @@ mod memory;
 mod pace;
 mod s3;
 mod server;
+mod throttle;
 mod upload;
 
-pub use backend::{Backend, BackendError, ObjectReader, ObjectWriter, Usage};
+pub use backend::{Backend, BackendError, CommitMode, ObjectReader, ObjectWriter, Usage};
 pub use config::{StoreConfig, StoreConfigError};
 pub use local::LocalDir;
 pub use memory::MemoryBackend;
@@ -21,3 +22,4 @@ pub use s3::{S3Backend, S3Config};
 pub use server::{
     ServerError, ServerOptions, StoreServer, CLOSE_BUSY, CLOSE_BUSY_REASON, STOP_REFUSED,
 };
+pub use throttle::{AuthThrottle, AuthThrottleConfig};

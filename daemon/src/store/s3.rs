@@ -15,7 +15,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutPayload};
 
-use super::backend::{key_from_name, Backend, BackendError, ObjectWriter, Usage};
+use super::backend::{key_from_name, Backend, BackendError, CommitMode, ObjectWriter, Usage};
 
 /// Where an S3-compatible bucket is and how to sign requests to it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -97,9 +97,19 @@ impl ObjectWriter for S3Writer {
         Ok(())
     }
 
-    async fn commit(self: Box<Self>, model: ModelFingerprint) -> Result<bool, BackendError> {
+    /// `CreateNew` checks the key with a HEAD before the PUT: unlike `LocalDir`, two puts of
+    /// one key that commit at the same moment may both succeed (S3 conditional PUTs are not
+    /// available on every S3-compatible store).
+    async fn commit(
+        self: Box<Self>,
+        model: ModelFingerprint,
+        mode: CommitMode,
+    ) -> Result<bool, BackendError> {
         let path = S3Backend::object(&self.key);
         let existed = head_exists(&*self.store, &path).await?;
+        if existed && mode == CommitMode::CreateNew {
+            return Err(BackendError::Exists(self.key));
+        }
         let payload: PutPayload = self.parts.into_iter().collect();
         self.store.put(&path, payload).await?;
         self.store

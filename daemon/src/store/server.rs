@@ -1,6 +1,7 @@
 //! The store server: accepts QUIC connections, runs one task per request stream, checks every
 //! object on put and on get, and enforces size, stream, idle, rate, connection and upload
-//! limits.
+//! limits. Failed authentication blocks the source address for a growing backoff
+//! ([`super::throttle`]).
 //!
 //! An upload goes to the backend piece by piece as it arrives and is checked on the way
 //! ([`super::upload::UploadCheck`]): the server holds its header and one piece, never the
@@ -15,10 +16,10 @@
 //! backend failures at error. A `NotFound` is an answer, logged at debug.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfetcher_codec::{ChunkKey, FormatError};
@@ -27,8 +28,9 @@ use tracing::Instrument;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::backend::{Backend, BackendError, ObjectReader, ObjectWriter};
+use super::backend::{Backend, BackendError, CommitMode, ObjectReader, ObjectWriter};
 use super::pace::{Pacer, PIECE};
+use super::throttle::{AuthThrottle, AuthThrottleConfig};
 use super::upload::{UploadCheck, UploadError};
 use crate::transport::wire::{
     self, ErrorCode, Request, Response, SectionSpan, StatsReport, RANGE_TO_END,
@@ -78,6 +80,9 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// Puts received at once, over all connections; one more is refused with `Busy`.
     pub max_uploads: usize,
+    /// How failed authentication (a wrong token, a refused client certificate) is throttled
+    /// per source address.
+    pub auth_throttle: AuthThrottleConfig,
 }
 
 impl Default for ServerOptions {
@@ -94,6 +99,7 @@ impl Default for ServerOptions {
             ack_every: None,
             max_connections: 1024,
             max_uploads: 32,
+            auth_throttle: AuthThrottleConfig::default(),
         }
     }
 }
@@ -124,7 +130,13 @@ struct Counters {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     corrupt: AtomicU64,
+    auth_failures: AtomicU64,
+    auth_throttled: AtomicU64,
 }
+
+/// The start of the message of an attempt refused because its address is blocked; such
+/// refusals are logged at debug (the block itself at warn), so a flood does not flood the log.
+const THROTTLED: &str = "too many failed authentications";
 
 struct Shared {
     backend: Arc<dyn Backend>,
@@ -135,6 +147,38 @@ struct Shared {
     connection_slots: Arc<Semaphore>,
     /// One permit per put being received ([`ServerOptions::max_uploads`]).
     upload_slots: Arc<Semaphore>,
+    /// Failed authentication by source address ([`ServerOptions::auth_throttle`]).
+    throttle: Mutex<AuthThrottle>,
+    /// Whether clients must present a certificate (mutual TLS).
+    client_certs: bool,
+}
+
+impl Shared {
+    fn throttle(&self) -> std::sync::MutexGuard<'_, AuthThrottle> {
+        self.throttle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Err(how long)` while `ip` is blocked for failed authentication.
+    fn blocked(&self, ip: IpAddr) -> Result<(), Duration> {
+        let r = self.throttle().check(ip, Instant::now());
+        if r.is_err() {
+            self.counters.auth_throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Counts a failed authentication of `ip` (`what` failed) and blocks the address once it
+    /// has failed too often.
+    fn auth_failed(&self, ip: IpAddr, what: &str) {
+        self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(backoff) = self.throttle().failed(ip, Instant::now()) {
+            tracing::warn!(
+                peer = %ip,
+                backoff_ms = backoff.as_millis() as u64,
+                "{what}: address blocked after repeated failed authentication"
+            );
+        }
+    }
 }
 
 /// A bound store server; [`StoreServer::run`] serves until shutdown.
@@ -174,6 +218,7 @@ impl StoreServer {
         let pacer = opts.max_rate.map(Pacer::new);
         let connection_slots = Arc::new(Semaphore::new(opts.max_connections));
         let upload_slots = Arc::new(Semaphore::new(opts.max_uploads));
+        let throttle = Mutex::new(AuthThrottle::new(opts.auth_throttle));
         Ok(StoreServer {
             endpoint,
             shared: Arc::new(Shared {
@@ -183,6 +228,8 @@ impl StoreServer {
                 counters: Counters::default(),
                 connection_slots,
                 upload_slots,
+                throttle,
+                client_certs: tls.client_ca.is_some(),
             }),
         })
     }
@@ -206,6 +253,15 @@ impl StoreServer {
                         let shared = self.shared.clone();
                         let peer = incoming.remote_address();
                         let span = tracing::info_span!("store_conn", %peer);
+                        if let Err(wait) = shared.blocked(peer.ip()) {
+                            // Refused before the handshake: costs no cryptography.
+                            span.in_scope(|| tracing::debug!(
+                                "connection refused: {THROTTLED}, blocked for {} ms",
+                                wait.as_millis()
+                            ));
+                            incoming.refuse();
+                            continue;
+                        }
                         let slot = shared.connection_slots.clone().try_acquire_owned().ok();
                         tokio::spawn(async move {
                             match incoming.await {
@@ -215,7 +271,12 @@ impl StoreServer {
                                 },
                                 // Refused TLS (no or untrusted client certificate, wrong
                                 // ALPN) or a handshake that never completed.
-                                Err(e) => tracing::warn!("handshake failed: {e}"),
+                                Err(e) => {
+                                    tracing::warn!("handshake failed: {e}");
+                                    if shared.client_certs && client_cert_refused(&e) {
+                                        shared.auth_failed(peer.ip(), "client certificate refused");
+                                    }
+                                }
                             }
                         }.instrument(span));
                     }
@@ -225,6 +286,22 @@ impl StoreServer {
         }
         self.endpoint.close(VarInt::from_u32(0), b"shutdown");
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// Whether a failed handshake is the store refusing the client's certificate (TLS alerts
+/// bad_certificate to access_denied, certificate_required). These need the client to have
+/// received the server's handshake, so a spoofed source address cannot cause them.
+fn client_cert_refused(e: &quinn::ConnectionError) -> bool {
+    let quinn::ConnectionError::TransportError(t) = e else {
+        return false;
+    };
+    let code = u64::from(t.code);
+    // QUIC carries a TLS alert as the crypto error 0x100 + alert.
+    let crypto = quinn::TransportErrorCode::crypto(0);
+    match code.checked_sub(u64::from(crypto)) {
+        Some(alert @ 0..=255) => matches!(alert, 42..=46 | 48 | 49 | 116),
+        _ => false,
     }
 }
 
@@ -255,6 +332,7 @@ async fn serve_connection(
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(&shared.counters.connections);
     let authed = Arc::new(AtomicBool::new(shared.opts.token.is_none()));
+    let peer = conn.remote_address().ip();
     let mut order = StreamOrder::default();
     tracing::debug!(conn = conn.stable_id(), "connection opened");
     let closed = loop {
@@ -263,8 +341,9 @@ async fn serve_connection(
                 let shared = shared.clone();
                 let authed = authed.clone();
                 let turn = order.next();
+                let client = Client { peer, authed };
                 tokio::spawn(
-                    async move { serve_stream(&shared, &authed, send, recv, turn).await }
+                    async move { serve_stream(&shared, &client, send, recv, turn).await }
                         .in_current_span(),
                 );
             }
@@ -281,10 +360,20 @@ async fn serve_connection(
 /// A request that failed: the code and message sent back.
 struct Refusal(ErrorCode, String);
 
+/// Who sent a request: the connection's address and whether it authenticated.
+struct Client {
+    peer: IpAddr,
+    authed: Arc<AtomicBool>,
+}
+
 impl From<BackendError> for Refusal {
     fn from(e: BackendError) -> Self {
-        // Logged at error by `log_request`, as every `Internal`.
-        Refusal(ErrorCode::Internal, format!("backend: {e}"))
+        match e {
+            // A write-once commit lost to another put of the key.
+            BackendError::Exists(key) => exists(&key),
+            // Logged at error by `log_request`, as every `Internal`.
+            e => Refusal(ErrorCode::Internal, format!("backend: {e}")),
+        }
     }
 }
 
@@ -317,6 +406,9 @@ fn log_request(op: Option<wire::Op>, key: Option<ChunkKey>, result: &Result<(), 
         }
         Err(Refusal(code @ ErrorCode::Corrupt, m)) => {
             tracing::warn!(%op, key, ?code, "corrupt object not served: {m}")
+        }
+        Err(Refusal(code @ ErrorCode::Unauthorized, m)) if m.starts_with(THROTTLED) => {
+            tracing::debug!(%op, key, ?code, "request refused: {m}")
         }
         Err(Refusal(code, m)) => tracing::warn!(%op, key, ?code, "request refused: {m}"),
     }
@@ -379,7 +471,7 @@ impl Turn {
 
 async fn serve_stream(
     shared: &Shared,
-    authed: &AtomicBool,
+    client: &Client,
     mut send: SendStream,
     mut recv: RecvStream,
     mut turn: Turn,
@@ -389,7 +481,7 @@ async fn serve_stream(
     let (op, key, result) = match read_request(&mut recv, timeout).await {
         Ok(req) => {
             let (op, key) = (req.op(), key_of(&req));
-            (Some(op), key, handle(shared, authed, req, &mut recv).await)
+            (Some(op), key, handle(shared, client, req, &mut recv).await)
         }
         Err(r) => (None, None, Err(r)),
     };
@@ -481,23 +573,41 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Checks a bearer token. An address blocked for failed authentication is refused without
+/// the token being compared, so a correct guess there is worth nothing.
+fn authenticate(shared: &Shared, client: &Client, token: &[u8]) -> Result<(), Refusal> {
+    let Some(expected) = &shared.opts.token else {
+        return Ok(());
+    };
+    if let Err(wait) = shared.blocked(client.peer) {
+        return Err(Refusal(
+            ErrorCode::Unauthorized,
+            format!(
+                "{THROTTLED} from {}: retry in {} ms",
+                client.peer,
+                wait.as_millis().max(1)
+            ),
+        ));
+    }
+    if constant_time_eq(expected, token) {
+        client.authed.store(true, Ordering::Relaxed);
+        return Ok(());
+    }
+    shared.auth_failed(client.peer, "bad token");
+    Err(Refusal(ErrorCode::Unauthorized, "bad token".into()))
+}
+
 async fn handle(
     shared: &Shared,
-    authed: &AtomicBool,
+    client: &Client,
     req: Request,
     recv: &mut RecvStream,
 ) -> Result<(Response, Payload), Refusal> {
     if let Request::Auth { token } = &req {
-        return match &shared.opts.token {
-            Some(expected) if constant_time_eq(expected, token) => {
-                authed.store(true, Ordering::Relaxed);
-                Ok((Response::Authed, Payload::None))
-            }
-            Some(_) => Err(Refusal(ErrorCode::Unauthorized, "bad token".into())),
-            None => Ok((Response::Authed, Payload::None)),
-        };
+        authenticate(shared, client, token)?;
+        return Ok((Response::Authed, Payload::None));
     }
-    if !authed.load(Ordering::Relaxed) {
+    if !client.authed.load(Ordering::Relaxed) {
         return Err(Refusal(
             ErrorCode::Unauthorized,
             "authenticate first".into(),
@@ -637,6 +747,8 @@ async fn handle(
                     bytes_in: c.bytes_in.load(Ordering::Relaxed),
                     bytes_out: c.bytes_out.load(Ordering::Relaxed),
                     corrupt: c.corrupt.load(Ordering::Relaxed),
+                    auth_failures: c.auth_failures.load(Ordering::Relaxed),
+                    auth_throttled: c.auth_throttled.load(Ordering::Relaxed),
                 }),
                 Payload::None,
             ))
@@ -722,10 +834,10 @@ fn exists(key: &ChunkKey) -> Refusal {
 }
 
 /// Streams a put's bytes into `writer` piece by piece, checking them on the way
-/// ([`UploadCheck`]), then commits. With `once` (a write-once put of an absent key) the put
-/// is refused with `Exists` when the key appeared meanwhile (the window left is the commit
-/// itself). Any failure aborts the writer, so nothing partial becomes
-/// visible (and the `LocalDir` temp file is removed).
+/// ([`UploadCheck`]), then commits. With `once` (a write-once put of an absent key) the commit
+/// is [`CommitMode::CreateNew`]: when another put of the key committed meanwhile, this one is
+/// refused with `Exists` and the stored object is kept. Any failure aborts the writer, so
+/// nothing partial becomes visible (and the `LocalDir` temp file is removed).
 async fn receive_put(
     shared: &Shared,
     mut writer: Box<dyn ObjectWriter>,
@@ -769,16 +881,16 @@ async fn receive_put(
             writer.write(chunk).await?;
         }
         tracing::debug!(key = %key, held = check.peak_held(), "upload received");
-        let info = check.finish().map_err(refused)?;
-        // Another put of the key may have committed while this one was received.
-        if once && shared.backend.exists(&key).await? {
-            return Err(exists(&key));
-        }
-        Ok(info)
+        check.finish().map_err(refused)
     }
     .await;
+    let mode = if once {
+        CommitMode::CreateNew
+    } else {
+        CommitMode::Replace
+    };
     match outcome {
-        Ok(info) => Ok(writer.commit(info.model).await?),
+        Ok(info) => Ok(writer.commit(info.model, mode).await?),
         Err(r) => {
             writer.abort().await;
             Err(r)

@@ -369,6 +369,11 @@ pub struct StatsReport {
     pub bytes_out: u64,
     /// Stored objects found corrupt since start.
     pub corrupt: u64,
+    /// Failed authentications since start (wrong tokens, refused client certificates).
+    pub auth_failures: u64,
+    /// Connections and authentications refused since start because their address was blocked
+    /// after failed authentication. 0 from a store older than these two counters.
+    pub auth_throttled: u64,
 }
 
 /// The location and size of one section in a `GetSections` answer.
@@ -496,6 +501,8 @@ impl Response {
                     s.bytes_in,
                     s.bytes_out,
                     s.corrupt,
+                    s.auth_failures,
+                    s.auth_throttled,
                 ] {
                     body.extend_from_slice(&v.to_le_bytes());
                 }
@@ -566,6 +573,9 @@ impl Response {
                 bytes_in: r.u64()?,
                 bytes_out: r.u64()?,
                 corrupt: r.u64()?,
+                // Absent from older stores.
+                auth_failures: if r.buf.is_empty() { 0 } else { r.u64()? },
+                auth_throttled: if r.buf.is_empty() { 0 } else { r.u64()? },
             }),
         };
         r.finish()?;
@@ -833,6 +843,8 @@ mod tests {
                     bytes_in: 5,
                     bytes_out: 6,
                     corrupt: 7,
+                    auth_failures: 8,
+                    auth_throttled: 9,
                 }),
             ),
             (
@@ -938,5 +950,17 @@ mod tests {
             Response::decode(Op::Auth, &bytes),
             Err(WireError::UnknownStatus(77))
         );
+    }
+
+    /// A store older than the auth counters sends 7 counters: they decode with both at 0.
+    #[test]
+    fn stats_of_an_older_store_decode_without_auth_counters() {
+        let body: Vec<u8> = (1..=7u64).flat_map(u64::to_le_bytes).collect();
+        let bytes = frame(RESPONSE_MAGIC, 0, 0, &body);
+        let (resp, _) = Response::decode(Op::Stats, &bytes).unwrap().unwrap();
+        let Response::Stats(s) = resp else {
+            panic!("not stats: {resp:?}")
+        };
+        assert_eq!((s.corrupt, s.auth_failures, s.auth_throttled), (7, 0, 0));
     }
 }

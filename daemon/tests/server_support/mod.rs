@@ -92,6 +92,9 @@ pub struct MemBackend {
     pub corrupt_fetches: AtomicBool,
     /// The `replace` flag of every save, in order.
     pub replaces: Mutex<Vec<bool>>,
+    /// When set, a save without `replace` of a model already saved keeps the saved KV, as the
+    /// store keeps chunks already stored (write-once).
+    pub write_once: bool,
 }
 
 impl MemBackend {
@@ -112,6 +115,7 @@ impl MemBackend {
             fetches: AtomicUsize::new(0),
             corrupt_fetches: AtomicBool::new(false),
             replaces: Mutex::new(Vec::new()),
+            write_once: false,
         }
     }
 
@@ -228,10 +232,10 @@ impl Backend for MemBackend {
                     dim: shape.head_dim,
                     layers,
                 };
-                self.models
-                    .lock()
-                    .unwrap()
-                    .insert(model.to_string(), Arc::new(kv));
+                let mut models = self.models.lock().unwrap();
+                if replace || !self.write_once || !models.contains_key(model) {
+                    models.insert(model.to_string(), Arc::new(kv));
+                }
             }
             self.replaces.lock().unwrap().push(replace);
             self.saves.lock().unwrap().push((

@@ -177,6 +177,9 @@ pub(crate) fn start_stack() -> Stack {
             .arg(dir.path().join("data"))
             .arg("--cert-dir")
             .arg(&certs)
+            // Mutual TLS: the daemon presents the dev client certificate of `tls = certs`.
+            .arg("--client-ca")
+            .arg(certs.join("ca.pem"))
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),

@@ -1,5 +1,6 @@
 //! An embedded store (and optionally daemon) on loopback in a temp dir, with dev certificates:
-//! what `kvfetcher-bench demo` and `kvfetcher-bench fetch` run against.
+//! what `kvfetcher-bench demo` and `kvfetcher-bench fetch` run against. Clients authenticate with
+//! the dev client certificate (mutual TLS), as a store requires.
 //!
 //! Everything stops when the [`LocalStore`] (or the caller's shutdown sender) drops.
 
@@ -12,7 +13,9 @@ use tokio::sync::watch;
 
 use kvfetcher::pipeline::StoreTarget;
 use kvfetcher::store::{LocalDir, ServerOptions, StoreServer};
-use kvfetcher::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
+use kvfetcher::transport::{
+    cert_files, load_certs, write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig,
+};
 
 /// A running in-process store.
 #[derive(Debug)]
@@ -36,7 +39,8 @@ impl LocalStore {
         if !certs.join("ca.pem").exists() {
             write_dev_pki(&certs).context("writing dev certificates")?;
         }
-        let tls = TlsServerConfig::from_dir(&certs)?;
+        let mut tls = TlsServerConfig::from_dir(&certs)?;
+        tls.client_ca = Some(load_certs(&certs.join(cert_files::CA))?);
         let backend = Arc::new(LocalDir::open(&dir.join(format!("data-{name}")))?);
         let opts = ServerOptions {
             max_rate,
