@@ -22,6 +22,7 @@ mod sys;
 pub mod transport;
 
 pub use async_client::{AsyncClient, AsyncFetchHandle};
+pub use buffer::HostMapping;
 pub use client::{Client, FetchHandle};
 pub use cuda::driver_available;
 pub use error::{ClientError, GpuError};
