@@ -55,7 +55,7 @@ python-deps:
 	scripts/python-deps.sh
 
 python: python-deps
-	PATH="$$(cat build/pyenv/deps-bin):$$PATH" maturin build --release --locked -m python/Cargo.toml -o build/wheels
+	build/pyenv/bin/maturin build --release --locked -m python/Cargo.toml -o build/wheels
 	build/pyenv/bin/python -m pip install --quiet --no-deps --force-reinstall build/wheels/kvfetcher-0.1.0-cp39-abi3-*.whl
 
 ## Lints the package's Rust side, then its tests against a real store and daemon (CPU torch),

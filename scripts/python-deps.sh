@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The Python side's dependencies, without touching the system Python:
 #   - third-party packages pinned in python/requirements-test.txt (torch, transformers, gguf,
-#     safetensors, pytest, maturin) are installed once per machine into a cache folder named by
+#     accelerate, safetensors, pytest) are installed once per machine into a cache folder named by
 #     the pins' hash (~5.6 GB: PyPI's torch wheel pulls the CUDA libraries, see the file), so a
 #     fresh clone (CI) reuses them;
 #   - build/pyenv is a virtualenv of this checkout (git-ignored) that sees that folder through a
-#     .pth file; `make python` installs the kvfetcher wheel into it.
+#     .pth file, with maturin (the wheel's build tool) installed in it; `make python` installs
+#     the kvfetcher wheel into it.
 # Environment: KVF_PYDEPS_CACHE (default ~/.cache/kvfetcher), PYTHON (default python3).
 set -euo pipefail
 
@@ -37,4 +38,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$DEPS" >"$site/kvfetcher-deps.pth"
-echo "$DEPS/bin" >"$VENV/deps-bin"
+MATURIN_VERSION="1.16.0"
+if ! "$VENV/bin/maturin" --version 2>/dev/null | grep -qx "maturin $MATURIN_VERSION"; then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "maturin==$MATURIN_VERSION"
+fi
