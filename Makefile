@@ -63,7 +63,7 @@ python: python-deps
 test-python: python models engine
 	cd python && $(CARGO) fmt -- --check && $(CARGO) clippy --locked --all-targets -- -D warnings
 	$(CARGO) build --locked -p kvfetcher --bin kvfetcher
-	cd python && ../build/pyenv/bin/python -m pytest -q -p no:cacheprovider tests
+	build/pyenv/bin/python -m pytest -q -p no:cacheprovider python/tests
 
 fuzz:
 	scripts/fuzz.sh $${FUZZ_SECONDS:-60}
