@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/release/kvfetcher
 
-.PHONY: all build deps deps-demo models engine demo test test-rust test-c test-llama lint fuzz deb-check systemd-check s3-test gpu-carry clean
+.PHONY: all build deps deps-demo models engine demo test test-rust test-c test-llama test-python python python-deps lint fuzz deb-check systemd-check s3-test gpu-carry clean
 
 all: build
 
@@ -31,7 +31,7 @@ demo: build models engine
 	scripts/demo.sh
 
 ## Everything CI runs.
-test: deps lint test-rust test-c test-llama fuzz deb-check systemd-check s3-test
+test: deps lint test-rust test-c test-llama test-python fuzz deb-check systemd-check s3-test
 	@echo "make test: all checks passed"
 
 lint:
@@ -47,6 +47,23 @@ test-c:
 ## A real llama.cpp (built from source) reusing KV through the C client.
 test-llama: models
 	KVF_PROFILE=debug tests/llama/run.sh
+
+## The Python package (python/: PyO3 over client-rs, abi3): its pinned dependencies (torch,
+## transformers, gguf, maturin; cached per machine) in the virtualenv build/pyenv, then the wheel
+## in build/wheels/, installed into build/pyenv.
+python-deps:
+	scripts/python-deps.sh
+
+python: python-deps
+	build/pyenv/bin/maturin build --release --locked -m python/Cargo.toml -o build/wheels
+	build/pyenv/bin/python -m pip install --quiet --no-deps --force-reinstall build/wheels/kvfetcher-0.1.0-cp39-abi3-*.whl
+
+## Lints the package's Rust side, then its tests against a real store and daemon (CPU torch),
+## the transformers test on SmolLM2 included (compared with llama.cpp's capture: needs `engine`).
+test-python: python models engine
+	cd python && $(CARGO) fmt -- --check && $(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) build --locked -p kvfetcher --bin kvfetcher
+	build/pyenv/bin/python -m pytest -q -p no:cacheprovider python/tests
 
 fuzz:
 	scripts/fuzz.sh $${FUZZ_SECONDS:-60}

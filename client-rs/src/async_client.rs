@@ -10,7 +10,9 @@ use std::sync::Arc;
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
-use crate::buffer::{announced_fetch, reply_error, save_gpu_source, save_memfd, MappedBuffer};
+use crate::buffer::{
+    announced_fetch, reply_error, save_gpu_source, save_memfd, HostMapping, MappedBuffer,
+};
 use crate::client::fatal_or;
 use crate::core::{ClientCore, LayerStatus};
 use crate::protocol::{
@@ -147,7 +149,7 @@ impl AsyncClient {
         };
         let (m, fds) = self.shared.lock().await.call(mk, &[]).await?;
         let id = announced_fetch(&m);
-        let buf = match MappedBuffer::from_reply(m, fds, layout.memory) {
+        let buf = match MappedBuffer::from_reply(m, fds, layout.memory, HostMapping::ReadOnly) {
             Ok(b) => b,
             Err(e) => {
                 // The daemon made a fetch this client cannot use: release it now.

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 
-use memmap2::{Mmap, MmapOptions};
+use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use crate::gpu::{GpuMapping, GpuReply};
 use crate::protocol::{BufferMemory, GpuSource, KvShape, MemoryKind, Message, TargetLayout};
@@ -19,11 +19,45 @@ const ON_GPU: &str = "buffer is in GPU memory: use device_ptr()";
 /// The error of a GPU accessor on a host buffer.
 const ON_HOST: &str = "buffer is in host memory: use bytes(), layer() or tensor()";
 
+/// How a fetch maps a host buffer into the client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HostMapping {
+    /// Shared and read-only (`MAP_SHARED`, `PROT_READ`): a write through the mapping faults.
+    #[default]
+    ReadOnly,
+    /// Private and writable (`MAP_PRIVATE`, `PROT_READ | PROT_WRITE`): reads see the daemon's
+    /// bytes without a copy; a write copies the page it touches into this process (the
+    /// daemon's buffer is never changed). For frameworks whose tensors are always writable
+    /// (PyTorch): a stray write then costs a page copy instead of a crash. Write only layers
+    /// that are ready: a page copied earlier no longer sees the daemon's later writes.
+    CopyOnWrite,
+}
+
+/// A host buffer's mapping.
+#[derive(Debug)]
+enum HostMap {
+    ReadOnly(Mmap),
+    /// `ptr` is `map.as_mut_ptr()`, taken once when the mapping was made.
+    CopyOnWrite {
+        map: MmapMut,
+        ptr: usize,
+    },
+}
+
+impl HostMap {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            HostMap::ReadOnly(m) => m,
+            HostMap::CopyOnWrite { map, .. } => map,
+        }
+    }
+}
+
 /// Where the bytes of a fetched buffer are.
 #[derive(Debug)]
 enum Memory {
-    /// The daemon's memfd, mapped read-only.
-    Host(Mmap),
+    /// The daemon's memfd, mapped into this process.
+    Host(HostMap),
     /// The daemon's GPU allocation, opened here.
     Gpu(GpuMapping),
     /// Closed before the fetch is released.
@@ -55,6 +89,7 @@ impl MappedBuffer {
         msg: Message,
         mut fds: Vec<OwnedFd>,
         requested: MemoryKind,
+        host_mapping: HostMapping,
     ) -> Result<Self, ClientError> {
         let b = match msg {
             Message::FetchBuffer(b) => b,
@@ -78,7 +113,7 @@ impl MappedBuffer {
                 let fd = fds
                     .pop()
                     .ok_or_else(|| ClientError::Unexpected("buffer without fd".into()))?;
-                Memory::Host(map_memfd(fd, expect)?)
+                Memory::Host(map_memfd(fd, expect, host_mapping)?)
             }
             (
                 BufferMemory::GpuIpc {
@@ -112,9 +147,9 @@ impl MappedBuffer {
         self.memory = Memory::Closed;
     }
 
-    fn host(&self) -> Result<&Mmap, ClientError> {
+    fn host(&self) -> Result<&[u8], ClientError> {
         match &self.memory {
-            Memory::Host(m) => Ok(m),
+            Memory::Host(m) => Ok(m.bytes()),
             Memory::Gpu(_) => Err(ClientError::WrongMemory(ON_GPU)),
             Memory::Closed => Err(ClientError::WrongMemory("buffer closed")),
         }
@@ -136,7 +171,19 @@ impl MappedBuffer {
 
     /// The whole buffer (host memory only).
     pub(crate) fn bytes(&self) -> Result<&[u8], ClientError> {
-        Ok(self.host()?)
+        self.host()
+    }
+
+    /// The writable address of a host buffer mapped [`HostMapping::CopyOnWrite`].
+    pub(crate) fn host_mut_ptr(&self) -> Result<*mut u8, ClientError> {
+        match &self.memory {
+            Memory::Host(HostMap::CopyOnWrite { ptr, .. }) => Ok(*ptr as *mut u8),
+            Memory::Host(HostMap::ReadOnly(_)) => Err(ClientError::WrongMemory(
+                "buffer is mapped read-only: fetch with HostMapping::CopyOnWrite",
+            )),
+            Memory::Gpu(_) => Err(ClientError::WrongMemory(ON_GPU)),
+            Memory::Closed => Err(ClientError::WrongMemory("buffer closed")),
+        }
     }
 
     /// Checks a layer index.
@@ -190,7 +237,7 @@ impl MappedBuffer {
     /// The buffer's length in bytes.
     pub(crate) fn len(&self) -> usize {
         match &self.memory {
-            Memory::Host(m) => m.len(),
+            Memory::Host(m) => m.bytes().len(),
             Memory::Gpu(g) => g.len(),
             Memory::Closed => 0,
         }
@@ -240,8 +287,8 @@ impl MappedBuffer {
     }
 }
 
-/// Maps `len` bytes of the daemon's memfd read-only.
-fn map_memfd(fd: OwnedFd, len: usize) -> Result<Mmap, ClientError> {
+/// Maps `len` bytes of the daemon's memfd, read-only or copy-on-write.
+fn map_memfd(fd: OwnedFd, len: usize, how: HostMapping) -> Result<HostMap, ClientError> {
     let file = File::from(fd);
     let size = file.metadata().map_err(ClientError::Memory)?.len();
     if size < len as u64 {
@@ -249,10 +296,22 @@ fn map_memfd(fd: OwnedFd, len: usize) -> Result<Mmap, ClientError> {
             "memfd of {size} bytes for a {len} byte buffer"
         )));
     }
-    // SAFETY: the mapping is read-only and shared. The daemon writes disjoint regions of it
-    // before announcing them ready, and never shrinks the memfd while the handle is alive
-    // (its size was checked above), so reads stay in bounds.
-    unsafe { MmapOptions::new().len(len).map(&file) }.map_err(ClientError::Memory)
+    match how {
+        // SAFETY: the mapping is read-only and shared. The daemon writes disjoint regions of
+        // it before announcing them ready, and never shrinks the memfd while the handle is
+        // alive (its size was checked above), so reads stay in bounds.
+        HostMapping::ReadOnly => unsafe { MmapOptions::new().len(len).map(&file) }
+            .map(HostMap::ReadOnly)
+            .map_err(ClientError::Memory),
+        HostMapping::CopyOnWrite => {
+            // SAFETY: as above; the mapping is private, so writes through it stay in this
+            // process (copied pages) and never reach the daemon's memfd.
+            let mut map = unsafe { MmapOptions::new().len(len).map_copy(&file) }
+                .map_err(ClientError::Memory)?;
+            let ptr = map.as_mut_ptr() as usize;
+            Ok(HostMap::CopyOnWrite { map, ptr })
+        }
+    }
 }
 
 /// The error an unexpected answer stands for: the daemon's error, or a protocol surprise.

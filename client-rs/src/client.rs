@@ -9,7 +9,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::buffer::{announced_fetch, reply_error, save_gpu_source, save_memfd, MappedBuffer};
+use crate::buffer::{
+    announced_fetch, reply_error, save_gpu_source, save_memfd, HostMapping, MappedBuffer,
+};
 use crate::core::{ClientCore, LayerStatus};
 use crate::protocol::{
     DaemonStats, Fetch, FetchDone, KvShape, Lookup, Message, Release, Save, Stats, TargetLayout,
@@ -154,6 +156,17 @@ impl Client {
         token_ids: &[u32],
         layout: &TargetLayout,
     ) -> Result<FetchHandle, ClientError> {
+        self.fetch_mapped(model, token_ids, layout, HostMapping::ReadOnly)
+    }
+
+    /// [`Client::fetch`], mapping a host buffer as `host_mapping` says (GPU buffers ignore it).
+    pub fn fetch_mapped(
+        &self,
+        model: &str,
+        token_ids: &[u32],
+        layout: &TargetLayout,
+        host_mapping: HostMapping,
+    ) -> Result<FetchHandle, ClientError> {
         let (m, fds) = lock(&self.shared).call(
             |req| {
                 Message::Fetch(Fetch {
@@ -166,7 +179,7 @@ impl Client {
             &[],
         )?;
         let id = announced_fetch(&m);
-        let buf = match MappedBuffer::from_reply(m, fds, layout.memory) {
+        let buf = match MappedBuffer::from_reply(m, fds, layout.memory, host_mapping) {
             Ok(b) => b,
             Err(e) => {
                 // The daemon made a fetch this client cannot use: release it now.
@@ -408,6 +421,13 @@ impl FetchHandle {
     /// for. Host buffers only ([`ClientError::WrongMemory`] for a GPU buffer).
     pub fn bytes(&self) -> Result<&[u8], ClientError> {
         self.buf.bytes()
+    }
+
+    /// The writable address of the first byte of a host buffer fetched with
+    /// [`HostMapping::CopyOnWrite`] ([`ClientError::WrongMemory`] otherwise); valid until the
+    /// handle is released or dropped. Writes stay in this process. Does not wait.
+    pub fn host_mut_ptr(&self) -> Result<*mut u8, ClientError> {
+        self.buf.host_mut_ptr()
     }
 
     /// Closes the buffer, releases the fetch and waits for the daemon to confirm.

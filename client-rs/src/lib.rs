@@ -20,6 +20,7 @@ pub use kvfetcher_protocol as protocol;
 pub use kvfetcher_protocol::{memfd, transport};
 
 pub use async_client::{AsyncClient, AsyncFetchHandle};
+pub use buffer::HostMapping;
 pub use client::{Client, FetchHandle};
 pub use cuda::driver_available;
 pub use error::{ClientError, GpuError};
