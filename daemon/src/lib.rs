@@ -3,6 +3,7 @@
 //!
 //! - [`server`]: the Unix-socket server engines talk to (the local protocol).
 //! - [`pipeline`]: fetch and save: plan, verify, decode, restore, encode, upload.
+//! - [`buffers`]: fetch buffers in host (memfd) or GPU (CUDA IPC) memory.
 //! - [`gpu`]: CUDA and NVDEC loaded at run time, the restore kernels, IPC.
 //! - [`transport`]: QUIC + TLS to stores, the store wire protocol.
 //! - [`store`]: the store service.
@@ -11,6 +12,7 @@
 //!
 //! Benchmarks, GPU self-checks and the demo use this library from the `kvfetcher-tools` crate.
 
+pub mod buffers;
 pub mod cli;
 pub mod config;
 pub mod gpu;

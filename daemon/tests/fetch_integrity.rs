@@ -9,10 +9,11 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use kvfetcher::buffers::{BufferError, Destination};
 use kvfetcher::config::{FetchConfig, SaveConfig};
 use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{Pipeline, StoreTarget};
-use kvfetcher::server::{Backend, Destination, ServeError};
+use kvfetcher::server::{Backend, FetchEvents, ServeError};
 use kvfetcher::store::ServerOptions;
 use kvfetcher::transport::{ClientOptions, StoreClient};
 use kvfetcher_codec::{
@@ -34,22 +35,22 @@ struct Recorder {
 }
 
 impl Destination for Recorder {
-    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
+    fn allocate(&self, shape: &KvShape) -> Result<(), BufferError> {
         self.allocated.lock().unwrap().push(*shape);
         *self.buf.lock().unwrap() = vec![0; layout().buffer_len(shape)];
         Ok(())
     }
 
-    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
+    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), BufferError> {
         let mut buf = self.buf.lock().unwrap();
         let end = offset + bytes.len();
         buf.get_mut(offset..end)
-            .ok_or_else(|| ServeError::BadRequest("write out of bounds".into()))?
+            .ok_or_else(|| BufferError::Invalid("write out of bounds".into()))?
             .copy_from_slice(bytes);
         Ok(())
     }
 
-    fn layers_ready(&self, _: Range<u32>) {}
+    fn layers_written(&self, _: Range<u32>) {}
 }
 
 fn layout() -> TargetLayout {
@@ -173,7 +174,13 @@ impl Fixture {
         let dest = Arc::new(Recorder::default());
         let r = self
             .pipeline
-            .fetch(MODEL, &ids(), &layout(), dest.clone())
+            .fetch(
+                MODEL,
+                &ids(),
+                &layout(),
+                dest.clone(),
+                FetchEvents::ignored(),
+            )
             .await
             .map(|o| o.tokens);
         let shapes = dest.allocated.lock().unwrap().clone();

@@ -19,13 +19,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use kvfetcher::buffers::{BufferError, Destination, DeviceRegion};
 use kvfetcher::config::{FetchConfig, SaveConfig};
 use kvfetcher::gpu::{
     CodecHevcLayout, DeviceBuffer, GpuDevice, GpuDevices, GpuOptions, NvdecHevcDecoder,
 };
 use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{Pipeline, StoreTarget};
-use kvfetcher::server::{Backend, Destination, DeviceRegion, ServeError, ServeOptions};
+use kvfetcher::server::{Backend, FetchEvents, ServeOptions};
 use kvfetcher::store::{Backend as _, CommitMode, LocalDir, ServerOptions, StoreServer};
 use kvfetcher::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
 use kvfetcher_codec::{
@@ -76,25 +77,26 @@ struct GpuDest {
 }
 
 impl Destination for GpuDest {
-    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
+    fn allocate(&self, shape: &KvShape) -> Result<(), BufferError> {
         let b = self
             .dev
             .cuda()
             .alloc(self.layout.buffer_len(shape))
-            .map_err(|e| ServeError::Internal(e.to_string()))?;
-        b.fill(0).map_err(|e| ServeError::Internal(e.to_string()))?;
+            .map_err(|e| BufferError::Internal(e.to_string()))?;
+        b.fill(0)
+            .map_err(|e| BufferError::Internal(e.to_string()))?;
         self.buf
             .set(b)
-            .map_err(|_| ServeError::Internal("allocated twice".into()))
+            .map_err(|_| BufferError::Internal("allocated twice".into()))
     }
 
-    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
+    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), BufferError> {
         let b = self.buf.get().expect("allocated");
         b.write_at(offset, bytes)
-            .map_err(|e| ServeError::BadRequest(e.to_string()))
+            .map_err(|e| BufferError::Invalid(e.to_string()))
     }
 
-    fn layers_ready(&self, layers: Range<u32>) {
+    fn layers_written(&self, layers: Range<u32>) {
         self.ready.lock().unwrap().push(layers);
     }
 
@@ -114,18 +116,18 @@ struct HostDest {
 }
 
 impl Destination for HostDest {
-    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
+    fn allocate(&self, shape: &KvShape) -> Result<(), BufferError> {
         let l = self.layout.lock().unwrap().expect("layout");
         *self.buf.lock().unwrap() = vec![0u8; l.buffer_len(shape)];
         Ok(())
     }
 
-    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
+    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), BufferError> {
         self.buf.lock().unwrap()[offset..offset + bytes.len()].copy_from_slice(bytes);
         Ok(())
     }
 
-    fn layers_ready(&self, _: Range<u32>) {}
+    fn layers_written(&self, _: Range<u32>) {}
 }
 
 struct Store {
@@ -240,7 +242,13 @@ async fn compare_host_and_gpu(p: &Pipeline, dev: &Arc<GpuDevice>, ids: &[u32], l
         let host = Arc::new(HostDest::default());
         *host.layout.lock().unwrap() = Some(host_layout);
         let h = p
-            .fetch(MODEL, ids, &host_layout, host.clone())
+            .fetch(
+                MODEL,
+                ids,
+                &host_layout,
+                host.clone(),
+                FetchEvents::ignored(),
+            )
             .await
             .unwrap();
         let gpu = Arc::new(GpuDest {
@@ -249,7 +257,10 @@ async fn compare_host_and_gpu(p: &Pipeline, dev: &Arc<GpuDevice>, ids: &[u32], l
             buf: OnceLock::new(),
             ready: Mutex::new(Vec::new()),
         });
-        let g = p.fetch(MODEL, ids, &layout, gpu.clone()).await.unwrap();
+        let g = p
+            .fetch(MODEL, ids, &layout, gpu.clone(), FetchEvents::ignored())
+            .await
+            .unwrap();
         assert_eq!(h.tokens, g.tokens, "{label} {layout:?}");
         dev.cuda().synchronize().unwrap();
         let buf = gpu.buf.get().unwrap();

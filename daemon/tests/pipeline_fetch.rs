@@ -5,10 +5,11 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use kvfetcher::buffers::{BufferError, Destination};
 use kvfetcher::config::{FetchConfig, SaveConfig};
 use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{kv_dtype, Pipeline, StoreTarget};
-use kvfetcher::server::{Backend, Destination, ServeError};
+use kvfetcher::server::{Backend, FetchEvents, ServeError};
 use kvfetcher::store::{LocalDir, ServerOptions, StoreServer};
 use kvfetcher::transport::{
     write_dev_pki, ClientOptions, StoreClient, TlsClientConfig, TlsServerConfig,
@@ -41,22 +42,22 @@ impl MemDest {
 }
 
 impl Destination for MemDest {
-    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
+    fn allocate(&self, shape: &KvShape) -> Result<(), BufferError> {
         let layout = self.layout.lock().unwrap().expect("layout set");
         *self.buf.lock().unwrap() = vec![0u8; layout.buffer_len(shape)];
         *self.shape.lock().unwrap() = Some(*shape);
         Ok(())
     }
 
-    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
+    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), BufferError> {
         let mut buf = self.buf.lock().unwrap();
         let end = offset.checked_add(bytes.len()).filter(|&e| e <= buf.len());
-        let end = end.ok_or_else(|| ServeError::BadRequest("write out of bounds".into()))?;
+        let end = end.ok_or_else(|| BufferError::Invalid("write out of bounds".into()))?;
         buf[offset..end].copy_from_slice(bytes);
         Ok(())
     }
 
-    fn layers_ready(&self, layers: Range<u32>) {
+    fn layers_written(&self, layers: Range<u32>) {
         self.ready.lock().unwrap().push(layers);
     }
 }
@@ -294,7 +295,7 @@ async fn save_then_fetch_returns_quantized_values_in_every_layout() {
         let dest = MemDest::new(layout);
         let out = f
             .pipeline
-            .fetch(MODEL, &f.ids, &layout, dest.clone())
+            .fetch(MODEL, &f.ids, &layout, dest.clone(), FetchEvents::ignored())
             .await
             .unwrap();
         assert_eq!(out.tokens, TOKENS as u32);
@@ -354,7 +355,13 @@ async fn prefix_lookup_and_partial_fetch() {
     let dest = MemDest::new(layout);
     let out = f
         .pipeline
-        .fetch(MODEL, &diverged, &layout, dest.clone())
+        .fetch(
+            MODEL,
+            &diverged,
+            &layout,
+            dest.clone(),
+            FetchEvents::ignored(),
+        )
         .await
         .unwrap();
     assert_eq!(out.tokens, 256);
@@ -366,7 +373,7 @@ async fn prefix_lookup_and_partial_fetch() {
     let dest = MemDest::new(layout);
     let err = f
         .pipeline
-        .fetch(MODEL, &other, &layout, dest.clone())
+        .fetch(MODEL, &other, &layout, dest.clone(), FetchEvents::ignored())
         .await
         .unwrap_err();
     assert!(matches!(err, ServeError::NotFound(_)), "{err}");
@@ -391,7 +398,9 @@ async fn concurrent_and_cancelled_fetches_share_the_pipeline() {
     // A fetch dropped part-way (cancelled client) must leave no permits or gauges held.
     {
         let dest = MemDest::new(layout);
-        let fut = f.pipeline.fetch(MODEL, &f.ids, &layout, dest);
+        let fut = f
+            .pipeline
+            .fetch(MODEL, &f.ids, &layout, dest, FetchEvents::ignored());
         let _ = tokio::time::timeout(std::time::Duration::from_millis(5), fut).await;
     }
     let want = expected(&f.cache, &f.ids, &save);
@@ -401,7 +410,10 @@ async fn concurrent_and_cancelled_fetches_share_the_pipeline() {
             let ids = f.ids.clone();
             tokio::spawn(async move {
                 let dest = MemDest::new(layout);
-                let out = p.fetch(MODEL, &ids, &layout, dest.clone()).await.unwrap();
+                let out = p
+                    .fetch(MODEL, &ids, &layout, dest.clone(), FetchEvents::ignored())
+                    .await
+                    .unwrap();
                 (out, dest)
             })
         })
@@ -515,7 +527,10 @@ async fn requests_spread_over_connections_per_store() {
     let ids: &[u32] = &f.ids;
     let fetch_into = |p: Pipeline| async move {
         let dest = MemDest::new(layout);
-        let out = p.fetch(MODEL, ids, &layout, dest.clone()).await.unwrap();
+        let out = p
+            .fetch(MODEL, ids, &layout, dest.clone(), FetchEvents::ignored())
+            .await
+            .unwrap();
         assert_eq!(out.tokens, TOKENS as u32);
         let bytes = dest.buf.lock().unwrap().clone();
         (p, bytes)
@@ -546,7 +561,7 @@ async fn fetch_cost(f: &Fixture, pipeline: &Pipeline, layout: TargetLayout) -> (
     let per_stats = b.requests - a.requests;
     let dest = MemDest::new(layout);
     let out = pipeline
-        .fetch(MODEL, &f.ids, &layout, dest.clone())
+        .fetch(MODEL, &f.ids, &layout, dest.clone(), FetchEvents::ignored())
         .await
         .unwrap();
     let c = observer.stats().await.unwrap();
@@ -640,11 +655,11 @@ impl GatedDest {
 }
 
 impl Destination for GatedDest {
-    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
+    fn allocate(&self, shape: &KvShape) -> Result<(), BufferError> {
         self.inner.allocate(shape)
     }
 
-    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
+    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), BufferError> {
         if !self.entered.swap(true, std::sync::atomic::Ordering::SeqCst) {
             let mut open = self.open.lock().unwrap();
             while !*open {
@@ -654,8 +669,8 @@ impl Destination for GatedDest {
         self.inner.write(offset, bytes)
     }
 
-    fn layers_ready(&self, layers: Range<u32>) {
-        self.inner.layers_ready(layers)
+    fn layers_written(&self, layers: Range<u32>) {
+        self.inner.layers_written(layers)
     }
 }
 
@@ -681,7 +696,10 @@ async fn a_dropped_fetch_leaves_its_queued_sections_undecoded() {
     });
     let task = tokio::spawn({
         let (p, ids, dest) = (f.pipeline.clone(), f.ids.clone(), dest.clone());
-        async move { p.fetch(MODEL, &ids, &layout, dest).await }
+        async move {
+            p.fetch(MODEL, &ids, &layout, dest, FetchEvents::ignored())
+                .await
+        }
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !dest.entered.load(std::sync::atomic::Ordering::SeqCst) || m.sections_in_flight.get() < 3
@@ -712,7 +730,7 @@ async fn a_dropped_fetch_leaves_its_queued_sections_undecoded() {
     let dest = MemDest::new(layout);
     let out = f
         .pipeline
-        .fetch(MODEL, &f.ids, &layout, dest.clone())
+        .fetch(MODEL, &f.ids, &layout, dest.clone(), FetchEvents::ignored())
         .await
         .unwrap();
     assert_eq!(out.tokens, TOKENS as u32);
@@ -776,7 +794,7 @@ async fn saves_take_the_configured_hevc_layout() {
     // And they fetch back to the quantized values.
     let dest = MemDest::new(layout);
     pipeline
-        .fetch(MODEL, &f.ids, &layout, dest.clone())
+        .fetch(MODEL, &f.ids, &layout, dest.clone(), FetchEvents::ignored())
         .await
         .unwrap();
     assert_matches(

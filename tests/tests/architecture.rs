@@ -169,8 +169,14 @@ fn daemon_modules_import_only_downward() {
         ),
         (
             "server",
-            &["cli", "store"],
-            "the Unix-socket server talks to engines, and to stores only through the pipeline",
+            &["cli", "store", "gpu"],
+            "the Unix-socket server talks to engines, to stores only through the pipeline, and \
+             to GPUs only through the fetch buffers",
+        ),
+        (
+            "buffers",
+            &["server", "pipeline", "store", "transport", "cli"],
+            "fetch buffers are memory: they write no messages and know no fetch",
         ),
     ];
     for (module, forbidden, why) in rules {

@@ -27,9 +27,10 @@ use super::plan::{FetchPlanner, SectionRef};
 use super::stores::Stores;
 use super::verify::{check_header, Expected, Geometry, Mismatch};
 use super::Pipeline;
+use crate::buffers::Destination;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
 use crate::metrics::Metrics;
-use crate::server::{Destination, FetchOutcome, ServeError};
+use crate::server::{FetchEvent, FetchEvents, FetchOutcome, ServeError};
 use crate::transport::{SectionCheck, SectionStream};
 
 impl From<LayoutIoError> for ServeError {
@@ -91,6 +92,7 @@ pub(super) async fn fetch(
     token_ids: &[u32],
     layout: &TargetLayout,
     dest: Arc<dyn Destination>,
+    events: FetchEvents,
 ) -> Result<FetchOutcome, ServeError> {
     let started = Instant::now();
     let _active = p.metrics.fetches_active.track();
@@ -115,6 +117,7 @@ pub(super) async fn fetch(
         .checked_buffer_len(&shape)
         .map_err(|e| ServeError::BadRequest(format!("layout: {e}")))?;
     dest.allocate(&shape)?;
+    events.report(FetchEvent::Allocated(shape));
     let layers = chunks
         .iter()
         .map(|c| {
@@ -161,7 +164,8 @@ pub(super) async fn fetch(
                 first_layer = true;
                 p.metrics.first_layer_seconds.observe(started.elapsed());
             }
-            dest.layers_ready(ready);
+            dest.layers_written(ready.clone());
+            events.report(FetchEvent::LayersReady(ready));
         }
     }
     p.metrics.fetch_seconds.observe(started.elapsed());
@@ -560,6 +564,6 @@ pub fn restore_section_into(
     let layers = restore_section(header, index, &plane).map_err(bad)?;
     let first = u32::from(header.sections[index].layer_start);
     place_cache(layout, shape, first, token_start, &layers, &mut |off, b| {
-        dest.write(off, b)
+        dest.write(off, b).map_err(ServeError::from)
     })
 }

@@ -31,9 +31,10 @@ pub use plan::{FetchPlanner, PlanError, SectionRef};
 pub use save::encode_config;
 pub use stores::StoreTarget;
 
+use crate::buffers::Destination;
 use crate::config::{Config, FetchConfig, SaveConfig};
 use crate::metrics::Metrics;
-use crate::server::{Backend, BoxFuture, Destination, FetchOutcome, ServeError};
+use crate::server::{Backend, BoxFuture, FetchEvents, FetchOutcome, ServeError};
 use crate::transport::{ClientOptions, TlsClientConfig};
 use quarantine::Quarantine;
 use stores::Stores;
@@ -230,11 +231,12 @@ impl Backend for Pipeline {
         token_ids: &'a [u32],
         layout: &'a TargetLayout,
         dest: Arc<dyn Destination>,
+        events: FetchEvents,
     ) -> BoxFuture<'a, Result<FetchOutcome, ServeError>> {
         Box::pin(async move {
             counted(
                 &self.metrics,
-                fetch::fetch(self, model, token_ids, layout, dest).await,
+                fetch::fetch(self, model, token_ids, layout, dest, events).await,
             )
         })
     }

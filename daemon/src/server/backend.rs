@@ -1,6 +1,7 @@
 //! The interface between the local server and whatever produces KV (the fetch pipeline in the
-//! daemon, an in-memory map in tests): [`Backend`] is implemented by the producer, and
-//! [`Destination`] by the server, which owns the memory handed to the client.
+//! daemon, an in-memory map in tests): [`Backend`] is implemented by the producer, which writes
+//! into a [`Destination`] (`crate::buffers`) and reports [`FetchEvent`]s that the connection
+//! turns into messages.
 
 use std::future::Future;
 use std::ops::Range;
@@ -9,40 +10,47 @@ use std::sync::Arc;
 
 use kvfetcher_protocol::{KvShape, TargetLayout};
 
+use tokio::sync::mpsc;
+
 use super::ServeError;
-use crate::gpu::{DeviceBuffer, GpuDevice};
+use crate::buffers::Destination;
 
 /// A boxed, sendable future (object-safe async trait methods).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Where a fetch writes: a buffer the server allocates once the shape is known.
-/// Thread-safe; callers write disjoint ranges.
-pub trait Destination: Send + Sync {
-    /// Called once, before any write, with the shape of what will be restored; the server
-    /// allocates (memfd or GPU) and tells the client.
-    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError>;
-    /// Copies `bytes` to `offset` of the allocated buffer (bounds-checked).
-    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError>;
-    /// Layers `layers` are complete for all tokens: the server signals readiness to the client
-    /// without polling.
-    fn layers_ready(&self, layers: Range<u32>);
-    /// The device memory behind this destination, once allocated, when it is GPU memory: the
-    /// pipeline then restores sections there with the GPU kernels instead of calling `write`.
-    /// Host destinations return `None`.
-    fn device(&self) -> Option<DeviceRegion<'_>> {
-        None
-    }
+/// What a fetch reports while it runs, in order; its future's output is the end (done, or
+/// failed). The connection turns each into a protocol message; the backend writes none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchEvent {
+    /// The destination was allocated for this shape: the client may map it now.
+    Allocated(KvShape),
+    /// These layers are complete for every token (and, in GPU memory, their events recorded).
+    LayersReady(Range<u32>),
 }
 
-/// A destination's device memory: the whole fetch buffer (laid out as the fetch's layout says
-/// for the allocated shape) on `device`. Borrowed from the destination, so it stays allocated
-/// while the borrow lives.
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceRegion<'a> {
-    /// The GPU.
-    pub device: &'a Arc<GpuDevice>,
-    /// The fetch buffer (offset 0 is the buffer's byte 0).
-    pub buffer: &'a DeviceBuffer,
+/// Where a fetch reports its [`FetchEvent`]s. Sending never blocks: a fetch reports one
+/// allocation and at most one event per layer.
+#[derive(Debug, Clone)]
+pub struct FetchEvents(Option<mpsc::UnboundedSender<FetchEvent>>);
+
+impl FetchEvents {
+    /// A sender and the receiver the connection polls.
+    pub fn channel() -> (FetchEvents, mpsc::UnboundedReceiver<FetchEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (FetchEvents(Some(tx)), rx)
+    }
+
+    /// A sink for callers that watch the destination instead (tests, benchmarks).
+    pub fn ignored() -> FetchEvents {
+        FetchEvents(None)
+    }
+
+    /// Reports `event`; a receiver that has gone (the client left) is no error.
+    pub fn report(&self, event: FetchEvent) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(event);
+        }
+    }
 }
 
 /// What a finished fetch reports.
@@ -64,15 +72,16 @@ pub trait Backend: Send + Sync + 'static {
         token_ids: &'a [u32],
     ) -> BoxFuture<'a, Result<u32, ServeError>>;
 
-    /// Fetches the longest available prefix (at most `token_ids.len()`) into `dest` in `layout`.
-    /// Dropping the future cancels it. A fetch that finds nothing returns
-    /// [`ServeError::NotFound`] (or `Ok` with 0 tokens without calling `allocate`).
+    /// Fetches the longest available prefix (at most `token_ids.len()`) into `dest` in `layout`,
+    /// reporting its progress to `events`. Dropping the future cancels it. A fetch that finds
+    /// nothing returns [`ServeError::NotFound`] (or `Ok` with 0 tokens without allocating).
     fn fetch<'a>(
         &'a self,
         model: &'a str,
         token_ids: &'a [u32],
         layout: &'a TargetLayout,
         dest: Arc<dyn Destination>,
+        events: FetchEvents,
     ) -> BoxFuture<'a, Result<FetchOutcome, ServeError>>;
 
     /// Saves KV the client handed over (host bytes in `layout`, shape given) for `model` and

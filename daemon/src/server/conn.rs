@@ -11,8 +11,8 @@ use std::time::Duration;
 use kvfetcher_protocol::memfd;
 use kvfetcher_protocol::transport::{send_async, AsyncReceiver, TransportError};
 use kvfetcher_protocol::{
-    ErrorCode, Fetch, FetchDone, FetchFailed, FrameError, LookupReply, MemoryKind, Message,
-    PeerCred, Released, Save, SaveReply, StatsReply,
+    ErrorCode, Fetch, FetchBuffer as BufferMessage, FetchDone, FetchFailed, FrameError,
+    LayersReady, LookupReply, MemoryKind, Message, PeerCred, Released, Save, SaveReply, StatsReply,
 };
 use memmap2::Mmap;
 use tokio::net::UnixStream;
@@ -21,14 +21,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::admission::HandshakeSlot;
-use super::gpu_buffer::GpuDestination;
 use super::hello;
-use super::host_buffer::HostDestination;
 use super::outbox::{CloseReason, Closer, Outbox, Queued};
-use super::registry::{FetchDest, FetchLimit, Handle, Registry};
-use super::{Backend, ServeError, ServeOptions};
-use crate::gpu::ipc::ImportedBuffer;
-use crate::gpu::{GpuDevice, GpuDevices};
+use super::registry::{FetchLimit, Handle, Registry};
+use super::{Backend, FetchEvent, FetchEvents, ServeError, ServeOptions};
+use crate::buffers::{Buffers, FetchBuffer};
 
 /// The state one connection's request handlers share.
 struct Ctx {
@@ -37,7 +34,7 @@ struct Ctx {
     backend: Arc<dyn Backend>,
     registry: Arc<Registry>,
     opts: ServeOptions,
-    gpus: Arc<GpuDevices>,
+    buffers: Arc<Buffers>,
     out: Outbox,
 }
 
@@ -48,7 +45,7 @@ pub(crate) async fn run(
     backend: Arc<dyn Backend>,
     registry: Arc<Registry>,
     opts: ServeOptions,
-    gpus: Arc<GpuDevices>,
+    buffers: Arc<Buffers>,
     mut slot: HandshakeSlot,
 ) {
     let peer = match stream.peer_cred() {
@@ -62,7 +59,7 @@ pub(crate) async fn run(
             return;
         }
     };
-    let metrics = gpus.metrics().clone();
+    let metrics = buffers.metrics().clone();
     let stream = Arc::new(stream);
     let mut rx = AsyncReceiver::new(opts.max_frame);
     let Some(peer_flags) = hello::handshake(
@@ -108,7 +105,7 @@ pub(crate) async fn run(
         backend,
         registry: registry.clone(),
         opts,
-        gpus,
+        buffers,
         out: out.clone(),
     });
     let cut = read_loop(&stream, &mut rx, &ctx, &closer).await;
@@ -257,7 +254,7 @@ fn dispatch(ctx: &Arc<Ctx>, msg: Message, fds: Vec<OwnedFd>, tasks: &mut JoinSet
             }
         },
         Message::Reopen(r) => match ctx.registry.get(ctx.conn, r.fetch_id) {
-            Ok(dest) => match dest.buffer_message(r.req) {
+            Ok(dest) => match buffer_message(r.req, r.fetch_id, &dest) {
                 Some((m, fds)) => ctx.out.send(m, fds),
                 None => ctx.out.error(
                     Some(r.req),
@@ -288,13 +285,6 @@ fn dispatch(ctx: &Arc<Ctx>, msg: Message, fds: Vec<OwnedFd>, tasks: &mut JoinSet
 fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
     let req = f.req;
     let refuse = |code, m: String| ctx.out.error(Some(req), code, m);
-    let device = match f.layout.memory {
-        MemoryKind::Host => None,
-        MemoryKind::Gpu(n) => match open_device(&ctx.gpus, n) {
-            Ok(d) => Some(d),
-            Err(e) => return ctx.out.serve_error(req, &e),
-        },
-    };
     if f.token_ids.is_empty() {
         return refuse(ErrorCode::BadRequest, "no token ids".into());
     }
@@ -307,22 +297,9 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
         return refuse(ErrorCode::BadRequest, e.to_string());
     }
     let fetch_id = ctx.registry.new_fetch_id();
-    let dest = match device {
-        None => FetchDest::Host(Arc::new(HostDestination::new(
-            req,
-            fetch_id,
-            f.layout,
-            ctx.opts.max_buffer_bytes,
-            ctx.out.clone(),
-        ))),
-        Some(device) => FetchDest::Gpu(Arc::new(GpuDestination::new(
-            req,
-            fetch_id,
-            f.layout,
-            ctx.opts.max_buffer_bytes,
-            ctx.out.clone(),
-            device,
-        ))),
+    let dest = match ctx.buffers.for_fetch(fetch_id, f.layout) {
+        Ok(d) => d,
+        Err(e) => return ctx.out.serve_error(req, &e.into()),
     };
     let handle = Handle {
         owner: ctx.conn,
@@ -333,7 +310,7 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
     let (per_client, total) = (ctx.opts.max_fetches_per_client, ctx.opts.max_fetches);
     if let Err(limit) = ctx.registry.try_insert(fetch_id, handle, per_client, total) {
         if let FetchLimit::Total { .. } = limit {
-            ctx.gpus.metrics().local_refusals.max_fetches.add(1);
+            ctx.buffers.metrics().local_refusals.max_fetches.add(1);
             tracing::warn!(conn = ctx.conn, pid = ?ctx.peer.pid, uid = ctx.peer.uid, "fetch refused: {limit}");
         }
         return refuse(ErrorCode::Busy, limit.to_string());
@@ -342,20 +319,35 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
     // Not in the connection's JoinSet: the registry owns the task's abort handle, so a release
     // or the disconnect cancels it.
     let task = tokio::spawn(async move {
-        let d = dest.as_dyn();
-        let res = c.backend.fetch(&f.model, &f.token_ids, &f.layout, d).await;
-        match res {
+        let (events, mut reported) = FetchEvents::channel();
+        let fetch = c.backend.fetch(
+            &f.model,
+            &f.token_ids,
+            &f.layout,
+            dest.destination(),
+            events,
+        );
+        tokio::pin!(fetch);
+        // Events first, so every one the fetch reported is told before its end.
+        let res = loop {
+            tokio::select! {
+                biased;
+                Some(e) = reported.recv() => announce(&c, req, fetch_id, &dest, e),
+                res = &mut fetch => break res,
+            }
+        };
+        while let Ok(e) = reported.try_recv() {
+            announce(&c, req, fetch_id, &dest, e);
+        }
+        let end = match res {
             Ok(o) if dest.is_allocated() => {
                 c.registry.record_done(o.tokens);
-                c.out.send(
-                    Message::FetchDone(FetchDone {
-                        req,
-                        fetch_id,
-                        tokens: o.tokens,
-                        bytes_on_wire: o.bytes_on_wire,
-                    }),
-                    vec![],
-                );
+                Message::FetchDone(FetchDone {
+                    req,
+                    fetch_id,
+                    tokens: o.tokens,
+                    bytes_on_wire: o.bytes_on_wire,
+                })
             }
             Ok(o) => {
                 c.registry.finish_failed(fetch_id);
@@ -364,31 +356,65 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
                 } else {
                     (ErrorCode::Internal, "backend wrote no buffer".to_string())
                 };
-                c.out.send(
-                    Message::FetchFailed(FetchFailed {
-                        req,
-                        fetch_id,
-                        code,
-                        message,
-                    }),
-                    vec![],
-                );
+                Message::FetchFailed(FetchFailed {
+                    req,
+                    fetch_id,
+                    code,
+                    message,
+                })
             }
             Err(e) => {
                 c.registry.finish_failed(fetch_id);
-                c.out.send(
-                    Message::FetchFailed(FetchFailed {
-                        req,
+                Message::FetchFailed(FetchFailed {
+                    req,
+                    fetch_id,
+                    code: e.code(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        c.out.send(end, vec![]);
+    });
+    ctx.registry.set_task(fetch_id, task.abort_handle());
+}
+
+/// Tells the client what a fetch reported: where its buffer is, which layers are ready.
+fn announce(ctx: &Ctx, req: u64, fetch_id: u64, dest: &FetchBuffer, event: FetchEvent) {
+    match event {
+        FetchEvent::Allocated(_) => match buffer_message(req, fetch_id, dest) {
+            Some((m, fds)) => ctx.out.send(m, fds),
+            None => tracing::warn!(fetch_id, "an allocated buffer could not be shared"),
+        },
+        FetchEvent::LayersReady(layers) => {
+            let Some(shared) = dest.shared() else { return };
+            let end = layers.end.min(shared.shape.num_layers);
+            if layers.start < end {
+                ctx.out.send(
+                    Message::LayersReady(LayersReady {
                         fetch_id,
-                        code: e.code(),
-                        message: e.to_string(),
+                        start: layers.start,
+                        end,
                     }),
                     vec![],
                 );
             }
         }
+    }
+}
+
+/// The `FetchBuffer` message that lets the client map `dest`, with its fds, once allocated.
+fn buffer_message(req: u64, fetch_id: u64, dest: &FetchBuffer) -> Option<(Message, Vec<OwnedFd>)> {
+    let s = dest.shared()?;
+    let layout = dest.layout();
+    let msg = Message::FetchBuffer(BufferMessage {
+        req,
+        fetch_id,
+        shape: s.shape,
+        layout,
+        len: s.len,
+        memory: s.memory,
     });
-    ctx.registry.set_task(fetch_id, task.abort_handle());
+    Some((msg, s.fds))
 }
 
 /// The bytes of a save: the client's sealed memfd mapped in place, or a private copy.
@@ -403,16 +429,6 @@ impl SaveData {
             SaveData::Mapped(m) => m,
             SaveData::Copied(v) => v,
         }
-    }
-}
-
-/// Device `n`, opened on first use. Opening loads the driver and JITs the kernels once per
-/// device, so on a multi-threaded runtime it runs in place of a worker rather than stalling one.
-fn open_device(gpus: &GpuDevices, n: u32) -> Result<Arc<GpuDevice>, ServeError> {
-    let open = || gpus.device(n as usize).map_err(ServeError::from);
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(open),
-        _ => open(),
     }
 }
 
@@ -482,58 +498,16 @@ async fn save(ctx: &Ctx, s: Save, fd: Option<OwnedFd>) -> Result<u32, ServeError
 /// handle, copies the bytes to the host, and saves them like a host buffer. The client must
 /// have finished writing them (synchronised its stream) before sending the request.
 async fn gpu_save(ctx: &Ctx, s: &Save, n: u32, fd: Option<OwnedFd>) -> Result<u32, ServeError> {
-    let bad = |m: String| Err(ServeError::BadRequest(m));
     let Some(src) = &s.gpu else {
-        return bad("a gpu save needs a gpu source".into());
+        return Err(ServeError::BadRequest(
+            "a gpu save needs a gpu source".into(),
+        ));
     };
     if fd.is_some() {
-        return bad("a gpu save carries no fd".into());
+        return Err(ServeError::BadRequest("a gpu save carries no fd".into()));
     }
-    if src.device != n {
-        return bad(format!(
-            "gpu source is on gpu:{}, layout says gpu:{n}",
-            src.device
-        ));
-    }
-    let Ok(handle) = <[u8; 64]>::try_from(src.mem_handle.as_slice()) else {
-        return bad(format!(
-            "mem_handle is {} bytes, a cuda ipc handle is 64",
-            src.mem_handle.len()
-        ));
-    };
     let len = save_len(ctx, s)?;
-    if src.len != len as u64 {
-        return bad(format!(
-            "gpu source is {} bytes, layout needs {len}",
-            src.len
-        ));
-    }
-    let Some(end) = usize::try_from(src.offset)
-        .ok()
-        .and_then(|o| o.checked_add(len))
-    else {
-        return bad("gpu source offset overflows".into());
-    };
-    let offset = end - len;
-    let device = open_device(&ctx.gpus, n)?;
-    let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ServeError> {
-        let unreadable = |e: crate::gpu::GpuError| {
-            ServeError::BadRequest(format!("cannot read the gpu source: {e}"))
-        };
-        let imported = ImportedBuffer::open(device.cuda(), handle, end).map_err(unreadable)?;
-        // Check the range against the real allocation before allocating the copy.
-        let real = imported.allocation_len().map_err(unreadable)?;
-        if end > real {
-            return Err(ServeError::BadRequest(format!(
-                "gpu source range ends at {end}, the allocation holds {real} bytes"
-            )));
-        }
-        let mut v = vec![0u8; len];
-        imported.read_at(offset, &mut v).map_err(unreadable)?;
-        Ok(v)
-    })
-    .await
-    .map_err(|e| ServeError::Internal(e.to_string()))??;
+    let data = ctx.buffers.read_gpu_save(n, src, len).await?;
     let host = kvfetcher_protocol::TargetLayout {
         memory: MemoryKind::Host,
         ..s.layout

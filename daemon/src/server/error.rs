@@ -2,6 +2,8 @@
 
 use kvfetcher_protocol::ErrorCode;
 
+use crate::buffers::BufferError;
+
 /// An error of the local server or of a [`crate::server::Backend`] call.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -46,46 +48,16 @@ impl ServeError {
     }
 }
 
-impl From<crate::gpu::DeviceError> for ServeError {
-    fn from(e: crate::gpu::DeviceError) -> Self {
-        ServeError::GpuUnsupported(e.to_string())
+impl From<BufferError> for ServeError {
+    fn from(e: BufferError) -> Self {
+        match e {
+            BufferError::Invalid(m) => ServeError::BadRequest(m),
+            BufferError::GpuUnsupported(m) => ServeError::GpuUnsupported(m),
+            BufferError::Exhausted(m) => ServeError::Unavailable(m),
+            BufferError::Io(e) => ServeError::Io(e),
+            e @ (BufferError::Gpu { .. } | BufferError::Internal(_)) => {
+                ServeError::Internal(e.to_string())
+            }
+        }
     }
-}
-
-/// The buffer length of `layout` for `shape`, refused when it is empty or above `max_bytes`:
-/// the checks every destination makes before allocating.
-pub(crate) fn checked_buffer_len(
-    layout: &kvfetcher_protocol::TargetLayout,
-    shape: &kvfetcher_protocol::KvShape,
-    max_bytes: u64,
-) -> Result<usize, ServeError> {
-    let len = layout
-        .checked_buffer_len(shape)
-        .map_err(|e| ServeError::BadRequest(e.to_string()))?;
-    if len == 0 {
-        return Err(ServeError::BadRequest("empty shape".into()));
-    }
-    if len as u64 > max_bytes {
-        return Err(ServeError::BadRequest(format!(
-            "buffer of {len} bytes exceeds the limit of {max_bytes}"
-        )));
-    }
-    Ok(len)
-}
-
-/// The end of a write of `len` bytes at `offset` into a buffer of `buf_len` bytes, refused
-/// when it does not fit: the bounds check of every destination's `write`.
-pub(crate) fn checked_write_end(
-    offset: usize,
-    len: usize,
-    buf_len: usize,
-) -> Result<usize, ServeError> {
-    offset
-        .checked_add(len)
-        .filter(|&e| e <= buf_len)
-        .ok_or_else(|| {
-            ServeError::BadRequest(format!(
-                "write of {len} bytes at {offset} outside a {buf_len} byte buffer"
-            ))
-        })
 }

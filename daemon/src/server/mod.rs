@@ -1,26 +1,23 @@
 //! The daemon's local Unix-socket server: accepts engine connections, speaks the local protocol
-//! of `kvfetcher_protocol`, hands requests to a [`Backend`] and shares restored buffers
-//! as memfds.
+//! of `kvfetcher_protocol`, hands requests to a [`Backend`], and tells clients where their
+//! fetch buffers (`crate::buffers`) are and what the fetch reports. The only code that writes
+//! protocol messages.
 //!
 //! - `accept_backoff`: waiting out fd or memory exhaustion in the accept loop.
 //! - `admission`: pending handshakes and connected clients, and their caps.
-//! - `backend`: the [`Backend`] / [`Destination`] interface to the fetch pipeline.
+//! - `backend`: the [`Backend`] interface to the fetch pipeline and its [`FetchEvent`]s.
 //! - `error`: [`ServeError`].
 //! - `hello`: a connection's handshake, and the refusal a client without a place can read.
 //! - `conn`: one connection's life: handshake, admission, read loop and writer.
 //! - `outbox`: a connection's bounded reply queue and the signal that cuts it off.
 //! - `registry`: live fetch handles, their owners, access checks and counters.
-//! - `host_buffer`: the memfd [`Destination`].
-//! - `gpu_buffer`: the device-memory [`Destination`] (CUDA IPC handle, one event per layer).
 
 mod accept_backoff;
 mod admission;
 mod backend;
 mod conn;
 mod error;
-mod gpu_buffer;
 mod hello;
-mod host_buffer;
 mod outbox;
 mod registry;
 mod save_access;
@@ -32,10 +29,10 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::task::JoinSet;
 
-use crate::gpu::{GpuDevices, GpuOptions};
+use crate::buffers::{Buffers, GpuDevices, GpuOptions};
 use crate::metrics::Metrics;
 
-pub use backend::{Backend, BoxFuture, Destination, DeviceRegion, FetchOutcome};
+pub use backend::{Backend, BoxFuture, FetchEvent, FetchEvents, FetchOutcome};
 pub use error::ServeError;
 pub use save_access::SaveAccess;
 
@@ -134,6 +131,7 @@ pub async fn serve_with(
     let registry = Arc::new(registry::Registry::default());
     let handshakes = admission::Handshakes::new(opts.max_handshakes);
     let metrics = gpus.metrics().clone();
+    let buffers = Arc::new(Buffers::new(gpus, opts.max_buffer_bytes));
     let mut conns = JoinSet::new();
     let mut backoff = accept_backoff::AcceptBackoff::default();
     // When to accept again after a resource error (connections keep being served meanwhile).
@@ -162,7 +160,7 @@ pub async fn serve_with(
                         backend.clone(),
                         registry.clone(),
                         opts.clone(),
-                        gpus.clone(),
+                        buffers.clone(),
                         slot,
                     ));
                 }

@@ -2,52 +2,14 @@
 //! counters. Access checks live here: a handle answers only to its owner.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvfetcher_protocol::{DaemonStats, ErrorCode, Message, PeerCred};
+use kvfetcher_protocol::{DaemonStats, ErrorCode, PeerCred};
 use tokio::task::AbortHandle;
 
 use super::admission::ClientTable;
-use super::gpu_buffer::GpuDestination;
-use super::host_buffer::HostDestination;
-use super::Destination;
-
-/// Where a fetch writes: a memfd or device memory.
-#[derive(Debug, Clone)]
-pub(crate) enum FetchDest {
-    /// Host memory shared by fd.
-    Host(Arc<HostDestination>),
-    /// GPU memory shared by CUDA IPC handles.
-    Gpu(Arc<GpuDestination>),
-}
-
-impl FetchDest {
-    /// The `FetchBuffer` message for request `req` and the fds that go with it, once allocated.
-    pub(crate) fn buffer_message(&self, req: u64) -> Option<(Message, Vec<OwnedFd>)> {
-        match self {
-            FetchDest::Host(d) => d.buffer_message(req).map(|(m, f)| (m, vec![f.into()])),
-            FetchDest::Gpu(d) => d.buffer_message(req).map(|m| (m, vec![])),
-        }
-    }
-
-    /// Whether the buffer was allocated.
-    pub(crate) fn is_allocated(&self) -> bool {
-        match self {
-            FetchDest::Host(d) => d.is_allocated(),
-            FetchDest::Gpu(d) => d.is_allocated(),
-        }
-    }
-
-    /// The destination the backend writes to.
-    pub(crate) fn as_dyn(&self) -> Arc<dyn Destination> {
-        match self {
-            FetchDest::Host(d) => d.clone(),
-            FetchDest::Gpu(d) => d.clone(),
-        }
-    }
-}
+use crate::buffers::FetchBuffer;
 
 /// One live fetch.
 #[derive(Debug)]
@@ -57,7 +19,7 @@ pub(crate) struct Handle {
     /// The owner's credentials, as recorded at accept.
     pub(crate) peer: PeerCred,
     /// Where it writes.
-    pub(crate) dest: FetchDest,
+    pub(crate) dest: FetchBuffer,
     /// Its task, aborted on release or disconnect.
     pub(crate) task: Option<AbortHandle>,
 }
@@ -213,7 +175,7 @@ impl Registry {
     }
 
     /// The destination of `fetch_id`, if `conn` owns it.
-    pub(crate) fn get(&self, conn: u64, fetch_id: u64) -> Result<FetchDest, AccessError> {
+    pub(crate) fn get(&self, conn: u64, fetch_id: u64) -> Result<FetchBuffer, AccessError> {
         match self.lock().get(&fetch_id) {
             None => Err(AccessError::Unknown),
             Some(h) if h.owner != conn => Err(refuse(h, conn, fetch_id)),

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use kvfetcher::buffers::Destination;
 use kvfetcher::gpu::{GpuDevices, GpuOptions};
 use kvfetcher::metrics::Metrics;
 use kvfetcher::server::{
-    serve_with, Backend, BoxFuture, Destination, FetchOutcome, ServeError, ServeOptions,
+    serve_with, Backend, BoxFuture, FetchEvent, FetchEvents, FetchOutcome, ServeError, ServeOptions,
 };
 use kvfetcher_kv::{DType, KvFile};
 use kvfetcher_protocol::{KvDType, KvShape, Paging, TargetLayout, TokenOrder};
@@ -157,6 +158,7 @@ impl Backend for MemBackend {
         token_ids: &'a [u32],
         layout: &'a TargetLayout,
         dest: Arc<dyn Destination>,
+        events: FetchEvents,
     ) -> BoxFuture<'a, Result<FetchOutcome, ServeError>> {
         Box::pin(async move {
             let _flag = DropFlag(self.fetch_dropped.clone());
@@ -175,6 +177,7 @@ impl Backend for MemBackend {
                 head_dim: kv.dim,
             };
             dest.allocate(&shape)?;
+            events.report(FetchEvent::Allocated(shape));
             self.writes.lock().unwrap().clear();
             let dt = kv_dtype(layout.dtype);
             let d = kv.dim as usize;
@@ -195,7 +198,8 @@ impl Backend for MemBackend {
                         }
                     }
                 }
-                dest.layers_ready(l..l + 1);
+                dest.layers_written(l..l + 1);
+                events.report(FetchEvent::LayersReady(l..l + 1));
                 tokio::task::yield_now().await;
             }
             Ok(FetchOutcome {

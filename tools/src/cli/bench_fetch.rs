@@ -30,11 +30,12 @@ use kvfetcher_codec::{
 use kvfetcher_kv::{DType, KvCache, KvFile};
 
 use super::local_stack::LocalStore;
+use kvfetcher::buffers::{BufferError, Destination, DeviceRegion};
 use kvfetcher::config::{FetchConfig, SaveConfig};
 use kvfetcher::gpu::{DeviceBuffer, FrameFormat, GpuDevice, GpuDevices, GpuOptions, HostWait};
 use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{encode_config, place_cache, restore_section_into, Pipeline, SectionJob};
-use kvfetcher::server::{Backend, Destination, DeviceRegion, ServeError};
+use kvfetcher::server::{Backend, FetchEvents};
 use kvfetcher::transport::StoreClient;
 
 /// Arguments of `kvfetcher-bench fetch`.
@@ -116,16 +117,16 @@ struct TimedDest {
     first: Mutex<Option<Duration>>,
 }
 
-fn poisoned<T>(_: T) -> ServeError {
-    ServeError::Internal("poisoned".into())
+fn poisoned<T>(_: T) -> BufferError {
+    BufferError::Internal("poisoned".into())
 }
 
-fn gpu_error(e: kvfetcher::gpu::GpuError) -> ServeError {
-    ServeError::Internal(e.to_string())
+fn gpu_error(e: kvfetcher::gpu::GpuError) -> BufferError {
+    BufferError::Internal(e.to_string())
 }
 
 impl Destination for TimedDest {
-    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
+    fn allocate(&self, shape: &KvShape) -> Result<(), BufferError> {
         let len = self.layout.buffer_len(shape);
         match &self.memory {
             Memory::Host(buf) => *buf.lock().map_err(poisoned)? = vec![0u8; len],
@@ -133,32 +134,32 @@ impl Destination for TimedDest {
                 let b = dev.cuda().alloc(len).map_err(gpu_error)?;
                 b.fill(0).map_err(gpu_error)?;
                 buf.set(b)
-                    .map_err(|_| ServeError::Internal("allocated twice".into()))?;
+                    .map_err(|_| BufferError::Internal("allocated twice".into()))?;
             }
         }
         Ok(())
     }
 
-    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
+    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), BufferError> {
         match &self.memory {
             Memory::Host(buf) => {
                 let mut buf = buf.lock().map_err(poisoned)?;
                 let end = offset
                     .checked_add(bytes.len())
                     .filter(|&e| e <= buf.len())
-                    .ok_or_else(|| ServeError::BadRequest("write out of bounds".into()))?;
+                    .ok_or_else(|| BufferError::Invalid("write out of bounds".into()))?;
                 buf[offset..end].copy_from_slice(bytes);
                 Ok(())
             }
             Memory::Gpu(_, buf) => buf
                 .get()
-                .ok_or_else(|| ServeError::Internal("write before allocate".into()))?
+                .ok_or_else(|| BufferError::Internal("write before allocate".into()))?
                 .write_at(offset, bytes)
                 .map_err(gpu_error),
         }
     }
 
-    fn layers_ready(&self, layers: Range<u32>) {
+    fn layers_written(&self, layers: Range<u32>) {
         if layers.start == 0 {
             if let Ok(mut f) = self.first.lock() {
                 f.get_or_insert(self.start.elapsed());
@@ -449,7 +450,13 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
                 first: Mutex::new(None),
             });
             let out = pipeline
-                .fetch("bench-pipeline", &ids, &target, dest.clone())
+                .fetch(
+                    "bench-pipeline",
+                    &ids,
+                    &target,
+                    dest.clone(),
+                    FetchEvents::ignored(),
+                )
                 .await?;
             let total = start.elapsed();
             let first_layer = dest.first.lock().ok().and_then(|f| *f).unwrap_or(total);

@@ -1,22 +1,24 @@
-//! A fetch's GPU destination: device memory the server allocates (`cuMemAlloc`, for this fetch
-//! alone) once the shape is known, zeroes, and shares with the client as a CUDA IPC handle,
-//! with one interprocess event per layer.
+//! A fetch's GPU buffer: device memory allocated (`cuMemAlloc`, for this fetch alone) once the
+//! shape is known, zeroed, and shared with the client as a CUDA IPC handle, with one
+//! interprocess event per layer; and the import of a GPU save's source.
 //!
-//! Ordering contract with the client: before `LayersReady { start, end }` is queued, event `l`
-//! of every layer in `start..end` has been recorded on this destination's stream, after every
-//! write to those layers (sections restored by the kernels synchronise their own stream; bytes
-//! copied by [`Destination::write`] are waited for here). The client then `cuStreamWaitEvent`s.
+//! Ordering contract with the client: `layers_written` records event `l` of every layer in
+//! the range on this buffer's stream, after every write to those layers (sections restored by
+//! the kernels synchronise their own stream; bytes copied by [`Destination::write`] are waited
+//! for here), and the pipeline reports `LayersReady` only after it returns. The client then
+//! `cuStreamWaitEvent`s.
 //! The memory and events live as long as the destination: the registry's handle and every
 //! in-flight section hold it, so a release or a disconnect frees them after the last section.
 
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
-use kvfetcher_protocol::{BufferMemory, FetchBuffer, KvShape, LayersReady, Message, TargetLayout};
+use kvfetcher_protocol::{BufferMemory, KvShape, TargetLayout};
 
-use super::backend::DeviceRegion;
-use super::outbox::Outbox;
-use super::{Destination, ServeError};
+use super::{
+    checked_buffer_len, checked_write_end, BufferError, Destination, DeviceRegion, Shared,
+};
+use crate::gpu::ipc::ImportedBuffer;
 use crate::gpu::{DeviceBuffer, Event, GpuDevice, GpuError, Stream};
 
 /// The allocated part of a [`GpuDestination`].
@@ -40,12 +42,10 @@ impl Drop for Allocated {
 }
 
 /// A device-memory [`Destination`] for one fetch of one client.
-pub(crate) struct GpuDestination {
-    req: u64,
+pub struct GpuDestination {
     fetch_id: u64,
     layout: TargetLayout,
     max_bytes: u64,
-    out: Outbox,
     device: Arc<GpuDevice>,
     alloc: OnceLock<Allocated>,
 }
@@ -60,56 +60,54 @@ impl std::fmt::Debug for GpuDestination {
     }
 }
 
-fn gpu_failed(what: &str, e: GpuError) -> ServeError {
+fn gpu_failed(what: &'static str, e: GpuError) -> BufferError {
     match &e {
         GpuError::Cuda { code: 2, .. } => {
-            ServeError::Unavailable(format!("{what}: out of device memory ({e})"))
+            BufferError::Exhausted(format!("{what}: out of device memory ({e})"))
         }
-        _ => ServeError::Internal(format!("{what}: {e}")),
+        _ => BufferError::Gpu { what, source: e },
     }
 }
 
 impl GpuDestination {
-    /// A destination on `device` for fetch `fetch_id` (request `req`) whose announcements go
-    /// to `out`.
-    pub(crate) fn new(
-        req: u64,
+    /// An unallocated buffer on `device` for fetch `fetch_id` in `layout`, at most `max_bytes`.
+    pub(super) fn new(
         fetch_id: u64,
         layout: TargetLayout,
         max_bytes: u64,
-        out: Outbox,
         device: Arc<GpuDevice>,
     ) -> Self {
         GpuDestination {
-            req,
             fetch_id,
             layout,
             max_bytes,
-            out,
             device,
             alloc: OnceLock::new(),
         }
     }
 
-    /// The `FetchBuffer` message (no fd travels: the handles are in it), once allocated.
-    pub(crate) fn buffer_message(&self, req: u64) -> Option<Message> {
+    /// The shape, length and IPC handles of the buffer (no fd travels), once allocated.
+    pub(super) fn shared(&self) -> Option<Shared> {
         let a = self.alloc.get()?;
-        Some(Message::FetchBuffer(FetchBuffer {
-            req,
-            fetch_id: self.fetch_id,
+        Some(Shared {
             shape: a.shape,
-            layout: self.layout,
             len: a.buffer.len() as u64,
             memory: BufferMemory::GpuIpc {
                 device: self.device.ordinal() as u32,
                 mem_handle: a.mem_handle.to_vec(),
                 event_handles: a.event_handles.clone(),
             },
-        }))
+            fds: vec![],
+        })
+    }
+
+    /// The layout the buffer is in.
+    pub(super) fn layout(&self) -> TargetLayout {
+        self.layout
     }
 
     /// Whether `allocate` succeeded.
-    pub(crate) fn is_allocated(&self) -> bool {
+    pub(super) fn is_allocated(&self) -> bool {
         self.alloc.get().is_some()
     }
 
@@ -144,30 +142,25 @@ impl GpuDestination {
 }
 
 impl Destination for GpuDestination {
-    fn allocate(&self, shape: &KvShape) -> Result<(), ServeError> {
-        let len = super::error::checked_buffer_len(&self.layout, shape, self.max_bytes)?;
+    fn allocate(&self, shape: &KvShape) -> Result<(), BufferError> {
+        let len = checked_buffer_len(&self.layout, shape, self.max_bytes)?;
         if self.is_allocated() {
-            return Err(ServeError::Internal("destination allocated twice".into()));
+            return Err(BufferError::Internal("buffer allocated twice".into()));
         }
         let a = self
             .make(shape, len)
             .map_err(|e| gpu_failed("allocating the gpu buffer", e))?;
         self.alloc
             .set(a)
-            .map_err(|_| ServeError::Internal("destination allocated twice".into()))?;
-        let msg = self
-            .buffer_message(self.req)
-            .ok_or_else(|| ServeError::Internal("cannot share the buffer".into()))?;
-        self.out.send(msg, vec![]);
-        Ok(())
+            .map_err(|_| BufferError::Internal("buffer allocated twice".into()))
     }
 
-    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), ServeError> {
+    fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), BufferError> {
         let a = self
             .alloc
             .get()
-            .ok_or_else(|| ServeError::Internal("write before allocate".into()))?;
-        super::error::checked_write_end(offset, bytes.len(), a.buffer.len())?;
+            .ok_or_else(|| BufferError::Internal("write before allocate".into()))?;
+        checked_write_end(offset, bytes.len(), a.buffer.len())?;
         // Synchronous: the bytes have landed when it returns (`DeviceBuffer::write_at`), so
         // the layer events recorded later cover them.
         a.buffer
@@ -175,7 +168,7 @@ impl Destination for GpuDestination {
             .map_err(|e| gpu_failed("writing the gpu buffer", e))
     }
 
-    fn layers_ready(&self, layers: Range<u32>) {
+    fn layers_written(&self, layers: Range<u32>) {
         let Some(a) = self.alloc.get() else { return };
         let end = layers.end.min(a.shape.num_layers);
         if layers.start >= end {
@@ -195,14 +188,6 @@ impl Destination for GpuDestination {
                 );
             }
         }
-        self.out.send(
-            Message::LayersReady(LayersReady {
-                fetch_id: self.fetch_id,
-                start: layers.start,
-                end,
-            }),
-            vec![],
-        );
     }
 
     fn device(&self) -> Option<DeviceRegion<'_>> {
@@ -212,4 +197,26 @@ impl Destination for GpuDestination {
             buffer: &a.buffer,
         })
     }
+}
+
+/// Copies `offset..end` of the client allocation behind CUDA IPC `handle` on `device` to the
+/// host, after checking the range against the allocation's real size.
+pub(super) fn read_imported(
+    device: &GpuDevice,
+    handle: [u8; 64],
+    offset: usize,
+    end: usize,
+) -> Result<Vec<u8>, BufferError> {
+    let unreadable = |e: GpuError| BufferError::Invalid(format!("cannot read the gpu source: {e}"));
+    let imported = ImportedBuffer::open(device.cuda(), handle, end).map_err(unreadable)?;
+    // Check the range against the real allocation before allocating the copy.
+    let real = imported.allocation_len().map_err(unreadable)?;
+    if end > real {
+        return Err(BufferError::Invalid(format!(
+            "gpu source range ends at {end}, the allocation holds {real} bytes"
+        )));
+    }
+    let mut v = vec![0u8; end - offset];
+    imported.read_at(offset, &mut v).map_err(unreadable)?;
+    Ok(v)
 }
