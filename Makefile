@@ -59,10 +59,13 @@ python: python-deps
 	build/pyenv/bin/python -m pip install --quiet --no-deps --force-reinstall build/wheels/kvfetcher-0.1.0-cp39-abi3-*.whl
 
 ## Lints the package's Rust side, then its tests against a real store and daemon (CPU torch),
-## the transformers test on SmolLM2 included (compared with llama.cpp's capture: needs `engine`).
-test-python: python models engine
+## the transformers test on SmolLM2 included (compared with llama.cpp's capture through
+## kvf-llama, built against the debug client as test-llama does: no release build needed).
+test-python: python models
 	cd python && $(CARGO) fmt -- --check && $(CARGO) clippy --locked --all-targets -- -D warnings
-	$(CARGO) build --locked -p kvfetcher --bin kvfetcher
+	scripts/llama-build.sh
+	$(CARGO) build --locked -p kvfetcher -p kvfetcher-c
+	$(MAKE) -s -C examples/llama KVF_LIB=$(CURDIR)/target/debug
 	build/pyenv/bin/python -m pytest -q -p no:cacheprovider python/tests
 
 fuzz:
