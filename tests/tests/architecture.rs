@@ -189,3 +189,24 @@ fn daemon_modules_import_only_downward() {
         }
     }
 }
+
+#[test]
+fn the_python_package_links_only_the_client() {
+    // python/ is its own cargo project (maturin), outside the workspace's metadata.
+    let manifest =
+        std::fs::read_to_string(repo_root().join("python/Cargo.toml")).expect("python/Cargo.toml");
+    let deps = manifest
+        .split("[dependencies]")
+        .nth(1)
+        .expect("a [dependencies] table")
+        .split("\n[")
+        .next()
+        .unwrap_or_default();
+    assert!(deps.contains("path = \"../client-rs\""), "{deps}");
+    for forbidden in ["../daemon", "../codec", "../kv\"", "../tools"] {
+        assert!(
+            !deps.contains(forbidden),
+            "the Python package links {forbidden}: clients stay free of the daemon and the codec"
+        );
+    }
+}
