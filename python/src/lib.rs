@@ -194,12 +194,14 @@ impl PyClient {
         let gpu = match dev.device_type {
             DEVICE_CPU => None,
             DEVICE_CUDA => Some(dev.device_id as u32),
-            other => return Err(invalid(
-                py,
-                format!(
+            other => {
+                return Err(invalid(
+                    py,
+                    format!(
                     "tensors must be in host (cpu) or CUDA memory, not DLPack device type {other}"
                 ),
-            )),
+                ))
+            }
         };
         let layout = layout(py, dtype, order, block_tokens, gpu)?;
         match t.kv_dtype() {
