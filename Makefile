@@ -64,7 +64,7 @@ python: python-deps
 test-python: python models
 	cd python && $(CARGO) fmt -- --check && $(CARGO) clippy --locked --all-targets -- -D warnings
 	scripts/llama-build.sh
-	$(CARGO) build --locked -p kvfetcher -p kvfetcher-c
+	$(CARGO) build --locked -p kvfetcher -p kvfetcher-tools -p kvfetcher-c
 	$(MAKE) -s -C examples/llama KVF_LIB=$(CURDIR)/target/debug
 	build/pyenv/bin/python -m pytest -q -p no:cacheprovider python/tests
 

@@ -8,7 +8,7 @@
 
 The model is any transformers causal LM given as a GGUF file (transformers dequantizes it
 through the `gguf` package) or a checkpoint folder; shapes come from its config. Token ids
-come from --tokens-file (one line of ids, e.g. from `kvfetcher kv capture`) or --text.
+come from --tokens-file (one line of ids, e.g. from `kvfetcher-bench kv capture`) or --text.
 Output: one JSON object on stdout.
 
   python hf_generate.py --gguf build/models/SmolLM2-135M-Instruct.Q4_1.gguf --socket S --text doc.txt --prefix 96 --save

@@ -46,11 +46,13 @@ class Stack:
     certs: Path
     procs: List[subprocess.Popen] = field(default_factory=list)
 
-    def run(self, *args: str) -> str:
-        """Runs the kvfetcher CLI; returns its stdout."""
-        r = subprocess.run([str(self.bin), *args], capture_output=True, text=True, timeout=300)
+    def run(self, *args: str, tool: str = "kvfetcher") -> str:
+        """Runs the kvfetcher CLI (or `tool`, e.g. kvfetcher-bench, built beside it); returns
+        its stdout."""
+        exe = self.bin.with_name(tool)
+        r = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
-            raise AssertionError(f"kvfetcher {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+            raise AssertionError(f"{tool} {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
         return r.stdout
 
     def stop(self) -> None:
@@ -75,7 +77,12 @@ def start_stack(base: Path, bits: int = 16, chunk_tokens: int = 16) -> Stack:
     mport = free_port(socket.SOCK_STREAM)
     store_log = open(base / "store.log", "wb")
     store = subprocess.Popen(
-        [str(kvf), "store", "--listen", f"127.0.0.1:{sport}", "--data-dir", str(base / "data"), "--cert-dir", str(certs)],
+        [
+                str(kvf), "store", "--listen", f"127.0.0.1:{sport}", "--data-dir", str(base / "data"),
+                "--cert-dir", str(certs),
+                # Loopback, one test user: no client credentials (docs/SECURITY.md).
+                "--insecure-open-writes",
+            ],
         stdout=store_log,
         stderr=subprocess.STDOUT,
     )

@@ -64,9 +64,10 @@ def test_fetched_prefix_generates_what_a_full_prefill_does(exact_stack, tmp_path
 
     have_engine = ENGINE.is_file()
     if have_engine:
-        # llama.cpp's own K/V and token ids for the document (kvfetcher kv capture --gguf).
+        # llama.cpp's own K/V and token ids for the document (kvfetcher-bench kv capture --gguf).
         exact_stack.run("kv", "capture", "--gguf", str(GGUF), "--engine", str(ENGINE), "--text", str(TEXT),
-                        "--tokens", str(PROMPT), "--out", str(tmp_path / "llama.safetensors"))
+                        "--tokens", str(PROMPT), "--out", str(tmp_path / "llama.safetensors"),
+                        tool="kvfetcher-bench")
         cap = load_file(str(tmp_path / "llama.safetensors"))
         ids = cap["token_ids"].tolist()
     else:
