@@ -2,7 +2,7 @@
 """Converts a llama2.c checkpoint (stories260K.bin) to a GGUF file that llama.cpp loads.
 
 Usage:
-    python3 scripts/convert-stories-gguf.py [--model ../shared/data/stories260K.bin]
+    python3 scripts/convert-stories-gguf.py [--model data/stories260K.bin]
                                             [--out build/llama/stories260K.gguf]
 
 What it writes, following llama.cpp's own examples/convert-llama2c-to-ggml (read in the vendored
@@ -137,7 +137,7 @@ def llama2c_vocab(gguf, path, n_vocab):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=os.path.join(ROOT, "../shared/data/stories260K.bin"))
+    ap.add_argument("--model", default=os.path.join(ROOT, "data/stories260K.bin"))
     ap.add_argument("--out", default=os.path.join(ROOT, "build/llama/stories260K.gguf"))
     ap.add_argument("--vocab", help="llama2.c tokenizer.bin (default: placeholder vocab)")
     ap.add_argument("--permute-qk", action="store_true",

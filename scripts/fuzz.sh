@@ -3,7 +3,7 @@
 # for its share of SECONDS (default 60, split evenly, at least 1 s each), so the total stays
 # SECONDS:
 #   parse_chunk   the chunk object parser and decoders, from a seed corpus of real chunk objects
-#                 encoded from shared/data/codelm-kv-a.safetensors
+#                 encoded from data/codelm-kv-a.safetensors
 #   local_frames  the local protocol's hello, framing, messages and fd pairing
 #   store_wire    the store wire protocol's request and response decoding
 #   layout_math   the byte arithmetic of restored buffers (TargetLayout)
@@ -14,7 +14,7 @@ set -euo pipefail
 
 secs="${1:-60}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-data="$root/../shared/data/codelm-kv-a.safetensors"
+data="$root/data/codelm-kv-a.safetensors"
 targets=(parse_chunk local_frames store_wire layout_math)
 share=$(( secs / ${#targets[@]} ))
 (( share >= 1 )) || share=1

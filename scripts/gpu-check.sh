@@ -7,10 +7,10 @@
 # Expects the release binary and the fixtures prepared on a build host:
 #   .carry/kvfetcher                 cargo build --release -p kvfetcher
 #   .carry/kvfetcher-bench           cargo build --release -p kvfetcher-tools
-#   .carry/fixtures/*.hevc           kvfetcher-bench gpu fixtures --kv shared/data/codelm-kv-a.safetensors --out .carry/fixtures
+#   .carry/fixtures/*.hevc           kvfetcher-bench gpu fixtures --kv data/codelm-kv-a.safetensors --out .carry/fixtures
 #   .carry/fixtures/sections/       kvfetcher-bench gpu section-fixtures --kv .carry/codelm-kv-a-4l.safetensors --out .carry/fixtures/sections
 #   .carry/codelm-kv-a-4l.safetensors  the real KV the fixtures came from (first 4 layers of
-#                                    shared/data/codelm-kv-a.safetensors; override with KV=)
+#                                    data/codelm-kv-a.safetensors; override with KV=)
 #   .carry/kvfull/codelm-kv-a.safetensors  the whole KV, for the end-to-end fetch rows
 #                                    (override with FULL_KV=; else the 4-layer KV)
 # Writes logs and the fresh PTX to ${OUT:-/tmp/gpu-check}. SKIP_BENCH=1 skips the benchmarks;

@@ -55,10 +55,10 @@ install -m 755 -s target/release/kvfetcher "$carry/kvfetcher"
 install -m 755 -s target/release/kvfetcher-bench "$carry/kvfetcher-bench"
 install -m 755 -s target/release/libkvfetcher.so "$carry/lib/libkvfetcher.so"
 mkdir -p "$carry/kvfull"
-install -m 644 "$root/../shared/data/codelm-kv-a.safetensors" "$carry/kvfull/codelm-kv-a.safetensors"
+install -m 644 "$root/data/codelm-kv-a.safetensors" "$carry/kvfull/codelm-kv-a.safetensors"
 kv="$carry/codelm-kv-a-4l.safetensors"
 if [ ! -f "$kv" ]; then
-  python3 - "$root/../shared/data/codelm-kv-a.safetensors" "$kv" <<'PY'
+  python3 - "$root/data/codelm-kv-a.safetensors" "$kv" <<'PY'
 import json, struct, sys
 src, dst = sys.argv[1], sys.argv[2]
 raw = open(src, "rb").read()

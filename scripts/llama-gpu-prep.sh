@@ -3,7 +3,7 @@
 # and maybe no PyYAML, under .carry/llama/ (git-ignored):
 #   llama-src.tgz       the llama.cpp sources of the pinned llama-cpp-python sdist, without the
 #                       other GPU backends' folders (~4 MB instead of ~40)
-#   stories260K.gguf    the GGUF of ../shared/data/stories260K.bin (scripts/convert-stories-gguf.py)
+#   stories260K.gguf    the GGUF of data/stories260K.bin (scripts/convert-stories-gguf.py)
 # The lead carries .carry/kvfetcher (release) and .carry/lib/libkvfetcher.so next to them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 [[ -f "$SRC/CMakeLists.txt" ]] || { echo "llama-gpu-prep: $SRC missing" >&2; exit 1; }
 if [[ ! -f "$GGUF" ]]; then
     python3 -c "import numpy, yaml" 2>/dev/null || python3 -m pip install --quiet numpy pyyaml
-    python3 "$ROOT/scripts/convert-stories-gguf.py" --model "$ROOT/../shared/data/stories260K.bin" --out "$GGUF"
+    python3 "$ROOT/scripts/convert-stories-gguf.py" --model "$ROOT/data/stories260K.bin" --out "$GGUF"
 fi
 cp "$GGUF" "$OUT/stories260K.gguf"
 

@@ -2,7 +2,7 @@
 """Independent numpy reference of the llama2.c forward pass, for kv/tests known-answer checks.
 
 Usage:
-    python3 scripts/llama2_reference.py [shared/data/stories260K.bin]
+    python3 scripts/llama2_reference.py [data/stories260K.bin]
 
 Needs numpy only. Written from llama2.c's run.c semantics (RMSNorm eps 1e-5, RoPE base 10000 on
 consecutive pairs, grouped-query attention, SwiGLU, shared classifier when vocab_size > 0),
@@ -100,7 +100,7 @@ def forward(m, tokens):
 
 
 def main():
-    path = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/stories260K.bin"
+    path = sys.argv[1] if len(sys.argv) > 1 else "data/stories260K.bin"
     m, sha = load(path)
     logits = forward(m, [1])[0]
     top = np.argsort(-logits)[:5]

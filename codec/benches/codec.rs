@@ -14,11 +14,12 @@ use kvfetcher_codec::{
 use kvfetcher_kv::KvFile;
 
 fn bench(c: &mut Criterion) {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
     if !path.exists() {
-        eprintln!("skipped: {} not found", path.display());
-        return;
+        panic!(
+            "{} is missing: the test data lives in data/",
+            path.display()
+        );
     }
     let cache = KvFile::read(&path)
         .expect("reads")

@@ -12,13 +12,12 @@ const TOKENS: usize = 3 * CHUNK;
 
 fn shared(name: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data")
+        .join("../data")
         .join(name);
     if p.exists() {
         Some(p)
     } else {
-        println!("skipped: {} not found", p.display());
-        None
+        panic!("{} is missing: the test data lives in data/", p.display())
     }
 }
 

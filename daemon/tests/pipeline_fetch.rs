@@ -81,11 +81,12 @@ impl Drop for Fixture {
 }
 
 fn real_cache() -> Option<KvCache> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
     if !path.exists() {
-        println!("skipped: {} is absent", path.display());
-        return None;
+        panic!(
+            "{} is missing: the test data lives in data/",
+            path.display()
+        );
     }
     Some(
         KvFile::read(&path)

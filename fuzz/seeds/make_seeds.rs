@@ -1,7 +1,7 @@
 //! Writes a seed corpus for `parse_chunk`: small chunk objects encoded from real KV
 //! (codelm-kv-a, sliced), one per variant and quantization mode.
 //!
-//! Usage: `make_seeds OUT_DIR [SAFETENSORS]` (default: ../../shared/data/codelm-kv-a.safetensors
+//! Usage: `make_seeds OUT_DIR [SAFETENSORS]` (default: ../data/codelm-kv-a.safetensors
 //! relative to this crate).
 
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let src = args.next().map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors")
     });
     match write_seeds(&out, &src) {
         Ok(n) => {

@@ -15,13 +15,12 @@ const TOKENS: usize = 64;
 
 fn data(name: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data")
+        .join("../data")
         .join(name);
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipped: {} not found", p.display());
-        None
+        panic!("{} is missing: the test data lives in data/", p.display())
     }
 }
 

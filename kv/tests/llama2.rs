@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use kvfetcher_kv::{DType, Llama2Model, ModelError, BOS_TOKEN};
 
-/// `python3 scripts/llama2_reference.py shared/data/stories260K.bin`, float64 numpy, run once.
+/// `python3 scripts/llama2_reference.py data/stories260K.bin`, float64 numpy, run once.
 const REF_SHA256: &str = "9414d5a285453a7eab631713d171753232c978f6f97654211469aff8be93c8d6";
 /// Top-5 next tokens after BOS at position 0, with their logits.
 const REF_TOP5: [(u32, f32); 5] = [
@@ -22,12 +22,11 @@ const REF_GREEDY: [u32; 17] = [
 ];
 
 fn model_path() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/stories260K.bin");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/stories260K.bin");
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipped: {} not found", p.display());
-        None
+        panic!("{} is missing: the test data lives in data/", p.display())
     }
 }
 

@@ -5,7 +5,7 @@
 #   - the same test under valgrind (if installed; skipped with a message otherwise),
 #   - examples/c/fetch.c linked against libkvfetcher.so through kvfetcher.pc (pkg-config), in
 #     host mode and in --gpu 0 mode (verified on a GPU host; exit 77 = no GPU support, skipped).
-# Exit status 0 on success. Needs gcc; the shared test data (../shared/data) or it skips.
+# Exit status 0 on success. Needs gcc; the test data is in data/.
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -62,7 +62,7 @@ while [ ! -S "$work/kvf.sock" ]; do
     if ! kill -0 "$server_pid" 2>/dev/null; then
         wait "$server_pid" && rc=0 || rc=$?
         server_pid=
-        if [ "$rc" = 77 ]; then echo "skipped: shared test data not found"; exit 0; fi
+        if [ "$rc" = 77 ]; then echo "FAIL: test data missing from data/" >&2; exit 1; fi
         echo "run.sh: test server exited ($rc):" >&2
         cat "$work/server.log" >&2
         exit 1

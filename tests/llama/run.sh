@@ -33,7 +33,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-DATA="$ROOT/../shared/data/stories260K.bin"
+DATA="$ROOT/data/stories260K.bin"
 SMOL="$ROOT/build/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROFILE="${KVF_PROFILE:-release}"
 HERE="$ROOT/tests/llama"

@@ -12,12 +12,11 @@ use kvfetcher_tools::gpu::check::{target_name, targets};
 use kvfetcher_tools::gpu::fixture::kv_codes;
 
 fn kv_path() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
     if p.exists() {
         Some(p)
     } else {
-        println!("skipped: {} not found", p.display());
-        None
+        panic!("{} is missing: the test data lives in data/", p.display())
     }
 }
 

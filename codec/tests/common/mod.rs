@@ -8,7 +8,7 @@ use kvfetcher_kv::{DType, KvCache, KvFile, LayerKv, Llama2Model, Tensor};
 
 pub fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data")
+        .join("../data")
         .join(name)
 }
 
@@ -16,8 +16,10 @@ pub fn data(name: &str) -> PathBuf {
 pub fn codelm(layers: usize, tokens: usize) -> Option<KvCache> {
     let path = data("codelm-kv-a.safetensors");
     if !path.exists() {
-        eprintln!("skipped: {} not found", path.display());
-        return None;
+        panic!(
+            "{} is missing: the test data lives in data/",
+            path.display()
+        );
     }
     let file = KvFile::read(&path).expect("codelm-kv-a reads");
     let cache = file.cache.slice_tokens(0, tokens).expect("enough tokens");
@@ -30,8 +32,10 @@ pub fn codelm(layers: usize, tokens: usize) -> Option<KvCache> {
 pub fn stories(tokens: usize, dtype: DType) -> Option<(KvCache, Vec<u32>)> {
     let path = data("stories260K.bin");
     if !path.exists() {
-        eprintln!("skipped: {} not found", path.display());
-        return None;
+        panic!(
+            "{} is missing: the test data lives in data/",
+            path.display()
+        );
     }
     let model = Llama2Model::load(&path).expect("stories260K loads");
     let generation = model.generate(tokens, 42, 0.8).expect("generates");

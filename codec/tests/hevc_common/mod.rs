@@ -9,11 +9,12 @@ use kvfetcher_kv::{KvCache, KvFile};
 
 /// The codelm-kv-a cache, or `None` (with a printed reason) when the shared data is absent.
 pub fn codelm() -> Option<KvCache> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
     if !path.exists() {
-        println!("skipped: {} is absent", path.display());
-        return None;
+        panic!(
+            "{} is missing: the test data lives in data/",
+            path.display()
+        );
     }
     Some(KvFile::read(&path).expect("codelm-kv-a reads").cache)
 }

@@ -210,11 +210,12 @@ mod tests {
     use super::*;
 
     fn real_cache() -> Option<KvCache> {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
         if !path.exists() {
-            println!("skipped: {} is absent", path.display());
-            return None;
+            panic!(
+                "{} is missing: the test data lives in data/",
+                path.display()
+            );
         }
         let file = KvFile::read(&path).expect("read codelm kv");
         Some(file.cache.slice_tokens(0, 300).expect("slice"))

@@ -31,10 +31,9 @@ pub struct Kv {
 
 /// Loads the first `tokens` tokens of the shared codelm KV, or `None` (with a printed reason).
 pub fn load_kv(tokens: usize) -> Option<Kv> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
     if !p.exists() {
-        println!("skipped: {} not found", p.display());
-        return None;
+        panic!("{} is missing: the test data lives in data/", p.display());
     }
     let f = KvFile::read(&p).expect("read safetensors");
     let c = f.cache.slice_tokens(0, tokens).expect("slice");

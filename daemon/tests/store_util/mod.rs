@@ -14,12 +14,11 @@ use kvfetcher_kv::KvFile;
 
 /// The real KV test file, if the shared data is present.
 pub fn kv_path() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/codelm-kv-a.safetensors");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
     if p.is_file() {
         Some(p)
     } else {
-        println!("skipped: {} not found", p.display());
-        None
+        panic!("{} is missing: the test data lives in data/", p.display())
     }
 }
 

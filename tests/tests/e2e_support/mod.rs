@@ -35,13 +35,12 @@ pub(crate) fn repo_root() -> PathBuf {
 /// A file of the shared test data, or `None` (with the reason printed) when absent.
 pub(crate) fn shared_data(name: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data")
+        .join("../data")
         .join(name);
     if p.exists() {
         Some(p)
     } else {
-        println!("skipped: {} is absent", p.display());
-        None
+        panic!("{} is missing: the test data lives in data/", p.display())
     }
 }
 

@@ -42,7 +42,7 @@ use kvfetcher::transport::StoreClient;
 #[derive(Debug, Args)]
 pub struct BenchFetchArgs {
     /// Real KV (safetensors) to fetch.
-    #[arg(long, default_value = "../shared/data/codelm-kv-a.safetensors")]
+    #[arg(long, default_value = "data/codelm-kv-a.safetensors")]
     pub kv: PathBuf,
     /// Link rates in Gbit/s, comma separated; 0 is loopback without a limit.
     #[arg(long, value_delimiter = ',', default_value = "0,1")]

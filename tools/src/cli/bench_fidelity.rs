@@ -56,7 +56,7 @@ pub struct BenchFidelityArgs {
     /// Engine CPU threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// A llama2.c checkpoint (e.g. ../shared/data/stories260K.bin): the toy measure.
+    /// A llama2.c checkpoint (e.g. data/stories260K.bin): the toy measure.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Positions captured and compared with --model (1..=the model's seq_len).

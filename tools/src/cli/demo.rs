@@ -25,7 +25,7 @@ use kvfetcher::pipeline::{kv_dtype, place_cache, LayoutIoError};
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// llama2.c checkpoint to capture KV from.
-    #[arg(long, default_value = "../shared/data/stories260K.bin")]
+    #[arg(long, default_value = "data/stories260K.bin")]
     pub model: PathBuf,
     /// Tokens to generate (at most the model's context).
     #[arg(long, default_value_t = 512)]

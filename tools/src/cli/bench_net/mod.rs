@@ -71,7 +71,7 @@ pub struct NetArgs {
     #[arg(long, value_enum, default_value = "netns")]
     pub emulation: Emulation,
     /// The KV file the chunk set is made from.
-    #[arg(long, default_value = "shared/data/codelm-kv-a.safetensors")]
+    #[arg(long, default_value = "data/codelm-kv-a.safetensors")]
     pub kv: PathBuf,
     /// The namespace script.
     #[arg(long, default_value = "scripts/netns-link.sh")]
