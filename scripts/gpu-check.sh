@@ -19,6 +19,8 @@
 # SKIP_CHECKS=1 skips the checks (gpu check, IPC, daemon, Rust GPU tests, llama.cpp): the
 # benchmarks alone, for a second call when one call cannot hold both.
 set -uo pipefail
+# On the GPU host a test that skips for want of a GPU fails (kvfetcher-testkit).
+export KVF_REQUIRE_GPU=1
 root="$(cd "$(dirname "$0")/.." && pwd)"
 carry="${CARRY:-$root/.carry}"
 out="${OUT:-/tmp/gpu-check}"
@@ -64,7 +66,7 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
   # The daemon's GPU path end to end (C example in another process, kill test, two GPUs).
   "$root/scripts/gpu-daemon-check.sh" > "$out/daemon-check.log" 2>&1 || status=1
   # Rust GPU tests, when their binaries were carried (scripts/gpu-prep.sh --tests): they
-  # self-skip without a driver, so here they must run for real.
+  # skip without a driver elsewhere; here KVF_REQUIRE_GPU=1 makes such a skip a failure.
   : > "$out/rust-tests.txt"
   for t in "$carry"/tests/*; do
     [ -x "$t" ] || continue

@@ -1,6 +1,7 @@
 //! The committed `include/kvfetcher.h` must be exactly what cbindgen generates from this crate
 //! (with the pinned version named in `client-c/cbindgen.toml`).
 
+use kvfetcher_testkit::{skip, Missing};
 use std::path::Path;
 use std::process::Command;
 
@@ -13,12 +14,18 @@ fn committed_header_matches_a_fresh_generation() {
     let version = match Command::new("cbindgen").arg("--version").output() {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => {
-            println!("skipped: cbindgen not installed (cargo install cbindgen --version {PINNED})");
+            skip(
+                Missing::Tool,
+                format!("cbindgen not installed (cargo install cbindgen --version {PINNED})"),
+            );
             return;
         }
     };
     if version != format!("cbindgen {PINNED}") {
-        println!("skipped: {version} installed, the header is pinned to cbindgen {PINNED}");
+        skip(
+            Missing::Tool,
+            format!("{version} installed, the header is pinned to cbindgen {PINNED}"),
+        );
         return;
     }
     let out = tempfile::NamedTempFile::new().unwrap();

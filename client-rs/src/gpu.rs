@@ -242,7 +242,10 @@ mod tests {
     #[test]
     fn ipc_round_trip_with_a_child_process() {
         if let Err(e) = crate::cuda::driver_available() {
-            println!("skipped: no CUDA driver ({e})");
+            kvfetcher_testkit::skip(
+                kvfetcher_testkit::Missing::Gpu,
+                format!("no CUDA driver ({e})"),
+            );
             return;
         }
         let dev = Device::retain(0).unwrap();

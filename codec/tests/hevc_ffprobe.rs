@@ -7,6 +7,7 @@ use std::process::Command;
 
 use hevc_common::{codelm, encoder, quantized};
 use kvfetcher_codec::{extract_streams, Chroma, HevcGeometry, HevcParams, SectionEncoder};
+use kvfetcher_testkit::{skip, Missing};
 
 /// Pixel formats NVDEC outputs for HEVC (4:2:0 and 4:4:4 at 8, 10 and 12 bits).
 const NVDEC_FORMATS: [&str; 6] = [
@@ -24,7 +25,7 @@ fn ffprobe_available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        println!("skipped: ffprobe is not installed");
+        skip(Missing::Tool, "ffprobe is not installed");
     }
     ok
 }

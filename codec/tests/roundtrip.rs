@@ -8,6 +8,7 @@ use kvfetcher_codec::{
     ChunkView, CodecRegistry, EncodeConfig, Grouping, ModelFingerprint, QuantConfig, VariantKind,
 };
 use kvfetcher_kv::{DType, KvCache, Tensor};
+use kvfetcher_testkit::{skip, Missing};
 
 const BITS: [u8; 7] = [2, 3, 4, 6, 8, 10, 12];
 
@@ -239,7 +240,7 @@ fn hevc_layout_is_passed_to_the_encoder() {
         .encoder(VariantKind::Hevc)
         .and(reg.decoder(VariantKind::Hevc).map(|_| ()))
     {
-        eprintln!("skipped: hevc unavailable: {e}");
+        skip(Missing::Tool, format!("hevc unavailable: {e}"));
         return;
     }
     let Some(cache) = common::codelm(1, 32) else {

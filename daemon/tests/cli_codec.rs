@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 use kvfetcher_codec::{dequantize, quantize, Grouping, HevcDecoder, HevcEncoder};
 use kvfetcher_kv::{KvCache, KvFile, LayerKv, Tensor};
+use kvfetcher_testkit::{skip, Missing};
 
 const CHUNK: usize = 64;
 const TOKENS: usize = 3 * CHUNK;
@@ -128,7 +129,10 @@ fn hevc_available() -> bool {
     match (HevcEncoder::new(None), HevcDecoder::new()) {
         (Ok(_), Ok(_)) => true,
         (e, d) => {
-            println!("skipped hevc: {:?} / {:?}", e.err(), d.err());
+            skip(
+                Missing::Tool,
+                format!("hevc: {:?} / {:?}", e.err(), d.err()),
+            );
             false
         }
     }
@@ -234,7 +238,7 @@ fn hevc_round_trip_and_streams_read_by_ffprobe() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "hevc");
         }
-        Err(e) => println!("skipped ffprobe: {e}"),
+        Err(e) => skip(Missing::Tool, format!("ffprobe: {e}")),
     }
     // Sections cut into one-frame streams: several streams per section, same KV back.
     let cut = tmp.path().join("cut");

@@ -39,6 +39,7 @@ use kvfetcher_protocol::{
     Reopen, DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION,
 };
 use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_testkit::{skip, Missing};
 use server_support::{eventually, Kv, MemBackend, TestServer, MODEL};
 
 /// Device 0, or `None` (printed) on a host without a driver or GPU.
@@ -47,7 +48,7 @@ fn device() -> Option<Arc<GpuDevice>> {
     match gpus.device(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            println!("skipped: no CUDA driver or device ({e})");
+            skip(Missing::Gpu, format!("no CUDA driver or device ({e})"));
             None
         }
     }
@@ -326,7 +327,7 @@ async fn gpu_fetches_equal_host_fetches_for_every_variant() {
             .save(MODEL, &ids, &client_layout, &shape_of(&cache), &data, false)
             .await
         {
-            println!("skipped {variant}: save failed ({e})");
+            skip(Missing::Tool, format!("{variant}: save failed ({e})"));
             continue;
         }
         compare_host_and_gpu(&p, &dev, &ids, variant).await;

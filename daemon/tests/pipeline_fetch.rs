@@ -20,6 +20,7 @@ use kvfetcher_codec::{
 };
 use kvfetcher_kv::{KvCache, KvFile, Tensor};
 use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_testkit::{skip, Missing};
 
 const MODEL: &str = "codelm-107m";
 const TOKENS: usize = 600;
@@ -751,7 +752,7 @@ async fn a_dropped_fetch_leaves_its_queued_sections_undecoded() {
 async fn saves_take_the_configured_hevc_layout() {
     if let Err(e) = kvfetcher_codec::HevcEncoder::new(None).and(kvfetcher_codec::HevcDecoder::new())
     {
-        println!("skipped: no x265 / libde265 here ({e})");
+        skip(Missing::Tool, format!("no x265 / libde265 here ({e})"));
         return;
     }
     let save = SaveConfig {

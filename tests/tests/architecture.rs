@@ -70,6 +70,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "kvfetcher-client",
         ],
     ),
+    ("kvfetcher-testkit", &[]),
     ("kvfetcher-tests", &[]),
 ];
 

@@ -10,6 +10,7 @@ use std::process::Command;
 
 use e2e_support::*;
 use kvfetcher_client::{Client, KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_testkit::{skip, Missing};
 
 const MODEL: &str = "codelm-107m-c";
 
@@ -26,7 +27,7 @@ fn build_c_program(out_dir: &std::path::Path) -> Option<PathBuf> {
     );
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     if Command::new(&cc).arg("--version").output().is_err() {
-        println!("skipped: no C compiler ({cc})");
+        skip(Missing::Tool, format!("no C compiler ({cc})"));
         return None;
     }
     cargo_build();

@@ -8,6 +8,7 @@ mod e2e_support;
 use std::process::Command;
 
 use e2e_support::*;
+use kvfetcher_testkit::{skip, Missing};
 
 #[test]
 fn systemd_accepts_the_unit() {
@@ -27,7 +28,7 @@ fn systemd_accepts_the_unit() {
         .output()
         .is_err()
     {
-        println!("skipped: systemd-analyze is not installed");
+        skip(Missing::Tool, "systemd-analyze is not installed");
         return;
     }
     let bin = kvfetcher_bin();

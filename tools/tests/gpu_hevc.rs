@@ -5,6 +5,7 @@ use std::path::Path;
 
 use kvfetcher::gpu::{hevc_section_decoder, CodecHevcLayout};
 use kvfetcher_codec::{CodePlane, HevcDecoder, HevcEncoder, PlaneShape, SectionEncoder};
+use kvfetcher_testkit::{skip, Missing};
 use kvfetcher_tools::gpu::fixture::kv_codes;
 
 #[test]
@@ -16,7 +17,7 @@ fn chosen_hevc_decoder_round_trips_real_kv() {
     let (enc, soft) = match (HevcEncoder::new(None), HevcDecoder::new()) {
         (Ok(e), Ok(d)) => (e, d),
         (Err(e), _) | (_, Err(e)) => {
-            println!("skipped: {e}");
+            skip(Missing::Tool, &e);
             return;
         }
     };

@@ -1,6 +1,7 @@
 //! The CUDA IPC proof and the codec-section NVDEC checks, end to end through the binary, on hosts
 //! with an NVIDIA driver (skipped elsewhere with a printed reason).
 
+use kvfetcher_testkit::{skip, Missing};
 use std::path::Path;
 use std::process::Command;
 
@@ -12,7 +13,7 @@ fn kv() -> Option<std::path::PathBuf> {
 #[test]
 fn ipc_check_passes_across_processes() {
     if let Err(e) = kvfetcher::gpu::Cuda::open(0) {
-        println!("skipped: no CUDA driver ({e})");
+        skip(Missing::Gpu, format!("no CUDA driver ({e})"));
         return;
     }
     let kv = kv().expect("data/codelm-kv-a.safetensors is in the repository");

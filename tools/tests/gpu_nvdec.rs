@@ -6,6 +6,7 @@ use std::path::Path;
 use kvfetcher_codec::Chroma;
 
 use kvfetcher::gpu::{Cuda, GpuError, Nvdec};
+use kvfetcher_testkit::{skip, Missing};
 use kvfetcher_tools::gpu::fixture::{encode_raster, fixture_format, frames_for, kv_codes};
 
 #[test]
@@ -17,7 +18,7 @@ fn nvdec_decodes_real_kv_bit_exactly() {
     let cuda = match Cuda::open(0) {
         Ok(c) => c,
         Err(e @ (GpuError::NoDriver(_) | GpuError::NoDevice { .. })) => {
-            println!("skipped: no CUDA driver ({e})");
+            skip(Missing::Gpu, format!("no CUDA driver ({e})"));
             return;
         }
         Err(e) => panic!("cuda: {e}"),
@@ -25,7 +26,7 @@ fn nvdec_decodes_real_kv_bit_exactly() {
     let nvdec = match Nvdec::open(cuda) {
         Ok(n) => n,
         Err(e) => {
-            println!("skipped: {e}");
+            skip(Missing::Gpu, &e);
             return;
         }
     };
@@ -37,7 +38,7 @@ fn nvdec_decodes_real_kv_bit_exactly() {
         // One frame's worth of codes keeps the test fast.
         let n = fmt.samples_per_frame();
         if let Err(e) = encode_raster(&codes.codes[..n], fmt, &path) {
-            println!("skipped: {e}");
+            skip(Missing::Tool, &e);
             return;
         }
         let stream = std::fs::read(&path).unwrap();

@@ -8,6 +8,7 @@ use kvfetcher::gpu::{restore_cpu, Cuda, DeviceBuffer, DeviceTarget, GpuError, Re
 use kvfetcher_codec::pack_codes;
 use kvfetcher_codec::{dequantize, GroupParams, Grouping};
 use kvfetcher_protocol::KvDType;
+use kvfetcher_testkit::{skip, Missing};
 use kvfetcher_tools::gpu::check::{target_name, targets};
 use kvfetcher_tools::gpu::fixture::kv_codes;
 
@@ -69,7 +70,7 @@ fn gpu_restore_matches_cpu_on_real_kv() {
     let cuda = match Cuda::open(0) {
         Ok(c) => c,
         Err(e @ (GpuError::NoDriver(_) | GpuError::NoDevice { .. })) => {
-            println!("skipped: no CUDA driver ({e})");
+            skip(Missing::Gpu, format!("no CUDA driver ({e})"));
             return;
         }
         Err(e) => panic!("cuda: {e}"),

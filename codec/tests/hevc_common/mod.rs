@@ -6,6 +6,7 @@ use std::path::Path;
 
 use kvfetcher_codec::{CodePlane, HevcDecoder, HevcEncoder, PlaneShape};
 use kvfetcher_kv::{KvCache, KvFile};
+use kvfetcher_testkit::{skip, Missing};
 
 /// The codelm-kv-a cache, or `None` (with a printed reason) when the shared data is absent.
 pub fn codelm() -> Option<KvCache> {
@@ -24,7 +25,7 @@ pub fn encoder(layout: &str) -> Option<HevcEncoder> {
     match HevcEncoder::new(Some(layout)) {
         Ok(e) => Some(e),
         Err(e) => {
-            println!("skipped: {e}");
+            skip(Missing::Tool, &e);
             None
         }
     }
@@ -35,7 +36,7 @@ pub fn decoder() -> Option<HevcDecoder> {
     match HevcDecoder::new() {
         Ok(d) => Some(d),
         Err(e) => {
-            println!("skipped: {e}");
+            skip(Missing::Tool, &e);
             None
         }
     }

@@ -839,7 +839,10 @@ mod tests {
     fn open_without_a_driver_is_a_typed_error() {
         match Cuda::open(0) {
             Ok(c) => println!("driver present: {:?}", c.info()),
-            Err(GpuError::NoDriver(m)) => println!("skipped: no CUDA driver ({m})"),
+            Err(GpuError::NoDriver(m)) => kvfetcher_testkit::skip(
+                kvfetcher_testkit::Missing::Gpu,
+                format!("no CUDA driver ({m})"),
+            ),
             Err(e) => panic!("unexpected error: {e}"),
         }
     }

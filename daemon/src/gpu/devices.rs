@@ -361,7 +361,10 @@ mod tests {
                     e.to_string().starts_with("no CUDA driver: libcuda.so.1"),
                     "{e}"
                 );
-                println!("skipped: no CUDA driver ({e})");
+                kvfetcher_testkit::skip(
+                    kvfetcher_testkit::Missing::Gpu,
+                    format!("no CUDA driver ({e})"),
+                );
             }
             Err(e) => panic!("unexpected error: {e}"),
         }

@@ -156,7 +156,10 @@ mod tests {
         let cuda = match Cuda::open(0) {
             Ok(c) => c,
             Err(e) => {
-                println!("skipped: no CUDA device ({e})");
+                kvfetcher_testkit::skip(
+                    kvfetcher_testkit::Missing::Gpu,
+                    format!("no CUDA device ({e})"),
+                );
                 return;
             }
         };
