@@ -27,7 +27,7 @@ use kvfetcher::gpu::{
 use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, FetchEvents, ServeOptions};
-use kvfetcher::store::{Backend as _, CommitMode, LocalDir, ServerOptions, StoreServer};
+use kvfetcher::store::{CommitMode, LocalDir, ServerOptions, Storage as _, StoreServer};
 use kvfetcher::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
 use kvfetcher_codec::{
     encode_cache, ChunkKey, ChunkView, CodecRegistry, EncodeConfig, FormatError, Grouping,

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfetcher::store::{ServerOptions, CLOSE_BUSY, CLOSE_BUSY_REASON};
-use kvfetcher::transport::wire::{ErrorCode, Op, Request, Response};
-use kvfetcher::transport::{ClientOptions, StoreClient, TransportError, TransportTuning};
+use kvfetcher::transport::wire::{Op, Request, Response, StoreErrorCode};
+use kvfetcher::transport::{ClientOptions, StoreClient, StoreClientError, TransportTuning};
 use kvfetcher_codec::ChunkKey;
 use store_util::{raw_connection, real_objects, TestStore};
 
@@ -33,7 +33,7 @@ async fn raw_exchange_refused(conn: &quinn::Connection, bytes: &[u8]) -> Respons
     Response::decode(Op::Put, &buf).unwrap().unwrap().0
 }
 
-fn code(r: &Response) -> Option<ErrorCode> {
+fn code(r: &Response) -> Option<StoreErrorCode> {
     match r {
         Response::Error { code, .. } => Some(*code),
         _ => None,
@@ -46,18 +46,18 @@ async fn malformed_requests_get_bad_request_and_the_connection_survives() {
     let tls = store.client_tls();
     let (_ep, conn) = raw_connection(store.addr, &tls).await;
     let r = raw_exchange(&conn, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", true).await;
-    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(code(&r), Some(StoreErrorCode::BadRequest), "{r:?}");
     let mut unknown_op = Request::Stats.encode();
     unknown_op[5] = 99;
     assert_eq!(
         code(&raw_exchange(&conn, &unknown_op, true).await),
-        Some(ErrorCode::BadRequest)
+        Some(StoreErrorCode::BadRequest)
     );
     let mut huge = Request::Stats.encode();
     huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
     assert_eq!(
         code(&raw_exchange(&conn, &huge, true).await),
-        Some(ErrorCode::BadRequest)
+        Some(StoreErrorCode::BadRequest)
     );
     // A request cut short by the end of the stream.
     let full = Request::Delete {
@@ -66,7 +66,7 @@ async fn malformed_requests_get_bad_request_and_the_connection_survives() {
     .encode();
     assert_eq!(
         code(&raw_exchange(&conn, &full[..20], true).await),
-        Some(ErrorCode::BadRequest)
+        Some(StoreErrorCode::BadRequest)
     );
     // The same connection still serves good requests.
     let r = raw_exchange(&conn, &Request::Stats.encode(), true).await;
@@ -83,11 +83,11 @@ async fn unknown_keys_are_not_found() {
     let k = ChunkKey([0xab; 32]);
     assert!(matches!(
         client.get(&k).await,
-        Err(TransportError::NotFound(_))
+        Err(StoreClientError::NotFound(_))
     ));
     assert!(matches!(
         client.get_sections(&k, &[0]).await,
-        Err(TransportError::NotFound(_))
+        Err(StoreClientError::NotFound(_))
     ));
     assert!(!client.delete(&k).await.unwrap());
     assert_eq!(client.exists_prefix(&[k]).await.unwrap(), 0);
@@ -117,8 +117,8 @@ async fn oversized_and_overlong_uploads_are_refused() {
     assert!(
         matches!(
             err,
-            TransportError::Server {
-                code: ErrorCode::TooLarge,
+            StoreClientError::Server {
+                code: StoreErrorCode::TooLarge,
                 ..
             }
         ),
@@ -140,7 +140,7 @@ async fn oversized_and_overlong_uploads_are_refused() {
     let _ = send.finish();
     let buf = recv.read_to_end(1 << 20).await.unwrap();
     let (r, _) = Response::decode(Op::Put, &buf).unwrap().unwrap();
-    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(code(&r), Some(StoreErrorCode::BadRequest), "{r:?}");
     assert_eq!(client.exists_prefix(&[*key]).await.unwrap(), 0);
     store.stop().await;
 }
@@ -196,11 +196,11 @@ async fn idle_streams_and_connections_are_cut_off_without_hurting_others() {
     let b2 = r2.read_to_end(1 << 20).await.unwrap();
     assert_eq!(
         code(&Response::decode(Op::Stats, &b1).unwrap().unwrap().0),
-        Some(ErrorCode::Timeout)
+        Some(StoreErrorCode::Timeout)
     );
     assert_eq!(
         code(&Response::decode(Op::Put, &b2).unwrap().unwrap().0),
-        Some(ErrorCode::Timeout)
+        Some(StoreErrorCode::Timeout)
     );
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(good.exists_prefix(&[*stalled_key]).await.unwrap(), 0);
@@ -263,8 +263,8 @@ async fn uploads_and_connections_over_the_caps_are_refused() {
     assert!(
         matches!(
             err,
-            TransportError::Server {
-                code: ErrorCode::Busy,
+            StoreClientError::Server {
+                code: StoreErrorCode::Busy,
                 ..
             }
         ),
@@ -345,7 +345,7 @@ async fn cut_or_damaged_uploads_leave_no_object_and_no_temp_file() {
         &put_message(*key, bytes.len(), &bytes[..bytes.len() / 2]),
     )
     .await;
-    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(code(&r), Some(StoreErrorCode::BadRequest), "{r:?}");
     assert_eq!(leftovers(), (0, false));
     // Damaged in the header, the first section, the last byte: refused as soon as seen.
     let header_len = kvfetcher::transport::verify_object(bytes)
@@ -355,7 +355,11 @@ async fn cut_or_damaged_uploads_leave_no_object_and_no_temp_file() {
         let mut bad = bytes.clone();
         bad[at] ^= 0x01;
         let r = raw_exchange_refused(&conn, &put_message(*key, bad.len(), &bad)).await;
-        assert_eq!(code(&r), Some(ErrorCode::InvalidObject), "byte {at}: {r:?}");
+        assert_eq!(
+            code(&r),
+            Some(StoreErrorCode::InvalidObject),
+            "byte {at}: {r:?}"
+        );
         assert_eq!(leftovers(), (0, false), "byte {at}");
     }
     // The client resets the stream mid-upload.
@@ -366,7 +370,7 @@ async fn cut_or_damaged_uploads_leave_no_object_and_no_temp_file() {
     send.reset(quinn::VarInt::from_u32(7)).unwrap();
     let buf = recv.read_to_end(1 << 20).await.unwrap();
     let (r, _) = Response::decode(Op::Put, &buf).unwrap().unwrap();
-    assert_eq!(code(&r), Some(ErrorCode::BadRequest), "{r:?}");
+    assert_eq!(code(&r), Some(StoreErrorCode::BadRequest), "{r:?}");
     assert_eq!(leftovers(), (0, false));
     // The same bytes, whole, are stored.
     let r = raw_exchange_refused(&conn, &put_message(*key, bytes.len(), bytes)).await;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfetcher::store::{AuthThrottleConfig, ServerOptions};
-use kvfetcher::transport::wire::{ErrorCode, Request, Response};
+use kvfetcher::transport::wire::{Request, Response, StoreErrorCode};
 use kvfetcher::transport::{StoreClient, TlsClientConfig};
 use store_util::{real_objects, TestStore};
 
@@ -58,7 +58,7 @@ fn auth(token: &[u8]) -> Request {
 /// The wait a throttled refusal names ("retry in N ms"), or None for another answer.
 fn throttled_for(r: &Response) -> Option<Duration> {
     let Response::Error {
-        code: ErrorCode::Unauthorized,
+        code: StoreErrorCode::Unauthorized,
         message,
     } = r
     else {
@@ -97,7 +97,7 @@ async fn wrong_tokens_are_throttled_and_other_addresses_served() {
                 assert_eq!(
                     r,
                     Response::Error {
-                        code: ErrorCode::Unauthorized,
+                        code: StoreErrorCode::Unauthorized,
                         message: "bad token".into()
                     }
                 );

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfetcher::transport::wire::Request;
-use kvfetcher::transport::{StoreClient, TlsClientConfig, TransportError};
+use kvfetcher::transport::{StoreClient, StoreClientError, TlsClientConfig};
 use store_util::{raw_connection, real_objects};
 
 fn start_store(data: &Path, certs: &Path) -> (Child, SocketAddr) {
@@ -129,7 +129,7 @@ async fn kill_mid_upload_leaves_no_partial_object() {
     assert_eq!(client.exists_prefix(&[*key]).await.unwrap(), 0);
     assert!(matches!(
         client.get(key).await,
-        Err(TransportError::NotFound(_))
+        Err(StoreClientError::NotFound(_))
     ));
     assert!(client.put(Bytes::from(bytes.clone())).await.unwrap());
     assert_eq!(client.get(key).await.unwrap(), *bytes);

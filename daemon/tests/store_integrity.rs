@@ -5,8 +5,8 @@ mod store_util;
 
 use bytes::Bytes;
 use kvfetcher::store::ServerOptions;
-use kvfetcher::transport::wire::ErrorCode;
-use kvfetcher::transport::{StoreClient, TransportError};
+use kvfetcher::transport::wire::StoreErrorCode;
+use kvfetcher::transport::{StoreClient, StoreClientError};
 use kvfetcher_codec::ChunkView;
 use store_util::{real_objects, TestStore};
 
@@ -35,14 +35,14 @@ async fn corrupt_file_on_disk_is_reported_not_served() {
         (damaged.offset + damaged.len / 2) as usize,
     );
     let err = client.get(key).await.unwrap_err();
-    assert!(matches!(err, TransportError::Corrupt(_)), "{err}");
+    assert!(matches!(err, StoreClientError::Corrupt(_)), "{err}");
     let err = client.get_range(key, 0, 16).await.unwrap_err();
     assert!(
-        matches!(err, TransportError::Corrupt(_)),
+        matches!(err, StoreClientError::Corrupt(_)),
         "a range of a corrupt object: {err}"
     );
     let err = client.get_sections(key, &[0, 1]).await.unwrap_err();
-    assert!(matches!(err, TransportError::Corrupt(_)), "{err}");
+    assert!(matches!(err, StoreClientError::Corrupt(_)), "{err}");
     // The intact sections of the same object are still served, and verified.
     let ok = client.get_sections(key, &[0, 2]).await.unwrap();
     assert_eq!(&ok.sections[1].1[..], view.section_bytes(2));
@@ -50,7 +50,7 @@ async fn corrupt_file_on_disk_is_reported_not_served() {
     // A damaged header makes every read of the object corrupt.
     flip(&store.backend.object_path(key), 20);
     let err = client.get_sections(key, &[0]).await.unwrap_err();
-    assert!(matches!(err, TransportError::Corrupt(_)), "{err}");
+    assert!(matches!(err, StoreClientError::Corrupt(_)), "{err}");
     // Putting the good object again heals it.
     client.put(Bytes::from(bytes.clone())).await.unwrap();
     assert_eq!(client.get(key).await.unwrap(), *bytes);
@@ -76,8 +76,8 @@ async fn invalid_uploads_are_refused_and_leave_nothing() {
     assert!(
         matches!(
             err,
-            TransportError::Server {
-                code: ErrorCode::InvalidObject,
+            StoreClientError::Server {
+                code: StoreErrorCode::InvalidObject,
                 ..
             }
         ),
@@ -89,14 +89,14 @@ async fn invalid_uploads_are_refused_and_leave_nothing() {
     bad[last] ^= 1;
     assert!(matches!(
         client.put(Bytes::from(bad.clone())).await,
-        Err(TransportError::InvalidObject(_))
+        Err(StoreClientError::InvalidObject(_))
     ));
     let err = client.put_raw(*k0, Bytes::from(bad)).await.unwrap_err();
     assert!(
         matches!(
             err,
-            TransportError::Server {
-                code: ErrorCode::InvalidObject,
+            StoreClientError::Server {
+                code: StoreErrorCode::InvalidObject,
                 ..
             }
         ),
@@ -110,8 +110,8 @@ async fn invalid_uploads_are_refused_and_leave_nothing() {
     assert!(
         matches!(
             err,
-            TransportError::Server {
-                code: ErrorCode::InvalidObject,
+            StoreClientError::Server {
+                code: StoreErrorCode::InvalidObject,
                 ..
             }
         ),
@@ -201,7 +201,7 @@ async fn wide_headers_are_read_whole_and_short_files_are_corrupt() {
     // One byte short: every section request is refused as corrupt, nothing is served.
     std::fs::write(store.backend.object_path(key), &bytes[..bytes.len() - 1]).unwrap();
     let err = client.get_sections(key, &[0]).await.unwrap_err();
-    assert!(matches!(err, TransportError::Corrupt(_)), "{err}");
+    assert!(matches!(err, StoreClientError::Corrupt(_)), "{err}");
     assert_eq!(client.stats().await.unwrap().corrupt, 1);
     store.stop().await;
 }

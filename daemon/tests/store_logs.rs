@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use kvfetcher::store::ServerOptions;
-use kvfetcher::transport::{StoreClient, TransportError};
+use kvfetcher::transport::{StoreClient, StoreClientError};
 use kvfetcher_codec::ChunkView;
 use store_util::{real_objects, TestStore};
 use tracing_subscriber::fmt::MakeWriter;
@@ -70,7 +70,7 @@ async fn the_store_logs_connections_requests_and_corruption() {
     damaged[(s.offset + s.len / 2) as usize] ^= 0x40;
     std::fs::write(&path, damaged).unwrap();
     let err = client.get_sections(key, &[1]).await.unwrap_err();
-    assert!(matches!(err, TransportError::Corrupt(_)), "{err}");
+    assert!(matches!(err, StoreClientError::Corrupt(_)), "{err}");
     client.close().await;
     // The server sees the close on its connection's task: wait for that task's last line.
     for _ in 0..500 {

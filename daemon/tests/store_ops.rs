@@ -6,7 +6,7 @@ mod store_util;
 use bytes::Bytes;
 use kvfetcher::store::ServerOptions;
 use kvfetcher::transport::{
-    generate_dev_pki, SectionCheck, ServerTrust, StoreClient, TlsClientConfig, TransportError,
+    generate_dev_pki, SectionCheck, ServerTrust, StoreClient, StoreClientError, TlsClientConfig,
     DEFAULT_SERVER_NAME,
 };
 use kvfetcher_codec::{ChunkHeader, ChunkKey, ChunkView, ModelFingerprint};
@@ -62,7 +62,7 @@ async fn put_get_exists_list_delete_stats() {
     assert_eq!(client.exists_prefix(&keys).await.unwrap(), 1);
     assert!(matches!(
         client.get(&keys[1]).await,
-        Err(TransportError::NotFound(_))
+        Err(StoreClientError::NotFound(_))
     ));
     client.close().await;
     store.stop().await;
@@ -102,8 +102,8 @@ async fn sections_arrive_one_at_a_time_and_verified() {
     assert!(
         matches!(
             err,
-            TransportError::Server {
-                code: kvfetcher::transport::wire::ErrorCode::OutOfRange,
+            StoreClientError::Server {
+                code: kvfetcher::transport::wire::StoreErrorCode::OutOfRange,
                 ..
             }
         ),
@@ -224,7 +224,7 @@ async fn pinned_certificate_accepted_and_wrong_one_refused() {
     let wrong_ca = TlsClientConfig::from_path(other.path()).unwrap();
     assert!(matches!(
         StoreClient::connect(store.addr, wrong_ca).await,
-        Err(TransportError::Connection(_))
+        Err(StoreClientError::Connection(_))
     ));
     let wrong_pin = TlsClientConfig {
         trust: ServerTrust::Pinned(
@@ -236,7 +236,7 @@ async fn pinned_certificate_accepted_and_wrong_one_refused() {
     };
     assert!(matches!(
         StoreClient::connect(store.addr, wrong_pin).await,
-        Err(TransportError::Connection(_))
+        Err(StoreClientError::Connection(_))
     ));
     // The right CA with a name the certificate does not carry is refused too.
     let mut wrong_name = store.client_tls();
@@ -302,8 +302,8 @@ async fn bearer_token_required_when_configured() {
     assert!(
         matches!(
             err,
-            TransportError::Server {
-                code: kvfetcher::transport::wire::ErrorCode::Unauthorized,
+            StoreClientError::Server {
+                code: kvfetcher::transport::wire::StoreErrorCode::Unauthorized,
                 ..
             }
         ),

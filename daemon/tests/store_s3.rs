@@ -7,9 +7,9 @@ mod store_util;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kvfetcher::store::{Backend, CommitMode, S3Backend, S3Config, ServerOptions, StoreServer};
+use kvfetcher::store::{CommitMode, S3Backend, S3Config, ServerOptions, Storage, StoreServer};
 use kvfetcher::transport::{
-    write_dev_pki, StoreClient, TlsClientConfig, TlsServerConfig, TransportError,
+    write_dev_pki, StoreClient, StoreClientError, TlsClientConfig, TlsServerConfig,
 };
 use kvfetcher_codec::{ChunkKey, ChunkView, ModelFingerprint};
 use store_util::real_objects;
@@ -64,7 +64,7 @@ async fn store_server_over_s3() {
     };
     let certs = tempfile::tempdir().unwrap();
     write_dev_pki(certs.path()).unwrap();
-    let backend: Arc<dyn Backend> = Arc::new(S3Backend::new(&cfg).unwrap());
+    let backend: Arc<dyn Storage> = Arc::new(S3Backend::new(&cfg).unwrap());
     let server = StoreServer::bind(
         "127.0.0.1:0".parse().unwrap(),
         &TlsServerConfig::from_dir(certs.path()).unwrap(),
@@ -102,7 +102,7 @@ async fn store_server_over_s3() {
     }
     assert!(matches!(
         client.get(&keys[0]).await,
-        Err(TransportError::NotFound(_))
+        Err(StoreClientError::NotFound(_))
     ));
     tx.send(()).unwrap();
     task.await.unwrap();

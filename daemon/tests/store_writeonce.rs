@@ -5,7 +5,7 @@ mod store_util;
 
 use bytes::Bytes;
 use kvfetcher::store::ServerOptions;
-use kvfetcher::transport::wire::{ErrorCode, Op, Request, Response};
+use kvfetcher::transport::wire::{Op, Request, Response, StoreErrorCode};
 use kvfetcher::transport::StoreClient;
 use kvfetcher_codec::{encode_cache, ChunkKey, CodecRegistry, EncodeConfig, VariantKind};
 use kvfetcher_kv::KvFile;
@@ -85,7 +85,7 @@ async fn a_stored_key_is_refused_without_replace_and_kept() {
     );
     match raw_put(&conn, key, &poison, false).await {
         Response::Error { code, message } => {
-            assert_eq!(code, ErrorCode::Exists);
+            assert_eq!(code, StoreErrorCode::Exists);
             assert!(message.contains("already stored"), "{message}");
         }
         other => panic!("second put accepted: {other:?}"),
@@ -161,11 +161,11 @@ async fn concurrent_puts_of_one_key_store_exactly_one() {
             let created = Response::Stored { created: true };
             let winner = match (&ra, &rb) {
                 (r, Response::Error { code, .. }) if *r == created => {
-                    assert_eq!(*code, ErrorCode::Exists);
+                    assert_eq!(*code, StoreErrorCode::Exists);
                     first
                 }
                 (Response::Error { code, .. }, r) if *r == created => {
-                    assert_eq!(*code, ErrorCode::Exists);
+                    assert_eq!(*code, StoreErrorCode::Exists);
                     second
                 }
                 _ => panic!("not exactly one put stored: {ra:?} and {rb:?}"),

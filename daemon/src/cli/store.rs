@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use kvfetcher_codec::ChunkKey;
 
-use crate::store::{Backend, LocalDir, S3Backend, S3Config, StoreConfig, StoreServer};
+use crate::store::{LocalDir, S3Backend, S3Config, Storage, StoreConfig, StoreServer};
 use crate::transport::{write_dev_pki, Congestion, StoreClient, TlsClientConfig, TlsServerConfig};
 
 /// Arguments of `kvfetcher store`.
@@ -177,7 +177,7 @@ pub fn run_store(args: StoreArgs) -> anyhow::Result<()> {
         _ => bail!("give --cert-dir, or both --cert and --key (use --dev-cert DIR to make a loopback pair)"),
     };
     let listen = cfg.listen.context("give --listen ADDR")?;
-    let backend: Arc<dyn Backend> = match (&cfg.s3, &cfg.data_dir) {
+    let backend: Arc<dyn Storage> = match (&cfg.s3, &cfg.data_dir) {
         (Some(s3), _) => Arc::new(S3Backend::new(s3)?),
         (None, Some(dir)) => Arc::new(LocalDir::open(dir)?),
         (None, None) => bail!("give --data-dir DIR or an S3 backend"),

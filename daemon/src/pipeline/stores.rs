@@ -21,7 +21,7 @@ use kvfetcher_codec::ChunkKey;
 use tokio::sync::Mutex;
 
 use crate::server::ServeError;
-use crate::transport::{ClientOptions, StoreClient, TlsClientConfig, TransportError};
+use crate::transport::{ClientOptions, StoreClient, StoreClientError, TlsClientConfig};
 
 /// How to reach one store.
 #[derive(Debug, Clone)]
@@ -55,24 +55,24 @@ pub(crate) struct Stores {
 }
 
 /// Maps a transport error to what a local client is told.
-pub(crate) fn serve_error(e: TransportError) -> ServeError {
+pub(crate) fn serve_error(e: StoreClientError) -> ServeError {
     match e {
-        TransportError::NotFound(m) => ServeError::NotFound(m),
-        TransportError::Corrupt(m) => ServeError::Corrupt(m),
-        TransportError::InvalidObject(m) => ServeError::Internal(format!("invalid chunk: {m}")),
+        StoreClientError::NotFound(m) => ServeError::NotFound(m),
+        StoreClientError::Corrupt(m) => ServeError::Corrupt(m),
+        StoreClientError::InvalidObject(m) => ServeError::Internal(format!("invalid chunk: {m}")),
         other => ServeError::Unavailable(format!("store: {other}")),
     }
 }
 
 /// Whether the error means the connection is gone (as opposed to one request failing).
-fn connection_lost(e: &TransportError) -> bool {
+fn connection_lost(e: &StoreClientError) -> bool {
     matches!(
         e,
-        TransportError::Connection(_)
-            | TransportError::Connect(_)
-            | TransportError::Write(_)
-            | TransportError::Read(_)
-            | TransportError::Endpoint(_)
+        StoreClientError::Connection(_)
+            | StoreClientError::Connect(_)
+            | StoreClientError::Write(_)
+            | StoreClientError::Read(_)
+            | StoreClientError::Endpoint(_)
     )
 }
 
@@ -177,7 +177,7 @@ impl Stores {
     /// The caller does not say which connection failed: the closed ones are dropped, and if
     /// none is closed (a stream was cut off) all of them are, as with a single connection.
     /// Requests still running on a dropped client keep its connection until they finish.
-    pub(crate) async fn failed(&self, key: &ChunkKey, e: TransportError) -> ServeError {
+    pub(crate) async fn failed(&self, key: &ChunkKey, e: StoreClientError) -> ServeError {
         if connection_lost(&e) {
             if let Some(store) = self.stores.get(self.index_of(key)) {
                 let mut guards = Vec::with_capacity(store.slots.len());

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::s3::S3Config;
-use super::server::ServerOptions;
+use super::service::ServerOptions;
 use crate::transport::Congestion;
 
 /// Largest `max_connections` / `max_uploads`: far above what one host serves, and well inside

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use kvfetcher_codec::{ChunkKey, ModelFingerprint};
 use tokio::io::AsyncWriteExt;
 
-use super::backend::{
-    key_from_name, Backend, BackendError, CommitMode, ObjectReader, ObjectWriter, Usage,
+use super::storage::{
+    key_from_name, CommitMode, ObjectReader, ObjectWriter, Storage, StorageError, Usage,
 };
 
 /// A directory-backed store.
@@ -28,8 +28,8 @@ pub struct LocalDir {
     counter: Arc<AtomicU64>,
 }
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BackendError + 'a {
-    move |source| BackendError::Io {
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StorageError + 'a {
+    move |source| StorageError::Io {
         op,
         path: path.to_path_buf(),
         source,
@@ -38,7 +38,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ba
 
 impl LocalDir {
     /// Opens (creating if needed) a store rooted at `root` and removes abandoned uploads.
-    pub fn open(root: &Path) -> Result<LocalDir, BackendError> {
+    pub fn open(root: &Path) -> Result<LocalDir, StorageError> {
         for sub in ["objects", "models", "tmp"] {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
@@ -84,7 +84,7 @@ impl ObjectReader for FileReader {
         self.len
     }
 
-    async fn read(&self, range: Range<u64>) -> Result<Bytes, BackendError> {
+    async fn read(&self, range: Range<u64>) -> Result<Bytes, StorageError> {
         use std::os::unix::fs::FileExt;
         let file = self.file.clone();
         let n = usize::try_from(range.end.saturating_sub(range.start))
@@ -107,7 +107,7 @@ struct LocalWriter {
     file: Option<tokio::fs::File>,
 }
 
-async fn sync_dir(path: &Path) -> Result<(), BackendError> {
+async fn sync_dir(path: &Path) -> Result<(), StorageError> {
     let p = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
         std::fs::File::open(&p)
@@ -115,7 +115,7 @@ async fn sync_dir(path: &Path) -> Result<(), BackendError> {
             .map_err(io("fsync", &p))
     })
     .await
-    .map_err(|e| BackendError::Io {
+    .map_err(|e| StorageError::Io {
         op: "fsync",
         path: path.into(),
         source: std::io::Error::other(e),
@@ -124,11 +124,11 @@ async fn sync_dir(path: &Path) -> Result<(), BackendError> {
 
 #[async_trait]
 impl ObjectWriter for LocalWriter {
-    async fn write(&mut self, bytes: Bytes) -> Result<(), BackendError> {
+    async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
         let file = self
             .file
             .as_mut()
-            .ok_or_else(|| BackendError::Config("write after close".into()))?;
+            .ok_or_else(|| StorageError::Config("write after close".into()))?;
         file.write_all(&bytes).await.map_err(io("write", &self.tmp))
     }
 
@@ -139,11 +139,11 @@ impl ObjectWriter for LocalWriter {
         mut self: Box<Self>,
         model: ModelFingerprint,
         mode: CommitMode,
-    ) -> Result<bool, BackendError> {
+    ) -> Result<bool, StorageError> {
         let file = self
             .file
             .take()
-            .ok_or_else(|| BackendError::Config("commit after close".into()))?;
+            .ok_or_else(|| StorageError::Config("commit after close".into()))?;
         let result = async {
             let mut file = file;
             file.flush().await.map_err(io("write", &self.tmp))?;
@@ -168,7 +168,7 @@ impl ObjectWriter for LocalWriter {
                     match tokio::fs::hard_link(&self.tmp, &dest).await {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                            return Err(BackendError::Exists(self.key));
+                            return Err(StorageError::Exists(self.key));
                         }
                         Err(e) => return Err(io("link", &dest)(e)),
                     }
@@ -214,8 +214,8 @@ impl Drop for LocalWriter {
 }
 
 #[async_trait]
-impl Backend for LocalDir {
-    async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, BackendError> {
+impl Storage for LocalDir {
+    async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp =
             self.root
@@ -235,7 +235,7 @@ impl Backend for LocalDir {
         }))
     }
 
-    async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, BackendError> {
+    async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, StorageError> {
         let path = self.object_path(key);
         match tokio::fs::read(&path).await {
             Ok(v) => Ok(Some(v.into())),
@@ -244,7 +244,7 @@ impl Backend for LocalDir {
         }
     }
 
-    async fn open(&self, key: &ChunkKey) -> Result<Option<Box<dyn ObjectReader>>, BackendError> {
+    async fn open(&self, key: &ChunkKey) -> Result<Option<Box<dyn ObjectReader>>, StorageError> {
         let path = self.object_path(key);
         let opened = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -267,14 +267,14 @@ impl Backend for LocalDir {
         }
     }
 
-    async fn exists(&self, key: &ChunkKey) -> Result<bool, BackendError> {
+    async fn exists(&self, key: &ChunkKey) -> Result<bool, StorageError> {
         let path = self.object_path(key);
         tokio::fs::try_exists(&path)
             .await
             .map_err(io("stat", &path))
     }
 
-    async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, BackendError> {
+    async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, StorageError> {
         let dir = self.model_dir(model);
         let mut rd = match tokio::fs::read_dir(&dir).await {
             Ok(rd) => rd,
@@ -293,7 +293,7 @@ impl Backend for LocalDir {
         Ok(keys)
     }
 
-    async fn delete(&self, key: &ChunkKey) -> Result<bool, BackendError> {
+    async fn delete(&self, key: &ChunkKey) -> Result<bool, StorageError> {
         let path = self.object_path(key);
         let existed = match tokio::fs::remove_file(&path).await {
             Ok(()) => true,
@@ -316,7 +316,7 @@ impl Backend for LocalDir {
         Ok(existed)
     }
 
-    async fn usage(&self) -> Result<Usage, BackendError> {
+    async fn usage(&self) -> Result<Usage, StorageError> {
         let objects = self.root.join("objects");
         tokio::task::spawn_blocking(move || {
             let mut u = Usage::default();
@@ -333,7 +333,7 @@ impl Backend for LocalDir {
             Ok(u)
         })
         .await
-        .map_err(|e| BackendError::Config(format!("usage task: {e}")))?
+        .map_err(|e| StorageError::Config(format!("usage task: {e}")))?
     }
 }
 
@@ -440,7 +440,7 @@ mod tests {
                         assert!(created);
                         winners.push(i);
                     }
-                    (_, Err(BackendError::Exists(k))) => assert_eq!(k, key),
+                    (_, Err(StorageError::Exists(k))) => assert_eq!(k, key),
                     (_, Err(e)) => panic!("round {round}: {e}"),
                 }
             }

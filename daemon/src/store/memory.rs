@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use kvfetcher_codec::{ChunkKey, ModelFingerprint};
 
-use super::backend::{Backend, BackendError, CommitMode, ObjectWriter, Usage};
+use super::storage::{CommitMode, ObjectWriter, Storage, StorageError, Usage};
 
 type Objects = HashMap<ChunkKey, (ModelFingerprint, Bytes)>;
 
@@ -46,7 +46,7 @@ struct MemoryWriter {
 
 #[async_trait]
 impl ObjectWriter for MemoryWriter {
-    async fn write(&mut self, bytes: Bytes) -> Result<(), BackendError> {
+    async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
         self.buf.extend_from_slice(&bytes);
         Ok(())
     }
@@ -55,10 +55,10 @@ impl ObjectWriter for MemoryWriter {
         self: Box<Self>,
         model: ModelFingerprint,
         mode: CommitMode,
-    ) -> Result<bool, BackendError> {
+    ) -> Result<bool, StorageError> {
         let mut objects = self.store.write();
         if mode == CommitMode::CreateNew && objects.contains_key(&self.key) {
-            return Err(BackendError::Exists(self.key));
+            return Err(StorageError::Exists(self.key));
         }
         Ok(objects.insert(self.key, (model, self.buf.into())).is_none())
     }
@@ -67,8 +67,8 @@ impl ObjectWriter for MemoryWriter {
 }
 
 #[async_trait]
-impl Backend for MemoryBackend {
-    async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, BackendError> {
+impl Storage for MemoryBackend {
+    async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, StorageError> {
         Ok(Box::new(MemoryWriter {
             store: self.clone(),
             key: *key,
@@ -76,15 +76,15 @@ impl Backend for MemoryBackend {
         }))
     }
 
-    async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, BackendError> {
+    async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, StorageError> {
         Ok(self.read().get(key).map(|(_, b)| b.clone()))
     }
 
-    async fn exists(&self, key: &ChunkKey) -> Result<bool, BackendError> {
+    async fn exists(&self, key: &ChunkKey) -> Result<bool, StorageError> {
         Ok(self.read().contains_key(key))
     }
 
-    async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, BackendError> {
+    async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, StorageError> {
         let mut keys: Vec<ChunkKey> = self
             .read()
             .iter()
@@ -95,11 +95,11 @@ impl Backend for MemoryBackend {
         Ok(keys)
     }
 
-    async fn delete(&self, key: &ChunkKey) -> Result<bool, BackendError> {
+    async fn delete(&self, key: &ChunkKey) -> Result<bool, StorageError> {
         Ok(self.write().remove(key).is_some())
     }
 
-    async fn usage(&self) -> Result<Usage, BackendError> {
+    async fn usage(&self) -> Result<Usage, StorageError> {
         let m = self.read();
         Ok(Usage {
             objects: m.len() as u64,

@@ -15,7 +15,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutPayload};
 
-use super::backend::{key_from_name, Backend, BackendError, CommitMode, ObjectWriter, Usage};
+use super::storage::{key_from_name, CommitMode, ObjectWriter, Storage, StorageError, Usage};
 
 /// Where an S3-compatible bucket is and how to sign requests to it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -60,7 +60,7 @@ pub struct S3Backend {
 
 impl S3Backend {
     /// Connects (lazily: no request is made until the first operation).
-    pub fn new(cfg: &S3Config) -> Result<S3Backend, BackendError> {
+    pub fn new(cfg: &S3Config) -> Result<S3Backend, StorageError> {
         let store = AmazonS3Builder::new()
             .with_endpoint(&cfg.endpoint)
             .with_bucket_name(&cfg.bucket)
@@ -92,7 +92,7 @@ struct S3Writer {
 
 #[async_trait]
 impl ObjectWriter for S3Writer {
-    async fn write(&mut self, bytes: Bytes) -> Result<(), BackendError> {
+    async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
         self.parts.push(bytes);
         Ok(())
     }
@@ -104,11 +104,11 @@ impl ObjectWriter for S3Writer {
         self: Box<Self>,
         model: ModelFingerprint,
         mode: CommitMode,
-    ) -> Result<bool, BackendError> {
+    ) -> Result<bool, StorageError> {
         let path = S3Backend::object(&self.key);
         let existed = head_exists(&*self.store, &path).await?;
         if existed && mode == CommitMode::CreateNew {
-            return Err(BackendError::Exists(self.key));
+            return Err(StorageError::Exists(self.key));
         }
         let payload: PutPayload = self.parts.into_iter().collect();
         self.store.put(&path, payload).await?;
@@ -121,7 +121,7 @@ impl ObjectWriter for S3Writer {
     async fn abort(self: Box<Self>) {}
 }
 
-async fn head_exists(store: &dyn ObjectStore, path: &ObjPath) -> Result<bool, BackendError> {
+async fn head_exists(store: &dyn ObjectStore, path: &ObjPath) -> Result<bool, StorageError> {
     match store.head(path).await {
         Ok(_) => Ok(true),
         Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -130,8 +130,8 @@ async fn head_exists(store: &dyn ObjectStore, path: &ObjPath) -> Result<bool, Ba
 }
 
 #[async_trait]
-impl Backend for S3Backend {
-    async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, BackendError> {
+impl Storage for S3Backend {
+    async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, StorageError> {
         Ok(Box::new(S3Writer {
             store: self.store.clone(),
             key: *key,
@@ -139,7 +139,7 @@ impl Backend for S3Backend {
         }))
     }
 
-    async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, BackendError> {
+    async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, StorageError> {
         match self.store.get(&Self::object(key)).await {
             Ok(r) => Ok(Some(r.bytes().await?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -147,11 +147,11 @@ impl Backend for S3Backend {
         }
     }
 
-    async fn exists(&self, key: &ChunkKey) -> Result<bool, BackendError> {
+    async fn exists(&self, key: &ChunkKey) -> Result<bool, StorageError> {
         head_exists(&*self.store, &Self::object(key)).await
     }
 
-    async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, BackendError> {
+    async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, StorageError> {
         let prefix = ObjPath::from(format!("models/{}", model.to_hex()));
         let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
         let mut keys = Vec::with_capacity(metas.len());
@@ -163,7 +163,7 @@ impl Backend for S3Backend {
         Ok(keys)
     }
 
-    async fn delete(&self, key: &ChunkKey) -> Result<bool, BackendError> {
+    async fn delete(&self, key: &ChunkKey) -> Result<bool, StorageError> {
         let path = Self::object(key);
         let existed = head_exists(&*self.store, &path).await?;
         if existed {
@@ -184,7 +184,7 @@ impl Backend for S3Backend {
         Ok(existed)
     }
 
-    async fn usage(&self) -> Result<Usage, BackendError> {
+    async fn usage(&self) -> Result<Usage, StorageError> {
         let metas: Vec<_> = self
             .store
             .list(Some(&ObjPath::from("objects")))

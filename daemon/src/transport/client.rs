@@ -2,7 +2,7 @@
 //! stream so callers can run many in parallel (`StoreClient` is cheap to clone and `Sync`).
 //!
 //! Received data is checked: whole objects against every section checksum, fetched sections
-//! against their own. A failed check is [`TransportError::Corrupt`], never data.
+//! against their own. A failed check is [`StoreClientError::Corrupt`], never data.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,12 +16,12 @@ use super::object::{self, ObjectError, SectionCheck};
 use super::tls::{TlsClientConfig, TlsError};
 use super::tuning::{transport_config, TransportTuning};
 use super::wire::{
-    self, ErrorCode, Op, Request, Response, SectionSpan, StatsReport, WireError, RANGE_TO_END,
+    self, Op, Request, Response, SectionSpan, StatsReport, StoreErrorCode, WireError, RANGE_TO_END,
 };
 
 /// Why a store operation failed on the client side.
 #[derive(Debug, thiserror::Error)]
-pub enum TransportError {
+pub enum StoreClientError {
     /// The TLS configuration could not be built.
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
@@ -62,18 +62,18 @@ pub enum TransportError {
     #[error("server: {code:?}: {message}")]
     Server {
         /// The server's error code.
-        code: ErrorCode,
+        code: StoreErrorCode,
         /// The server's message.
         message: String,
     },
 }
 
-impl TransportError {
-    fn from_server(code: ErrorCode, message: String) -> TransportError {
+impl StoreClientError {
+    fn from_server(code: StoreErrorCode, message: String) -> StoreClientError {
         match code {
-            ErrorCode::NotFound => TransportError::NotFound(message),
-            ErrorCode::Corrupt => TransportError::Corrupt(message),
-            code => TransportError::Server { code, message },
+            StoreErrorCode::NotFound => StoreClientError::NotFound(message),
+            StoreErrorCode::Corrupt => StoreClientError::Corrupt(message),
+            code => StoreClientError::Server { code, message },
         }
     }
 }
@@ -157,17 +157,17 @@ impl SectionStream {
     }
 
     /// Receives the next section: `(index, bytes)`, checksum verified; `None` after the last.
-    pub async fn next_section(&mut self) -> Result<Option<(usize, Bytes)>, TransportError> {
+    pub async fn next_section(&mut self) -> Result<Option<(usize, Bytes)>, StoreClientError> {
         let Some(span) = self.spans.next() else {
             return Ok(None);
         };
         let len =
-            usize::try_from(span.len).map_err(|_| TransportError::Unexpected("get-sections"))?;
+            usize::try_from(span.len).map_err(|_| StoreClientError::Unexpected("get-sections"))?;
         let bytes = read_exactly(&mut self.recv, len).await?;
         let index = span.index as usize;
         self.check
             .verify(index, &bytes)
-            .map_err(|e| TransportError::Corrupt(e.to_string()))?;
+            .map_err(|e| StoreClientError::Corrupt(e.to_string()))?;
         Ok(Some((index, bytes)))
     }
 }
@@ -178,7 +178,7 @@ impl StoreClient {
     pub async fn connect(
         addr: SocketAddr,
         tls: TlsClientConfig,
-    ) -> Result<StoreClient, TransportError> {
+    ) -> Result<StoreClient, StoreClientError> {
         Self::connect_with(addr, tls, ClientOptions::default()).await
     }
 
@@ -187,16 +187,16 @@ impl StoreClient {
         addr: SocketAddr,
         tls: TlsClientConfig,
         options: ClientOptions,
-    ) -> Result<StoreClient, TransportError> {
+    ) -> Result<StoreClient, StoreClientError> {
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0"
         } else {
             "0.0.0.0:0"
         }
         .parse()
-        .map_err(|_| TransportError::Unexpected("bind address"))?;
+        .map_err(|_| StoreClientError::Unexpected("bind address"))?;
         let mut endpoint =
-            super::tuning::quic_endpoint(bind, None).map_err(TransportError::Endpoint)?;
+            super::tuning::quic_endpoint(bind, None).map_err(StoreClientError::Endpoint)?;
         let mut cfg = quinn::ClientConfig::new(tls.quic()?);
         let mut tuning = options.tuning;
         if tuning.keep_alive.is_none() {
@@ -210,7 +210,7 @@ impl StoreClient {
         if let Some(token) = tls.token {
             match client.simple(Request::Auth { token }).await? {
                 Response::Authed => {}
-                _ => return Err(TransportError::Unexpected("auth")),
+                _ => return Err(StoreClientError::Unexpected("auth")),
             }
         }
         Ok(client)
@@ -219,18 +219,18 @@ impl StoreClient {
     /// Uploads a chunk object under the key in its header; true when the store did not have it.
     /// The object is checked locally first, so a corrupt file is never sent.
     /// A key already stored is left as it is (stored objects are write-once) and answers false.
-    pub async fn put(&self, object: Bytes) -> Result<bool, TransportError> {
+    pub async fn put(&self, object: Bytes) -> Result<bool, StoreClientError> {
         self.put_object(object, false).await
     }
 
     /// [`StoreClient::put`], overwriting a stored object when `replace` is set.
-    pub async fn put_object(&self, object: Bytes, replace: bool) -> Result<bool, TransportError> {
+    pub async fn put_object(&self, object: Bytes, replace: bool) -> Result<bool, StoreClientError> {
         let key = object::verify_object(&object)?.key;
         self.put_with(key, object, replace).await
     }
 
     /// Uploads bytes under `key` without checking them locally (the server still checks).
-    pub async fn put_raw(&self, key: ChunkKey, object: Bytes) -> Result<bool, TransportError> {
+    pub async fn put_raw(&self, key: ChunkKey, object: Bytes) -> Result<bool, StoreClientError> {
         self.put_with(key, object, false).await
     }
 
@@ -239,7 +239,7 @@ impl StoreClient {
         key: ChunkKey,
         object: Bytes,
         replace: bool,
-    ) -> Result<bool, TransportError> {
+    ) -> Result<bool, StoreClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         send.write_all(
             &Request::Put {
@@ -259,27 +259,27 @@ impl StoreClient {
             // Already stored and not replaced: the store keeps its copy, as asked.
             (
                 Ok(Response::Error {
-                    code: ErrorCode::Exists,
+                    code: StoreErrorCode::Exists,
                     ..
                 }),
                 _,
             ) if !replace => Ok(false),
             (Ok(Response::Error { code, message }), _) => {
-                Err(TransportError::from_server(code, message))
+                Err(StoreClientError::from_server(code, message))
             }
-            (Ok(_), _) => Err(TransportError::Unexpected("put")),
+            (Ok(_), _) => Err(StoreClientError::Unexpected("put")),
             (Err(_), Err(w)) => Err(w.into()),
             (Err(e), Ok(())) => Err(e),
         }
     }
 
     /// Downloads a whole object, verified against its checksums.
-    pub async fn get(&self, key: &ChunkKey) -> Result<Vec<u8>, TransportError> {
+    pub async fn get(&self, key: &ChunkKey) -> Result<Vec<u8>, StoreClientError> {
         let bytes = self.get_range(key, 0, RANGE_TO_END).await?;
         let info =
-            object::verify_object(&bytes).map_err(|e| TransportError::Corrupt(e.to_string()))?;
+            object::verify_object(&bytes).map_err(|e| StoreClientError::Corrupt(e.to_string()))?;
         if info.key != *key {
-            return Err(TransportError::Corrupt(format!(
+            return Err(StoreClientError::Corrupt(format!(
                 "object carries key {}",
                 info.key
             )));
@@ -294,7 +294,7 @@ impl StoreClient {
         key: &ChunkKey,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<u8>, TransportError> {
+    ) -> Result<Vec<u8>, StoreClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         send.write_all(
             &Request::Get {
@@ -308,11 +308,11 @@ impl StoreClient {
         let _ = send.finish();
         match read_response(&mut recv, Op::Get).await? {
             Response::Data { len, .. } => {
-                let len = usize::try_from(len).map_err(|_| TransportError::Unexpected("get"))?;
+                let len = usize::try_from(len).map_err(|_| StoreClientError::Unexpected("get"))?;
                 Ok(read_exactly(&mut recv, len).await?.into())
             }
-            Response::Error { code, message } => Err(TransportError::from_server(code, message)),
-            _ => Err(TransportError::Unexpected("get")),
+            Response::Error { code, message } => Err(StoreClientError::from_server(code, message)),
+            _ => Err(StoreClientError::Unexpected("get")),
         }
     }
 
@@ -321,7 +321,7 @@ impl StoreClient {
         &self,
         key: &ChunkKey,
         sections: &[usize],
-    ) -> Result<SectionStream, TransportError> {
+    ) -> Result<SectionStream, StoreClientError> {
         self.request_sections(key, None, sections).await
     }
 
@@ -332,7 +332,7 @@ impl StoreClient {
         &self,
         check: &Arc<SectionCheck>,
         sections: &[usize],
-    ) -> Result<SectionStream, TransportError> {
+    ) -> Result<SectionStream, StoreClientError> {
         self.request_sections(&check.key(), Some(check), sections)
             .await
     }
@@ -342,10 +342,10 @@ impl StoreClient {
         key: &ChunkKey,
         known: Option<&Arc<SectionCheck>>,
         sections: &[usize],
-    ) -> Result<SectionStream, TransportError> {
+    ) -> Result<SectionStream, StoreClientError> {
         let indices = sections
             .iter()
-            .map(|&s| u32::try_from(s).map_err(|_| TransportError::Unexpected("section index")))
+            .map(|&s| u32::try_from(s).map_err(|_| StoreClientError::Unexpected("section index")))
             .collect::<Result<Vec<_>, _>>()?;
         let (mut send, mut recv) = self.conn.open_bi().await?;
         let request = Request::GetSections {
@@ -361,17 +361,17 @@ impl StoreClient {
                 sections: spans,
             } => {
                 if spans.iter().map(|s| s.index).ne(indices.iter().copied()) {
-                    return Err(TransportError::Unexpected("get-sections"));
+                    return Err(StoreClientError::Unexpected("get-sections"));
                 }
                 let (header, check) = match known {
                     Some(check) if header_len == 0 => (Vec::new(), check.clone()),
-                    Some(_) => return Err(TransportError::Unexpected("get-sections-only")),
+                    Some(_) => return Err(StoreClientError::Unexpected("get-sections-only")),
                     None => {
                         let header = read_exactly(&mut recv, header_len as usize).await?.to_vec();
                         let check = SectionCheck::from_header(&header)
-                            .map_err(|e| TransportError::Corrupt(e.to_string()))?;
+                            .map_err(|e| StoreClientError::Corrupt(e.to_string()))?;
                         if check.key() != *key {
-                            return Err(TransportError::Corrupt(format!(
+                            return Err(StoreClientError::Corrupt(format!(
                                 "header carries key {}",
                                 check.key()
                             )));
@@ -381,7 +381,7 @@ impl StoreClient {
                 };
                 for s in &spans {
                     if check.section_len(s.index as usize) != Some(s.len) {
-                        return Err(TransportError::Corrupt(format!(
+                        return Err(StoreClientError::Corrupt(format!(
                             "section {} length disagrees",
                             s.index
                         )));
@@ -394,8 +394,8 @@ impl StoreClient {
                     spans: spans.into_iter(),
                 })
             }
-            Response::Error { code, message } => Err(TransportError::from_server(code, message)),
-            _ => Err(TransportError::Unexpected("get-sections")),
+            Response::Error { code, message } => Err(StoreClientError::from_server(code, message)),
+            _ => Err(StoreClientError::Unexpected("get-sections")),
         }
     }
 
@@ -404,7 +404,7 @@ impl StoreClient {
         &self,
         key: &ChunkKey,
         sections: &[usize],
-    ) -> Result<Sections, TransportError> {
+    ) -> Result<Sections, StoreClientError> {
         let mut stream = self.open_sections(key, sections).await?;
         let mut out = Vec::with_capacity(sections.len());
         while let Some(s) = stream.next_section().await? {
@@ -417,7 +417,7 @@ impl StoreClient {
     }
 
     /// How many leading keys of `keys` (a prefix chain) the store holds, in one round trip.
-    pub async fn exists_prefix(&self, keys: &[ChunkKey]) -> Result<usize, TransportError> {
+    pub async fn exists_prefix(&self, keys: &[ChunkKey]) -> Result<usize, StoreClientError> {
         match self
             .simple(Request::ExistsPrefix {
                 keys: keys.to_vec(),
@@ -425,31 +425,31 @@ impl StoreClient {
             .await?
         {
             Response::Present { count } => Ok(count as usize),
-            _ => Err(TransportError::Unexpected("exists-prefix")),
+            _ => Err(StoreClientError::Unexpected("exists-prefix")),
         }
     }
 
     /// Every key stored for `model`.
-    pub async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, TransportError> {
+    pub async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, StoreClientError> {
         match self.simple(Request::List { model: *model }).await? {
             Response::Keys { keys } => Ok(keys),
-            _ => Err(TransportError::Unexpected("list")),
+            _ => Err(StoreClientError::Unexpected("list")),
         }
     }
 
     /// Deletes one object; true when it existed.
-    pub async fn delete(&self, key: &ChunkKey) -> Result<bool, TransportError> {
+    pub async fn delete(&self, key: &ChunkKey) -> Result<bool, StoreClientError> {
         match self.simple(Request::Delete { key: *key }).await? {
             Response::Deleted { existed } => Ok(existed),
-            _ => Err(TransportError::Unexpected("delete")),
+            _ => Err(StoreClientError::Unexpected("delete")),
         }
     }
 
     /// The store's statistics.
-    pub async fn stats(&self) -> Result<StatsReport, TransportError> {
+    pub async fn stats(&self) -> Result<StatsReport, StoreClientError> {
         match self.simple(Request::Stats).await? {
             Response::Stats(s) => Ok(s),
-            _ => Err(TransportError::Unexpected("stats")),
+            _ => Err(StoreClientError::Unexpected("stats")),
         }
     }
 
@@ -466,20 +466,20 @@ impl StoreClient {
 
     /// Sends a request without data and reads a response without data; server errors become
     /// typed errors.
-    async fn simple(&self, req: Request) -> Result<Response, TransportError> {
+    async fn simple(&self, req: Request) -> Result<Response, StoreClientError> {
         let op = req.op();
         let (mut send, mut recv) = self.conn.open_bi().await?;
         send.write_all(&req.encode()).await?;
         let _ = send.finish();
         match read_response(&mut recv, op).await? {
-            Response::Error { code, message } => Err(TransportError::from_server(code, message)),
+            Response::Error { code, message } => Err(StoreClientError::from_server(code, message)),
             r => Ok(r),
         }
     }
 }
 
 /// Reads one response frame.
-async fn read_response(recv: &mut RecvStream, op: Op) -> Result<Response, TransportError> {
+async fn read_response(recv: &mut RecvStream, op: Op) -> Result<Response, StoreClientError> {
     let mut head = [0u8; wire::FRAME_HEADER_LEN];
     read_into(recv, &mut head).await?;
     let total = wire::frame_len(&head)?;
@@ -488,24 +488,24 @@ async fn read_response(recv: &mut RecvStream, op: Op) -> Result<Response, Transp
     read_into(recv, &mut buf[wire::FRAME_HEADER_LEN..]).await?;
     match Response::decode(op, &buf)? {
         Some((resp, _)) => Ok(resp),
-        None => Err(TransportError::Truncated),
+        None => Err(StoreClientError::Truncated),
     }
 }
 
-async fn read_into(recv: &mut RecvStream, buf: &mut [u8]) -> Result<(), TransportError> {
+async fn read_into(recv: &mut RecvStream, buf: &mut [u8]) -> Result<(), StoreClientError> {
     recv.read_exact(buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => TransportError::Truncated,
-        quinn::ReadExactError::ReadError(e) => TransportError::Read(e),
+        quinn::ReadExactError::FinishedEarly(_) => StoreClientError::Truncated,
+        quinn::ReadExactError::ReadError(e) => StoreClientError::Read(e),
     })
 }
 
 /// Reads exactly `len` bytes, in the chunks quinn hands out (one copy into the result).
-async fn read_exactly(recv: &mut RecvStream, len: usize) -> Result<Bytes, TransportError> {
+async fn read_exactly(recv: &mut RecvStream, len: usize) -> Result<Bytes, StoreClientError> {
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         match recv.read_chunk(len - out.len(), true).await? {
             Some(chunk) => out.extend_from_slice(&chunk.bytes),
-            None => return Err(TransportError::Truncated),
+            None => return Err(StoreClientError::Truncated),
         }
     }
     Ok(out.into())

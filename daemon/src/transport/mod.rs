@@ -10,7 +10,7 @@ mod tuning;
 pub mod wire;
 
 pub use client::{
-    ClientOptions, SectionStream, Sections, StoreClient, TransportError, DEFAULT_IDLE_TIMEOUT,
+    ClientOptions, SectionStream, Sections, StoreClient, StoreClientError, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_KEEP_ALIVE,
 };
 pub use object::{verify_object, ObjectError, ObjectInfo, SectionCheck};

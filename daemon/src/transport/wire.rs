@@ -137,7 +137,7 @@ pub enum Request {
         /// Exact number of object bytes that follow.
         len: u64,
         /// Overwrite an object already stored under `key`. Without it a stored key is
-        /// write-once: the put is refused with [`ErrorCode::Exists`]. Encoded as one optional
+        /// write-once: the put is refused with [`StoreErrorCode::Exists`]. Encoded as one optional
         /// trailing body byte (absent: false), so older clients' puts parse unchanged.
         replace: bool,
     },
@@ -306,7 +306,7 @@ impl Request {
 /// Why the server refused or failed a request; carried in the response status byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
-pub enum ErrorCode {
+pub enum StoreErrorCode {
     /// The request could not be parsed or breaks a protocol rule.
     BadRequest = 1,
     /// The key is not stored.
@@ -332,21 +332,21 @@ pub enum ErrorCode {
     Exists = 11,
 }
 
-impl ErrorCode {
+impl StoreErrorCode {
     /// Parses a status byte (0 is success and not an error code).
-    pub fn from_code(code: u8) -> Result<ErrorCode, WireError> {
+    pub fn from_code(code: u8) -> Result<StoreErrorCode, WireError> {
         Ok(match code {
-            1 => ErrorCode::BadRequest,
-            2 => ErrorCode::NotFound,
-            3 => ErrorCode::TooLarge,
-            4 => ErrorCode::Corrupt,
-            5 => ErrorCode::Unauthorized,
-            6 => ErrorCode::Internal,
-            7 => ErrorCode::InvalidObject,
-            8 => ErrorCode::Timeout,
-            9 => ErrorCode::OutOfRange,
-            10 => ErrorCode::Busy,
-            11 => ErrorCode::Exists,
+            1 => StoreErrorCode::BadRequest,
+            2 => StoreErrorCode::NotFound,
+            3 => StoreErrorCode::TooLarge,
+            4 => StoreErrorCode::Corrupt,
+            5 => StoreErrorCode::Unauthorized,
+            6 => StoreErrorCode::Internal,
+            7 => StoreErrorCode::InvalidObject,
+            8 => StoreErrorCode::Timeout,
+            9 => StoreErrorCode::OutOfRange,
+            10 => StoreErrorCode::Busy,
+            11 => StoreErrorCode::Exists,
             other => return Err(WireError::UnknownStatus(other)),
         })
     }
@@ -391,7 +391,7 @@ pub enum Response {
     /// The request failed.
     Error {
         /// Why.
-        code: ErrorCode,
+        code: StoreErrorCode,
         /// A short human-readable message.
         message: String,
     },
@@ -524,7 +524,7 @@ impl Response {
             return Err(WireError::BadMagic(magic));
         }
         if status != 0 {
-            let code = ErrorCode::from_code(status)?;
+            let code = StoreErrorCode::from_code(status)?;
             let message = String::from_utf8_lossy(body).into_owned();
             return Ok(Some((Response::Error { code, message }, used)));
         }
@@ -850,7 +850,7 @@ mod tests {
             (
                 Op::Get,
                 Response::Error {
-                    code: ErrorCode::NotFound,
+                    code: StoreErrorCode::NotFound,
                     message: "no such key".into(),
                 },
             ),
@@ -935,7 +935,7 @@ mod tests {
     fn error_messages_are_bounded_and_unknown_status_refused() {
         let long = "é".repeat(MAX_ERROR_MESSAGE);
         let bytes = Response::Error {
-            code: ErrorCode::Internal,
+            code: StoreErrorCode::Internal,
             message: long,
         }
         .encode();

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kvfetcher::store::{Backend, LocalDir, ServerOptions, StoreServer};
+use kvfetcher::store::{LocalDir, ServerOptions, Storage, StoreServer};
 use kvfetcher::transport::{write_dev_pki, TlsClientConfig, TlsServerConfig};
 use kvfetcher_codec::{encode_cache, ChunkKey, CodecRegistry, EncodeConfig, ModelFingerprint};
 use kvfetcher_kv::KvFile;
@@ -73,7 +73,7 @@ impl TestStore {
             tls.client_ca =
                 Some(kvfetcher::transport::load_certs(&certs.path().join("ca.pem")).unwrap());
         }
-        let b: Arc<dyn Backend> = Arc::new(backend.clone());
+        let b: Arc<dyn Storage> = Arc::new(backend.clone());
         let server = StoreServer::bind("127.0.0.1:0".parse().unwrap(), &tls, b, opts).unwrap();
         let addr = server.local_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -7,7 +7,7 @@
 //! ([`super::upload::UploadCheck`]): the server holds its header and one piece, never the
 //! whole object.
 //!
-//! Protocol parsing is [`crate::transport::wire`]; storage is a [`Backend`]. The socket and the
+//! Protocol parsing is [`crate::transport::wire`]; storage is a [`Storage`]. The socket and the
 //! shutdown signal come from outside ([`StoreServer::bind`], [`StoreServer::run`]), so tests
 //! bind port 0 on loopback.
 //!
@@ -28,12 +28,12 @@ use tracing::Instrument;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::backend::{Backend, BackendError, CommitMode, ObjectReader, ObjectWriter};
 use super::pace::{Pacer, PIECE};
+use super::storage::{CommitMode, ObjectReader, ObjectWriter, Storage, StorageError};
 use super::throttle::{AuthThrottle, AuthThrottleConfig};
 use super::upload::{UploadCheck, UploadError};
 use crate::transport::wire::{
-    self, ErrorCode, Request, Response, SectionSpan, StatsReport, RANGE_TO_END,
+    self, Request, Response, SectionSpan, StatsReport, StoreErrorCode, RANGE_TO_END,
 };
 use crate::transport::{
     transport_config, verify_object, Congestion, ObjectError, ObjectInfo, SectionCheck, TlsError,
@@ -120,7 +120,7 @@ pub enum ServerError {
     },
     /// The storage backend could not be opened.
     #[error("backend: {0}")]
-    Backend(#[from] BackendError),
+    Storage(#[from] StorageError),
 }
 
 #[derive(Debug, Default)]
@@ -139,7 +139,7 @@ struct Counters {
 const THROTTLED: &str = "too many failed authentications";
 
 struct Shared {
-    backend: Arc<dyn Backend>,
+    backend: Arc<dyn Storage>,
     opts: ServerOptions,
     pacer: Option<Pacer>,
     counters: Counters,
@@ -200,7 +200,7 @@ impl StoreServer {
     pub fn bind(
         addr: SocketAddr,
         tls: &TlsServerConfig,
-        backend: Arc<dyn Backend>,
+        backend: Arc<dyn Storage>,
         opts: ServerOptions,
     ) -> Result<StoreServer, ServerError> {
         let mut cfg = quinn::ServerConfig::with_crypto(tls.quic()?);
@@ -358,7 +358,7 @@ async fn serve_connection(
 }
 
 /// A request that failed: the code and message sent back.
-struct Refusal(ErrorCode, String);
+struct Refusal(StoreErrorCode, String);
 
 /// Who sent a request: the connection's address and whether it authenticated.
 struct Client {
@@ -366,13 +366,13 @@ struct Client {
     authed: Arc<AtomicBool>,
 }
 
-impl From<BackendError> for Refusal {
-    fn from(e: BackendError) -> Self {
+impl From<StorageError> for Refusal {
+    fn from(e: StorageError) -> Self {
         match e {
             // A write-once commit lost to another put of the key.
-            BackendError::Exists(key) => exists(&key),
+            StorageError::Exists(key) => exists(&key),
             // Logged at error by `log_request`, as every `Internal`.
-            e => Refusal(ErrorCode::Internal, format!("backend: {e}")),
+            e => Refusal(StoreErrorCode::Internal, format!("backend: {e}")),
         }
     }
 }
@@ -398,16 +398,16 @@ fn log_request(op: Option<wire::Op>, key: Option<ChunkKey>, result: &Result<(), 
     let op = op.map_or_else(|| "-".to_string(), |o| format!("{o:?}"));
     match result {
         Ok(()) => tracing::debug!(%op, key, "request served"),
-        Err(Refusal(code @ ErrorCode::NotFound, m)) => {
+        Err(Refusal(code @ StoreErrorCode::NotFound, m)) => {
             tracing::debug!(%op, key, ?code, "request answered: {m}")
         }
-        Err(Refusal(code @ ErrorCode::Internal, m)) => {
+        Err(Refusal(code @ StoreErrorCode::Internal, m)) => {
             tracing::error!(%op, key, ?code, "request failed: {m}")
         }
-        Err(Refusal(code @ ErrorCode::Corrupt, m)) => {
+        Err(Refusal(code @ StoreErrorCode::Corrupt, m)) => {
             tracing::warn!(%op, key, ?code, "corrupt object not served: {m}")
         }
-        Err(Refusal(code @ ErrorCode::Unauthorized, m)) if m.starts_with(THROTTLED) => {
+        Err(Refusal(code @ StoreErrorCode::Unauthorized, m)) if m.starts_with(THROTTLED) => {
             tracing::debug!(%op, key, ?code, "request refused: {m}")
         }
         Err(Refusal(code, m)) => tracing::warn!(%op, key, ?code, "request refused: {m}"),
@@ -540,14 +540,17 @@ async fn read_request(recv: &mut RecvStream, timeout: Duration) -> Result<Reques
     let mut head = [0u8; wire::FRAME_HEADER_LEN];
     read_exact_timed(recv, &mut head, timeout).await?;
     let total =
-        wire::frame_len(&head).map_err(|e| Refusal(ErrorCode::BadRequest, e.to_string()))?;
+        wire::frame_len(&head).map_err(|e| Refusal(StoreErrorCode::BadRequest, e.to_string()))?;
     let mut buf = vec![0u8; total];
     buf[..head.len()].copy_from_slice(&head);
     read_exact_timed(recv, &mut buf[wire::FRAME_HEADER_LEN..], timeout).await?;
     match Request::decode(&buf) {
         Ok(Some((req, _))) => Ok(req),
-        Ok(None) => Err(Refusal(ErrorCode::BadRequest, "truncated request".into())),
-        Err(e) => Err(Refusal(ErrorCode::BadRequest, e.to_string())),
+        Ok(None) => Err(Refusal(
+            StoreErrorCode::BadRequest,
+            "truncated request".into(),
+        )),
+        Err(e) => Err(Refusal(StoreErrorCode::BadRequest, e.to_string())),
     }
 }
 
@@ -558,13 +561,14 @@ async fn read_exact_timed(
 ) -> Result<(), Refusal> {
     match tokio::time::timeout(timeout, recv.read_exact(buf)).await {
         Err(_) => Err(Refusal(
-            ErrorCode::Timeout,
+            StoreErrorCode::Timeout,
             "request not received in time".into(),
         )),
-        Ok(Err(quinn::ReadExactError::FinishedEarly(_))) => {
-            Err(Refusal(ErrorCode::BadRequest, "truncated request".into()))
-        }
-        Ok(Err(e)) => Err(Refusal(ErrorCode::BadRequest, e.to_string())),
+        Ok(Err(quinn::ReadExactError::FinishedEarly(_))) => Err(Refusal(
+            StoreErrorCode::BadRequest,
+            "truncated request".into(),
+        )),
+        Ok(Err(e)) => Err(Refusal(StoreErrorCode::BadRequest, e.to_string())),
         Ok(Ok(())) => Ok(()),
     }
 }
@@ -581,7 +585,7 @@ fn authenticate(shared: &Shared, client: &Client, token: &[u8]) -> Result<(), Re
     };
     if let Err(wait) = shared.blocked(client.peer) {
         return Err(Refusal(
-            ErrorCode::Unauthorized,
+            StoreErrorCode::Unauthorized,
             format!(
                 "{THROTTLED} from {}: retry in {} ms",
                 client.peer,
@@ -594,7 +598,7 @@ fn authenticate(shared: &Shared, client: &Client, token: &[u8]) -> Result<(), Re
         return Ok(());
     }
     shared.auth_failed(client.peer, "bad token");
-    Err(Refusal(ErrorCode::Unauthorized, "bad token".into()))
+    Err(Refusal(StoreErrorCode::Unauthorized, "bad token".into()))
 }
 
 async fn handle(
@@ -609,17 +613,20 @@ async fn handle(
     }
     if !client.authed.load(Ordering::Relaxed) {
         return Err(Refusal(
-            ErrorCode::Unauthorized,
+            StoreErrorCode::Unauthorized,
             "authenticate first".into(),
         ));
     }
     let backend = &shared.backend;
     match req {
-        Request::Auth { .. } => Err(Refusal(ErrorCode::BadRequest, "auth handled above".into())),
+        Request::Auth { .. } => Err(Refusal(
+            StoreErrorCode::BadRequest,
+            "auth handled above".into(),
+        )),
         Request::Put { key, len, replace } => {
             if len > shared.opts.max_object_bytes {
                 return Err(Refusal(
-                    ErrorCode::TooLarge,
+                    StoreErrorCode::TooLarge,
                     format!(
                         "object of {len} bytes exceeds the limit of {}",
                         shared.opts.max_object_bytes
@@ -628,7 +635,7 @@ async fn handle(
             }
             let Ok(_slot) = shared.upload_slots.clone().try_acquire_owned() else {
                 return Err(Refusal(
-                    ErrorCode::Busy,
+                    StoreErrorCode::Busy,
                     format!(
                         "{} uploads in progress, the limit: try again later",
                         shared.opts.max_uploads
@@ -648,7 +655,7 @@ async fn handle(
                 || (len != RANGE_TO_END && offset.checked_add(len).is_none_or(|end| end > total))
             {
                 return Err(Refusal(
-                    ErrorCode::OutOfRange,
+                    StoreErrorCode::OutOfRange,
                     format!("range {offset}+{len} outside {total} bytes"),
                 ));
             }
@@ -676,7 +683,7 @@ async fn handle(
             let object = backend.open(&key).await?.ok_or_else(|| not_found(&key))?;
             let corrupt = |e: String| {
                 shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-                Refusal(ErrorCode::Corrupt, format!("object {key}: {e}"))
+                Refusal(StoreErrorCode::Corrupt, format!("object {key}: {e}"))
             };
             let (check, head) = read_header(&*object)
                 .await?
@@ -692,7 +699,7 @@ async fn handle(
             for &i in &sections {
                 let (off, len) = check
                     .span(i as usize)
-                    .map_err(|e| Refusal(ErrorCode::OutOfRange, e.to_string()))?;
+                    .map_err(|e| Refusal(StoreErrorCode::OutOfRange, e.to_string()))?;
                 let part = object.read(off..off + len).await?;
                 check
                     .verify(i as usize, &part)
@@ -784,7 +791,7 @@ async fn read_header(
 }
 
 fn not_found(key: &kvfetcher_codec::ChunkKey) -> Refusal {
-    Refusal(ErrorCode::NotFound, format!("no object {key}"))
+    Refusal(StoreErrorCode::NotFound, format!("no object {key}"))
 }
 
 /// Reads the whole object and checks every checksum; a failure is counted and reported as
@@ -802,7 +809,10 @@ async fn get_verified(shared: &Shared, key: &kvfetcher_codec::ChunkKey) -> Resul
     };
     if let Some(e) = problem {
         shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-        return Err(Refusal(ErrorCode::Corrupt, format!("object {key}: {e}")));
+        return Err(Refusal(
+            StoreErrorCode::Corrupt,
+            format!("object {key}: {e}"),
+        ));
     }
     Ok(bytes)
 }
@@ -816,19 +826,19 @@ async fn refuse_stored(shared: &Shared, key: &ChunkKey) -> Result<bool, Refusal>
     }
     match get_verified(shared, key).await {
         Ok(_) => Err(exists(key)),
-        Err(Refusal(ErrorCode::Corrupt, m)) => {
+        Err(Refusal(StoreErrorCode::Corrupt, m)) => {
             tracing::warn!(%key, "overwriting a corrupt stored object: {m}");
             Ok(true)
         }
         // Deleted meanwhile: the put may create it.
-        Err(Refusal(ErrorCode::NotFound, _)) => Ok(false),
+        Err(Refusal(StoreErrorCode::NotFound, _)) => Ok(false),
         Err(r) => Err(r),
     }
 }
 
 fn exists(key: &ChunkKey) -> Refusal {
     Refusal(
-        ErrorCode::Exists,
+        StoreErrorCode::Exists,
         format!("object {key} is already stored (write-once; a put may ask to replace)"),
     )
 }
@@ -849,9 +859,9 @@ async fn receive_put(
     let mut check = UploadCheck::new(key, len);
     let refused = |e: UploadError| {
         let code = if e.is_framing() {
-            ErrorCode::BadRequest
+            StoreErrorCode::BadRequest
         } else {
-            ErrorCode::InvalidObject
+            StoreErrorCode::InvalidObject
         };
         Refusal(code, e.to_string())
     };
@@ -863,10 +873,10 @@ async fn receive_put(
             )
             .await
             {
-                Err(_) => return Err(Refusal(ErrorCode::Timeout, "upload stalled".into())),
+                Err(_) => return Err(Refusal(StoreErrorCode::Timeout, "upload stalled".into())),
                 Ok(Err(e)) => {
                     return Err(Refusal(
-                        ErrorCode::BadRequest,
+                        StoreErrorCode::BadRequest,
                         format!("upload failed: {e}"),
                     ))
                 }

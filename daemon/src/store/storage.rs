@@ -13,7 +13,7 @@ use kvfetcher_codec::{ChunkKey, ModelFingerprint};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum BackendError {
+pub enum StorageError {
     /// Local file I/O failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -43,7 +43,7 @@ pub enum BackendError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitMode {
     /// Store only if the key is absent, atomically: of concurrent puts of one key, exactly one
-    /// commits and the others fail with [`BackendError::Exists`] (write-once).
+    /// commits and the others fail with [`StorageError::Exists`] (write-once).
     CreateNew,
     /// Store, replacing any object under the key.
     Replace,
@@ -64,15 +64,15 @@ pub struct Usage {
 #[async_trait]
 pub trait ObjectWriter: Send {
     /// Appends bytes.
-    async fn write(&mut self, bytes: Bytes) -> Result<(), BackendError>;
+    async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError>;
     /// Makes the object durable and visible under its key, indexed under `model`; returns true
     /// when the key was not present before. With [`CommitMode::CreateNew`] a present key is
-    /// [`BackendError::Exists`] and the stored object is left as it is.
+    /// [`StorageError::Exists`] and the stored object is left as it is.
     async fn commit(
         self: Box<Self>,
         model: ModelFingerprint,
         mode: CommitMode,
-    ) -> Result<bool, BackendError>;
+    ) -> Result<bool, StorageError>;
     /// Discards what was written.
     async fn abort(self: Box<Self>);
 }
@@ -84,7 +84,7 @@ pub trait ObjectReader: Send + Sync {
     /// The object's length in bytes.
     fn size(&self) -> u64;
     /// Bytes `range` of the object; a range past the end is an error.
-    async fn read(&self, range: Range<u64>) -> Result<Bytes, BackendError>;
+    async fn read(&self, range: Range<u64>) -> Result<Bytes, StorageError>;
 }
 
 /// An object already in memory.
@@ -96,9 +96,9 @@ impl ObjectReader for InMemory {
         self.0.len() as u64
     }
 
-    async fn read(&self, range: Range<u64>) -> Result<Bytes, BackendError> {
+    async fn read(&self, range: Range<u64>) -> Result<Bytes, StorageError> {
         if range.start > range.end || range.end > self.size() {
-            return Err(BackendError::Io {
+            return Err(StorageError::Io {
                 op: "read",
                 path: "(object in memory)".into(),
                 source: std::io::ErrorKind::UnexpectedEof.into(),
@@ -110,31 +110,31 @@ impl ObjectReader for InMemory {
 
 /// A place to keep chunk objects.
 #[async_trait]
-pub trait Backend: Send + Sync + 'static {
+pub trait Storage: Send + Sync + 'static {
     /// Starts a put of the object under `key`.
-    async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, BackendError>;
+    async fn begin_put(&self, key: &ChunkKey) -> Result<Box<dyn ObjectWriter>, StorageError>;
     /// The whole object, or `None` when absent.
-    async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, BackendError>;
+    async fn get(&self, key: &ChunkKey) -> Result<Option<Bytes>, StorageError>;
     /// The object opened for ranged reads, or `None` when absent, so that a request for a
     /// header or a few sections reads those, not the whole object. The default reads the whole
     /// object once (backends that can read ranges override it).
-    async fn open(&self, key: &ChunkKey) -> Result<Option<Box<dyn ObjectReader>>, BackendError> {
+    async fn open(&self, key: &ChunkKey) -> Result<Option<Box<dyn ObjectReader>>, StorageError> {
         Ok(self
             .get(key)
             .await?
             .map(|b| Box::new(InMemory(b)) as Box<dyn ObjectReader>))
     }
     /// Whether the object is present.
-    async fn exists(&self, key: &ChunkKey) -> Result<bool, BackendError>;
+    async fn exists(&self, key: &ChunkKey) -> Result<bool, StorageError>;
     /// Keys indexed under `model`.
-    async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, BackendError>;
+    async fn list(&self, model: &ModelFingerprint) -> Result<Vec<ChunkKey>, StorageError>;
     /// Removes the object and its index entry; true when it existed.
-    async fn delete(&self, key: &ChunkKey) -> Result<bool, BackendError>;
+    async fn delete(&self, key: &ChunkKey) -> Result<bool, StorageError>;
     /// What the backend holds.
-    async fn usage(&self) -> Result<Usage, BackendError>;
+    async fn usage(&self) -> Result<Usage, StorageError>;
 }
 
 /// Parses a 64-hex-digit file or object name as a key.
-pub(crate) fn key_from_name(name: &str) -> Result<ChunkKey, BackendError> {
-    ChunkKey::from_hex(name).map_err(|_| BackendError::BadName(name.to_string()))
+pub(crate) fn key_from_name(name: &str) -> Result<ChunkKey, StorageError> {
+    ChunkKey::from_hex(name).map_err(|_| StorageError::BadName(name.to_string()))
 }
