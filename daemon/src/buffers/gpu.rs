@@ -106,9 +106,9 @@ impl GpuDestination {
         self.layout
     }
 
-    /// Whether `allocate` succeeded.
-    pub(super) fn is_allocated(&self) -> bool {
-        self.alloc.get().is_some()
+    /// The allocated shape, once `allocate` succeeded.
+    pub(super) fn shape(&self) -> Option<KvShape> {
+        self.alloc.get().map(|a| a.shape)
     }
 
     fn make(&self, shape: &KvShape, len: usize) -> Result<Allocated, GpuError> {
@@ -144,7 +144,7 @@ impl GpuDestination {
 impl Destination for GpuDestination {
     fn allocate(&self, shape: &KvShape) -> Result<(), BufferError> {
         let len = checked_buffer_len(&self.layout, shape, self.max_bytes)?;
-        if self.is_allocated() {
+        if self.shape().is_some() {
             return Err(BufferError::Internal("buffer allocated twice".into()));
         }
         let a = self

@@ -58,9 +58,9 @@ impl HostDestination {
         self.layout
     }
 
-    /// Whether `allocate` succeeded.
-    pub(super) fn is_allocated(&self) -> bool {
-        self.alloc.get().is_some()
+    /// The allocated shape, once `allocate` succeeded.
+    pub(super) fn shape(&self) -> Option<KvShape> {
+        self.alloc.get().map(|a| a.shape)
     }
 }
 

@@ -117,11 +117,11 @@ impl FetchBuffer {
         }
     }
 
-    /// Whether the buffer was allocated.
-    pub fn is_allocated(&self) -> bool {
+    /// The restored shape, once the buffer is allocated.
+    pub fn shape(&self) -> Option<KvShape> {
         match self {
-            FetchBuffer::Host(d) => d.is_allocated(),
-            FetchBuffer::Gpu(d) => d.is_allocated(),
+            FetchBuffer::Host(d) => d.shape(),
+            FetchBuffer::Gpu(d) => d.shape(),
         }
     }
 

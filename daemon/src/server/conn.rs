@@ -340,7 +340,7 @@ fn start_fetch(ctx: &Arc<Ctx>, f: Fetch) {
             announce(&c, req, fetch_id, &dest, e);
         }
         let end = match res {
-            Ok(o) if dest.is_allocated() => {
+            Ok(o) if dest.shape().is_some() => {
                 c.registry.record_done(o.tokens);
                 Message::FetchDone(FetchDone {
                     req,
@@ -386,8 +386,8 @@ fn announce(ctx: &Ctx, req: u64, fetch_id: u64, dest: &FetchBuffer, event: Fetch
             None => tracing::warn!(fetch_id, "an allocated buffer could not be shared"),
         },
         FetchEvent::LayersReady(layers) => {
-            let Some(shared) = dest.shared() else { return };
-            let end = layers.end.min(shared.shape.num_layers);
+            let Some(shape) = dest.shape() else { return };
+            let end = layers.end.min(shape.num_layers);
             if layers.start < end {
                 ctx.out.send(
                     Message::LayersReady(LayersReady {
