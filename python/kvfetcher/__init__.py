@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import _native
+from . import errors as _errors
 from .errors import (
     BadRequestError,
     BusyError,
@@ -62,24 +63,7 @@ __all__ = [
     "model_id_from_file",
     "gpu_unavailable_reason",
     "buffer_len",
-    "KvFetcherError",
-    "DaemonError",
-    "NotFoundError",
-    "BusyError",
-    "UnavailableError",
-    "BadRequestError",
-    "CorruptError",
-    "GpuUnsupportedError",
-    "GpuDriverError",
-    "ConnectError",
-    "ConnectionLostError",
-    "ProtocolError",
-    "InvalidArgumentError",
-    "LayerOutOfRangeError",
-    "WrongMemoryError",
-    "SharedMemoryError",
-    "ReleasedError",
-    "ClientClosedError",
+    *_errors.__all__,
 ]
 
 __version__ = "0.1.0"
