@@ -4,8 +4,6 @@
 
 #![allow(missing_docs)]
 
-use std::path::Path;
-
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kvfetcher_codec::{
     decode_chunk, encode_cache, CodecRegistry, EncodeConfig, ModelFingerprint, QuantConfig,
@@ -14,13 +12,7 @@ use kvfetcher_codec::{
 use kvfetcher_kv::KvFile;
 
 fn bench(c: &mut Criterion) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-    if !path.exists() {
-        panic!(
-            "{} is missing: the test data lives in data/",
-            path.display()
-        );
-    }
+    let path = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
     let cache = KvFile::read(&path)
         .expect("reads")
         .cache

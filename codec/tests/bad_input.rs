@@ -12,8 +12,8 @@ use kvfetcher_kv::DType;
 
 /// Small real objects (stories260K KV, 8 tokens, 5 layers in 3 sections): packed 4-bit,
 /// zstd 8-bit with V per token, packed exact.
-fn small_objects() -> Option<Vec<Vec<u8>>> {
-    let (cache, ids) = common::stories(8, DType::F16)?;
+fn small_objects() -> Vec<Vec<u8>> {
+    let (cache, ids) = common::stories(8, DType::F16);
     let reg = CodecRegistry::software();
     let configs = [
         (QuantConfig::bits(4), VariantKind::Packed),
@@ -28,7 +28,7 @@ fn small_objects() -> Option<Vec<Vec<u8>>> {
         ),
         (QuantConfig::Exact, VariantKind::Packed),
     ];
-    let out = configs
+    configs
         .into_iter()
         .map(|(quant, variant)| {
             let cfg = EncodeConfig {
@@ -44,8 +44,7 @@ fn small_objects() -> Option<Vec<Vec<u8>>> {
             assert_eq!(chunks.len(), 1);
             chunks.remove(0).1
         })
-        .collect();
-    Some(out)
+        .collect()
 }
 
 /// Rewrites the header crc after an edit, so the edit itself is what gets checked.
@@ -61,9 +60,7 @@ fn header_len(bytes: &[u8]) -> usize {
 
 #[test]
 fn every_truncation_is_an_error_and_prefixes_stream() {
-    let Some(objects) = small_objects() else {
-        return;
-    };
+    let objects = small_objects();
     let reg = CodecRegistry::software();
     for bytes in &objects {
         let hl = header_len(bytes);
@@ -101,9 +98,7 @@ fn every_truncation_is_an_error_and_prefixes_stream() {
 
 #[test]
 fn every_bit_flip_is_detected() {
-    let Some(objects) = small_objects() else {
-        return;
-    };
+    let objects = small_objects();
     let reg = CodecRegistry::software();
     for bytes in &objects {
         let hl = header_len(bytes);
@@ -127,9 +122,7 @@ fn every_bit_flip_is_detected() {
 
 #[test]
 fn wrong_version_magic_and_trailing_bytes() {
-    let Some(objects) = small_objects() else {
-        return;
-    };
+    let objects = small_objects();
     let mut b = objects[0].clone();
     b[4] = 2;
     assert!(matches!(
@@ -166,9 +159,7 @@ fn edit(bytes: &[u8], at: usize, value: &[u8]) -> Vec<u8> {
 
 #[test]
 fn oversized_counts_are_refused_before_allocating() {
-    let Some(objects) = small_objects() else {
-        return;
-    };
+    let objects = small_objects();
     let o = &objects[0];
     let too_large = |b: &[u8], field: &str| match ChunkView::parse(b) {
         Err(FormatError::TooLarge { what, .. }) => assert_eq!(what, field),
@@ -196,9 +187,7 @@ fn oversized_counts_are_refused_before_allocating() {
 
 #[test]
 fn inconsistent_fields_are_refused() {
-    let Some(objects) = small_objects() else {
-        return;
-    };
+    let objects = small_objects();
     let o = &objects[0];
     let inconsistent = |b: &[u8], what: &str| {
         assert!(
@@ -262,9 +251,7 @@ fn inconsistent_fields_are_refused() {
 
 #[test]
 fn sections_check_bytes_shapes_and_decoders() {
-    let Some(objects) = small_objects() else {
-        return;
-    };
+    let objects = small_objects();
     let reg = CodecRegistry::software();
     let view = ChunkView::parse(&objects[0]).unwrap();
     let h = view.header();
@@ -289,7 +276,7 @@ fn sections_check_bytes_shapes_and_decoders() {
             ..
         }))
     ));
-    let (cache, ids) = common::stories(8, DType::F16).unwrap();
+    let (cache, ids) = common::stories(8, DType::F16);
     let m = ModelFingerprint::of_bytes(b"m");
     assert!(matches!(
         encode_cache(&cache, &m, &ids[..7], &EncodeConfig::default(), &reg),

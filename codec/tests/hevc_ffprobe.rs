@@ -82,7 +82,7 @@ fn extracted_streams_are_hevc_that_nvdec_takes() {
     if !ffprobe_available() {
         return;
     }
-    let Some(cache) = codelm() else { return };
+    let cache = codelm();
     let dir = tempfile::tempdir().expect("temp dir");
     for layout in ["rows", "rows420", "frames", "frames420"] {
         let Some(enc) = encoder(layout) else { return };

@@ -29,7 +29,7 @@ fn round_trip(layout: &str, plane: &CodePlane) -> Option<usize> {
 
 #[test]
 fn every_layout_and_bit_width_is_bit_exact() {
-    let Some(cache) = codelm() else { return };
+    let cache = codelm();
     for layout in LAYOUTS {
         for bits in [2, 4, 6, 8, 10, 12] {
             // Odd token counts exercise padding and partial tiles.
@@ -47,7 +47,7 @@ fn every_layout_and_bit_width_is_bit_exact() {
 /// Annex-B stream, and decodes to the same codes.
 #[test]
 fn sections_cut_into_streams_round_trip() {
-    let Some(cache) = codelm() else { return };
+    let cache = codelm();
     let Some(dec) = decoder() else { return };
     let plane = quantized(&cache, 0..2, 0..200, 8);
     for layout in ["frames:16", "rows"] {
@@ -83,7 +83,7 @@ fn sections_cut_into_streams_round_trip() {
 
 #[test]
 fn default_and_rows_layouts_beat_packed_codes_at_four_bits() {
-    let Some(cache) = codelm() else { return };
+    let cache = codelm();
     let plane = quantized(&cache, 0..2, 0..256, 4);
     let packed = plane.shape.packed_bytes();
     for layout in ["frames", "rows"] {
@@ -101,7 +101,7 @@ fn default_and_rows_layouts_beat_packed_codes_at_four_bits() {
 
 #[test]
 fn tiny_and_large_shapes_round_trip() {
-    let Some(cache) = codelm() else { return };
+    let cache = codelm();
     // One token of one tensor: a whole 144x144 frame of padding around it.
     let one = quantized(&cache, 0..1, 5..6, 4);
     let one = CodePlane {
@@ -118,7 +118,7 @@ fn tiny_and_large_shapes_round_trip() {
 
 #[test]
 fn corrupt_sections_are_errors() {
-    let Some(cache) = codelm() else { return };
+    let cache = codelm();
     let (Some(enc), Some(dec)) = (encoder("rows"), decoder()) else {
         return;
     };
@@ -204,7 +204,7 @@ fn bad_codes_and_layouts_are_rejected() {
 
 #[test]
 fn one_decoder_serves_concurrent_callers() {
-    let Some(cache) = codelm() else { return };
+    let cache = codelm();
     let (Some(enc), Some(dec)) = (encoder("rows"), decoder()) else {
         return;
     };

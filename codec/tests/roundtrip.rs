@@ -121,25 +121,19 @@ fn sweep(cache: &KvCache, ids: &[u32], chunk_tokens: usize) {
 #[test]
 fn codelm_every_variant_and_width() {
     // 2 layers x 72 tokens: chunks of 48 and 24 tokens.
-    let Some(cache) = common::codelm(2, 72) else {
-        return;
-    };
+    let cache = common::codelm(2, 72);
     sweep(&cache, &common::ids(&cache), 48);
 }
 
 #[test]
 fn stories_every_variant_and_width() {
-    let Some((cache, ids)) = common::stories(72, DType::F16) else {
-        return;
-    };
+    let (cache, ids) = common::stories(72, DType::F16);
     sweep(&cache, &ids, 48);
 }
 
 #[test]
 fn bf16_and_f32_exact_and_mixed_configs() {
-    let Some((cache32, ids)) = common::stories(40, DType::F32) else {
-        return;
-    };
+    let (cache32, ids) = common::stories(40, DType::F32);
     let cache16 = common::convert(&cache32, DType::BF16);
     let reg = CodecRegistry::software();
     let mixed = QuantConfig::Bits {
@@ -189,9 +183,7 @@ fn bf16_and_f32_exact_and_mixed_configs() {
 
 #[test]
 fn quantization_error_shrinks_with_bits() {
-    let Some(cache) = common::codelm(1, 64) else {
-        return;
-    };
+    let cache = common::codelm(1, 64);
     let reg = CodecRegistry::software();
     let orig = cache.layers()[0].key.to_f32();
     let mut last = f64::INFINITY;
@@ -243,9 +235,7 @@ fn hevc_layout_is_passed_to_the_encoder() {
         skip(Missing::Tool, format!("hevc unavailable: {e}"));
         return;
     }
-    let Some(cache) = common::codelm(1, 32) else {
-        return;
-    };
+    let cache = common::codelm(1, 32);
     let ids = common::ids(&cache);
     for layout in ["rows", "frames"] {
         let cfg = EncodeConfig {

@@ -6,21 +6,10 @@ use std::process::{Command, Output};
 
 use kvfetcher_codec::{dequantize, quantize, Grouping, HevcDecoder, HevcEncoder};
 use kvfetcher_kv::{KvCache, KvFile, LayerKv, Tensor};
-use kvfetcher_testkit::{skip, Missing};
+use kvfetcher_testkit::{data_file, skip, Missing};
 
 const CHUNK: usize = 64;
 const TOKENS: usize = 3 * CHUNK;
-
-fn shared(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        panic!("{} is missing: the test data lives in data/", p.display())
-    }
-}
 
 fn kvf(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kvfetcher"))
@@ -54,8 +43,8 @@ fn s(p: &Path) -> &str {
 }
 
 /// The first TOKENS tokens of codelm-kv-a, written to `dir`.
-fn small_input(dir: &Path) -> Option<(PathBuf, KvCache)> {
-    let src = shared("codelm-kv-a.safetensors")?;
+fn small_input(dir: &Path) -> (PathBuf, KvCache) {
+    let src = data_file("codelm-kv-a.safetensors");
     let file = KvFile::read(&src).unwrap();
     let cache = file.cache.slice_tokens(0, TOKENS).unwrap();
     let path = dir.join("in.safetensors");
@@ -65,7 +54,7 @@ fn small_input(dir: &Path) -> Option<(PathBuf, KvCache)> {
     }
     .write(&path)
     .unwrap();
-    Some((path, cache))
+    (path, cache)
 }
 
 /// What quantizing each CHUNK-token chunk per channel at `bits(layer)` and dequantizing gives.
@@ -141,9 +130,7 @@ fn hevc_available() -> bool {
 #[test]
 fn packed_and_zstd_round_trips_equal_direct_quantization() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((input, cache)) = small_input(tmp.path()) else {
-        return;
-    };
+    let (input, cache) = small_input(tmp.path());
     let out = tmp.path().join("out.safetensors");
     let packed = tmp.path().join("packed");
     encode(&input, &packed, &["--variant", "packed", "--bits", "4"]);
@@ -189,9 +176,7 @@ fn packed_and_zstd_round_trips_equal_direct_quantization() {
 #[test]
 fn exact_mode_gives_identical_bytes() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((input, cache)) = small_input(tmp.path()) else {
-        return;
-    };
+    let (input, cache) = small_input(tmp.path());
     for variant in ["zstd", "packed"] {
         let dir = tmp.path().join(variant);
         let out = tmp.path().join(format!("{variant}.safetensors"));
@@ -203,9 +188,7 @@ fn exact_mode_gives_identical_bytes() {
 #[test]
 fn hevc_round_trip_and_streams_read_by_ffprobe() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((input, cache)) = small_input(tmp.path()) else {
-        return;
-    };
+    let (input, cache) = small_input(tmp.path());
     if !hevc_available() {
         return;
     }
@@ -281,9 +264,7 @@ fn bad_inputs_fail_with_clear_messages() {
     let err = fails(&["inspect", s(&missing)]);
     assert!(err.contains("missing.safetensors"), "{err}");
 
-    let Some((input, _)) = small_input(t) else {
-        return;
-    };
+    let (input, _) = small_input(t);
     let o = t.join("o");
     let encode_fails = |extra: &[&str]| {
         let args = ["encode", "--input", s(&input), "--out", s(&o)];

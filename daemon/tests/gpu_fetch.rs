@@ -54,21 +54,13 @@ fn device() -> Option<Arc<GpuDevice>> {
     }
 }
 
-fn real_cache() -> Option<KvCache> {
+fn real_cache() -> KvCache {
     let path = std::env::var_os("KVF_GPU_TEST_KV")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/minilm-kv.safetensors")
-        });
-    if !path.exists() {
-        panic!(
-            "{} is missing: the test data lives in data/",
-            path.display()
-        );
-    }
+        .unwrap_or_else(|| kvfetcher_testkit::data_file("minilm-kv.safetensors"));
     let c = KvFile::read(&path).expect("read kv").cache;
     let tokens = c.tokens().min(300);
-    Some(c.slice_tokens(0, tokens).expect("slice"))
+    c.slice_tokens(0, tokens).expect("slice")
 }
 
 /// A fetch buffer in device memory owned by the test, read back after the fetch.
@@ -296,7 +288,7 @@ async fn compare_host_and_gpu(p: &Pipeline, dev: &Arc<GpuDevice>, ids: &[u32], l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_fetches_equal_host_fetches_for_every_variant() {
     let Some(dev) = device() else { return };
-    let Some(cache) = real_cache() else { return };
+    let cache = real_cache();
     println!(
         "kv: {:?} {:?} on {:?}",
         shape_of(&cache),
@@ -458,7 +450,7 @@ fn write_hevc_objects_for_a_gpu_host() {
         println!("skipped: KVF_GPU_TEST_WRITE_HEVC not set");
         return;
     };
-    let Some(cache) = real_cache() else { return };
+    let cache = real_cache();
     let objects = encode_hevc(&cache, &test_ids(&cache)).expect("hevc encode (needs libx265)");
     std::fs::create_dir_all(&dir).unwrap();
     for (i, (_, bytes)) in objects.iter().enumerate() {

@@ -81,21 +81,13 @@ impl Drop for Fixture {
     }
 }
 
-fn real_cache() -> Option<KvCache> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-    if !path.exists() {
-        panic!(
-            "{} is missing: the test data lives in data/",
-            path.display()
-        );
-    }
-    Some(
-        KvFile::read(&path)
-            .unwrap()
-            .cache
-            .slice_tokens(0, TOKENS)
-            .unwrap(),
-    )
+fn real_cache() -> KvCache {
+    let path = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
+    KvFile::read(&path)
+        .unwrap()
+        .cache
+        .slice_tokens(0, TOKENS)
+        .unwrap()
 }
 
 fn save_config(bits: u8, variant: &str) -> SaveConfig {
@@ -112,7 +104,7 @@ fn save_config(bits: u8, variant: &str) -> SaveConfig {
 }
 
 async fn fixture(save: SaveConfig, fetch: FetchConfig) -> Option<Fixture> {
-    let cache = real_cache()?;
+    let cache = real_cache();
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     write_dev_pki(&certs).unwrap();

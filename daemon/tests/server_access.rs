@@ -37,7 +37,7 @@ fn peer_credentials_are_recorded() {
 
 #[test]
 fn a_client_cannot_touch_another_clients_fetch() {
-    let Some(kv) = load_kv(32) else { return };
+    let kv = load_kv(32);
     let srv = TestServer::start(MemBackend::new(Some(kv.clone())));
     let owner = Client::connect(&srv.path).unwrap();
     let layout = TargetLayout::host(KvDType::F32, TokenOrder::Hnd);
@@ -112,7 +112,7 @@ fn a_client_cannot_touch_another_clients_fetch() {
 
 #[test]
 fn the_owner_can_reopen_its_buffer() {
-    let Some(kv) = load_kv(16) else { return };
+    let kv = load_kv(16);
     let srv = TestServer::start(MemBackend::new(Some(kv.clone())));
     let mut c = conn(&srv);
     let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);

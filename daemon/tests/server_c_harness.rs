@@ -1,13 +1,12 @@
 //! The daemon's local server (`kvfetcher::server::serve`) over an in-memory backend holding the
-//! first 130 tokens of the shared codelm KV: what `tests/c/run.sh` runs the C tests against.
+//! first 130 tokens of the codelm KV in data/: what `tests/c/run.sh` runs the C tests against.
 //! Not a test by itself (ignored); run.sh starts it as
 //! `server_c_harness --ignored --exact serve_for_c_tests` with `KVF_C_SOCKET` and `KVF_C_REFDIR`.
 //!
 //! Writes into REFDIR `tokens.bin` (the token ids, u32
 //! LE) and the exact buffers a fetch must return: `ref-f16-nhd.bin` (contiguous) and
 //! `ref-bf16-hnd-p16.bin` (paged, 16 tokens per block). Prints `ready` once listening and runs
-//! until SIGTERM or SIGINT. Exits with 77 (skip) if the shared data is absent. It serves at most
-//! 4 clients at once, so that the C test can see a refused client's `busy`.
+//! until SIGTERM or SIGINT. It serves at most 4 clients at once, so that the C test can see a refused client's `busy`.
 //!
 //! Saves keep a model already saved unless they ask to replace (as the store keeps stored
 //! chunks). With `KVF_C_REPLACE_SOCKET` it also serves the same backend on that socket with
@@ -41,9 +40,7 @@ fn serve_for_c_tests() {
         return;
     };
     let (sock, dir) = (PathBuf::from(sock), PathBuf::from(dir));
-    let Some(kv) = load_kv(TOKENS) else {
-        std::process::exit(77);
-    };
+    let kv = load_kv(TOKENS);
     let ids: Vec<u8> = kv.token_ids.iter().flat_map(|t| t.to_le_bytes()).collect();
     std::fs::write(dir.join("tokens.bin"), ids).expect("write tokens.bin");
     let f16 = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);

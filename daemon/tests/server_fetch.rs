@@ -32,7 +32,7 @@ fn layouts() -> Vec<TargetLayout> {
 
 #[test]
 fn every_layout_returns_exactly_the_backend_bytes() {
-    let Some(kv) = load_kv(130) else { return };
+    let kv = load_kv(130);
     let srv = TestServer::start(MemBackend::new(Some(kv.clone())));
     let c = Client::connect(&srv.path).unwrap();
     assert_eq!(c.lookup(MODEL, &kv.token_ids).unwrap(), 130);
@@ -78,7 +78,7 @@ fn every_layout_returns_exactly_the_backend_bytes() {
 
 #[test]
 fn layer_zero_is_usable_while_later_layers_still_arrive() {
-    let Some(kv) = load_kv(64) else { return };
+    let kv = load_kv(64);
     let mut b = MemBackend::new(Some(kv.clone()));
     b.gate_from = 1;
     let srv = TestServer::start(b);
@@ -108,7 +108,7 @@ fn layer_zero_is_usable_while_later_layers_still_arrive() {
 #[test]
 fn unknown_models_and_gpu_memory_are_clear_errors() {
     let kv = load_kv(16);
-    let srv = TestServer::start(MemBackend::new(kv));
+    let srv = TestServer::start(MemBackend::new(Some(kv)));
     let c = Client::connect(&srv.path).unwrap();
     let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
     let e = c.lookup("no-such-model", &[1, 2, 3]).unwrap_err();
@@ -136,7 +136,7 @@ fn unknown_models_and_gpu_memory_are_clear_errors() {
 
 #[test]
 fn save_hands_the_backend_the_clients_bytes() {
-    let Some(kv) = load_kv(40) else { return };
+    let kv = load_kv(40);
     let srv = TestServer::start(MemBackend::new(None));
     let c = Client::connect(&srv.path).unwrap();
     let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
@@ -197,7 +197,7 @@ fn save_kv(kv: &Kv) -> (TargetLayout, KvShape, Vec<u8>) {
 
 #[test]
 fn replace_is_refused_unless_the_uid_or_gid_is_allowed() {
-    let Some(kv) = load_kv(40) else { return };
+    let kv = load_kv(40);
     let (layout, shape, data) = save_kv(&kv);
     // Default lists: everyone saves, nobody replaces.
     let srv = TestServer::start(MemBackend::new(None));
@@ -247,7 +247,7 @@ fn replace_is_refused_unless_the_uid_or_gid_is_allowed() {
 
 #[test]
 fn async_client_fetches_and_waits_per_layer() {
-    let Some(kv) = load_kv(50) else { return };
+    let kv = load_kv(50);
     let srv = TestServer::start(MemBackend::new(Some(kv.clone())));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -277,7 +277,7 @@ fn async_client_fetches_and_waits_per_layer() {
 
 #[test]
 fn shutdown_cancels_running_fetches_and_closes_clients() {
-    let Some(kv) = load_kv(16) else { return };
+    let kv = load_kv(16);
     let mut b = MemBackend::new(Some(kv.clone()));
     b.gate_from = 1;
     let srv = TestServer::start(b);

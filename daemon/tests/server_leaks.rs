@@ -20,7 +20,7 @@ use server_support::*;
 
 #[test]
 fn dying_clients_leak_nothing_and_the_daemon_keeps_serving() {
-    let Some(kv) = load_kv(64) else { return };
+    let kv = load_kv(64);
     let mut b = MemBackend::new(Some(kv.clone()));
     b.gate_from = 2;
     let srv = TestServer::start(b);

@@ -259,7 +259,7 @@ fn an_idle_client_is_told_and_disconnected() {
 
 #[test]
 fn a_client_waiting_for_its_fetch_is_not_idle() {
-    let Some(kv) = load_kv(16) else { return };
+    let kv = load_kv(16);
     let mut b = MemBackend::new(Some(kv.clone()));
     b.gate_from = 1;
     let opts = ServeOptions {
@@ -283,7 +283,7 @@ fn a_client_waiting_for_its_fetch_is_not_idle() {
 
 #[test]
 fn fetches_are_capped_in_total_across_clients() {
-    let Some(kv) = load_kv(16) else { return };
+    let kv = load_kv(16);
     let ids = kv.token_ids.clone();
     let opts = ServeOptions {
         max_fetches: 3,

@@ -146,11 +146,9 @@ async fn wrong_tokens_are_throttled_and_other_addresses_served() {
     let client = StoreClient::connect(store.addr, honest.clone())
         .await
         .unwrap();
-    if let Some(objects) = real_objects() {
-        let (key, bytes) = &objects[0];
-        assert!(client.put(Bytes::from(bytes.clone())).await.unwrap());
-        assert_eq!(&client.get(key).await.unwrap(), bytes);
-    }
+    let (key, bytes) = &real_objects()[0];
+    assert!(client.put(Bytes::from(bytes.clone())).await.unwrap());
+    assert_eq!(&client.get(key).await.unwrap(), bytes);
     let stats = client.stats().await.unwrap();
     assert_eq!(stats.auth_failures, u64::from(checked) + 1);
     // The attack's refusals, the right token's, and the refused connection.

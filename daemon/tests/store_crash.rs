@@ -4,37 +4,14 @@
 
 mod store_util;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvfetcher::transport::wire::Request;
 use kvfetcher::transport::{StoreClient, StoreClientError, TlsClientConfig};
-use store_util::{raw_connection, real_objects};
-
-fn start_store(data: &Path, certs: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvfetcher"))
-        .args(["store", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .arg("--cert-dir")
-        .arg(certs)
-        .arg("--insecure-open-writes")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn kvfetcher store");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected {line:?}"));
-    (child, addr.parse().unwrap())
-}
+use store_util::{raw_connection, real_objects, spawn_store};
 
 fn files_in(dir: &Path) -> Vec<(String, u64)> {
     let mut out = Vec::new();
@@ -64,9 +41,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test]
 async fn kill_mid_upload_leaves_no_partial_object() {
-    let Some(objects) = real_objects() else {
-        return;
-    };
+    let objects = real_objects();
     let (key, bytes) = &objects[0];
     let certs = tempfile::tempdir().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_kvfetcher"))
@@ -77,7 +52,7 @@ async fn kill_mid_upload_leaves_no_partial_object() {
         .unwrap();
     assert!(status.success());
     let data = tempfile::tempdir().unwrap();
-    let (mut child, addr) = start_store(data.path(), certs.path());
+    let (mut child, addr) = spawn_store("127.0.0.1:0", data.path(), certs.path());
     let tls = TlsClientConfig::from_path(certs.path()).unwrap();
 
     // Send the request and the first half of the object, then hold the stream open.
@@ -120,7 +95,7 @@ async fn kill_mid_upload_leaves_no_partial_object() {
     );
 
     // A restarted store does not have the object, has cleaned tmp/, and accepts it whole.
-    let (mut child, addr) = start_store(data.path(), certs.path());
+    let (mut child, addr) = spawn_store("127.0.0.1:0", data.path(), certs.path());
     assert!(
         files_in(&data.path().join("tmp")).is_empty(),
         "restart left abandoned uploads"

@@ -3,9 +3,8 @@
 //! on it fails within seconds rather than at quinn's 30 s idle timeout, and once a store is
 //! listening again on the same port the next request reconnects and succeeds.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
+mod store_util;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,28 +14,7 @@ use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::Backend;
 use kvfetcher::transport::{ClientOptions, TlsClientConfig};
 use kvfetcher_codec::CodecRegistry;
-
-/// Starts `kvfetcher store` on `listen` (port 0 for any) and returns it with its address.
-fn start_store(listen: &str, data: &Path, certs: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvfetcher"))
-        .args(["store", "--listen", listen, "--data-dir"])
-        .arg(data)
-        .arg("--cert-dir")
-        .arg(certs)
-        .arg("--insecure-open-writes")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn kvfetcher store");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected {line:?}"));
-    (child, addr.parse().unwrap())
-}
+use store_util::spawn_store;
 
 fn kill(mut child: Child) {
     child.kill().unwrap(); // SIGKILL: the store sends no CONNECTION_CLOSE
@@ -54,7 +32,7 @@ async fn killed_store_fails_fast_and_reconnects_after_restart() {
         .unwrap();
     assert!(status.success());
     let data = tempfile::tempdir().unwrap();
-    let (child, addr) = start_store("127.0.0.1:0", data.path(), certs.path());
+    let (child, addr) = spawn_store("127.0.0.1:0", data.path(), certs.path());
 
     let target = StoreTarget {
         addr,
@@ -93,7 +71,7 @@ async fn killed_store_fails_fast_and_reconnects_after_restart() {
     assert!(took < Duration::from_secs(8), "failure took {took:?}");
 
     // The store comes back on the same port: the next request dials it and succeeds.
-    let (child, again) = start_store(&addr.to_string(), data.path(), certs.path());
+    let (child, again) = spawn_store(&addr.to_string(), data.path(), certs.path());
     assert_eq!(again, addr);
     let start = Instant::now();
     let r = tokio::time::timeout(Duration::from_secs(10), pipeline.lookup("m", &ids)).await;

@@ -9,16 +9,19 @@ use kvfetcher::transport::wire::{Op, Request, Response, StoreErrorCode};
 use kvfetcher::transport::StoreClient;
 use kvfetcher_codec::{encode_cache, ChunkKey, CodecRegistry, EncodeConfig, VariantKind};
 use kvfetcher_kv::KvFile;
-use store_util::{kv_path, model, raw_connection, real_objects, TestStore};
+use kvfetcher_testkit::data_file;
+use store_util::{model, raw_connection, real_objects, TestStore};
 
 /// Another object under the first real object's key: the same tokens, encoded otherwise.
-fn other_object() -> Option<(ChunkKey, Vec<u8>)> {
-    other_objects().and_then(|o| o.into_iter().next())
+fn other_object() -> (ChunkKey, Vec<u8>) {
+    other_objects().into_iter().next().expect("an object")
 }
 
 /// Other objects under the real objects' keys, in the same order.
-fn other_objects() -> Option<Vec<(ChunkKey, Vec<u8>)>> {
-    let cache = KvFile::read(&kv_path()?).expect("read kv").cache;
+fn other_objects() -> Vec<(ChunkKey, Vec<u8>)> {
+    let cache = KvFile::read(&data_file("codelm-kv-a.safetensors"))
+        .expect("read kv")
+        .cache;
     let ids: Vec<u32> = cache
         .token_ids()
         .map(|t| t.to_vec())
@@ -28,7 +31,7 @@ fn other_objects() -> Option<Vec<(ChunkKey, Vec<u8>)>> {
         variant: VariantKind::Packed,
         ..EncodeConfig::default()
     };
-    Some(encode_cache(&cache, &model(), &ids, &cfg, &CodecRegistry::software()).unwrap())
+    encode_cache(&cache, &model(), &ids, &cfg, &CodecRegistry::software()).unwrap()
 }
 
 /// Sends a put of `bytes` whose last byte waits for `go`, and returns the store's answer.
@@ -71,9 +74,7 @@ async fn raw_put(conn: &quinn::Connection, key: ChunkKey, bytes: &[u8], replace:
 
 #[tokio::test]
 async fn a_stored_key_is_refused_without_replace_and_kept() {
-    let (Some(objects), Some((key, poison))) = (real_objects(), other_object()) else {
-        return;
-    };
+    let (objects, (key, poison)) = (real_objects(), other_object());
     let (k0, original) = &objects[0];
     assert_eq!(key, *k0, "same tokens, same key");
     assert_ne!(&poison, original);
@@ -113,9 +114,7 @@ async fn a_stored_key_is_refused_without_replace_and_kept() {
 
 #[tokio::test]
 async fn a_corrupt_stored_object_may_be_saved_again() {
-    let Some(objects) = real_objects() else {
-        return;
-    };
+    let objects = real_objects();
     let (key, bytes) = &objects[0];
     let store = TestStore::start(ServerOptions::default(), false).await;
     let client = StoreClient::connect(store.addr, store.client_tls())
@@ -138,9 +137,7 @@ async fn a_corrupt_stored_object_may_be_saved_again() {
 /// intact. Before, both passed the "exists" checks and the second rename overwrote the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_puts_of_one_key_store_exactly_one() {
-    let (Some(objects), Some(others)) = (real_objects(), other_objects()) else {
-        return;
-    };
+    let (objects, others) = (real_objects(), other_objects());
     for _ in 0..3 {
         let store = TestStore::start(ServerOptions::default(), false).await;
         let (_ea, a) = raw_connection(store.addr, &store.client_tls()).await;

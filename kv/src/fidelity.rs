@@ -140,17 +140,10 @@ pub(crate) fn log_softmax(z: &[f32]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn replaying_the_recorded_cache_reproduces_generation_logits() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/stories260K.bin");
-        if !path.exists() {
-            panic!(
-                "{} is missing: the test data lives in data/",
-                path.display()
-            );
-        }
+        let path = kvfetcher_testkit::data_file("stories260K.bin");
         let model = Llama2Model::load(&path).unwrap();
         let g = model.generate(24, 5, 1.0).unwrap();
         let rows = rows_for(&model, "original", &g.cache).unwrap();

@@ -278,13 +278,7 @@ mod tests {
 
     #[test]
     fn reads_the_shared_codelm_file() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-        if !path.exists() {
-            panic!(
-                "{} is missing: the test data lives in data/",
-                path.display()
-            );
-        }
+        let path = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
         let f = KvFile::read(&path).unwrap();
         assert_eq!(f.cache.num_layers(), 8);
         assert_eq!(f.cache.tokens(), 1024);

@@ -1,24 +1,12 @@
 //! The KV files committed under data/: real stories260K KV written by `kvfetcher-bench kv capture`
 //! and real all-MiniLM-L6-v2 K/V written by scripts/capture_minilm.py.
 
-use std::path::{Path, PathBuf};
-
 use kvfetcher_kv::{DType, KvFile, Llama2Model};
-
-fn repo_file(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        panic!("{} is missing: the test data lives in data/", p.display())
-    }
-}
+use kvfetcher_testkit::data_file;
 
 #[test]
 fn stories_kv_is_the_seed_42_capture() {
-    let Some(path) = repo_file("../data/stories-kv.safetensors") else {
-        return;
-    };
+    let path = data_file("stories-kv.safetensors");
     let f = KvFile::read(&path).unwrap();
     let c = &f.cache;
     assert_eq!(
@@ -28,9 +16,7 @@ fn stories_kv_is_the_seed_42_capture() {
     assert_eq!(c.dtype(), DType::F16);
     assert_eq!(f.metadata["seed"], "42");
     assert_eq!(f.metadata["temperature"], "1");
-    let Some(model) = repo_file("../data/stories260K.bin") else {
-        return;
-    };
+    let model = data_file("stories260K.bin");
     let model = Llama2Model::load(&model).unwrap();
     assert_eq!(f.metadata["model_sha256"], model.fingerprint_hex());
     // Generation is causal, so a 64-token rerun must equal the file's first 64 rows.
@@ -43,9 +29,7 @@ fn stories_kv_is_the_seed_42_capture() {
 
 #[test]
 fn minilm_kv_holds_real_bert_activations() {
-    let Some(path) = repo_file("../data/minilm-kv.safetensors") else {
-        return;
-    };
+    let path = data_file("minilm-kv.safetensors");
     let f = KvFile::read(&path).unwrap();
     let c = &f.cache;
     assert_eq!(

@@ -2,27 +2,15 @@
 //! barely moves predictions, heavy noise visibly breaks them, and mismatched caches are typed
 //! errors.
 
-use std::path::{Path, PathBuf};
-
 use kvfetcher_kv::{
     fidelity, DType, Fidelity, KvCache, KvFile, LayerKv, Llama2Model, ModelError, Tensor,
 };
+use kvfetcher_testkit::data_file;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Positions compared: enough for a stable agreement figure, fast in a debug build.
 const TOKENS: usize = 64;
-
-fn data(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        panic!("{} is missing: the test data lives in data/", p.display())
-    }
-}
 
 /// Applies `f(values, rms)` to every K and V tensor, re-encoding as `dtype`.
 fn map_cache(cache: &KvCache, dtype: DType, mut f: impl FnMut(&mut [f32], f32)) -> KvCache {
@@ -53,17 +41,15 @@ fn noisy(cache: &KvCache, rel: f32, seed: u64) -> KvCache {
     })
 }
 
-fn setup() -> Option<(Llama2Model, Vec<u32>, KvCache)> {
-    let model = Llama2Model::load(&data("stories260K.bin")?).unwrap();
+fn setup() -> (Llama2Model, Vec<u32>, KvCache) {
+    let model = Llama2Model::load(&data_file("stories260K.bin")).unwrap();
     let g = model.generate(TOKENS, 42, 1.0).unwrap();
-    Some((model, g.token_ids, g.cache))
+    (model, g.token_ids, g.cache)
 }
 
 #[test]
 fn identical_caches_agree_exactly() {
-    let Some((model, ids, cache)) = setup() else {
-        return;
-    };
+    let (model, ids, cache) = setup();
     let f = fidelity(&model, &ids, &cache, &cache).unwrap();
     assert_eq!(
         f,
@@ -79,9 +65,7 @@ fn identical_caches_agree_exactly() {
 
 #[test]
 fn rounding_and_noise_degrade_in_order() {
-    let Some((model, ids, cache)) = setup() else {
-        return;
-    };
+    let (model, ids, cache) = setup();
     let f16 = map_cache(&cache, DType::F16, |_, _| {});
     let small = noisy(&cache, 0.05, 1);
     let heavy = noisy(&cache, 1.0, 2);
@@ -97,9 +81,7 @@ fn rounding_and_noise_degrade_in_order() {
 
 #[test]
 fn non_finite_values_count_as_total_loss() {
-    let Some((model, ids, cache)) = setup() else {
-        return;
-    };
+    let (model, ids, cache) = setup();
     let mut first = true;
     let broken = map_cache(&cache, DType::F32, |v, _| {
         if std::mem::take(&mut first) {
@@ -116,9 +98,7 @@ fn non_finite_values_count_as_total_loss() {
 
 #[test]
 fn mismatched_inputs_are_typed_errors() {
-    let Some((model, ids, cache)) = setup() else {
-        return;
-    };
+    let (model, ids, cache) = setup();
     let short = cache.slice_tokens(0, TOKENS - 1).unwrap();
     let err = fidelity(&model, &ids, &cache, &short).unwrap_err();
     assert!(matches!(err, ModelError::CacheMismatch(_)), "{err}");
@@ -132,9 +112,7 @@ fn mismatched_inputs_are_typed_errors() {
         "{err}"
     );
 
-    let Some(codelm) = data("codelm-kv-a.safetensors") else {
-        return;
-    };
+    let codelm = data_file("codelm-kv-a.safetensors");
     let other = KvFile::read(&codelm)
         .unwrap()
         .cache

@@ -2,9 +2,10 @@
 //! generation, KV shapes, known answers from an independent numpy implementation
 //! (scripts/llama2_reference.py), and typed errors for bad files and arguments.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kvfetcher_kv::{DType, Llama2Model, ModelError, BOS_TOKEN};
+use kvfetcher_testkit::data_file;
 
 /// `python3 scripts/llama2_reference.py data/stories260K.bin`, float64 numpy, run once.
 const REF_SHA256: &str = "9414d5a285453a7eab631713d171753232c978f6f97654211469aff8be93c8d6";
@@ -21,22 +22,13 @@ const REF_GREEDY: [u32; 17] = [
     1, 461, 461, 401, 401, 401, 461, 378, 455, 473, 456, 435, 299, 362, 409, 283, 264,
 ];
 
-fn model_path() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/stories260K.bin");
-    if p.exists() {
-        Some(p)
-    } else {
-        panic!("{} is missing: the test data lives in data/", p.display())
-    }
-}
-
-fn model_bytes() -> Option<Vec<u8>> {
-    model_path().map(|p| std::fs::read(p).unwrap())
+fn model_bytes() -> Vec<u8> {
+    std::fs::read(data_file("stories260K.bin")).unwrap()
 }
 
 #[test]
 fn loads_the_stories260k_shape() {
-    let Some(path) = model_path() else { return };
+    let path = data_file("stories260K.bin");
     let m = Llama2Model::load(&path).unwrap();
     let c = m.config();
     assert_eq!(
@@ -55,7 +47,7 @@ fn hex_of(b: &[u8]) -> String {
 
 #[test]
 fn first_logits_match_the_numpy_reference() {
-    let Some(path) = model_path() else { return };
+    let path = data_file("stories260K.bin");
     let m = Llama2Model::load(&path).unwrap();
     let logits = m.next_token_logits(&[BOS_TOKEN]).unwrap();
     assert_eq!(logits.len(), 512);
@@ -70,7 +62,7 @@ fn first_logits_match_the_numpy_reference() {
 
 #[test]
 fn greedy_tokens_match_the_numpy_reference() {
-    let Some(path) = model_path() else { return };
+    let path = data_file("stories260K.bin");
     let m = Llama2Model::load(&path).unwrap();
     let g = m.generate(REF_GREEDY.len(), 0, 0.0).unwrap();
     assert_eq!(g.token_ids, REF_GREEDY);
@@ -84,7 +76,7 @@ fn greedy_tokens_match_the_numpy_reference() {
 
 #[test]
 fn seeded_generation_is_deterministic_and_records_kv() {
-    let Some(path) = model_path() else { return };
+    let path = data_file("stories260K.bin");
     let m = Llama2Model::load(&path).unwrap();
     let a = m.generate(64, 42, 1.0).unwrap();
     assert_eq!(a, m.generate(64, 42, 1.0).unwrap());
@@ -116,7 +108,7 @@ fn seeded_generation_is_deterministic_and_records_kv() {
 
 #[test]
 fn bad_model_files_are_typed_errors() {
-    let Some(bytes) = model_bytes() else { return };
+    let bytes = model_bytes();
     let err = Llama2Model::from_bytes(&bytes[..bytes.len() - 4]).unwrap_err();
     assert!(
         matches!(
@@ -163,7 +155,7 @@ fn bad_model_files_are_typed_errors() {
 
 #[test]
 fn bad_arguments_are_typed_errors() {
-    let Some(path) = model_path() else { return };
+    let path = data_file("stories260K.bin");
     let m = Llama2Model::load(&path).unwrap();
     for n in [0, 513] {
         assert!(matches!(

@@ -40,3 +40,18 @@ pub fn skip(what: Missing, why: impl Display) {
     }
     println!("skipped: {why}");
 }
+
+/// The test data file `name` of the repository's `data/` folder. Test data is part of the
+/// checkout, so a missing file fails the test rather than skipping it.
+#[track_caller]
+pub fn data_file(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: the test data lives in data/",
+        path.display()
+    );
+    path
+}

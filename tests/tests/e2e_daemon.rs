@@ -14,7 +14,7 @@ const MODEL: &str = "codelm-107m";
 
 #[test]
 fn store_daemon_and_rust_client() {
-    let Some(cache) = codelm(300) else { return };
+    let cache = codelm(300);
     let mut stack = start_stack();
     let ids = token_ids(300, 0);
     let shape = shape_of(&cache);

@@ -5,17 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kvfetcher_kv::KvFile;
-
-fn shared(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        panic!("{} is missing: the test data lives in data/", p.display())
-    }
-}
+use kvfetcher_testkit::data_file;
 
 /// Runs `kvfetcher-bench` and expects success; returns stdout.
 fn ok(args: &[&str]) -> String {
@@ -36,20 +26,18 @@ fn s(p: &Path) -> &str {
 }
 
 /// The first 192 tokens of codelm-kv-a, written to `dir`.
-fn small_input(dir: &Path) -> Option<PathBuf> {
-    let mut file = KvFile::read(&shared("codelm-kv-a.safetensors")?).unwrap();
+fn small_input(dir: &Path) -> PathBuf {
+    let mut file = KvFile::read(&data_file("codelm-kv-a.safetensors")).unwrap();
     file.cache = file.cache.slice_tokens(0, 192).unwrap();
     let path = dir.join("in.safetensors");
     file.write(&path).unwrap();
-    Some(path)
+    path
 }
 
 #[test]
 fn bench_codec_json_lists_every_configuration() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(input) = small_input(tmp.path()) else {
-        return;
-    };
+    let input = small_input(tmp.path());
     let json = ok(&[
         "codec",
         "--input",
@@ -102,9 +90,7 @@ fn bench_codec_json_lists_every_configuration() {
 
 #[test]
 fn bench_fidelity_exact_agrees_and_quantized_drifts() {
-    let Some(model) = shared("stories260K.bin") else {
-        return;
-    };
+    let model = data_file("stories260K.bin");
     let json = ok(&[
         "fidelity",
         "--model",

@@ -1,8 +1,6 @@
 //! The HEVC section decoder this host picks (NVDEC, else software) returns a real-KV section
 //! encoded by the codec's HEVC variant bit-exactly (skipped without x265 / libde265).
 
-use std::path::Path;
-
 use kvfetcher::gpu::{hevc_section_decoder, CodecHevcLayout};
 use kvfetcher_codec::{CodePlane, HevcDecoder, HevcEncoder, PlaneShape, SectionEncoder};
 use kvfetcher_testkit::{skip, Missing};
@@ -10,10 +8,7 @@ use kvfetcher_tools::gpu::fixture::kv_codes;
 
 #[test]
 fn chosen_hevc_decoder_round_trips_real_kv() {
-    let kv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-    if !kv.exists() {
-        panic!("{} is missing: the test data lives in data/", kv.display());
-    }
+    let kv = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
     let (enc, soft) = match (HevcEncoder::new(None), HevcDecoder::new()) {
         (Ok(e), Ok(d)) => (e, d),
         (Err(e), _) | (_, Err(e)) => {

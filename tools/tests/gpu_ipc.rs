@@ -2,13 +2,7 @@
 //! with an NVIDIA driver (skipped elsewhere with a printed reason).
 
 use kvfetcher_testkit::{skip, Missing};
-use std::path::Path;
 use std::process::Command;
-
-fn kv() -> Option<std::path::PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-    p.exists().then_some(p)
-}
 
 #[test]
 fn ipc_check_passes_across_processes() {
@@ -16,7 +10,7 @@ fn ipc_check_passes_across_processes() {
         skip(Missing::Gpu, format!("no CUDA driver ({e})"));
         return;
     }
-    let kv = kv().expect("data/codelm-kv-a.safetensors is in the repository");
+    let kv = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
     let out = Command::new(env!("CARGO_BIN_EXE_kvfetcher-bench"))
         .args(["gpu", "ipc-check", "--kv"])
         .arg(&kv)

@@ -1,8 +1,6 @@
 //! NVDEC against real KV: a lossless x265 stream of quantized codelm KV decodes to exactly the
 //! codes (skipped without a CUDA driver, NVDEC or the x265 tool).
 
-use std::path::Path;
-
 use kvfetcher_codec::Chroma;
 
 use kvfetcher::gpu::{Cuda, GpuError, Nvdec};
@@ -11,10 +9,7 @@ use kvfetcher_tools::gpu::fixture::{encode_raster, fixture_format, frames_for, k
 
 #[test]
 fn nvdec_decodes_real_kv_bit_exactly() {
-    let kv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-    if !kv.exists() {
-        panic!("{} is missing: the test data lives in data/", kv.display());
-    }
+    let kv = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
     let cuda = match Cuda::open(0) {
         Ok(c) => c,
         Err(e @ (GpuError::NoDriver(_) | GpuError::NoDevice { .. })) => {

@@ -1,29 +1,18 @@
 //! Restore on real KV: the CPU reference agrees with the codec's dequantizer to the bit, and the
 //! GPU kernels agree with the CPU reference (skipped without a CUDA driver).
 
-use std::path::{Path, PathBuf};
-
 use half::{bf16, f16};
 use kvfetcher::gpu::{restore_cpu, Cuda, DeviceBuffer, DeviceTarget, GpuError, RestoreKernels};
 use kvfetcher_codec::pack_codes;
 use kvfetcher_codec::{dequantize, GroupParams, Grouping};
 use kvfetcher_protocol::KvDType;
-use kvfetcher_testkit::{skip, Missing};
+use kvfetcher_testkit::{data_file, skip, Missing};
 use kvfetcher_tools::gpu::check::{target_name, targets};
 use kvfetcher_tools::gpu::fixture::kv_codes;
 
-fn kv_path() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-    if p.exists() {
-        Some(p)
-    } else {
-        panic!("{} is missing: the test data lives in data/", p.display())
-    }
-}
-
 #[test]
 fn cpu_restore_matches_codec_dequantize_on_real_kv() {
-    let Some(path) = kv_path() else { return };
+    let path = data_file("codelm-kv-a.safetensors");
     let codes = kv_codes(&path, 6).unwrap();
     let g = codes.geometry;
     // NHD contiguous f16, NHD paged f32, HND contiguous bf16, HND paged bf16: every axis once.
@@ -66,7 +55,7 @@ fn cpu_restore_matches_codec_dequantize_on_real_kv() {
 
 #[test]
 fn gpu_restore_matches_cpu_on_real_kv() {
-    let Some(path) = kv_path() else { return };
+    let path = data_file("codelm-kv-a.safetensors");
     let cuda = match Cuda::open(0) {
         Ok(c) => c,
         Err(e @ (GpuError::NoDriver(_) | GpuError::NoDevice { .. })) => {

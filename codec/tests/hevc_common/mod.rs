@@ -2,22 +2,14 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::path::Path;
-
 use kvfetcher_codec::{CodePlane, HevcDecoder, HevcEncoder, PlaneShape};
 use kvfetcher_kv::{KvCache, KvFile};
 use kvfetcher_testkit::{skip, Missing};
 
-/// The codelm-kv-a cache, or `None` (with a printed reason) when the shared data is absent.
-pub fn codelm() -> Option<KvCache> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-    if !path.exists() {
-        panic!(
-            "{} is missing: the test data lives in data/",
-            path.display()
-        );
-    }
-    Some(KvFile::read(&path).expect("codelm-kv-a reads").cache)
+/// The codelm-kv-a cache.
+pub fn codelm() -> KvCache {
+    let path = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
+    KvFile::read(&path).expect("codelm-kv-a reads").cache
 }
 
 /// An x265 encoder for `layout`, or `None` (with a printed reason) when x265 is missing.

@@ -202,23 +202,16 @@ pub fn extract_cache(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
 
     use kvfetcher_kv::KvFile;
     use kvfetcher_protocol::{Paging, TokenOrder};
 
     use super::*;
 
-    fn real_cache() -> Option<KvCache> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-        if !path.exists() {
-            panic!(
-                "{} is missing: the test data lives in data/",
-                path.display()
-            );
-        }
+    fn real_cache() -> KvCache {
+        let path = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
         let file = KvFile::read(&path).expect("read codelm kv");
-        Some(file.cache.slice_tokens(0, 300).expect("slice"))
+        file.cache.slice_tokens(0, 300).expect("slice")
     }
 
     fn layouts() -> Vec<TargetLayout> {
@@ -250,7 +243,7 @@ mod tests {
     /// Places a real cache in two token runs (as two chunks would) and reads it back.
     #[test]
     fn real_kv_round_trips_through_every_layout() {
-        let Some(cache) = real_cache() else { return };
+        let cache = real_cache();
         let shape = shape_of(&cache);
         let split = 256;
         let first = cache.slice_tokens(0, split).unwrap();
@@ -296,7 +289,7 @@ mod tests {
 
     #[test]
     fn paged_padding_stays_zero() {
-        let Some(cache) = real_cache() else { return };
+        let cache = real_cache();
         let shape = shape_of(&cache);
         let layout = TargetLayout {
             dtype: KvDType::F16,
@@ -319,7 +312,7 @@ mod tests {
 
     #[test]
     fn rejects_misfits() {
-        let Some(cache) = real_cache() else { return };
+        let cache = real_cache();
         let shape = shape_of(&cache);
         let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
         let mut write = |_: usize, _: &[u8]| -> Result<(), LayoutIoError> { Ok(()) };

@@ -3,7 +3,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -29,19 +29,16 @@ pub struct Kv {
     pub layers: Vec<[Vec<f32>; 2]>,
 }
 
-/// Loads the first `tokens` tokens of the shared codelm KV, or `None` (with a printed reason).
-pub fn load_kv(tokens: usize) -> Option<Kv> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-    if !p.exists() {
-        panic!("{} is missing: the test data lives in data/", p.display());
-    }
+/// Loads the first `tokens` tokens of the codelm KV in data/.
+pub fn load_kv(tokens: usize) -> Kv {
+    let p = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
     let f = KvFile::read(&p).expect("read safetensors");
     let c = f.cache.slice_tokens(0, tokens).expect("slice");
     let token_ids = c
         .token_ids()
         .map(|t| t.to_vec())
         .unwrap_or_else(|| (1000..1000 + tokens as u32).collect());
-    Some(Kv {
+    Kv {
         token_ids,
         heads: c.kv_heads() as u32,
         dim: c.head_dim() as u32,
@@ -50,7 +47,7 @@ pub fn load_kv(tokens: usize) -> Option<Kv> {
             .iter()
             .map(|l| [l.key.to_f32(), l.value.to_f32()])
             .collect(),
-    })
+    }
 }
 
 pub fn kv_dtype(d: KvDType) -> DType {

@@ -3,24 +3,17 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use kvfetcher::store::{LocalDir, ServerOptions, Storage, StoreServer};
 use kvfetcher::transport::{write_dev_pki, TlsClientConfig, TlsServerConfig};
 use kvfetcher_codec::{encode_cache, ChunkKey, CodecRegistry, EncodeConfig, ModelFingerprint};
 use kvfetcher_kv::KvFile;
-
-/// The real KV test file, if the shared data is present.
-pub fn kv_path() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/codelm-kv-a.safetensors");
-    if p.is_file() {
-        Some(p)
-    } else {
-        panic!("{} is missing: the test data lives in data/", p.display())
-    }
-}
+use kvfetcher_testkit::data_file;
 
 /// The model fingerprint used for test objects.
 pub fn model() -> ModelFingerprint {
@@ -32,13 +25,13 @@ pub type Objects = Vec<(ChunkKey, Vec<u8>)>;
 
 /// Real chunk objects of the codelm KV (4 chunks of 256 tokens, 4 sections of 2 layers each),
 /// encoded once per test binary.
-pub fn real_objects() -> Option<Objects> {
-    static OBJECTS: std::sync::OnceLock<Option<Objects>> = std::sync::OnceLock::new();
+pub fn real_objects() -> Objects {
+    static OBJECTS: std::sync::OnceLock<Objects> = std::sync::OnceLock::new();
     OBJECTS.get_or_init(encode_objects).clone()
 }
 
-fn encode_objects() -> Option<Objects> {
-    let file = KvFile::read(&kv_path()?).expect("read kv");
+fn encode_objects() -> Objects {
+    let file = KvFile::read(&data_file("codelm-kv-a.safetensors")).expect("read kv");
     let cache = file.cache;
     let ids: Vec<u32> = cache
         .token_ids()
@@ -48,7 +41,7 @@ fn encode_objects() -> Option<Objects> {
         layers_per_section: 2,
         ..EncodeConfig::default()
     };
-    Some(encode_cache(&cache, &model(), &ids, &cfg, &CodecRegistry::software()).expect("encode"))
+    encode_cache(&cache, &model(), &ids, &cfg, &CodecRegistry::software()).expect("encode")
 }
 
 /// A running store on loopback, with its dev certificates and data directory.
@@ -115,4 +108,27 @@ pub async fn raw_connection(
     ep.set_default_client_config(quinn::ClientConfig::new(tls.quic().unwrap()));
     let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
     (ep, conn)
+}
+
+/// Starts `kvfetcher store` as a process on `listen` (port 0 for any; no client credentials)
+/// and returns it with the address it printed.
+pub fn spawn_store(listen: &str, data: &Path, certs: &Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvfetcher"))
+        .args(["store", "--listen", listen, "--data-dir"])
+        .arg(data)
+        .arg("--cert-dir")
+        .arg(certs)
+        .arg("--insecure-open-writes")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn kvfetcher store");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected {line:?}"));
+    (child, addr.parse().unwrap())
 }

@@ -19,6 +19,7 @@ use kvfetcher_codec::{
     VariantKind,
 };
 use kvfetcher_kv::{DType, KvCache, KvFile, Tensor};
+use kvfetcher_testkit::data_file;
 
 /// Tokens per chunk in the test daemon config.
 pub(crate) const CHUNK_TOKENS: usize = 256;
@@ -30,18 +31,6 @@ pub(crate) const BITS: u8 = 8;
 /// The repository root (the workspace).
 pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A file of the shared test data, or `None` (with the reason printed) when absent.
-pub(crate) fn shared_data(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        panic!("{} is missing: the test data lives in data/", p.display())
-    }
 }
 
 /// The target directory of this test binary's profile (`target/debug` or `target/release`).
@@ -244,16 +233,14 @@ pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// The first `tokens` tokens of the shared codelm KV, or `None` when the data is absent.
-pub(crate) fn codelm(tokens: usize) -> Option<KvCache> {
-    let p = shared_data("codelm-kv-a.safetensors")?;
-    Some(
-        KvFile::read(&p)
-            .unwrap()
-            .cache
-            .slice_tokens(0, tokens)
-            .unwrap(),
-    )
+/// The first `tokens` tokens of the codelm KV in data/.
+pub(crate) fn codelm(tokens: usize) -> KvCache {
+    let p = data_file("codelm-kv-a.safetensors");
+    KvFile::read(&p)
+        .unwrap()
+        .cache
+        .slice_tokens(0, tokens)
+        .unwrap()
 }
 
 /// Deterministic token ids for a test sequence (`salt` makes distinct sequences).

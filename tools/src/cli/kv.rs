@@ -327,16 +327,7 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn data(name: &str) -> Option<PathBuf> {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../data")
-            .join(name);
-        if p.exists() {
-            Some(p)
-        } else {
-            panic!("{} is missing: the test data lives in data/", p.display())
-        }
-    }
+    use kvfetcher_testkit::data_file;
 
     fn run_line(line: &[&str]) -> anyhow::Result<String> {
         let cli = crate::cli::Cli::try_parse_from(line)?;
@@ -350,9 +341,7 @@ mod tests {
 
     #[test]
     fn capture_round_trips_through_kv_file_and_fidelity() {
-        let Some(model) = data("stories260K.bin") else {
-            return;
-        };
+        let model = data_file("stories260K.bin");
         let dir = tempfile::tempdir().unwrap();
         let kv = dir.path().join("kv.safetensors");
         let (m, o) = (model.to_str().unwrap(), kv.to_str().unwrap());
@@ -395,9 +384,7 @@ mod tests {
 
     #[test]
     fn info_reads_a_file_without_token_ids() {
-        let Some(path) = data("codelm-kv-a.safetensors") else {
-            return;
-        };
+        let path = data_file("codelm-kv-a.safetensors");
         let info = run_line(&["kvfetcher", "kv", "info", path.to_str().unwrap()]).unwrap();
         for want in [
             "layers     8",
@@ -412,11 +399,10 @@ mod tests {
 
     #[test]
     fn fidelity_needs_token_ids_and_bad_model_fails() {
-        let (Some(model), Some(codelm)) =
-            (data("stories260K.bin"), data("codelm-kv-a.safetensors"))
-        else {
-            return;
-        };
+        let (model, codelm) = (
+            data_file("stories260K.bin"),
+            data_file("codelm-kv-a.safetensors"),
+        );
         let (m, c) = (model.to_str().unwrap(), codelm.to_str().unwrap());
         let line = [
             "kvfetcher",
