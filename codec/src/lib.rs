@@ -14,6 +14,7 @@ mod key;
 mod packed;
 mod plane;
 mod quant;
+pub mod rans;
 mod registry;
 mod variant;
 mod zstd_variant;
@@ -39,5 +40,6 @@ pub use packed::{pack_codes, PackedCodec};
 pub use quant::{
     dequantize, quantize, GroupParams, Grouping, LayerQuant, QuantConfig, MAX_BITS, MIN_BITS,
 };
+pub use rans::RansError;
 pub use registry::{hevc_encoder, CodecRegistry};
 pub use zstd_variant::{ZstdCodec, DEFAULT_ZSTD_LEVEL};
