@@ -11,11 +11,14 @@ use std::sync::Arc;
 use kvfetcher_kv::{KvCache, LayerKv, Tensor};
 use rayon::prelude::*;
 
-use crate::format::{MAX_CHUNK_TOKENS, MAX_HEAD_DIM, MAX_KV_HEADS, MAX_LAYERS};
+use crate::format::{
+    TransformInfo, MAX_CHUNK_TOKENS, MAX_HEAD_DIM, MAX_KV_HEADS, MAX_LAYERS, TRANSFORM_CODE_BITS,
+};
+use crate::transform::{context, dequantize_level, forward, inverse, quantize_level, TensorAt};
 use crate::{
     chunk_keys, dequantize, quantize, ChunkHeader, ChunkKey, ChunkView, CodePlane, CodecError,
-    CodecRegistry, FormatError, Grouping, LayerQuant, ModelFingerprint, QuantConfig,
-    SectionEncoder, SectionInfo, VariantKind, DEFAULT_CHUNK_TOKENS,
+    CodecProfile, CodecRegistry, FormatError, Grouping, LayerQuant, ModelFingerprint, ProfileId,
+    QuantConfig, SectionEncoder, SectionInfo, TransformConfig, VariantKind, DEFAULT_CHUNK_TOKENS,
 };
 
 /// How [`encode_cache`] builds chunk objects.
@@ -105,6 +108,39 @@ pub fn encode_cache(
         ));
     }
     cfg.quant.validate(cache.num_layers())?;
+    let groups = layer_groups(cache.num_layers(), cfg.layers_per_section, &cfg.quant);
+    let keys = chunk_keys(model, token_ids, cfg.chunk_tokens);
+    if let QuantConfig::Transform(t) = &cfg.quant {
+        if cfg.variant != VariantKind::Rans {
+            return invalid(format!(
+                "transform coding uses the rans variant, not {}",
+                cfg.variant.name()
+            ));
+        }
+        if cache.dtype().size() != 2 {
+            return invalid(format!(
+                "transform coding needs 16-bit KV, not {}",
+                cache.dtype().name()
+            ));
+        }
+        t.profile
+            .check_shape(cache.num_layers(), cache.kv_heads(), cache.head_dim())?;
+        let id = t.profile.id();
+        return keys
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let start = i * cfg.chunk_tokens;
+                let end = (start + cfg.chunk_tokens).min(cache.tokens());
+                let chunk = ChunkSpan { key, start, end };
+                let bytes = encode_transform_chunk(cache, &chunk, model, &groups, t, id)?;
+                Ok((key, bytes))
+            })
+            .collect();
+    }
+    if cfg.variant == VariantKind::Rans {
+        return invalid("the rans variant codes with a profile: use transform coding".into());
+    }
     let owned: Arc<dyn SectionEncoder>;
     let encoder: &dyn SectionEncoder = match cfg {
         EncodeConfig {
@@ -128,8 +164,6 @@ pub fn encode_cache(
         }
         .into());
     }
-    let groups = layer_groups(cache.num_layers(), cfg.layers_per_section, &cfg.quant);
-    let keys = chunk_keys(model, token_ids, cfg.chunk_tokens);
     keys.into_par_iter()
         .enumerate()
         .map(|(i, key)| {
@@ -154,7 +188,9 @@ fn encode_chunk(
     encoder: &dyn SectionEncoder,
 ) -> Result<Vec<u8>, FormatError> {
     let (key_grouping, value_grouping) = match &cfg.quant {
-        QuantConfig::Exact => (Grouping::PerChannel, Grouping::PerChannel),
+        QuantConfig::Exact | QuantConfig::Transform(_) => {
+            (Grouping::PerChannel, Grouping::PerChannel)
+        }
         QuantConfig::Bits {
             key_grouping,
             value_grouping,
@@ -188,6 +224,7 @@ fn encode_chunk(
         key_grouping,
         value_grouping,
         sections: Vec::with_capacity(encoded.len()),
+        transform: None,
     };
     for (l0, l1, shape, quant, enc) in &encoded {
         header.sections.push(SectionInfo {
@@ -254,6 +291,11 @@ fn section_plane(
                         codes.extend(bytes.iter().skip(b).step_by(planes).map(|&x| u16::from(x)));
                     }
                 }
+                QuantConfig::Transform(_) => {
+                    return Err(FormatError::InvalidInput(
+                        "transform-coded sections are built by encode_transform_chunk".into(),
+                    ))
+                }
                 QuantConfig::Bits {
                     key_grouping,
                     value_grouping,
@@ -291,7 +333,7 @@ pub fn decode_chunk(bytes: &[u8], registry: &CodecRegistry) -> Result<KvCache, F
         .into_par_iter()
         .map(|i| {
             let plane = decode_section(header, i, view.section_bytes(i), registry)?;
-            restore_section(header, i, &plane)
+            restore_section(header, i, &plane, registry)
         })
         .collect::<Result<Vec<_>, FormatError>>()?;
     let layers: Vec<LayerKv> = parts.into_iter().flatten().collect();
@@ -326,8 +368,13 @@ pub fn restore_section(
     header: &ChunkHeader,
     index: usize,
     plane: &CodePlane,
+    registry: &CodecRegistry,
 ) -> Result<Vec<LayerKv>, FormatError> {
     let s = section(header, index)?;
+    if let Some(t) = &header.transform {
+        let profile = registry.profile(&t.profile)?;
+        return restore_transform_section(header, index, plane, profile, t);
+    }
     if s.shape != header.section_shape(s.layers(), s.shape.bits) {
         return Err(FormatError::Inconsistent(format!(
             "section {index} shape {:?} does not match the header",
@@ -400,4 +447,209 @@ fn section(header: &ChunkHeader, index: usize) -> Result<&SectionInfo, FormatErr
     header.sections.get(index).ok_or_else(|| {
         FormatError::Inconsistent(format!("no section {index} of {}", header.sections.len()))
     })
+}
+
+/// Tokens `start..end` of a cache, as one chunk with its key.
+struct ChunkSpan {
+    key: ChunkKey,
+    start: usize,
+    end: usize,
+}
+
+/// Encodes tokens `span` of `cache` as one transform-coded object (format version 2).
+fn encode_transform_chunk(
+    cache: &KvCache,
+    span: &ChunkSpan,
+    model: &ModelFingerprint,
+    groups: &[(usize, usize, u8)],
+    cfg: &TransformConfig,
+    profile_id: ProfileId,
+) -> Result<Vec<u8>, FormatError> {
+    let profile = &cfg.profile;
+    let (start, end) = (span.start, span.end);
+    let sink_rows = usize::from(profile.sinks).min(end).saturating_sub(start);
+    let (tokens, channels) = (end - start, cache.kv_heads() * cache.head_dim());
+    let row = channels * 2;
+    let encoded = groups
+        .par_iter()
+        .map(|&(l0, l1, _)| {
+            let shape = crate::PlaneShape {
+                bits: TRANSFORM_CODE_BITS,
+                tensors: (l1 - l0) * 2,
+                rows: tokens,
+                cols: channels,
+            };
+            let mut codes = Vec::with_capacity(shape.len());
+            let mut contexts = Vec::with_capacity(shape.tensors);
+            let (mut values, mut coeffs) = (Vec::new(), Vec::new());
+            for layer in l0..l1 {
+                let kv = &cache.layers()[layer];
+                for (is_key, t) in [(true, &kv.key), (false, &kv.value)] {
+                    let bytes = &t.data()[start * row..end * row];
+                    let step = if is_key {
+                        cfg.steps[layer].0
+                    } else {
+                        cfg.steps[layer].1
+                    };
+                    codes.extend(
+                        bytes[..sink_rows * row]
+                            .chunks_exact(2)
+                            .map(|b| u16::from_le_bytes([b[0], b[1]])),
+                    );
+                    cache
+                        .dtype()
+                        .decode_f32(&bytes[sink_rows * row..], &mut values);
+                    let at = TensorAt {
+                        layer,
+                        is_key,
+                        first_position: (start + sink_rows) as u32,
+                    };
+                    forward(profile, at, &values, &mut coeffs);
+                    codes.extend(
+                        coeffs
+                            .iter()
+                            .map(|&y| crate::rans_variant::zigzag(quantize_level(y, step))),
+                    );
+                    contexts.push(
+                        profile
+                            .component_std(layer, is_key)
+                            .iter()
+                            .map(|&sd| context(sd, step))
+                            .collect(),
+                    );
+                }
+            }
+            let plane = CodePlane { shape, codes };
+            let enc = crate::rans_variant::encode_rans_section(&plane, sink_rows, &contexts)?;
+            Ok((l0, l1, shape, enc))
+        })
+        .collect::<Result<Vec<_>, FormatError>>()?;
+    let mut header = ChunkHeader {
+        key: span.key,
+        model: *model,
+        token_start: u32::try_from(start)
+            .map_err(|_| FormatError::InvalidInput(format!("token {start} is beyond u32")))?,
+        token_count: tokens as u32,
+        num_layers: cache.num_layers() as u16,
+        kv_heads: cache.kv_heads() as u16,
+        head_dim: cache.head_dim() as u16,
+        dtype: cache.dtype(),
+        variant: VariantKind::Rans,
+        exact: false,
+        key_grouping: Grouping::PerChannel,
+        value_grouping: Grouping::PerChannel,
+        sections: Vec::with_capacity(encoded.len()),
+        transform: Some(TransformInfo {
+            profile: profile_id,
+            sink_tokens: sink_rows as u16,
+            steps: cfg.steps.clone(),
+        }),
+    };
+    for (l0, l1, shape, enc) in &encoded {
+        header.sections.push(SectionInfo {
+            layer_start: *l0 as u16,
+            layer_end: *l1 as u16,
+            offset: 0,
+            len: enc.payload.len() as u64,
+            crc32c: crc32c::crc32c(&enc.payload),
+            shape: *shape,
+            params: enc.params.clone(),
+            quant: Vec::new(),
+        });
+    }
+    let mut offset = header.encoded_len() as u64;
+    for s in &mut header.sections {
+        s.offset = offset;
+        offset += s.len;
+    }
+    let mut out = header.to_bytes()?;
+    out.reserve(offset as usize - out.len());
+    for (.., enc) in &encoded {
+        out.extend_from_slice(&enc.payload);
+    }
+    Ok(out)
+}
+
+/// A transform-coded section's codes back to K/V: sink rows as stored, the other rows
+/// dequantized, inverse-transformed and RoPE'd again with `profile`.
+fn restore_transform_section(
+    header: &ChunkHeader,
+    index: usize,
+    plane: &CodePlane,
+    profile: &CodecProfile,
+    t: &TransformInfo,
+) -> Result<Vec<LayerKv>, FormatError> {
+    let s = section(header, index)?;
+    let mismatch = |m: String| Err(FormatError::ProfileMismatch(m));
+    if profile.model != header.model {
+        return mismatch(format!(
+            "profile {} is for model {}, the chunk holds {}",
+            t.profile, profile.model, header.model
+        ));
+    }
+    profile.check_shape(
+        usize::from(header.num_layers),
+        usize::from(header.kv_heads),
+        usize::from(header.head_dim),
+    )?;
+    let (sink_rows, _) = crate::rans_variant::parse_rans_params(s.shape, &s.params)?;
+    if sink_rows != usize::from(t.sink_tokens) {
+        return Err(FormatError::Inconsistent(format!(
+            "section {index} has {sink_rows} sink rows, the header {}",
+            t.sink_tokens
+        )));
+    }
+    if plane.shape != s.shape || plane.codes.len() != s.shape.len() {
+        return Err(FormatError::Inconsistent(format!(
+            "plane {:?} for section {index} of shape {:?}",
+            plane.shape, s.shape
+        )));
+    }
+    let (tokens, channels) = (header.token_count as usize, header.channels());
+    let shape = [
+        tokens,
+        usize::from(header.kv_heads),
+        usize::from(header.head_dim),
+    ];
+    let (mut coeffs, mut values) = (Vec::new(), Vec::new());
+    let mut layers = Vec::with_capacity(s.layers());
+    for li in 0..s.layers() {
+        let layer = usize::from(s.layer_start) + li;
+        let mut kv = Vec::with_capacity(2);
+        for (half, is_key) in [(0, true), (1, false)] {
+            let codes = plane.tensor(li * 2 + half);
+            let (sinks, rest) = codes.split_at(sink_rows * channels);
+            let mut bytes = Vec::with_capacity(tokens * channels * 2);
+            for c in sinks {
+                bytes.extend_from_slice(&c.to_le_bytes());
+            }
+            let step = if is_key {
+                t.steps[layer].0
+            } else {
+                t.steps[layer].1
+            };
+            coeffs.clear();
+            coeffs.extend(
+                rest.iter()
+                    .map(|&z| dequantize_level(crate::rans_variant::unzigzag(z), step)),
+            );
+            let at = TensorAt {
+                layer,
+                is_key,
+                first_position: header.token_start + sink_rows as u32,
+            };
+            inverse(profile, at, &coeffs, &mut values);
+            let mut tail = Vec::new();
+            header.dtype.encode_f32(&values, &mut tail);
+            bytes.extend_from_slice(&tail);
+            kv.push(
+                Tensor::new(header.dtype, shape, bytes)
+                    .map_err(|e| FormatError::Inconsistent(e.to_string()))?,
+            );
+        }
+        let value = kv.pop().expect("two tensors");
+        let key = kv.pop().expect("two tensors");
+        layers.push(LayerKv { key, value });
+    }
+    Ok(layers)
 }

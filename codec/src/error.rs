@@ -41,6 +41,15 @@ pub enum FormatError {
     /// A section's variant failed to encode or decode.
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// The chunk was coded with a codec profile this process does not hold.
+    #[error("the chunk needs codec profile {0}, which is not loaded (fetch it from the store or pass --profile)")]
+    ProfileMissing(crate::ProfileId),
+    /// A codec profile does not fit the KV or chunk it is used with.
+    #[error("codec profile mismatch: {0}")]
+    ProfileMismatch(String),
+    /// A codec profile's bytes are malformed or inconsistent.
+    #[error("bad codec profile: {0}")]
+    BadProfile(String),
     /// The cache, token ids or configuration given to the encoder are not usable.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -11,15 +11,21 @@ use kvfetcher_kv::DType;
 
 use crate::{
     ChunkKey, FormatError, GroupParams, Grouping, LayerQuant, ModelFingerprint, PlaneShape,
-    VariantKind,
+    ProfileId, VariantKind,
 };
 
 /// The first four bytes of every chunk object.
 pub const MAGIC: [u8; 4] = *b"KVFC";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest format version this build writes and reads: 2 adds transform-coded chunks
+/// (flag bit 1 and the transform block). Chunks without a transform are still written as 1, so
+/// every reader of version 1 reads them; both versions are read.
+pub const FORMAT_VERSION: u16 = 2;
+/// The version of chunks without a transform.
+const FORMAT_VERSION_PLAIN: u16 = 1;
 /// Bytes of the fixed part of the header, before the section table.
 pub const FIXED_HEADER_LEN: usize = 104;
+/// Bytes of a transform block before its per-layer steps.
+const TRANSFORM_FIXED_LEN: usize = 36;
 /// Bytes of one section table entry.
 pub const SECTION_ENTRY_LEN: usize = 32;
 /// Most layers in a chunk (the largest open models have about 130).
@@ -45,6 +51,23 @@ pub const MAX_OBJECT_LEN: u64 = 4 << 30;
 
 /// Flag bit: the chunk is bit-exact (codes are byte planes of the raw values).
 const FLAG_EXACT: u16 = 1;
+/// Flag bit (version 2): the chunk is transform-coded; a transform block ends the header.
+const FLAG_TRANSFORM: u16 = 2;
+/// Bit width recorded for the sections of a transform-coded chunk: their codes are 16-bit
+/// (zigzagged levels, or the raw bits of sink tokens).
+pub const TRANSFORM_CODE_BITS: u8 = 16;
+
+/// What a transform-coded chunk needs beyond the plain header: the profile, the sinks it holds
+/// and each layer's steps (the allocation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformInfo {
+    /// The profile the chunk was coded with.
+    pub profile: ProfileId,
+    /// Leading rows of this chunk that are attention sinks, stored exactly.
+    pub sink_tokens: u16,
+    /// Per layer, the K and V quantizer steps.
+    pub steps: Vec<(f32, f32)>,
+}
 
 /// One section: the codes of a group of consecutive layers, encoded by the chunk's variant.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +145,8 @@ pub struct ChunkHeader {
     pub value_grouping: Grouping,
     /// Sections in layer order, covering layers `0..num_layers`.
     pub sections: Vec<SectionInfo>,
+    /// Transform coding (version 2): profile, sinks and steps; `None` for plain chunks.
+    pub transform: Option<TransformInfo>,
 }
 
 impl ChunkHeader {
@@ -158,7 +183,19 @@ impl ChunkHeader {
                 n += 8 * (q.key.len() + q.value.len());
             }
         }
+        if let Some(t) = &self.transform {
+            n += TRANSFORM_FIXED_LEN + 8 * t.steps.len();
+        }
         n
+    }
+
+    /// The format version this header is written with.
+    pub fn version(&self) -> u16 {
+        if self.transform.is_some() {
+            FORMAT_VERSION
+        } else {
+            FORMAT_VERSION_PLAIN
+        }
     }
 
     /// Total bytes of the whole object (header and sections).
@@ -185,7 +222,7 @@ impl ChunkHeader {
             });
         }
         let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_PLAIN..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::UnsupportedVersion(version));
         }
         let header_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
@@ -236,8 +273,14 @@ impl ChunkHeader {
         self.validate(header_len)?;
         let mut out = Vec::with_capacity(header_len);
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(if self.exact { FLAG_EXACT } else { 0 }).to_le_bytes());
+        out.extend_from_slice(&self.version().to_le_bytes());
+        let flags = if self.exact { FLAG_EXACT } else { 0 }
+            | if self.transform.is_some() {
+                FLAG_TRANSFORM
+            } else {
+                0
+            };
+        out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&(header_len as u32).to_le_bytes());
         out.extend_from_slice(&self.key.0);
         out.extend_from_slice(&self.model.0);
@@ -279,6 +322,15 @@ impl ChunkHeader {
                 }
             }
         }
+        if let Some(t) = &self.transform {
+            out.extend_from_slice(&t.profile.0);
+            out.extend_from_slice(&t.sink_tokens.to_le_bytes());
+            out.extend_from_slice(&[0, 0]);
+            for (k, v) in &t.steps {
+                out.extend_from_slice(&k.to_le_bytes());
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         debug_assert_eq!(out.len(), header_len);
@@ -312,6 +364,8 @@ impl ChunkHeader {
             }
             let bits_ok = if self.exact {
                 s.shape.bits == 8
+            } else if self.transform.is_some() {
+                s.shape.bits == TRANSFORM_CODE_BITS
             } else {
                 (crate::MIN_BITS..=crate::MAX_BITS).contains(&s.shape.bits)
             };
@@ -361,6 +415,54 @@ impl ChunkHeader {
                 self.num_layers
             ));
         }
+        self.validate_transform()
+    }
+
+    /// A transform block goes with the rans variant and a lossy chunk; its steps cover every
+    /// layer and are positive; its sinks fit the chunk.
+    fn validate_transform(&self) -> Result<(), FormatError> {
+        let bad = |m: String| Err(FormatError::Inconsistent(m));
+        let Some(t) = &self.transform else {
+            if self.variant == VariantKind::Rans {
+                return bad("the rans variant needs a transform block".into());
+            }
+            return Ok(());
+        };
+        if self.exact || self.variant != VariantKind::Rans {
+            return bad(format!(
+                "a transform block in a {} chunk",
+                if self.exact {
+                    "bit-exact"
+                } else {
+                    self.variant.name()
+                }
+            ));
+        }
+        if self.dtype.size() != 2 {
+            return bad(format!(
+                "transform coding needs a 16-bit dtype, not {}",
+                self.dtype.name()
+            ));
+        }
+        if t.steps.len() != usize::from(self.num_layers) {
+            return bad(format!(
+                "{} layer steps for {} layers",
+                t.steps.len(),
+                self.num_layers
+            ));
+        }
+        if t.steps
+            .iter()
+            .any(|&(k, v)| !(k.is_finite() && k > 0.0 && v.is_finite() && v > 0.0))
+        {
+            return bad("a layer step is not a positive number".into());
+        }
+        if u32::from(t.sink_tokens) > self.token_count {
+            return bad(format!(
+                "{} sink tokens in a chunk of {}",
+                t.sink_tokens, self.token_count
+            ));
+        }
         Ok(())
     }
 
@@ -387,9 +489,11 @@ impl ChunkHeader {
 
     fn validate_quant(&self, i: usize, s: &SectionInfo) -> Result<(), FormatError> {
         let bad = |m: String| Err(FormatError::Inconsistent(format!("section {i}: {m}")));
-        if self.exact {
+        if self.exact || self.transform.is_some() {
             if !s.quant.is_empty() {
-                return bad("quantization parameters in exact mode".into());
+                return bad(
+                    "per-group quantization parameters in an exact or transform chunk".into(),
+                );
             }
             return Ok(());
         }
@@ -493,11 +597,20 @@ fn parse_body(body: &[u8]) -> Result<ChunkHeader, FormatError> {
         pos: 8,
     };
     r.u32()?; // header length, checked by the caller
+    let version = u16::from_le_bytes([body[4], body[5]]);
     let flags = u16::from_le_bytes([body[6], body[7]]);
-    if flags & !FLAG_EXACT != 0 {
-        return Err(bad(format!("unknown flags {flags:#06x}")));
+    let known = if version >= 2 {
+        FLAG_EXACT | FLAG_TRANSFORM
+    } else {
+        FLAG_EXACT
+    };
+    if flags & !known != 0 {
+        return Err(bad(format!(
+            "unknown flags {flags:#06x} for format version {version}"
+        )));
     }
     let exact = flags & FLAG_EXACT != 0;
+    let transform = flags & FLAG_TRANSFORM != 0;
     let key = ChunkKey(r.array()?);
     let model = ModelFingerprint(r.array()?);
     let token_start = r.u32()?;
@@ -535,6 +648,7 @@ fn parse_body(body: &[u8]) -> Result<ChunkHeader, FormatError> {
         key_grouping,
         value_grouping,
         sections: Vec::new(),
+        transform: None,
     };
     header.check_dims()?;
     if section_count == 0 {
@@ -573,7 +687,7 @@ fn parse_body(body: &[u8]) -> Result<ChunkHeader, FormatError> {
     for (s, plen) in header.sections.iter_mut().zip(params_lens) {
         limit("section parameter bytes", plen, MAX_SECTION_PARAMS)?;
         s.params = r.take(plen)?.to_vec();
-        if !exact {
+        if !exact && !transform {
             for _ in 0..s.layers() {
                 // Each read is bounded by the bytes actually present in the header.
                 let key = r.groups(kgroups)?;
@@ -581,6 +695,24 @@ fn parse_body(body: &[u8]) -> Result<ChunkHeader, FormatError> {
                 s.quant.push(LayerQuant { key, value });
             }
         }
+    }
+    if transform {
+        let profile = ProfileId(r.array()?);
+        let sink_tokens = r.u16()?;
+        if r.u16()? != 0 {
+            return Err(bad("reserved transform bytes are not zero".into()));
+        }
+        let raw = r.take(usize::from(num_layers) * 8)?;
+        let f = |b: &[u8]| f32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let steps = raw
+            .chunks_exact(8)
+            .map(|p| (f(&p[..4]), f(&p[4..])))
+            .collect();
+        header.transform = Some(TransformInfo {
+            profile,
+            sink_tokens,
+            steps,
+        });
     }
     if r.pos != body.len() {
         return Err(bad(format!(

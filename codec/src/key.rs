@@ -62,8 +62,13 @@ pub struct ChunkKey(pub [u8; 32]);
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModelFingerprint(pub [u8; 32]);
 
+/// Identifies a codec profile: the SHA-256 of its serialized bytes (see `CodecProfile::id`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProfileId(pub [u8; 32]);
+
 digest_type!(ChunkKey, "chunk key");
 digest_type!(ModelFingerprint, "model fingerprint");
+digest_type!(ProfileId, "profile id");
 
 impl ModelFingerprint {
     /// The SHA-256 of `bytes` (a model file's contents, or a model name).

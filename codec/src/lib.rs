@@ -6,6 +6,8 @@
 //!
 //! No I/O beyond the optional dynamically loaded codec libraries (x265, libde265).
 
+mod allocate;
+mod calibrate;
 mod chunk;
 mod error;
 mod format;
@@ -13,33 +15,47 @@ mod hevc;
 mod key;
 mod packed;
 mod plane;
+mod profile;
 mod quant;
 pub mod rans;
+mod rans_variant;
 mod registry;
+mod transform;
 mod variant;
 mod zstd_variant;
 
 pub use plane::{CodePlane, PlaneShape};
 pub use variant::{CodecError, EncodedSection, SectionDecoder, SectionEncoder, VariantKind};
 
+pub use allocate::{allocate_steps, uniform_steps, Allocation, DEFAULT_TARGET_KL};
+pub use calibrate::{calibrate, BasisKind, Calibration, CURVE_POINTS};
 pub use chunk::{
     decode_chunk, decode_section, encode_cache, layer_groups, restore_section, EncodeConfig,
 };
 pub use error::FormatError;
 pub use format::{
-    ChunkHeader, ChunkView, SectionInfo, FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC, MAX_CHANNELS,
-    MAX_CHUNK_CODES, MAX_CHUNK_TOKENS, MAX_HEADER_LEN, MAX_HEAD_DIM, MAX_KV_HEADS, MAX_LAYERS,
-    MAX_OBJECT_LEN, MAX_SECTION_PARAMS, SECTION_ENTRY_LEN,
+    ChunkHeader, ChunkView, SectionInfo, TransformInfo, FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC,
+    MAX_CHANNELS, MAX_CHUNK_CODES, MAX_CHUNK_TOKENS, MAX_HEADER_LEN, MAX_HEAD_DIM, MAX_KV_HEADS,
+    MAX_LAYERS, MAX_OBJECT_LEN, MAX_SECTION_PARAMS, SECTION_ENTRY_LEN, TRANSFORM_CODE_BITS,
 };
 pub use hevc::{
     codes_crc32c, extract_streams, Chroma, Frame, HevcDecoder, HevcEncoder, HevcGeometry,
     HevcLayout, HevcParams, LayoutSpec, StreamInfo, DEFAULT_PRESET,
 };
-pub use key::{chunk_keys, ChunkKey, ModelFingerprint, DEFAULT_CHUNK_TOKENS};
+pub use key::{chunk_keys, ChunkKey, ModelFingerprint, ProfileId, DEFAULT_CHUNK_TOKENS};
 pub use packed::{pack_codes, PackedCodec};
+pub use profile::{
+    CodecProfile, HeadBasis, LayerProfile, RatePoint, Rope, RopeStyle, TensorProfile,
+    PROFILE_MAGIC, PROFILE_VERSION,
+};
 pub use quant::{
-    dequantize, quantize, GroupParams, Grouping, LayerQuant, QuantConfig, MAX_BITS, MIN_BITS,
+    dequantize, quantize, GroupParams, Grouping, LayerQuant, QuantConfig, TransformConfig,
+    MAX_BITS, MIN_BITS,
 };
 pub use rans::RansError;
+pub use rans_variant::RansCodec;
 pub use registry::{hevc_encoder, CodecRegistry};
+pub use transform::{
+    context, dequantize_level, forward, inverse, quantize_level, TensorAt, CONTEXTS, MAX_LEVEL,
+};
 pub use zstd_variant::{ZstdCodec, DEFAULT_ZSTD_LEVEL};

@@ -6,7 +6,9 @@
 //! the tensor's dtype afterwards: the GPU restore kernel computes the same `fmaf`, so CPU and GPU
 //! restores agree to the bit. Not here: bit-exact mode (byte planes, see `chunk`).
 
-use crate::FormatError;
+use std::sync::Arc;
+
+use crate::{CodecProfile, FormatError};
 
 /// The smallest bit width the quantizer accepts.
 pub const MIN_BITS: u8 = 2;
@@ -74,7 +76,21 @@ pub enum QuantConfig {
         /// Grouping of V.
         value_grouping: Grouping,
     },
+    /// Transform coding with a codec profile (the `rans` variant, format version 2).
+    Transform(Arc<TransformConfig>),
 }
+
+/// A transform-coded chunk's profile and allocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformConfig {
+    /// The profile (transform, sinks, RoPE).
+    pub profile: Arc<CodecProfile>,
+    /// Per layer, the K and V steps (see [`crate::allocate_steps`]).
+    pub steps: Vec<(f32, f32)>,
+}
+
+// Steps are checked finite and positive before use, so equality is an equivalence.
+impl Eq for TransformConfig {}
 
 impl Default for QuantConfig {
     /// 8 bits everywhere, K and V per channel.
@@ -103,6 +119,7 @@ impl QuantConfig {
     pub fn bits_for(&self, layer: usize) -> u8 {
         match self {
             QuantConfig::Exact => 8,
+            QuantConfig::Transform(_) => crate::TRANSFORM_CODE_BITS,
             QuantConfig::Bits {
                 default_bits,
                 per_layer,
@@ -117,6 +134,19 @@ impl QuantConfig {
 
     /// Checks bit widths and that overrides name existing layers.
     pub fn validate(&self, num_layers: usize) -> Result<(), FormatError> {
+        if let QuantConfig::Transform(t) = self {
+            if t.steps.len() != num_layers
+                || t.steps
+                    .iter()
+                    .any(|&(k, v)| !(k.is_finite() && k > 0.0 && v.is_finite() && v > 0.0))
+            {
+                return Err(FormatError::InvalidInput(format!(
+                    "{} positive (K, V) steps are needed, one per layer",
+                    num_layers
+                )));
+            }
+            return Ok(());
+        }
         let QuantConfig::Bits {
             default_bits,
             per_layer,

@@ -4,7 +4,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::{CodecError, PackedCodec, SectionDecoder, SectionEncoder, VariantKind, ZstdCodec};
+use crate::{
+    CodecError, CodecProfile, FormatError, PackedCodec, ProfileId, SectionDecoder, SectionEncoder,
+    VariantKind, ZstdCodec,
+};
 
 /// The encoders and decoders available to this process, by variant.
 ///
@@ -18,6 +21,8 @@ pub struct CodecRegistry {
     decoders: HashMap<VariantKind, Arc<dyn SectionDecoder>>,
     /// Why a variant could not be set up, for the error when it is asked for.
     missing: HashMap<VariantKind, String>,
+    /// Codec profiles transform-coded chunks may name, by id.
+    profiles: HashMap<ProfileId, Arc<CodecProfile>>,
 }
 
 impl Default for CodecRegistry {
@@ -37,6 +42,7 @@ impl fmt::Debug for CodecRegistry {
             .field("encoders", &enc)
             .field("decoders", &dec)
             .field("missing", &self.missing)
+            .field("profiles", &self.profiles.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -48,6 +54,7 @@ impl CodecRegistry {
             encoders: HashMap::new(),
             decoders: HashMap::new(),
             missing: HashMap::new(),
+            profiles: HashMap::new(),
         }
     }
 
@@ -58,6 +65,7 @@ impl CodecRegistry {
             .with_decoder(VariantKind::Packed, Arc::new(PackedCodec))
             .with(VariantKind::Zstd, Arc::new(ZstdCodec::default()))
             .with_decoder(VariantKind::Zstd, Arc::new(ZstdCodec::default()))
+            .with_decoder(VariantKind::Rans, Arc::new(crate::RansCodec))
     }
 
     /// [`CodecRegistry::software`] plus `hevc` when x265 / libde265 load.
@@ -110,6 +118,20 @@ impl CodecRegistry {
             .get(&kind)
             .map(|d| d.as_ref())
             .ok_or_else(|| self.unavailable(kind, "decoder"))
+    }
+
+    /// Adds a codec profile (chunks that name its id can then be restored).
+    pub fn with_profile(mut self, profile: Arc<CodecProfile>) -> CodecRegistry {
+        self.profiles.insert(profile.id(), profile);
+        self
+    }
+
+    /// The profile with `id`, or [`FormatError::ProfileMissing`].
+    pub fn profile(&self, id: &ProfileId) -> Result<&CodecProfile, FormatError> {
+        self.profiles
+            .get(id)
+            .map(|p| p.as_ref())
+            .ok_or(FormatError::ProfileMissing(*id))
     }
 
     /// The variants this registry can decode.

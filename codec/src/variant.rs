@@ -15,6 +15,8 @@ pub enum VariantKind {
     Packed = 2,
     /// Codes entropy-coded with zstd.
     Zstd = 3,
+    /// Transform-coded levels entropy-coded with interleaved rANS (format version 2).
+    Rans = 4,
 }
 
 impl VariantKind {
@@ -24,6 +26,7 @@ impl VariantKind {
             1 => Some(VariantKind::Hevc),
             2 => Some(VariantKind::Packed),
             3 => Some(VariantKind::Zstd),
+            4 => Some(VariantKind::Rans),
             _ => None,
         }
     }
@@ -34,6 +37,7 @@ impl VariantKind {
             VariantKind::Hevc => "hevc",
             VariantKind::Packed => "packed",
             VariantKind::Zstd => "zstd",
+            VariantKind::Rans => "rans",
         }
     }
 }

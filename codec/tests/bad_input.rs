@@ -263,10 +263,10 @@ fn sections_check_bytes_shapes_and_decoders() {
     assert!(decode_section(h, 9, s0, &reg).is_err());
     let plane = decode_section(h, 0, s0, &reg).unwrap();
     assert!(
-        restore_section(h, 2, &plane).is_err(),
+        restore_section(h, 2, &plane, &reg).is_err(),
         "section 2 has one layer, not two"
     );
-    assert_eq!(restore_section(h, 0, &plane).unwrap().len(), 2);
+    assert_eq!(restore_section(h, 0, &plane, &reg).unwrap().len(), 2);
     let empty = CodecRegistry::empty();
     assert!(matches!(
         decode_chunk(&objects[0], &empty),

@@ -79,13 +79,16 @@ fn check(cache: &KvCache, ids: &[u32], cfg: &EncodeConfig, reg: &CodecRegistry) 
                         "V {what}"
                     );
                 }
+                QuantConfig::Transform(_) => {
+                    unreachable!("transform coding is tested in tests/transform.rs")
+                }
             }
         }
         // Section-wise restore gives the same layers.
         let mut layers = Vec::new();
         for s in 0..h.sections.len() {
             let plane = decode_section(h, s, view.section_bytes(s), reg).unwrap();
-            layers.extend(restore_section(h, s, &plane).unwrap());
+            layers.extend(restore_section(h, s, &plane, reg).unwrap());
         }
         assert_eq!(layers, decoded.layers());
         parts.push(decoded);

@@ -90,6 +90,9 @@ pub fn kernels_apply(
     if header.exact {
         return Err("exact-mode chunk (byte planes)".into());
     }
+    if header.transform.is_some() {
+        return Err("transform-coded (rans) section: no GPU kernel yet".into());
+    }
     // The CPU path rounds to the chunk's dtype, then converts; the kernel rounds once.
     let once = matches!(
         (header.dtype, layout.dtype),

@@ -561,7 +561,7 @@ pub fn restore_section_into(
         }
     }
     let plane = decode_section(header, index, payload, registry).map_err(bad)?;
-    let layers = restore_section(header, index, &plane).map_err(bad)?;
+    let layers = restore_section(header, index, &plane, registry).map_err(bad)?;
     let first = u32::from(header.sections[index].layer_start);
     place_cache(layout, shape, first, token_start, &layers, &mut |off, b| {
         dest.write(off, b).map_err(ServeError::from)

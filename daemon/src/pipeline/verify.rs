@@ -138,6 +138,7 @@ mod tests {
             key_grouping: Grouping::PerChannel,
             value_grouping: Grouping::PerChannel,
             sections: Vec::new(),
+            transform: None,
         }
     }
 

@@ -161,7 +161,11 @@ pub(crate) fn round_trip(
     cfg: &EncodeConfig,
     registry: &CodecRegistry,
 ) -> anyhow::Result<RoundTrip> {
-    let model = ModelFingerprint::of_bytes(b"kvfetcher bench");
+    let model = match &cfg.quant {
+        // A transform-coded chunk must name the profile's model to be restored.
+        QuantConfig::Transform(t) => t.profile.model,
+        _ => ModelFingerprint::of_bytes(b"kvfetcher bench"),
+    };
     let t = Instant::now();
     let chunks = encode_cache(cache, &model, ids, cfg, registry)?;
     let encode_s = t.elapsed().as_secs_f64();

@@ -13,8 +13,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context};
 use clap::Args;
 use kvfetcher_client::model_id::model_id_from_file;
+use std::sync::Arc;
+
 use kvfetcher_codec::{
-    EncodeConfig, VariantKind, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL,
+    allocate_steps, uniform_steps, CodecProfile, CodecRegistry, EncodeConfig, QuantConfig,
+    TransformConfig, VariantKind, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL,
 };
 use kvfetcher_kv::{fidelity, KvCache, Llama2Model, ScoreAccumulator, ScoredFidelity};
 use serde::Serialize;
@@ -86,6 +89,16 @@ pub struct BenchFidelityArgs {
     /// How V shares quantization parameters.
     #[arg(long, value_enum, default_value_t = GroupingArg::Channel)]
     pub value_grouping: GroupingArg,
+    /// Codec profiles (`kvfetcher-bench profile`) to measure transform coding (the rans
+    /// variant) with, each at every `--target-kl` and `--step-scale` (with --gguf).
+    #[arg(long)]
+    pub profile: Vec<PathBuf>,
+    /// Fidelity targets (mean KL, nats) the profiles allocate steps for.
+    #[arg(long, value_delimiter = ',')]
+    pub target_kl: Vec<f64>,
+    /// Uniform steps instead: this many times each tensor's RMS coefficient deviation.
+    #[arg(long, value_delimiter = ',')]
+    pub step_scale: Vec<f32>,
     /// Print a JSON list instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -248,6 +261,73 @@ fn encode_config(args: &BenchFidelityArgs, bits: BitsArg) -> EncodeConfig {
     }
 }
 
+/// One codec setting of `bench fidelity --gguf`: a row of the report.
+struct Setting {
+    label: String,
+    cfg: EncodeConfig,
+    registry: CodecRegistry,
+    bits: u8,
+    exact: bool,
+}
+
+/// The transform-coding rows of one profile: one per `--target-kl` and per `--step-scale`.
+fn transform_settings(
+    args: &BenchFidelityArgs,
+    path: &Path,
+    info: &super::engine::ModelInfo,
+    registry: &CodecRegistry,
+) -> anyhow::Result<Vec<Setting>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    let profile =
+        Arc::new(CodecProfile::from_bytes(&bytes).with_context(|| format!("{}", path.display()))?);
+    profile.check_shape(info.n_layer, info.kv_heads, info.head_dim)?;
+    ensure!(
+        !args.target_kl.is_empty() || !args.step_scale.is_empty(),
+        "--profile needs --target-kl and/or --step-scale"
+    );
+    let name = path
+        .file_stem()
+        .map_or_else(String::new, |f| f.to_string_lossy().into());
+    let registry = registry.clone().with_profile(profile.clone());
+    let mut out = Vec::new();
+    let mut push = |label: String, steps: Vec<(f32, f32)>| {
+        out.push(Setting {
+            label,
+            cfg: EncodeConfig {
+                quant: QuantConfig::Transform(Arc::new(TransformConfig {
+                    profile: profile.clone(),
+                    steps,
+                })),
+                variant: VariantKind::Rans,
+                hevc_layout: None,
+                hevc_stream_frames: None,
+                chunk_tokens: args.chunk_tokens,
+                layers_per_section: 1,
+            },
+            registry: registry.clone(),
+            bits: kvfetcher_codec::TRANSFORM_CODE_BITS,
+            exact: false,
+        })
+    };
+    for &target in &args.target_kl {
+        let a = allocate_steps(&profile, target)?;
+        push(
+            format!(
+                "rans {name} kl<={target} (predicted {:.1e}, {:.2} b/v)",
+                a.predicted_kl, a.bits_per_value
+            ),
+            a.steps,
+        );
+    }
+    for &scale in &args.step_scale {
+        push(
+            format!("rans {name} step {scale}"),
+            uniform_steps(&profile, scale),
+        );
+    }
+    Ok(out)
+}
+
 /// A text's exact run over one split: what every setting is compared with.
 struct Split {
     label: String,
@@ -317,15 +397,36 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
         None,
         DEFAULT_ZSTD_LEVEL,
     )?;
+    let mut settings: Vec<Setting> = args
+        .bits
+        .iter()
+        .map(|&bits| Setting {
+            label: match bits {
+                BitsArg::Exact => format!("exact {:?}", args.variant).to_lowercase(),
+                BitsArg::Bits(b) => format!(
+                    "{b}b {:?} k:{:?} v:{:?}",
+                    args.variant, args.key_grouping, args.value_grouping
+                )
+                .to_lowercase(),
+            },
+            cfg: encode_config(args, bits),
+            registry: registry.clone(),
+            bits: bits.reported(),
+            exact: bits == BitsArg::Exact,
+        })
+        .collect();
+    for path in &args.profile {
+        settings.extend(transform_settings(args, path, &info, &registry)?);
+    }
     let mut results = Vec::new();
-    for (i, &bits) in args.bits.iter().enumerate() {
-        let cfg = encode_config(args, bits);
+    for (i, setting) in settings.iter().enumerate() {
+        let (cfg, registry) = (&setting.cfg, &setting.registry);
         let (mut raw16, mut bytes, mut err) = (0u64, 0u64, ErrorSums::default());
         let (mut acc, mut greedy) = (ScoreAccumulator::default(), 0usize);
         for s in &splits {
             let p = s.prefix.tokens();
-            let rt = round_trip(&s.prefix, &s.ids[..p], &cfg, &registry)
-                .with_context(|| format!("{} bits on {}", bits.reported(), s.label))?;
+            let rt = round_trip(&s.prefix, &s.ids[..p], cfg, registry)
+                .with_context(|| format!("{} on {}", setting.label, s.label))?;
             raw16 += kvfetcher::cli::codec::bytes_16bit(&s.prefix);
             bytes += rt.bytes;
             err.add(error_sums(&s.prefix, &rt.decoded));
@@ -347,23 +448,16 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
                 .take_while(|(a, b)| a == b)
                 .count();
         }
-        let setting = match bits {
-            BitsArg::Exact => format!("exact {:?}", args.variant).to_lowercase(),
-            BitsArg::Bits(b) => format!(
-                "{b}b {:?} k:{:?} v:{:?}",
-                args.variant, args.key_grouping, args.value_grouping
-            )
-            .to_lowercase(),
-        };
         eprintln!(
-            "fidelity: setting {}/{} ({setting}) done",
+            "fidelity: setting {}/{} ({}) done",
             i + 1,
-            args.bits.len()
+            settings.len(),
+            setting.label
         );
         results.push(EngineFidelityRow {
-            setting,
-            bits: bits.reported(),
-            exact: bits == BitsArg::Exact,
+            setting: setting.label.clone(),
+            bits: setting.bits,
+            exact: setting.exact,
             ratio_vs_16bit: raw16 as f64 / bytes as f64,
             rel_l2_err: err.rel_l2(),
             fidelity: acc.finish(),

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod gpu;
 pub mod kv;
 mod local_stack;
+pub mod profile;
 
 /// KVFetcher's benchmarks, GPU self-checks, KV capture and demo (the daemon is `kvfetcher`).
 #[derive(Debug, Parser)]
@@ -44,6 +45,8 @@ pub enum Command {
     Load(bench_load::BenchLoadArgs),
     /// The GPU path: fixtures, bit-exact checks of NVDEC and the restore kernels, benchmarks.
     Gpu(gpu::GpuArgs),
+    /// Calibrates a codec profile (transform, sinks, sensitivities) for a GGUF model.
+    Profile(profile::ProfileArgs),
     /// Real KV caches: capture from a GGUF model (llama.cpp) or a llama2.c model, describe files.
     Kv(kv::KvArgs),
     /// Store + daemon on loopback, real KV captured, saved (Rust client), fetched (C client),
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Load(a) => bench_load::run(a),
         Command::Gpu(a) => gpu::run(a),
         Command::Kv(a) => kv::run(a),
+        Command::Profile(a) => profile::run(a),
         Command::Demo(a) => demo::run(a),
     }
 }

@@ -267,7 +267,8 @@ pub fn run_section_checks(cuda: &Arc<Cuda>, dir: &Path) -> Result<Vec<CheckRow>,
                     shape: s.shape,
                     codes: want_codes.to_vec(),
                 };
-                let layers = restore_section(header, i, &cpu_plane).map_err(invalid)?;
+                let layers = restore_section(header, i, &cpu_plane, &CodecRegistry::software())
+                    .map_err(invalid)?;
                 let want: Vec<&[u8]> = layers
                     .iter()
                     .flat_map(|l| [l.key.data(), l.value.data()])
