@@ -5,8 +5,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::{
-    CodecError, CodecProfile, FormatError, PackedCodec, ProfileId, SectionDecoder, SectionEncoder,
-    VariantKind, ZstdCodec,
+    CodecError, CodecProfile, FormatError, ModelFingerprint, PackedCodec, ProfileId,
+    SectionDecoder, SectionEncoder, VariantKind, ZstdCodec,
 };
 
 /// The encoders and decoders available to this process, by variant.
@@ -132,6 +132,22 @@ impl CodecRegistry {
             .get(id)
             .map(|p| p.as_ref())
             .ok_or(FormatError::ProfileMissing(*id))
+    }
+
+    /// A profile calibrated for `model`, if one is registered (the lowest id when several are).
+    pub fn profile_for_model(&self, model: &ModelFingerprint) -> Option<Arc<CodecProfile>> {
+        self.profiles
+            .iter()
+            .filter(|(_, p)| p.model == *model)
+            .min_by_key(|(id, _)| **id)
+            .map(|(_, p)| p.clone())
+    }
+
+    /// Ids of the registered profiles.
+    pub fn profile_ids(&self) -> Vec<ProfileId> {
+        let mut ids: Vec<_> = self.profiles.keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// The variants this registry can decode.

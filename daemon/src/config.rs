@@ -52,6 +52,8 @@ pub struct Config {
     pub fetch: FetchConfig,
     /// Save tuning.
     pub save: SaveConfig,
+    /// Codec profiles.
+    pub codec: CodecConfig,
     /// GPU fetch buffers and saves.
     pub gpu: GpuConfig,
     /// Limits of the local server (per client and in total).
@@ -210,11 +212,16 @@ pub struct FetchConfig {
 }
 
 /// Save-side settings: what the daemon encodes and with how many workers.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SaveConfig {
-    /// Variant name to encode with (`zstd`, `packed`, `hevc`).
+    /// Variant name to encode with (`zstd`, `packed`, `hevc`, or `rans`: transform coding with
+    /// the model's codec profile from `codec.profile_dir`, steps chosen for `target_kl`;
+    /// models without a profile are saved as `zstd` at `bits`).
     pub variant: String,
+    /// `rans` only: the mean KL of the next-token distribution (nats) the per-layer steps are
+    /// chosen for.
+    pub target_kl: f64,
     /// Quantization bits, 1..=8, or 16 for bit-exact.
     pub bits: u8,
     /// Tokens per chunk.
@@ -240,6 +247,16 @@ pub struct SaveConfig {
     pub replace_uids: Vec<u32>,
     /// Primary gids that may overwrite stored chunks.
     pub replace_gids: Vec<u32>,
+}
+
+/// Codec profiles: the per-model transforms transform-coded (`rans`) chunks are saved and
+/// restored with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecConfig {
+    /// A directory of profile files (`*.kvfp`, from `kvfetcher-bench profile`), loaded at start:
+    /// chunks naming one of them can be fetched, and saves of its model can use `rans`.
+    pub profile_dir: Option<PathBuf>,
 }
 
 impl SaveConfig {
@@ -306,6 +323,7 @@ impl Default for Config {
             )],
             fetch: FetchConfig::default(),
             save: SaveConfig::default(),
+            codec: CodecConfig::default(),
             gpu: GpuConfig::default(),
             server: ServerConfig::default(),
         }
@@ -332,6 +350,7 @@ impl Default for SaveConfig {
         SaveConfig {
             // Measured (DESIGN.md section 5): zstd at 8 bits beats lossless HEVC on real KV.
             variant: "zstd".to_string(),
+            target_kl: kvfetcher_codec::DEFAULT_TARGET_KL,
             bits: 8,
             chunk_tokens: 256,
             layers_per_group: 1,
@@ -435,11 +454,14 @@ impl Config {
                 self.gpu.nvdec_sessions
             ));
         }
-        if !["zstd", "packed", "hevc"].contains(&s.variant.as_str()) {
+        if !["zstd", "packed", "hevc", "rans"].contains(&s.variant.as_str()) {
             return invalid(format!(
-                "save.variant {:?} is not zstd, packed or hevc",
+                "save.variant {:?} is not zstd, packed, hevc or rans",
                 s.variant
             ));
+        }
+        if !(s.target_kl.is_finite() && s.target_kl > 0.0) {
+            return invalid(format!("save.target_kl {} must be positive", s.target_kl));
         }
         if let Some(l) = &s.hevc_layout {
             if let Err(e) = l.parse::<kvfetcher_codec::LayoutSpec>() {
@@ -478,6 +500,10 @@ mod tests {
             "[save]\nbits = 12",
             "[save]\nvariant = \"lz4\"",
             "[save]\nhevc_layout = \"columns\"",
+            "[save]\ntarget_kl = 0",
+            "[save]\ntarget_kl = -1.0",
+            "[codec]\nunknown = 1",
+            "[codec]\nprofile_dir = 3",
             "[save]\nhevc_layout = \"rows:24\"",
             "[fetch]\ndecode_workers = 0",
             "unknown_key = 1",
@@ -499,6 +525,20 @@ mod tests {
         ] {
             assert!(Config::parse(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn reads_transform_coding_settings() {
+        let c = Config::parse(
+            "[save]\nvariant = \"rans\"\ntarget_kl = 0.005\n[codec]\nprofile_dir = \"/p\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.save.variant, "rans");
+        assert_eq!(c.save.target_kl, 0.005);
+        assert_eq!(c.codec.profile_dir, Some(PathBuf::from("/p")));
+        let d = Config::parse("").unwrap();
+        assert_eq!(d.save.target_kl, kvfetcher_codec::DEFAULT_TARGET_KL);
+        assert_eq!(d.codec.profile_dir, None);
     }
 
     #[test]

@@ -321,3 +321,123 @@ fn bad_inputs_fail_with_clear_messages() {
     let err = fails(&["decode", "--input", s(&empty), "--out", s(&out)]);
     assert!(err.contains("holds no chunk objects"), "{err}");
 }
+
+/// A profile for codelm fitted on tokens the test does not encode, with sensitivities set.
+fn write_profile(dir: &Path) -> PathBuf {
+    use kvfetcher_codec::{calibrate, BasisKind, Calibration, ModelFingerprint, Rope, RopeStyle};
+    let cal = KvFile::read(&data_file("codelm-kv-a.safetensors"))
+        .unwrap()
+        .cache
+        .slice_tokens(512, 1024)
+        .unwrap();
+    let cfg = Calibration {
+        rope: Rope {
+            style: RopeStyle::Halves,
+            dims: cal.head_dim() as u16,
+            base: 10000.0,
+            freq_scale: 1.0,
+        },
+        sinks: 4,
+        basis: BasisKind::Pca,
+    };
+    let mut p = calibrate(ModelFingerprint::of_bytes(b"codelm"), &[cal], &cfg).unwrap();
+    for l in &mut p.layers {
+        l.key.sensitivity = 0.01;
+        l.value.sensitivity = 0.05;
+    }
+    let path = dir.join("codelm.kvfp");
+    std::fs::write(&path, p.to_bytes()).unwrap();
+    path
+}
+
+#[test]
+fn transform_coding_needs_and_names_its_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, cache) = small_input(dir.path());
+    let profile = write_profile(dir.path());
+    let chunks = dir.path().join("chunks");
+    let files = encode(
+        &input,
+        &chunks,
+        &["--profile", s(&profile), "--target-kl", "0.01"],
+    );
+    let shown: Vec<String> = files.iter().map(|f| ok(&["inspect", s(f)])).collect();
+    assert!(
+        shown.iter().all(|t| t.contains("transform-coded")),
+        "{shown:?}"
+    );
+    // The chunk holding tokens 0..64 keeps the 4 sinks; the others none.
+    let first = shown
+        .iter()
+        .find(|t| t.contains("tokens      0..64"))
+        .unwrap();
+    assert!(first.contains("sinks       4"), "{first}");
+    let err = fails(&[
+        "decode",
+        "--input",
+        s(&chunks),
+        "--out",
+        s(&dir.path().join("x")),
+    ]);
+    assert!(err.contains("profile"), "{err}");
+    let out = dir.path().join("out.safetensors");
+    let printed = ok(&[
+        "decode",
+        "--input",
+        s(&chunks),
+        "--out",
+        s(&out),
+        "--profile",
+        s(&profile),
+    ]);
+    assert!(printed.contains("3 chunks"), "{printed}");
+    let back = KvFile::read(&out).unwrap().cache;
+    assert_eq!(back.tokens(), cache.tokens());
+    // Sinks are exact; the rest is close.
+    let row = cache.kv_heads() * cache.head_dim() * 2;
+    assert_eq!(
+        back.layers()[0].value.data()[..4 * row],
+        cache.layers()[0].value.data()[..4 * row]
+    );
+    // Bad profile files and impossible combinations fail cleanly.
+    let junk = dir.path().join("junk.kvfp");
+    std::fs::write(&junk, b"KVFP not really").unwrap();
+    let out2 = dir.path().join("c2");
+    let err = fails(&[
+        "encode",
+        "--input",
+        s(&input),
+        "--out",
+        s(&out2),
+        "--profile",
+        s(&junk),
+    ]);
+    assert!(err.contains("not a usable codec profile"), "{err}");
+    // Usage errors (clap's exit status 2).
+    let usage = |args: &[&str]| {
+        let out = kvf(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = usage(&[
+        "encode",
+        "--input",
+        s(&input),
+        "--out",
+        s(&out2),
+        "--profile",
+        s(&profile),
+        "--exact",
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = usage(&[
+        "encode",
+        "--input",
+        s(&input),
+        "--out",
+        s(&out2),
+        "--target-kl",
+        "0.01",
+    ]);
+    assert!(err.contains("--profile"), "{err}");
+}

@@ -15,6 +15,10 @@ use kvfetcher::transport::{
     write_dev_pki, ClientOptions, StoreClient, TlsClientConfig, TlsServerConfig,
 };
 use kvfetcher_codec::{
+    allocate_steps, calibrate, BasisKind, Calibration, CodecProfile, Rope, RopeStyle,
+    TransformConfig,
+};
+use kvfetcher_codec::{
     chunk_keys, decode_chunk, encode_cache, Chroma, ChunkHeader, CodecRegistry, EncodeConfig,
     HevcLayout, HevcParams, ModelFingerprint, QuantConfig, VariantKind,
 };
@@ -104,6 +108,14 @@ fn save_config(bits: u8, variant: &str) -> SaveConfig {
 }
 
 async fn fixture(save: SaveConfig, fetch: FetchConfig) -> Option<Fixture> {
+    fixture_with(save, fetch, CodecRegistry::software()).await
+}
+
+async fn fixture_with(
+    save: SaveConfig,
+    fetch: FetchConfig,
+    registry: CodecRegistry,
+) -> Option<Fixture> {
     let cache = real_cache();
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
@@ -127,14 +139,8 @@ async fn fixture(save: SaveConfig, fetch: FetchConfig) -> Option<Fixture> {
         tls: TlsClientConfig::from_path(&certs).unwrap(),
         options: ClientOptions::default(),
     };
-    let pipeline = Pipeline::new(
-        vec![target.clone()],
-        CodecRegistry::software(),
-        fetch,
-        save,
-        Metrics::new(),
-    )
-    .unwrap();
+    let pipeline =
+        Pipeline::new(vec![target.clone()], registry, fetch, save, Metrics::new()).unwrap();
     // Token ids: a fixed pseudo-random sequence (any ids work; they only name the chunks).
     let ids = (0..TOKENS as u32)
         .map(|i| i.wrapping_mul(2_654_435_761) % 32_000)
@@ -844,4 +850,120 @@ async fn saving_a_stored_prefix_again_keeps_the_stored_chunks() {
     let after = stored_objects(&data);
     assert_eq!(after.len(), before.len());
     assert!(after != before, "replace overwrites");
+}
+
+/// A codec profile for MODEL fitted on codelm tokens the fixture does not save.
+fn codelm_profile() -> Arc<CodecProfile> {
+    let path = kvfetcher_testkit::data_file("codelm-kv-a.safetensors");
+    let cal = KvFile::read(&path)
+        .unwrap()
+        .cache
+        .slice_tokens(600, 1024)
+        .unwrap();
+    let cfg = Calibration {
+        rope: Rope {
+            style: RopeStyle::Halves,
+            dims: cal.head_dim() as u16,
+            base: 10000.0,
+            freq_scale: 1.0,
+        },
+        sinks: 4,
+        basis: BasisKind::Pca,
+    };
+    let mut p = calibrate(ModelFingerprint::of_bytes(MODEL.as_bytes()), &[cal], &cfg).unwrap();
+    for (i, l) in p.layers.iter_mut().enumerate() {
+        l.key.sensitivity = 0.01 * (1 + i % 3) as f32;
+        l.value.sensitivity = 0.05;
+    }
+    Arc::new(p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rans_saves_use_the_models_profile_and_fetch_needs_it() {
+    let profile = codelm_profile();
+    let save = SaveConfig {
+        target_kl: 0.02,
+        ..save_config(8, "rans")
+    };
+    let registry = CodecRegistry::software().with_profile(profile.clone());
+    let Some(f) = fixture_with(save.clone(), FetchConfig::default(), registry).await else {
+        return;
+    };
+    let (client_layout, stored) = f.save_all().await;
+    assert_eq!(stored, 3);
+    // What the fetch must return: the pipeline's own transform coding, decoded on the CPU.
+    let steps = allocate_steps(&profile, save.target_kl).unwrap().steps;
+    let cfg = EncodeConfig {
+        quant: QuantConfig::Transform(Arc::new(TransformConfig {
+            profile: profile.clone(),
+            steps,
+        })),
+        variant: VariantKind::Rans,
+        hevc_layout: None,
+        hevc_stream_frames: None,
+        chunk_tokens: 256,
+        layers_per_section: 2,
+    };
+    let reg = CodecRegistry::software().with_profile(profile.clone());
+    let fp = ModelFingerprint::of_bytes(MODEL.as_bytes());
+    let objects = encode_cache(&f.cache, &fp, &f.ids, &cfg, &reg).unwrap();
+    assert!(objects.iter().all(|(_, b)| b[4] == 2), "format version 2");
+    let parts: Vec<KvCache> = objects
+        .iter()
+        .map(|(_, b)| decode_chunk(b, &reg).unwrap())
+        .collect();
+    let want = KvCache::concat_tokens(&parts).unwrap();
+    let dest = MemDest::new(client_layout);
+    let out = f
+        .pipeline
+        .fetch(
+            MODEL,
+            &f.ids,
+            &client_layout,
+            dest.clone(),
+            FetchEvents::ignored(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.tokens, TOKENS as u32);
+    assert_matches(&dest.buf.lock().unwrap(), &client_layout, &want);
+    // Far smaller than 8-bit zstd would be, on the wire.
+    let raw16 = (f.cache.nbytes()) as u64;
+    assert!(
+        out.bytes_on_wire * 3 < raw16,
+        "{} of {raw16}",
+        out.bytes_on_wire
+    );
+
+    // A daemon without the profile refuses the fetch with an error naming it.
+    let bare = Pipeline::new(
+        vec![f.target.clone()],
+        CodecRegistry::software(),
+        FetchConfig::default(),
+        save_config(8, "zstd"),
+        Metrics::new(),
+    )
+    .unwrap();
+    let dest = MemDest::new(client_layout);
+    let err = bare
+        .fetch(MODEL, &f.ids, &client_layout, dest, FetchEvents::ignored())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("profile"), "{err}");
+
+    // A model without a profile is saved as zstd (at save.bits), not refused.
+    let (layout, data) = client_bytes(&f.cache);
+    let stored = f
+        .pipeline
+        .save(
+            "model-without-profile",
+            &f.ids,
+            &layout,
+            &shape_of(&f.cache),
+            &data,
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, 3);
 }

@@ -11,6 +11,7 @@ mod inspect;
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use kvfetcher_codec::CodecProfile;
 use kvfetcher_kv::KvCache;
 
 pub use decode::{run_decode, DecodeArgs};
@@ -43,6 +44,15 @@ pub fn spinner(what: &str) -> ProgressBar {
     bar.set_message(what.to_string());
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
+}
+
+/// Reads and checks a codec profile file (`kvfetcher-bench profile` writes them).
+pub fn load_profile(path: &std::path::Path) -> anyhow::Result<std::sync::Arc<CodecProfile>> {
+    use anyhow::Context;
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let profile = CodecProfile::from_bytes(&bytes)
+        .with_context(|| format!("{}: not a usable codec profile", path.display()))?;
+    Ok(std::sync::Arc::new(profile))
 }
 
 /// Bytes of `cache` as 16-bit values (the size ratios of the codec's reports are against it,

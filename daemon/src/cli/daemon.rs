@@ -130,13 +130,39 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
 /// GPU 0's NVDEC sessions when GPUs are enabled and the host has one (GPU hosts often lack
 /// libde265, and NVDEC spares the CPU); else the software decoder, if any. Nothing is opened
 /// until the first HEVC section.
-fn codec_registry(gpus: &Arc<GpuDevices>) -> CodecRegistry {
-    let reg = CodecRegistry::default();
+/// Codec profiles from `codec.profile_dir` are registered too (an unreadable or malformed
+/// profile stops the start with its path).
+fn codec_registry(gpus: &Arc<GpuDevices>, config: &Config) -> anyhow::Result<CodecRegistry> {
+    let mut reg = CodecRegistry::default();
+    if let Some(dir) = &config.codec.profile_dir {
+        for profile in load_profiles(dir)? {
+            tracing::info!(profile = %profile.id(), model = %profile.model, "codec profile loaded");
+            reg = reg.with_profile(profile);
+        }
+    }
     if !gpus.enabled() {
-        return reg;
+        return Ok(reg);
     }
     let nvdec = DeviceHevcDecoder::new(gpus.clone(), 0, reg.clone());
-    reg.with_decoder(VariantKind::Hevc, Arc::new(nvdec))
+    Ok(reg.with_decoder(VariantKind::Hevc, Arc::new(nvdec)))
+}
+
+/// Every `*.kvfp` file of `dir`, checked.
+fn load_profiles(dir: &std::path::Path) -> anyhow::Result<Vec<Arc<kvfetcher_codec::CodecProfile>>> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("codec.profile_dir {}", dir.display()))?;
+    let mut paths = Vec::new();
+    for e in entries {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "kvfp") {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    paths
+        .iter()
+        .map(|p| crate::cli::codec::load_profile(p))
+        .collect()
 }
 
 /// Binds the socket and metrics endpoint and starts serving in the background until `stop`
@@ -145,7 +171,7 @@ pub async fn start(config: &Config, stop: watch::Receiver<bool>) -> anyhow::Resu
     let metrics = Metrics::new();
     // One per daemon: each GPU is opened on the first request for it.
     let gpus = Arc::new(GpuDevices::new(config.gpu.options(), metrics.clone()));
-    let pipeline = Pipeline::from_config(config, codec_registry(&gpus), metrics.clone())?;
+    let pipeline = Pipeline::from_config(config, codec_registry(&gpus, config)?, metrics.clone())?;
     let (listener, lock) = socket::bind_socket(&config.socket, config.socket_mode_bits()?)?;
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics_addr {

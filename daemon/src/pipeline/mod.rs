@@ -91,7 +91,9 @@ impl Pipeline {
         save: SaveConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Pipeline, PipelineError> {
-        save::encode_config(&save).map_err(|e| PipelineError::Save(e.to_string()))?;
+        // Checks the save settings (the model only matters for `rans`).
+        save::encode_config(&save, &registry, &ModelFingerprint::of_bytes(b""))
+            .map_err(|e| PipelineError::Save(e.to_string()))?;
         if stores.is_empty() {
             return Err(PipelineError::Save("no store configured".into()));
         }

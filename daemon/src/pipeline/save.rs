@@ -11,7 +11,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::stream::{StreamExt, TryStreamExt};
-use kvfetcher_codec::{encode_cache, EncodeConfig, ModelFingerprint, QuantConfig, VariantKind};
+use std::sync::Arc;
+
+use kvfetcher_codec::{
+    allocate_steps, encode_cache, CodecRegistry, EncodeConfig, ModelFingerprint, QuantConfig,
+    TransformConfig, VariantKind,
+};
 use kvfetcher_protocol::{KvShape, TargetLayout};
 
 use super::layout::extract_cache;
@@ -19,12 +24,39 @@ use super::Pipeline;
 use crate::config::SaveConfig;
 use crate::server::ServeError;
 
-/// The codec settings a save config stands for.
-pub fn encode_config(save: &SaveConfig) -> Result<EncodeConfig, ServeError> {
+/// The codec settings a save config stands for, for `model`'s KV: `rans` with the model's
+/// profile in `registry` (steps for `save.target_kl`), `zstd` at `save.bits` for a model
+/// without one.
+pub fn encode_config(
+    save: &SaveConfig,
+    registry: &CodecRegistry,
+    model: &ModelFingerprint,
+) -> Result<EncodeConfig, ServeError> {
     let variant = match save.variant.as_str() {
         "zstd" => VariantKind::Zstd,
         "packed" => VariantKind::Packed,
         "hevc" => VariantKind::Hevc,
+        "rans" => match registry.profile_for_model(model) {
+            Some(profile) => {
+                let a = allocate_steps(&profile, save.target_kl)
+                    .map_err(|e| ServeError::Internal(format!("profile {}: {e}", profile.id())))?;
+                return Ok(EncodeConfig {
+                    quant: QuantConfig::Transform(Arc::new(TransformConfig {
+                        profile,
+                        steps: a.steps,
+                    })),
+                    variant: VariantKind::Rans,
+                    hevc_layout: None,
+                    hevc_stream_frames: None,
+                    chunk_tokens: save.chunk_tokens as usize,
+                    layers_per_section: save.layers_per_group as usize,
+                });
+            }
+            None => {
+                tracing::warn!(%model, "no codec profile for this model: saving as zstd");
+                VariantKind::Zstd
+            }
+        },
         other => return Err(ServeError::Internal(format!("unknown variant {other:?}"))),
     };
     let quant = if save.bits == 16 {
@@ -67,8 +99,8 @@ pub(super) async fn save(
     // The copy: from here on the client's buffer is not needed.
     let cache = extract_cache(layout, shape, data, Some(token_ids.to_vec()))?;
     p.metrics.bytes_saved_raw.add(data.len() as u64);
-    let cfg = encode_config(&p.save)?;
     let fp = ModelFingerprint::of_bytes(model.as_bytes());
+    let cfg = encode_config(&p.save, &p.registry, &fp)?;
     let ids = token_ids.to_vec();
     let registry = p.registry.clone();
     let pool = p.save_pool.clone();

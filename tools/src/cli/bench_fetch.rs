@@ -339,7 +339,11 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         &cache,
         &ModelFingerprint::of_bytes(b"bench-decode-stage"),
         &ids,
-        &encode_config(&save)?,
+        &encode_config(
+            &save,
+            &reg,
+            &ModelFingerprint::of_bytes(b"bench-decode-stage"),
+        )?,
         &reg,
     )?;
     // One pass to warm up and size the runs: each timed run repeats the sections for at

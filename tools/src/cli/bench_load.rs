@@ -332,9 +332,13 @@ fn expected(
     layout: &TargetLayout,
     shape: &KvShape,
 ) -> anyhow::Result<Vec<u8>> {
-    let cfg =
-        kvfetcher::pipeline::encode_config(&config.save).map_err(|e| anyhow::anyhow!("{e}"))?;
     let reg = CodecRegistry::software();
+    let cfg = kvfetcher::pipeline::encode_config(
+        &config.save,
+        &reg,
+        &ModelFingerprint::of_bytes(MODEL.as_bytes()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let objects = encode_cache(
         cache,
         &ModelFingerprint::of_bytes(MODEL.as_bytes()),

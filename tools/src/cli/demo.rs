@@ -214,9 +214,10 @@ fn expected(
     ids: &[u32],
     config: &Config,
 ) -> anyhow::Result<KvCache> {
-    let cfg =
-        kvfetcher::pipeline::encode_config(&config.save).map_err(|e| anyhow::anyhow!("{e}"))?;
     let reg = CodecRegistry::software();
+    let model = ModelFingerprint::of_bytes(model_id.as_bytes());
+    let cfg = kvfetcher::pipeline::encode_config(&config.save, &reg, &model)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let objects = encode_cache(
         cache,
         &ModelFingerprint::of_bytes(model_id.as_bytes()),

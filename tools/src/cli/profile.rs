@@ -13,8 +13,9 @@ use anyhow::{bail, ensure, Context};
 use clap::Args;
 use kvfetcher_client::model_id::model_id_from_file;
 use kvfetcher_codec::{
-    calibrate, dequantize_level, forward, inverse, quantize_level, BasisKind, Calibration,
-    CodecProfile, ModelFingerprint, Rope, RopeStyle, TensorAt,
+    allocate_steps, calibrate, dequantize_level, forward, inverse, quantize_level, BasisKind,
+    Calibration, CodecProfile, CodecRegistry, EncodeConfig, ModelFingerprint, QuantConfig, Rope,
+    RopeStyle, TensorAt, TransformConfig, VariantKind,
 };
 use kvfetcher_kv::{KvCache, LayerKv, ScoreAccumulator, Tensor};
 
@@ -51,6 +52,11 @@ pub struct ProfileArgs {
     /// Bits per value the probe codes each tensor at (its rate curve's nearest step).
     #[arg(long, default_value_t = 3.0)]
     pub probe_bits: f32,
+    /// The target the sensitivities are scaled at: the probe split is coded whole with steps
+    /// for this mean KL and the sensitivities are scaled by measured over predicted KL (twice),
+    /// since errors in every layer at once add up to more than the sum of single-tensor probes.
+    #[arg(long, default_value_t = kvfetcher_codec::DEFAULT_TARGET_KL)]
+    pub fit_kl: f64,
     /// Skip the sensitivity probes (the profile then cannot drive `--target-kl`).
     #[arg(long)]
     pub no_sensitivity: bool,
@@ -81,11 +87,8 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     eprintln!("profile: dequantizing the weights to f32");
     let engine = engine.dequantized(&scratch.path().join("model-f32.gguf"))?;
     let info = engine.info()?;
-    let model = ModelFingerprint::from_hex(
-        model_id_from_file(&args.gguf)?
-            .strip_prefix("sha256:")
-            .context("model id without sha256: prefix")?,
-    )?;
+    // The daemon fingerprints chunks by the model id string (`sha256:...`); so does the profile.
+    let model = ModelFingerprint::of_bytes(model_id_from_file(&args.gguf)?.as_bytes());
     let rope = if args.keep_rope {
         Rope::NONE
     } else {
@@ -123,6 +126,22 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
             &args,
             scratch.path(),
         )?;
+        for round in 1..=2 {
+            let (predicted, measured) = fit_kl_scale(
+                &mut profile,
+                &engine,
+                &info,
+                ids,
+                cache,
+                &args,
+                scratch.path(),
+            )?;
+            eprintln!(
+                "profile: joint probe {round}: predicted KL {predicted:.2e}, measured \
+                 {measured:.2e}; sensitivities scaled by {:.2}",
+                measured / predicted
+            );
+        }
     }
     let bytes = profile.to_bytes();
     std::fs::write(&args.out, &bytes).with_context(|| format!("{}", args.out.display()))?;
@@ -225,6 +244,57 @@ pub fn perturb_one(
     };
     let n = coeffs.len().max(1) as f64;
     Ok((KvCache::new(layers, None)?, sq / n))
+}
+
+/// Codes the probe split whole (real chunk objects) with steps for `--fit-kl`, scores it and
+/// scales every sensitivity by measured over predicted KL; returns both KLs.
+fn fit_kl_scale(
+    profile: &mut CodecProfile,
+    engine: &Engine,
+    info: &ModelInfo,
+    ids: &[u32],
+    cache: &KvCache,
+    args: &ProfileArgs,
+    scratch: &Path,
+) -> anyhow::Result<(f64, f64)> {
+    let p = args.probe_prefix;
+    let ids = &ids[..p + args.probe_continuation];
+    let prefix = cache.slice_tokens(0, p)?;
+    let exact = engine.score(ids, &prefix, 1, info.n_vocab, scratch)?;
+    let shared = Arc::new(profile.clone());
+    let a = allocate_steps(&shared, args.fit_kl)?;
+    let cfg = EncodeConfig {
+        quant: QuantConfig::Transform(Arc::new(TransformConfig {
+            profile: shared.clone(),
+            steps: a.steps,
+        })),
+        variant: VariantKind::Rans,
+        ..EncodeConfig::default()
+    };
+    let registry = CodecRegistry::software().with_profile(shared);
+    let rt = super::bench_codec::round_trip(&prefix, &ids[..p], &cfg, &registry)?;
+    let scored = engine.score(ids, &rt.decoded, 1, info.n_vocab, scratch)?;
+    let mut acc = ScoreAccumulator::default();
+    let v = info.n_vocab;
+    for (r, d) in exact
+        .logits
+        .chunks_exact(v)
+        .zip(scored.logits.chunks_exact(v))
+    {
+        acc.add(r, d, None);
+    }
+    let measured = acc.finish().mean_kl;
+    ensure!(
+        measured > 0.0 && a.predicted_kl > 0.0,
+        "the joint probe changed nothing (KL {measured}); use a larger --fit-kl"
+    );
+    let scale = (measured / a.predicted_kl) as f32;
+    for l in &mut profile.layers {
+        for t in [&mut l.key, &mut l.value] {
+            t.sensitivity = (t.sensitivity * scale).max(f32::MIN_POSITIVE);
+        }
+    }
+    Ok((a.predicted_kl, measured))
 }
 
 /// Sets every tensor's sensitivity: KL per unit MSE when that tensor alone is coded.

@@ -23,6 +23,9 @@ pub struct DecodeArgs {
     /// The KV safetensors file to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Codec profiles that transform-coded chunks name (repeatable).
+    #[arg(long)]
+    pub profile: Vec<PathBuf>,
 }
 
 /// One chunk object file, read and its header parsed.
@@ -103,7 +106,10 @@ fn read_chunks(dir: &Path) -> anyhow::Result<Vec<ChunkFile>> {
 /// Runs `kvfetcher decode`.
 pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
     let chunks = read_chunks(&args.input)?;
-    let registry = CodecRegistry::standard();
+    let mut registry = CodecRegistry::standard();
+    for p in &args.profile {
+        registry = registry.with_profile(super::load_profile(p)?);
+    }
     let bar = super::progress(chunks.len() as u64, "decode");
     let parts = chunks
         .par_iter()

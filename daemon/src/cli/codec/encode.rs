@@ -15,8 +15,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use kvfetcher_codec::{
-    encode_cache, CodecRegistry, EncodeConfig, Grouping, HevcEncoder, ModelFingerprint,
-    QuantConfig, VariantKind, ZstdCodec, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL,
+    allocate_steps, encode_cache, uniform_steps, CodecRegistry, EncodeConfig, Grouping,
+    HevcEncoder, ModelFingerprint, QuantConfig, TransformConfig, VariantKind, ZstdCodec,
+    DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_TARGET_KL, DEFAULT_ZSTD_LEVEL,
 };
 use kvfetcher_kv::KvFile;
 
@@ -65,6 +66,19 @@ pub struct EncodeArgs {
     /// Tokens per chunk (the last chunk may be shorter).
     #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
     pub chunk_tokens: usize,
+    /// A codec profile (`kvfetcher-bench profile`): transform coding with the rans variant
+    /// (format version 2); the chunks are fingerprinted with the profile's model.
+    #[arg(long, conflicts_with_all = ["exact", "layer_bits", "layout", "stream_frames"])]
+    pub profile: Option<PathBuf>,
+    /// With --profile: the mean KL of the next-token distribution (nats) the per-layer steps
+    /// are chosen for (the default when neither this nor --step-scale is given:
+    /// kvfetcher_codec::DEFAULT_TARGET_KL).
+    #[arg(long, requires = "profile", conflicts_with = "step_scale")]
+    pub target_kl: Option<f64>,
+    /// With --profile: the same relative step everywhere, this times each tensor's RMS
+    /// coefficient deviation (no allocation).
+    #[arg(long, requires = "profile")]
+    pub step_scale: Option<f32>,
     /// Layers per section (sections split further where per-layer bits differ).
     #[arg(long, default_value_t = 1)]
     pub layers_per_section: usize,
@@ -208,6 +222,40 @@ fn quant_of(args: &EncodeArgs) -> QuantConfig {
     }
 }
 
+/// The profile and steps of `encode --profile`; the chunks take the profile's model (a
+/// different `--model-id` is an error: the profile would not restore them).
+fn transform_of(
+    args: &EncodeArgs,
+    path: &Path,
+    model: &mut ModelFingerprint,
+    source: &mut String,
+) -> anyhow::Result<TransformConfig> {
+    let profile = super::load_profile(path)?;
+    if args.model_id.is_some() && *model != profile.model {
+        bail!(
+            "--model-id gives fingerprint {model}, but profile {} is for model {}",
+            path.display(),
+            profile.model
+        );
+    }
+    *model = profile.model;
+    *source = format!("the profile {}", path.display());
+    let steps = match args.step_scale {
+        Some(s) if s.is_finite() && s > 0.0 => uniform_steps(&profile, s),
+        Some(s) => bail!("--step-scale {s} must be positive"),
+        None => {
+            let target = args.target_kl.unwrap_or(DEFAULT_TARGET_KL);
+            let a = allocate_steps(&profile, target)?;
+            eprintln!(
+                "steps for mean KL <= {target}: predicted KL {:.2e}, {:.2} bits per value",
+                a.predicted_kl, a.bits_per_value
+            );
+            a.steps
+        }
+    };
+    Ok(TransformConfig { profile, steps })
+}
+
 /// Runs `kvfetcher encode`: prints one line per chunk object written, then a summary.
 pub fn run_encode(args: EncodeArgs) -> anyhow::Result<()> {
     let file = KvFile::read(&args.input).with_context(|| format!("{}", args.input.display()))?;
@@ -226,9 +274,17 @@ pub fn run_encode(args: EncodeArgs) -> anyhow::Result<()> {
             &positions
         }
     };
-    let (model, source) = fingerprint_for(args.model_id.as_deref(), &file, &args.input)?;
+    let (mut model, mut source) = fingerprint_for(args.model_id.as_deref(), &file, &args.input)?;
+    let transform = match &args.profile {
+        Some(path) => Some(transform_of(&args, path, &mut model, &mut source)?),
+        None => None,
+    };
     eprintln!("model fingerprint {model} ({source})");
-    let variant = VariantKind::from(args.variant);
+    let variant = if transform.is_some() {
+        VariantKind::Rans
+    } else {
+        VariantKind::from(args.variant)
+    };
     if (args.layout.is_some() || args.stream_frames > 0) && variant != VariantKind::Hevc {
         bail!("--layout and --stream-frames apply to the hevc variant only");
     }
@@ -240,7 +296,10 @@ pub fn run_encode(args: EncodeArgs) -> anyhow::Result<()> {
         args.zstd_level,
     )?;
     let cfg = EncodeConfig {
-        quant: quant_of(&args),
+        quant: match transform {
+            Some(t) => QuantConfig::Transform(Arc::new(t)),
+            None => quant_of(&args),
+        },
         variant,
         hevc_layout: None,
         hevc_stream_frames: None,

@@ -80,6 +80,18 @@ fn describe(view: &ChunkView<'_>, out: &mut dyn Write) -> anyhow::Result<()> {
             "mode        exact ({} byte planes per value)",
             h.planes()
         )?;
+    } else if let Some(t) = &h.transform {
+        writeln!(out, "mode        transform-coded (format version 2)")?;
+        writeln!(out, "profile     {}", t.profile)?;
+        writeln!(
+            out,
+            "sinks       {} exact token(s) in this chunk",
+            t.sink_tokens
+        )?;
+        writeln!(out, "steps       layer: K step, V step (the allocation)")?;
+        for (l, (k, v)) in t.steps.iter().enumerate() {
+            writeln!(out, "  {l:>5}: {k:.4e} {v:.4e}")?;
+        }
     } else {
         writeln!(
             out,
