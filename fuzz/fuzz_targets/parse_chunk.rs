@@ -1,4 +1,5 @@
-//! Fuzzes the chunk object parser and the packed/zstd decoders with arbitrary bytes.
+//! Fuzzes the chunk object parser and the packed/zstd/rans decoders (with the seeds' codec
+//! profile registered, so transform-coded chunks reach the restore step) with arbitrary bytes.
 //!
 //! Each input runs twice: as is (almost every mutation then fails a crc32c), and "resealed",
 //! with the header and section crc32cs recomputed, so mutations reach the field checks, the
@@ -14,9 +15,11 @@ use kvfetcher_codec::{
 };
 use libfuzzer_sys::fuzz_target;
 
+include!("../common/seed_profile.rs");
+
 fn registry() -> &'static CodecRegistry {
     static REG: OnceLock<CodecRegistry> = OnceLock::new();
-    REG.get_or_init(CodecRegistry::software)
+    REG.get_or_init(|| CodecRegistry::software().with_profile(std::sync::Arc::new(seed_profile())))
 }
 
 fn run(data: &[u8]) {

@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use kvfetcher_codec::{
-    encode_cache, CodecRegistry, EncodeConfig, Grouping, ModelFingerprint, QuantConfig, VariantKind,
+    encode_cache, CodecRegistry, EncodeConfig, Grouping, ModelFingerprint, QuantConfig,
+    TransformConfig, VariantKind,
 };
+
+include!("../common/seed_profile.rs");
 use kvfetcher_kv::{KvCache, KvFile};
 
 fn main() -> ExitCode {
@@ -54,7 +57,24 @@ fn write_seeds(out: &Path, src: &Path) -> Result<usize, Box<dyn std::error::Erro
         ("zstd-exact", QuantConfig::Exact, VariantKind::Zstd),
         ("zstd-mixed", per_token, VariantKind::Zstd),
     ];
+    let profile = std::sync::Arc::new(seed_profile());
+    let transform = |step: f32| {
+        QuantConfig::Transform(std::sync::Arc::new(TransformConfig {
+            profile: profile.clone(),
+            steps: vec![(step, step); 2],
+        }))
+    };
+    let configs = configs.into_iter().chain([
+        ("rans-fine", transform(0.01), VariantKind::Rans),
+        ("rans-coarse", transform(0.5), VariantKind::Rans),
+    ]);
     std::fs::create_dir_all(out)?;
+    // The profile itself seeds the `codec_profile` target, beside this corpus.
+    if let Some(parent) = out.parent() {
+        let dir = parent.join("codec_profile");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("seed.kvfp"), profile.to_bytes())?;
+    }
     let reg = CodecRegistry::software();
     let mut n = 0;
     for (name, quant, variant) in configs {
