@@ -14,7 +14,9 @@ use rayon::prelude::*;
 use crate::format::{
     TransformInfo, MAX_CHUNK_TOKENS, MAX_HEAD_DIM, MAX_KV_HEADS, MAX_LAYERS, TRANSFORM_CODE_BITS,
 };
-use crate::transform::{context, dequantize_level, forward, inverse, quantize_level, TensorAt};
+use crate::transform::{
+    context, dequantize_level, forward_with, inverse_with, quantize_level, RopeTable, TensorAt,
+};
 use crate::{
     chunk_keys, dequantize, quantize, ChunkHeader, ChunkKey, ChunkView, CodePlane, CodecError,
     CodecProfile, CodecRegistry, FormatError, Grouping, LayerQuant, ModelFingerprint, ProfileId,
@@ -470,6 +472,8 @@ fn encode_transform_chunk(
     let sink_rows = usize::from(profile.sinks).min(end).saturating_sub(start);
     let (tokens, channels) = (end - start, cache.kv_heads() * cache.head_dim());
     let row = channels * 2;
+    let first = (start + sink_rows) as u32;
+    let angles = RopeTable::new(profile, first, tokens - sink_rows);
     let encoded = groups
         .par_iter()
         .map(|&(l0, l1, _)| {
@@ -502,9 +506,9 @@ fn encode_transform_chunk(
                     let at = TensorAt {
                         layer,
                         is_key,
-                        first_position: (start + sink_rows) as u32,
+                        first_position: first,
                     };
-                    forward(profile, at, &values, &mut coeffs);
+                    forward_with(profile, at, &angles, &values, &mut coeffs);
                     codes.extend(
                         coeffs
                             .iter()
@@ -612,6 +616,8 @@ fn restore_transform_section(
         usize::from(header.head_dim),
     ];
     let (mut coeffs, mut values) = (Vec::new(), Vec::new());
+    let first = header.token_start + sink_rows as u32;
+    let angles = RopeTable::new(profile, first, tokens - sink_rows);
     let mut layers = Vec::with_capacity(s.layers());
     for li in 0..s.layers() {
         let layer = usize::from(s.layer_start) + li;
@@ -636,9 +642,9 @@ fn restore_transform_section(
             let at = TensorAt {
                 layer,
                 is_key,
-                first_position: header.token_start + sink_rows as u32,
+                first_position: first,
             };
-            inverse(profile, at, &coeffs, &mut values);
+            inverse_with(profile, at, &angles, &coeffs, &mut values);
             let mut tail = Vec::new();
             header.dtype.encode_f32(&values, &mut tail);
             bytes.extend_from_slice(&tail);

@@ -56,6 +56,7 @@ pub use rans::RansError;
 pub use rans_variant::RansCodec;
 pub use registry::{hevc_encoder, CodecRegistry};
 pub use transform::{
-    context, dequantize_level, forward, inverse, quantize_level, TensorAt, CONTEXTS, MAX_LEVEL,
+    context, dequantize_level, forward, forward_with, inverse, inverse_with, quantize_level,
+    RopeTable, TensorAt, CONTEXTS, MAX_LEVEL,
 };
 pub use zstd_variant::{ZstdCodec, DEFAULT_ZSTD_LEVEL};

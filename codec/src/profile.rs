@@ -111,18 +111,21 @@ impl Rope {
         for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
             let (a, b) = self.pair(i);
             let (x, y) = (head[a], head[b]);
-            head[a] = x.mul_add(c, y * s);
-            head[b] = y.mul_add(c, -(x * s));
+            head[a] = x * c + y * s;
+            head[b] = y * c - x * s;
         }
     }
 
-    /// Rotates one head's channels by the angles (redoes RoPE).
+    /// Rotates one head's channels by the angles (redoes RoPE): `a' = x*c - y*s`,
+    /// `b' = y*c + x*s`, each product rounded, then the sum (no fused multiply-add, which is a
+    /// slow library call on CPUs built without FMA; a GPU restore uses `__fmul_rn`/`__fadd_rn`
+    /// to round the same way).
     pub fn rotate(&self, head: &mut [f32], cos: &[f32], sin: &[f32]) {
         for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
             let (a, b) = self.pair(i);
             let (x, y) = (head[a], head[b]);
-            head[a] = x.mul_add(c, -(y * s));
-            head[b] = y.mul_add(c, x * s);
+            head[a] = x * c - y * s;
+            head[b] = y * c + x * s;
         }
     }
 }

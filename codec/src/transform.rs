@@ -1,9 +1,11 @@
 //! A profile's transform applied to one K or V tensor of a chunk, and its inverse.
 //!
 //! Forward (encode): per token and head, K is unrotated by RoPE at the token's position, the
-//! mean is removed and the head is projected on the basis. Inverse (restore): the sum over
-//! components in ascending order with `mul_add`, the mean added, RoPE redone with the same f32
-//! cos/sin table; a GPU restore that follows the same order gives the same values.
+//! mean is removed and the head is projected on the basis. Inverse (restore): starting from the
+//! mean, `x[j] = x[j] + basis[k][j] * y[k]` (product rounded, then the sum: no fused
+//! multiply-add) for components k in ascending order, then RoPE redone with the same f32 cos/sin
+//! table; a GPU restore that rounds the same way (`__fmul_rn`, `__fadd_rn`) in the same order
+//! gives the same values.
 
 use crate::profile::RopeStyle;
 use crate::CodecProfile;
@@ -19,8 +21,107 @@ pub struct TensorAt {
     pub first_position: u32,
 }
 
+/// RoPE's cos/sin for the rows of a chunk: computed once and shared by every K tensor.
+#[derive(Debug, Clone, Default)]
+pub struct RopeTable {
+    first_position: u32,
+    pairs: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// The angles of `rows` positions from `first_position` (empty without RoPE).
+    pub fn new(profile: &CodecProfile, first_position: u32, rows: usize) -> RopeTable {
+        let pairs = profile.rope.pairs();
+        let mut t = RopeTable {
+            first_position,
+            pairs,
+            cos: Vec::with_capacity(rows * pairs),
+            sin: Vec::with_capacity(rows * pairs),
+        };
+        let (mut c, mut s) = (Vec::new(), Vec::new());
+        for r in 0..rows {
+            profile
+                .rope
+                .angles(first_position + r as u32, &mut c, &mut s);
+            t.cos.extend_from_slice(&c);
+            t.sin.extend_from_slice(&s);
+        }
+        t
+    }
+
+    /// cos and sin of row `r` of a tensor starting at `first_position`, if the table covers it.
+    fn row(&self, first_position: u32, r: usize) -> Option<(&[f32], &[f32])> {
+        let i = (first_position.checked_sub(self.first_position)? as usize).checked_add(r)?;
+        let range = i * self.pairs..(i + 1) * self.pairs;
+        Some((self.cos.get(range.clone())?, self.sin.get(range)?))
+    }
+}
+
 /// `values` (`tokens x channels`) into coefficients (same shape, head-major components).
 pub fn forward(profile: &CodecProfile, at: TensorAt, values: &[f32], out: &mut Vec<f32>) {
+    let rows = values.len() / profile.channels().max(1);
+    let table = RopeTable::new(profile, at.first_position, rows);
+    forward_with(profile, at, &table, values, out);
+}
+
+/// [`forward`] with a precomputed angle table covering the rows (else angles are computed).
+pub fn forward_with(
+    profile: &CodecProfile,
+    at: TensorAt,
+    table: &RopeTable,
+    values: &[f32],
+    out: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        unsafe { forward_avx2(profile, at, table, values, out) };
+        return;
+    }
+    forward_body::<false>(profile, at, table, values, out);
+}
+
+/// [`forward_body`] compiled for AVX2 and FMA (8-wide, fused dot products).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_avx2(
+    profile: &CodecProfile,
+    at: TensorAt,
+    table: &RopeTable,
+    values: &[f32],
+    out: &mut Vec<f32>,
+) {
+    forward_body::<true>(profile, at, table, values, out);
+}
+
+/// The angles of row `t`: from the table, or computed into `cos`/`sin` when it lacks them.
+fn angles_of<'a>(
+    profile: &CodecProfile,
+    table: &'a RopeTable,
+    first_position: u32,
+    t: usize,
+    cos: &'a mut Vec<f32>,
+    sin: &'a mut Vec<f32>,
+) -> (&'a [f32], &'a [f32]) {
+    match table.row(first_position, t) {
+        Some(a) => a,
+        None => {
+            profile.rope.angles(first_position + t as u32, cos, sin);
+            (&cos[..], &sin[..])
+        }
+    }
+}
+
+#[inline(always)]
+fn forward_body<const FMA: bool>(
+    profile: &CodecProfile,
+    at: TensorAt,
+    table: &RopeTable,
+    values: &[f32],
+    out: &mut Vec<f32>,
+) {
     let (d, channels) = (profile.head_dim, profile.channels());
     let tensor = profile.layers[at.layer].tensor(at.is_key);
     let rope = at.is_key && profile.rope.style != RopeStyle::None;
@@ -32,25 +133,18 @@ pub fn forward(profile: &CodecProfile, at: TensorAt, values: &[f32], out: &mut V
         .zip(out.chunks_exact_mut(channels))
         .enumerate()
     {
-        if rope {
-            profile
-                .rope
-                .angles(at.first_position + t as u32, &mut cos, &mut sin);
-        }
+        let angles =
+            rope.then(|| angles_of(profile, table, at.first_position, t, &mut cos, &mut sin));
         for (h, basis) in tensor.heads.iter().enumerate() {
             head.copy_from_slice(&row[h * d..(h + 1) * d]);
-            if rope {
-                profile.rope.unrotate(&mut head, &cos, &sin);
+            if let Some((c, s)) = angles {
+                profile.rope.unrotate(&mut head, c, s);
             }
             for (x, m) in head.iter_mut().zip(&basis.mean) {
                 *x -= m;
             }
             for (k, y) in dst[h * d..(h + 1) * d].iter_mut().enumerate() {
-                let b = &basis.basis[k * d..(k + 1) * d];
-                *y = b
-                    .iter()
-                    .zip(&head)
-                    .fold(0.0f32, |acc, (w, x)| w.mul_add(*x, acc));
+                *y = dot::<FMA>(&basis.basis[k * d..(k + 1) * d], &head);
             }
         }
     }
@@ -58,6 +152,50 @@ pub fn forward(profile: &CodecProfile, at: TensorAt, values: &[f32], out: &mut V
 
 /// Coefficients back to values (the inverse of [`forward`]).
 pub fn inverse(profile: &CodecProfile, at: TensorAt, coefficients: &[f32], out: &mut Vec<f32>) {
+    let rows = coefficients.len() / profile.channels().max(1);
+    let table = RopeTable::new(profile, at.first_position, rows);
+    inverse_with(profile, at, &table, coefficients, out);
+}
+
+/// [`inverse`] with a precomputed angle table covering the rows (else angles are computed).
+pub fn inverse_with(
+    profile: &CodecProfile,
+    at: TensorAt,
+    table: &RopeTable,
+    coefficients: &[f32],
+    out: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above. Rust never fuses a multiply and an
+        // add on its own, so the wider code computes exactly the same values.
+        unsafe { inverse_avx2(profile, at, table, coefficients, out) };
+        return;
+    }
+    inverse_body(profile, at, table, coefficients, out);
+}
+
+/// [`inverse_body`] compiled for AVX2 (8-wide; the same roundings).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn inverse_avx2(
+    profile: &CodecProfile,
+    at: TensorAt,
+    table: &RopeTable,
+    coefficients: &[f32],
+    out: &mut Vec<f32>,
+) {
+    inverse_body(profile, at, table, coefficients, out);
+}
+
+#[inline(always)]
+fn inverse_body(
+    profile: &CodecProfile,
+    at: TensorAt,
+    table: &RopeTable,
+    coefficients: &[f32],
+    out: &mut Vec<f32>,
+) {
     let (d, channels) = (profile.head_dim, profile.channels());
     let tensor = profile.layers[at.layer].tensor(at.is_key);
     let rope = at.is_key && profile.rope.style != RopeStyle::None;
@@ -69,11 +207,8 @@ pub fn inverse(profile: &CodecProfile, at: TensorAt, coefficients: &[f32], out: 
         .zip(out.chunks_exact_mut(channels))
         .enumerate()
     {
-        if rope {
-            profile
-                .rope
-                .angles(at.first_position + t as u32, &mut cos, &mut sin);
-        }
+        let angles =
+            rope.then(|| angles_of(profile, table, at.first_position, t, &mut cos, &mut sin));
         for (h, basis) in tensor.heads.iter().enumerate() {
             let head = &mut dst[h * d..(h + 1) * d];
             head.copy_from_slice(&basis.mean);
@@ -83,14 +218,38 @@ pub fn inverse(profile: &CodecProfile, at: TensorAt, coefficients: &[f32], out: 
                 }
                 let b = &basis.basis[k * d..(k + 1) * d];
                 for (x, w) in head.iter_mut().zip(b) {
-                    *x = w.mul_add(y, *x);
+                    *x += w * y;
                 }
             }
-            if rope {
-                profile.rope.rotate(head, &cos, &sin);
+            if let Some((c, s)) = angles {
+                profile.rope.rotate(head, c, s);
             }
         }
     }
+}
+
+/// A dot product in eight independent sums (so it vectorizes), fused where `FMA` (encode-side
+/// only, where the order and rounding need not match anything).
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] = if FMA {
+                x[i].mul_add(y[i], acc[i])
+            } else {
+                acc[i] + x[i] * y[i]
+            };
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Coder contexts per stream: components are grouped by their deviation over the step.
@@ -114,9 +273,14 @@ pub const MAX_LEVEL: i32 = 32767;
 
 /// A coefficient's quantization level at `step` (round to nearest, clamped).
 pub fn quantize_level(y: f32, step: f32) -> i32 {
-    (y / step)
-        .round()
-        .clamp(-(MAX_LEVEL as f32), MAX_LEVEL as f32) as i32
+    // Clamped first, then rounded half to even by the 1.5 * 2^23 trick (no library call on
+    // CPUs without SSE4.1's round instruction); encode-side only.
+    const MAGIC: f32 = 12_582_912.0;
+    let v = (y / step).clamp(-(MAX_LEVEL as f32), MAX_LEVEL as f32);
+    if v.is_nan() {
+        return 0;
+    }
+    ((v + MAGIC) - MAGIC) as i32
 }
 
 /// A level's coefficient: one f32 product, as the GPU computes it.
