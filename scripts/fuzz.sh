@@ -7,6 +7,7 @@
 #   local_frames  the local protocol's hello, framing, messages and fd pairing
 #   store_wire    the store wire protocol's request and response decoding
 #   layout_math   the byte arithmetic of restored buffers (TargetLayout)
+#   rans_stream   the rANS value stream parser and decoder (codec/src/rans/)
 # Needs cargo-fuzz; on a stable toolchain it runs with RUSTC_BOOTSTRAP=1 for the sanitizer
 # flags. Crashes land in fuzz/artifacts/<target>/; each one found becomes a regression test in
 # the owning crate's normal tests.
@@ -15,7 +16,7 @@ set -euo pipefail
 secs="${1:-60}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 data="$root/data/codelm-kv-a.safetensors"
-targets=(parse_chunk local_frames store_wire layout_math)
+targets=(parse_chunk local_frames store_wire layout_math rans_stream)
 share=$(( secs / ${#targets[@]} ))
 (( share >= 1 )) || share=1
 
@@ -43,3 +44,4 @@ cargo fuzz run parse_chunk corpus/parse_chunk -- \
 cargo fuzz run local_frames corpus/local_frames -- -max_total_time="$share" -max_len=65536
 cargo fuzz run store_wire corpus/store_wire -- -max_total_time="$share" -max_len=65536
 cargo fuzz run layout_math corpus/layout_math -- -max_total_time="$share" -max_len=4096
+cargo fuzz run rans_stream corpus/rans_stream -- -max_total_time="$share" -max_len=65536
