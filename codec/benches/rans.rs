@@ -53,6 +53,15 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("rans");
     g.throughput(Throughput::Elements(N as u64));
     g.sample_size(10);
+    let hist = histogram(&vals, &column_ctx, 4).expect("in range");
+    g.bench_function("histogram/1thread", |b| {
+        b.iter(|| one.install(|| histogram(&vals, &column_ctx, 4).expect("in range")))
+    });
+    g.throughput(Throughput::Elements(4));
+    g.bench_function("from_counts/4tables", |b| {
+        b.iter(|| hist.iter().map(FreqTable::from_counts).collect::<Vec<_>>())
+    });
+    g.throughput(Throughput::Elements(N as u64));
     let mut out = vec![0i32; N];
     for (name, pool) in [("1thread", Some(&one)), ("all", None)] {
         let run = |f: &mut (dyn FnMut() + Send)| match pool {
