@@ -165,6 +165,10 @@ impl StreamLayout {
     }
 
     /// The bytes (u16 LE words) of block `block` in `stream`, the stream this was parsed from.
+    ///
+    /// # Panics
+    ///
+    /// If `block` is not below `blocks.len()` or `stream` is shorter than the parsed one.
     pub fn block_words<'a>(&self, stream: &'a [u8], block: usize) -> &'a [u8] {
         let b = &self.blocks[block];
         let start = self.words_offset + 2 * b.word_offset as usize;
@@ -228,7 +232,7 @@ pub fn encode_values(
 
     let total_words: usize = blocks.iter().map(|b| b.words().len()).sum();
     let mut out = Vec::with_capacity(
-        1 + tables.len() * 300 + 8 + blocks.len() * BLOCK_HEADER_LEN + 2 * total_words,
+        1 + tables.len() * 513 + 8 + blocks.len() * BLOCK_HEADER_LEN + 2 * total_words,
     );
     out.push(tables.len() as u8);
     for t in tables {
