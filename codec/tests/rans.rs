@@ -661,3 +661,13 @@ fn layout_describes_blocks() {
         assert!(lut[c..c + f].iter().all(|&x| usize::from(x) == s));
     }
 }
+
+#[test]
+fn unused_context_entries_are_not_checked() {
+    // Two values with a four-column context list whose unused entries name no table.
+    let t = vec![FreqTable::from_counts(&[1; 256])];
+    let stream = encode_values(&[3, -4], &[0, 0, 9, 9], &t, 32).unwrap();
+    let mut out = [0; 2];
+    decode_values(&stream, &[0, 0, 9, 9], &mut out).unwrap();
+    assert_eq!(out, [3, -4]);
+}

@@ -166,7 +166,8 @@ pub(crate) fn unzigzag(z: u32) -> i32 {
     ((z >> 1) as i32) ^ -((z & 1) as i32)
 }
 
-/// Checks that `column_ctx` can serve `n_values` values with `n_tables` contexts.
+/// Checks that `column_ctx` can serve `n_values` values with `n_tables` contexts (entries no
+/// value uses, beyond the first `n_values`, are not checked).
 pub(crate) fn check_contexts(
     column_ctx: &[u8],
     n_values: usize,
@@ -178,7 +179,8 @@ pub(crate) fn check_contexts(
             n_tables,
         });
     }
-    match column_ctx.iter().find(|&&c| usize::from(c) >= n_tables) {
+    let used = &column_ctx[..column_ctx.len().min(n_values)];
+    match used.iter().find(|&&c| usize::from(c) >= n_tables) {
         Some(&c) => Err(RansError::ContextOutOfRange {
             ctx: usize::from(c),
             n_tables,
