@@ -35,6 +35,7 @@ if [[ -f "$data" ]]; then
 else
     echo "fuzz.sh: $data not found; fuzzing parse_chunk from an empty corpus" >&2
 fi
+cargo run --quiet --bin make_rans_seeds -- "corpus/rans_stream"
 for t in "${targets[@]}"; do
     cargo fuzz build "$t"
 done
