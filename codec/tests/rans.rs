@@ -671,3 +671,19 @@ fn unused_context_entries_are_not_checked() {
     decode_values(&stream, &[0, 0, 9, 9], &mut out).unwrap();
     assert_eq!(out, [3, -4]);
 }
+
+#[test]
+fn decode_entries_are_packed_as_documented() {
+    for t in tiny_tables() {
+        let e = t.decode_entries();
+        assert_eq!(e.len(), 4096);
+        for (slot, &v) in e.iter().enumerate() {
+            let s = (v & 0xff) as usize;
+            let f = ((v >> 8) & 0xfff) + 1;
+            let bias = v >> 20;
+            assert_eq!(f, u32::from(t.freqs()[s]));
+            assert_eq!(bias as usize, slot - usize::from(t.cum()[s]));
+            assert_eq!(t.slot_symbols()[slot] as usize, s);
+        }
+    }
+}

@@ -345,7 +345,7 @@ pub fn decode_values(stream: &[u8], column_ctx: &[u8], out: &mut [i32]) -> Resul
     check_contexts(column_ctx, out.len(), layout.tables.len())?;
     let mut luts: Vec<u32> = Vec::with_capacity(layout.tables.len() * PROB_SCALE as usize);
     for t in &layout.tables {
-        luts.extend_from_slice(&t.dec_entries()[..]);
+        luts.extend(t.decode_entries());
     }
     let bv = layout.block_values;
     let ctx_rep = repeated_contexts(column_ctx);

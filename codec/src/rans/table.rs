@@ -204,27 +204,17 @@ impl FreqTable {
         out
     }
 
-    /// The decoder's packed per-slot entries, see [`DecEntry`].
-    pub(crate) fn dec_entries(&self) -> Box<[u32; PROB_SCALE as usize]> {
-        let mut lut = Box::new([0u32; PROB_SCALE as usize]);
-        for (s, (&f, &c)) in self.freqs.iter().zip(&self.cum).enumerate() {
-            for k in 0..u32::from(f) {
-                lut[(u32::from(c) + k) as usize] = DecEntry::pack(s as u8, u32::from(f), k);
-            }
+    /// The 4096 packed slot entries the CPU decoder uses (a GPU decoder may use the same):
+    /// for slot `x & 4095`, bits 0..8 hold the symbol, bits 8..20 `freq - 1` and bits 20..32
+    /// `slot - cum`, so the state update is `x = (freq) * (x >> 12) + (slot - cum)` with one
+    /// table read.
+    pub fn decode_entries(&self) -> Vec<u32> {
+        let mut lut = Vec::with_capacity(PROB_SCALE as usize);
+        for (s, &f) in self.freqs.iter().enumerate() {
+            let f = u32::from(f);
+            lut.extend((0..f).map(|k| s as u32 | ((f - 1) << 8) | (k << 20)));
         }
         lut
-    }
-}
-
-/// Packs a decoder slot entry into a u32: bits 0..8 the symbol, 8..20 `freq - 1`, 20..32
-/// `slot - cum` (so the state update is `(freq) * (x >> 12) + (slot - cum)` with no further
-/// table reads).
-pub(crate) struct DecEntry;
-
-impl DecEntry {
-    #[inline]
-    fn pack(sym: u8, freq: u32, bias: u32) -> u32 {
-        u32::from(sym) | ((freq - 1) << 8) | (bias << 20)
     }
 }
 
