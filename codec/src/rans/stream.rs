@@ -378,44 +378,24 @@ fn decode_block(
     let mut x = states;
     let mut pos = 0usize;
     let mut ci = start % ctx_len;
-    // An escaped value decodes first as unzigzag(255) = -128, which no unescaped value is.
-    let escaped = unzigzag(u32::from(ESCAPE));
-    for step in out.chunks_mut(LANES) {
-        let xs = &mut x[..step.len()];
-        let ctxs = &ctx_rep[ci..ci + step.len()];
+    let mut steps = out.chunks_exact_mut(LANES);
+    for step in &mut steps {
+        let ctxs = &ctx_rep[ci..ci + LANES];
         ci = (ci + LANES) % ctx_len;
-        let mut any_escape = false;
-        for ((o, xl), &ctx) in step.iter_mut().zip(xs.iter_mut()).zip(ctxs) {
-            let e = luts[(usize::from(ctx) << PROB_BITS) | (*xl & (PROB_SCALE - 1)) as usize];
-            *xl = (((e >> 8) & 0xfff) + 1) * (*xl >> PROB_BITS) + (e >> 20);
-            let sym = e & 0xff;
-            any_escape |= sym == u32::from(ESCAPE);
-            *o = unzigzag(sym);
-        }
-        // Branch-free renormalization: a read past the end yields 0 and is caught below by
-        // the words-consumed check (pos only grows).
-        for xl in xs.iter_mut() {
-            let renorm = *xl < RANS_L;
-            let w = u32::from(words.get(pos).copied().unwrap_or(0));
-            *xl = if renorm { (*xl << 16) | w } else { *xl };
-            pos += usize::from(renorm);
-        }
-        if any_escape {
-            for o in step.iter_mut().filter(|o| **o == escaped) {
-                let z = u32::from(*words.get(pos).ok_or(RansError::Corrupt {
-                    block,
-                    reason: "word stream exhausted",
-                })?);
-                pos += 1;
-                if z < u32::from(ESCAPE) {
-                    return Err(RansError::Corrupt {
-                        block,
-                        reason: "escaped value below 255",
-                    });
-                }
-                *o = unzigzag(z);
-            }
-        }
+        decode_step(block, step, &mut x, ctxs, luts, &words, &mut pos)?;
+    }
+    let rest = steps.into_remainder();
+    if !rest.is_empty() {
+        let n = rest.len();
+        decode_step(
+            block,
+            rest,
+            &mut x[..n],
+            &ctx_rep[ci..ci + n],
+            luts,
+            &words,
+            &mut pos,
+        )?;
     }
     if pos != words.len() {
         return Err(RansError::Corrupt {
@@ -429,5 +409,56 @@ fn decode_block(
             reason: "final state is not 2^16",
         });
     }
+    Ok(())
+}
+
+/// One step of [`decode_block`]: the lanes of `xs` decode `step` (one value each, contexts
+/// `ctxs`), then renormalize, then read the escaped values, reading words at `*pos`.
+#[inline(always)]
+fn decode_step(
+    block: usize,
+    step: &mut [i32],
+    xs: &mut [u32],
+    ctxs: &[u8],
+    luts: &[u32],
+    words: &[u16],
+    pos: &mut usize,
+) -> Result<(), RansError> {
+    let mut any_escape = false;
+    for ((o, xl), &ctx) in step.iter_mut().zip(xs.iter_mut()).zip(ctxs) {
+        let e = luts[(usize::from(ctx) << PROB_BITS) | (*xl & (PROB_SCALE - 1)) as usize];
+        *xl = (((e >> 8) & 0xfff) + 1) * (*xl >> PROB_BITS) + (e >> 20);
+        let sym = e & 0xff;
+        any_escape |= sym == u32::from(ESCAPE);
+        *o = unzigzag(sym);
+    }
+    // Branch-free renormalization: a read past the end yields 0 and is caught by the caller's
+    // words-consumed check (pos only grows).
+    let mut p = *pos;
+    for xl in xs.iter_mut() {
+        let renorm = *xl < RANS_L;
+        let w = u32::from(words.get(p).copied().unwrap_or(0));
+        *xl = if renorm { (*xl << 16) | w } else { *xl };
+        p += usize::from(renorm);
+    }
+    if any_escape {
+        // An escaped value decodes first as unzigzag(255) = -128, which no unescaped value is.
+        let escaped = unzigzag(u32::from(ESCAPE));
+        for o in step.iter_mut().filter(|o| **o == escaped) {
+            let z = u32::from(*words.get(p).ok_or(RansError::Corrupt {
+                block,
+                reason: "word stream exhausted",
+            })?);
+            p += 1;
+            if z < u32::from(ESCAPE) {
+                return Err(RansError::Corrupt {
+                    block,
+                    reason: "escaped value below 255",
+                });
+            }
+            *o = unzigzag(z);
+        }
+    }
+    *pos = p;
     Ok(())
 }
