@@ -50,6 +50,7 @@ fn bench(c: &mut Criterion) {
         .num_threads(1)
         .build()
         .expect("pool");
+    cpu_time_rates(&one, &vals, &column_ctx, &tables, &stream);
     let mut g = c.benchmark_group("rans");
     g.throughput(Throughput::Elements(N as u64));
     g.sample_size(10);
@@ -88,6 +89,56 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// This thread's user + system CPU time in seconds (Linux: /proc/thread-self/stat, clock
+/// ticks of 10 ms); None elsewhere.
+fn thread_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // Fields after the parenthesized command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Values per CPU-second of one thread: on a shared machine the wall-clock rates criterion
+/// reports fall with the load, CPU-time rates much less so.
+fn cpu_time_rates(
+    one: &rayon::ThreadPool,
+    vals: &[i32],
+    column_ctx: &[u8],
+    tables: &[FreqTable],
+    stream: &[u8],
+) {
+    let rate = |name: &str, f: &mut (dyn FnMut() + Send)| {
+        let r = one.install(|| {
+            let t0 = thread_cpu_seconds()?;
+            let mut runs = 0;
+            while thread_cpu_seconds()? - t0 < 2.0 {
+                f();
+                runs += 1;
+            }
+            Some((runs * N) as f64 / (thread_cpu_seconds()? - t0))
+        });
+        if let Some(r) = r {
+            eprintln!(
+                "rans {name}: {:.0} M values per CPU-second ({:.0} MB/s of fp16)",
+                r / 1e6,
+                2.0 * r / 1e6
+            );
+        }
+    };
+    rate("encode_tensor", &mut || {
+        encode_tensor(vals, column_ctx, 4, DEFAULT_BLOCK_VALUES).expect("encodes");
+    });
+    rate("encode_values", &mut || {
+        encode_values(vals, column_ctx, tables, DEFAULT_BLOCK_VALUES).expect("encodes");
+    });
+    let mut out = vec![0i32; N];
+    rate("decode_values", &mut || {
+        decode_values(stream, column_ctx, &mut out).expect("decodes")
+    });
 }
 
 criterion_group!(benches, bench);
