@@ -8,6 +8,7 @@
 #   store_wire    the store wire protocol's request and response decoding
 #   layout_math   the byte arithmetic of restored buffers (TargetLayout)
 #   codec_profile the codec profile parser (transform coding's per-model profiles)
+#   rans_stream   the rANS value stream parser and decoder (codec/src/rans/)
 # Needs cargo-fuzz; on a stable toolchain it runs with RUSTC_BOOTSTRAP=1 for the sanitizer
 # flags. Crashes land in fuzz/artifacts/<target>/; each one found becomes a regression test in
 # the owning crate's normal tests.
@@ -16,7 +17,7 @@ set -euo pipefail
 secs="${1:-60}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 data="$root/data/codelm-kv-a.safetensors"
-targets=(parse_chunk local_frames store_wire layout_math codec_profile)
+targets=(parse_chunk local_frames store_wire layout_math codec_profile rans_stream)
 share=$(( secs / ${#targets[@]} ))
 (( share >= 1 )) || share=1
 
@@ -35,6 +36,7 @@ if [[ -f "$data" ]]; then
 else
     echo "fuzz.sh: $data not found; fuzzing parse_chunk from an empty corpus" >&2
 fi
+cargo run --quiet --bin make_rans_seeds -- "corpus/rans_stream"
 for t in "${targets[@]}"; do
     cargo fuzz build "$t"
 done
@@ -45,3 +47,4 @@ cargo fuzz run local_frames corpus/local_frames -- -max_total_time="$share" -max
 cargo fuzz run store_wire corpus/store_wire -- -max_total_time="$share" -max_len=65536
 cargo fuzz run layout_math corpus/layout_math -- -max_total_time="$share" -max_len=4096
 cargo fuzz run codec_profile corpus/codec_profile -- -max_total_time="$share" -max_len=1048576
+cargo fuzz run rans_stream corpus/rans_stream -- -max_total_time="$share" -max_len=65536

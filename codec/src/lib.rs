@@ -4,6 +4,9 @@
 //! group) -> a variant's [`SectionEncoder`] -> sections of a chunk object. Decoding runs the
 //! same steps backwards. Every variant returns the quantized codes bit-exactly.
 //!
+//! [`rans`] is an interleaved static-table rANS coder for a tensor's quantized values (a building
+//! block for variants; its stream format is fixed by docs/FORMAT.md and shared with a CUDA decoder).
+//!
 //! No I/O beyond the optional dynamically loaded codec libraries (x265, libde265).
 
 mod allocate;

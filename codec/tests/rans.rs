@@ -448,6 +448,10 @@ fn flipped_bytes_never_panic() {
             let mut bad = stream.clone();
             bad[at] ^= 1 << rng.gen_range(0..8);
             if decode_values(&bad, &[0, 1], &mut out).is_ok() {
+                // A stream that decodes is canonical: it is what the encoder makes of the values.
+                let layout = StreamLayout::parse(&bad, out.len()).unwrap();
+                let again = encode_values(&out, &[0, 1], &layout.tables, layout.block_values);
+                assert_eq!(again.unwrap(), bad);
                 ok += 1;
             }
         }
@@ -583,4 +587,103 @@ fn encoder_errors_are_typed() {
     // Empty input with an empty context list is fine.
     let s = encode_values(&[], &[], &t, 32).unwrap();
     decode_values(&s, &[], &mut []).unwrap();
+}
+
+#[test]
+fn table_and_escape_errors() {
+    // The smallest valid stream: one table (all on symbol 0), block size 32, no blocks.
+    let empty = [1u8, 0, 0x80, 0x20, 32, 0, 0, 0, 0, 0, 0, 0];
+    decode_values(&empty, &[], &mut []).unwrap();
+    let bad_table = |s: &[u8]| {
+        matches!(
+            decode_values(s, &[0], &mut []),
+            Err(RansError::BadTable { table: 0, .. })
+        )
+    };
+    // Overlong LEB128, a zero top frequency, a frequency above 4096, a short sum.
+    assert!(bad_table(&[
+        1, 0, 0x80, 0xa0, 0x00, 32, 0, 0, 0, 0, 0, 0, 0
+    ]));
+    assert!(bad_table(&[
+        1, 1, 0x80, 0x20, 0x00, 32, 0, 0, 0, 0, 0, 0, 0
+    ]));
+    assert!(bad_table(&[1, 0, 0x81, 0x20, 32, 0, 0, 0, 0, 0, 0, 0]));
+    assert!(bad_table(&[
+        1, 1, 0x80, 0x10, 0x7f, 32, 0, 0, 0, 0, 0, 0, 0
+    ]));
+    // n_values = 1 needs one block.
+    assert!(matches!(
+        decode_values(&empty, &[0], &mut [0]),
+        Err(RansError::BadBlockCount {
+            expected: 1,
+            got: 0
+        })
+    ));
+
+    // An escape word below 255 (the tiny stream's 300 -> z 600, block 0's fifth word).
+    let stream = encode_values(&TINY_VALUES, &[0, 1], &tiny_tables(), 64).unwrap();
+    let layout = StreamLayout::parse(&stream, 72).unwrap();
+    let at = layout.words_offset + 2 * 4;
+    assert_eq!(stream[at..at + 2], 600u16.to_le_bytes());
+    let mut bad = stream.clone();
+    bad[at..at + 2].copy_from_slice(&16u16.to_le_bytes());
+    let mut out = [0i32; 72];
+    assert_eq!(
+        decode_values(&bad, &[0, 1], &mut out),
+        Err(RansError::Corrupt {
+            block: 0,
+            reason: "escaped value below 255"
+        })
+    );
+    // Typed errors convert to the crate's CodecError.
+    let e = kvfetcher_codec::CodecError::from(RansError::TrailingBytes(3));
+    assert!(e.to_string().contains("rans"), "{e}");
+}
+
+#[test]
+fn layout_describes_blocks() {
+    let stream = encode_values(&TINY_VALUES, &[0, 1], &tiny_tables(), 64).unwrap();
+    let layout = StreamLayout::parse(&stream, 72).unwrap();
+    assert_eq!(layout.tables, tiny_tables());
+    assert_eq!(layout.block_values, 64);
+    assert_eq!(layout.blocks.len(), 2);
+    assert_eq!(layout.blocks[0].n_words, 9);
+    assert_eq!(layout.blocks[1].word_offset, 9);
+    assert_eq!(layout.words_offset + 2 * 10, stream.len());
+    // Unused lanes of the short block keep 2^16.
+    assert!(layout.blocks[1].states[8..].iter().all(|&s| s == RANS_L));
+    // The slot -> symbol table agrees with cum/freqs.
+    let t = &layout.tables[0];
+    let lut = t.slot_symbols();
+    for s in [0usize, 1, 2, 3, 254, 255] {
+        let c = usize::from(t.cum()[s]);
+        let f = usize::from(t.freqs()[s]);
+        assert!(lut[c..c + f].iter().all(|&x| usize::from(x) == s));
+    }
+}
+
+#[test]
+fn unused_context_entries_are_not_checked() {
+    // Two values with a four-column context list whose unused entries name no table.
+    let t = vec![FreqTable::from_counts(&[1; 256])];
+    let stream = encode_values(&[3, -4], &[0, 0, 9, 9], &t, 32).unwrap();
+    let mut out = [0; 2];
+    decode_values(&stream, &[0, 0, 9, 9], &mut out).unwrap();
+    assert_eq!(out, [3, -4]);
+}
+
+#[test]
+fn decode_entries_are_packed_as_documented() {
+    for t in tiny_tables() {
+        let e = t.decode_entries();
+        assert_eq!(e.len(), 4096);
+        for (slot, &v) in e.iter().enumerate() {
+            let s = (v & 0xff) as usize;
+            let f = ((v >> 8) & 0xfff) + 1;
+            let bias = v >> 20;
+            assert_eq!(f, u32::from(t.freqs()[s]));
+            assert_eq!(bias as usize, slot - usize::from(t.cum()[s]));
+            assert_eq!(t.slot_symbols()[slot] as usize, s);
+        }
+    }
 }

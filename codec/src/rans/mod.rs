@@ -14,6 +14,8 @@ mod table;
 pub use stream::{decode_values, encode_values, BlockInfo, StreamLayout};
 pub use table::FreqTable;
 
+use rayon::prelude::*;
+
 use crate::CodecError;
 
 /// Bits of probability precision: frequencies sum to `1 << PROB_BITS`.
@@ -164,7 +166,8 @@ pub(crate) fn unzigzag(z: u32) -> i32 {
     ((z >> 1) as i32) ^ -((z & 1) as i32)
 }
 
-/// Checks that `column_ctx` can serve `n_values` values with `n_tables` contexts.
+/// Checks that `column_ctx` can serve `n_values` values with `n_tables` contexts (entries no
+/// value uses, beyond the first `n_values`, are not checked).
 pub(crate) fn check_contexts(
     column_ctx: &[u8],
     n_values: usize,
@@ -176,7 +179,8 @@ pub(crate) fn check_contexts(
             n_tables,
         });
     }
-    match column_ctx.iter().find(|&&c| usize::from(c) >= n_tables) {
+    let used = &column_ctx[..column_ctx.len().min(n_values)];
+    match used.iter().find(|&&c| usize::from(c) >= n_tables) {
         Some(&c) => Err(RansError::ContextOutOfRange {
             ctx: usize::from(c),
             n_tables,
@@ -187,6 +191,7 @@ pub(crate) fn check_contexts(
 
 /// Per-context symbol counts of `values` (`n_ctx` histograms), to build tables with
 /// [`FreqTable::from_counts`]. Fails on a value outside -32768..=32767 or a context >= n_ctx.
+/// Large inputs are counted in parallel (rayon).
 pub fn histogram(
     values: &[i32],
     column_ctx: &[u8],
@@ -197,17 +202,38 @@ pub fn histogram(
     if values.is_empty() {
         return Ok(hist);
     }
-    for (row_i, row) in values.chunks(column_ctx.len()).enumerate() {
-        for (col, (&q, &ctx)) in row.iter().zip(column_ctx).enumerate() {
-            if !(MIN_VALUE..=MAX_VALUE).contains(&q) {
-                return Err(RansError::ValueOutOfRange {
-                    index: row_i * column_ctx.len() + col,
-                    value: q,
-                });
-            }
-            let sym = zigzag(q).min(u32::from(ESCAPE)) as usize;
-            hist[usize::from(ctx)][sym] += 1;
-        }
+    if let Some(index) = values
+        .iter()
+        .position(|q| !(MIN_VALUE..=MAX_VALUE).contains(q))
+    {
+        return Err(RansError::ValueOutOfRange {
+            index,
+            value: values[index],
+        });
+    }
+    // Pieces of whole rows, so every piece starts at column 0.
+    let rows_per_piece = (1usize << 16).div_ceil(column_ctx.len());
+    let counts = values
+        .par_chunks(rows_per_piece * column_ctx.len())
+        .fold(
+            || vec![0u64; n_ctx * ALPHABET],
+            |mut counts, piece| {
+                for row in piece.chunks(column_ctx.len()) {
+                    for (&q, &ctx) in row.iter().zip(column_ctx) {
+                        let sym = zigzag(q).min(u32::from(ESCAPE)) as usize;
+                        counts[(usize::from(ctx) << 8) | sym] += 1;
+                    }
+                }
+                counts
+            },
+        )
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .unwrap_or_default();
+    for (h, c) in hist.iter_mut().zip(counts.chunks_exact(ALPHABET)) {
+        h.copy_from_slice(c);
     }
     Ok(hist)
 }

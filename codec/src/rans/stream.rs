@@ -4,8 +4,8 @@ use rayon::prelude::*;
 
 use super::table::{EncSymbol, FreqTable};
 use super::{
-    check_contexts, unzigzag, zigzag, RansError, ALPHABET, ESCAPE, LANES, MAX_BLOCK_VALUES,
-    MAX_TABLES, MAX_VALUE, MIN_VALUE, PROB_BITS, PROB_SCALE, RANS_L,
+    check_contexts, unzigzag, zigzag, RansError, ESCAPE, LANES, MAX_BLOCK_VALUES, MAX_TABLES,
+    MAX_VALUE, MIN_VALUE, PROB_BITS, PROB_SCALE, RANS_L,
 };
 
 /// Bytes of one block's header: 32 initial states and the word count.
@@ -165,6 +165,10 @@ impl StreamLayout {
     }
 
     /// The bytes (u16 LE words) of block `block` in `stream`, the stream this was parsed from.
+    ///
+    /// # Panics
+    ///
+    /// If `block` is not below `blocks.len()` or `stream` is shorter than the parsed one.
     pub fn block_words<'a>(&self, stream: &'a [u8], block: usize) -> &'a [u8] {
         let b = &self.blocks[block];
         let start = self.words_offset + 2 * b.word_offset as usize;
@@ -172,10 +176,29 @@ impl StreamLayout {
     }
 }
 
-/// One encoded block: the decoder's initial states and the words in decoder order.
+/// One encoded block: the decoder's initial states and its words, in decoder order, at
+/// `buf[start..]`.
 struct EncodedBlock {
     states: [u32; LANES],
-    words: Vec<u16>,
+    buf: Vec<u16>,
+    start: usize,
+}
+
+impl EncodedBlock {
+    fn words(&self) -> &[u16] {
+        &self.buf[self.start..]
+    }
+}
+
+/// `column_ctx` repeated to `len + LANES` entries, so that the contexts of the (up to 32)
+/// values of a step starting at column `c` are the plain slice `[c..c + 32]`.
+fn repeated_contexts(column_ctx: &[u8]) -> Vec<u8> {
+    column_ctx
+        .iter()
+        .copied()
+        .cycle()
+        .take(column_ctx.len() + LANES)
+        .collect()
 }
 
 /// Encodes `values` with the given tables (one per context, 1..=64) into a complete stream.
@@ -200,15 +223,16 @@ pub fn encode_values(
     let n_blocks = u32::try_from(values.len().div_ceil(block_values))
         .map_err(|_| RansError::InvalidInput("more than 2^32 blocks".into()))?;
     let enc: Vec<EncSymbol> = tables.iter().flat_map(|t| t.enc_symbols()).collect();
+    let ctx_rep = repeated_contexts(column_ctx);
     let blocks: Vec<EncodedBlock> = values
         .par_chunks(block_values)
         .enumerate()
-        .map(|(b, chunk)| encode_block(chunk, b * block_values, column_ctx, &enc))
+        .map(|(b, chunk)| encode_block(chunk, b * block_values, &ctx_rep, column_ctx.len(), &enc))
         .collect::<Result<_, _>>()?;
 
-    let total_words: usize = blocks.iter().map(|b| b.words.len()).sum();
+    let total_words: usize = blocks.iter().map(|b| b.words().len()).sum();
     let mut out = Vec::with_capacity(
-        1 + tables.len() * 300 + 8 + blocks.len() * BLOCK_HEADER_LEN + 2 * total_words,
+        1 + tables.len() * 513 + 8 + blocks.len() * BLOCK_HEADER_LEN + 2 * total_words,
     );
     out.push(tables.len() as u8);
     for t in tables {
@@ -220,77 +244,96 @@ pub fn encode_values(
         for s in b.states {
             out.extend_from_slice(&s.to_le_bytes());
         }
-        out.extend_from_slice(&(b.words.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(b.words().len() as u32).to_le_bytes());
     }
     for b in &blocks {
-        for &w in &b.words {
+        for &w in b.words() {
             out.extend_from_slice(&w.to_le_bytes());
         }
     }
     Ok(out)
 }
 
-/// Encodes one block whose first value has global index `start`. `enc` holds the encoder
+/// Encodes one block whose first value has global index `start`. `ctx_rep` is
+/// [`repeated_contexts`] of a `column_ctx` of `ctx_len` entries; `enc` holds the encoder
 /// constants of every (context, symbol), at `ctx * 256 + symbol`.
 fn encode_block(
     vals: &[i32],
     start: usize,
-    column_ctx: &[u8],
+    ctx_rep: &[u8],
+    ctx_len: usize,
     enc: &[EncSymbol],
 ) -> Result<EncodedBlock, RansError> {
-    // Forward pass: check values and resolve each one's (context, symbol) entry.
-    let mut idx: Vec<u16> = Vec::with_capacity(vals.len());
-    let mut ci = start % column_ctx.len();
-    let mut escapes = 0usize;
-    for (j, &q) in vals.iter().enumerate() {
-        if !(MIN_VALUE..=MAX_VALUE).contains(&q) {
-            return Err(RansError::ValueOutOfRange {
-                index: start + j,
-                value: q,
-            });
-        }
-        let sym = zigzag(q).min(u32::from(ESCAPE)) as usize;
-        let ctx = usize::from(column_ctx[ci]);
-        ci += 1;
-        if ci == column_ctx.len() {
-            ci = 0;
-        }
-        let k = ctx * ALPHABET + sym;
-        if enc[k].x_max == 0 {
-            return Err(RansError::SymbolNotInTable {
-                index: start + j,
-                ctx,
-                symbol: sym as u8,
-            });
-        }
-        escapes += usize::from(sym == usize::from(ESCAPE));
-        idx.push(k as u16);
+    // Forward pass: check values and resolve each one's (context, symbol) entry; the loops
+    // are branch-free so they vectorize.
+    if let Some(j) = vals
+        .iter()
+        .position(|q| !(MIN_VALUE..=MAX_VALUE).contains(q))
+    {
+        return Err(RansError::ValueOutOfRange {
+            index: start + j,
+            value: vals[j],
+        });
     }
+    let mut idx: Vec<u16> = Vec::with_capacity(vals.len());
+    let mut ci = start % ctx_len;
+    for step in vals.chunks(LANES) {
+        let ctxs = &ctx_rep[ci..ci + step.len()];
+        idx.extend(
+            step.iter()
+                .zip(ctxs)
+                .map(|(&q, &ctx)| (u16::from(ctx) << 8) | zigzag(q).min(u32::from(ESCAPE)) as u16),
+        );
+        ci = (ci + LANES) % ctx_len;
+    }
+    let escapes = idx
+        .iter()
+        .filter(|&&k| k & 0xff == u16::from(ESCAPE))
+        .count();
 
     // Backward pass, steps last to first, lanes descending: the exact reverse of decoding.
-    let mut words: Vec<u16> = Vec::with_capacity(vals.len() / 4 + escapes + 2 * LANES);
+    // Words are written back to front, so `buf[w..]` is always in decoder order. At most one
+    // renormalization word per value plus the escapes, plus one slot that the branch-free
+    // renormalization may write and then not keep.
+    let cap = vals.len() + escapes + 1;
+    let mut buf = vec![0u16; cap];
+    let mut w = cap;
     let mut x = [RANS_L; LANES];
-    for (step_idx, step_vals) in idx.chunks(LANES).zip(vals.chunks(LANES)).rev() {
+    let steps = idx.chunks(LANES).zip(vals.chunks(LANES)).enumerate();
+    for (step_no, (step_idx, step_vals)) in steps.rev() {
         if escapes > 0 {
             for (&k, &q) in step_idx.iter().zip(step_vals).rev() {
-                if k as usize % ALPHABET == usize::from(ESCAPE) {
-                    words.push(zigzag(q) as u16);
+                if k & 0xff == u16::from(ESCAPE) {
+                    w -= 1;
+                    buf[w] = zigzag(q) as u16;
                 }
             }
         }
         let xs = &mut x[..step_idx.len()];
-        for (&k, xl) in step_idx.iter().zip(xs.iter_mut()).rev() {
+        for (l, (&k, xl)) in step_idx.iter().zip(xs.iter_mut()).enumerate().rev() {
             let s = &enc[usize::from(k)];
+            if s.freq == 0 {
+                return Err(RansError::SymbolNotInTable {
+                    index: start + step_no * LANES + l,
+                    ctx: usize::from(k >> 8),
+                    symbol: k as u8,
+                });
+            }
             let mut v = *xl;
-            if u64::from(v) >= s.x_max {
-                words.push(v as u16);
+            let renorm = s.must_renorm(v);
+            buf[w - 1] = v as u16;
+            w -= usize::from(renorm);
+            if renorm {
                 v >>= 16;
             }
             *xl = s.put(v);
         }
     }
-    words.reverse();
-    Ok(EncodedBlock { states: x, words })
+    Ok(EncodedBlock {
+        states: x,
+        buf,
+        start: w,
+    })
 }
 
 /// Decodes a stream holding exactly `out.len()` values into `out`, with the same
@@ -302,72 +345,63 @@ pub fn decode_values(stream: &[u8], column_ctx: &[u8], out: &mut [i32]) -> Resul
     check_contexts(column_ctx, out.len(), layout.tables.len())?;
     let mut luts: Vec<u32> = Vec::with_capacity(layout.tables.len() * PROB_SCALE as usize);
     for t in &layout.tables {
-        luts.extend_from_slice(&t.dec_entries()[..]);
+        luts.extend(t.decode_entries());
     }
     let bv = layout.block_values;
+    let ctx_rep = repeated_contexts(column_ctx);
     out.par_chunks_mut(bv)
         .zip(layout.blocks.par_iter())
         .enumerate()
         .try_for_each(|(b, (chunk, info))| {
             let words = layout.block_words(stream, b);
-            decode_block(b, chunk, b * bv, column_ctx, &luts, info.states, words)
+            let ctx = (&ctx_rep[..], column_ctx.len());
+            decode_block(b, chunk, b * bv, ctx, &luts, info.states, words)
         })
 }
 
 /// Decodes one block whose first value has global index `start` from its initial states and
-/// its words (u16 LE). `luts` holds the packed slot entries of every table, `ctx << 12 | slot`.
+/// its words (u16 LE). `ctx` is [`repeated_contexts`] of `column_ctx` and `column_ctx.len()`;
+/// `luts` holds the packed slot entries of every table at `ctx << 12 | slot`.
 fn decode_block(
     block: usize,
     out: &mut [i32],
     start: usize,
-    column_ctx: &[u8],
+    (ctx_rep, ctx_len): (&[u8], usize),
     luts: &[u32],
     states: [u32; LANES],
-    words: &[u8],
+    word_bytes: &[u8],
 ) -> Result<(), RansError> {
-    let exhausted = RansError::Corrupt {
-        block,
-        reason: "word stream exhausted",
-    };
+    let words: Vec<u16> = word_bytes
+        .chunks_exact(2)
+        .map(|w| u16::from_le_bytes([w[0], w[1]]))
+        .collect();
     let mut x = states;
     let mut pos = 0usize;
-    let mut ci = start % column_ctx.len();
-    for step in out.chunks_mut(LANES) {
-        let xs = &mut x[..step.len()];
-        for (o, xl) in step.iter_mut().zip(xs.iter_mut()) {
-            let ctx = usize::from(column_ctx[ci]);
-            ci += 1;
-            if ci == column_ctx.len() {
-                ci = 0;
-            }
-            let e = luts[(ctx << PROB_BITS) | (*xl & (PROB_SCALE - 1)) as usize];
-            *xl = (((e >> 8) & 0xfff) + 1) * (*xl >> PROB_BITS) + (e >> 20);
-            *o = (e & 0xff) as i32;
-        }
-        for xl in xs.iter_mut() {
-            if *xl < RANS_L {
-                let w = words.get(pos..pos + 2).ok_or(exhausted.clone())?;
-                *xl = (*xl << 16) | u32::from(u16::from_le_bytes([w[0], w[1]]));
-                pos += 2;
-            }
-        }
-        for o in step.iter_mut() {
-            let s = *o as u32;
-            *o = if s == u32::from(ESCAPE) {
-                let w = words.get(pos..pos + 2).ok_or(exhausted.clone())?;
-                pos += 2;
-                let z = u32::from(u16::from_le_bytes([w[0], w[1]]));
-                if z < u32::from(ESCAPE) {
-                    return Err(RansError::Corrupt {
-                        block,
-                        reason: "escaped value below 255",
-                    });
-                }
-                unzigzag(z)
-            } else {
-                unzigzag(s)
-            };
-        }
+    let mut ci = start % ctx_len;
+    let mut steps = out.chunks_exact_mut(LANES);
+    for step in &mut steps {
+        let ctxs = &ctx_rep[ci..ci + LANES];
+        ci = (ci + LANES) % ctx_len;
+        decode_step(block, step, &mut x, ctxs, luts, &words, &mut pos)?;
+    }
+    let rest = steps.into_remainder();
+    if !rest.is_empty() {
+        let n = rest.len();
+        decode_step(
+            block,
+            rest,
+            &mut x[..n],
+            &ctx_rep[ci..ci + n],
+            luts,
+            &words,
+            &mut pos,
+        )?;
+    }
+    if pos != words.len() {
+        return Err(RansError::Corrupt {
+            block,
+            reason: "word count does not match the words read",
+        });
     }
     if x.iter().any(|&s| s != RANS_L) {
         return Err(RansError::Corrupt {
@@ -375,11 +409,56 @@ fn decode_block(
             reason: "final state is not 2^16",
         });
     }
-    if pos != words.len() {
-        return Err(RansError::Corrupt {
-            block,
-            reason: "words left over",
-        });
+    Ok(())
+}
+
+/// One step of [`decode_block`]: the lanes of `xs` decode `step` (one value each, contexts
+/// `ctxs`), then renormalize, then read the escaped values, reading words at `*pos`.
+#[inline(always)]
+fn decode_step(
+    block: usize,
+    step: &mut [i32],
+    xs: &mut [u32],
+    ctxs: &[u8],
+    luts: &[u32],
+    words: &[u16],
+    pos: &mut usize,
+) -> Result<(), RansError> {
+    let mut any_escape = false;
+    for ((o, xl), &ctx) in step.iter_mut().zip(xs.iter_mut()).zip(ctxs) {
+        let e = luts[(usize::from(ctx) << PROB_BITS) | (*xl & (PROB_SCALE - 1)) as usize];
+        *xl = (((e >> 8) & 0xfff) + 1) * (*xl >> PROB_BITS) + (e >> 20);
+        let sym = e & 0xff;
+        any_escape |= sym == u32::from(ESCAPE);
+        *o = unzigzag(sym);
     }
+    // Branch-free renormalization: a read past the end yields 0 and is caught by the caller's
+    // words-consumed check (pos only grows).
+    let mut p = *pos;
+    for xl in xs.iter_mut() {
+        let renorm = *xl < RANS_L;
+        let w = u32::from(words.get(p).copied().unwrap_or(0));
+        *xl = if renorm { (*xl << 16) | w } else { *xl };
+        p += usize::from(renorm);
+    }
+    if any_escape {
+        // An escaped value decodes first as unzigzag(255) = -128, which no unescaped value is.
+        let escaped = unzigzag(u32::from(ESCAPE));
+        for o in step.iter_mut().filter(|o| **o == escaped) {
+            let z = u32::from(*words.get(p).ok_or(RansError::Corrupt {
+                block,
+                reason: "word stream exhausted",
+            })?);
+            p += 1;
+            if z < u32::from(ESCAPE) {
+                return Err(RansError::Corrupt {
+                    block,
+                    reason: "escaped value below 255",
+                });
+            }
+            *o = unzigzag(z);
+        }
+    }
+    *pos = p;
     Ok(())
 }

@@ -204,56 +204,46 @@ impl FreqTable {
         out
     }
 
-    /// The decoder's packed per-slot entries, see [`DecEntry`].
-    pub(crate) fn dec_entries(&self) -> Box<[u32; PROB_SCALE as usize]> {
-        let mut lut = Box::new([0u32; PROB_SCALE as usize]);
-        for (s, (&f, &c)) in self.freqs.iter().zip(&self.cum).enumerate() {
-            for k in 0..u32::from(f) {
-                lut[(u32::from(c) + k) as usize] = DecEntry::pack(s as u8, u32::from(f), k);
-            }
+    /// The 4096 packed slot entries the CPU decoder uses (a GPU decoder may use the same):
+    /// for slot `x & 4095`, bits 0..8 hold the symbol, bits 8..20 `freq - 1` and bits 20..32
+    /// `slot - cum`, so the state update is `x = (freq) * (x >> 12) + (slot - cum)` with one
+    /// table read.
+    pub fn decode_entries(&self) -> Vec<u32> {
+        let mut lut = Vec::with_capacity(PROB_SCALE as usize);
+        for (s, &f) in self.freqs.iter().enumerate() {
+            let f = u32::from(f);
+            lut.extend((0..f).map(|k| s as u32 | ((f - 1) << 8) | (k << 20)));
         }
         lut
     }
 }
 
-/// Packs a decoder slot entry into a u32: bits 0..8 the symbol, 8..20 `freq - 1`, 20..32
-/// `slot - cum` (so the state update is `(freq) * (x >> 12) + (slot - cum)` with no further
-/// table reads).
-pub(crate) struct DecEntry;
-
-impl DecEntry {
-    #[inline]
-    fn pack(sym: u8, freq: u32, bias: u32) -> u32 {
-        u32::from(sym) | ((freq - 1) << 8) | (bias << 20)
-    }
-}
-
-/// One symbol's encoder constants: `x_max` for renormalization and a reciprocal so that
-/// `x / freq` needs no division (ryg_rans `Rans64EncSymbol`, exact for any x < 2^63).
+/// One symbol's encoder constants (16 bytes): its frequency, for the renormalization test,
+/// and a reciprocal so that `x / freq` needs no division (ryg_rans `Rans64EncSymbol`, exact for
+/// any `x < 2^63`).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct EncSymbol {
-    /// Renormalize (emit a word) while `x >= x_max`; 0 for a symbol with frequency 0.
-    pub(crate) x_max: u64,
-    pub(crate) rcp_freq: u64,
-    pub(crate) bias: u32,
-    pub(crate) cmpl_freq: u32,
-    pub(crate) rcp_shift: u32,
+    rcp_freq: u64,
+    bias: u32,
+    /// The frequency; 0 marks a symbol that cannot be encoded.
+    pub(crate) freq: u16,
+    rcp_shift: u8,
 }
+
+// x_max = ((L >> PROB_BITS) << 16) * freq must be freq << 20 for `must_renorm`.
+const _: () = assert!((RANS_L >> PROB_BITS) << 16 == 1 << 20);
 
 impl EncSymbol {
     fn new(start: u32, freq: u32) -> EncSymbol {
         if freq == 0 {
             return EncSymbol::default();
         }
-        let x_max = u64::from((RANS_L >> PROB_BITS) << 16) * u64::from(freq);
-        let cmpl_freq = PROB_SCALE - freq;
         if freq < 2 {
             // q = mulhi(x, 2^64 - 1) = x - 1 for 1 <= x < 2^64; bias absorbs the -1.
             EncSymbol {
-                x_max,
                 rcp_freq: u64::MAX,
                 bias: start + PROB_SCALE - 1,
-                cmpl_freq,
+                freq: freq as u16,
                 rcp_shift: 0,
             }
         } else {
@@ -264,20 +254,32 @@ impl EncSymbol {
             // ceil(2^(shift + 63) / freq) fits in 64 bits since freq > 2^(shift - 1).
             let rcp = (1u128 << (shift + 63)).div_ceil(u128::from(freq));
             EncSymbol {
-                x_max,
                 rcp_freq: rcp as u64,
                 bias: start,
-                cmpl_freq,
-                rcp_shift: shift - 1,
+                freq: freq as u16,
+                rcp_shift: (shift - 1) as u8,
             }
         }
+    }
+
+    /// `4096 - freq`, recomputed (one subtraction) rather than stored.
+    #[inline(always)]
+    fn cmpl(&self) -> u64 {
+        u64::from(PROB_SCALE) - u64::from(self.freq)
+    }
+
+    /// Whether state `x` must emit a word before coding this symbol:
+    /// `x >= x_max = ((L >> 12) << 16) * freq = freq << 20`.
+    #[inline(always)]
+    pub(crate) fn must_renorm(&self, x: u32) -> bool {
+        (x >> 20) >= u32::from(self.freq)
     }
 
     /// `((x / freq) << 12) + (x % freq) + cum` for `x < 2^32` (after renormalization).
     #[inline(always)]
     pub(crate) fn put(&self, x: u32) -> u32 {
         let q = ((u128::from(x) * u128::from(self.rcp_freq)) >> 64) as u64 >> self.rcp_shift;
-        (u64::from(x) + u64::from(self.bias) + q * u64::from(self.cmpl_freq)) as u32
+        (u64::from(x) + u64::from(self.bias) + q * self.cmpl()) as u32
     }
 }
 
@@ -298,6 +300,10 @@ mod tests {
             let start = PROB_SCALE - freq;
             let e = EncSymbol::new(start, freq);
             let x_max = u64::from(freq) << 20;
+            assert!(!e.must_renorm((x_max - 1).min(u64::from(u32::MAX)) as u32));
+            if x_max <= u64::from(u32::MAX) {
+                assert!(e.must_renorm(x_max as u32));
+            }
             let mut xs = vec![RANS_L, (x_max - 1).min(u64::from(u32::MAX)) as u32];
             xs.extend((0..64).map(|_| (RANS_L as u64 + next() % (x_max - RANS_L as u64)) as u32));
             for x in xs {
