@@ -1,7 +1,8 @@
 //! The GPU path: NVDEC decoding and the restore kernels, on NVIDIA GPUs found at run time.
 //!
-//! Layers, bottom up: `cuda_sys` / `nvcuvid_sys` (raw bindings, loaded with libloading, the only
-//! unsafe FFI), [`cuda`] and [`nvdec`] (safe wrappers), [`restore`] (the PTX kernels and their
+//! Layers, bottom up: the `kvfetcher-cuda-sys` crate (raw bindings of `libcuda.so.1` and
+//! `libnvcuvid.so.1`, loaded with libloading, shared with the client), [`cuda`] and [`nvdec`]
+//! (the daemon's safe wrappers, the only callers of those raw pointers here), [`restore`] (the PTX kernels and their
 //! bit-exact CPU reference), [`ipc`] (importing CUDA IPC handles), [`devices`] (the node's GPUs
 //! as the daemon serves them) and [`section_restore`] (a fetched section straight into a
 //! client's device buffer, with the [`gather`] table of the HEVC surface route). Fixtures,
@@ -10,13 +11,11 @@
 //! [`GpuError::NoDriver`] / [`GpuError::NoNvdec`].
 
 pub mod cuda;
-mod cuda_sys;
 pub mod devices;
 mod error;
 pub mod gather;
 pub mod hevc_backend;
 pub mod ipc;
-mod nvcuvid_sys;
 pub mod nvdec;
 pub mod pool;
 pub mod restore;
