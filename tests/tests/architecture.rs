@@ -247,8 +247,9 @@ fn daemon_modules_import_only_downward() {
         ),
         (
             "pipeline",
-            &["cli"],
-            "the fetch and save pipelines are a library, the CLI only starts them",
+            &["cli", "server"],
+            "the fetch and save pipelines are a library, the CLI only starts them; they report \
+             typed errors and events, and the server maps them to protocol messages",
         ),
         (
             "server",

@@ -16,16 +16,16 @@ use kvfetcher_protocol::{KvShape, TargetLayout};
 
 use super::layout::extract_cache;
 use super::Pipeline;
+use super::SaveError;
 use crate::config::SaveConfig;
-use crate::server::ServeError;
 
 /// The codec settings a save config stands for.
-pub fn encode_config(save: &SaveConfig) -> Result<EncodeConfig, ServeError> {
+pub fn encode_config(save: &SaveConfig) -> Result<EncodeConfig, SaveError> {
     let variant = match save.variant.as_str() {
         "zstd" => VariantKind::Zstd,
         "packed" => VariantKind::Packed,
         "hevc" => VariantKind::Hevc,
-        other => return Err(ServeError::Internal(format!("unknown variant {other:?}"))),
+        other => return Err(SaveError::UnknownVariant(other.to_string())),
     };
     let quant = if save.bits == 16 {
         QuantConfig::Exact
@@ -52,14 +52,13 @@ pub(super) async fn save(
     shape: &KvShape,
     data: &[u8],
     replace: bool,
-) -> Result<u32, ServeError> {
+) -> Result<u32, SaveError> {
     let started = Instant::now();
     if shape.tokens as usize != token_ids.len() {
-        return Err(ServeError::BadRequest(format!(
-            "{} token ids for {} tokens",
-            token_ids.len(),
-            shape.tokens
-        )));
+        return Err(SaveError::TokenCount {
+            ids: token_ids.len(),
+            tokens: shape.tokens,
+        });
     }
     if token_ids.is_empty() {
         return Ok(0);
@@ -80,8 +79,8 @@ pub(super) async fn save(
     });
     let objects = rx
         .await
-        .map_err(|_| ServeError::Internal("save worker stopped".into()))?
-        .map_err(|e| ServeError::BadRequest(format!("encode: {e}")))?;
+        .map_err(|_| SaveError::WorkerStopped)?
+        .map_err(|e| SaveError::Encode(e.to_string()))?;
     drop(queued);
     let stored = futures::stream::iter(objects)
         .map(|(key, bytes)| async move {
@@ -94,7 +93,7 @@ pub(super) async fn save(
                     p.quarantine.remove(&key);
                     Ok(1u32)
                 }
-                Err(e) => Err(p.stores.failed(&key, e).await),
+                Err(e) => Err(SaveError::Store(p.stores.failed(&key, e).await)),
             }
         })
         .buffer_unordered(p.fetch.max_inflight_sections)
