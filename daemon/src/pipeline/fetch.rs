@@ -1,5 +1,6 @@
-//! The fetch driver: runs a [`FetchPlanner`] against the stores, the decode pool and the
-//! destination, so network, decode and restore overlap.
+//! The fetch driver: runs a [`FetchPlanner`] against a [`SectionSource`](super::SectionSource)
+//! (the stores, or memory in tests), the decode pool and the destination, so network, decode
+//! and restore overlap.
 //!
 //! Headers first (at most the fetch window at once; this is also the prefix lookup), each
 //! checked by `verify` before anything is sized from it, each carrying its chunk's layer-0
@@ -24,13 +25,13 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::layout::place_cache;
 use super::plan::{FetchPlanner, SectionRef};
-use super::stores::Stores;
+use super::source::SectionReader;
 use super::verify::{check_header, Expected, Geometry, Mismatch};
 use super::{FetchError, FetchEvent, FetchEvents, FetchOutcome, Pipeline};
 use crate::buffers::Destination;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
 use crate::metrics::Metrics;
-use crate::transport::{SectionCheck, SectionStream};
+use crate::transport::SectionCheck;
 
 /// One chunk of the fetched prefix.
 struct Chunk {
@@ -250,12 +251,11 @@ async fn header_and_first(
     want: Expected,
 ) -> Result<(Arc<SectionCheck>, Option<EarlySection>), FetchError> {
     let key = want.key;
-    let client = p.stores.client_for(&key).await?;
-    let stream = match client.open_sections(&key, &[0]).await {
+    let stream = match p.source.open(&key, &[0]).await {
         Ok(s) => s,
-        Err(e) => return Err(p.noted(&key, p.stores.failed(&key, e).await.into())),
+        Err(e) => return Err(p.noted(&key, e.into())),
     };
-    p.metrics.bytes_in.add(stream.header().len() as u64);
+    p.metrics.bytes_in.add(stream.header_len() as u64);
     let check = stream.check().clone();
     let header = check.header();
     if let Err(m) = check_header(header, &want, None) {
@@ -268,14 +268,7 @@ async fn header_and_first(
     let Ok(budget) = p.wire_budget.clone().try_acquire_many_owned(want) else {
         return Ok((check, None));
     };
-    let task = receive_section(
-        p.stores.clone(),
-        p.metrics.clone(),
-        stream,
-        check.clone(),
-        0,
-        budget,
-    );
+    let task = receive_section(p.metrics.clone(), stream, check.clone(), 0, budget);
     Ok((check, Some(EarlySection(tokio::spawn(task)))))
 }
 
@@ -435,23 +428,15 @@ async fn request_section(
     index: usize,
     budget: OwnedSemaphorePermit,
 ) -> Result<Received, FetchError> {
-    let key = check.key();
-    let client = p.stores.client_for(&key).await?;
-    match client.open_known_sections(check, &[index]).await {
-        Ok(stream) => {
-            let (stores, metrics) = (p.stores.clone(), p.metrics.clone());
-            receive_section(stores, metrics, stream, check.clone(), index, budget).await
-        }
-        Err(e) => Err(p.stores.failed(&key, e).await.into()),
-    }
+    let stream = p.source.open_known(check, &[index]).await?;
+    receive_section(p.metrics.clone(), stream, check.clone(), index, budget).await
 }
 
 /// Receives section `index` from `stream` (which asked for it alone); `budget` is its share of
 /// the byte budget.
 async fn receive_section(
-    stores: Stores,
     metrics: Arc<Metrics>,
-    mut stream: SectionStream,
+    mut stream: Box<dyn SectionReader>,
     check: Arc<SectionCheck>,
     index: usize,
     budget: OwnedSemaphorePermit,
@@ -469,7 +454,7 @@ async fn receive_section(
             "chunk {}: section {index} missing",
             check.key()
         ))),
-        Err(e) => Err(stores.failed(&check.key(), e).await.into()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `error`: the errors of lookups, fetches, saves and store access.
 //! - `plan`: the sans-IO fetch planner (order, window, per-layer readiness).
 //! - `layout`: restore into the engine's layout on the CPU, and read a client's buffer back.
+//! - `source`: where a fetch reads objects ([`SectionSource`]): the stores, or memory in tests.
 //! - `stores`: which store holds which key; prefix lookups; lazy reconnection.
 //! - `verify`: what a fetched header must say (the chunk asked for).
 //! - `quarantine`: chunks found corrupt lately, where lookups and fetches stop.
@@ -16,10 +17,13 @@
 mod error;
 mod events;
 mod fetch;
+#[cfg(test)]
+mod fetch_tests;
 mod layout;
 mod plan;
 mod quarantine;
 mod save;
+mod source;
 mod stores;
 mod verify;
 
@@ -36,6 +40,7 @@ pub use fetch::{restore_section_into, SectionJob};
 pub use layout::{extract_cache, kv_dtype, place_cache, place_tensor, LayoutIoError, Sink};
 pub use plan::{FetchPlanner, PlanError, SectionRef};
 pub use save::encode_config;
+pub use source::{BoxFuture, MemorySource, SectionReader, SectionSource};
 pub use stores::StoreTarget;
 
 use crate::buffers::Destination;
@@ -70,7 +75,10 @@ pub enum PipelineError {
 /// The fetch/save pipeline: one per daemon, shared by all clients.
 #[derive(Debug)]
 pub struct Pipeline {
+    /// Where saves put objects.
     stores: Stores,
+    /// Where fetches and lookups read objects: the stores, unless injected.
+    source: Arc<dyn SectionSource>,
     registry: Arc<CodecRegistry>,
     metrics: Arc<Metrics>,
     fetch: FetchConfig,
@@ -97,10 +105,46 @@ impl Pipeline {
         save: SaveConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Pipeline, PipelineError> {
-        save::encode_config(&save).map_err(|e| PipelineError::Save(e.to_string()))?;
         if stores.is_empty() {
             return Err(PipelineError::Save("no store configured".into()));
         }
+        let stores = Stores::new(
+            stores,
+            Duration::from_millis(fetch.connect_timeout_ms),
+            fetch.connections_per_store,
+        );
+        Pipeline::build(
+            stores.clone(),
+            Arc::new(stores),
+            registry,
+            fetch,
+            save,
+            metrics,
+        )
+    }
+
+    /// A pipeline whose fetches and lookups read `source` (objects in memory, in tests) and
+    /// which has no store to save to: a save fails with [`StoreError::NoStore`].
+    pub fn with_source(
+        source: Arc<dyn SectionSource>,
+        registry: CodecRegistry,
+        fetch: FetchConfig,
+        save: SaveConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline, PipelineError> {
+        let none = Stores::new(Vec::new(), Duration::ZERO, 1);
+        Pipeline::build(none, source, registry, fetch, save, metrics)
+    }
+
+    fn build(
+        stores: Stores,
+        source: Arc<dyn SectionSource>,
+        registry: CodecRegistry,
+        fetch: FetchConfig,
+        save: SaveConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline, PipelineError> {
+        save::encode_config(&save).map_err(|e| PipelineError::Save(e.to_string()))?;
         let save_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(save.workers.max(1))
             .thread_name(|i| format!("kvf-save-{i}"))
@@ -119,11 +163,8 @@ impl Pipeline {
         .unwrap_or(u32::MAX)
         .min(Semaphore::MAX_PERMITS as u32);
         Ok(Pipeline {
-            stores: Stores::new(
-                stores,
-                Duration::from_millis(fetch.connect_timeout_ms),
-                fetch.connections_per_store,
-            ),
+            stores,
+            source,
             registry: Arc::new(registry),
             metrics,
             decode_pool: Arc::new(decode_pool),
@@ -189,7 +230,7 @@ impl Pipeline {
         let fp = ModelFingerprint::of_bytes(model.as_bytes());
         let chunk = self.save.chunk_tokens as usize;
         let keys = chunk_keys(&fp, token_ids, chunk);
-        let mut n = self.stores.exists_prefix(&keys).await?;
+        let mut n = self.source.exists_prefix(&keys).await?;
         // A fetch would stop before a chunk found corrupt: so does the lookup.
         if let Some(bad) = self
             .quarantine
