@@ -45,7 +45,8 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["profile"]["test"] and m.get("executable"):
         print(m["executable"])'
   }
-  for args in "-p kvfetcher --test gpu_fetch" "-p kvfetcher --lib" "-p kvfetcher-client --lib"; do
+  for args in "-p kvfetcher --test gpu_fetch" "-p kvfetcher --lib" "-p kvfetcher-client --lib" \
+    "-p kvfetcher-cuda-sys --lib"; do
     # shellcheck disable=SC2086
     cargo test --release $args --no-run --message-format=json 2>/dev/null | test_exes |
       while read -r t; do install -m 755 -s "$t" "$carry/tests/"; done

@@ -1,159 +1,68 @@
-//! The CUDA driver (`libcuda.so.1`), loaded at run time: the client's only CUDA FFI.
+//! The CUDA driver (`libcuda.so.1`), loaded at run time: the client's safe layer over it.
 //!
 //! Only what a client of GPU buffers needs: open the daemon's IPC memory and event handles,
 //! wait on those events (host or stream), and export a device buffer for a save. Every call
 //! runs with the device's primary context pushed and popped again, so the calling (engine)
-//! thread's current context is left as it was. Signatures follow `cuda.h` (CUDA 12/13, 64-bit),
-//! as in `daemon/src/gpu/cuda_sys.rs`. A host without the driver gets
+//! thread's current context is left as it was. The raw entry points are the shared
+//! `kvfetcher-cuda-sys` table (the daemon uses the same one); this module is the client's safe
+//! layer over it and the only caller of those pointers here. A host without the driver gets
 //! [`GpuError::Unavailable`] on first use; nothing is loaded for host-only clients.
 
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::ffi::{c_int, c_void};
 use std::sync::{Arc, OnceLock};
 
-use libloading::Library;
+use kvfetcher_cuda_sys::cuda::{
+    CuContext, CuDevice, CuDevicePtr, CuEvent, CuIpcHandle, CuResult, CudaApi, CUDA_SUCCESS,
+    CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+};
+use kvfetcher_cuda_sys::LoadError;
 
 use crate::error::GpuError;
 use crate::protocol::GPU_IPC_HANDLE_LEN;
 
-type CuResult = c_int;
-type CuDevice = c_int;
-type CuDevicePtr = u64;
-type CuContext = *mut c_void;
-type CuEvent = *mut c_void;
-type CuStream = *mut c_void;
+/// The driver's IPC handles are the protocol's handle bytes, passed through unchanged.
+const _: () = assert!(std::mem::size_of::<CuIpcHandle>() == GPU_IPC_HANDLE_LEN);
 
-const CUDA_SUCCESS: CuResult = 0;
-/// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`.
-const CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: c_uint = 1;
-/// `CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL`.
-const CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
+/// The client's view of the shared driver table: loading and result checks as [`GpuError`]s.
+type Api = CudaApi;
 
-/// `CUipcMemHandle` / `CUipcEventHandle`: 64 opaque bytes, passed by value.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct CuIpcHandle {
-    reserved: [u8; GPU_IPC_HANDLE_LEN],
-}
-
-/// The driver entry points, resolved once.
-struct Api {
-    cu_init: unsafe extern "C" fn(c_uint) -> CuResult,
-    cu_device_get_count: unsafe extern "C" fn(*mut c_int) -> CuResult,
-    cu_device_get: unsafe extern "C" fn(*mut CuDevice, c_int) -> CuResult,
-    cu_device_primary_ctx_retain: unsafe extern "C" fn(*mut CuContext, CuDevice) -> CuResult,
-    cu_device_primary_ctx_release: unsafe extern "C" fn(CuDevice) -> CuResult,
-    cu_ctx_push_current: unsafe extern "C" fn(CuContext) -> CuResult,
-    cu_ctx_pop_current: unsafe extern "C" fn(*mut CuContext) -> CuResult,
-    cu_ipc_open_mem_handle: unsafe extern "C" fn(*mut CuDevicePtr, CuIpcHandle, c_uint) -> CuResult,
-    cu_ipc_close_mem_handle: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
-    cu_ipc_open_event_handle: unsafe extern "C" fn(*mut CuEvent, CuIpcHandle) -> CuResult,
-    cu_event_destroy: unsafe extern "C" fn(CuEvent) -> CuResult,
-    cu_event_synchronize: unsafe extern "C" fn(CuEvent) -> CuResult,
-    cu_stream_wait_event: unsafe extern "C" fn(CuStream, CuEvent, c_uint) -> CuResult,
-    cu_ipc_get_mem_handle: unsafe extern "C" fn(*mut CuIpcHandle, CuDevicePtr) -> CuResult,
-    cu_mem_get_address_range:
-        unsafe extern "C" fn(*mut CuDevicePtr, *mut usize, CuDevicePtr) -> CuResult,
-    cu_pointer_get_attribute: unsafe extern "C" fn(*mut c_void, c_int, CuDevicePtr) -> CuResult,
-    cu_get_error_name: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
-    cu_get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
-    /// Keeps the library mapped while the pointers above are in use (forever: never unloaded).
-    _lib: Library,
-}
-
-/// Resolves one symbol into a plain function pointer.
-///
-/// # Safety
-/// `T` must be the C signature of `name`.
-unsafe fn sym<T: Copy>(lib: &Library, name: &str) -> Result<T, String> {
-    // SAFETY: the caller guarantees that T matches the symbol's C signature; the pointer is
-    // only used while `lib` stays loaded (Api owns it and lives in a static).
-    unsafe {
-        lib.get::<T>(name.as_bytes())
-            .map(|s| *s)
-            .map_err(|e| format!("{name}: {e}"))
-    }
-}
-
-impl Api {
-    fn load() -> Result<Api, GpuError> {
-        // SAFETY: loading the NVIDIA driver library runs its initialisers, which have no
-        // preconditions on our side.
-        let lib = unsafe { Library::new("libcuda.so.1") }.map_err(|e| {
-            GpuError::Unavailable(format!(
-                "libcuda.so.1 not found: GPU buffers need the NVIDIA driver ({e})"
-            ))
-        })?;
-        let missing = |e: String| GpuError::Unavailable(format!("libcuda.so.1 is too old: {e}"));
-        // SAFETY: every signature below is copied from cuda.h for the named (versioned) symbol.
-        let api = unsafe {
-            Api {
-                cu_init: sym(&lib, "cuInit").map_err(missing)?,
-                cu_device_get_count: sym(&lib, "cuDeviceGetCount").map_err(missing)?,
-                cu_device_get: sym(&lib, "cuDeviceGet").map_err(missing)?,
-                cu_device_primary_ctx_retain: sym(&lib, "cuDevicePrimaryCtxRetain")
-                    .map_err(missing)?,
-                cu_device_primary_ctx_release: sym(&lib, "cuDevicePrimaryCtxRelease_v2")
-                    .map_err(missing)?,
-                cu_ctx_push_current: sym(&lib, "cuCtxPushCurrent_v2").map_err(missing)?,
-                cu_ctx_pop_current: sym(&lib, "cuCtxPopCurrent_v2").map_err(missing)?,
-                cu_ipc_open_mem_handle: sym(&lib, "cuIpcOpenMemHandle_v2").map_err(missing)?,
-                cu_ipc_close_mem_handle: sym(&lib, "cuIpcCloseMemHandle").map_err(missing)?,
-                cu_ipc_open_event_handle: sym(&lib, "cuIpcOpenEventHandle").map_err(missing)?,
-                cu_event_destroy: sym(&lib, "cuEventDestroy_v2").map_err(missing)?,
-                cu_event_synchronize: sym(&lib, "cuEventSynchronize").map_err(missing)?,
-                cu_stream_wait_event: sym(&lib, "cuStreamWaitEvent").map_err(missing)?,
-                cu_ipc_get_mem_handle: sym(&lib, "cuIpcGetMemHandle").map_err(missing)?,
-                cu_mem_get_address_range: sym(&lib, "cuMemGetAddressRange_v2").map_err(missing)?,
-                cu_pointer_get_attribute: sym(&lib, "cuPointerGetAttribute").map_err(missing)?,
-                cu_get_error_name: sym(&lib, "cuGetErrorName").map_err(missing)?,
-                cu_get_error_string: sym(&lib, "cuGetErrorString").map_err(missing)?,
-                _lib: lib,
+/// Loads the driver and initialises it; a host without one gets [`GpuError::Unavailable`].
+fn load() -> Result<Api, GpuError> {
+    let api = CudaApi::load().map_err(|e| {
+        GpuError::Unavailable(match e {
+            LoadError::Library { .. } => {
+                format!("libcuda.so.1 not found: GPU buffers need the NVIDIA driver ({e})")
             }
-        };
-        // SAFETY: cuInit takes flags by value (0 is the only valid value).
-        let rc = unsafe { (api.cu_init)(0) };
-        if rc != CUDA_SUCCESS {
-            let e = api.error("cuInit", rc);
-            return Err(GpuError::Unavailable(format!("no usable CUDA driver: {e}")));
-        }
-        Ok(api)
+            LoadError::Symbol { .. } => format!("libcuda.so.1 is too old: {e}"),
+        })
+    })?;
+    // SAFETY: cuInit takes flags by value (0 is the only valid value).
+    let rc = unsafe { (api.cu_init)(0) };
+    if rc != CUDA_SUCCESS {
+        let e = error(&api, "cuInit", rc);
+        return Err(GpuError::Unavailable(format!("no usable CUDA driver: {e}")));
     }
+    Ok(api)
+}
 
-    /// The error of a failed call, with the driver's name and text for `rc`.
-    fn error(&self, call: &'static str, rc: CuResult) -> GpuError {
-        let text = |f: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult| {
-            let mut p: *const c_char = std::ptr::null();
-            // SAFETY: `p` is a valid out pointer; on success the driver stores a pointer to a
-            // static NUL-terminated string.
-            let ok = unsafe { f(rc, &mut p) } == CUDA_SUCCESS && !p.is_null();
-            if ok {
-                // SAFETY: non-null static C string from the driver (see above).
-                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-            } else {
-                "unknown error".to_string()
-            }
-        };
-        GpuError::Driver {
-            call,
-            code: rc,
-            name: text(self.cu_get_error_name),
-            text: text(self.cu_get_error_string),
-        }
+/// The error of a failed call `call`, with the driver's name and text for `rc`.
+fn error(api: &Api, call: &'static str, rc: CuResult) -> GpuError {
+    GpuError::Driver {
+        call,
+        error: api.error(rc),
     }
+}
 
-    fn check(&self, call: &'static str, rc: CuResult) -> Result<(), GpuError> {
-        if rc == CUDA_SUCCESS {
-            Ok(())
-        } else {
-            Err(self.error(call, rc))
-        }
-    }
+/// `Ok` for success, else the [`GpuError::Driver`] of `call`.
+fn check(api: &Api, call: &'static str, rc: CuResult) -> Result<(), GpuError> {
+    api.check(rc)
+        .map_err(|error| GpuError::Driver { call, error })
 }
 
 /// The driver, loaded and initialised on first use.
 fn api() -> Result<&'static Api, GpuError> {
     static API: OnceLock<Result<Api, GpuError>> = OnceLock::new();
-    API.get_or_init(Api::load).as_ref().map_err(Clone::clone)
+    API.get_or_init(load).as_ref().map_err(Clone::clone)
 }
 
 /// Whether the driver can be loaded and initialised here (for tests that need a GPU).
@@ -188,7 +97,7 @@ impl Device {
         let api = api()?;
         let mut count: c_int = 0;
         // SAFETY: `count` is a valid out pointer.
-        api.check("cuDeviceGetCount", unsafe {
+        check(api, "cuDeviceGetCount", unsafe {
             (api.cu_device_get_count)(&mut count)
         })?;
         let count = u32::try_from(count).unwrap_or(0);
@@ -200,12 +109,12 @@ impl Device {
         }
         let mut dev: CuDevice = 0;
         // SAFETY: valid out pointer; the ordinal is below the device count (fits c_int).
-        api.check("cuDeviceGet", unsafe {
+        check(api, "cuDeviceGet", unsafe {
             (api.cu_device_get)(&mut dev, ordinal as c_int)
         })?;
         let mut ctx: CuContext = std::ptr::null_mut();
         // SAFETY: valid out pointer and device; the reference is released in Drop.
-        api.check("cuDevicePrimaryCtxRetain", unsafe {
+        check(api, "cuDevicePrimaryCtxRetain", unsafe {
             (api.cu_device_primary_ctx_retain)(&mut ctx, dev)
         })?;
         Ok(Arc::new(Device {
@@ -225,7 +134,7 @@ impl Device {
     fn with<R>(&self, f: impl FnOnce(&Api) -> Result<R, GpuError>) -> Result<R, GpuError> {
         let api = self.api;
         // SAFETY: `ctx` is a retained primary context, alive until Drop.
-        api.check("cuCtxPushCurrent", unsafe {
+        check(api, "cuCtxPushCurrent", unsafe {
             (api.cu_ctx_push_current)(self.ctx)
         })?;
         let r = f(api);
@@ -234,7 +143,7 @@ impl Device {
         // context, if any, becomes current again.
         let rc = unsafe { (api.cu_ctx_pop_current)(&mut popped) };
         let r = r?;
-        api.check("cuCtxPopCurrent", rc)?;
+        check(api, "cuCtxPopCurrent", rc)?;
         Ok(r)
     }
 
@@ -248,7 +157,7 @@ impl Device {
             let mut ptr: CuDevicePtr = 0;
             // SAFETY: valid out pointer; the handle is 64 bytes passed by value as cuda.h
             // declares; the flag is a defined constant.
-            api.check("cuIpcOpenMemHandle", unsafe {
+            check(api, "cuIpcOpenMemHandle", unsafe {
                 (api.cu_ipc_open_mem_handle)(&mut ptr, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
             })?;
             Ok(ptr)
@@ -274,7 +183,7 @@ impl Device {
         let ev = self.with(|api| {
             let mut ev: CuEvent = std::ptr::null_mut();
             // SAFETY: valid out pointer; the handle is passed by value as cuda.h declares.
-            api.check("cuIpcOpenEventHandle", unsafe {
+            check(api, "cuIpcOpenEventHandle", unsafe {
                 (api.cu_ipc_open_event_handle)(&mut ev, h)
             })?;
             Ok(ev)
@@ -306,7 +215,7 @@ impl Device {
             if rc != CUDA_SUCCESS {
                 return Ok(Err(format!(
                     "{ptr:#x} is not CUDA device memory ({})",
-                    api.error("cuPointerGetAttribute", rc)
+                    error(api, "cuPointerGetAttribute", rc)
                 )));
             }
             if ordinal != self.ordinal as c_int {
@@ -326,7 +235,7 @@ impl Device {
                 reserved: [0; GPU_IPC_HANDLE_LEN],
             };
             // SAFETY: valid out pointer; `base` is the start of a live allocation (above).
-            api.check("cuIpcGetMemHandle", unsafe {
+            check(api, "cuIpcGetMemHandle", unsafe {
                 (api.cu_ipc_get_mem_handle)(&mut h, base)
             })?;
             Ok(Ok((h.reserved, offset)))
@@ -357,7 +266,7 @@ pub(crate) enum ExportError {
 fn address_range(api: &Api, ptr: CuDevicePtr) -> Result<(CuDevicePtr, usize), GpuError> {
     let (mut base, mut size): (CuDevicePtr, usize) = (0, 0);
     // SAFETY: valid out pointers; unknown addresses are reported as an error code.
-    api.check("cuMemGetAddressRange", unsafe {
+    check(api, "cuMemGetAddressRange", unsafe {
         (api.cu_mem_get_address_range)(&mut base, &mut size, ptr)
     })?;
     Ok((base, size))
@@ -388,7 +297,7 @@ impl Drop for IpcMem {
         let ptr = self.ptr;
         let _ = self.dev.with(|api| {
             // SAFETY: `ptr` came from cuIpcOpenMemHandle in this context and is closed once.
-            api.check("cuIpcCloseMemHandle", unsafe {
+            check(api, "cuIpcCloseMemHandle", unsafe {
                 (api.cu_ipc_close_mem_handle)(ptr)
             })
         });
@@ -414,7 +323,7 @@ impl IpcEvent {
         let ev = self.ev;
         self.dev.with(|api| {
             // SAFETY: `ev` is an event opened in this context, alive until Drop.
-            api.check("cuEventSynchronize", unsafe {
+            check(api, "cuEventSynchronize", unsafe {
                 (api.cu_event_synchronize)(ev)
             })
         })
@@ -430,7 +339,7 @@ impl IpcEvent {
         self.dev.with(|api| {
             // SAFETY: `ev` is alive until Drop; `stream` is NULL or a live stream per the
             // caller. The driver accepts an event from another context than the stream's.
-            api.check("cuStreamWaitEvent", unsafe {
+            check(api, "cuStreamWaitEvent", unsafe {
                 (api.cu_stream_wait_event)(stream, ev, 0)
             })
         })
@@ -442,7 +351,7 @@ impl Drop for IpcEvent {
         let ev = self.ev;
         let _ = self.dev.with(|api| {
             // SAFETY: `ev` came from cuIpcOpenEventHandle and is destroyed once.
-            api.check("cuEventDestroy", unsafe { (api.cu_event_destroy)(ev) })
+            check(api, "cuEventDestroy", unsafe { (api.cu_event_destroy)(ev) })
         });
     }
 }
@@ -452,75 +361,39 @@ impl Drop for IpcEvent {
 pub(crate) mod testing {
     use super::*;
 
-    struct TestApi {
-        cu_mem_alloc: unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult,
-        cu_mem_free: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
-        cu_memcpy_htod: unsafe extern "C" fn(CuDevicePtr, *const c_void, usize) -> CuResult,
-        cu_memcpy_dtoh: unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize) -> CuResult,
-        cu_event_create: unsafe extern "C" fn(*mut CuEvent, c_uint) -> CuResult,
-        cu_event_record: unsafe extern "C" fn(CuEvent, CuStream) -> CuResult,
-        cu_ipc_get_event_handle: unsafe extern "C" fn(*mut CuIpcHandle, CuEvent) -> CuResult,
-        _lib: Library,
-    }
-
-    fn test_api() -> &'static TestApi {
-        static T: OnceLock<TestApi> = OnceLock::new();
-        T.get_or_init(|| {
-            // SAFETY: as in Api::load; the driver is known to load (callers checked api()).
-            let lib = unsafe { Library::new("libcuda.so.1") }.unwrap();
-            // SAFETY: signatures copied from cuda.h for the named symbols.
-            unsafe {
-                TestApi {
-                    cu_mem_alloc: sym(&lib, "cuMemAlloc_v2").unwrap(),
-                    cu_mem_free: sym(&lib, "cuMemFree_v2").unwrap(),
-                    cu_memcpy_htod: sym(&lib, "cuMemcpyHtoD_v2").unwrap(),
-                    cu_memcpy_dtoh: sym(&lib, "cuMemcpyDtoH_v2").unwrap(),
-                    cu_event_create: sym(&lib, "cuEventCreate").unwrap(),
-                    cu_event_record: sym(&lib, "cuEventRecord").unwrap(),
-                    cu_ipc_get_event_handle: sym(&lib, "cuIpcGetEventHandle").unwrap(),
-                    _lib: lib,
-                }
-            }
-        })
-    }
-
     impl Device {
         /// `cuMemAlloc` of `n` bytes (leaked unless [`Device::test_free`]d).
         pub(crate) fn test_alloc(&self, n: usize) -> u64 {
-            let t = test_api();
             self.with(|api| {
                 let mut p = 0;
                 // SAFETY: valid out pointer.
-                api.check("cuMemAlloc", unsafe { (t.cu_mem_alloc)(&mut p, n) })?;
+                check(api, "cuMemAlloc", unsafe { (api.cu_mem_alloc)(&mut p, n) })?;
                 Ok(p)
             })
             .unwrap()
         }
 
         pub(crate) fn test_free(&self, p: u64) {
-            let t = test_api();
             // SAFETY: `p` came from test_alloc.
-            self.with(|api| api.check("cuMemFree", unsafe { (t.cu_mem_free)(p) }))
+            self.with(|api| check(api, "cuMemFree", unsafe { (api.cu_mem_free)(p) }))
                 .unwrap()
         }
 
         pub(crate) fn test_write(&self, p: u64, data: &[u8]) {
-            let t = test_api();
             self.with(|api| {
                 // SAFETY: `data` is readable for its length; `p` has room (test's choice).
-                api.check("cuMemcpyHtoD", unsafe {
-                    (t.cu_memcpy_htod)(p, data.as_ptr().cast(), data.len())
+                check(api, "cuMemcpyHtoD", unsafe {
+                    (api.cu_memcpy_htod)(p, data.as_ptr().cast(), data.len())
                 })
             })
             .unwrap()
         }
 
         pub(crate) fn test_read(&self, p: u64, out: &mut [u8]) {
-            let t = test_api();
             self.with(|api| {
                 // SAFETY: `out` is writable for its length; `p` has that many bytes.
-                api.check("cuMemcpyDtoH", unsafe {
-                    (t.cu_memcpy_dtoh)(out.as_mut_ptr().cast(), p, out.len())
+                check(api, "cuMemcpyDtoH", unsafe {
+                    (api.cu_memcpy_dtoh)(out.as_mut_ptr().cast(), p, out.len())
                 })
             })
             .unwrap()
@@ -529,23 +402,22 @@ pub(crate) mod testing {
         /// An interprocess event recorded on the legacy default stream now; its IPC handle.
         /// The event is leaked (the test process exits soon).
         pub(crate) fn test_recorded_event(&self) -> [u8; GPU_IPC_HANDLE_LEN] {
-            let t = test_api();
             self.with(|api| {
                 let mut ev: CuEvent = std::ptr::null_mut();
                 // SAFETY: valid out pointer; DISABLE_TIMING | INTERPROCESS.
-                api.check("cuEventCreate", unsafe {
-                    (t.cu_event_create)(&mut ev, 2 | 4)
+                check(api, "cuEventCreate", unsafe {
+                    (api.cu_event_create)(&mut ev, 2 | 4)
                 })?;
                 // SAFETY: live event, NULL stream.
-                api.check("cuEventRecord", unsafe {
-                    (t.cu_event_record)(ev, std::ptr::null_mut())
+                check(api, "cuEventRecord", unsafe {
+                    (api.cu_event_record)(ev, std::ptr::null_mut())
                 })?;
                 let mut h = CuIpcHandle {
                     reserved: [0; GPU_IPC_HANDLE_LEN],
                 };
                 // SAFETY: valid out pointer and live interprocess event.
-                api.check("cuIpcGetEventHandle", unsafe {
-                    (t.cu_ipc_get_event_handle)(&mut h, ev)
+                check(api, "cuIpcGetEventHandle", unsafe {
+                    (api.cu_ipc_get_event_handle)(&mut h, ev)
                 })?;
                 Ok(h.reserved)
             })

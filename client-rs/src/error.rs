@@ -2,6 +2,8 @@
 
 use std::io;
 
+pub use kvfetcher_cuda_sys::CudaError;
+
 use crate::protocol::{ErrorCode, LayoutError};
 use crate::transport::TransportError;
 
@@ -56,7 +58,9 @@ pub enum ClientError {
     WrongMemory(&'static str),
 }
 
-/// Why the CUDA side of a GPU buffer failed.
+/// Why the CUDA side of a GPU buffer failed, on the client's side (opening IPC handles,
+/// waiting on events, exporting a save's buffer). The daemon's `GpuError` covers its own side
+/// (NVDEC, kernels); both carry a driver call's result as the shared [`CudaError`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GpuError {
     /// No usable driver: `libcuda.so.1` is missing or too old, or `cuInit` failed.
@@ -71,16 +75,12 @@ pub enum GpuError {
         count: u32,
     },
     /// A driver call failed.
-    #[error("{call} failed: {name} ({code}): {text}")]
+    #[error("{call} failed: {error}")]
     Driver {
         /// The driver entry point.
         call: &'static str,
-        /// Its `CUresult`.
-        code: i32,
-        /// The result's name (`cuGetErrorName`).
-        name: String,
-        /// The result's description (`cuGetErrorString`).
-        text: String,
+        /// Its `CUresult`, named and described by the driver.
+        error: CudaError,
     },
 }
 

@@ -23,7 +23,7 @@ pub use async_client::{AsyncClient, AsyncFetchHandle};
 pub use buffer::HostMapping;
 pub use client::{Client, FetchHandle};
 pub use cuda::driver_available;
-pub use error::{ClientError, GpuError};
+pub use error::{ClientError, CudaError, GpuError};
 pub use protocol::{
     DaemonStats, ErrorCode, FetchDone, KvDType, KvShape, LayoutError, MemoryKind, Paging, PeerCred,
     TargetLayout, TokenOrder,

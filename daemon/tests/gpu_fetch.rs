@@ -6,8 +6,11 @@
 //!
 //! The daemon cannot IPC-open its own handles, so the pipeline part uses a test destination
 //! that owns a `DeviceBuffer` and reads it back; the cross-process check is the C example's.
-//! Run on a GPU host with `cargo test -p kvfetcher --test gpu_fetch -- --nocapture`;
-//! `KVF_GPU_TEST_KV` names another safetensors KV file.
+//! Run on a GPU host with `cargo test -p kvfetcher --test gpu_fetch -- --nocapture`, or run
+//! its binary from any directory (scripts/gpu-prep.sh --tests carries it): the KV is found at
+//! run time in the checkout's `data/` above the binary (`kvfetcher_testkit::data_file`; or in
+//! `KVF_DATA_DIR`), not at a path baked in at build time. `KVF_GPU_TEST_KV` names another
+//! safetensors KV file.
 
 mod server_support;
 

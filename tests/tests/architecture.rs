@@ -54,11 +54,20 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("kvfetcher-kv", &[]),
     ("kvfetcher-codec", &["kvfetcher-kv"]),
     ("kvfetcher-protocol", &[]),
+    ("kvfetcher-cuda-sys", &[]),
     (
         "kvfetcher",
-        &["kvfetcher-kv", "kvfetcher-codec", "kvfetcher-protocol"],
+        &[
+            "kvfetcher-kv",
+            "kvfetcher-codec",
+            "kvfetcher-protocol",
+            "kvfetcher-cuda-sys",
+        ],
     ),
-    ("kvfetcher-client", &["kvfetcher-protocol"]),
+    (
+        "kvfetcher-client",
+        &["kvfetcher-protocol", "kvfetcher-cuda-sys"],
+    ),
     ("kvfetcher-c", &["kvfetcher-client"]),
     (
         "kvfetcher-tools",
@@ -68,6 +77,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "kvfetcher-codec",
             "kvfetcher-protocol",
             "kvfetcher-client",
+            "kvfetcher-cuda-sys",
         ],
     ),
     ("kvfetcher-testkit", &[]),
@@ -106,6 +116,78 @@ fn crates_depend_only_on_what_the_map_allows() {
         !of("kvfetcher-client").contains("kvfetcher"),
         "clients never link the daemon"
     );
+}
+
+/// The Rust files under `dir`, recursively.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn cuda_ffi_lives_only_in_cuda_sys() {
+    // The client and the daemon get every driver entry point from the shared raw crate: they
+    // load no library themselves, so there is one table of CUDA signatures to keep right.
+    let deps = workspace_deps();
+    let of = |n: &str| &deps.iter().find(|(p, _)| p == n).expect(n).1;
+    for side in ["kvfetcher", "kvfetcher-client"] {
+        assert!(
+            of(side).contains("kvfetcher-cuda-sys") && !of(side).contains("libloading"),
+            "{side} must load CUDA through kvfetcher-cuda-sys, not libloading of its own"
+        );
+    }
+    assert!(
+        of("kvfetcher-cuda-sys")
+            .iter()
+            .all(|d| !d.starts_with("kvfetcher")),
+        "the raw bindings depend on no workspace crate"
+    );
+    // No other source names the NVIDIA libraries' symbols or declares foreign functions.
+    let root = repo_root();
+    for krate in [
+        "kv",
+        "codec",
+        "protocol",
+        "daemon",
+        "client-rs",
+        "client-c",
+        "tools",
+        "testkit",
+        "tests",
+        "python",
+    ] {
+        let src = root.join(krate);
+        for file in rust_files(&src).into_iter().filter(|f| {
+            !f.components().any(|c| c.as_os_str() == "target") && !f.ends_with("architecture.rs")
+        }) {
+            let text = std::fs::read_to_string(&file).expect("read source");
+            assert!(
+                !text.contains("extern \"C\" {"),
+                "{} declares foreign functions: FFI goes through run-time loading",
+                file.display()
+            );
+            if text.contains("libloading::") || text.contains("Library::new") {
+                for lib in ["libcuda", "libnvcuvid"] {
+                    assert!(
+                        !text.contains(lib),
+                        "{} loads {lib} itself: CUDA and NVDEC FFI live in cuda-sys/ only",
+                        file.display()
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -165,8 +247,9 @@ fn daemon_modules_import_only_downward() {
         ),
         (
             "pipeline",
-            &["cli"],
-            "the fetch and save pipelines are a library, the CLI only starts them",
+            &["cli", "server"],
+            "the fetch and save pipelines are a library, the CLI only starts them; they report \
+             typed errors and events, and the server maps them to protocol messages",
         ),
         (
             "server",

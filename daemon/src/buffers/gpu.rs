@@ -61,11 +61,10 @@ impl std::fmt::Debug for GpuDestination {
 }
 
 fn gpu_failed(what: &'static str, e: GpuError) -> BufferError {
-    match &e {
-        GpuError::Cuda { code: 2, .. } => {
-            BufferError::Exhausted(format!("{what}: out of device memory ({e})"))
-        }
-        _ => BufferError::Gpu { what, source: e },
+    if e.is_out_of_memory() {
+        BufferError::Exhausted(format!("{what}: out of device memory ({e})"))
+    } else {
+        BufferError::Gpu { what, source: e }
     }
 }
 

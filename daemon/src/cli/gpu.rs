@@ -32,7 +32,7 @@ pub struct DeviceArgs {
 }
 
 /// Runs `kvfetcher gpu ...`.
-pub fn run(args: GpuArgs) -> anyhow::Result<()> {
+pub(super) fn run(args: GpuArgs) -> anyhow::Result<()> {
     match args.command {
         GpuCommand::Info(a) => info(a.device),
     }

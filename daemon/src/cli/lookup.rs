@@ -26,7 +26,7 @@ pub struct LookupArgs {
 }
 
 /// Runs `kvfetcher lookup`: prints `<found> of <asked> tokens available`.
-pub fn run(args: LookupArgs) -> anyhow::Result<()> {
+pub(super) fn run(args: LookupArgs) -> anyhow::Result<()> {
     let stream = UnixStream::connect(&args.socket)
         .with_context(|| format!("cannot connect to {}", args.socket.display()))?;
     let mut conn = BlockingConn::client_handshake(stream, DEFAULT_MAX_FRAME)?;

@@ -5,9 +5,9 @@ use clap::{Parser, Subcommand};
 
 pub mod codec;
 pub mod daemon;
-pub mod gpu;
-pub mod lookup;
-pub mod store;
+mod gpu;
+mod lookup;
+mod store;
 
 /// KVFetcher: fetch compressed KV caches from remote storage and restore them for local engines.
 #[derive(Debug, Parser)]

@@ -156,7 +156,7 @@ impl StoreArgs {
 }
 
 /// Runs `kvfetcher store`.
-pub fn run_store(args: StoreArgs) -> anyhow::Result<()> {
+pub(super) fn run_store(args: StoreArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.dev_cert {
         write_dev_pki(dir)?;
         println!("wrote dev certificates to {}", dir.display());
@@ -250,7 +250,7 @@ impl RemoteArgs {
 }
 
 /// Runs `kvfetcher put`.
-pub fn run_put(args: PutArgs) -> anyhow::Result<()> {
+pub(super) fn run_put(args: PutArgs) -> anyhow::Result<()> {
     let (addr, tls) = args.remote.resolve()?;
     runtime()?.block_on(async move {
         let client = StoreClient::connect(addr, tls).await?;
@@ -275,7 +275,7 @@ pub fn run_put(args: PutArgs) -> anyhow::Result<()> {
 }
 
 /// Runs `kvfetcher get`.
-pub fn run_get(args: GetArgs) -> anyhow::Result<()> {
+pub(super) fn run_get(args: GetArgs) -> anyhow::Result<()> {
     let key = ChunkKey::from_hex(&args.key)?;
     let (addr, tls) = args.remote.resolve()?;
     runtime()?.block_on(async move {

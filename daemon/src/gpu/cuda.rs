@@ -3,14 +3,14 @@
 //!
 //! Every driver call goes through [`Cuda`]; its handles ([`DeviceBuffer`], [`Stream`], [`Event`],
 //! [`Module`]) free themselves on drop. Not a general CUDA binding: only what the NVDEC decoder and
-//! the restore kernels need. Raw FFI lives in `cuda_sys`.
+//! the restore kernels need. Raw FFI lives in the `kvfetcher-cuda-sys` crate.
 
 use std::ffi::{c_void, CStr, CString};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use super::cuda_sys::{self as sys, CudaApi, CudaMemcpy2d};
 use super::GpuError;
+use kvfetcher_cuda_sys::cuda::{self as sys, CudaApi, CudaMemcpy2d};
 
 /// What the driver says about one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +100,7 @@ impl std::fmt::Debug for Cuda {
 impl Cuda {
     /// Loads the driver, initialises it and retains device `ordinal`'s primary context.
     pub fn open(ordinal: usize) -> Result<Arc<Cuda>, GpuError> {
-        let api = CudaApi::load().map_err(GpuError::NoDriver)?;
+        let api = CudaApi::load().map_err(|e| GpuError::NoDriver(e.to_string()))?;
         // SAFETY: cuInit takes flags 0 and has no other preconditions.
         let rc = unsafe { (api.cu_init)(0) };
         if rc != sys::CUDA_SUCCESS {
@@ -474,24 +474,8 @@ impl Drop for Cuda {
 }
 
 fn check(api: &CudaApi, call: &'static str, rc: sys::CuResult) -> Result<(), GpuError> {
-    if rc == sys::CUDA_SUCCESS {
-        return Ok(());
-    }
-    let mut msg: *const std::ffi::c_char = std::ptr::null();
-    // SAFETY: cuGetErrorString writes a pointer to a static string (or leaves it null).
-    let message = if unsafe { (api.cu_get_error_string)(rc, &mut msg) } == 0 && !msg.is_null() {
-        // SAFETY: the driver returned a static NUL-terminated string.
-        unsafe { CStr::from_ptr(msg) }
-            .to_string_lossy()
-            .into_owned()
-    } else {
-        "unknown error".into()
-    };
-    Err(GpuError::Cuda {
-        call,
-        code: rc,
-        message,
-    })
+    api.check(rc)
+        .map_err(|error| GpuError::Cuda { call, error })
 }
 
 /// Plain-old-data element types that may be copied to and from device memory byte for byte.

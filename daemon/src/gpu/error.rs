@@ -1,4 +1,8 @@
-//! The GPU layer's error type.
+//! The daemon's GPU error: a driver call's [`CudaError`] plus what only the daemon's side can
+//! fail at (NVDEC, decoding, the restore kernels). The client has its own `GpuError` for its
+//! side (IPC import and events); both carry the same [`CudaError`] from `kvfetcher-cuda-sys`.
+
+use kvfetcher_cuda_sys::CudaError;
 
 /// Why a GPU operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -18,14 +22,12 @@ pub enum GpuError {
         count: usize,
     },
     /// A driver call returned an error.
-    #[error("{call} failed: {message} (code {code})")]
+    #[error("{call} failed: {} (code {})", error.text, error.code)]
     Cuda {
         /// The driver function.
         call: &'static str,
-        /// The `CUresult`.
-        code: i32,
-        /// The driver's description.
-        message: String,
+        /// The driver's result, named and described.
+        error: CudaError,
     },
     /// NVDEC cannot decode this stream (format, size or bit depth out of its range).
     #[error("nvdec cannot decode this stream: {0}")]
@@ -39,4 +41,11 @@ pub enum GpuError {
     /// The restore kernels' PTX failed to load.
     #[error("restore kernels: {0}")]
     Kernels(String),
+}
+
+impl GpuError {
+    /// Whether a driver call ran out of device memory (`CUDA_ERROR_OUT_OF_MEMORY`).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, GpuError::Cuda { error, .. } if error.code == CudaError::OUT_OF_MEMORY)
+    }
 }

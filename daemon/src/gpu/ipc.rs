@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use super::cuda::{Cuda, Stream};
-use super::cuda_sys::{self as sys, CuIpcHandle};
 use super::GpuError;
+use kvfetcher_cuda_sys::cuda::{self as sys, CuIpcHandle};
 
 /// Free and total device memory in bytes (`cuMemGetInfo`, device-wide).
 pub fn mem_info(cuda: &Cuda) -> Result<(usize, usize), GpuError> {

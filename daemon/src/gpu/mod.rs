@@ -1,26 +1,26 @@
 //! The GPU path: NVDEC decoding and the restore kernels, on NVIDIA GPUs found at run time.
 //!
-//! Layers, bottom up: `cuda_sys` / `nvcuvid_sys` (raw bindings, loaded with libloading, the only
-//! unsafe FFI), [`cuda`] and [`nvdec`] (safe wrappers), [`restore`] (the PTX kernels and their
-//! bit-exact CPU reference), [`ipc`] (importing CUDA IPC handles), [`devices`] (the node's GPUs
-//! as the daemon serves them) and [`section_restore`] (a fetched section straight into a
-//! client's device buffer, with the [`gather`] table of the HEVC surface route). Fixtures,
-//! self-checks and benchmarks of this path live in the `kvfetcher-tools` crate.
+//! Layers, bottom up: the `kvfetcher-cuda-sys` crate (raw bindings of `libcuda.so.1` and
+//! `libnvcuvid.so.1`, loaded with libloading, shared with the client), [`cuda`] and [`nvdec`]
+//! (the daemon's safe wrappers, the only callers of those raw pointers here), [`restore`] (the
+//! PTX kernels and their bit-exact CPU reference), [`ipc`] (importing CUDA IPC handles),
+//! `devices` (the node's GPUs as the daemon serves them, re-exported here) and
+//! `section_restore` (a fetched section straight into a client's device buffer, with the
+//! [`gather`] table of the HEVC surface route; the pipeline's only). Fixtures, self-checks and
+//! benchmarks of this path live in the `kvfetcher-tools` crate.
 //! Everything builds and its non-GPU tests pass on hosts without a driver: loading fails with
 //! [`GpuError::NoDriver`] / [`GpuError::NoNvdec`].
 
 pub mod cuda;
-mod cuda_sys;
-pub mod devices;
+mod devices;
 mod error;
 pub mod gather;
 pub mod hevc_backend;
 pub mod ipc;
-mod nvcuvid_sys;
 pub mod nvdec;
-pub mod pool;
+mod pool;
 pub mod restore;
-pub mod section_restore;
+pub(crate) mod section_restore;
 
 pub use cuda::{
     host_wait, set_host_wait, Cuda, DeviceBuffer, DeviceInfo, Event, HostWait, Module, Stream,

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::cuda::{Cuda, DeviceBuffer, Stream};
-use super::nvcuvid_sys::{self as sys, NvcuvidApi};
 use super::GpuError;
 use kvfetcher_codec::Chroma;
+use kvfetcher_cuda_sys::nvcuvid::{self as sys, NvcuvidApi};
 
 /// NVDEC's code for a chroma format.
 fn raw_chroma(c: Chroma) -> c_int {
@@ -147,7 +147,7 @@ impl std::fmt::Debug for Nvdec {
 impl Nvdec {
     /// Loads `libnvcuvid.so.1` for `cuda`'s device.
     pub fn open(cuda: Arc<Cuda>) -> Result<Nvdec, GpuError> {
-        let api = NvcuvidApi::load().map_err(GpuError::NoNvdec)?;
+        let api = NvcuvidApi::load().map_err(|e| GpuError::NoNvdec(e.to_string()))?;
         Ok(Nvdec {
             cuda,
             api: Arc::new(api),

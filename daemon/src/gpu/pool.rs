@@ -21,7 +21,7 @@ const MIN_CAPACITY: usize = 4096;
 
 /// The capacity a request of `bytes` is served with: four size classes per power of two, so
 /// sections of similar sizes share buffers and at most 1/8 of a buffer is slack.
-pub fn capacity_for(bytes: usize) -> usize {
+pub(super) fn capacity_for(bytes: usize) -> usize {
     let b = bytes.max(MIN_CAPACITY);
     let step = 1usize << (usize::BITS - b.leading_zeros()).saturating_sub(3);
     b.div_ceil(step) * step

@@ -31,7 +31,7 @@ use super::GpuError;
 
 /// How a section reached the device buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// Packed payload, unpacked by the kernel.
     Packed,
     /// Decoded by NVDEC, restored from the surfaces.
@@ -48,7 +48,7 @@ fn invalid(m: impl Into<String>) -> GpuError {
 /// 0 is token `token_start`: paged buffers get the identity block table, since the fetch
 /// buffer's blocks are in order. `TargetSpec::offset(row, col) * dtype size` plus the tensor's
 /// base offset equals `TargetLayout::offset` (tested below).
-pub fn target_spec(
+pub(crate) fn target_spec(
     layout: &TargetLayout,
     shape: &KvShape,
     token_start: u32,
@@ -78,7 +78,7 @@ pub fn target_spec(
 
 /// Whether the kernels restore section `index` of `header` into `layout` bit for bit like the
 /// CPU path; `Err` says why not (the caller then restores on the CPU).
-pub fn kernels_apply(
+pub(crate) fn kernels_apply(
     header: &ChunkHeader,
     index: usize,
     layout: &TargetLayout,
@@ -173,7 +173,7 @@ impl<'d> SectionWork<'d> {
 /// stream, synchronised before returning, so readiness events recorded afterwards are ordered
 /// after these writes.
 #[allow(clippy::too_many_arguments)]
-pub fn restore_section_to_device(
+pub(crate) fn restore_section_to_device(
     dev: &GpuDevice,
     header: &ChunkHeader,
     index: usize,

@@ -1,5 +1,6 @@
-//! The fetch driver: runs a [`FetchPlanner`] against the stores, the decode pool and the
-//! destination, so network, decode and restore overlap.
+//! The fetch driver: runs a [`FetchPlanner`] against a [`SectionSource`](super::SectionSource)
+//! (the stores, or memory in tests), the decode pool and the destination, so network, decode
+//! and restore overlap.
 //!
 //! Headers first (at most the fetch window at once; this is also the prefix lookup), each
 //! checked by `verify` before anything is sized from it, each carrying its chunk's layer-0
@@ -22,22 +23,15 @@ use kvfetcher_codec::{
 use kvfetcher_protocol::{KvShape, TargetLayout};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::layout::{place_cache, LayoutIoError};
+use super::layout::place_cache;
 use super::plan::{FetchPlanner, SectionRef};
-use super::stores::Stores;
+use super::source::SectionReader;
 use super::verify::{check_header, Expected, Geometry, Mismatch};
-use super::Pipeline;
+use super::{FetchError, FetchEvent, FetchEvents, FetchOutcome, Pipeline};
 use crate::buffers::Destination;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
 use crate::metrics::Metrics;
-use crate::server::{FetchEvent, FetchEvents, FetchOutcome, ServeError};
-use crate::transport::{SectionCheck, SectionStream};
-
-impl From<LayoutIoError> for ServeError {
-    fn from(e: LayoutIoError) -> Self {
-        ServeError::BadRequest(e.to_string())
-    }
-}
+use crate::transport::SectionCheck;
 
 /// One chunk of the fetched prefix.
 struct Chunk {
@@ -59,13 +53,13 @@ struct Received {
 
 /// A section requested ahead of the planner (a chunk's first, in the header round), on a task
 /// of its own; cancelled when dropped, so a dropped fetch stops it.
-struct EarlySection(tokio::task::JoinHandle<Result<Received, ServeError>>);
+struct EarlySection(tokio::task::JoinHandle<Result<Received, FetchError>>);
 
 impl EarlySection {
-    async fn received(mut self) -> Result<Received, ServeError> {
+    async fn received(mut self) -> Result<Received, FetchError> {
         (&mut self.0)
             .await
-            .map_err(|e| ServeError::Internal(format!("section task: {e}")))?
+            .map_err(|e| FetchError::Internal(format!("section task: {e}")))?
     }
 }
 
@@ -93,7 +87,7 @@ pub(super) async fn fetch(
     layout: &TargetLayout,
     dest: Arc<dyn Destination>,
     events: FetchEvents,
-) -> Result<FetchOutcome, ServeError> {
+) -> Result<FetchOutcome, FetchError> {
     let started = Instant::now();
     let _active = p.metrics.fetches_active.track();
     let fp = ModelFingerprint::of_bytes(model.as_bytes());
@@ -103,10 +97,10 @@ pub(super) async fn fetch(
         .enumerate()
         .map(|(i, &key)| Expected::chunk(key, fp, i, p.save.chunk_tokens, token_ids.len()))
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| ServeError::BadRequest("too many tokens".into()))?;
+        .ok_or(FetchError::TooManyTokens)?;
     let (chunks, header_bytes) = stored_prefix(p, &wanted).await?;
     if chunks.is_empty() {
-        return Err(ServeError::NotFound(format!(
+        return Err(FetchError::NotFound(format!(
             "no stored prefix for model {model:?}"
         )));
     }
@@ -115,7 +109,7 @@ pub(super) async fn fetch(
     let shape = shape_of(&chunks)?;
     layout
         .checked_buffer_len(&shape)
-        .map_err(|e| ServeError::BadRequest(format!("layout: {e}")))?;
+        .map_err(|e| FetchError::BadLayout(format!("layout: {e}")))?;
     dest.allocate(&shape)?;
     events.report(FetchEvent::Allocated(shape));
     let layers = chunks
@@ -129,7 +123,7 @@ pub(super) async fn fetch(
         })
         .collect();
     let mut planner = FetchPlanner::new(shape.num_layers, layers, p.fetch.max_inflight_sections)
-        .map_err(|e| ServeError::Internal(format!("plan: {e}")))?;
+        .map_err(|e| FetchError::Internal(format!("plan: {e}")))?;
     let mut tasks = FuturesUnordered::new();
     let mut wire = header_bytes;
     let mut first_layer = false;
@@ -156,7 +150,7 @@ pub(super) async fn fetch(
         first_arrival = Some(first_arrival.map_or(at, |f| f.min(at)));
         last_arrival = last_arrival.max(at);
         wire += bytes;
-        let event = |e| ServeError::Internal(format!("plan: {e}"));
+        let event = |e| FetchError::Internal(format!("plan: {e}"));
         planner.handle_received(s).map_err(event)?;
         planner.handle_restored(s).map_err(event)?;
         while let Some(ready) = planner.poll_ready() {
@@ -201,7 +195,7 @@ pub(super) async fn fetch(
 /// asked for and share the first chunk's geometry (`verify`). Keeps the early first sections
 /// of a leading run of chunks only (see the module doc). Returns the chunks and the header
 /// bytes received.
-async fn stored_prefix(p: &Pipeline, wanted: &[Expected]) -> Result<(Vec<Chunk>, u64), ServeError> {
+async fn stored_prefix(p: &Pipeline, wanted: &[Expected]) -> Result<(Vec<Chunk>, u64), FetchError> {
     // Chunks found corrupt lately end the prefix, as they end a lookup's.
     let keys: Vec<ChunkKey> = wanted.iter().map(|w| w.key).collect();
     let usable = p
@@ -225,11 +219,11 @@ async fn stored_prefix(p: &Pipeline, wanted: &[Expected]) -> Result<(Vec<Chunk>,
         });
         let (check, first) = match answer {
             Ok(a) => a,
-            Err(ServeError::NotFound(_)) => break,
+            Err(FetchError::NotFound(_)) => break,
             // A corrupt chunk (counted and logged) ends the prefix; the good chunks before it
             // are fetched. A corrupt first chunk leaves nothing to fetch.
-            Err(e @ ServeError::Corrupt(_)) if chunks.is_empty() => return Err(e),
-            Err(ServeError::Corrupt(_)) => break,
+            Err(e @ FetchError::Corrupt(_)) if chunks.is_empty() => return Err(e),
+            Err(FetchError::Corrupt(_)) => break,
             Err(e) => return Err(e),
         };
         early &= first.is_some();
@@ -242,7 +236,7 @@ async fn stored_prefix(p: &Pipeline, wanted: &[Expected]) -> Result<(Vec<Chunk>,
         });
         token_start = token_start
             .checked_add(tokens)
-            .ok_or_else(|| ServeError::Internal("token count overflows".into()))?;
+            .ok_or_else(|| FetchError::Internal("token count overflows".into()))?;
     }
     Ok((chunks, bytes))
 }
@@ -255,14 +249,13 @@ async fn stored_prefix(p: &Pipeline, wanted: &[Expected]) -> Result<(Vec<Chunk>,
 async fn header_and_first(
     p: &Pipeline,
     want: Expected,
-) -> Result<(Arc<SectionCheck>, Option<EarlySection>), ServeError> {
+) -> Result<(Arc<SectionCheck>, Option<EarlySection>), FetchError> {
     let key = want.key;
-    let client = p.stores.client_for(&key).await?;
-    let stream = match client.open_sections(&key, &[0]).await {
+    let stream = match p.source.open(&key, &[0]).await {
         Ok(s) => s,
-        Err(e) => return Err(p.noted(&key, p.stores.failed(&key, e).await)),
+        Err(e) => return Err(p.noted(&key, e.into())),
     };
-    p.metrics.bytes_in.add(stream.header().len() as u64);
+    p.metrics.bytes_in.add(stream.header_len() as u64);
     let check = stream.check().clone();
     let header = check.header();
     if let Err(m) = check_header(header, &want, None) {
@@ -275,20 +268,13 @@ async fn header_and_first(
     let Ok(budget) = p.wire_budget.clone().try_acquire_many_owned(want) else {
         return Ok((check, None));
     };
-    let task = receive_section(
-        p.stores.clone(),
-        p.metrics.clone(),
-        stream,
-        check.clone(),
-        0,
-        budget,
-    );
+    let task = receive_section(p.metrics.clone(), stream, check.clone(), 0, budget);
     Ok((check, Some(EarlySection(tokio::spawn(task)))))
 }
 
 /// The error of a header that is not the chunk asked for.
-fn corrupt_header(key: &ChunkKey, m: &Mismatch) -> ServeError {
-    ServeError::Corrupt(format!("chunk {key}: {m}"))
+fn corrupt_header(key: &ChunkKey, m: &Mismatch) -> FetchError {
+    FetchError::Corrupt(format!("chunk {key}: {m}"))
 }
 
 /// Permits of the byte budget a section of `len` bytes holds. A section larger than the whole
@@ -301,13 +287,13 @@ fn budget_permits(p: &Pipeline, len: u64) -> u32 {
 }
 
 /// The shape of the whole prefix; every chunk must agree on layers, heads and head size.
-fn shape_of(chunks: &[Chunk]) -> Result<KvShape, ServeError> {
+fn shape_of(chunks: &[Chunk]) -> Result<KvShape, FetchError> {
     let h0 = chunks[0].header();
     let mut tokens = 0u32;
     for c in chunks {
         let h = c.header();
         if (h.num_layers, h.kv_heads, h.head_dim) != (h0.num_layers, h0.kv_heads, h0.head_dim) {
-            return Err(ServeError::Internal(format!(
+            return Err(FetchError::Internal(format!(
                 "chunk {} is {}x{}x{}, chunk 0 is {}x{}x{}",
                 c.key(),
                 h.num_layers,
@@ -349,7 +335,7 @@ async fn section(
     layout: TargetLayout,
     shape: KvShape,
     dest: Arc<dyn Destination>,
-) -> Result<(SectionRef, u64, SectionTimes), ServeError> {
+) -> Result<(SectionRef, u64, SectionTimes), FetchError> {
     let _queued = p.metrics.sections_in_flight.track();
     section_inner(p, chunk, s, layout, shape, dest)
         .await
@@ -364,7 +350,7 @@ async fn section_inner(
     layout: TargetLayout,
     shape: KvShape,
     dest: Arc<dyn Destination>,
-) -> Result<(SectionRef, u64, SectionTimes), ServeError> {
+) -> Result<(SectionRef, u64, SectionTimes), FetchError> {
     let early = match s.section {
         0 => chunk.first.lock().unwrap_or_else(|e| e.into_inner()).take(),
         _ => None,
@@ -379,7 +365,7 @@ async fn section_inner(
                 .clone()
                 .acquire_many_owned(budget_permits(p, len))
                 .await
-                .map_err(|_| ServeError::Unavailable("pipeline shut down".into()))?;
+                .map_err(|_| FetchError::ShutDown)?;
             request_section(p, &chunk.check, s.section, budget).await?
         }
     };
@@ -413,7 +399,7 @@ async fn section_inner(
             restore_section_into(dest.as_ref(), &job, &registry, &layout, &shape, &metrics)
         }))
         .unwrap_or_else(|_| {
-            Err(ServeError::Internal(format!(
+            Err(FetchError::Internal(format!(
                 "chunk {}: section {index}: decode panicked",
                 check.key()
             )))
@@ -425,7 +411,7 @@ async fn section_inner(
     });
     let (started, decoded) = rx
         .await
-        .map_err(|_| ServeError::Internal("decode worker stopped".into()))??;
+        .map_err(|_| FetchError::Internal("decode worker stopped".into()))??;
     let times = SectionTimes {
         arrived,
         started,
@@ -441,28 +427,20 @@ async fn request_section(
     check: &Arc<SectionCheck>,
     index: usize,
     budget: OwnedSemaphorePermit,
-) -> Result<Received, ServeError> {
-    let key = check.key();
-    let client = p.stores.client_for(&key).await?;
-    match client.open_known_sections(check, &[index]).await {
-        Ok(stream) => {
-            let (stores, metrics) = (p.stores.clone(), p.metrics.clone());
-            receive_section(stores, metrics, stream, check.clone(), index, budget).await
-        }
-        Err(e) => Err(p.stores.failed(&key, e).await),
-    }
+) -> Result<Received, FetchError> {
+    let stream = p.source.open_known(check, &[index]).await?;
+    receive_section(p.metrics.clone(), stream, check.clone(), index, budget).await
 }
 
 /// Receives section `index` from `stream` (which asked for it alone); `budget` is its share of
 /// the byte budget.
 async fn receive_section(
-    stores: Stores,
     metrics: Arc<Metrics>,
-    mut stream: SectionStream,
+    mut stream: Box<dyn SectionReader>,
     check: Arc<SectionCheck>,
     index: usize,
     budget: OwnedSemaphorePermit,
-) -> Result<Received, ServeError> {
+) -> Result<Received, FetchError> {
     match stream.next_section().await {
         Ok(Some((_, bytes))) => {
             metrics.bytes_in.add(bytes.len() as u64);
@@ -472,11 +450,11 @@ async fn receive_section(
                 _budget: budget,
             })
         }
-        Ok(None) => Err(ServeError::Internal(format!(
+        Ok(None) => Err(FetchError::Internal(format!(
             "chunk {}: section {index} missing",
             check.key()
         ))),
-        Err(e) => Err(stores.failed(&check.key(), e).await),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -505,7 +483,7 @@ pub fn restore_section_into(
     layout: &TargetLayout,
     shape: &KvShape,
     metrics: &Metrics,
-) -> Result<(), ServeError> {
+) -> Result<(), FetchError> {
     let SectionJob {
         header,
         index,
@@ -520,9 +498,9 @@ pub fn restore_section_into(
                 CodecError::Unavailable { .. }
                 | CodecError::Library { .. }
                 | CodecError::Unsupported { .. },
-            ) => ServeError::Internal(m),
+            ) => FetchError::Decoder(m),
             // The section passed its checksum: a payload that does not decode was stored so.
-            _ => ServeError::Corrupt(m),
+            _ => FetchError::Corrupt(m),
         }
     };
     if let Some(region) = dest.device() {
@@ -540,7 +518,7 @@ pub fn restore_section_into(
                     region.buffer,
                 )
                 .map_err(|e| {
-                    ServeError::Internal(format!(
+                    FetchError::Gpu(format!(
                         "chunk {}: section {index}: gpu restore: {e}",
                         header.key
                     ))
@@ -564,6 +542,6 @@ pub fn restore_section_into(
     let layers = restore_section(header, index, &plane, registry).map_err(bad)?;
     let first = u32::from(header.sections[index].layer_start);
     place_cache(layout, shape, first, token_start, &layers, &mut |off, b| {
-        dest.write(off, b).map_err(ServeError::from)
+        dest.write(off, b).map_err(FetchError::from)
     })
 }

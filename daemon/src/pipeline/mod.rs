@@ -1,20 +1,29 @@
 //! The fetch and save pipeline: plans which sections to fetch, fetches them over the transport,
 //! decodes them on a bounded worker pool and restores them into the engine's layout; and the
-//! reverse for saves (copy, quantize, encode, upload). [`Pipeline`] is the daemon's
-//! [`Backend`](crate::server::Backend).
+//! reverse for saves (copy, quantize, encode, upload). [`Pipeline`] is the daemon's backend:
+//! the local server (`server/`) calls it and maps its typed errors ([`FetchError`],
+//! [`SaveError`], [`LookupError`]) to protocol codes; nothing here imports the server.
 //!
+//! - `events`: what a fetch reports while it runs, and its outcome.
+//! - `error`: the errors of lookups, fetches, saves and store access.
 //! - `plan`: the sans-IO fetch planner (order, window, per-layer readiness).
 //! - `layout`: restore into the engine's layout on the CPU, and read a client's buffer back.
+//! - `source`: where a fetch reads objects ([`SectionSource`]): the stores, or memory in tests.
 //! - `stores`: which store holds which key; prefix lookups; lazy reconnection.
 //! - `verify`: what a fetched header must say (the chunk asked for).
 //! - `quarantine`: chunks found corrupt lately, where lookups and fetches stop.
 //! - `fetch`, `save`: the two drivers.
 
+mod error;
+mod events;
 mod fetch;
+#[cfg(test)]
+mod fetch_tests;
 mod layout;
 mod plan;
 mod quarantine;
 mod save;
+mod source;
 mod stores;
 mod verify;
 
@@ -25,16 +34,18 @@ use kvfetcher_codec::{chunk_keys, ChunkKey, CodecRegistry, ModelFingerprint};
 use kvfetcher_protocol::{KvShape, TargetLayout};
 use tokio::sync::Semaphore;
 
+pub use error::{FetchError, LookupError, SaveError, StoreError};
+pub use events::{FetchEvent, FetchEvents, FetchOutcome};
 pub use fetch::{restore_section_into, SectionJob};
 pub use layout::{extract_cache, kv_dtype, place_cache, place_tensor, LayoutIoError, Sink};
 pub use plan::{FetchPlanner, PlanError, SectionRef};
 pub use save::encode_config;
+pub use source::{BoxFuture, MemorySource, SectionReader, SectionSource};
 pub use stores::StoreTarget;
 
 use crate::buffers::Destination;
 use crate::config::{Config, FetchConfig, SaveConfig};
 use crate::metrics::Metrics;
-use crate::server::{Backend, BoxFuture, FetchEvents, FetchOutcome, ServeError};
 use crate::transport::{ClientOptions, TlsClientConfig};
 use quarantine::Quarantine;
 use stores::Stores;
@@ -64,7 +75,10 @@ pub enum PipelineError {
 /// The fetch/save pipeline: one per daemon, shared by all clients.
 #[derive(Debug)]
 pub struct Pipeline {
+    /// Where saves put objects.
     stores: Stores,
+    /// Where fetches and lookups read objects: the stores, unless injected.
+    source: Arc<dyn SectionSource>,
     registry: Arc<CodecRegistry>,
     metrics: Arc<Metrics>,
     fetch: FetchConfig,
@@ -91,12 +105,48 @@ impl Pipeline {
         save: SaveConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Pipeline, PipelineError> {
-        // Checks the save settings (the model only matters for `rans`).
-        save::encode_config(&save, &registry, &ModelFingerprint::of_bytes(b""))
-            .map_err(|e| PipelineError::Save(e.to_string()))?;
         if stores.is_empty() {
             return Err(PipelineError::Save("no store configured".into()));
         }
+        let stores = Stores::new(
+            stores,
+            Duration::from_millis(fetch.connect_timeout_ms),
+            fetch.connections_per_store,
+        );
+        Pipeline::build(
+            stores.clone(),
+            Arc::new(stores),
+            registry,
+            fetch,
+            save,
+            metrics,
+        )
+    }
+
+    /// A pipeline whose fetches and lookups read `source` (objects in memory, in tests) and
+    /// which has no store to save to: a save fails with [`StoreError::NoStore`].
+    pub fn with_source(
+        source: Arc<dyn SectionSource>,
+        registry: CodecRegistry,
+        fetch: FetchConfig,
+        save: SaveConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline, PipelineError> {
+        let none = Stores::new(Vec::new(), Duration::ZERO, 1);
+        Pipeline::build(none, source, registry, fetch, save, metrics)
+    }
+
+    fn build(
+        stores: Stores,
+        source: Arc<dyn SectionSource>,
+        registry: CodecRegistry,
+        fetch: FetchConfig,
+        save: SaveConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline, PipelineError> {
+        // Checks the save settings (the model only matters for `rans`).
+        save::encode_config(&save, &registry, &ModelFingerprint::of_bytes(b""))
+            .map_err(|e| PipelineError::Save(e.to_string()))?;
         let save_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(save.workers.max(1))
             .thread_name(|i| format!("kvf-save-{i}"))
@@ -115,11 +165,8 @@ impl Pipeline {
         .unwrap_or(u32::MAX)
         .min(Semaphore::MAX_PERMITS as u32);
         Ok(Pipeline {
-            stores: Stores::new(
-                stores,
-                Duration::from_millis(fetch.connect_timeout_ms),
-                fetch.connections_per_store,
-            ),
+            stores,
+            source,
             registry: Arc::new(registry),
             metrics,
             decode_pool: Arc::new(decode_pool),
@@ -179,11 +226,13 @@ impl Pipeline {
         self.stores.len()
     }
 
-    async fn lookup_tokens(&self, model: &str, token_ids: &[u32]) -> Result<u32, ServeError> {
+    /// How many leading tokens of `token_ids` are stored for `model` (whole chunks, and none
+    /// past a chunk found corrupt lately).
+    pub async fn lookup_tokens(&self, model: &str, token_ids: &[u32]) -> Result<u32, LookupError> {
         let fp = ModelFingerprint::of_bytes(model.as_bytes());
         let chunk = self.save.chunk_tokens as usize;
         let keys = chunk_keys(&fp, token_ids, chunk);
-        let mut n = self.stores.exists_prefix(&keys).await?;
+        let mut n = self.source.exists_prefix(&keys).await?;
         // A fetch would stop before a chunk found corrupt: so does the lookup.
         if let Some(bad) = self
             .quarantine
@@ -197,66 +246,41 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// Fetches the longest stored prefix of `token_ids` (at most all of them) for `model` into
+    /// `dest` in `layout`, reporting progress to `events`; dropping the future cancels it.
+    pub async fn fetch_into(
+        &self,
+        model: &str,
+        token_ids: &[u32],
+        layout: &TargetLayout,
+        dest: Arc<dyn Destination>,
+        events: FetchEvents,
+    ) -> Result<FetchOutcome, FetchError> {
+        fetch::fetch(self, model, token_ids, layout, dest, events).await
+    }
+
+    /// Saves KV in `data` (host bytes of `shape` in `layout`) for `model` and `token_ids`;
+    /// returns the number of chunks stored, overwriting stored ones only with `replace`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn save_kv(
+        &self,
+        model: &str,
+        token_ids: &[u32],
+        layout: &TargetLayout,
+        shape: &KvShape,
+        data: &[u8],
+        replace: bool,
+    ) -> Result<u32, SaveError> {
+        save::save(self, model, token_ids, layout, shape, data, replace).await
+    }
+
     /// Counts, logs and quarantines chunk `key` if `e` says it is corrupt; returns `e`.
-    fn noted(&self, key: &ChunkKey, e: ServeError) -> ServeError {
-        if let ServeError::Corrupt(why) = &e {
+    fn noted(&self, key: &ChunkKey, e: FetchError) -> FetchError {
+        if let FetchError::Corrupt(why) = &e {
             self.metrics.corrupt_objects.add(1);
             tracing::warn!(chunk = %key, "corrupt object in the store: {why}");
             self.quarantine.insert(*key, std::time::Instant::now());
         }
         e
-    }
-}
-
-fn counted<T>(metrics: &Metrics, r: Result<T, ServeError>) -> Result<T, ServeError> {
-    if let Err(e) = &r {
-        if !matches!(e, ServeError::NotFound(_)) {
-            metrics.errors.add(1);
-            tracing::warn!(error = %e, "request failed");
-        }
-    }
-    r
-}
-
-impl Backend for Pipeline {
-    fn lookup<'a>(
-        &'a self,
-        model: &'a str,
-        token_ids: &'a [u32],
-    ) -> BoxFuture<'a, Result<u32, ServeError>> {
-        Box::pin(async move { counted(&self.metrics, self.lookup_tokens(model, token_ids).await) })
-    }
-
-    fn fetch<'a>(
-        &'a self,
-        model: &'a str,
-        token_ids: &'a [u32],
-        layout: &'a TargetLayout,
-        dest: Arc<dyn Destination>,
-        events: FetchEvents,
-    ) -> BoxFuture<'a, Result<FetchOutcome, ServeError>> {
-        Box::pin(async move {
-            counted(
-                &self.metrics,
-                fetch::fetch(self, model, token_ids, layout, dest, events).await,
-            )
-        })
-    }
-
-    fn save<'a>(
-        &'a self,
-        model: &'a str,
-        token_ids: &'a [u32],
-        layout: &'a TargetLayout,
-        shape: &'a KvShape,
-        data: &'a [u8],
-        replace: bool,
-    ) -> BoxFuture<'a, Result<u32, ServeError>> {
-        Box::pin(async move {
-            counted(
-                &self.metrics,
-                save::save(self, model, token_ids, layout, shape, data, replace).await,
-            )
-        })
     }
 }

@@ -21,8 +21,8 @@ use kvfetcher_protocol::{KvShape, TargetLayout};
 
 use super::layout::extract_cache;
 use super::Pipeline;
+use super::SaveError;
 use crate::config::SaveConfig;
-use crate::server::ServeError;
 
 /// The codec settings a save config stands for, for `model`'s KV: `rans` with the model's
 /// profile in `registry` (steps for `save.target_kl`), `zstd` at `save.bits` for a model
@@ -31,7 +31,7 @@ pub fn encode_config(
     save: &SaveConfig,
     registry: &CodecRegistry,
     model: &ModelFingerprint,
-) -> Result<EncodeConfig, ServeError> {
+) -> Result<EncodeConfig, SaveError> {
     let variant = match save.variant.as_str() {
         "zstd" => VariantKind::Zstd,
         "packed" => VariantKind::Packed,
@@ -39,7 +39,7 @@ pub fn encode_config(
         "rans" => match registry.profile_for_model(model) {
             Some(profile) => {
                 let a = allocate_steps(&profile, save.target_kl)
-                    .map_err(|e| ServeError::Internal(format!("profile {}: {e}", profile.id())))?;
+                    .map_err(|e| SaveError::Encode(format!("profile {}: {e}", profile.id())))?;
                 return Ok(EncodeConfig {
                     quant: QuantConfig::Transform(Arc::new(TransformConfig {
                         profile,
@@ -57,7 +57,7 @@ pub fn encode_config(
                 VariantKind::Zstd
             }
         },
-        other => return Err(ServeError::Internal(format!("unknown variant {other:?}"))),
+        other => return Err(SaveError::UnknownVariant(other.to_string())),
     };
     let quant = if save.bits == 16 {
         QuantConfig::Exact
@@ -84,14 +84,13 @@ pub(super) async fn save(
     shape: &KvShape,
     data: &[u8],
     replace: bool,
-) -> Result<u32, ServeError> {
+) -> Result<u32, SaveError> {
     let started = Instant::now();
     if shape.tokens as usize != token_ids.len() {
-        return Err(ServeError::BadRequest(format!(
-            "{} token ids for {} tokens",
-            token_ids.len(),
-            shape.tokens
-        )));
+        return Err(SaveError::TokenCount {
+            ids: token_ids.len(),
+            tokens: shape.tokens,
+        });
     }
     if token_ids.is_empty() {
         return Ok(0);
@@ -112,8 +111,8 @@ pub(super) async fn save(
     });
     let objects = rx
         .await
-        .map_err(|_| ServeError::Internal("save worker stopped".into()))?
-        .map_err(|e| ServeError::BadRequest(format!("encode: {e}")))?;
+        .map_err(|_| SaveError::WorkerStopped)?
+        .map_err(|e| SaveError::Encode(e.to_string()))?;
     drop(queued);
     let stored = futures::stream::iter(objects)
         .map(|(key, bytes)| async move {
@@ -126,7 +125,7 @@ pub(super) async fn save(
                     p.quarantine.remove(&key);
                     Ok(1u32)
                 }
-                Err(e) => Err(p.stores.failed(&key, e).await),
+                Err(e) => Err(SaveError::Store(p.stores.failed(&key, e).await)),
             }
         })
         .buffer_unordered(p.fetch.max_inflight_sections)

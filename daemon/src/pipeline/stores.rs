@@ -20,7 +20,7 @@ use std::time::Duration;
 use kvfetcher_codec::ChunkKey;
 use tokio::sync::Mutex;
 
-use crate::server::ServeError;
+use super::StoreError;
 use crate::transport::{ClientOptions, StoreClient, StoreClientError, TlsClientConfig};
 
 /// How to reach one store.
@@ -54,13 +54,13 @@ pub(crate) struct Stores {
     connect_timeout: Duration,
 }
 
-/// Maps a transport error to what a local client is told.
-pub(crate) fn serve_error(e: StoreClientError) -> ServeError {
+/// Maps a transport error to the pipeline's view of it.
+pub(crate) fn store_error(e: StoreClientError) -> StoreError {
     match e {
-        StoreClientError::NotFound(m) => ServeError::NotFound(m),
-        StoreClientError::Corrupt(m) => ServeError::Corrupt(m),
-        StoreClientError::InvalidObject(m) => ServeError::Internal(format!("invalid chunk: {m}")),
-        other => ServeError::Unavailable(format!("store: {other}")),
+        StoreClientError::NotFound(m) => StoreError::NotFound(m),
+        StoreClientError::Corrupt(m) => StoreError::Corrupt(m),
+        StoreClientError::InvalidObject(m) => StoreError::InvalidObject(m.to_string()),
+        other => StoreError::Unavailable(format!("store: {other}")),
     }
 }
 
@@ -115,15 +115,13 @@ impl Stores {
         key.0[0] as usize % self.stores.len().max(1)
     }
 
-    fn store(&self, i: usize) -> Result<&Store, ServeError> {
-        self.stores
-            .get(i)
-            .ok_or_else(|| ServeError::Internal("no store configured".into()))
+    fn store(&self, i: usize) -> Result<&Store, StoreError> {
+        self.stores.get(i).ok_or(StoreError::NoStore)
     }
 
     /// A connected client for store `i`, the next of its connections in round-robin order,
     /// connecting it if needed.
-    pub(crate) async fn client(&self, i: usize) -> Result<StoreClient, ServeError> {
+    pub(crate) async fn client(&self, i: usize) -> Result<StoreClient, StoreError> {
         let store = self.store(i)?;
         let n = store.next.fetch_add(1, Ordering::Relaxed) % store.slots.len();
         self.connected(store, n).await
@@ -132,7 +130,7 @@ impl Stores {
     /// Any open client for store `i` (for small requests such as lookups): one already
     /// connected and not busy connecting if there is one, so a lookup never waits for a
     /// handshake of a connection it does not need; else the first slot, connected.
-    async fn any_client(&self, i: usize) -> Result<StoreClient, ServeError> {
+    async fn any_client(&self, i: usize) -> Result<StoreClient, StoreError> {
         let store = self.store(i)?;
         for slot in &store.slots {
             if let Some(c) = slot.try_lock().ok().and_then(|s| open_client(&s)) {
@@ -143,7 +141,7 @@ impl Stores {
     }
 
     /// Slot `n` of `store`, (re)connected if empty or dead.
-    async fn connected(&self, store: &Store, n: usize) -> Result<StoreClient, ServeError> {
+    async fn connected(&self, store: &Store, n: usize) -> Result<StoreClient, StoreError> {
         let mut slot = store.slots[n].lock().await;
         if let Some(c) = open_client(&slot) {
             return Ok(c);
@@ -153,9 +151,9 @@ impl Stores {
             StoreClient::connect_with(addr, store.target.tls.clone(), store.target.options);
         let c = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(ServeError::Unavailable(format!("store {addr}: {e}"))),
+            Ok(Err(e)) => return Err(StoreError::Unavailable(format!("store {addr}: {e}"))),
             Err(_) => {
-                return Err(ServeError::Unavailable(format!(
+                return Err(StoreError::Unavailable(format!(
                     "store {addr}: no answer within {:?}",
                     self.connect_timeout
                 )))
@@ -167,17 +165,17 @@ impl Stores {
     }
 
     /// The client for the store holding `key`.
-    pub(crate) async fn client_for(&self, key: &ChunkKey) -> Result<StoreClient, ServeError> {
+    pub(crate) async fn client_for(&self, key: &ChunkKey) -> Result<StoreClient, StoreError> {
         self.client(self.index_of(key)).await
     }
 
     /// Forgets the dead connections of the store holding `key` if `e` says a connection is
-    /// lost; returns `e` as a [`ServeError`].
+    /// lost; returns `e` as a [`StoreError`].
     ///
     /// The caller does not say which connection failed: the closed ones are dropped, and if
     /// none is closed (a stream was cut off) all of them are, as with a single connection.
     /// Requests still running on a dropped client keep its connection until they finish.
-    pub(crate) async fn failed(&self, key: &ChunkKey, e: StoreClientError) -> ServeError {
+    pub(crate) async fn failed(&self, key: &ChunkKey, e: StoreClientError) -> StoreError {
         if connection_lost(&e) {
             if let Some(store) = self.stores.get(self.index_of(key)) {
                 let mut guards = Vec::with_capacity(store.slots.len());
@@ -196,12 +194,12 @@ impl Stores {
                 }
             }
         }
-        serve_error(e)
+        store_error(e)
     }
 
     /// How many leading keys of the chain `keys` are stored, asking each store about the keys
     /// it holds (in chain order) and taking the earliest gap.
-    pub(crate) async fn exists_prefix(&self, keys: &[ChunkKey]) -> Result<usize, ServeError> {
+    pub(crate) async fn exists_prefix(&self, keys: &[ChunkKey]) -> Result<usize, StoreError> {
         let mut present = keys.len();
         for i in 0..self.stores.len() {
             let positions: Vec<usize> = (0..keys.len())

@@ -1,66 +1,23 @@
 //! The interface between the local server and whatever produces KV (the fetch pipeline in the
 //! daemon, an in-memory map in tests): [`Backend`] is implemented by the producer, which writes
 //! into a [`Destination`] (`crate::buffers`) and reports [`FetchEvent`]s that the connection
-//! turns into messages.
+//! turns into messages. The pipeline's implementation is here, at the server's edge: its typed
+//! errors become [`ServeError`]s (and so protocol codes) in this one place.
 
 use std::future::Future;
-use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use kvfetcher_protocol::{KvShape, TargetLayout};
 
-use tokio::sync::mpsc;
-
 use super::ServeError;
 use crate::buffers::Destination;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+pub use crate::pipeline::{FetchEvent, FetchEvents, FetchOutcome};
 
 /// A boxed, sendable future (object-safe async trait methods).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// What a fetch reports while it runs, in order; its future's output is the end (done, or
-/// failed). The connection turns each into a protocol message; the backend writes none.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FetchEvent {
-    /// The destination was allocated for this shape: the client may map it now.
-    Allocated(KvShape),
-    /// These layers are complete for every token (and, in GPU memory, their events recorded).
-    LayersReady(Range<u32>),
-}
-
-/// Where a fetch reports its [`FetchEvent`]s. Sending never blocks: a fetch reports one
-/// allocation and at most one event per layer.
-#[derive(Debug, Clone)]
-pub struct FetchEvents(Option<mpsc::UnboundedSender<FetchEvent>>);
-
-impl FetchEvents {
-    /// A sender and the receiver the connection polls.
-    pub fn channel() -> (FetchEvents, mpsc::UnboundedReceiver<FetchEvent>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (FetchEvents(Some(tx)), rx)
-    }
-
-    /// A sink for callers that watch the destination instead (tests, benchmarks).
-    pub fn ignored() -> FetchEvents {
-        FetchEvents(None)
-    }
-
-    /// Reports `event`; a receiver that has gone (the client left) is no error.
-    pub fn report(&self, event: FetchEvent) {
-        if let Some(tx) = &self.0 {
-            let _ = tx.send(event);
-        }
-    }
-}
-
-/// What a finished fetch reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FetchOutcome {
-    /// Tokens restored (a prefix of those asked for).
-    pub tokens: u32,
-    /// Bytes received from the remote store for this fetch: chunk headers and sections.
-    pub bytes_on_wire: u64,
-}
 
 /// The producer of KV behind the local server.
 pub trait Backend: Send + Sync + 'static {
@@ -97,4 +54,61 @@ pub trait Backend: Send + Sync + 'static {
         data: &'a [u8],
         replace: bool,
     ) -> BoxFuture<'a, Result<u32, ServeError>>;
+}
+
+/// Counts and logs a failed request (a miss is no failure).
+fn counted<T>(metrics: &Metrics, r: Result<T, ServeError>) -> Result<T, ServeError> {
+    if let Err(e) = &r {
+        if !matches!(e, ServeError::NotFound(_)) {
+            metrics.errors.add(1);
+            tracing::warn!(error = %e, "request failed");
+        }
+    }
+    r
+}
+
+impl Backend for Pipeline {
+    fn lookup<'a>(
+        &'a self,
+        model: &'a str,
+        token_ids: &'a [u32],
+    ) -> BoxFuture<'a, Result<u32, ServeError>> {
+        Box::pin(async move {
+            let r = self.lookup_tokens(model, token_ids).await;
+            counted(self.metrics(), r.map_err(ServeError::from))
+        })
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        model: &'a str,
+        token_ids: &'a [u32],
+        layout: &'a TargetLayout,
+        dest: Arc<dyn Destination>,
+        events: FetchEvents,
+    ) -> BoxFuture<'a, Result<FetchOutcome, ServeError>> {
+        Box::pin(async move {
+            let r = self
+                .fetch_into(model, token_ids, layout, dest, events)
+                .await;
+            counted(self.metrics(), r.map_err(ServeError::from))
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        model: &'a str,
+        token_ids: &'a [u32],
+        layout: &'a TargetLayout,
+        shape: &'a KvShape,
+        data: &'a [u8],
+        replace: bool,
+    ) -> BoxFuture<'a, Result<u32, ServeError>> {
+        Box::pin(async move {
+            let r = self
+                .save_kv(model, token_ids, layout, shape, data, replace)
+                .await;
+            counted(self.metrics(), r.map_err(ServeError::from))
+        })
+    }
 }

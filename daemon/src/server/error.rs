@@ -3,6 +3,7 @@
 use kvfetcher_protocol::ErrorCode;
 
 use crate::buffers::BufferError;
+use crate::pipeline::{FetchError, SaveError, StoreError};
 
 /// An error of the local server or of a [`crate::server::Backend`] call.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,196 @@ impl From<BufferError> for ServeError {
             e @ (BufferError::Gpu { .. } | BufferError::Internal(_)) => {
                 ServeError::Internal(e.to_string())
             }
+        }
+    }
+}
+
+impl From<StoreError> for ServeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => ServeError::NotFound(m),
+            StoreError::Corrupt(m) => ServeError::Corrupt(m),
+            e @ (StoreError::InvalidObject(_) | StoreError::NoStore) => {
+                ServeError::Internal(e.to_string())
+            }
+            StoreError::Unavailable(m) => ServeError::Unavailable(m),
+        }
+    }
+}
+
+impl From<FetchError> for ServeError {
+    fn from(e: FetchError) -> Self {
+        match e {
+            FetchError::NotFound(m) => ServeError::NotFound(m),
+            FetchError::Corrupt(m) => ServeError::Corrupt(m),
+            FetchError::Store(e) => e.into(),
+            e @ FetchError::TooManyTokens => ServeError::BadRequest(e.to_string()),
+            FetchError::BadLayout(m) => ServeError::BadRequest(m),
+            FetchError::Buffer(e) => e.into(),
+            FetchError::Gpu(m) | FetchError::Decoder(m) | FetchError::Internal(m) => {
+                ServeError::Internal(m)
+            }
+            e @ FetchError::ShutDown => ServeError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<SaveError> for ServeError {
+    fn from(e: SaveError) -> Self {
+        match e {
+            e @ (SaveError::TokenCount { .. } | SaveError::Layout(_) | SaveError::Encode(_)) => {
+                ServeError::BadRequest(e.to_string())
+            }
+            e @ (SaveError::UnknownVariant(_) | SaveError::WorkerStopped) => {
+                ServeError::Internal(e.to_string())
+            }
+            SaveError::Store(e) => e.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::LookupError;
+
+    /// The code and the message a client is sent for `e`.
+    fn wire(e: impl Into<ServeError>) -> (ErrorCode, String) {
+        let e = e.into();
+        (e.code(), e.to_string())
+    }
+
+    #[test]
+    fn fetch_errors_keep_their_protocol_codes_and_messages() {
+        use FetchError as F;
+        let cases = [
+            (
+                F::NotFound("no prefix".into()),
+                ErrorCode::NotFound,
+                "not found: no prefix",
+            ),
+            (
+                F::Corrupt("chunk 1".into()),
+                ErrorCode::Corrupt,
+                "corrupt object: chunk 1",
+            ),
+            (
+                F::TooManyTokens,
+                ErrorCode::BadRequest,
+                "bad request: too many tokens",
+            ),
+            (
+                F::BadLayout("layout: x".into()),
+                ErrorCode::BadRequest,
+                "bad request: layout: x",
+            ),
+            (
+                F::Gpu("gpu restore: x".into()),
+                ErrorCode::Internal,
+                "internal error: gpu restore: x",
+            ),
+            (
+                F::Decoder("no hevc".into()),
+                ErrorCode::Internal,
+                "internal error: no hevc",
+            ),
+            (
+                F::Internal("plan: x".into()),
+                ErrorCode::Internal,
+                "internal error: plan: x",
+            ),
+            (
+                F::ShutDown,
+                ErrorCode::Unavailable,
+                "unavailable: pipeline shut down",
+            ),
+            (
+                F::Store(StoreError::Unavailable("store: stream ended early".into())),
+                ErrorCode::Unavailable,
+                "unavailable: store: stream ended early",
+            ),
+            (
+                F::Buffer(BufferError::Exhausted("no room".into())),
+                ErrorCode::Unavailable,
+                "unavailable: no room",
+            ),
+        ];
+        for (e, code, message) in cases {
+            assert_eq!(wire(e), (code, message.to_string()));
+        }
+    }
+
+    #[test]
+    fn store_errors_keep_their_protocol_codes_and_messages() {
+        let cases: [(LookupError, _, _); 5] = [
+            (
+                StoreError::NotFound("k".into()),
+                ErrorCode::NotFound,
+                "not found: k",
+            ),
+            (
+                StoreError::Corrupt("k".into()),
+                ErrorCode::Corrupt,
+                "corrupt object: k",
+            ),
+            (
+                StoreError::InvalidObject("bad".into()),
+                ErrorCode::Internal,
+                "internal error: invalid chunk: bad",
+            ),
+            (
+                StoreError::Unavailable("store 1.2.3.4:5: down".into()),
+                ErrorCode::Unavailable,
+                "unavailable: store 1.2.3.4:5: down",
+            ),
+            (
+                StoreError::NoStore,
+                ErrorCode::Internal,
+                "internal error: no store configured",
+            ),
+        ];
+        for (e, code, message) in cases {
+            assert_eq!(wire(e), (code, message.to_string()));
+        }
+        // A store's missing or corrupt object is the fetch's own outcome.
+        assert!(matches!(
+            FetchError::from(StoreError::Corrupt("k".into())),
+            FetchError::Corrupt(_)
+        ));
+    }
+
+    #[test]
+    fn save_errors_keep_their_protocol_codes_and_messages() {
+        use SaveError as S;
+        let cases = [
+            (
+                S::TokenCount { ids: 3, tokens: 4 },
+                ErrorCode::BadRequest,
+                "bad request: 3 token ids for 4 tokens",
+            ),
+            (
+                S::Encode("x".into()),
+                ErrorCode::BadRequest,
+                "bad request: encode: x",
+            ),
+            (
+                S::UnknownVariant("av1".into()),
+                ErrorCode::Internal,
+                "internal error: unknown variant \"av1\"",
+            ),
+            (
+                S::WorkerStopped,
+                ErrorCode::Internal,
+                "internal error: save worker stopped",
+            ),
+            (
+                S::Store(StoreError::NoStore),
+                ErrorCode::Internal,
+                "internal error: no store configured",
+            ),
+        ];
+        for (e, code, message) in cases {
+            assert_eq!(wire(e), (code, message.to_string()));
         }
     }
 }
