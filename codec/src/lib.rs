@@ -53,7 +53,7 @@ pub use quant::{
     MAX_BITS, MIN_BITS,
 };
 pub use rans::RansError;
-pub use rans_variant::RansCodec;
+pub use rans_variant::{parse_rans_params, RansCodec};
 pub use registry::{hevc_encoder, CodecRegistry};
 pub use transform::{
     context, dequantize_level, forward, inverse, quantize_level, TensorAt, CONTEXTS, MAX_LEVEL,

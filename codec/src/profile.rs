@@ -397,8 +397,7 @@ impl CodecProfile {
                         && p.mse.is_finite()
                         && p.mse >= 0.0
                 };
-                if !curve.iter().all(valid) || curve.windows(2).any(|w| w[1].step >= w[0].step)
-                {
+                if !curve.iter().all(valid) || curve.windows(2).any(|w| w[1].step >= w[0].step) {
                     return Err(at("rate points are not finite with decreasing steps"));
                 }
                 let mut heads = Vec::with_capacity(kv_heads);

@@ -548,6 +548,7 @@ struct TransformArgs {
     const float* means;        // profile: [layers * 2][heads][head_dim]
     const float* cos_table;    // [rows][pairs] (row r at position token_start + sink_rows + r)
     const float* sin_table;
+    const unsigned* err;       // the decoder's error flag: set, and nothing is written
     unsigned rows;             // non-sink rows
     unsigned sink_rows;        // target row of level row 0
     unsigned cols, heads, head_dim;
@@ -556,7 +557,6 @@ struct TransformArgs {
     unsigned rope_dims;        // rotated channels per head (even)
     unsigned chunk_dtype;      // 0: f16, 1: bf16 (the CPU rounds to it before any conversion)
     unsigned tile_rows;        // rows per thread block: 4 * (256 / (head_dim / 4))
-    unsigned pad_[2];
 };
 
 // The value the CPU path leaves in the engine's buffer: rounded (RNE) to the chunk's dtype,
@@ -594,6 +594,8 @@ __device__ __forceinline__ void store4(const RestoreTarget& t, char* base, unsig
 // CPU's operation order (Rope::rotate). Launch: grid (row tiles * heads, tensors), 256 threads.
 extern "C" __global__ void __launch_bounds__(256) kvf_inverse_transform(TransformArgs a, RestoreTarget t) {
     __shared__ __align__(16) float sh[KVF_TILE_FLOATS];
+    // The decode ran before on this stream: a flagged section writes nothing.
+    if (*(volatile const unsigned*)a.err != 0) return;
     unsigned tensor = blockIdx.y;
     unsigned head = blockIdx.x % a.heads, tile = blockIdx.x / a.heads;
     unsigned d = a.head_dim, cgs = d / 4, tm = a.tile_rows, ld = tm + 4;
@@ -692,12 +694,15 @@ extern "C" __global__ void __launch_bounds__(256) kvf_inverse_transform(Transfor
 }
 
 // The sink rows: raw 16-bit values of the chunk's dtype ([tensors][sink_rows][cols], the first
-// bytes of the payload), converted to the target dtype. Grid-stride over groups of 4 columns;
+// bytes of the payload), converted to the target dtype; nothing when the decoder flagged the
+// section (a corrupt section leaves the engine's buffer as it was). Grid-stride over groups of 4 columns;
 // launch with gridDim.y = tensors.
 extern "C" __global__ void __launch_bounds__(256) kvf_restore_sinks(const uint16_t* __restrict__ raw,
                                                                     unsigned sink_rows,
                                                                     unsigned chunk_dtype,
+                                                                    const unsigned* err,
                                                                     RestoreTarget t) {
+    if (*(volatile const unsigned*)err != 0) return;
     unsigned tensor = blockIdx.y;
     unsigned per_row = t.cols / 4;
     unsigned groups = sink_rows * per_row;

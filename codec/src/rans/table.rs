@@ -204,8 +204,11 @@ impl FreqTable {
         out
     }
 
-    /// The decoder's packed per-slot entries, see [`DecEntry`].
-    pub(crate) fn dec_entries(&self) -> Box<[u32; PROB_SCALE as usize]> {
+    /// The decoder's packed per-slot entries: slot `k` holds `symbol | (freq - 1) << 8 |
+    /// (k - cum) << 20` of the symbol owning it, so a state update needs one table read. Public
+    /// for decoders outside the codec (the daemon's GPU decoder builds the same table on the
+    /// device and tests its mirror against this one).
+    pub fn dec_entries(&self) -> Box<[u32; PROB_SCALE as usize]> {
         let mut lut = Box::new([0u32; PROB_SCALE as usize]);
         for (s, (&f, &c)) in self.freqs.iter().zip(&self.cum).enumerate() {
             for k in 0..u32::from(f) {

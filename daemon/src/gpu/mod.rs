@@ -19,6 +19,7 @@ pub mod ipc;
 mod nvcuvid_sys;
 pub mod nvdec;
 pub mod pool;
+pub mod rans;
 pub mod restore;
 pub mod section_restore;
 

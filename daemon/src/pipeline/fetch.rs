@@ -29,6 +29,7 @@ use super::verify::{check_header, Expected, Geometry, Mismatch};
 use super::Pipeline;
 use crate::buffers::Destination;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
+use crate::gpu::GpuError;
 use crate::metrics::Metrics;
 use crate::server::{FetchEvent, FetchEvents, FetchOutcome, ServeError};
 use crate::transport::{SectionCheck, SectionStream};
@@ -539,17 +540,20 @@ pub fn restore_section_into(
                     token_start,
                     region.buffer,
                 )
-                .map_err(|e| {
-                    ServeError::Internal(format!(
+                .map_err(|e| match e {
+                    // The section's bytes or profile: the CPU path would fail the same way.
+                    GpuError::Format(fe) => bad(fe),
+                    e => ServeError::Internal(format!(
                         "chunk {}: section {index}: gpu restore: {e}",
                         header.key
-                    ))
+                    )),
                 })?;
                 let c = &metrics.gpu_sections;
                 match route {
                     Route::Packed => c.packed.add(1),
                     Route::Nvdec => c.nvdec.add(1),
                     Route::CpuDecode => c.cpu_decode.add(1),
+                    Route::Rans => c.rans.add(1),
                 }
                 return Ok(());
             }
