@@ -696,6 +696,7 @@ const _: () = assert!(LANES == 32);
 mod tests {
     use super::*;
     use kvfetcher_codec::rans::FreqTable;
+    use kvfetcher_codec::SectionDecoder;
 
     #[test]
     fn args_match_the_cuda_structs() {
@@ -768,6 +769,153 @@ mod tests {
             assert!((BLOCK as usize / (d / 4)) * 4 == tm);
         }
         assert_eq!(tile_rows(128), 32);
+    }
+
+    /// `kvf_rans_decode` in Rust over a plan: the warp's ballot ranks as a running count in
+    /// lane order. Returns the levels or the error bits.
+    fn emulate_decode(plan: &RansPlan, payload: &[u8]) -> Result<Vec<i16>, u32> {
+        let luts: Vec<u32> = plan.freq_cum.chunks(256).flat_map(lut_entries).collect();
+        let mut levels = vec![0i16; plan.levels()];
+        let word = |at: u64, i: u32| {
+            let p = (at + 2 * u64::from(i)) as usize;
+            u32::from(u16::from_le_bytes([payload[p], payload[p + 1]]))
+        };
+        for (b, blk) in plan.blocks.iter().enumerate() {
+            let mut x: Vec<u32> = plan.states[b * 32..b * 32 + 32].to_vec();
+            let mut col: Vec<usize> = (0..32)
+                .map(|l| (blk.first_col as usize + l) % plan.cols)
+                .collect();
+            let mut pos = 0u32;
+            for base in (0..blk.n_values).step_by(32) {
+                let mut sym = [0u32; 32];
+                let active = |l: usize| base + (l as u32) < blk.n_values;
+                for l in (0..32).filter(|&l| active(l)) {
+                    let ctx = u32::from(plan.contexts[blk.ctx as usize + col[l]]);
+                    let e = luts[(blk.lut + (ctx << 12) + (x[l] & 4095)) as usize];
+                    x[l] = ((e >> 8) & 0xfff).wrapping_add(1) * (x[l] >> 12) + (e >> 20);
+                    sym[l] = e & 0xff;
+                }
+                let need: Vec<usize> = (0..32).filter(|&l| active(l) && x[l] < 1 << 16).collect();
+                if pos + need.len() as u32 > blk.n_words {
+                    return Err(1);
+                }
+                for (rank, &l) in need.iter().enumerate() {
+                    x[l] = (x[l] << 16) | word(blk.words, pos + rank as u32);
+                }
+                pos += need.len() as u32;
+                let esc: Vec<usize> = (0..32).filter(|&l| active(l) && sym[l] == 255).collect();
+                if pos + esc.len() as u32 > blk.n_words {
+                    return Err(1);
+                }
+                for (rank, &l) in esc.iter().enumerate() {
+                    sym[l] = word(blk.words, pos + rank as u32);
+                    if sym[l] < 255 {
+                        return Err(2);
+                    }
+                }
+                pos += esc.len() as u32;
+                for l in (0..32).filter(|&l| active(l)) {
+                    let z = sym[l];
+                    let q = ((z >> 1) as i32) ^ -((z & 1) as i32);
+                    levels[(blk.out + u64::from(base) + l as u64) as usize] = q as i16;
+                    col[l] = (col[l] + 32) % plan.cols;
+                }
+            }
+            if x.iter().any(|&s| s != 1 << 16) {
+                return Err(4);
+            }
+            if pos != blk.n_words {
+                return Err(8);
+            }
+        }
+        Ok(levels)
+    }
+
+    /// A rans section built with the codec's public encoder: 3 tensors, 2 sink rows, varied
+    /// contexts per column, levels with escapes, several blocks per tensor.
+    fn section() -> (PlaneShape, Vec<u8>, Vec<u8>, Vec<Vec<i32>>) {
+        let (tensors, rows, cols, sinks) = (3usize, 70usize, 24usize, 2usize);
+        let shape = PlaneShape {
+            bits: TRANSFORM_CODE_BITS,
+            tensors,
+            rows,
+            cols,
+        };
+        let mut params = (sinks as u16).to_le_bytes().to_vec();
+        let mut payload: Vec<u8> = (0..tensors * sinks * cols * 2).map(|i| i as u8).collect();
+        let mut seed = 0x2545_f491u32;
+        let mut all = Vec::new();
+        for t in 0..tensors {
+            let ctx: Vec<u8> = (0..cols).map(|c| ((c / 5 + t) % 4) as u8).collect();
+            for c in &ctx {
+                params.extend_from_slice(&1u16.to_le_bytes());
+                params.push(*c);
+            }
+            let levels: Vec<i32> = (0..(rows - sinks) * cols)
+                .map(|i| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    let spread = 1 + 3 * i32::from(ctx[i % cols]);
+                    match seed % 97 {
+                        0 => 300 + (seed % 20_000) as i32,
+                        1 => -32768,
+                        _ => (seed % (2 * spread as u32 + 1)) as i32 - spread,
+                    }
+                })
+                .collect();
+            let stream = kvfetcher_codec::rans::encode_tensor(&levels, &ctx, 4, 256).unwrap();
+            payload.extend_from_slice(&(stream.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&stream);
+            all.push(levels);
+        }
+        (shape, params, payload, all)
+    }
+
+    #[test]
+    fn plan_and_decoder_mirror_give_the_encoded_levels() {
+        let (shape, params, payload, levels) = section();
+        let plan = RansPlan::parse(shape, &params, &payload).unwrap();
+        assert_eq!((plan.sink_rows, plan.rows, plan.tensors), (2, 68, 3));
+        assert_eq!(plan.blocks.len(), 3 * (68 * 24usize).div_ceil(256));
+        assert_eq!(plan.states.len(), 32 * plan.blocks.len());
+        let got = emulate_decode(&plan, &payload).unwrap();
+        let want: Vec<i16> = levels.concat().iter().map(|&q| q as i16).collect();
+        assert_eq!(got, want);
+        // The codec's own decoder agrees on the same bytes.
+        let plane = kvfetcher_codec::RansCodec
+            .decode(shape, &params, &payload)
+            .unwrap();
+        assert_eq!(plane.codes.len(), shape.len());
+    }
+
+    #[test]
+    fn corrupt_words_are_flagged_and_bad_layouts_refused() {
+        let (shape, params, payload, _) = section();
+        let plan = RansPlan::parse(shape, &params, &payload).unwrap();
+        // Flip one byte inside the words of every block in turn (a sample): the mirror flags it
+        // or, where a flip happens to decode, the CPU decoder also accepts the bytes.
+        let mut flagged = 0;
+        for blk in plan.blocks.iter().step_by(3) {
+            let mut bad = payload.clone();
+            let at = blk.words as usize + blk.n_words as usize;
+            bad[at] ^= 0x5a;
+            let cpu = kvfetcher_codec::RansCodec.decode(shape, &params, &bad);
+            match emulate_decode(&plan, &bad) {
+                Err(bits) => {
+                    flagged += 1;
+                    assert!(!decode_error_reason(bits).is_empty());
+                    assert!(cpu.is_err(), "the CPU accepts what the GPU flags");
+                }
+                Ok(_) => assert!(cpu.is_ok(), "the GPU accepts what the CPU refuses"),
+            }
+        }
+        assert!(flagged > 0);
+        assert!(RansPlan::parse(shape, &params, &payload[..payload.len() - 1]).is_err());
+        let mut longer = payload.clone();
+        longer.push(0);
+        assert!(RansPlan::parse(shape, &params, &longer).is_err());
+        assert!(RansPlan::parse(shape, &params[..params.len() - 3], &payload).is_err());
     }
 
     #[test]
