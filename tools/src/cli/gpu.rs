@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use kvfetcher::gpu::Cuda;
 
-use crate::gpu::{bench, check, fixture, ipc_check, sections};
+use crate::gpu::{bench, check, fixture, ipc_check, sections, transform_check};
 
 /// `kvfetcher gpu`.
 #[derive(Debug, Args)]
@@ -164,6 +164,7 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
         GpuCommand::Check(a) => {
             let cuda = Cuda::open(a.device)?;
             let mut rows = check::run_checks(&cuda, &a.kv, &a.fixtures)?;
+            rows.extend(transform_check::run_transform_checks(&cuda, &a.kv)?);
             let dir = a.fixtures.join("sections");
             if dir.is_dir() {
                 rows.extend(sections::run_section_checks(&cuda, &dir)?);
