@@ -489,12 +489,13 @@ extern "C" __global__ void __launch_bounds__(256) kvf_rans_decode(RansDecode a) 
         while (col >= a.cols) col -= a.cols;
         unsigned pos = 0;  // words consumed (the same in every lane)
         bool bad = false;  // warp-uniform
+        // The lane's context is loaded a step ahead: off the state's dependency chain.
+        unsigned ctx = __ldg(ctxs + col);
         for (unsigned base = 0; base < blk.n_values && !bad; base += 32) {
             unsigned idx = base + lane;
             bool active = idx < blk.n_values;
             unsigned sym = 0;
             if (active) {
-                unsigned ctx = __ldg(ctxs + col);
                 unsigned e = __ldg(lut + (ctx << KVF_PROB_BITS) + (x & (KVF_PROB_SCALE - 1)));
                 x = (((e >> 8) & 0xfff) + 1) * (x >> KVF_PROB_BITS) + (e >> 20);
                 sym = e & 0xff;
@@ -530,6 +531,7 @@ extern "C" __global__ void __launch_bounds__(256) kvf_rans_decode(RansDecode a) 
             if (active) out[idx] = (short)q;
             col += 32;
             while (col >= a.cols) col -= a.cols;
+            ctx = __ldg(ctxs + col);
         }
         if (bad) continue;
         if (!__all_sync(0xffffffffu, x == KVF_RANS_L)) {

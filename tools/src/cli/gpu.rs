@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use kvfetcher::gpu::Cuda;
 
-use crate::gpu::{bench, check, fixture, ipc_check, sections, transform_check};
+use crate::gpu::{bench, check, fixture, ipc_check, sections, transform_bench, transform_check};
 
 /// `kvfetcher gpu`.
 #[derive(Debug, Args)]
@@ -216,6 +216,30 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
                     100.0 * p.copy_ms / p.ms,
                     100.0 * p.fill_ms / p.ms
                 );
+            }
+            let spec = transform_bench::TransformBenchSpec::default();
+            match transform_bench::bench_transform(&spec) {
+                Ok(r) => {
+                    // KV GB/s: fp16 bytes restored into the engine's buffer per second of wall
+                    // time (host parsing, uploads, decode, inverse transform, sync), sections
+                    // from many threads at once as a fetch runs them; target >= 20 GB/s.
+                    println!(
+                        "| transform restore | MB out | MB payload | ms | KV GB/s | D2D copy GB/s |"
+                    );
+                    println!("|---|---|---|---|---|---|");
+                    for p in &r {
+                        println!(
+                            "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.0} |",
+                            p.name,
+                            p.bytes as f64 / 1e6,
+                            p.payload_bytes as f64 / 1e6,
+                            p.ms,
+                            p.gbps,
+                            p.copy_gbps
+                        );
+                    }
+                }
+                Err(e) => println!("transform restore benchmark failed: {e}"),
             }
             let pts =
                 bench::bench_nvdec(&cuda, &a.run.kv, &a.run.fixtures, &a.sessions, a.seconds)?;

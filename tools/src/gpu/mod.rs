@@ -8,4 +8,5 @@ pub mod check;
 pub mod fixture;
 pub mod ipc_check;
 pub mod sections;
+pub mod transform_bench;
 pub mod transform_check;
