@@ -433,10 +433,11 @@ fn corrupt_rows(
         usize::from(header.head_dim),
     )[0];
     let (mut flagged, mut tried, mut detail) = (0, 0, String::new());
-    for blk in plan
-        .blocks
+    // A block without words has no byte to flip.
+    let with_words: Vec<_> = plan.blocks.iter().filter(|b| b.n_words > 0).collect();
+    for blk in with_words
         .iter()
-        .step_by(plan.blocks.len().div_ceil(6).max(1))
+        .step_by(with_words.len().div_ceil(6).max(1))
     {
         let mut bad = payload.to_vec();
         let at = blk.words as usize + blk.n_words as usize;
