@@ -548,7 +548,7 @@ struct TransformArgs {
     const float* steps;        // [tensors] quantizer step of each section tensor
     const float* bases;        // profile: [layers * 2][heads][head_dim][head_dim], row k = component k
     const float* means;        // profile: [layers * 2][heads][head_dim]
-    const float* cos_table;    // [rows][pairs] (row r at position token_start + sink_rows + r)
+    const float* cos_table;    // [positions][pairs]: level row r at position rope_first + r
     const float* sin_table;
     const unsigned* err;       // the decoder's error flag: set, and nothing is written
     unsigned rows;             // non-sink rows
@@ -559,6 +559,8 @@ struct TransformArgs {
     unsigned rope_dims;        // rotated channels per head (even)
     unsigned chunk_dtype;      // 0: f16, 1: bf16 (the CPU rounds to it before any conversion)
     unsigned tile_rows;        // rows per thread block: 4 * (256 / (head_dim / 4))
+    unsigned rope_first;       // table row of level row 0
+    unsigned pad_;
 };
 
 // The value the CPU path leaves in the engine's buffer: rounded (RNE) to the chunk's dtype,
@@ -673,8 +675,8 @@ extern "C" __global__ void __launch_bounds__(256) kvf_inverse_transform(Transfor
                         pa = 2 * i;
                         pb = 2 * i + 1;
                     }
-                    float cs = __ldg(a.cos_table + (size_t)row * pairs + i);
-                    float sn = __ldg(a.sin_table + (size_t)row * pairs + i);
+                    size_t at = (size_t)(a.rope_first + row) * pairs + i;
+                    float cs = __ldg(a.cos_table + at), sn = __ldg(a.sin_table + at);
                     float xa = xr[pa], xb = xr[pb];
                     // Rope::rotate: a = x.mul_add(c, -(y * s)); b = y.mul_add(c, x * s)
                     acc[r][c] = j == pa ? fmaf(xa, cs, -__fmul_rn(xb, sn)) : fmaf(xb, cs, __fmul_rn(xa, sn));

@@ -18,7 +18,7 @@
 //! device ([`DeviceProfile`], cached by the device).
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvfetcher_codec::rans::{StreamLayout, LANES, PROB_SCALE};
 use kvfetcher_codec::{
@@ -249,14 +249,29 @@ pub fn profile_arrays(profile: &CodecProfile) -> (Vec<f32>, Vec<f32>) {
     (bases, means)
 }
 
-/// A profile's bases and means in device memory (a few MB), uploaded once per device.
+/// Positions the cached RoPE table of a [`DeviceProfile`] covers at most (64 MB for 64 pairs);
+/// sections beyond get a table of their own.
+const MAX_CACHED_POSITIONS: u32 = 1 << 17;
+
+/// cos and sin of positions `0..positions`, `[positions][pairs]` each, in device memory.
+struct RopeTable {
+    positions: u32,
+    cos: DeviceBuffer,
+    sin: DeviceBuffer,
+}
+
+/// A profile's bases and means in device memory (a few MB), uploaded once per device, and its
+/// RoPE cos/sin table by position (computed on the host in f64 like the CPU's, grown on
+/// demand: a section's own table would cost the host ~rows x pairs transcendentals).
 pub struct DeviceProfile {
+    cuda: Arc<Cuda>,
     bases: DeviceBuffer,
     means: DeviceBuffer,
     layers: usize,
     heads: usize,
     head_dim: usize,
     rope: Rope,
+    rope_table: Mutex<Option<Arc<RopeTable>>>,
 }
 
 impl std::fmt::Debug for DeviceProfile {
@@ -281,6 +296,8 @@ impl DeviceProfile {
             ));
         }
         Ok(DeviceProfile {
+            cuda: cuda.clone(),
+            rope_table: Mutex::new(None),
             bases: cuda.upload(&bases)?,
             means: cuda.upload(&means)?,
             layers: profile.layers.len(),
@@ -288,6 +305,29 @@ impl DeviceProfile {
             head_dim: d,
             rope: profile.rope,
         })
+    }
+}
+
+impl DeviceProfile {
+    /// The cached table covering positions `..end` (grown to the next power of two, at least
+    /// 4096), or `None` beyond [`MAX_CACHED_POSITIONS`].
+    fn rope_table(&self, end: u32) -> Result<Option<Arc<RopeTable>>, GpuError> {
+        if end > MAX_CACHED_POSITIONS {
+            return Ok(None);
+        }
+        let mut cached = self.rope_table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cached.as_ref().filter(|t| t.positions >= end) {
+            return Ok(Some(t.clone()));
+        }
+        let positions = end.next_power_of_two().clamp(4096, MAX_CACHED_POSITIONS);
+        let (cos, sin) = rope_tables(&self.rope, 0, positions as usize);
+        let t = Arc::new(RopeTable {
+            positions,
+            cos: self.cuda.upload(&cos)?,
+            sin: self.cuda.upload(&sin)?,
+        });
+        *cached = Some(t.clone());
+        Ok(Some(t))
     }
 }
 
@@ -327,6 +367,8 @@ struct TransformArgs {
     rope_dims: u32,
     chunk_dtype: u32,
     tile_rows: u32,
+    rope_first: u32,
+    pad: u32,
 }
 
 /// The kernels' code of a chunk dtype (the transform route takes 16-bit chunks only).
@@ -527,7 +569,13 @@ pub(crate) fn restore_transform_with(
         .ok_or_else(|| GpuError::Format(FormatError::Inconsistent("missing steps".into())))?;
     let first_position = header.token_start.wrapping_add(plan.sink_rows as u32);
     let rope_on = profile.rope.style != RopeStyle::None && plan.rows > 0;
-    let (cos, sin) = if rope_on {
+    // The profile's cached table by position, or (far positions) one for this section.
+    let end = first_position.checked_add(plan.rows as u32);
+    let cached = match end {
+        Some(end) if rope_on => profile.rope_table(end)?,
+        _ => None,
+    };
+    let (cos, sin) = if rope_on && cached.is_none() {
         rope_tables(&profile.rope, first_position, plan.rows)
     } else {
         (Vec::new(), Vec::new())
@@ -548,8 +596,11 @@ pub(crate) fn restore_transform_with(
         let contexts = upload(scratch, &plan.contexts)?;
         let levels = scratch.alloc(plan.levels() * 2)?;
         let steps = upload(scratch, &steps)?;
-        let cos = upload(scratch, &cos)?;
-        let sin = upload(scratch, &sin)?;
+        let own = (upload(scratch, &cos)?, upload(scratch, &sin)?);
+        let (cos_ptr, sin_ptr, rope_first) = match &cached {
+            Some(t) => (t.cos.ptr(), t.sin.ptr(), first_position),
+            None => (own.0.ptr(), own.1.ptr(), 0),
+        };
         let stream = scratch.stream();
 
         let (mut fc_ptr, mut lut_ptr, mut n_tables) =
@@ -596,8 +647,8 @@ pub(crate) fn restore_transform_with(
             steps: steps.ptr(),
             bases: profile.bases.ptr(),
             means: profile.means.ptr(),
-            cos: cos.ptr(),
-            sin: sin.ptr(),
+            cos: cos_ptr,
+            sin: sin_ptr,
             err: err.ptr(),
             rows: plan.rows as u32,
             sink_rows: plan.sink_rows as u32,
@@ -617,6 +668,8 @@ pub(crate) fn restore_transform_with(
             },
             chunk_dtype,
             tile_rows: tile as u32,
+            rope_first,
+            pad: 0,
         };
         let grid = (
             u32::try_from(plan.rows.div_ceil(tile) * heads)
@@ -630,7 +683,7 @@ pub(crate) fn restore_transform_with(
         // SAFETY: (TransformArgs, RestoreTarget) by value as declared. Levels hold tensors x
         // rows x cols values; steps one per tensor; the profile's layer range covers the
         // section (its shape was checked against the header, and the header's sections lie
-        // within its layers); cos/sin hold rows x pairs entries; the target was validated for
+        // within its layers); cos/sin hold pairs entries for table rows rope_first..rope_first + rows (the cached table covers ..end, a section table rows); the target was validated for
         // token_count rows (sink_rows + rows) of cols columns by DeviceTarget.
         unsafe { launch(kernels, "kvf_inverse_transform", grid, stream, &mut params)? };
     }
@@ -702,7 +755,7 @@ mod tests {
     fn args_match_the_cuda_structs() {
         assert_eq!(std::mem::size_of::<RansBlockArgs>(), 40);
         assert_eq!(std::mem::size_of::<RansDecodeArgs>(), 64);
-        assert_eq!(std::mem::size_of::<TransformArgs>(), 96);
+        assert_eq!(std::mem::size_of::<TransformArgs>(), 104);
     }
 
     /// The device table build (mirrored) equals the CPU decoder's entries for skewed tables,
