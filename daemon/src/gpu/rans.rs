@@ -498,10 +498,12 @@ pub struct TransformSection<'a> {
 }
 
 /// Restores a transform-coded section into `target` (built with [`DeviceTarget::for_values`]
-/// over the section's `2 x layers` tensors and `token_count` rows) on `stream`, with `profile`
-/// (the chunk's, checked by the caller against the header's model and shape). Queues
+/// over the section's `2 x layers` tensors and `token_count` rows) on the scratch's stream,
+/// with `profile` (the chunk's, checked by the caller against the header's model). Queues
 /// everything, waits for the stream and returns a [`GpuError::Format`] if the decoder flagged
-/// the streams (the engine's buffer is then untouched by this section).
+/// the streams (the engine's buffer is then untouched by this section). On an error before
+/// that wait, work may still be queued: the scratch must wait for its stream before it frees
+/// memory (both implementations here do).
 pub fn restore_transform_section(
     kernels: &RestoreKernels,
     profile: &DeviceProfile,
