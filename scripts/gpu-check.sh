@@ -134,11 +134,14 @@ grep -E "^nvdec hevc" "$out/info.txt"
 if [ -z "${SKIP_CHECKS:-}" ]; then
   grep -E "^\| nvdec|checks, " "$out/check.txt"
   grep -E "^\| (nvdec|restore (codes|surfaces)) section" "$out/check.txt" | grep -c "| yes |" | sed 's/^/codec-section rows exact: /'
+  grep -E "^\| transform " "$out/check.txt" | grep -c "| yes |" | sed 's/^/transform (rANS) rows exact: /'
+  grep -E "^\| transform " "$out/check.txt" | grep -v "| yes |" | head -8
   grep -E "NO:|Error|error" "$out/check.txt" | head -8
   grep -E "^\| ipc|checks, |rror" "$out/ipc.txt"
 fi
 grep -E "^\| (restore|codes|packed|frames|---)" "$out/bench.txt" | head -14
 grep -E "^\| (nvdec|4[24][04] )" "$out/bench.txt"
+grep -E "^\| (transform restore|rans )|^transform restore benchmark failed" "$out/bench.txt"
 tail -3 "$out/bench.txt" | grep -i error
 grep -E "^\| (algorithm|ANS|Bitcomp|Zstd|GDeflate) " "$out/interference.txt"
 sed -n '/^interference table/,$p' "$out/interference.txt"

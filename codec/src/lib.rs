@@ -56,7 +56,7 @@ pub use quant::{
     MAX_BITS, MIN_BITS,
 };
 pub use rans::RansError;
-pub use rans_variant::RansCodec;
+pub use rans_variant::{parse_rans_params, RansCodec};
 pub use registry::{hevc_encoder, CodecRegistry};
 pub use transform::{
     context, dequantize_level, forward, forward_with, inverse, inverse_with, quantize_level,

@@ -78,8 +78,11 @@ pub(crate) fn encode_rans_section(
     Ok(EncodedSection { params, payload })
 }
 
-/// Parses a rans section's parameters: sink rows and each tensor's column contexts.
-pub(crate) fn parse_rans_params(
+/// Parses a rans section's parameters: sink rows and each tensor's column contexts (checked
+/// against `shape`: at most `shape.rows` sink rows, one context below [`CONTEXTS`] per column of
+/// every tensor, no trailing bytes). Public for decoders outside the codec (the daemon's GPU
+/// decoder reads the payload itself: sink rows, then per tensor `u32 len` and the stream).
+pub fn parse_rans_params(
     shape: PlaneShape,
     params: &[u8],
 ) -> Result<(usize, Vec<Vec<u8>>), CodecError> {

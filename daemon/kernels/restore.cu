@@ -386,3 +386,345 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Transform-coded (format v2, `rans` variant) sections: entropy decoding and the inverse
+// transform. The Rust host side is daemon/src/gpu/rans.rs; the CPU reference is the codec's
+// rans::decode_values (stream format in docs/FORMAT.md, "rANS value streams") and
+// transform::inverse. Three steps per section, all on the section's stream:
+//   kvf_rans_build_luts     frequency tables -> 4096-entry slot tables (the CPU's DecEntry)
+//   kvf_rans_decode         one warp per rANS block -> int16 levels in scratch, error flag
+//   (host: the error flag is read back; only a clean decode goes on to write the engine's buffer)
+//   kvf_inverse_transform   levels -> y = level * step -> mean + sum_k basis[k] y_k -> RoPE
+//   kvf_restore_sinks       the sink rows' raw 16-bit values, converted to the target type
+// ---------------------------------------------------------------------------------------------
+
+#define KVF_RANS_L (1u << 16)
+#define KVF_PROB_BITS 12
+#define KVF_PROB_SCALE (1u << KVF_PROB_BITS)
+#define KVF_ESCAPE 255u
+
+// Error bits of RansDecode::err[0] (err[1] is the first failing block, atomicMin).
+#define KVF_RANS_EXHAUSTED 1u     // a lane needed a word past the block's words
+#define KVF_RANS_BAD_ESCAPE 2u    // an escaped value below 255
+#define KVF_RANS_FINAL_STATE 4u   // a final state is not 2^16
+#define KVF_RANS_WORDS_LEFT 8u    // words left over
+
+// Builds the decoder's slot entries of every table: `freq_cum[t][s]` is freq | cum << 16 (host
+// validated: frequencies sum to 4096); entry = symbol | (freq - 1) << 8 | (slot - cum) << 20,
+// bit for bit the CPU's FreqTable::dec_entries (its Rust mirror is rans.rs `lut_entries`).
+extern "C" __global__ void __launch_bounds__(256) kvf_rans_build_luts(const unsigned* __restrict__ freq_cum,
+                                                                      unsigned* __restrict__ luts,
+                                                                      unsigned n_tables) {
+    __shared__ unsigned fc[256];
+    for (unsigned tb = blockIdx.x; tb < n_tables; tb += gridDim.x) {
+        __syncthreads();
+        fc[threadIdx.x] = freq_cum[(size_t)tb * 256 + threadIdx.x];
+        __syncthreads();
+        for (unsigned slot = threadIdx.x; slot < KVF_PROB_SCALE; slot += blockDim.x) {
+            // The last symbol whose cum is <= slot is the one owning the slot (cum[0] = 0;
+            // symbols of frequency 0 share the cum of the next symbol with a nonzero one).
+            unsigned lo = 0, hi = 255;
+            while (lo < hi) {
+                unsigned mid = (lo + hi + 1) / 2;
+                if ((fc[mid] >> 16) <= slot) lo = mid; else hi = mid - 1;
+            }
+            unsigned f = fc[lo] & 0xffff, c = fc[lo] >> 16;
+            luts[(size_t)tb * KVF_PROB_SCALE + slot] = lo | ((f - 1) << 8) | ((slot - c) << 20);
+        }
+    }
+}
+
+// One rANS block as the decoder sees it. Must match RansBlockArgs in rans.rs field for field.
+struct RansBlock {
+    unsigned long long words;  // byte offset of the block's first word in `words`
+    unsigned long long out;    // element index of its first value in `levels`
+    unsigned n_words, n_values;
+    unsigned lut;              // entry index of its tensor's table 0 in `luts`
+    unsigned ctx;              // index of its tensor's column 0 in `contexts`
+    unsigned first_col;        // column of its first value
+    unsigned pad_;
+};
+
+// Must match RansDecodeArgs in rans.rs.
+struct RansDecode {
+    const RansBlock* blocks;
+    const unsigned* states;    // [blocks][32] initial states
+    const unsigned* luts;      // [tables][4096] slot entries
+    const uint8_t* contexts;   // [tensors][cols] coder context of each column
+    const uint8_t* words;      // the section payload (words at any byte offset)
+    short* levels;             // [tensors][non-sink rows][cols] decoded levels
+    unsigned* err;             // [0]: error bits, [1]: first failing block (host sets ~0)
+    unsigned n_blocks, cols;
+};
+
+__device__ __forceinline__ unsigned rans_word(const uint8_t* __restrict__ w, unsigned long long i) {
+    return (unsigned)__ldg(w + 2 * i) | ((unsigned)__ldg(w + 2 * i + 1) << 8);
+}
+
+__device__ __forceinline__ void rans_fail(const RansDecode& a, unsigned block, unsigned why) {
+    atomicOr(a.err, why);
+    atomicMin(a.err + 1, block);
+}
+
+// One warp per block, lane l = the block's interleaved state l. Per step of 32 values (the last
+// may be partial: only its first lanes take part): every lane decodes its symbol and updates its
+// state; lanes below 2^16 take one word each in lane order; then escaped lanes take one raw word
+// each in lane order. Word ranks come from ballots, so the warp reads words in exactly the
+// CPU decoder's order. Integrity: a lane never reads past the block's words, and at the end
+// every state is 2^16 and every word was consumed; any failure sets the error flag (the levels
+// are then garbage, and the host never lets them reach the engine's buffer).
+extern "C" __global__ void __launch_bounds__(256) kvf_rans_decode(RansDecode a) {
+    unsigned lane = threadIdx.x & 31;
+    unsigned warps = (gridDim.x * blockDim.x) >> 5;
+    unsigned lt = (1u << lane) - 1;
+    for (unsigned b = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; b < a.n_blocks; b += warps) {
+        RansBlock blk = a.blocks[b];
+        const uint8_t* __restrict__ w = a.words + blk.words;
+        const uint8_t* __restrict__ ctxs = a.contexts + blk.ctx;
+        const unsigned* __restrict__ lut = a.luts + blk.lut;
+        short* out = a.levels + blk.out;
+        unsigned x = a.states[(size_t)b * 32 + lane];
+        unsigned col = blk.first_col + lane;
+        while (col >= a.cols) col -= a.cols;
+        unsigned pos = 0;  // words consumed (the same in every lane)
+        bool bad = false;  // warp-uniform
+        // The lane's context is loaded a step ahead: off the state's dependency chain.
+        unsigned ctx = __ldg(ctxs + col);
+        for (unsigned base = 0; base < blk.n_values && !bad; base += 32) {
+            unsigned idx = base + lane;
+            bool active = idx < blk.n_values;
+            unsigned sym = 0;
+            if (active) {
+                unsigned e = __ldg(lut + (ctx << KVF_PROB_BITS) + (x & (KVF_PROB_SCALE - 1)));
+                x = (((e >> 8) & 0xfff) + 1) * (x >> KVF_PROB_BITS) + (e >> 20);
+                sym = e & 0xff;
+            }
+            bool need = active && x < KVF_RANS_L;
+            unsigned m = __ballot_sync(0xffffffffu, need);
+            unsigned n = __popc(m);
+            if (pos + n > blk.n_words) {
+                if (lane == 0) rans_fail(a, b, KVF_RANS_EXHAUSTED);
+                bad = true;
+                break;
+            }
+            if (need) x = (x << 16) | rans_word(w, pos + __popc(m & lt));
+            pos += n;
+            bool esc = active && sym == KVF_ESCAPE;
+            m = __ballot_sync(0xffffffffu, esc);
+            n = __popc(m);
+            if (pos + n > blk.n_words) {
+                if (lane == 0) rans_fail(a, b, KVF_RANS_EXHAUSTED);
+                bad = true;
+                break;
+            }
+            unsigned z = sym;
+            if (esc) z = rans_word(w, pos + __popc(m & lt));
+            pos += n;
+            if (__any_sync(0xffffffffu, esc && z < KVF_ESCAPE)) {
+                if (lane == 0) rans_fail(a, b, KVF_RANS_BAD_ESCAPE);
+                bad = true;
+                break;
+            }
+            // Unzigzag: 0, 1, 2, 3, ... -> 0, -1, 1, -2, ...
+            int q = (int)(z >> 1) ^ -(int)(z & 1);
+            if (active) out[idx] = (short)q;
+            col += 32;
+            while (col >= a.cols) col -= a.cols;
+            ctx = __ldg(ctxs + col);
+        }
+        if (bad) continue;
+        if (!__all_sync(0xffffffffu, x == KVF_RANS_L)) {
+            if (lane == 0) rans_fail(a, b, KVF_RANS_FINAL_STATE);
+        } else if (pos != blk.n_words) {
+            if (lane == 0) rans_fail(a, b, KVF_RANS_WORDS_LEFT);
+        }
+    }
+}
+
+// Must match TransformArgs in rans.rs.
+struct TransformArgs {
+    const short* levels;       // [tensors][rows][cols] (non-sink rows only)
+    const float* steps;        // [tensors] quantizer step of each section tensor
+    const float* bases;        // profile: [layers * 2][heads][head_dim][head_dim], row k = component k
+    const float* means;        // profile: [layers * 2][heads][head_dim]
+    const float* cos_table;    // [positions][pairs]: level row r at position rope_first + r
+    const float* sin_table;
+    const unsigned* err;       // the decoder's error flag: set, and nothing is written
+    unsigned rows;             // non-sink rows
+    unsigned sink_rows;        // target row of level row 0
+    unsigned cols, heads, head_dim;
+    unsigned tensor0;          // profile tensor (2 * layer + kv) of section tensor 0
+    unsigned rope_style;       // 0: none, 1: adjacent pairs (2i, 2i+1), 2: halves (i, i + dims/2)
+    unsigned rope_dims;        // rotated channels per head (even)
+    unsigned chunk_dtype;      // 0: f16, 1: bf16 (the CPU rounds to it before any conversion)
+    unsigned tile_rows;        // rows per thread block: 4 * (256 / (head_dim / 4))
+    unsigned rope_first;       // table row of level row 0
+    unsigned pad_;
+};
+
+// The value the CPU path leaves in the engine's buffer: rounded (RNE) to the chunk's dtype,
+// then converted (RNE) to the target's; target == chunk dtype, or f32, rounds once.
+__device__ __forceinline__ float round_to_chunk(float v, unsigned chunk_dtype) {
+    return chunk_dtype == 0 ? __half2float(__float2half_rn(v)) : __bfloat162float(__float2bfloat16_rn(v));
+}
+
+// Stores 4 consecutive elements (element offset `off`, a multiple of 4) in the target dtype.
+__device__ __forceinline__ void store4(const RestoreTarget& t, char* base, unsigned long long off,
+                                       const float (&v)[4]) {
+    if (t.dtype == 2) {
+        *reinterpret_cast<float4*>(base + off * 4) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        union { uint2 u; unsigned short h[4]; } pk;
+        if (t.dtype == 0) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) pk.h[j] = __half_as_ushort(__float2half_rn(v[j]));
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; j++) pk.h[j] = __bfloat16_as_ushort(__float2bfloat16_rn(v[j]));
+        }
+        *reinterpret_cast<uint2*>(base + off * 2) = pk.u;
+    }
+}
+
+// Largest shared tile: head_dim x (tile_rows + 4) floats, at most 8192 for head_dim <= 1024.
+#define KVF_TILE_FLOATS 8192
+
+// The inverse transform of one (tensor, head, tile of rows): the tile's coefficients y =
+// (float)level * step go to shared memory (transposed: [k][row]); thread (rg, cg) computes rows
+// 4rg..4rg+3 x channels 4cg..4cg+3 as mean[j], then x + basis[k][j] * y_k (product rounded,
+// then the sum: __fmul_rn/__fadd_rn, never fused) for k ascending, skipping y_k == 0 exactly as
+// transform::inverse does (adding a +0 product would turn a -0 mean into +0); K then gets RoPE redone from the host's f32 cos/sin table with the
+// CPU's operation order (Rope::rotate). Launch: grid (row tiles * heads, tensors), 256 threads.
+extern "C" __global__ void __launch_bounds__(256) kvf_inverse_transform(TransformArgs a, RestoreTarget t) {
+    __shared__ __align__(16) float sh[KVF_TILE_FLOATS];
+    // The decode ran before on this stream: a flagged section writes nothing.
+    if (*(volatile const unsigned*)a.err != 0) return;
+    unsigned tensor = blockIdx.y;
+    unsigned head = blockIdx.x % a.heads, tile = blockIdx.x / a.heads;
+    unsigned d = a.head_dim, cgs = d / 4, tm = a.tile_rows, ld = tm + 4;
+    unsigned row0 = tile * tm;
+    unsigned tid = threadIdx.x;
+    unsigned cg = tid % cgs, rg = tid / cgs;
+    bool active = rg * 4 < tm;
+    float step = a.steps[tensor];
+    const short* lv = a.levels + (size_t)tensor * a.rows * a.cols + head * d;
+    for (unsigned i = tid; i < tm * d; i += blockDim.x) {
+        unsigned r = i / d, k = i - r * d, row = row0 + r;
+        short q = row < a.rows ? lv[(size_t)row * a.cols + k] : (short)0;
+        sh[k * ld + r] = __fmul_rn((float)q, step);
+    }
+    __syncthreads();
+    unsigned ptensor = a.tensor0 + tensor;
+    size_t hb = (size_t)ptensor * a.heads + head;
+    unsigned c0 = cg * 4;
+    float acc[4][4];
+    if (active) {
+        float4 m = __ldg(reinterpret_cast<const float4*>(a.means + hb * d + c0));
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            acc[r][0] = m.x; acc[r][1] = m.y; acc[r][2] = m.z; acc[r][3] = m.w;
+        }
+        const float* B = a.bases + hb * d * d + c0;
+#pragma unroll 4
+        for (unsigned k = 0; k < d; k++) {
+            float4 b = __ldg(reinterpret_cast<const float4*>(B + (size_t)k * d));
+            float4 y4 = *reinterpret_cast<const float4*>(&sh[k * ld + rg * 4]);
+            float y[4] = {y4.x, y4.y, y4.z, y4.w};
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                if (y[r] != 0.0f) {
+                    acc[r][0] = __fadd_rn(acc[r][0], __fmul_rn(b.x, y[r]));
+                    acc[r][1] = __fadd_rn(acc[r][1], __fmul_rn(b.y, y[r]));
+                    acc[r][2] = __fadd_rn(acc[r][2], __fmul_rn(b.z, y[r]));
+                    acc[r][3] = __fadd_rn(acc[r][3], __fmul_rn(b.w, y[r]));
+                }
+            }
+        }
+    }
+    bool rope = (tensor % 2 == 0) && a.rope_style != 0;
+    if (rope) {
+        // Every thread's x to shared ([row][channel]), then each output reads its pair partner.
+        __syncthreads();
+        if (active) {
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                *reinterpret_cast<float4*>(&sh[(rg * 4 + r) * d + c0]) =
+                    make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+            }
+        }
+        __syncthreads();
+        if (active) {
+            unsigned pairs = a.rope_dims / 2;
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                unsigned row = row0 + rg * 4 + r;
+                if (row >= a.rows) break;
+                const float* xr = &sh[(rg * 4 + r) * d];
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    unsigned j = c0 + c;
+                    if (j >= a.rope_dims) continue;
+                    unsigned i, pa, pb;
+                    if (a.rope_style == 2) {
+                        i = j < pairs ? j : j - pairs;
+                        pa = i;
+                        pb = i + pairs;
+                    } else {
+                        i = j / 2;
+                        pa = 2 * i;
+                        pb = 2 * i + 1;
+                    }
+                    size_t at = (size_t)(a.rope_first + row) * pairs + i;
+                    float cs = __ldg(a.cos_table + at), sn = __ldg(a.sin_table + at);
+                    float xa = xr[pa], xb = xr[pb];
+                    // Rope::rotate: a = x * c - y * s; b = y * c + x * s (no fused ops)
+                    acc[r][c] = j == pa ? __fsub_rn(__fmul_rn(xa, cs), __fmul_rn(xb, sn))
+                                        : __fadd_rn(__fmul_rn(xb, cs), __fmul_rn(xa, sn));
+                }
+            }
+        }
+    }
+    if (!active) return;
+    char* base = reinterpret_cast<char*>(t.out_ptrs[tensor]);
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        unsigned row = row0 + rg * 4 + r;
+        if (row >= a.rows) break;
+        float v[4];
+#pragma unroll
+        for (int c = 0; c < 4; c++) v[c] = round_to_chunk(acc[r][c], a.chunk_dtype);
+        store4(t, base, target_offset(t, a.sink_rows + row, head, c0), v);
+    }
+}
+
+// The sink rows: raw 16-bit values of the chunk's dtype ([tensors][sink_rows][cols], the first
+// bytes of the payload), converted to the target dtype; nothing when the decoder flagged the
+// section (a corrupt section leaves the engine's buffer as it was). Grid-stride over groups of 4 columns;
+// launch with gridDim.y = tensors.
+extern "C" __global__ void __launch_bounds__(256) kvf_restore_sinks(const uint16_t* __restrict__ raw,
+                                                                    unsigned sink_rows,
+                                                                    unsigned chunk_dtype,
+                                                                    const unsigned* err,
+                                                                    RestoreTarget t) {
+    if (*(volatile const unsigned*)err != 0) return;
+    unsigned tensor = blockIdx.y;
+    unsigned per_row = t.cols / 4;
+    unsigned groups = sink_rows * per_row;
+    char* base = reinterpret_cast<char*>(t.out_ptrs[tensor]);
+    const uint2* src = reinterpret_cast<const uint2*>(raw + (size_t)tensor * sink_rows * t.cols);
+    for (unsigned g = blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += gridDim.x * blockDim.x) {
+        unsigned row = g / per_row, col = (g - row * per_row) * 4;
+        unsigned head = fdiv(t.by_head_dim, col), d = col - head * t.head_dim;
+        uint2 w = __ldg(src + g);
+        unsigned short h[4] = {(unsigned short)(w.x & 0xffff), (unsigned short)(w.x >> 16),
+                               (unsigned short)(w.y & 0xffff), (unsigned short)(w.y >> 16)};
+        float v[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            v[j] = chunk_dtype == 0 ? __half2float(__ushort_as_half(h[j]))
+                                    : __bfloat162float(__ushort_as_bfloat16(h[j]));
+        }
+        store4(t, base, target_offset(t, row, head, d), v);
+    }
+}

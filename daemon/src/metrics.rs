@@ -211,6 +211,8 @@ pub struct GpuSectionCounters {
     pub nvdec: Counter,
     /// Decoded on the CPU, codes uploaded, dequantized by the kernel.
     pub cpu_decode: Counter,
+    /// Transform-coded: rANS-decoded and inverse-transformed by the kernels.
+    pub rans: Counter,
     /// Decoded and restored on the CPU, the placed bytes copied to the device (exact mode,
     /// dtype conversions the kernel cannot match bit for bit).
     pub cpu_restore: Counter,
@@ -336,6 +338,7 @@ impl Metrics {
             ("packed", &g.packed),
             ("nvdec", &g.nvdec),
             ("cpu-decode", &g.cpu_decode),
+            ("rans", &g.rans),
             ("cpu-restore", &g.cpu_restore),
         ] {
             let _ = writeln!(out, "{name}{{route=\"{route}\"}} {}", c.get());

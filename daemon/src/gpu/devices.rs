@@ -8,12 +8,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvfetcher_codec::HevcGeometry;
+use kvfetcher_codec::{CodecProfile, HevcGeometry, ProfileId};
 
 use super::cuda::{set_host_wait, Cuda, HostWait, Stream};
 use super::gather::device_gather;
 use super::nvdec::SessionPool;
 use super::pool::MemoryPool;
+use super::rans::DeviceProfile;
 use super::restore::{DeviceGather, RestoreKernels};
 use super::GpuError;
 use crate::metrics::Metrics;
@@ -24,6 +25,8 @@ const KEPT_STREAMS: usize = 32;
 const KEPT_SCRATCH_BYTES: usize = 1 << 30;
 /// Gather tables kept per device (one per HEVC section geometry; a node serves few).
 const KEPT_GATHERS: usize = 64;
+/// Codec profiles kept in device memory (a few MB each); the cache is cleared when full.
+const KEPT_PROFILES: usize = 8;
 
 /// What the daemon's `[gpu]` configuration asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +169,10 @@ pub struct GpuDevice {
     gathers: Mutex<HashMap<HevcGeometry, Arc<DeviceGather>>>,
     /// Held while a missing table is built, so concurrent sections build it once.
     building: Mutex<()>,
+    /// Codec profiles' bases and means, by the id chunks name them with.
+    profiles: Mutex<HashMap<ProfileId, Arc<DeviceProfile>>>,
+    /// Held while a missing profile is uploaded.
+    uploading: Mutex<()>,
     metrics: Arc<Metrics>,
 }
 
@@ -218,6 +225,8 @@ impl GpuDevice {
             streams: Mutex::new(Vec::new()),
             gathers: Mutex::new(HashMap::new()),
             building: Mutex::new(()),
+            profiles: Mutex::new(HashMap::new()),
+            uploading: Mutex::new(()),
             metrics,
         })
     }
@@ -286,6 +295,31 @@ impl GpuDevice {
         }
         cache.insert(*geometry, table.clone());
         Ok(table)
+    }
+}
+
+impl GpuDevice {
+    /// The device copy of `profile`, whose id is `id` (the chunk's; the registry resolved it
+    /// to `profile`), uploaded on first use and kept.
+    pub fn profile(
+        &self,
+        id: &ProfileId,
+        profile: &CodecProfile,
+    ) -> Result<Arc<DeviceProfile>, GpuError> {
+        if let Some(p) = lock(&self.profiles).get(id) {
+            return Ok(p.clone());
+        }
+        let _uploading = lock(&self.uploading);
+        if let Some(p) = lock(&self.profiles).get(id) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(DeviceProfile::upload(&self.cuda, profile)?);
+        let mut cache = lock(&self.profiles);
+        if cache.len() >= KEPT_PROFILES {
+            cache.clear();
+        }
+        cache.insert(*id, p.clone());
+        Ok(p)
     }
 }
 

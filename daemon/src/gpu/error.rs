@@ -38,6 +38,10 @@ pub enum GpuError {
     /// An argument is out of range (sizes, layouts, buffer capacities).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The section's bytes are invalid the way the CPU restore would report them (corrupt
+    /// stream, missing or mismatched profile): the fetch fails as it does on the CPU path.
+    #[error("{0}")]
+    Format(kvfetcher_codec::FormatError),
     /// The restore kernels' PTX failed to load.
     #[error("restore kernels: {0}")]
     Kernels(String),

@@ -19,6 +19,7 @@ pub mod hevc_backend;
 pub mod ipc;
 pub mod nvdec;
 mod pool;
+pub mod rans;
 pub mod restore;
 pub(crate) mod section_restore;
 
@@ -38,3 +39,4 @@ pub use restore::{
     restore_cpu, CodeGeometry, Dequant, DeviceGather, DeviceTarget, GatherFrom, RestoreKernels,
     TargetSpec,
 };
+pub use section_restore::{kernels_apply, restore_section_to_device, Route};

@@ -248,7 +248,7 @@ impl FastDiv {
 /// `RestoreTarget` of restore.cu, field for field.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct RestoreTargetArgs {
+pub(crate) struct RestoreTargetArgs {
     out_ptrs: u64,
     scales: u64,
     mins: u64,
@@ -367,6 +367,44 @@ impl DeviceTarget {
         outs: &[(u64, usize)],
     ) -> Result<DeviceTarget, GpuError> {
         check_dequant(g, q)?;
+        // SAFETY: the caller upholds from_raw's contract, which is build's.
+        unsafe { Self::build(upload, g, Some(q), target, outs) }
+    }
+
+    /// Like [`DeviceTarget::from_raw`] for kernels that compute the values themselves (the
+    /// transform-coded route): no scales or mins are uploaded.
+    ///
+    /// # Safety
+    /// As for [`DeviceTarget::from_raw`].
+    pub unsafe fn for_values(
+        upload: ParamUpload<'_>,
+        g: CodeGeometry,
+        target: &TargetSpec,
+        outs: &[(u64, usize)],
+    ) -> Result<DeviceTarget, GpuError> {
+        // SAFETY: the caller upholds from_raw's contract, which is build's.
+        unsafe { Self::build(upload, g, None, target, outs) }
+    }
+
+    /// The arguments the kernels take for this target.
+    pub(crate) fn launch_args(&self) -> RestoreTargetArgs {
+        self.args
+    }
+
+    /// The geometry this target was built for.
+    pub fn geometry(&self) -> CodeGeometry {
+        self.geometry
+    }
+
+    /// # Safety
+    /// As for [`DeviceTarget::from_raw`]; `q` is checked by the caller when present.
+    unsafe fn build(
+        upload: ParamUpload<'_>,
+        g: CodeGeometry,
+        q: Option<&Dequant>,
+        target: &TargetSpec,
+        outs: &[(u64, usize)],
+    ) -> Result<DeviceTarget, GpuError> {
         target.validate(g.rows, g.cols)?;
         let need = target
             .elements()
@@ -388,8 +426,13 @@ impl DeviceTarget {
             return Err(GpuError::InvalidArgument("geometry too large".into()));
         }
         let mut block: Vec<u8> = outs.iter().flat_map(|&(p, _)| p.to_le_bytes()).collect();
-        let scales = append(&mut block, &q.scales, f32::to_le_bytes);
-        let mins = append(&mut block, &q.mins, f32::to_le_bytes);
+        // No scales and mins (null pointers) for the transform kernels, which read neither.
+        let scales_mins = q.map(|q| {
+            (
+                append(&mut block, &q.scales, f32::to_le_bytes),
+                append(&mut block, &q.mins, f32::to_le_bytes),
+            )
+        });
         let (table, block_size) = match &target.paged {
             Some((bs, t)) => (
                 Some(append(&mut block, t, |b: i32| b.to_le_bytes())),
@@ -401,8 +444,8 @@ impl DeviceTarget {
         let at = |off: usize| params.ptr() + off as u64;
         let args = RestoreTargetArgs {
             out_ptrs: params.ptr(),
-            scales: at(scales),
-            mins: at(mins),
+            scales: scales_mins.map_or(0, |(s, _)| at(s)),
+            mins: scales_mins.map_or(0, |(_, m)| at(m)),
             block_table: table.map_or(0, at),
             tensors: g.tensors as u32,
             rows: g.rows as u32,
@@ -417,9 +460,9 @@ impl DeviceTarget {
                 TokenOrder::Hnd => 1,
             },
             dtype: dtype_code(target.dtype),
-            grouping: match q.grouping {
-                Grouping::PerChannel => 0,
-                Grouping::PerToken => 1,
+            grouping: match q.map(|q| q.grouping) {
+                Some(Grouping::PerChannel) | None => 0,
+                Some(Grouping::PerToken) => 1,
             },
             pad: 0,
             per_row: FastDiv::new((g.cols / 8) as u32),
@@ -528,15 +571,29 @@ fn rows_per_thread(by_dtype: bool, target: &DeviceTarget) -> usize {
 }
 
 /// The entry points `restore.cu` must define.
-const KERNELS: [&str; 5] = [
+const KERNELS: [&str; 9] = [
     "kvf_restore_codes",
     "kvf_restore_packed",
     "kvf_restore_packed8",
     "kvf_restore_packed4",
     "kvf_restore_frames",
+    "kvf_rans_build_luts",
+    "kvf_rans_decode",
+    "kvf_inverse_transform",
+    "kvf_restore_sinks",
 ];
 
 impl RestoreKernels {
+    /// The loaded module (the transform route launches its kernels from it).
+    pub(crate) fn module(&self) -> &Module {
+        &self.module
+    }
+
+    /// The device's context.
+    pub(crate) fn cuda(&self) -> &Arc<Cuda> {
+        &self.cuda
+    }
+
     /// Loads the committed PTX, or the file named by `KVFETCHER_RESTORE_PTX` when set.
     pub fn load(cuda: &Arc<Cuda>) -> Result<RestoreKernels, GpuError> {
         let ptx = match std::env::var_os("KVFETCHER_RESTORE_PTX") {

@@ -7,6 +7,9 @@
 //!   gather table;
 //! - `cpu-decode`: anything else (zstd, no NVDEC, NVDEC refusing a stream) is decoded on the
 //!   CPU; the codes are uploaded and dequantized by the kernel.
+//! - `rans`: a transform-coded section (format v2) is entropy-decoded and inverse-transformed
+//!   by the kernels of [`super::rans`], with the chunk's profile from the registry (uploaded
+//!   once per device).
 //!
 //! The kernels compute `fma(code, scale, min)` in f32 and round once to the target type, the
 //! same math as the CPU path when the chunk's dtype is the target's or f32. Sections the
@@ -17,27 +20,30 @@
 use std::sync::Arc;
 
 use kvfetcher_codec::{
-    decode_section, ChunkHeader, CodecRegistry, Grouping, HevcParams, VariantKind,
+    decode_section, ChunkHeader, CodecRegistry, FormatError, Grouping, HevcParams, VariantKind,
 };
 use kvfetcher_kv::DType;
 use kvfetcher_protocol::{KvDType, KvShape, Paging, TargetLayout};
 
-use super::cuda::{bytemuck_like::Pod, DeviceBuffer};
+use super::cuda::{bytemuck_like::Pod, DeviceBuffer, Stream};
 use super::devices::{GpuDevice, PooledStream};
 use super::nvdec::{DeviceFrames, FrameFormat};
 use super::pool::MemoryPool;
+use super::rans::{restore_transform_with, Scratch, TransformSection};
 use super::restore::{CodeGeometry, Dequant, DeviceTarget, ParamUpload, TargetSpec};
 use super::GpuError;
 
 /// How a section reached the device buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Route {
+pub enum Route {
     /// Packed payload, unpacked by the kernel.
     Packed,
     /// Decoded by NVDEC, restored from the surfaces.
     Nvdec,
     /// Decoded on the CPU, restored by the kernel.
     CpuDecode,
+    /// Transform-coded: rANS-decoded and inverse-transformed by the kernels.
+    Rans,
 }
 
 fn invalid(m: impl Into<String>) -> GpuError {
@@ -78,7 +84,7 @@ pub(crate) fn target_spec(
 
 /// Whether the kernels restore section `index` of `header` into `layout` bit for bit like the
 /// CPU path; `Err` says why not (the caller then restores on the CPU).
-pub(crate) fn kernels_apply(
+pub fn kernels_apply(
     header: &ChunkHeader,
     index: usize,
     layout: &TargetLayout,
@@ -91,7 +97,9 @@ pub(crate) fn kernels_apply(
         return Err("exact-mode chunk (byte planes)".into());
     }
     if header.transform.is_some() {
-        return Err("transform-coded (rans) section: no GPU kernel yet".into());
+        // The kernels round to the chunk's dtype and then to the target's, as the CPU path
+        // does, so every target dtype is exact.
+        return super::rans::transform_supported(header, index);
     }
     // The CPU path rounds to the chunk's dtype, then converts; the kernel rounds once.
     let once = matches!(
@@ -173,7 +181,7 @@ impl<'d> SectionWork<'d> {
 /// stream, synchronised before returning, so readiness events recorded afterwards are ordered
 /// after these writes.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn restore_section_to_device(
+pub fn restore_section_to_device(
     dev: &GpuDevice,
     header: &ChunkHeader,
     index: usize,
@@ -219,6 +227,12 @@ pub(crate) fn restore_section_to_device(
             (out.ptr() + base as u64, tensor_len)
         })
         .collect();
+    if header.transform.is_some() {
+        // SAFETY: as for the DeviceTarget below: every pointer is `out` plus a tensor offset
+        // whose tensor_len bytes end within out.len() (checked above), and restore_rans waits
+        // for its stream before `work` and the target drop.
+        return unsafe { restore_rans(dev, header, index, payload, registry, g, &target, &outs) };
+    }
     let launches: Vec<Launch> = if header.key_grouping == header.value_grouping {
         vec![Launch {
             first: 0,
@@ -303,6 +317,76 @@ pub(crate) fn restore_section_to_device(
         )?,
     };
     Ok(route)
+}
+
+impl Scratch for SectionWork<'_> {
+    fn alloc(&mut self, bytes: usize) -> Result<Arc<DeviceBuffer>, GpuError> {
+        SectionWork::alloc(self, bytes)
+    }
+
+    fn upload_bytes(&mut self, data: &[u8]) -> Result<Arc<DeviceBuffer>, GpuError> {
+        self.upload(data)
+    }
+
+    fn stream(&self) -> &Stream {
+        &self.stream
+    }
+}
+
+/// The transform route: the profile from the registry (a missing one is the CPU path's
+/// `ProfileMissing`), checked against the chunk as the CPU restore checks it, then the rans
+/// kernels on one pooled stream.
+///
+/// # Safety
+/// `outs` as for [`DeviceTarget::from_raw`]: live device memory of `dev` that outlives the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn restore_rans(
+    dev: &GpuDevice,
+    header: &ChunkHeader,
+    index: usize,
+    payload: &[u8],
+    registry: &CodecRegistry,
+    g: CodeGeometry,
+    target: &TargetSpec,
+    outs: &[(u64, usize)],
+) -> Result<Route, GpuError> {
+    let t = header
+        .transform
+        .as_ref()
+        .ok_or_else(|| invalid("not a transform-coded chunk"))?;
+    let profile = registry.profile(&t.profile).map_err(GpuError::Format)?;
+    if profile.model != header.model {
+        return Err(GpuError::Format(FormatError::ProfileMismatch(format!(
+            "profile {} is for model {}, the chunk holds {}",
+            t.profile, profile.model, header.model
+        ))));
+    }
+    profile
+        .check_shape(
+            usize::from(header.num_layers),
+            usize::from(header.kv_heads),
+            usize::from(header.head_dim),
+        )
+        .map_err(GpuError::Format)?;
+    header.sections[index]
+        .verify(payload)
+        .map_err(GpuError::Format)?;
+    let dprofile = dev.profile(&t.profile, profile)?;
+    let mut work = SectionWork::new(dev)?;
+    let upload = ParamUpload::Pooled(work.pool, &work.stream);
+    // SAFETY: upheld by the caller (see this function's contract); `work` waits for its
+    // stream before the target drops.
+    let dt = unsafe { DeviceTarget::for_values(upload, g, target, outs) }?;
+    let (args, geometry) = (dt.launch_args(), dt.geometry());
+    work.targets.push(dt);
+    let section = TransformSection {
+        header,
+        index,
+        payload,
+    };
+    restore_transform_with(dev.kernels(), &dprofile, section, args, geometry, &mut work)?;
+    work.finish()?;
+    Ok(Route::Rans)
 }
 
 /// The NVDEC route.

@@ -30,6 +30,7 @@ use super::verify::{check_header, Expected, Geometry, Mismatch};
 use super::{FetchError, FetchEvent, FetchEvents, FetchOutcome, Pipeline};
 use crate::buffers::Destination;
 use crate::gpu::section_restore::{kernels_apply, restore_section_to_device, Route};
+use crate::gpu::GpuError;
 use crate::metrics::Metrics;
 use crate::transport::SectionCheck;
 
@@ -499,6 +500,10 @@ pub fn restore_section_into(
                 | CodecError::Library { .. }
                 | CodecError::Unsupported { .. },
             ) => FetchError::Decoder(m),
+            // This daemon lacks (or has another) codec profile: not the object's fault either.
+            FormatError::ProfileMissing(_) | FormatError::ProfileMismatch(_) => {
+                FetchError::Decoder(m)
+            }
             // The section passed its checksum: a payload that does not decode was stored so.
             _ => FetchError::Corrupt(m),
         }
@@ -517,17 +522,20 @@ pub fn restore_section_into(
                     token_start,
                     region.buffer,
                 )
-                .map_err(|e| {
-                    FetchError::Gpu(format!(
+                .map_err(|e| match e {
+                    // The section's bytes or profile: the CPU path would fail the same way.
+                    GpuError::Format(fe) => bad(fe),
+                    e => FetchError::Gpu(format!(
                         "chunk {}: section {index}: gpu restore: {e}",
                         header.key
-                    ))
+                    )),
                 })?;
                 let c = &metrics.gpu_sections;
                 match route {
                     Route::Packed => c.packed.add(1),
                     Route::Nvdec => c.nvdec.add(1),
                     Route::CpuDecode => c.cpu_decode.add(1),
+                    Route::Rans => c.rans.add(1),
                 }
                 return Ok(());
             }

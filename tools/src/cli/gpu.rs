@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use kvfetcher::gpu::Cuda;
 
-use crate::gpu::{bench, check, fixture, ipc_check, sections};
+use crate::gpu::{bench, check, fixture, ipc_check, sections, transform_bench, transform_check};
 
 /// `kvfetcher gpu`.
 #[derive(Debug, Args)]
@@ -33,11 +33,31 @@ pub enum GpuCommand {
     /// Encodes chunk objects with the codec's HEVC encoder (every layout and bit width) and
     /// records libde265's codes, for `gpu check` (needs libx265 and libde265).
     SectionFixtures(FixtureArgs),
+    /// The transform-coded (rANS) route alone: its checks against the CPU restore (also part
+    /// of `check`) and its benchmark (also part of `bench`).
+    Transform(TransformArgs),
     /// Proves CUDA IPC across processes: a child maps the restored KV and waits on IPC events.
     IpcCheck(IpcArgs),
     /// The child side of `ipc-check` (reads handles on stdin).
     #[command(hide = true)]
     IpcChild(IpcChildArgs),
+}
+
+/// Inputs of transform.
+#[derive(Debug, Args)]
+pub struct TransformArgs {
+    /// CUDA device ordinal (the daemon-route rows and the benchmark use device 0).
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// The safetensors KV file to code (at least 512 tokens).
+    #[arg(long)]
+    pub kv: PathBuf,
+    /// Skip the benchmark.
+    #[arg(long)]
+    pub no_bench: bool,
+    /// Host threads restoring sections at once in the benchmark (it also runs half and twice).
+    #[arg(long, default_value_t = 32)]
+    pub threads: usize,
 }
 
 /// Inputs of ipc-check.
@@ -151,6 +171,32 @@ pub struct LoadArgs {
     pub frames: String,
 }
 
+/// Runs the transform-route benchmark and prints its table (an error is printed, not fatal:
+/// the other benchmarks still run).
+fn print_transform_bench(spec: &transform_bench::TransformBenchSpec) {
+    match transform_bench::bench_transform(spec) {
+        Ok(r) => {
+            // KV GB/s: fp16 bytes restored into the engine's buffer per second of wall time
+            // (host parsing, uploads, decode, inverse transform, sync), sections from many
+            // threads at once as a fetch runs them; target >= 20 GB/s.
+            println!("| transform restore | MB out | MB payload | ms | KV GB/s | D2D copy GB/s |");
+            println!("|---|---|---|---|---|---|");
+            for p in &r {
+                println!(
+                    "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.0} |",
+                    p.name,
+                    p.bytes as f64 / 1e6,
+                    p.payload_bytes as f64 / 1e6,
+                    p.ms,
+                    p.gbps,
+                    p.copy_gbps
+                );
+            }
+        }
+        Err(e) => println!("transform restore benchmark failed: {e}"),
+    }
+}
+
 /// Runs `kvfetcher-bench gpu ...`.
 pub fn run(args: GpuArgs) -> anyhow::Result<()> {
     match args.command {
@@ -164,6 +210,16 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
         GpuCommand::Check(a) => {
             let cuda = Cuda::open(a.device)?;
             let mut rows = check::run_checks(&cuda, &a.kv, &a.fixtures)?;
+            // A transform-route error is a failed row, not the end of the other checks.
+            match transform_check::run_transform_checks(&cuda, &a.kv) {
+                Ok(r) => rows.extend(r),
+                Err(e) => rows.push(check::CheckRow {
+                    name: "transform (rANS) route".into(),
+                    exact: false,
+                    values: 0,
+                    detail: format!("error: {e}"),
+                }),
+            }
             let dir = a.fixtures.join("sections");
             if dir.is_dir() {
                 rows.extend(sections::run_section_checks(&cuda, &dir)?);
@@ -178,6 +234,18 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
                 println!("{} {len} bytes", p.display());
             }
             Ok(())
+        }
+        GpuCommand::Transform(a) => {
+            let cuda = Cuda::open(a.device)?;
+            println!("device: {}", cuda.info().name);
+            let rows = transform_check::run_transform_checks(&cuda, &a.kv)?;
+            if !a.no_bench {
+                print_transform_bench(&transform_bench::TransformBenchSpec {
+                    threads: a.threads,
+                    ..Default::default()
+                });
+            }
+            print_rows(&rows)
         }
         GpuCommand::IpcCheck(a) => {
             let cuda = Cuda::open(a.device)?;
@@ -216,6 +284,7 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
                     100.0 * p.fill_ms / p.ms
                 );
             }
+            print_transform_bench(&transform_bench::TransformBenchSpec::default());
             let pts =
                 bench::bench_nvdec(&cuda, &a.run.kv, &a.run.fixtures, &a.sessions, a.seconds)?;
             println!(
