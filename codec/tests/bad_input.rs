@@ -124,11 +124,24 @@ fn every_bit_flip_is_detected() {
 fn wrong_version_magic_and_trailing_bytes() {
     let objects = small_objects();
     let mut b = objects[0].clone();
-    b[4] = 2;
+    b[4] = 3;
     assert!(matches!(
         ChunkView::parse(&b),
-        Err(FormatError::UnsupportedVersion(2))
+        Err(FormatError::UnsupportedVersion(3))
     ));
+    b[4] = 0;
+    assert!(matches!(
+        ChunkView::parse(&b),
+        Err(FormatError::UnsupportedVersion(0))
+    ));
+    // A version-1 chunk relabelled as version 2 (crc fixed up) still parses: version 2 only
+    // adds the transform flag and block.
+    let mut b = objects[0].clone();
+    b[4] = 2;
+    let hl = u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize;
+    let crc = crc32c::crc32c(&b[..hl - 4]);
+    b[hl - 4..hl].copy_from_slice(&crc.to_le_bytes());
+    assert!(ChunkView::parse(&b).is_ok());
     let mut b = objects[0].clone();
     b[0] = b'X';
     assert!(matches!(ChunkView::parse(&b), Err(FormatError::BadMagic)));
