@@ -10,7 +10,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kvfetcher: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(kvfetcher::cli::exit_code(&e))
         }
     }
 }

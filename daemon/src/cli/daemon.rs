@@ -55,15 +55,9 @@ pub struct Running {
 
 /// Runs `kvfetcher daemon`.
 pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    let mut config = match Config::load(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            // EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from retrying a
-            // configuration that cannot get better by itself.
-            eprintln!("kvfetcher: error: {e}");
-            std::process::exit(EX_CONFIG);
-        }
-    };
+    // A ConfigError exits with EX_CONFIG (`exit_code`): the unit's RestartPreventExitStatus
+    // keeps systemd from retrying a configuration that cannot get better by itself.
+    let mut config = Config::load(&args.config)?;
     if let Some(s) = args.socket {
         config.socket = s;
     }
@@ -135,7 +129,10 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
 fn codec_registry(gpus: &Arc<GpuDevices>, config: &Config) -> anyhow::Result<CodecRegistry> {
     let mut reg = CodecRegistry::default();
     if let Some(dir) = &config.codec.profile_dir {
-        for profile in load_profiles(dir)? {
+        // A profile that cannot be read is a configuration error (EX_CONFIG), not a crash.
+        let profiles = load_profiles(dir)
+            .map_err(|e| crate::config::ConfigError::Invalid(format!("{e:#}")))?;
+        for profile in profiles {
             tracing::info!(profile = %profile.id(), model = %profile.model, "codec profile loaded");
             reg = reg.with_profile(profile);
         }

@@ -45,6 +45,18 @@ pub enum Command {
     Get(store::GetArgs),
 }
 
+/// The process exit status for an error `run` returned: `EX_CONFIG` (78) for a configuration
+/// error, 1 for anything else (usage errors exit 2 from the argument parser).
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain()
+        .any(|c| c.downcast_ref::<crate::config::ConfigError>().is_some())
+    {
+        daemon::EX_CONFIG as u8
+    } else {
+        1
+    }
+}
+
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -57,5 +69,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => codec::run_inspect(args),
         Command::Put(args) => store::run_put(args),
         Command::Get(args) => store::run_get(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_errors_exit_with_ex_config() {
+        let config = crate::config::ConfigError::Invalid("x".into());
+        assert_eq!(exit_code(&anyhow::Error::from(config)), 78);
+        let wrapped = anyhow::Error::from(crate::config::ConfigError::Invalid("x".into()))
+            .context("starting the daemon");
+        assert_eq!(exit_code(&wrapped), 78);
+        assert_eq!(exit_code(&anyhow::anyhow!("store unreachable")), 1);
     }
 }
