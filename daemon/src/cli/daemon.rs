@@ -215,3 +215,46 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvfetcher_codec::{
+        CodecProfile, HeadBasis, LayerProfile, ModelFingerprint, Rope, TensorProfile,
+    };
+
+    fn tiny_profile(model: &[u8]) -> CodecProfile {
+        let tensor = || TensorProfile {
+            heads: vec![HeadBasis::identity(vec![0.0; 4], vec![1.0; 4])],
+            sensitivity: 1.0,
+            curve: Vec::new(),
+        };
+        CodecProfile {
+            model: ModelFingerprint::of_bytes(model),
+            kv_heads: 1,
+            head_dim: 4,
+            sinks: 0,
+            rope: Rope::NONE,
+            layers: vec![LayerProfile {
+                key: tensor(),
+                value: tensor(),
+            }],
+        }
+    }
+
+    #[test]
+    fn profile_dirs_load_every_kvfp_and_refuse_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (tiny_profile(b"a"), tiny_profile(b"b"));
+        std::fs::write(dir.path().join("a.kvfp"), a.to_bytes()).unwrap();
+        std::fs::write(dir.path().join("b.kvfp"), b.to_bytes()).unwrap();
+        std::fs::write(dir.path().join("README"), b"not a profile").unwrap();
+        let loaded = load_profiles(dir.path()).unwrap();
+        let ids: Vec<_> = loaded.iter().map(|p| p.id()).collect();
+        assert_eq!(ids, vec![a.id(), b.id()]);
+        std::fs::write(dir.path().join("c.kvfp"), b"KVFP junk").unwrap();
+        let err = load_profiles(dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("c.kvfp"), "{err:#}");
+        assert!(load_profiles(&dir.path().join("missing")).is_err());
+    }
+}
