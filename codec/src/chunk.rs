@@ -240,6 +240,14 @@ fn encode_chunk(
             quant: quant.clone(),
         });
     }
+    write_object(header, encoded.iter().map(|(.., enc)| &enc.payload[..]))
+}
+
+/// Sets the sections' offsets (payloads follow the header in order) and writes the object.
+fn write_object<'a>(
+    mut header: ChunkHeader,
+    payloads: impl Iterator<Item = &'a [u8]>,
+) -> Result<Vec<u8>, FormatError> {
     let mut offset = header.encoded_len() as u64;
     for s in &mut header.sections {
         s.offset = offset;
@@ -247,8 +255,8 @@ fn encode_chunk(
     }
     let mut out = header.to_bytes()?;
     out.reserve(offset as usize - out.len());
-    for (.., enc) in &encoded {
-        out.extend_from_slice(&enc.payload);
+    for p in payloads {
+        out.extend_from_slice(p);
     }
     Ok(out)
 }
@@ -561,17 +569,7 @@ fn encode_transform_chunk(
             quant: Vec::new(),
         });
     }
-    let mut offset = header.encoded_len() as u64;
-    for s in &mut header.sections {
-        s.offset = offset;
-        offset += s.len;
-    }
-    let mut out = header.to_bytes()?;
-    out.reserve(offset as usize - out.len());
-    for (.., enc) in &encoded {
-        out.extend_from_slice(&enc.payload);
-    }
-    Ok(out)
+    write_object(header, encoded.iter().map(|(.., enc)| &enc.payload[..]))
 }
 
 /// A transform-coded section's codes back to K/V: sink rows as stored, the other rows

@@ -19,7 +19,7 @@ use kvfetcher_codec::{
 };
 use kvfetcher_kv::{KvCache, LayerKv, ScoreAccumulator, Tensor};
 
-use super::engine::{Engine, ModelInfo};
+use super::engine::{Engine, ModelInfo, Scored};
 use kvfetcher::cli::codec::progress;
 
 /// Arguments of `kvfetcher-bench profile`.
@@ -274,16 +274,7 @@ fn fit_kl_scale(
     let registry = CodecRegistry::software().with_profile(shared);
     let rt = super::bench_codec::round_trip(&prefix, &ids[..p], &cfg, &registry)?;
     let scored = engine.score(ids, &rt.decoded, 1, info.n_vocab, scratch)?;
-    let mut acc = ScoreAccumulator::default();
-    let v = info.n_vocab;
-    for (r, d) in exact
-        .logits
-        .chunks_exact(v)
-        .zip(scored.logits.chunks_exact(v))
-    {
-        acc.add(r, d, None);
-    }
-    let measured = acc.finish().mean_kl;
+    let measured = mean_kl(&exact, &scored, info.n_vocab);
     ensure!(
         measured > 0.0 && a.predicted_kl > 0.0,
         "the joint probe changed nothing (KL {measured}); use a larger --fit-kl"
@@ -334,16 +325,7 @@ fn measure_sensitivities(
             .step;
         let (perturbed, mse) = perturb_one(&shared, &prefix, layer, is_key, step)?;
         let scored = engine.score(ids, &perturbed, 1, info.n_vocab, scratch)?;
-        let mut acc = ScoreAccumulator::default();
-        let v = info.n_vocab;
-        for (r, d) in exact
-            .logits
-            .chunks_exact(v)
-            .zip(scored.logits.chunks_exact(v))
-        {
-            acc.add(r, d, None);
-        }
-        let kl = acc.finish().mean_kl;
+        let kl = mean_kl(&exact, &scored, info.n_vocab);
         let sensitivity = if mse > 0.0 { kl / mse } else { 0.0 };
         let t = &mut profile.layers[layer];
         let t = if is_key { &mut t.key } else { &mut t.value };
@@ -353,4 +335,17 @@ fn measure_sensitivities(
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+/// Mean KL of `scored`'s next-token distributions against `exact`'s, over every position.
+fn mean_kl(exact: &Scored, scored: &Scored, vocab: usize) -> f64 {
+    let mut acc = ScoreAccumulator::default();
+    for (r, d) in exact
+        .logits
+        .chunks_exact(vocab)
+        .zip(scored.logits.chunks_exact(vocab))
+    {
+        acc.add(r, d, None);
+    }
+    acc.finish().mean_kl
 }
