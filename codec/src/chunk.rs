@@ -581,14 +581,10 @@ fn restore_transform_section(
     profile: &CodecProfile,
     t: &TransformInfo,
 ) -> Result<Vec<LayerKv>, FormatError> {
+    // The chunk names the profile by the hash of its bytes, so the profile is the one it was
+    // coded with; its model fingerprint is the model *file's*, while a chunk's may also name
+    // the engine's cache settings (see `profile_model`).
     let s = section(header, index)?;
-    let mismatch = |m: String| Err(FormatError::ProfileMismatch(m));
-    if profile.model != header.model {
-        return mismatch(format!(
-            "profile {} is for model {}, the chunk holds {}",
-            t.profile, profile.model, header.model
-        ));
-    }
     profile.check_shape(
         usize::from(header.num_layers),
         usize::from(header.kv_heads),

@@ -49,12 +49,17 @@ addr = "127.0.0.1:$sport"
 tls = "$TMP/certs"
 
 [save]
-variant = "zstd"
+variant = "${SAVE_VARIANT:-zstd}"
+target_kl = ${SAVE_TARGET_KL:-0.01}
 bits = $2
 chunk_tokens = $3
 layers_per_group = 1
 workers = 1
 EOF
+    # SAVE_VARIANT=rans needs the model's codec profile: PROFILE_DIR holds it.
+    if [[ -n "${PROFILE_DIR:-}" ]]; then
+        printf '\n[codec]\nprofile_dir = "%s"\n' "$PROFILE_DIR" >>"$d/kvf.toml"
+    fi
     RUST_LOG=warn "$KVF" daemon --config "$d/kvf.toml" >"$d/daemon.log" 2>&1 &
     DAEMON_PID=$!
     PIDS+=("$DAEMON_PID")

@@ -112,7 +112,7 @@ fn fixture() -> Fixture {
     let save = save_config();
     let registry = CodecRegistry::software();
     let fp = ModelFingerprint::of_bytes(MODEL.as_bytes());
-    let cfg = encode_config(&save, &registry, &fp).unwrap();
+    let cfg = encode_config(&save, &registry, MODEL).unwrap();
     let objects = encode_cache(&cache, &fp, &ids, &cfg, &registry).expect("encode");
     let keys = chunk_keys(&fp, &ids, CHUNK as usize);
     assert_eq!(objects.iter().map(|(k, _)| *k).collect::<Vec<_>>(), keys);

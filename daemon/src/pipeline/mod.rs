@@ -39,7 +39,7 @@ pub use events::{FetchEvent, FetchEvents, FetchOutcome};
 pub use fetch::{restore_section_into, SectionJob};
 pub use layout::{extract_cache, kv_dtype, place_cache, place_tensor, LayoutIoError, Sink};
 pub use plan::{FetchPlanner, PlanError, SectionRef};
-pub use save::encode_config;
+pub use save::{encode_config, profile_model};
 pub use source::{BoxFuture, MemorySource, SectionReader, SectionSource};
 pub use stores::StoreTarget;
 
@@ -145,7 +145,7 @@ impl Pipeline {
         metrics: Arc<Metrics>,
     ) -> Result<Pipeline, PipelineError> {
         // Checks the save settings (the model only matters for `rans`).
-        save::encode_config(&save, &registry, &ModelFingerprint::of_bytes(b""))
+        save::encode_config(&save, &registry, "")
             .map_err(|e| PipelineError::Save(e.to_string()))?;
         let save_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(save.workers.max(1))

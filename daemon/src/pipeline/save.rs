@@ -24,19 +24,26 @@ use super::Pipeline;
 use super::SaveError;
 use crate::config::SaveConfig;
 
-/// The codec settings a save config stands for, for `model`'s KV: `rans` with the model's
+/// The fingerprint codec profiles are calibrated under for a model id: that of the id up to the
+/// first `;` (the model file, `sha256:...`), without the engine's cache settings that engines
+/// append (`;kv=f16;fa=0`), which change the KV's bits but not its statistics.
+pub fn profile_model(model_id: &str) -> ModelFingerprint {
+    ModelFingerprint::of_bytes(model_id.split(';').next().unwrap_or(model_id).as_bytes())
+}
+
+/// The codec settings a save config stands for, for `model_id`'s KV: `rans` with the model's
 /// profile in `registry` (steps for `save.target_kl`), `zstd` at `save.bits` for a model
 /// without one.
 pub fn encode_config(
     save: &SaveConfig,
     registry: &CodecRegistry,
-    model: &ModelFingerprint,
+    model_id: &str,
 ) -> Result<EncodeConfig, SaveError> {
     let variant = match save.variant.as_str() {
         "zstd" => VariantKind::Zstd,
         "packed" => VariantKind::Packed,
         "hevc" => VariantKind::Hevc,
-        "rans" => match registry.profile_for_model(model) {
+        "rans" => match registry.profile_for_model(&profile_model(model_id)) {
             Some(profile) => {
                 let a = allocate_steps(&profile, save.target_kl)
                     .map_err(|e| SaveError::Encode(format!("profile {}: {e}", profile.id())))?;
@@ -53,7 +60,7 @@ pub fn encode_config(
                 });
             }
             None => {
-                tracing::warn!(%model, "no codec profile for this model: saving as zstd");
+                tracing::warn!(model_id, "no codec profile for this model: saving as zstd");
                 VariantKind::Zstd
             }
         },
@@ -99,7 +106,7 @@ pub(super) async fn save(
     let cache = extract_cache(layout, shape, data, Some(token_ids.to_vec()))?;
     p.metrics.bytes_saved_raw.add(data.len() as u64);
     let fp = ModelFingerprint::of_bytes(model.as_bytes());
-    let cfg = encode_config(&p.save, &p.registry, &fp)?;
+    let cfg = encode_config(&p.save, &p.registry, model)?;
     let ids = token_ids.to_vec();
     let registry = p.registry.clone();
     let pool = p.save_pool.clone();
@@ -140,4 +147,18 @@ pub(super) async fn save(
         "saved"
     );
     Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_are_found_by_the_model_file_whatever_the_cache_settings() {
+        let file = ModelFingerprint::of_bytes(b"sha256:ab12");
+        assert_eq!(profile_model("sha256:ab12;kv=f16;fa=0"), file);
+        assert_eq!(profile_model("sha256:ab12;kv=f16;fa=1;dev=cuda"), file);
+        assert_eq!(profile_model("sha256:ab12"), file);
+        assert_ne!(profile_model("sha256:cd34;kv=f16"), file);
+    }
 }

@@ -339,11 +339,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         &cache,
         &ModelFingerprint::of_bytes(b"bench-decode-stage"),
         &ids,
-        &encode_config(
-            &save,
-            &reg,
-            &ModelFingerprint::of_bytes(b"bench-decode-stage"),
-        )?,
+        &encode_config(&save, &reg, "bench-decode-stage")?,
         &reg,
     )?;
     // One pass to warm up and size the runs: each timed run repeats the sections for at

@@ -333,12 +333,8 @@ fn expected(
     shape: &KvShape,
 ) -> anyhow::Result<Vec<u8>> {
     let reg = CodecRegistry::software();
-    let cfg = kvfetcher::pipeline::encode_config(
-        &config.save,
-        &reg,
-        &ModelFingerprint::of_bytes(MODEL.as_bytes()),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = kvfetcher::pipeline::encode_config(&config.save, &reg, MODEL)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let objects = encode_cache(
         cache,
         &ModelFingerprint::of_bytes(MODEL.as_bytes()),

@@ -215,8 +215,7 @@ fn expected(
     config: &Config,
 ) -> anyhow::Result<KvCache> {
     let reg = CodecRegistry::software();
-    let model = ModelFingerprint::of_bytes(model_id.as_bytes());
-    let cfg = kvfetcher::pipeline::encode_config(&config.save, &reg, &model)
+    let cfg = kvfetcher::pipeline::encode_config(&config.save, &reg, model_id)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let objects = encode_cache(
         cache,

@@ -14,8 +14,8 @@ use clap::Args;
 use kvfetcher_client::model_id::model_id_from_file;
 use kvfetcher_codec::{
     allocate_steps, calibrate, dequantize_level, forward, inverse, quantize_level, BasisKind,
-    Calibration, CodecProfile, CodecRegistry, EncodeConfig, ModelFingerprint, QuantConfig, Rope,
-    RopeStyle, TensorAt, TransformConfig, VariantKind,
+    Calibration, CodecProfile, CodecRegistry, EncodeConfig, QuantConfig, Rope, RopeStyle, TensorAt,
+    TransformConfig, VariantKind,
 };
 use kvfetcher_kv::{KvCache, LayerKv, ScoreAccumulator, Tensor};
 
@@ -87,8 +87,8 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     eprintln!("profile: dequantizing the weights to f32");
     let engine = engine.dequantized(&scratch.path().join("model-f32.gguf"))?;
     let info = engine.info()?;
-    // The daemon fingerprints chunks by the model id string (`sha256:...`); so does the profile.
-    let model = ModelFingerprint::of_bytes(model_id_from_file(&args.gguf)?.as_bytes());
+    // The daemon finds a model's profile by the file part of its model id (`sha256:...`).
+    let model = kvfetcher::pipeline::profile_model(&model_id_from_file(&args.gguf)?);
     let rope = if args.keep_rope {
         Rope::NONE
     } else {
