@@ -6,7 +6,8 @@ use kvfetcher_kv::KvCache;
 use rayon::prelude::*;
 
 use crate::profile::{HeadBasis, LayerProfile, RatePoint, Rope, TensorProfile};
-use crate::transform::{context, forward, quantize_level, TensorAt, CONTEXTS};
+use crate::rans::entropy_bits;
+use crate::transform::{context, dequantize_level, forward, quantize_level, TensorAt, CONTEXTS};
 use crate::{CodecProfile, FormatError, ModelFingerprint};
 
 /// Points of each tensor's rate curve: steps from 4 deviations down by quarter octaves.
@@ -154,24 +155,22 @@ fn rate_curve(
     let rms = (std.iter().map(|s| f64::from(s * s)).sum::<f64>() / std.len() as f64).sqrt();
     let rms = if rms > 0.0 { rms } else { 1.0 };
     let n = coeffs.len().max(1) as f64;
+    let mut levels = Vec::with_capacity(coeffs.len());
     (0..CURVE_POINTS)
         .map(|j| {
             let step = (rms * 2f64.powf(2.0 - j as f64 / 4.0)) as f32;
             let ctx: Vec<u8> = std.iter().map(|&s| context(s, step)).collect();
-            let mut hist = vec![[0u64; 256]; CONTEXTS];
-            let (mut sq, mut escapes) = (0f64, 0u64);
-            for row in coeffs.chunks_exact(channels) {
-                for (&y, &c) in row.iter().zip(&ctx) {
-                    let q = quantize_level(y, step);
-                    let e = f64::from(y) - f64::from(q as f32 * step);
-                    sq += e * e;
-                    let z = ((q << 1) ^ (q >> 31)) as u32;
-                    let sym = if z < 255 { z as usize } else { 255 };
-                    escapes += u64::from(sym == 255);
-                    hist[usize::from(c)][sym] += 1;
-                }
-            }
-            let bits: f64 = hist.iter().map(entropy_bits).sum::<f64>() + 16.0 * escapes as f64;
+            let mut sq = 0f64;
+            levels.clear();
+            levels.extend(coeffs.iter().map(|&y| {
+                let q = quantize_level(y, step);
+                let e = f64::from(y) - f64::from(dequantize_level(q, step));
+                sq += e * e;
+                q
+            }));
+            // The coder's own cost model: per-context entropy, 16 raw bits per escape.
+            let bits = entropy_bits(&levels, &ctx, CONTEXTS)
+                .expect("levels are clamped to the coder's range and contexts are below CONTEXTS");
             RatePoint {
                 step,
                 bits: (bits / n) as f32,
@@ -179,19 +178,6 @@ fn rate_curve(
             }
         })
         .collect()
-}
-
-/// Total bits of coding a histogram at its own empirical entropy.
-pub(crate) fn entropy_bits(hist: &[u64; 256]) -> f64 {
-    let total: u64 = hist.iter().sum();
-    if total == 0 {
-        return 0.0;
-    }
-    let t = total as f64;
-    hist.iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| -(c as f64) * (c as f64 / t).log2())
-        .sum()
 }
 
 /// Running first and second moments of one head's vectors, in f64.

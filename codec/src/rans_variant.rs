@@ -178,13 +178,13 @@ impl SectionDecoder for RansCodec {
     }
 }
 
-/// A level's 16-bit code: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...
+/// A level's 16-bit code (the rANS stream's zigzag: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...);
+/// levels are within -32768..=32767, so it fits.
 pub(crate) fn zigzag(q: i32) -> u16 {
-    ((q << 1) ^ (q >> 31)) as u16
+    crate::rans::zigzag(q) as u16
 }
 
 /// The inverse of [`zigzag`].
 pub(crate) fn unzigzag(z: u16) -> i32 {
-    let z = i32::from(z);
-    (z >> 1) ^ -(z & 1)
+    crate::rans::unzigzag(u32::from(z))
 }
