@@ -31,7 +31,12 @@ pub struct CheckRow {
 
 /// Every target the restore checks cover: {NHD, HND} x {contiguous, paged} x {f16, bf16, f32}.
 pub fn targets(codes: &KvCodes) -> Vec<TargetSpec> {
-    let rows = codes.geometry.rows;
+    targets_for(codes.geometry.rows, codes.heads, codes.head_dim)
+}
+
+/// [`targets`] for `rows` tokens of `heads` x `head_dim`: contiguous targets start at token 5,
+/// paged ones use a scrambled block table.
+pub fn targets_for(rows: usize, heads: usize, head_dim: usize) -> Vec<TargetSpec> {
     let block = 16;
     let blocks = rows.div_ceil(block) + 1;
     // A scrambled block table (a permutation of 1..=blocks, block 0 unused) as a paged engine has.
@@ -45,8 +50,8 @@ pub fn targets(codes: &KvCodes) -> Vec<TargetSpec> {
                 out.push(TargetSpec {
                     layout,
                     dtype,
-                    heads: codes.heads,
-                    head_dim: codes.head_dim,
+                    heads,
+                    head_dim,
                     token_offset: if paged { 0 } else { 5 },
                     target_tokens: rows + 7,
                     paged: paged.then(|| (block, table.clone())),
@@ -72,7 +77,7 @@ pub fn target_name(t: &TargetSpec) -> String {
 }
 
 /// Poison byte written into every target before a restore: unwritten elements then differ.
-const POISON: u8 = 0xA5;
+pub(crate) const POISON: u8 = 0xA5;
 
 /// Restores through `run` into fresh poisoned device targets and compares with the CPU.
 fn compare_restore(

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use kvfetcher_codec::{
     calibrate, decode_section, encode_cache, restore_section, uniform_steps, BasisKind,
-    Calibration, ChunkView, CodecProfile, CodecRegistry, EncodeConfig, ModelFingerprint,
-    QuantConfig, Rope, RopeStyle, TransformConfig, VariantKind,
+    Calibration, ChunkHeader, ChunkView, CodecProfile, CodecRegistry, EncodeConfig,
+    ModelFingerprint, QuantConfig, Rope, RopeStyle, TransformConfig, VariantKind,
 };
 use kvfetcher_kv::{DType, KvCache, KvFile};
 use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
@@ -29,7 +29,7 @@ use kvfetcher::gpu::{GpuDevices, GpuError, GpuOptions};
 use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{place_cache, LayoutIoError};
 
-use super::check::CheckRow;
+use super::check::{target_name, targets_for, CheckRow, POISON};
 
 /// Tokens coded (two chunks of 128: the second starts at token 128, so positions and the
 /// target's token offset are exercised); calibration uses the tokens after them.
@@ -39,7 +39,6 @@ const CHUNK_TOKENS: usize = 128;
 const STEPS: [f32; 3] = [0.3, 0.1, 0.03];
 /// Sinks: none, and a few (the first chunk's leading rows are stored raw).
 const SINKS: [u16; 2] = [0, 4];
-const POISON: u8 = 0xA5;
 
 fn invalid(e: impl std::fmt::Display) -> GpuError {
     GpuError::InvalidArgument(e.to_string())
@@ -104,46 +103,6 @@ pub fn transform_chunks(
     Ok((registry, chunks.into_iter().map(|(_, o)| o).collect()))
 }
 
-/// Every target of the restore checks: {NHD, HND} x {contiguous at token 5, paged with a
-/// scrambled table} x {f16, bf16, f32}.
-fn targets(rows: usize, heads: usize, head_dim: usize) -> Vec<TargetSpec> {
-    let block = 16;
-    let blocks = rows.div_ceil(block) + 1;
-    let table: Vec<i32> = (0..blocks - 1)
-        .map(|b| (1 + (b * 37) % (blocks - 1)) as i32)
-        .collect();
-    let mut out = Vec::new();
-    for layout in [TokenOrder::Nhd, TokenOrder::Hnd] {
-        for paged in [false, true] {
-            for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
-                out.push(TargetSpec {
-                    layout,
-                    dtype,
-                    heads,
-                    head_dim,
-                    token_offset: if paged { 0 } else { 5 },
-                    target_tokens: rows + 7,
-                    paged: paged.then(|| (block, table.clone())),
-                });
-            }
-        }
-    }
-    out
-}
-
-fn target_name(t: &TargetSpec) -> String {
-    format!(
-        "{}-{}-{}",
-        if t.layout == TokenOrder::Nhd {
-            "NHD"
-        } else {
-            "HND"
-        },
-        if t.paged.is_some() { "paged" } else { "contig" },
-        t.dtype.name()
-    )
-}
-
 /// One tensor (`[tokens][cols]` of `dtype`) placed into `target` as the CPU path places it:
 /// each value to f32, then rounded to the target's dtype.
 fn place(dtype: DType, data: &[u8], cols: usize, target: &TargetSpec, out: &mut [u8]) {
@@ -181,19 +140,22 @@ fn row(name: String, values: usize, detail: String) -> CheckRow {
     }
 }
 
-/// Restores section `i` of `object` through the kernels into fresh poisoned targets; returns
-/// the target bytes per tensor, or the route's error.
+/// The route's result and the target bytes per tensor after it.
+type GpuRestore = (Result<(), GpuError>, Vec<Vec<u8>>);
+
+/// Restores section `index` of `header` (its payload: `payload`) through the kernels into fresh
+/// poisoned targets: the route's result and the target bytes per tensor afterwards (poison
+/// where nothing was written).
 fn gpu_restore(
     cuda: &Arc<Cuda>,
     kernels: &RestoreKernels,
     profile: &DeviceProfile,
-    view: &ChunkView<'_>,
-    i: usize,
+    header: &ChunkHeader,
+    index: usize,
     payload: &[u8],
     target: &TargetSpec,
-) -> Result<Result<Vec<Vec<u8>>, GpuError>, GpuError> {
-    let header = view.header();
-    let s = &header.sections[i];
+) -> Result<GpuRestore, GpuError> {
+    let s = &header.sections[index];
     let g = CodeGeometry {
         tensors: s.shape.tensors,
         rows: s.shape.rows,
@@ -213,19 +175,17 @@ fn gpu_restore(
     let mut scratch = OwnedScratch::new(cuda)?;
     let section = TransformSection {
         header,
-        index: i,
+        index,
         payload,
     };
-    if let Err(e) = restore_transform_section(kernels, profile, section, &dt, &mut scratch) {
-        return Ok(Err(e));
-    }
+    let result = restore_transform_section(kernels, profile, section, &dt, &mut scratch);
     let mut got = Vec::new();
     for o in &outs {
         let mut b = vec![0u8; bytes];
         o.read(&mut b)?;
         got.push(b);
     }
-    Ok(Ok(got))
+    Ok((result, got))
 }
 
 /// Every transform check (see the module doc).
@@ -251,7 +211,7 @@ pub fn run_transform_checks(cuda: &Arc<Cuda>, kv: &Path) -> Result<Vec<CheckRow>
                         "transform step {relative} sinks {sinks} chunk {c} s{i} ({} sink rows)",
                         header.transform.as_ref().map_or(0, |t| t.sink_tokens)
                     );
-                    for target in targets(s.shape.rows, heads, d) {
+                    for target in targets_for(s.shape.rows, heads, d) {
                         let mut want: Vec<Vec<u8>> = Vec::new();
                         for l in &layers {
                             for t in [&l.key, &l.value] {
@@ -262,10 +222,10 @@ pub fn run_transform_checks(cuda: &Arc<Cuda>, kv: &Path) -> Result<Vec<CheckRow>
                         }
                         let name = format!("{label} {}", target_name(&target));
                         let detail = match gpu_restore(
-                            cuda, &kernels, &dprofile, &view, i, payload, &target,
+                            cuda, &kernels, &dprofile, header, i, payload, &target,
                         )? {
-                            Err(e) => format!("gpu route failed: {e}"),
-                            Ok(got) => got
+                            (Err(e), _) => format!("gpu route failed: {e}"),
+                            (Ok(()), got) => got
                                 .iter()
                                 .zip(&want)
                                 .enumerate()
@@ -427,7 +387,7 @@ fn corrupt_rows(
     let s = &header.sections[0];
     let payload = view.section_bytes(0);
     let plan = RansPlan::parse(s.shape, &s.params, payload)?;
-    let target = &targets(
+    let target = &targets_for(
         s.shape.rows,
         usize::from(header.kv_heads),
         usize::from(header.head_dim),
@@ -446,37 +406,12 @@ fn corrupt_rows(
         h.sections[0].crc32c = crc32c::crc32c(&bad);
         tried += 1;
         let cpu = decode_section(&h, 0, &bad, &registry);
-        let section = TransformSection {
-            header: &h,
-            index: 0,
-            payload: &bad,
-        };
-        let g = CodeGeometry {
-            tensors: s.shape.tensors,
-            rows: s.shape.rows,
-            cols: s.shape.cols,
-        };
-        let bytes = target.elements() * target.dtype.size();
-        let outs: Vec<DeviceBuffer> = (0..g.tensors)
-            .map(|_| cuda.alloc(bytes))
-            .collect::<Result<_, _>>()?;
-        for o in &outs {
-            o.fill(POISON)?;
-        }
-        let raw: Vec<(u64, usize)> = outs.iter().map(|o| (o.ptr(), o.len())).collect();
-        // SAFETY: live allocations of `outs`, alive past the synchronising restore below.
-        let dt = unsafe { DeviceTarget::for_values(ParamUpload::Now(cuda), g, target, &raw) }?;
-        let mut scratch = OwnedScratch::new(cuda)?;
-        let r = restore_transform_section(kernels, dprofile, section, &dt, &mut scratch);
+        let (r, got) = gpu_restore(cuda, kernels, dprofile, &h, 0, &bad, target)?;
         match (r, cpu) {
             (Err(GpuError::Format(_)), Err(_)) => {
                 flagged += 1;
-                let mut b = vec![0u8; bytes];
-                for o in &outs {
-                    o.read(&mut b)?;
-                    if b.iter().any(|&x| x != POISON) {
-                        detail = "flagged, but the target was written".into();
-                    }
+                if got.iter().flatten().any(|&x| x != POISON) {
+                    detail = "flagged, but the target was written".into();
                 }
             }
             (Ok(()), Ok(_)) => {}
