@@ -127,7 +127,10 @@ pub fn encode_cache(
         }
         t.profile
             .check_shape(cache.num_layers(), cache.kv_heads(), cache.head_dim())?;
-        let id = t.profile.id();
+        // Hashing a profile costs as much as reading it (MBs): use the id the registry holds.
+        let id = registry
+            .registered_id(&t.profile)
+            .unwrap_or_else(|| t.profile.id());
         return keys
             .into_par_iter()
             .enumerate()

@@ -143,11 +143,13 @@ impl CodecRegistry {
             .map(|(_, p)| p.clone())
     }
 
-    /// Ids of the registered profiles.
-    pub fn profile_ids(&self) -> Vec<ProfileId> {
-        let mut ids: Vec<_> = self.profiles.keys().copied().collect();
-        ids.sort_unstable();
-        ids
+    /// The id `profile` was registered under, if this very profile (not a copy) is registered:
+    /// saves then need not hash it again.
+    pub fn registered_id(&self, profile: &Arc<CodecProfile>) -> Option<ProfileId> {
+        self.profiles
+            .iter()
+            .find(|(_, p)| Arc::ptr_eq(p, profile))
+            .map(|(id, _)| *id)
     }
 
     /// The variants this registry can decode.

@@ -198,6 +198,15 @@ fn a_chunk_needs_its_own_profile() {
     let reg = CodecRegistry::software();
     let chunks = encode_cache(&cache, &model(), &ids, &cfg, &reg).unwrap();
     let bytes = &chunks[0].1;
+    // A registered profile's id is reused, a copy's is not known; both name the same bytes.
+    let with = reg.clone().with_profile(p.clone());
+    assert_eq!(with.registered_id(&p), Some(p.id()));
+    assert_eq!(with.registered_id(&Arc::new((*p).clone())), None);
+    assert_eq!(
+        encode_cache(&cache, &model(), &ids, &cfg, &with).unwrap(),
+        chunks,
+        "the same objects whether or not the registry knows the profile"
+    );
     assert!(matches!(
         decode_chunk(bytes, &reg),
         Err(FormatError::ProfileMissing(id)) if id == p.id()
