@@ -396,13 +396,7 @@ pub fn transform_supported(header: &ChunkHeader, index: usize) -> Result<(), Str
             "head_dim {d} is not a multiple of 8 up to {MAX_GPU_HEAD_DIM}"
         ));
     }
-    let want = PlaneShape {
-        bits: TRANSFORM_CODE_BITS,
-        tensors: 2 * s.layers(),
-        rows: header.token_count as usize,
-        cols: header.channels(),
-    };
-    if s.shape != want {
+    if s.shape != header.section_shape(s.layers(), TRANSFORM_CODE_BITS) {
         return Err("section shape does not match the header".into());
     }
     Ok(())
