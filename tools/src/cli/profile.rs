@@ -117,25 +117,10 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     eprintln!("profile: fitted {} layers ({rope:?})", profile.num_layers());
     if !args.no_sensitivity {
         let (ids, cache) = &samples[0];
-        measure_sensitivities(
-            &mut profile,
-            &engine,
-            &info,
-            ids,
-            cache,
-            &args,
-            scratch.path(),
-        )?;
+        let probe = Probe::new(&engine, &info, ids, cache, &profile, &args, scratch.path())?;
+        measure_sensitivities(&mut profile, &probe, args.probe_bits)?;
         for round in 1..=2 {
-            let (predicted, measured) = fit_kl_scale(
-                &mut profile,
-                &engine,
-                &info,
-                ids,
-                cache,
-                &args,
-                scratch.path(),
-            )?;
+            let (predicted, measured) = fit_kl_scale(&mut profile, &probe, args.fit_kl)?;
             eprintln!(
                 "profile: joint probe {round}: predicted KL {predicted:.2e}, measured \
                  {measured:.2e}; sensitivities scaled by {:.2}",
@@ -246,23 +231,76 @@ pub fn perturb_one(
     Ok((KvCache::new(layers, None)?, sq / n))
 }
 
-/// Codes the probe split whole (real chunk objects) with steps for `--fit-kl`, scores it and
+/// The split every sensitivity is measured on: the first calibration text's first
+/// `--probe-prefix` tokens reused, the next `--probe-continuation` scored, and the scores of the
+/// exact prefix (computed once, compared with every perturbed run).
+struct Probe<'a> {
+    engine: &'a Engine,
+    vocab: usize,
+    scratch: &'a Path,
+    ids: Vec<u32>,
+    prefix: KvCache,
+    exact: Scored,
+}
+
+impl<'a> Probe<'a> {
+    fn new(
+        engine: &'a Engine,
+        info: &ModelInfo,
+        ids: &[u32],
+        cache: &KvCache,
+        profile: &CodecProfile,
+        args: &ProfileArgs,
+        scratch: &'a Path,
+    ) -> anyhow::Result<Probe<'a>> {
+        let p = args.probe_prefix;
+        ensure!(
+            p > usize::from(profile.sinks) && p + args.probe_continuation <= ids.len(),
+            "the first text has {} tokens, too few for a probe of {p} + {}",
+            ids.len(),
+            args.probe_continuation
+        );
+        let ids = ids[..p + args.probe_continuation].to_vec();
+        let prefix = cache.slice_tokens(0, p)?;
+        let exact = engine.score(&ids, &prefix, 1, info.n_vocab, scratch)?;
+        Ok(Probe {
+            engine,
+            vocab: info.n_vocab,
+            scratch,
+            ids,
+            prefix,
+            exact,
+        })
+    }
+
+    /// Mean KL of the continuation's next-token distributions over `prefix` (a changed copy
+    /// of the probe's) against the exact prefix's, over every scored position.
+    fn mean_kl(&self, prefix: &KvCache) -> anyhow::Result<f64> {
+        let scored = self
+            .engine
+            .score(&self.ids, prefix, 1, self.vocab, self.scratch)?;
+        let mut acc = ScoreAccumulator::default();
+        for (r, d) in self
+            .exact
+            .logits
+            .chunks_exact(self.vocab)
+            .zip(scored.logits.chunks_exact(self.vocab))
+        {
+            acc.add(r, d, None);
+        }
+        Ok(acc.finish().mean_kl)
+    }
+}
+
+/// Codes the probe split whole (real chunk objects) with steps for `fit_kl`, scores it and
 /// scales every sensitivity by measured over predicted KL; returns both KLs.
 fn fit_kl_scale(
     profile: &mut CodecProfile,
-    engine: &Engine,
-    info: &ModelInfo,
-    ids: &[u32],
-    cache: &KvCache,
-    args: &ProfileArgs,
-    scratch: &Path,
+    probe: &Probe<'_>,
+    fit_kl: f64,
 ) -> anyhow::Result<(f64, f64)> {
-    let p = args.probe_prefix;
-    let ids = &ids[..p + args.probe_continuation];
-    let prefix = cache.slice_tokens(0, p)?;
-    let exact = engine.score(ids, &prefix, 1, info.n_vocab, scratch)?;
     let shared = Arc::new(profile.clone());
-    let a = allocate_steps(&shared, args.fit_kl)?;
+    let a = allocate_steps(&shared, fit_kl)?;
     let cfg = EncodeConfig {
         quant: QuantConfig::Transform(Arc::new(TransformConfig {
             profile: shared.clone(),
@@ -272,9 +310,9 @@ fn fit_kl_scale(
         ..EncodeConfig::default()
     };
     let registry = CodecRegistry::software().with_profile(shared);
-    let rt = super::bench_codec::round_trip(&prefix, &ids[..p], &cfg, &registry)?;
-    let scored = engine.score(ids, &rt.decoded, 1, info.n_vocab, scratch)?;
-    let measured = mean_kl(&exact, &scored, info.n_vocab);
+    let p = probe.prefix.tokens();
+    let rt = super::bench_codec::round_trip(&probe.prefix, &probe.ids[..p], &cfg, &registry)?;
+    let measured = probe.mean_kl(&rt.decoded)?;
     ensure!(
         measured > 0.0 && a.predicted_kl > 0.0,
         "the joint probe changed nothing (KL {measured}); use a larger --fit-kl"
@@ -288,26 +326,13 @@ fn fit_kl_scale(
     Ok((a.predicted_kl, measured))
 }
 
-/// Sets every tensor's sensitivity: KL per unit MSE when that tensor alone is coded.
+/// Sets every tensor's sensitivity: KL per unit MSE when that tensor alone is coded at the
+/// step of its rate curve nearest `probe_bits` bits per value.
 fn measure_sensitivities(
     profile: &mut CodecProfile,
-    engine: &Engine,
-    info: &ModelInfo,
-    ids: &[u32],
-    cache: &KvCache,
-    args: &ProfileArgs,
-    scratch: &Path,
+    probe: &Probe<'_>,
+    probe_bits: f32,
 ) -> anyhow::Result<()> {
-    let p = args.probe_prefix;
-    ensure!(
-        p > usize::from(profile.sinks) && p + args.probe_continuation <= ids.len(),
-        "the first text has {} tokens, too few for a probe of {p} + {}",
-        ids.len(),
-        args.probe_continuation
-    );
-    let ids = &ids[..p + args.probe_continuation];
-    let prefix = cache.slice_tokens(0, p)?;
-    let exact = engine.score(ids, &prefix, 1, info.n_vocab, scratch)?;
     let tensors = profile.num_layers() * 2;
     let bar = progress(tensors as u64, "sensitivity");
     let shared = Arc::new(profile.clone());
@@ -317,15 +342,14 @@ fn measure_sensitivities(
         let step = curve
             .iter()
             .min_by(|a, b| {
-                (a.bits - args.probe_bits)
+                (a.bits - probe_bits)
                     .abs()
-                    .total_cmp(&(b.bits - args.probe_bits).abs())
+                    .total_cmp(&(b.bits - probe_bits).abs())
             })
             .context("the profile has no rate curve")?
             .step;
-        let (perturbed, mse) = perturb_one(&shared, &prefix, layer, is_key, step)?;
-        let scored = engine.score(ids, &perturbed, 1, info.n_vocab, scratch)?;
-        let kl = mean_kl(&exact, &scored, info.n_vocab);
+        let (perturbed, mse) = perturb_one(&shared, &probe.prefix, layer, is_key, step)?;
+        let kl = probe.mean_kl(&perturbed)?;
         let sensitivity = if mse > 0.0 { kl / mse } else { 0.0 };
         let t = &mut profile.layers[layer];
         let t = if is_key { &mut t.key } else { &mut t.value };
@@ -335,17 +359,4 @@ fn measure_sensitivities(
     }
     bar.finish_and_clear();
     Ok(())
-}
-
-/// Mean KL of `scored`'s next-token distributions against `exact`'s, over every position.
-fn mean_kl(exact: &Scored, scored: &Scored, vocab: usize) -> f64 {
-    let mut acc = ScoreAccumulator::default();
-    for (r, d) in exact
-        .logits
-        .chunks_exact(vocab)
-        .zip(scored.logits.chunks_exact(vocab))
-    {
-        acc.add(r, d, None);
-    }
-    acc.finish().mean_kl
 }
