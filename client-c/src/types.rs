@@ -3,7 +3,7 @@
 //! an out-of-range Rust enum would be undefined behaviour).
 #![allow(non_camel_case_types)]
 
-use kvfetcher_client::protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_client::protocol::{DType, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_client::{ClientError, ErrorCode, KvShape};
 
 /// Result of every fallible `kvf_` function. Values are grouped by kind and never renumbered.
@@ -233,9 +233,9 @@ impl kvf_layout {
         let bad = kvf_error::KVF_ERR_INVALID_ARGUMENT;
         Ok(TargetLayout {
             dtype: match self.dtype {
-                KVF_DTYPE_F16 => KvDType::F16,
-                KVF_DTYPE_BF16 => KvDType::BF16,
-                KVF_DTYPE_F32 => KvDType::F32,
+                KVF_DTYPE_F16 => DType::F16,
+                KVF_DTYPE_BF16 => DType::BF16,
+                KVF_DTYPE_F32 => DType::F32,
                 _ => return Err(bad),
             },
             order: match self.order {

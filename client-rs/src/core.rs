@@ -151,7 +151,7 @@ impl ClientCore {
 mod tests {
     use super::*;
     use crate::protocol::{
-        BufferMemory, FetchBuffer, KvDType, KvShape, LayersReady, LookupReply, TargetLayout,
+        BufferMemory, DType, FetchBuffer, KvShape, LayersReady, LookupReply, TargetLayout,
         TokenOrder,
     };
 
@@ -178,7 +178,7 @@ mod tests {
                     kv_heads: 1,
                     head_dim: 2,
                 },
-                layout: TargetLayout::host(KvDType::F16, TokenOrder::Nhd),
+                layout: TargetLayout::host(DType::F16, TokenOrder::Nhd),
                 len: 64,
                 memory: BufferMemory::Host,
             }),

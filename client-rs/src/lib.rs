@@ -25,6 +25,6 @@ pub use client::{Client, FetchHandle};
 pub use cuda::driver_available;
 pub use error::{ClientError, CudaError, GpuError};
 pub use protocol::{
-    DaemonStats, ErrorCode, FetchDone, KvDType, KvShape, LayoutError, MemoryKind, Paging, PeerCred,
+    DType, DaemonStats, ErrorCode, FetchDone, KvShape, LayoutError, MemoryKind, Paging, PeerCred,
     TargetLayout, TokenOrder,
 };

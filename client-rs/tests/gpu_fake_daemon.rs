@@ -13,7 +13,7 @@ use kvfetcher_client::protocol::{
 };
 use kvfetcher_client::transport::{send_async, send_bytes_async, AsyncReceiver};
 use kvfetcher_client::{
-    AsyncClient, Client, ClientError, GpuError, KvDType, KvShape, MemoryKind, TargetLayout,
+    AsyncClient, Client, ClientError, DType, GpuError, KvShape, MemoryKind, TargetLayout,
     TokenOrder,
 };
 
@@ -27,7 +27,7 @@ const SHAPE: KvShape = KvShape {
 fn layout(memory: MemoryKind) -> TargetLayout {
     TargetLayout {
         memory,
-        ..TargetLayout::host(KvDType::F16, TokenOrder::Nhd)
+        ..TargetLayout::host(DType::F16, TokenOrder::Nhd)
     }
 }
 

@@ -373,7 +373,7 @@ impl Metrics {
 ///
 /// One request per connection; the body is [`Metrics::render`]. Errors on one connection are
 /// logged and do not stop the endpoint.
-pub async fn serve_metrics(
+pub(crate) async fn serve_metrics(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use kvfetcher_client::Client;
 use kvfetcher_protocol::transport::BlockingConn;
 use kvfetcher_protocol::{
-    ErrorCode, KvDType, Message, Release, Reopen, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME,
+    DType, ErrorCode, Message, Release, Reopen, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME,
 };
 use server_support::*;
 
@@ -40,7 +40,7 @@ fn a_client_cannot_touch_another_clients_fetch() {
     let kv = load_kv(32);
     let srv = TestServer::start(MemBackend::new(Some(kv.clone())));
     let owner = Client::connect(&srv.path).unwrap();
-    let layout = TargetLayout::host(KvDType::F32, TokenOrder::Hnd);
+    let layout = TargetLayout::host(DType::F32, TokenOrder::Hnd);
     let f = owner.fetch(MODEL, &kv.token_ids, &layout).unwrap();
     f.wait_done().unwrap();
     let id = f.id();
@@ -115,7 +115,7 @@ fn the_owner_can_reopen_its_buffer() {
     let kv = load_kv(16);
     let srv = TestServer::start(MemBackend::new(Some(kv.clone())));
     let mut c = conn(&srv);
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     c.send(
         &Message::Fetch(kvfetcher_protocol::Fetch {
             req: 1,

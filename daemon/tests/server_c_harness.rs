@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kvfetcher_protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{DType, MemoryKind, Paging, TargetLayout, TokenOrder};
 use server_support::{load_kv, reference_buffer, MemBackend};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -43,9 +43,9 @@ fn serve_for_c_tests() {
     let kv = load_kv(TOKENS);
     let ids: Vec<u8> = kv.token_ids.iter().flat_map(|t| t.to_le_bytes()).collect();
     std::fs::write(dir.join("tokens.bin"), ids).expect("write tokens.bin");
-    let f16 = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let f16 = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let bf16 = TargetLayout {
-        dtype: KvDType::BF16,
+        dtype: DType::BF16,
         order: TokenOrder::Hnd,
         paging: Paging::Paged { block_tokens: 16 },
         memory: MemoryKind::Host,
@@ -80,7 +80,7 @@ fn serve_for_c_tests() {
         };
         let gpus = Arc::new(kvfetcher::gpu::GpuDevices::new(
             kvfetcher::gpu::GpuOptions::default(),
-            kvfetcher::metrics::Metrics::new(),
+            kvfetcher::Metrics::new(),
         ));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

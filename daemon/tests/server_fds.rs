@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvfetcher::gpu::{GpuDevices, GpuOptions};
-use kvfetcher::metrics::Metrics;
 use kvfetcher::server::ServeOptions;
+use kvfetcher::Metrics;
 use kvfetcher_protocol::{encode_hello, parse_hello, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION};
 use server_support::*;
 
@@ -61,7 +61,7 @@ fn accept_backs_off_on_emfile_and_serves_once_fds_are_free() {
         .contains("kvfetcher_local_accept_errors_total"));
 
     // What the daemon does at start: back to the hard limit.
-    let l = kvfetcher::rlimit::raise_nofile().unwrap();
+    let l = kvfetcher::raise_nofile().unwrap();
     assert_eq!(l.before, low);
     assert_eq!(l.soft, l.hard);
 }

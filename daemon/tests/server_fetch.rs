@@ -5,13 +5,14 @@ mod server_support;
 
 use kvfetcher::server::{SaveAccess, ServeOptions};
 use kvfetcher_client::{AsyncClient, Client, ClientError};
+use kvfetcher_kv::DTypeExt;
+use kvfetcher_protocol::{DType, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_protocol::{ErrorCode, KvShape};
-use kvfetcher_protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
 use server_support::*;
 
 fn layouts() -> Vec<TargetLayout> {
     let mut v = Vec::new();
-    for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
         for order in [TokenOrder::Nhd, TokenOrder::Hnd] {
             for paging in [
                 Paging::Contiguous,
@@ -51,13 +52,13 @@ fn every_layout_returns_exactly_the_backend_bytes() {
         let expect = expected_buffer(layout.buffer_len(&shape), &writes);
         assert!(f.bytes().unwrap() == &expect[..], "{layout:?}");
         // Spot check against the source: layer 3, V, token 129, head 1, every dim.
-        let dt = kv_dtype(layout.dtype);
+        let dt = layout.dtype;
         let off = layout.offset(&shape, 3, 1, 129, 1);
         let mut got = Vec::new();
         dt.decode_f32(&f.bytes().unwrap()[off..off + 128 * dt.size()], &mut got);
         let src = &kv.layers[3][1][(129 * 2 + 1) * 128..(129 * 2 + 2) * 128];
         for (g, s) in got.iter().zip(src) {
-            let tol = if layout.dtype == KvDType::BF16 {
+            let tol = if layout.dtype == DType::BF16 {
                 s.abs() / 128.0
             } else {
                 0.0
@@ -83,7 +84,7 @@ fn layer_zero_is_usable_while_later_layers_still_arrive() {
     b.gate_from = 1;
     let srv = TestServer::start(b);
     let c = Client::connect(&srv.path).unwrap();
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let f = c.fetch(MODEL, &kv.token_ids, &layout).unwrap();
     f.wait_layer(0).unwrap();
     let l0 = f.layer(0).unwrap();
@@ -110,7 +111,7 @@ fn unknown_models_and_gpu_memory_are_clear_errors() {
     let kv = load_kv(16);
     let srv = TestServer::start(MemBackend::new(Some(kv)));
     let c = Client::connect(&srv.path).unwrap();
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let e = c.lookup("no-such-model", &[1, 2, 3]).unwrap_err();
     assert_eq!(e.daemon_code(), Some(ErrorCode::NotFound), "{e}");
     let e = c.fetch("no-such-model", &[1, 2, 3], &layout).unwrap_err();
@@ -139,7 +140,7 @@ fn save_hands_the_backend_the_clients_bytes() {
     let kv = load_kv(40);
     let srv = TestServer::start(MemBackend::new(None));
     let c = Client::connect(&srv.path).unwrap();
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let shape = KvShape {
         num_layers: 8,
         tokens: 40,
@@ -177,7 +178,7 @@ fn save_hands_the_backend_the_clients_bytes() {
 const NOBODY: u32 = 4_000_000_000;
 
 fn save_kv(kv: &Kv) -> (TargetLayout, KvShape, Vec<u8>) {
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let shape = KvShape {
         num_layers: 8,
         tokens: kv.token_ids.len() as u32,
@@ -258,7 +259,7 @@ fn async_client_fetches_and_waits_per_layer() {
         assert_eq!(c.lookup(MODEL, &kv.token_ids[..20]).await.unwrap(), 20);
         let layout = TargetLayout {
             paging: Paging::Paged { block_tokens: 16 },
-            ..TargetLayout::host(KvDType::BF16, TokenOrder::Hnd)
+            ..TargetLayout::host(DType::BF16, TokenOrder::Hnd)
         };
         let f = c.fetch(MODEL, &kv.token_ids, &layout).await.unwrap();
         for l in 0..8 {
@@ -283,7 +284,7 @@ fn shutdown_cancels_running_fetches_and_closes_clients() {
     let srv = TestServer::start(b);
     let backend = srv.backend.clone();
     let c = Client::connect(&srv.path).unwrap();
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let f = c.fetch(MODEL, &kv.token_ids, &layout).unwrap();
     f.wait_layer(0).unwrap();
     assert!(!backend

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use kvfetcher_client::Client;
 use kvfetcher_protocol::transport::BlockingConn;
 use kvfetcher_protocol::{
-    encode_hello, encode_message, ErrorCode, Fetch, FrameDecoder, KvDType, Lookup, Message,
+    encode_hello, encode_message, DType, ErrorCode, Fetch, FrameDecoder, Lookup, Message,
     TargetLayout, TokenOrder, DEFAULT_MAX_FRAME, HELLO_LEN, MAX_PENDING_FDS,
 };
 use nix::sys::socket::{ControlMessage, MsgFlags};
@@ -24,7 +24,7 @@ fn dying_clients_leak_nothing_and_the_daemon_keeps_serving() {
     let mut b = MemBackend::new(Some(kv.clone()));
     b.gate_from = 2;
     let srv = TestServer::start(b);
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     // Warm up the runtime's and the allocator's fds (epoll, eventfds) before counting. The
     // warm-up client stays connected: both ends of its socket are in `base`, so no count below
     // depends on when the server notices a closed connection.

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvfetcher::gpu::{GpuDevices, GpuOptions};
-use kvfetcher::metrics::Metrics;
 use kvfetcher::server::ServeOptions;
+use kvfetcher::Metrics;
 use kvfetcher_client::Client;
 use kvfetcher_protocol::{
     encode_hello, encode_message, ErrorCode, FrameDecoder, Lookup, Message, Stats,
@@ -269,7 +269,7 @@ fn a_client_waiting_for_its_fetch_is_not_idle() {
     let (srv, m) = start(b, opts);
     let c = Client::connect(&srv.path).unwrap();
     let layout = kvfetcher_protocol::TargetLayout::host(
-        kvfetcher_protocol::KvDType::F16,
+        kvfetcher_protocol::DType::F16,
         kvfetcher_protocol::TokenOrder::Nhd,
     );
     let f = c.fetch(MODEL, &kv.token_ids, &layout).unwrap();
@@ -292,7 +292,7 @@ fn fetches_are_capped_in_total_across_clients() {
     };
     let (srv, m) = start(MemBackend::new(Some(kv)), opts);
     let layout = kvfetcher_protocol::TargetLayout::host(
-        kvfetcher_protocol::KvDType::F16,
+        kvfetcher_protocol::DType::F16,
         kvfetcher_protocol::TokenOrder::Nhd,
     );
     let (a, b) = (

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use kvfetcher_client::Client;
 use kvfetcher_protocol::{
-    encode_hello, encode_hello_with_flags, encode_message, parse_hello, ErrorCode, Fetch,
-    FrameDecoder, GpuSource, KvDType, KvShape, LookupReply, MemoryKind, Message, Release, Save,
-    Stats, TargetLayout, TokenOrder, DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK,
-    HELLO_VERSION_UNSUPPORTED, PROTOCOL_VERSION,
+    encode_hello, encode_hello_with_flags, encode_message, parse_hello, DType, ErrorCode, Fetch,
+    FrameDecoder, GpuSource, KvShape, LookupReply, MemoryKind, Message, Release, Save, Stats,
+    TargetLayout, TokenOrder, DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK, HELLO_VERSION_UNSUPPORTED,
+    PROTOCOL_VERSION,
 };
 use server_support::*;
 
@@ -164,7 +164,7 @@ fn out_of_order_messages_are_refused_but_the_connection_lives() {
         req: 7,
         model: "m".into(),
         token_ids: vec![1],
-        layout: TargetLayout::host(KvDType::F16, TokenOrder::Nhd),
+        layout: TargetLayout::host(DType::F16, TokenOrder::Nhd),
         shape: KvShape {
             num_layers: 1,
             tokens: 1,
@@ -214,7 +214,7 @@ fn gpu_saves_are_validated_and_never_panic() {
         kv_heads: 1,
         head_dim: 8,
     };
-    let host = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let host = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let gpu = TargetLayout {
         memory: MemoryKind::Gpu(0),
         ..host
@@ -280,7 +280,7 @@ fn gpu_disabled_in_config_is_refused_clearly() {
     let c = Client::connect(&srv.path).unwrap();
     let gpu = TargetLayout {
         memory: MemoryKind::Gpu(0),
-        ..TargetLayout::host(KvDType::BF16, TokenOrder::Nhd)
+        ..TargetLayout::host(DType::BF16, TokenOrder::Nhd)
     };
     let e = c.fetch(MODEL, &[1], &gpu).unwrap_err();
     assert_eq!(e.daemon_code(), Some(ErrorCode::GpuUnsupported));
@@ -297,7 +297,7 @@ fn corrupt_objects_are_reported_to_clients_that_parse_the_code() {
         .corrupt_fetches
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let srv = TestServer::start(backend);
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let c = Client::connect(&srv.path).unwrap();
     let e = c.fetch(MODEL, &[1, 2], &layout).unwrap_err();
     assert_eq!(e.daemon_code(), Some(ErrorCode::Corrupt), "{e}");

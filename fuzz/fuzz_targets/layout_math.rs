@@ -8,7 +8,7 @@
 
 #![no_main]
 
-use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{DType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use libfuzzer_sys::fuzz_target;
 
 /// Elements enumerated whole to check that none overlap.
@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
         kv_heads: u16_at(data, 4) % 256,
         head_dim: u16_at(data, 6) % 1024,
     };
-    let dtype = [KvDType::F16, KvDType::BF16, KvDType::F32][usize::from(data[8] % 3)];
+    let dtype = [DType::F16, DType::BF16, DType::F32][usize::from(data[8] % 3)];
     let order = if data[9] & 1 == 0 {
         TokenOrder::Nhd
     } else {

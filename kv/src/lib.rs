@@ -11,8 +11,9 @@ mod safetensors;
 mod scored;
 mod tensor;
 
-pub use dtype::DType;
+pub use dtype::DTypeExt;
 pub use fidelity::{fidelity, Fidelity};
+pub use kvfetcher_types::DType;
 pub use llama2::{Generation, Llama2Model, ModelError, BOS_TOKEN};
 pub use model::config::Llama2Config;
 pub use safetensors::{KvFile, KvFileError};

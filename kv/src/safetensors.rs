@@ -172,7 +172,7 @@ impl KvFile {
             for (kind, t) in [("key", &l.key), ("value", &l.value)] {
                 add(
                     format!("layers.{i}.{kind}"),
-                    t.dtype().name(),
+                    t.dtype().safetensors_name(),
                     t.shape().to_vec(),
                     t.data(),
                 );
@@ -199,7 +199,7 @@ fn kv_tensor(
     name: &str,
     (dtype, shape, bytes): (String, Vec<usize>, &[u8]),
 ) -> Result<Tensor, KvFileError> {
-    let dt = DType::from_name(&dtype).ok_or_else(|| {
+    let dt = DType::from_safetensors_name(&dtype).ok_or_else(|| {
         KvFileError::NotKv(format!("{name} has dtype {dtype}; need F16, BF16 or F32"))
     })?;
     let shape: [usize; 3] = shape.try_into().map_err(|s: Vec<usize>| {

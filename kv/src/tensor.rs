@@ -1,6 +1,6 @@
 //! One layer's K and V tensors, and the whole KV cache of a sequence.
 
-use crate::DType;
+use crate::{DType, DTypeExt};
 
 /// Why a tensor or cache is not well formed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -254,14 +254,14 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use crate::message::*;
-    use crate::{ErrorCode, KvDType, TargetLayout, TokenOrder};
+    use crate::{DType, ErrorCode, TargetLayout, TokenOrder};
 
     fn fetch(n: u32) -> Message {
         Message::Fetch(Fetch {
             req: 7,
             model: "m".into(),
             token_ids: (0..n).collect(),
-            layout: TargetLayout::host(KvDType::BF16, TokenOrder::Hnd),
+            layout: TargetLayout::host(DType::BF16, TokenOrder::Hnd),
         })
     }
 
@@ -336,7 +336,7 @@ mod tests {
             req: 1,
             model: "m".into(),
             token_ids: vec![1, 2],
-            layout: TargetLayout::host(KvDType::F16, TokenOrder::Nhd),
+            layout: TargetLayout::host(DType::F16, TokenOrder::Nhd),
             shape: crate::KvShape {
                 num_layers: 1,
                 tokens: 2,

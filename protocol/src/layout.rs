@@ -3,38 +3,8 @@
 //!
 //! This is pure arithmetic: it allocates nothing and touches no memory.
 
+use kvfetcher_types::DType;
 use serde::{Deserialize, Serialize};
-
-/// Element type of the restored KV.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KvDType {
-    /// IEEE half precision (2 bytes).
-    F16,
-    /// bfloat16 (2 bytes).
-    BF16,
-    /// IEEE single precision (4 bytes).
-    F32,
-}
-
-impl KvDType {
-    /// Size of one element in bytes.
-    pub fn size(self) -> usize {
-        match self {
-            KvDType::F16 | KvDType::BF16 => 2,
-            KvDType::F32 => 4,
-        }
-    }
-
-    /// The protocol's name: "f16", "bf16" or "f32".
-    pub fn name(self) -> &'static str {
-        match self {
-            KvDType::F16 => "f16",
-            KvDType::BF16 => "bf16",
-            KvDType::F32 => "f32",
-        }
-    }
-}
 
 /// Order of the token and head axes inside one K or V tensor (dims are always innermost).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -87,7 +57,7 @@ pub struct KvShape {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TargetLayout {
     /// Element type.
-    pub dtype: KvDType,
+    pub dtype: DType,
     /// Token/head order inside a tensor (or a block).
     pub order: TokenOrder,
     /// Contiguous or paged.
@@ -109,7 +79,7 @@ pub enum LayoutError {
 
 impl TargetLayout {
     /// A contiguous host layout in `dtype` and `order`.
-    pub fn host(dtype: KvDType, order: TokenOrder) -> Self {
+    pub fn host(dtype: DType, order: TokenOrder) -> Self {
         TargetLayout {
             dtype,
             order,
@@ -213,6 +183,27 @@ impl TargetLayout {
 mod tests {
     use super::*;
 
+    /// A layout's JSON as the `Fetch` message carries it: the dtype keeps the spellings
+    /// daemons and clients already exchange (`b_f16` included, see [`DType`]).
+    #[test]
+    fn layout_json_is_pinned() {
+        let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
+        assert_eq!(
+            serde_json::to_string(&layout).unwrap(),
+            r#"{"dtype":"f16","order":"nhd","paging":"contiguous","memory":"host"}"#
+        );
+        for (dtype, json) in [
+            (DType::F16, "f16"),
+            (DType::BF16, "b_f16"),
+            (DType::F32, "f32"),
+        ] {
+            let layout = TargetLayout::host(dtype, TokenOrder::Hnd);
+            let text = serde_json::to_string(&layout).unwrap();
+            assert!(text.contains(&format!(r#""dtype":"{json}""#)), "{text}");
+            assert_eq!(serde_json::from_str::<TargetLayout>(&text).unwrap(), layout);
+        }
+    }
+
     fn shape() -> KvShape {
         KvShape {
             num_layers: 3,
@@ -226,7 +217,7 @@ mod tests {
     #[test]
     fn offsets_are_disjoint_and_in_bounds() {
         let s = shape();
-        for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
             for order in [TokenOrder::Nhd, TokenOrder::Hnd] {
                 for paging in [
                     Paging::Contiguous,
@@ -263,10 +254,10 @@ mod tests {
     #[test]
     fn known_sizes_and_offsets() {
         let s = shape();
-        let c = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+        let c = TargetLayout::host(DType::F16, TokenOrder::Nhd);
         assert_eq!(c.buffer_len(&s), 3 * 2 * 10 * 2 * 4 * 2);
         assert_eq!(c.offset(&s, 0, 0, 1, 0), 2 * 4 * 2);
-        let h = TargetLayout::host(KvDType::F16, TokenOrder::Hnd);
+        let h = TargetLayout::host(DType::F16, TokenOrder::Hnd);
         assert_eq!(h.offset(&s, 0, 0, 0, 1), 10 * 4 * 2);
         let p = TargetLayout {
             paging: Paging::Paged { block_tokens: 4 },
@@ -283,7 +274,7 @@ mod tests {
         let s = shape();
         let z = TargetLayout {
             paging: Paging::Paged { block_tokens: 0 },
-            ..TargetLayout::host(KvDType::F32, TokenOrder::Nhd)
+            ..TargetLayout::host(DType::F32, TokenOrder::Nhd)
         };
         assert_eq!(z.checked_buffer_len(&s), Err(LayoutError::ZeroBlockTokens));
         let big = KvShape {
@@ -292,7 +283,7 @@ mod tests {
             kv_heads: u32::MAX,
             head_dim: u32::MAX,
         };
-        let l = TargetLayout::host(KvDType::F32, TokenOrder::Nhd);
+        let l = TargetLayout::host(DType::F32, TokenOrder::Nhd);
         assert_eq!(l.checked_buffer_len(&big), Err(LayoutError::Overflow));
     }
 }

@@ -21,7 +21,8 @@ pub use frame::{
     HELLO_FLAG_CORRUPT, HELLO_LEN, HELLO_OK, HELLO_VERSION_UNSUPPORTED, MAGIC, MAX_PENDING_FDS,
     PROTOCOL_VERSION,
 };
-pub use layout::{KvDType, KvShape, LayoutError, MemoryKind, Paging, TargetLayout, TokenOrder};
+pub use kvfetcher_types::DType;
+pub use layout::{KvShape, LayoutError, MemoryKind, Paging, TargetLayout, TokenOrder};
 pub use message::{
     BufferMemory, DaemonStats, Error, Fetch, FetchBuffer, FetchDone, FetchFailed, GpuSource,
     LayersReady, Lookup, LookupReply, Message, PeerCred, Release, Released, Reopen, Save,

@@ -9,7 +9,7 @@ use std::any::Any;
 use std::ffi::{c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use kvfetcher_client::KvDType;
+use kvfetcher_client::DType;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
@@ -66,19 +66,19 @@ struct DlManagedTensor {
 const CODE_FLOAT: u8 = 2;
 const CODE_BFLOAT: u8 = 4;
 
-fn dl_dtype(d: KvDType) -> DlDataType {
+fn dl_dtype(d: DType) -> DlDataType {
     match d {
-        KvDType::F16 => DlDataType {
+        DType::F16 => DlDataType {
             code: CODE_FLOAT,
             bits: 16,
             lanes: 1,
         },
-        KvDType::BF16 => DlDataType {
+        DType::BF16 => DlDataType {
             code: CODE_BFLOAT,
             bits: 16,
             lanes: 1,
         },
-        KvDType::F32 => DlDataType {
+        DType::F32 => DlDataType {
             code: CODE_FLOAT,
             bits: 32,
             lanes: 1,
@@ -156,7 +156,7 @@ pub(crate) struct TensorSpec {
     /// Its device.
     pub(crate) device: DlDevice,
     /// Its element type.
-    pub(crate) dtype: KvDType,
+    pub(crate) dtype: DType,
     /// Its shape; it is compact row-major.
     pub(crate) shape: Vec<i64>,
 }
@@ -284,12 +284,12 @@ impl Imported {
     }
 
     /// The element type, if it is one the protocol carries; else its name.
-    pub(crate) fn kv_dtype(&self) -> Result<KvDType, String> {
+    pub(crate) fn kv_dtype(&self) -> Result<DType, String> {
         let t = self.tensor().dtype;
         match (t.code, t.bits, t.lanes) {
-            (CODE_FLOAT, 16, 1) => Ok(KvDType::F16),
-            (CODE_BFLOAT, 16, 1) => Ok(KvDType::BF16),
-            (CODE_FLOAT, 32, 1) => Ok(KvDType::F32),
+            (CODE_FLOAT, 16, 1) => Ok(DType::F16),
+            (CODE_BFLOAT, 16, 1) => Ok(DType::BF16),
+            (CODE_FLOAT, 32, 1) => Ok(DType::F32),
             _ => Err(dtype_name(t)),
         }
     }

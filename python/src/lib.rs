@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvfetcher_client::{
-    Client, ClientError, FetchHandle, HostMapping, KvDType, KvShape, MemoryKind, Paging,
+    Client, ClientError, DType, FetchHandle, HostMapping, KvShape, MemoryKind, Paging,
     TargetLayout, TokenOrder,
 };
 use pyo3::prelude::*;
@@ -28,11 +28,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn parse_dtype(py: Python<'_>, s: &str) -> PyResult<KvDType> {
+fn parse_dtype(py: Python<'_>, s: &str) -> PyResult<DType> {
     match s {
-        "f16" | "float16" => Ok(KvDType::F16),
-        "bf16" | "bfloat16" => Ok(KvDType::BF16),
-        "f32" | "float32" => Ok(KvDType::F32),
+        "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f32" | "float32" => Ok(DType::F32),
         other => Err(invalid(
             py,
             format!("dtype must be float16, bfloat16 or float32, not {other:?}"),
@@ -40,11 +40,11 @@ fn parse_dtype(py: Python<'_>, s: &str) -> PyResult<KvDType> {
     }
 }
 
-fn dtype_str(d: KvDType) -> &'static str {
+fn dtype_str(d: DType) -> &'static str {
     match d {
-        KvDType::F16 => "float16",
-        KvDType::BF16 => "bfloat16",
-        KvDType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::F32 => "float32",
     }
 }
 

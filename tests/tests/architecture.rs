@@ -51,9 +51,10 @@ fn workspace_deps() -> Vec<(String, BTreeSet<String>)> {
 /// Which workspace crates each crate may use (normal dependencies). Every workspace crate
 /// must be listed, so a new crate forces a decision here and in docs/ARCHITECTURE.md.
 const ALLOWED: &[(&str, &[&str])] = &[
-    ("kvfetcher-kv", &[]),
+    ("kvfetcher-types", &[]),
+    ("kvfetcher-kv", &["kvfetcher-types"]),
     ("kvfetcher-codec", &["kvfetcher-kv"]),
-    ("kvfetcher-protocol", &[]),
+    ("kvfetcher-protocol", &["kvfetcher-types"]),
     ("kvfetcher-cuda-sys", &[]),
     (
         "kvfetcher",
@@ -84,9 +85,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("kvfetcher-tests", &[]),
 ];
 
-/// Crates that hold no network or async I/O: the KV model, the codec and the protocol's
-/// sans-IO core are testable and fuzzable without sockets.
-const NO_NETWORK: &[&str] = &["kvfetcher-kv", "kvfetcher-codec"];
+/// Crates that hold no network or async I/O: the shared types, the KV model, the codec and
+/// the protocol's sans-IO core are testable and fuzzable without sockets.
+const NO_NETWORK: &[&str] = &["kvfetcher-types", "kvfetcher-kv", "kvfetcher-codec"];
 const NETWORK_CRATES: &[&str] = &["tokio", "quinn", "rustls", "object_store", "nix"];
 
 #[test]
@@ -115,6 +116,10 @@ fn crates_depend_only_on_what_the_map_allows() {
     assert!(
         !of("kvfetcher-client").contains("kvfetcher"),
         "clients never link the daemon"
+    );
+    assert!(
+        of("kvfetcher-types").iter().all(|d| d == "serde"),
+        "the shared types crate depends on serde only: every crate, clients included, uses it"
     );
 }
 
@@ -156,6 +161,7 @@ fn cuda_ffi_lives_only_in_cuda_sys() {
     // No other source names the NVIDIA libraries' symbols or declares foreign functions.
     let root = repo_root();
     for krate in [
+        "types",
         "kv",
         "codec",
         "protocol",

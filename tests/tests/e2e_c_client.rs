@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use e2e_support::*;
-use kvfetcher_client::{Client, KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_client::{Client, DType, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_testkit::{skip, Missing};
 
 const MODEL: &str = "codelm-107m-c";
@@ -64,7 +64,7 @@ fn c_client_fetches_what_the_rust_client_saved() {
     };
     let stack = start_stack();
     let ids = token_ids(300, 3);
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let client = Client::connect(&stack.socket).unwrap();
     let chunks = client
         .save(MODEL, &ids, &layout, &shape_of(&cache), &nhd_bytes(&cache))
@@ -80,9 +80,9 @@ fn c_client_fetches_what_the_rust_client_saved() {
     .unwrap();
     let want = expected(&cache, MODEL, &ids);
     let cases = [
-        (KvDType::F16, 0, TokenOrder::Nhd, 0, 0),
-        (KvDType::BF16, 1, TokenOrder::Hnd, 1, 16),
-        (KvDType::F32, 2, TokenOrder::Nhd, 0, 64),
+        (DType::F16, 0, TokenOrder::Nhd, 0, 0),
+        (DType::BF16, 1, TokenOrder::Hnd, 1, 16),
+        (DType::F32, 2, TokenOrder::Nhd, 0, 64),
     ];
     for (dtype, dcode, order, ocode, block) in cases {
         let out = work.path().join("fetched.bin");

@@ -8,7 +8,7 @@ mod e2e_support;
 use std::time::Duration;
 
 use e2e_support::*;
-use kvfetcher_client::{Client, ErrorCode, KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_client::{Client, DType, ErrorCode, MemoryKind, Paging, TargetLayout, TokenOrder};
 
 const MODEL: &str = "codelm-107m";
 
@@ -20,7 +20,7 @@ fn store_daemon_and_rust_client() {
     let shape = shape_of(&cache);
     let client = Client::connect(&stack.socket).expect("connect");
     assert_eq!(client.lookup(MODEL, &ids).unwrap(), 0, "nothing saved yet");
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let chunks = client
         .save(MODEL, &ids, &layout, &shape, &nhd_bytes(&cache))
         .unwrap();
@@ -40,7 +40,7 @@ fn store_daemon_and_rust_client() {
 
     let want = expected(&cache, MODEL, &ids);
     let mut wire = 0;
-    for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
         for order in [TokenOrder::Nhd, TokenOrder::Hnd] {
             for paging in [Paging::Contiguous, Paging::Paged { block_tokens: 16 }] {
                 let layout = TargetLayout {

@@ -23,7 +23,7 @@ struct Allocated {
 
 /// A memfd-backed [`Destination`] for one fetch of one client.
 #[derive(Debug)]
-pub struct HostDestination {
+pub(crate) struct HostDestination {
     fetch_id: u64,
     layout: TargetLayout,
     max_bytes: u64,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use kvfetcher_protocol::{BufferMemory, GpuSource, KvShape, MemoryKind, TargetLayout};
 
 use crate::gpu::{DeviceBuffer, GpuDevice, GpuError};
-pub use crate::gpu::{GpuDevices, GpuOptions};
+pub(crate) use crate::gpu::{GpuDevices, GpuOptions};
 use crate::metrics::Metrics;
 use gpu::GpuDestination;
 use host::HostDestination;
@@ -80,7 +80,7 @@ pub struct DeviceRegion<'a> {
 
 /// How a client maps an allocated buffer.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// The restored shape.
     pub shape: KvShape,
     /// Bytes of the buffer.
@@ -93,7 +93,7 @@ pub struct Shared {
 
 /// One fetch's buffer, host or device memory.
 #[derive(Debug, Clone)]
-pub enum FetchBuffer {
+pub(crate) enum FetchBuffer {
     /// A memfd shared by fd.
     Host(Arc<HostDestination>),
     /// Device memory shared by CUDA IPC handles.
@@ -102,7 +102,7 @@ pub enum FetchBuffer {
 
 impl FetchBuffer {
     /// What the client needs to map the buffer, once allocated.
-    pub fn shared(&self) -> Option<Shared> {
+    pub(crate) fn shared(&self) -> Option<Shared> {
         match self {
             FetchBuffer::Host(d) => d.shared(),
             FetchBuffer::Gpu(d) => d.shared(),
@@ -110,7 +110,7 @@ impl FetchBuffer {
     }
 
     /// The layout the buffer is in.
-    pub fn layout(&self) -> TargetLayout {
+    pub(crate) fn layout(&self) -> TargetLayout {
         match self {
             FetchBuffer::Host(d) => d.layout(),
             FetchBuffer::Gpu(d) => d.layout(),
@@ -118,7 +118,7 @@ impl FetchBuffer {
     }
 
     /// The restored shape, once the buffer is allocated.
-    pub fn shape(&self) -> Option<KvShape> {
+    pub(crate) fn shape(&self) -> Option<KvShape> {
         match self {
             FetchBuffer::Host(d) => d.shape(),
             FetchBuffer::Gpu(d) => d.shape(),
@@ -126,7 +126,7 @@ impl FetchBuffer {
     }
 
     /// The destination the pipeline writes to.
-    pub fn destination(&self) -> Arc<dyn Destination> {
+    pub(crate) fn destination(&self) -> Arc<dyn Destination> {
         match self {
             FetchBuffer::Host(d) => d.clone(),
             FetchBuffer::Gpu(d) => d.clone(),
@@ -136,25 +136,25 @@ impl FetchBuffer {
 
 /// The node's fetch buffers: makes them where a layout asks (the one place a fetch's memory
 /// is chosen) and reads GPU save sources.
-pub struct Buffers {
+pub(crate) struct Buffers {
     gpus: Arc<GpuDevices>,
     max_bytes: u64,
 }
 
 impl Buffers {
     /// Buffers on `gpus` (opened on first use), none larger than `max_bytes`.
-    pub fn new(gpus: Arc<GpuDevices>, max_bytes: u64) -> Self {
+    pub(crate) fn new(gpus: Arc<GpuDevices>, max_bytes: u64) -> Self {
         Buffers { gpus, max_bytes }
     }
 
     /// The daemon's metrics (shared with the GPUs).
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         self.gpus.metrics()
     }
 
     /// An unallocated buffer for fetch `fetch_id` in `layout`: host memory, or device memory
     /// on the GPU the layout names (refused when this host cannot open it).
-    pub fn for_fetch(
+    pub(crate) fn for_fetch(
         &self,
         fetch_id: u64,
         layout: TargetLayout,
@@ -176,7 +176,7 @@ impl Buffers {
 
     /// The `len` bytes a GPU save names in the client's memory on `gpu:device`, copied to the
     /// host. The client must have finished writing them before sending the request.
-    pub async fn read_gpu_save(
+    pub(crate) async fn read_gpu_save(
         &self,
         device: u32,
         src: &GpuSource,

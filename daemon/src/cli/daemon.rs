@@ -23,7 +23,7 @@ use notify::Notifier;
 pub use socket::SocketLock;
 
 /// Exit status for a bad configuration (sysexits.h `EX_CONFIG`).
-pub const EX_CONFIG: i32 = 78;
+pub(crate) const EX_CONFIG: i32 = 78;
 
 /// Arguments of `kvfetcher daemon`.
 #[derive(Debug, Args)]
@@ -54,7 +54,7 @@ pub struct Running {
 }
 
 /// Runs `kvfetcher daemon`.
-pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: DaemonArgs) -> anyhow::Result<()> {
     // A ConfigError exits with EX_CONFIG (`exit_code`): the unit's RestartPreventExitStatus
     // keeps systemd from retrying a configuration that cannot get better by itself.
     let mut config = Config::load(&args.config)?;

@@ -3,11 +3,14 @@
 
 use clap::{Parser, Subcommand};
 
-pub mod codec;
-pub mod daemon;
+mod codec;
+mod daemon;
 mod gpu;
 mod lookup;
 mod store;
+
+pub use codec::{bytes_16bit, progress, registry_for, GroupingArg, VariantArg};
+pub use daemon::{init_logging, start, Running, SocketLock};
 
 /// KVFetcher: fetch compressed KV caches from remote storage and restore them for local engines.
 #[derive(Debug, Parser)]

@@ -7,8 +7,8 @@
 //!
 //! Pure byte arithmetic on top of [`TargetLayout::offset`]: no I/O, no GPU.
 
-use kvfetcher_kv::{DType, KvCache, LayerKv, Tensor};
-use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, TargetLayout};
+use kvfetcher_kv::{DType, DTypeExt, KvCache, LayerKv, Tensor};
+use kvfetcher_protocol::{KvShape, MemoryKind, TargetLayout};
 
 /// Why KV could not be placed into or read out of a layout.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,16 +43,7 @@ pub enum LayoutIoError {
 }
 
 /// Where placed bytes go: `write(offset, bytes)` into the destination buffer.
-pub type Sink<'a, E> = dyn FnMut(usize, &[u8]) -> Result<(), E> + 'a;
-
-/// The kv crate's element type for a protocol element type.
-pub fn kv_dtype(d: KvDType) -> DType {
-    match d {
-        KvDType::F16 => DType::F16,
-        KvDType::BF16 => DType::BF16,
-        KvDType::F32 => DType::F32,
-    }
-}
+pub(crate) type Sink<'a, E> = dyn FnMut(usize, &[u8]) -> Result<(), E> + 'a;
 
 /// `tensor`'s bytes in `dtype`, converted through `f32` only when the types differ.
 fn convert(tensor: &Tensor, dtype: DType) -> Vec<u8> {
@@ -68,7 +59,7 @@ fn convert(tensor: &Tensor, dtype: DType) -> Vec<u8> {
 /// tokens `token_start..`, into a buffer of `shape` in `layout`, through `write(offset, bytes)`.
 ///
 /// Rows that are adjacent in the target are merged into one write.
-pub fn place_tensor<E>(
+pub(crate) fn place_tensor<E>(
     layout: &TargetLayout,
     shape: &KvShape,
     layer: u32,
@@ -94,7 +85,7 @@ where
         }
         .into());
     }
-    let bytes = convert(tensor, kv_dtype(layout.dtype));
+    let bytes = convert(tensor, layout.dtype);
     let row = dim * layout.dtype.size();
     // Source rows are in [token][head] order; in HND targets consecutive heads are far apart,
     // so walk head-major there to keep target runs long.
@@ -153,7 +144,7 @@ where
 
 /// Reads a host buffer of `shape` in `layout` into a cache of `[tokens, heads, dim]` tensors in
 /// the layout's element type.
-pub fn extract_cache(
+pub(crate) fn extract_cache(
     layout: &TargetLayout,
     shape: &KvShape,
     data: &[u8],
@@ -177,7 +168,7 @@ pub fn extract_cache(
         shape.head_dim as usize,
     );
     let row = dim * layout.dtype.size();
-    let dtype = kv_dtype(layout.dtype);
+    let dtype = layout.dtype;
     let tensor = |layer: u32, kv: u32| -> Result<Tensor, LayoutIoError> {
         let mut out = Vec::with_capacity(tokens * heads * row);
         for t in 0..tokens {
@@ -216,7 +207,7 @@ mod tests {
 
     fn layouts() -> Vec<TargetLayout> {
         let mut v = Vec::new();
-        for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
             for order in [TokenOrder::Nhd, TokenOrder::Hnd] {
                 for paging in [Paging::Contiguous, Paging::Paged { block_tokens: 16 }] {
                     v.push(TargetLayout {
@@ -273,15 +264,11 @@ mod tests {
             let back = extract_cache(&layout, &shape, &buf, None).unwrap();
             for (a, b) in cache.layers().iter().zip(back.layers()) {
                 for (x, y) in [(&a.key, &b.key), (&a.value, &b.value)] {
-                    let want = Tensor::new(
-                        kv_dtype(layout.dtype),
-                        x.shape(),
-                        convert(x, kv_dtype(layout.dtype)),
-                    );
+                    let want = Tensor::new(layout.dtype, x.shape(), convert(x, layout.dtype));
                     assert_eq!(y, &want.unwrap(), "{layout:?}");
                 }
             }
-            if layout.dtype == KvDType::F16 {
+            if layout.dtype == DType::F16 {
                 assert_eq!(back, cache, "f16 source in an f16 layout is bit-exact");
             }
         }
@@ -292,7 +279,7 @@ mod tests {
         let cache = real_cache();
         let shape = shape_of(&cache);
         let layout = TargetLayout {
-            dtype: KvDType::F16,
+            dtype: DType::F16,
             order: TokenOrder::Hnd,
             paging: Paging::Paged { block_tokens: 256 },
             memory: MemoryKind::Host,
@@ -314,7 +301,7 @@ mod tests {
     fn rejects_misfits() {
         let cache = real_cache();
         let shape = shape_of(&cache);
-        let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+        let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
         let mut write = |_: usize, _: &[u8]| -> Result<(), LayoutIoError> { Ok(()) };
         let t = &cache.layers()[0].key;
         let err = place_tensor(&layout, &shape, 0, 0, 1, t, &mut write);

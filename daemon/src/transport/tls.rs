@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 /// ALPN protocol identifier of the store protocol, version 1.
-pub const ALPN: &[u8] = b"kvfetcher-store/1";
+pub(crate) const ALPN: &[u8] = b"kvfetcher-store/1";
 /// Server name clients check by default; dev certificates carry it with 127.0.0.1 and ::1.
 pub const DEFAULT_SERVER_NAME: &str = "localhost";
 

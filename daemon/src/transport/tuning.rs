@@ -12,14 +12,14 @@ use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn::{AckFrequencyConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
 /// Per-stream receive window: 25 Gbit/s x 10 ms is 31 MB; one object stream may use it all.
-pub const STREAM_WINDOW: u32 = 32 << 20;
+pub(crate) const STREAM_WINDOW: u32 = 32 << 20;
 /// Per-connection receive window: four full streams, a 40 Gbit/s x 20 ms path.
-pub const CONNECTION_WINDOW: u32 = 128 << 20;
+pub(crate) const CONNECTION_WINDOW: u32 = 128 << 20;
 /// Bytes a sender keeps unacknowledged per connection, matched to the receive window.
-pub const SEND_WINDOW: u64 = 128 << 20;
+pub(crate) const SEND_WINDOW: u64 = 128 << 20;
 /// Largest UDP payload probed by MTU discovery: a 1500-byte Ethernet MTU minus IPv6/UDP headers
 /// (quinn starts at 1200 and climbs). 1472 (the IPv4 figure) was tried: no measurable gain.
-pub const MTU_UPPER_BOUND: u16 = 1452;
+pub(crate) const MTU_UPPER_BOUND: u16 = 1452;
 
 /// Kernel buffer asked for on every QUIC endpoint's UDP socket, each way. The default (about
 /// 208 KB) holds under 2 ms of a 1 Gbit/s stream: a receiver descheduled that long on a busy
@@ -27,11 +27,11 @@ pub const MTU_UPPER_BOUND: u16 = 1452;
 /// the 2-core dev box: RcvbufErrors and CUBIC at 40-70% of the link). TCP does not suffer,
 /// because its receive window stops the sender instead. Capped by `net.core.rmem_max` /
 /// `wmem_max`; raise those on hosts that fetch at many Gbit/s.
-pub const UDP_SOCKET_BUFFER: usize = 32 << 20;
+pub(crate) const UDP_SOCKET_BUFFER: usize = 32 << 20;
 
 /// Binds a UDP socket for a QUIC endpoint with [`UDP_SOCKET_BUFFER`]-sized kernel buffers
 /// (best effort: a smaller grant is logged once, not an error).
-pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+pub(crate) fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use nix::sys::socket::{getsockopt, setsockopt, sockopt};
     let sock = std::net::UdpSocket::bind(addr)?;
     let _ = setsockopt(&sock, sockopt::RcvBuf, &UDP_SOCKET_BUFFER);
@@ -54,7 +54,7 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 }
 
 /// A quinn endpoint (client when `server` is None) on a socket from [`bind_udp`].
-pub fn quic_endpoint(
+pub(crate) fn quic_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
@@ -79,7 +79,7 @@ pub enum Congestion {
     NewReno,
 }
 
-/// Knobs that differ between uses of [`transport_config`].
+/// Knobs that differ between uses of `transport_config`.
 #[derive(Debug, Clone, Copy)]
 pub struct TransportTuning {
     /// Congestion controller.
@@ -111,7 +111,7 @@ impl Default for TransportTuning {
 }
 
 /// Builds a quinn transport configuration from `t`.
-pub fn transport_config(t: &TransportTuning) -> TransportConfig {
+pub(crate) fn transport_config(t: &TransportTuning) -> TransportConfig {
     let mut c = TransportConfig::default();
     c.max_concurrent_bidi_streams(VarInt::from_u32(t.max_streams));
     c.max_concurrent_uni_streams(VarInt::from_u32(0));

@@ -7,14 +7,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvfetcher::buffers::Destination;
 use kvfetcher::gpu::{GpuDevices, GpuOptions};
-use kvfetcher::metrics::Metrics;
 use kvfetcher::server::{
     serve_with, Backend, BoxFuture, FetchEvent, FetchEvents, FetchOutcome, ServeError, ServeOptions,
 };
-use kvfetcher_kv::{DType, KvFile};
-use kvfetcher_protocol::{KvDType, KvShape, Paging, TargetLayout, TokenOrder};
+use kvfetcher::Destination;
+use kvfetcher::Metrics;
+use kvfetcher_kv::{DTypeExt, KvFile};
+use kvfetcher_protocol::{KvShape, Paging, TargetLayout, TokenOrder};
 use tokio::sync::{oneshot, Semaphore};
 
 /// The model id under which the test KV is stored.
@@ -47,14 +47,6 @@ pub fn load_kv(tokens: usize) -> Kv {
             .iter()
             .map(|l| [l.key.to_f32(), l.value.to_f32()])
             .collect(),
-    }
-}
-
-pub fn kv_dtype(d: KvDType) -> DType {
-    match d {
-        KvDType::F16 => DType::F16,
-        KvDType::BF16 => DType::BF16,
-        KvDType::F32 => DType::F32,
     }
 }
 
@@ -175,7 +167,7 @@ impl Backend for MemBackend {
             dest.allocate(&shape)?;
             events.report(FetchEvent::Allocated(shape));
             self.writes.lock().unwrap().clear();
-            let dt = kv_dtype(layout.dtype);
+            let dt = layout.dtype;
             let d = kv.dim as usize;
             let mut row = Vec::new();
             for l in 0..shape.num_layers {
@@ -217,7 +209,7 @@ impl Backend for MemBackend {
         Box::pin(async move {
             // Contiguous NHD saves become fetchable, so a client can check the round trip.
             if layout.paging == Paging::Contiguous && layout.order == TokenOrder::Nhd {
-                let dt = kv_dtype(layout.dtype);
+                let dt = layout.dtype;
                 let n = layout.tensor_len(shape);
                 let mut layers = Vec::new();
                 for l in data.chunks_exact(2 * n) {
@@ -267,7 +259,7 @@ pub fn reference_buffer(kv: &Kv, tokens: u32, layout: &TargetLayout) -> (KvShape
         head_dim: kv.dim,
     };
     let mut out = vec![0u8; layout.buffer_len(&shape)];
-    let dt = kv_dtype(layout.dtype);
+    let dt = layout.dtype;
     let d = kv.dim as usize;
     let mut row = Vec::new();
     for l in 0..shape.num_layers {

@@ -293,9 +293,9 @@ pub(crate) fn expected(c: &KvCache, model: &str, ids: &[u32]) -> KvCache {
 /// The element type of a layout, as the kv crate names it.
 pub(crate) fn dtype_of(layout: &TargetLayout) -> DType {
     match layout.dtype {
-        kvfetcher_client::KvDType::F16 => DType::F16,
-        kvfetcher_client::KvDType::BF16 => DType::BF16,
-        kvfetcher_client::KvDType::F32 => DType::F32,
+        kvfetcher_client::DType::F16 => DType::F16,
+        kvfetcher_client::DType::BF16 => DType::BF16,
+        kvfetcher_client::DType::F32 => DType::F32,
     }
 }
 

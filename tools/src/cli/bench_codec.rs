@@ -16,11 +16,11 @@ use kvfetcher_codec::{
     decode_chunk, encode_cache, CodecRegistry, EncodeConfig, LayoutSpec, ModelFingerprint,
     QuantConfig, VariantKind, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL,
 };
-use kvfetcher_kv::{KvCache, KvFile};
+use kvfetcher_kv::{DTypeExt, KvCache, KvFile};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use kvfetcher::cli::codec::{bytes_16bit, progress, GroupingArg};
+use kvfetcher::cli::{bytes_16bit, progress, GroupingArg};
 
 /// zstd level of the raw 16-bit baseline: the strongest commonly used.
 const RAW_ZSTD_LEVEL: i32 = 19;
@@ -36,7 +36,7 @@ pub struct BenchCodecArgs {
     pub tokens: Option<usize>,
     /// Variants to measure.
     #[arg(long, value_delimiter = ',', default_value = "packed,zstd,hevc")]
-    pub variants: Vec<kvfetcher::cli::codec::VariantArg>,
+    pub variants: Vec<kvfetcher::cli::VariantArg>,
     /// HEVC layouts to measure.
     #[arg(
         long,
@@ -277,7 +277,7 @@ pub fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
         let software = CodecRegistry::software();
         let packed = round_trip(&cache, &ids, &cfg(VariantKind::Packed), &software)?.bytes;
         for (variant, layout) in &configs {
-            let registry = kvfetcher::cli::codec::registry_for(
+            let registry = kvfetcher::cli::registry_for(
                 *variant,
                 layout.as_deref(),
                 &args.preset,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use clap::Args;
-use kvfetcher_client::{Client, KvDType, KvShape, TargetLayout, TokenOrder};
+use kvfetcher_client::{Client, KvShape, TargetLayout, TokenOrder};
 use kvfetcher_codec::{decode_chunk, encode_cache, CodecRegistry, ModelFingerprint};
 use kvfetcher_kv::{DType, KvCache, LayerKv, Tensor};
 use serde::Serialize;
@@ -76,7 +76,7 @@ pub struct LoadReport {
 
 /// Runs `kvfetcher-bench load`.
 pub fn run(args: BenchLoadArgs) -> anyhow::Result<()> {
-    kvfetcher::cli::daemon::init_logging(LogFormat::Text, "warn");
+    kvfetcher::cli::init_logging(LogFormat::Text, "warn");
     let report = measure(&args)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -142,7 +142,7 @@ pub fn measure(args: &BenchLoadArgs) -> anyhow::Result<LoadReport> {
         // All clients are this process's uid: the table must fit them all.
         config.server.max_clients = config.server.max_clients.max(args.clients + 2);
         config.server.max_clients_per_uid = config.server.max_clients;
-        let daemon = kvfetcher::cli::daemon::start(&config, stop_rx).await?;
+        let daemon = kvfetcher::cli::start(&config, stop_rx).await?;
         anyhow::Ok((store, (daemon, config)))
     })?;
     let (daemon, config) = daemon;
@@ -153,7 +153,7 @@ pub fn measure(args: &BenchLoadArgs) -> anyhow::Result<LoadReport> {
         kv_heads: cache.kv_heads() as u32,
         head_dim: cache.head_dim() as u32,
     };
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let data: Vec<u8> = cache
         .layers()
         .iter()

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
 use clap::Args;
-use kvfetcher_client::{Client, KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_client::{Client, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_codec::{decode_chunk, encode_cache, CodecRegistry, ModelFingerprint};
 use kvfetcher_kv::{DType, KvCache, Llama2Model};
 use tokio::sync::watch;
@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use super::local_stack::LocalStore;
 use cffi::{CClient, KvfLayout};
 use kvfetcher::config::{Config, LogFormat, StoreConfig};
-use kvfetcher::pipeline::{kv_dtype, place_cache, LayoutIoError};
+use kvfetcher::pipeline::{place_cache, LayoutIoError};
 
 /// Arguments of `kvfetcher-bench demo`.
 #[derive(Debug, Args)]
@@ -40,7 +40,7 @@ pub struct DemoArgs {
 
 /// Runs `kvfetcher-bench demo`.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    kvfetcher::cli::daemon::init_logging(LogFormat::Text, "warn");
+    kvfetcher::cli::init_logging(LogFormat::Text, "warn");
     let c_lib = match &args.c_lib {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -68,7 +68,7 @@ async fn demo(args: DemoArgs, c: CClient) -> anyhow::Result<()> {
         ..Config::default()
     };
     let (stop, stop_rx) = watch::channel(false);
-    let daemon = kvfetcher::cli::daemon::start(&config, stop_rx).await?;
+    let daemon = kvfetcher::cli::start(&config, stop_rx).await?;
     println!(
         "demo: store on {} and daemon on {} (temp dir {})",
         store.addr,
@@ -114,7 +114,7 @@ async fn demo(args: DemoArgs, c: CClient) -> anyhow::Result<()> {
 
     // Save through the Rust client (blocking API, as an engine thread would).
     let socket = daemon.socket.clone();
-    let save_layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let save_layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let data: Vec<u8> = cache
         .layers()
         .iter()
@@ -142,7 +142,7 @@ async fn demo(args: DemoArgs, c: CClient) -> anyhow::Result<()> {
     // Fetch through the C client into host memory: f16, NHD, paged in 16-token blocks.
     let wire_before = daemon.metrics.bytes_in.get();
     let layout = TargetLayout {
-        dtype: KvDType::F16,
+        dtype: DType::F16,
         order: TokenOrder::Nhd,
         paging: Paging::Paged { block_tokens: 16 },
         memory: MemoryKind::Host,
@@ -239,7 +239,7 @@ fn verify(
     layout: &TargetLayout,
     shape: &KvShape,
 ) -> anyhow::Result<usize> {
-    let es = kv_dtype(layout.dtype).size();
+    let es = layout.dtype.size();
     if let Some(i) =
         (0..got.len() / es).find(|&i| got[i * es..(i + 1) * es] != want[i * es..(i + 1) * es])
     {

@@ -171,7 +171,7 @@ fn capture(a: &CaptureArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         ("seed", a.seed.to_string()),
         ("temperature", a.temperature.to_string()),
         ("tokens", total.to_string()),
-        ("dtype", dtype.name().to_string()),
+        ("dtype", dtype.safetensors_name().to_string()),
         ("bos_token", BOS_TOKEN.to_string()),
         (
             "sampler",
@@ -224,7 +224,7 @@ fn capture_gguf(a: &CaptureArgs, gguf: &Path, out: &mut dyn Write) -> anyhow::Re
         ("text_file", file_name(text)),
         ("chat_template", a.chat.to_string()),
         ("tokens", capture.token_ids.len().to_string()),
-        ("dtype", DType::F16.name().to_string()),
+        ("dtype", DType::F16.safetensors_name().to_string()),
         ("key", "after RoPE".to_string()),
         (
             "generator",
@@ -258,7 +258,7 @@ fn write_capture(file: KvFile, path: &Path, out: &mut dyn Write) -> anyhow::Resu
         file.cache.tokens(),
         file.cache.kv_heads(),
         file.cache.head_dim(),
-        dtype.name(),
+        dtype.safetensors_name(),
         file.cache.nbytes()
     )?;
     Ok(())
@@ -301,7 +301,7 @@ fn info(path: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(out, "tokens     {}", c.tokens())?;
     writeln!(out, "kv_heads   {}", c.kv_heads())?;
     writeln!(out, "head_dim   {}", c.head_dim())?;
-    writeln!(out, "dtype      {}", c.dtype().name())?;
+    writeln!(out, "dtype      {}", c.dtype().safetensors_name())?;
     writeln!(out, "kv_bytes   {}", c.nbytes())?;
     match c.token_ids() {
         Some(ids) => {
