@@ -77,6 +77,43 @@ impl ModelFingerprint {
     }
 }
 
+/// Domain tag of [`ProfileId::object_key`], so a profile object's store key can never be a
+/// chunk key (those hash a model fingerprint and token ids).
+const PROFILE_OBJECT_TAG: &[u8] = b"kvfetcher profile object v1\0";
+
+/// Domain tag of [`ModelFingerprint::profile_index`].
+const PROFILE_INDEX_TAG: &[u8] = b"kvfetcher profiles of model v1\0";
+
+impl ProfileId {
+    /// The id of profile bytes `bytes`: their SHA-256.
+    pub fn of_bytes(bytes: &[u8]) -> ProfileId {
+        ProfileId(Sha256::digest(bytes).into())
+    }
+
+    /// The key the store holds this profile's bytes under:
+    /// `SHA-256("kvfetcher profile object v1\0" || id)`. Chunk keys and profile keys share the
+    /// store's key space; the tag keeps them apart, and a store checks a profile object by
+    /// hashing it (its key follows from its bytes alone).
+    pub fn object_key(&self) -> ChunkKey {
+        let mut h = Sha256::new();
+        h.update(PROFILE_OBJECT_TAG);
+        h.update(self.0);
+        ChunkKey(h.finalize().into())
+    }
+}
+
+impl ModelFingerprint {
+    /// The store index ("model") a profile object for this model is listed under:
+    /// `SHA-256("kvfetcher profiles of model v1\0" || fingerprint)`, so listing it gives the
+    /// model's profile objects and nothing else (a listing of the model itself gives chunks).
+    pub fn profile_index(&self) -> ModelFingerprint {
+        let mut h = Sha256::new();
+        h.update(PROFILE_INDEX_TAG);
+        h.update(self.0);
+        ModelFingerprint(h.finalize().into())
+    }
+}
+
 /// The keys of the chunks of `token_ids`, in order: `key_0 = SHA-256(fingerprint || ids_0)`,
 /// `key_i = SHA-256(key_{i-1} || ids_i)`, where `ids_i` are the ids of chunk `i` as u32
 /// little-endian. One key per `chunk_tokens` tokens; the last chunk may be partial.
@@ -107,6 +144,19 @@ pub fn chunk_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profile_keys_are_fixed_and_apart_from_ids_and_models() {
+        let id = ProfileId::of_bytes(b"KVFP profile bytes");
+        assert_eq!(id, ProfileId(Sha256::digest(b"KVFP profile bytes").into()));
+        let key = id.object_key();
+        assert_eq!(key, id.object_key());
+        assert_ne!(key.0, id.0);
+        assert_ne!(key, ProfileId::of_bytes(b"other").object_key());
+        let m = ModelFingerprint::of_bytes(b"sha256:ab12");
+        assert_ne!(m.profile_index(), m);
+        assert_ne!(m.profile_index().0, ProfileId(m.0).object_key().0);
+    }
 
     #[test]
     fn keys_chain_and_depend_on_model_and_prefix() {

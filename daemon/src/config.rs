@@ -251,12 +251,33 @@ pub struct SaveConfig {
 
 /// Codec profiles: the per-model transforms transform-coded (`rans`) chunks are saved and
 /// restored with.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CodecConfig {
     /// A directory of profile files (`*.kvfp`, from `kvfetcher-bench profile`), loaded at start:
     /// chunks naming one of them can be fetched, and saves of its model can use `rans`.
     pub profile_dir: Option<PathBuf>,
+    /// Where profiles fetched from the store are kept (`<id hex>.kvfp`; created if missing,
+    /// loaded at start), so a restarted daemon need not fetch them again. Unset: fetched
+    /// profiles are kept in memory only.
+    pub profile_cache_dir: Option<PathBuf>,
+    /// The largest profile object accepted from the store (bytes); a larger one fails the
+    /// fetch that needs it without being read. Default 256 MiB (a 70B-class model's profile is
+    /// about 90 MB).
+    pub max_profile_bytes: u64,
+}
+
+/// Default of [`CodecConfig::max_profile_bytes`].
+pub const DEFAULT_MAX_PROFILE_BYTES: u64 = 256 << 20;
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        CodecConfig {
+            profile_dir: None,
+            profile_cache_dir: None,
+            max_profile_bytes: DEFAULT_MAX_PROFILE_BYTES,
+        }
+    }
 }
 
 impl SaveConfig {
@@ -448,6 +469,9 @@ impl Config {
         {
             return invalid("server limits must be positive".into());
         }
+        if self.codec.max_profile_bytes == 0 {
+            return invalid("codec.max_profile_bytes must be positive".into());
+        }
         if self.gpu.nvdec_sessions > 64 {
             return invalid(format!(
                 "gpu.nvdec_sessions {} is more than 64",
@@ -504,6 +528,8 @@ mod tests {
             "[save]\ntarget_kl = -1.0",
             "[codec]\nunknown = 1",
             "[codec]\nprofile_dir = 3",
+            "[codec]\nmax_profile_bytes = 0",
+            "[codec]\nprofile_cache = \"/c\"",
             "[save]\nhevc_layout = \"rows:24\"",
             "[fetch]\ndecode_workers = 0",
             "unknown_key = 1",
@@ -530,15 +556,20 @@ mod tests {
     #[test]
     fn reads_transform_coding_settings() {
         let c = Config::parse(
-            "[save]\nvariant = \"rans\"\ntarget_kl = 0.005\n[codec]\nprofile_dir = \"/p\"\n",
+            "[save]\nvariant = \"rans\"\ntarget_kl = 0.005\n[codec]\nprofile_dir = \"/p\"\n\
+             profile_cache_dir = \"/c\"\nmax_profile_bytes = 1000\n",
         )
         .unwrap();
+        assert_eq!(c.codec.profile_cache_dir, Some(PathBuf::from("/c")));
+        assert_eq!(c.codec.max_profile_bytes, 1000);
         assert_eq!(c.save.variant, "rans");
         assert_eq!(c.save.target_kl, 0.005);
         assert_eq!(c.codec.profile_dir, Some(PathBuf::from("/p")));
         let d = Config::parse("").unwrap();
         assert_eq!(d.save.target_kl, kvfetcher_codec::DEFAULT_TARGET_KL);
         assert_eq!(d.codec.profile_dir, None);
+        assert_eq!(d.codec.profile_cache_dir, None);
+        assert_eq!(d.codec.max_profile_bytes, DEFAULT_MAX_PROFILE_BYTES);
     }
 
     #[test]

@@ -9,18 +9,18 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use kvfetcher::buffers::{BufferError, Destination};
 use kvfetcher::config::{FetchConfig, SaveConfig};
-use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, FetchEvents, ServeError};
 use kvfetcher::store::ServerOptions;
 use kvfetcher::transport::{ClientOptions, StoreClient};
+use kvfetcher::Metrics;
+use kvfetcher::{BufferError, Destination};
 use kvfetcher_codec::{
     encode_cache, ChunkHeader, ChunkKey, ChunkView, CodecRegistry, EncodeConfig, ModelFingerprint,
 };
 use kvfetcher_kv::{DType, KvCache, LayerKv, Tensor};
-use kvfetcher_protocol::{KvDType, KvShape, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{KvShape, TargetLayout, TokenOrder};
 use store_util::TestStore;
 
 const MODEL: &str = "tiny-model";
@@ -54,7 +54,7 @@ impl Destination for Recorder {
 }
 
 fn layout() -> TargetLayout {
-    TargetLayout::host(KvDType::F16, TokenOrder::Nhd)
+    TargetLayout::host(DType::F16, TokenOrder::Nhd)
 }
 
 /// 4 layers x 2 heads x 16 dims of pseudo-random f16 KV.

@@ -5,15 +5,15 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use kvfetcher::buffers::{BufferError, Destination};
-use kvfetcher::config::{FetchConfig, SaveConfig};
-use kvfetcher::metrics::Metrics;
-use kvfetcher::pipeline::{kv_dtype, Pipeline, StoreTarget};
+use kvfetcher::config::{CodecConfig, FetchConfig, SaveConfig};
+use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, FetchEvents, ServeError};
 use kvfetcher::store::{LocalDir, ServerOptions, StoreServer};
 use kvfetcher::transport::{
     write_dev_pki, ClientOptions, StoreClient, TlsClientConfig, TlsServerConfig,
 };
+use kvfetcher::Metrics;
+use kvfetcher::{BufferError, Destination};
 use kvfetcher_codec::{
     allocate_steps, calibrate, BasisKind, Calibration, CodecProfile, Rope, RopeStyle,
     TransformConfig,
@@ -23,7 +23,7 @@ use kvfetcher_codec::{
     HevcLayout, HevcParams, ModelFingerprint, QuantConfig, VariantKind,
 };
 use kvfetcher_kv::{KvCache, KvFile, Tensor};
-use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{DType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_testkit::{skip, Missing};
 
 const MODEL: &str = "codelm-107m";
@@ -187,7 +187,7 @@ fn shape_of(c: &KvCache) -> KvShape {
 
 /// The cache as a client hands it over: f16 NHD contiguous.
 fn client_bytes(c: &KvCache) -> (TargetLayout, Vec<u8>) {
-    let layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     let mut out = Vec::new();
     for l in c.layers() {
         out.extend_from_slice(l.key.data());
@@ -227,7 +227,7 @@ fn expected(c: &KvCache, ids: &[u32], save: &SaveConfig) -> KvCache {
 /// Checks every (layer, K/V, token, head) row of `buf` against `want` through `layout.offset`.
 fn assert_matches(buf: &[u8], layout: &TargetLayout, want: &KvCache) {
     let shape = shape_of(want);
-    let dtype = kv_dtype(layout.dtype);
+    let dtype = layout.dtype;
     let row = shape.head_dim as usize * layout.dtype.size();
     for (li, l) in want.layers().iter().enumerate() {
         for (kv, t) in [(0u32, &l.key), (1u32, &l.value)] {
@@ -272,18 +272,18 @@ async fn save_then_fetch_returns_quantized_values_in_every_layout() {
     // Every dtype, order and paging at least once (the full matrix of placements is covered by
     // the layout unit tests; here the point is the whole path, so keep the debug build fast).
     let layouts = [
-        (KvDType::F16, TokenOrder::Nhd, Paging::Contiguous),
+        (DType::F16, TokenOrder::Nhd, Paging::Contiguous),
         (
-            KvDType::BF16,
+            DType::BF16,
             TokenOrder::Hnd,
             Paging::Paged { block_tokens: 16 },
         ),
         (
-            KvDType::F32,
+            DType::F32,
             TokenOrder::Nhd,
             Paging::Paged { block_tokens: 100 },
         ),
-        (KvDType::F16, TokenOrder::Hnd, Paging::Contiguous),
+        (DType::F16, TokenOrder::Hnd, Paging::Contiguous),
     ];
     for (dtype, order, paging) in layouts {
         let layout = TargetLayout {
@@ -879,7 +879,7 @@ fn codelm_profile() -> Arc<CodecProfile> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rans_saves_use_the_models_profile_and_fetch_needs_it() {
+async fn rans_saves_share_their_profile_through_the_store() {
     let profile = codelm_profile();
     let save = SaveConfig {
         target_kl: 0.02,
@@ -935,21 +935,132 @@ async fn rans_saves_use_the_models_profile_and_fetch_needs_it() {
         out.bytes_on_wire
     );
 
-    // A daemon without the profile refuses the fetch with an error naming it.
-    let bare = Pipeline::new(
-        vec![f.target.clone()],
-        CodecRegistry::software(),
-        FetchConfig::default(),
-        save_config(8, "zstd"),
-        Metrics::new(),
-    )
-    .unwrap();
+    // The save put the profile in the store once, under its profile key, as it is.
+    let id = profile.id();
+    let store = StoreClient::connect(f.target.addr, f.target.tls.clone())
+        .await
+        .unwrap();
+    let stored_profile = store.get_profile(&id, u64::MAX).await.unwrap();
+    assert_eq!(stored_profile, profile.to_bytes());
+    let data = f._dir.path().join("data");
+    let profile_file = LocalDir::open(&data).unwrap().object_path(&id.object_key());
+    assert!(profile_file.exists());
+    // Saving again puts the 3 chunks (answered `Exists`) and not the profile: 4 requests with
+    // the first `Stats` (the store counts a request once it is answered).
+    let before = store.stats().await.unwrap().requests;
+    f.save_all().await;
+    let after = store.stats().await.unwrap().requests;
+    assert_eq!(after - before, 4, "the profile is put once per daemon run");
+
+    // Node B has no profile_dir: it fetches the profile from the store, caches it, and restores
+    // the same values as node A.
+    let cache = tempfile::tempdir().unwrap();
+    let codec = CodecConfig {
+        profile_cache_dir: Some(cache.path().join("profiles")),
+        ..CodecConfig::default()
+    };
+    let node_b = || {
+        Pipeline::new(
+            vec![f.target.clone()],
+            CodecRegistry::software(),
+            FetchConfig::default(),
+            save_config(8, "zstd"),
+            Metrics::new(),
+        )
+        .unwrap()
+    };
+    let b = node_b().with_codec_config(&codec).unwrap();
     let dest = MemDest::new(client_layout);
-    let err = bare
-        .fetch(MODEL, &f.ids, &client_layout, dest, FetchEvents::ignored())
+    let out = b
+        .fetch(
+            MODEL,
+            &f.ids,
+            &client_layout,
+            dest.clone(),
+            FetchEvents::ignored(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.tokens, TOKENS as u32);
+    assert_matches(&dest.buf.lock().unwrap(), &client_layout, &want);
+    let cached = cache.path().join("profiles").join(format!("{id}.kvfp"));
+    assert_eq!(std::fs::read(&cached).unwrap(), profile.to_bytes());
+
+    // The profile is gone from the store: a restarted node B restores from its disk cache; a
+    // node without the cache fails with an error naming the profile, before any allocation.
+    assert!(store.delete(&id.object_key()).await.unwrap());
+    let b = node_b().with_codec_config(&codec).unwrap();
+    let dest = MemDest::new(client_layout);
+    b.fetch(
+        MODEL,
+        &f.ids,
+        &client_layout,
+        dest.clone(),
+        FetchEvents::ignored(),
+    )
+    .await
+    .unwrap();
+    assert_matches(&dest.buf.lock().unwrap(), &client_layout, &want);
+    let dest = MemDest::new(client_layout);
+    let err = node_b()
+        .fetch(
+            MODEL,
+            &f.ids,
+            &client_layout,
+            dest.clone(),
+            FetchEvents::ignored(),
+        )
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("profile"), "{err}");
+    assert!(
+        err.to_string().contains("neither loaded nor in the store"),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&id.to_hex()), "{err}");
+    assert!(dest.shape.lock().unwrap().is_none(), "nothing allocated");
+
+    // A profile object changed in the store (a bit flipped on disk): the store refuses it as
+    // corrupt, the fetch fails with that, and nothing is allocated or written.
+    let mut bad = profile.to_bytes();
+    bad[100] ^= 0x04;
+    std::fs::write(&profile_file, &bad).unwrap();
+    let dest = MemDest::new(client_layout);
+    let err = node_b()
+        .fetch(
+            MODEL,
+            &f.ids,
+            &client_layout,
+            dest.clone(),
+            FetchEvents::ignored(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ServeError::Corrupt(m) if m.contains("codec profile")),
+        "{err:?}"
+    );
+    assert!(dest.shape.lock().unwrap().is_none(), "nothing allocated");
+    // Nor can such bytes be put under the profile's key.
+    std::fs::remove_file(&profile_file).unwrap();
+    let refused = store
+        .put_raw(id.object_key(), bad.into())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("hashes to"), "{refused}");
+    // The chunks were not quarantined: with the profile back, the fetch works.
+    assert!(store.put_profile(profile.to_bytes().into()).await.unwrap());
+    let dest = MemDest::new(client_layout);
+    node_b()
+        .fetch(
+            MODEL,
+            &f.ids,
+            &client_layout,
+            dest.clone(),
+            FetchEvents::ignored(),
+        )
+        .await
+        .unwrap();
+    assert_matches(&dest.buf.lock().unwrap(), &client_layout, &want);
 
     // A model without a profile is saved as zstd (at save.bits), not refused.
     let (layout, data) = client_bytes(&f.cache);

@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvfetcher::config::{FetchConfig, SaveConfig};
-use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::Backend;
 use kvfetcher::transport::{ClientOptions, TlsClientConfig};
+use kvfetcher::Metrics;
 use kvfetcher_codec::CodecRegistry;
 use store_util::spawn_store;
 

@@ -173,3 +173,84 @@ async fn concurrent_puts_of_one_key_store_exactly_one() {
         store.stop().await;
     }
 }
+
+/// A small valid codec profile's bytes, for `model`.
+fn profile_bytes(model: kvfetcher_codec::ModelFingerprint) -> Vec<u8> {
+    use kvfetcher_codec::{CodecProfile, HeadBasis, LayerProfile, Rope, TensorProfile};
+    let tensor = || TensorProfile {
+        heads: vec![HeadBasis::identity(vec![0.0; 8], vec![1.0; 8])],
+        sensitivity: 1.0,
+        curve: Vec::new(),
+    };
+    CodecProfile {
+        model,
+        kv_heads: 1,
+        head_dim: 8,
+        sinks: 0,
+        rope: Rope::NONE,
+        layers: vec![LayerProfile {
+            key: tensor(),
+            value: tensor(),
+        }],
+    }
+    .to_bytes()
+}
+
+/// Codec profile objects (issue 16 item 3): stored under the hash of their id, checked by
+/// their hash on put and get, write-once, listed under their model's profile index, and never
+/// served as sections.
+#[tokio::test]
+async fn profile_objects_are_content_addressed_write_once_and_listed_by_model() {
+    use kvfetcher_codec::ProfileId;
+    let m = model();
+    let bytes = profile_bytes(m);
+    let id = ProfileId::of_bytes(&bytes);
+    let key = id.object_key();
+    let store = TestStore::start(ServerOptions::default(), false).await;
+    let client = StoreClient::connect(store.addr, store.client_tls())
+        .await
+        .unwrap();
+    assert!(client
+        .put_profile(Bytes::from(bytes.clone()))
+        .await
+        .unwrap());
+    assert!(!client
+        .put_profile(Bytes::from(bytes.clone()))
+        .await
+        .unwrap());
+    assert_eq!(client.get_profile(&id, u64::MAX).await.unwrap(), bytes);
+    let err = client.get_profile(&id, 16).await.unwrap_err();
+    assert!(
+        err.to_string().contains("more than the 16 accepted"),
+        "{err}"
+    );
+    assert_eq!(client.list(&m.profile_index()).await.unwrap(), vec![key]);
+    assert!(
+        client.list(&m).await.unwrap().is_empty(),
+        "not among chunks"
+    );
+    let err = client.open_sections(&key, &[0]).await.unwrap_err();
+    assert!(err.to_string().contains("has no sections"), "{err}");
+    // Changed bytes under the key are refused on put, and found corrupt when stored.
+    let mut bad = bytes.clone();
+    bad[60] ^= 1;
+    let other = ProfileId::of_bytes(b"x").object_key();
+    let err = client
+        .put_raw(other, Bytes::from(bad.clone()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("hashes to"), "{err}");
+    std::fs::write(store.backend.object_path(&key), &bad).unwrap();
+    let err = client.get_profile(&id, u64::MAX).await.unwrap_err();
+    assert!(
+        matches!(err, kvfetcher::transport::StoreClientError::Corrupt(_)),
+        "{err}"
+    );
+    // Putting the profile again heals it.
+    assert!(!client
+        .put_profile(Bytes::from(bytes.clone()))
+        .await
+        .unwrap());
+    assert_eq!(client.get_profile(&id, u64::MAX).await.unwrap(), bytes);
+    store.stop().await;
+}

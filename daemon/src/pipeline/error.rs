@@ -57,6 +57,10 @@ pub enum FetchError {
     /// No decoder for a section's codec here, or its library failed: not the object's fault.
     #[error("{0}")]
     Decoder(String),
+    /// The codec profile a transform-coded chunk names is not loaded and could not be had
+    /// from the store (missing there, damaged, or the store failed).
+    #[error(transparent)]
+    Profile(#[from] super::ProfileError),
     /// The pipeline is shutting down.
     #[error("pipeline shut down")]
     ShutDown,

@@ -108,6 +108,12 @@ pub(super) async fn fetch(
     let n = chunks.len();
     let headed = started.elapsed();
     let shape = shape_of(&chunks)?;
+    // Every profile the chunks name, fetched from the store if not loaded, before the
+    // client's buffer exists: a missing or bad profile fails the fetch with nothing written.
+    let profiles = chunks
+        .iter()
+        .filter_map(|c| c.header().transform.as_ref().map(|t| t.profile));
+    let registry = p.profiles.resolve(p.source.as_ref(), profiles).await?;
     layout
         .checked_buffer_len(&shape)
         .map_err(|e| FetchError::BadLayout(format!("layout: {e}")))?;
@@ -134,6 +140,7 @@ pub(super) async fn fetch(
         while let Some(s) = planner.poll_request() {
             tasks.push(section(
                 p,
+                &registry,
                 &chunks[s.chunk],
                 s,
                 *layout,
@@ -331,6 +338,7 @@ struct SectionTimes {
 /// fetch stop before it.
 async fn section(
     p: &Pipeline,
+    registry: &Arc<CodecRegistry>,
     chunk: &Chunk,
     s: SectionRef,
     layout: TargetLayout,
@@ -338,7 +346,7 @@ async fn section(
     dest: Arc<dyn Destination>,
 ) -> Result<(SectionRef, u64, SectionTimes), FetchError> {
     let _queued = p.metrics.sections_in_flight.track();
-    section_inner(p, chunk, s, layout, shape, dest)
+    section_inner(p, registry, chunk, s, layout, shape, dest)
         .await
         .map_err(|e| p.noted(&chunk.key(), e))
 }
@@ -346,6 +354,7 @@ async fn section(
 /// [`section`], its errors not yet noted.
 async fn section_inner(
     p: &Pipeline,
+    registry: &Arc<CodecRegistry>,
     chunk: &Chunk,
     s: SectionRef,
     layout: TargetLayout,
@@ -377,7 +386,7 @@ async fn section_inner(
     } = got;
     let wire = bytes.len() as u64;
     let check = chunk.check.clone();
-    let registry = p.registry.clone();
+    let registry = registry.clone();
     let metrics = p.metrics.clone();
     let token_start = chunk.token_start;
     let index = s.section;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kvfetcher_codec::{chunk_keys, encode_cache, ChunkKey, CodecRegistry, ModelFingerprint};
 use kvfetcher_kv::{DType, KvCache, LayerKv, Tensor};
-use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 
 use super::{
     encode_config, place_cache, FetchError, FetchEvents, FetchOutcome, MemorySource, Pipeline,
@@ -57,7 +57,7 @@ impl Destination for HostBuf {
 
 fn layout() -> TargetLayout {
     TargetLayout {
-        dtype: KvDType::F16,
+        dtype: DType::F16,
         order: TokenOrder::Hnd,
         paging: Paging::Contiguous,
         memory: MemoryKind::Host,

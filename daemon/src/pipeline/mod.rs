@@ -12,6 +12,8 @@
 //! - `stores`: which store holds which key; prefix lookups; lazy reconnection.
 //! - `verify`: what a fetched header must say (the chunk asked for).
 //! - `quarantine`: chunks found corrupt lately, where lookups and fetches stop.
+//! - `profiles`: the codec registry, and codec profiles shared through the store (put by
+//!   saves, fetched and cached on disk by fetches of chunks naming an unknown profile).
 //! - `fetch`, `save`: the two drivers.
 
 mod error;
@@ -21,6 +23,7 @@ mod fetch;
 mod fetch_tests;
 mod layout;
 mod plan;
+mod profiles;
 mod quarantine;
 mod save;
 mod source;
@@ -37,16 +40,18 @@ use tokio::sync::Semaphore;
 pub use error::{FetchError, LookupError, SaveError, StoreError};
 pub use events::{FetchEvent, FetchEvents, FetchOutcome};
 pub use fetch::{restore_section_into, SectionJob};
-pub use layout::{extract_cache, kv_dtype, place_cache, place_tensor, LayoutIoError, Sink};
+pub use layout::{place_cache, LayoutIoError};
 pub use plan::{FetchPlanner, PlanError, SectionRef};
-pub use save::{encode_config, profile_model};
+pub use profiles::ProfileError;
+pub use save::{encode_config, profile_model, rans_section_layers, MIN_RANS_SECTION_BYTES};
 pub use source::{BoxFuture, MemorySource, SectionReader, SectionSource};
 pub use stores::StoreTarget;
 
 use crate::buffers::Destination;
-use crate::config::{Config, FetchConfig, SaveConfig};
+use crate::config::{CodecConfig, Config, FetchConfig, SaveConfig};
 use crate::metrics::Metrics;
 use crate::transport::{ClientOptions, TlsClientConfig};
+use profiles::Profiles;
 use quarantine::Quarantine;
 use stores::Stores;
 
@@ -61,6 +66,14 @@ pub enum PipelineError {
     Store {
         /// The store's address.
         store: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The codec profile cache directory cannot be created or read.
+    #[error("codec profile cache {dir}: {reason}")]
+    ProfileCache {
+        /// The directory.
+        dir: String,
         /// What failed.
         reason: String,
     },
@@ -79,7 +92,8 @@ pub struct Pipeline {
     stores: Stores,
     /// Where fetches and lookups read objects: the stores, unless injected.
     source: Arc<dyn SectionSource>,
-    registry: Arc<CodecRegistry>,
+    /// The codec registry, and the profiles shared through the store.
+    profiles: Profiles,
     metrics: Arc<Metrics>,
     fetch: FetchConfig,
     save: SaveConfig,
@@ -167,7 +181,7 @@ impl Pipeline {
         Ok(Pipeline {
             stores,
             source,
-            registry: Arc::new(registry),
+            profiles: Profiles::new(registry, CodecConfig::default().max_profile_bytes),
             metrics,
             decode_pool: Arc::new(decode_pool),
             wire_budget: Arc::new(Semaphore::new(budget_permits as usize)),
@@ -213,7 +227,27 @@ impl Pipeline {
             config.fetch.clone(),
             config.save.clone(),
             metrics,
-        )
+        )?
+        .with_codec_config(&config.codec)
+    }
+
+    /// Applies the `[codec]` settings on profiles shared through the store: the largest
+    /// profile object accepted, and the cache directory of fetched profiles (created if
+    /// missing; the profiles already there are loaded now, so a restart needs no refetch).
+    /// `profile_dir` is not read here: it is loaded into the registry given at construction.
+    pub fn with_codec_config(mut self, codec: &CodecConfig) -> Result<Pipeline, PipelineError> {
+        self.profiles.set_max_bytes(codec.max_profile_bytes);
+        if let Some(dir) = &codec.profile_cache_dir {
+            let n = self
+                .profiles
+                .use_cache_dir(dir)
+                .map_err(|e| PipelineError::ProfileCache {
+                    dir: dir.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            tracing::info!(dir = %dir.display(), profiles = n, "codec profile cache");
+        }
+        Ok(self)
     }
 
     /// The metrics this pipeline updates.

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use kvfetcher_codec::ChunkKey;
+use kvfetcher_codec::{ChunkKey, ProfileId};
 
 use super::stores::Stores;
 use super::StoreError;
@@ -62,6 +62,15 @@ pub trait SectionSource: std::fmt::Debug + Send + Sync + 'static {
         &'a self,
         keys: &'a [ChunkKey],
     ) -> BoxFuture<'a, Result<usize, StoreError>>;
+
+    /// The bytes of codec profile `id` (the object under `id.object_key()`), checked to hash
+    /// to `id`; one of more than `max_len` bytes is [`StoreError::Corrupt`] without being read
+    /// whole. Not stored: [`StoreError::NotFound`].
+    fn get_profile<'a>(
+        &'a self,
+        id: &'a ProfileId,
+        max_len: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>>;
 }
 
 /// A [`SectionStream`] of a store connection; a failure forgets the connection if it is lost.
@@ -133,6 +142,21 @@ impl SectionSource for Stores {
         keys: &'a [ChunkKey],
     ) -> BoxFuture<'a, Result<usize, StoreError>> {
         Box::pin(Stores::exists_prefix(self, keys))
+    }
+
+    fn get_profile<'a>(
+        &'a self,
+        id: &'a ProfileId,
+        max_len: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+        Box::pin(async move {
+            let key = id.object_key();
+            let client = self.client_for(&key).await?;
+            match client.get_profile(id, max_len).await {
+                Ok(bytes) => Ok(Bytes::from(bytes)),
+                Err(e) => Err(self.failed(&key, e).await),
+            }
+        })
     }
 }
 
@@ -290,5 +314,25 @@ impl SectionSource for MemorySource {
             .position(|k| !objects.contains_key(k))
             .unwrap_or(keys.len());
         Box::pin(std::future::ready(Ok(n)))
+    }
+
+    fn get_profile<'a>(
+        &'a self,
+        id: &'a ProfileId,
+        max_len: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+        let got = match self.get(&id.object_key()) {
+            None => Err(StoreError::NotFound(format!("no profile object {id}"))),
+            Some(b) if b.len() as u64 > max_len => Err(StoreError::Corrupt(format!(
+                "profile object {id} of {} bytes, more than the {max_len} accepted",
+                b.len()
+            ))),
+            Some(b) if ProfileId::of_bytes(&b) != *id => Err(StoreError::Corrupt(format!(
+                "profile object {id} hashes to {}",
+                ProfileId::of_bytes(&b)
+            ))),
+            Some(b) => Ok(b),
+        };
+        Box::pin(std::future::ready(got))
     }
 }

@@ -59,6 +59,8 @@ pub(crate) fn store_error(e: StoreClientError) -> StoreError {
     match e {
         StoreClientError::NotFound(m) => StoreError::NotFound(m),
         StoreClientError::Corrupt(m) => StoreError::Corrupt(m),
+        // Only profile fetches bound what they accept: such an object is no usable profile.
+        e @ StoreClientError::TooLarge { .. } => StoreError::Corrupt(e.to_string()),
         StoreClientError::InvalidObject(m) => StoreError::InvalidObject(m.to_string()),
         other => StoreError::Unavailable(format!("store: {other}")),
     }

@@ -3,7 +3,7 @@
 use kvfetcher_protocol::ErrorCode;
 
 use crate::buffers::BufferError;
-use crate::pipeline::{FetchError, SaveError, StoreError};
+use crate::pipeline::{FetchError, ProfileError, SaveError, StoreError};
 
 /// An error of the local server or of a [`crate::server::Backend`] call.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +88,16 @@ impl From<FetchError> for ServeError {
             FetchError::Gpu(m) | FetchError::Decoder(m) | FetchError::Internal(m) => {
                 ServeError::Internal(m)
             }
+            FetchError::Profile(e) => match e {
+                e @ ProfileError::Corrupt { .. } => ServeError::Corrupt(e.to_string()),
+                // The chunks are fine; this daemon cannot decode them.
+                e @ ProfileError::NotFound(_) => ServeError::Internal(e.to_string()),
+                e @ ProfileError::Store {
+                    source: StoreError::Unavailable(_),
+                    ..
+                } => ServeError::Unavailable(e.to_string()),
+                e @ ProfileError::Store { .. } => ServeError::Internal(e.to_string()),
+            },
             e @ FetchError::ShutDown => ServeError::Unavailable(e.to_string()),
         }
     }
@@ -111,6 +121,7 @@ impl From<SaveError> for ServeError {
 mod tests {
     use super::*;
     use crate::pipeline::LookupError;
+    use kvfetcher_codec::ProfileId;
 
     /// The code and the message a client is sent for `e`.
     fn wire(e: impl Into<ServeError>) -> (ErrorCode, String) {
@@ -161,6 +172,30 @@ mod tests {
                 F::ShutDown,
                 ErrorCode::Unavailable,
                 "unavailable: pipeline shut down",
+            ),
+            (
+                F::Profile(ProfileError::Corrupt {
+                    id: ProfileId([0xab; 32]),
+                    why: "its bytes hash to x".into(),
+                }),
+                ErrorCode::Corrupt,
+                "corrupt object: codec profile abababababababababababababababababababababababababababababababab \
+                 from the store: its bytes hash to x",
+            ),
+            (
+                F::Profile(ProfileError::NotFound(ProfileId([0xab; 32]))),
+                ErrorCode::Internal,
+                "internal error: codec profile abababababababababababababababababababababababababababababababab \
+                 is neither loaded nor in the store",
+            ),
+            (
+                F::Profile(ProfileError::Store {
+                    id: ProfileId([0xab; 32]),
+                    source: StoreError::Unavailable("store: timeout".into()),
+                }),
+                ErrorCode::Unavailable,
+                "unavailable: codec profile abababababababababababababababababababababababababababababababab: \
+                 store: timeout",
             ),
             (
                 F::Store(StoreError::Unavailable("store: stream ended early".into())),

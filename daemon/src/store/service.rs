@@ -36,8 +36,8 @@ use crate::transport::wire::{
     self, Request, Response, SectionSpan, StatsReport, StoreErrorCode, RANGE_TO_END,
 };
 use crate::transport::{
-    transport_config, verify_object, Congestion, ObjectError, ObjectInfo, SectionCheck, TlsError,
-    TlsServerConfig, TransportTuning,
+    is_profile_object, transport_config, verify_stored, Congestion, ObjectError, ObjectInfo,
+    SectionCheck, TlsError, TlsServerConfig, TransportTuning,
 };
 
 /// QUIC application error code sent when the server stops reading a stream it refused.
@@ -685,9 +685,17 @@ async fn handle(
                 shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                 Refusal(StoreErrorCode::Corrupt, format!("object {key}: {e}"))
             };
-            let (check, head) = read_header(&*object)
-                .await?
-                .map_err(|e| corrupt(e.to_string()))?;
+            let (check, head) = match read_header(&*object).await? {
+                Ok(parsed) => parsed,
+                // A codec profile object is no chunk: it is fetched whole (`Get`).
+                Err(_) if is_profile_object(&object.read(0..object.size().min(4)).await?) => {
+                    return Err(Refusal(
+                        StoreErrorCode::BadRequest,
+                        format!("object {key} is a codec profile: it has no sections"),
+                    ))
+                }
+                Err(e) => return Err(corrupt(e.to_string())),
+            };
             if check.key() != key || check.object_len() != object.size() {
                 return Err(corrupt("header disagrees with stored object".into()));
             }
@@ -794,7 +802,8 @@ fn not_found(key: &kvfetcher_codec::ChunkKey) -> Refusal {
     Refusal(StoreErrorCode::NotFound, format!("no object {key}"))
 }
 
-/// Reads the whole object and checks every checksum; a failure is counted and reported as
+/// Reads the whole object and checks it (a chunk's every checksum and key, a profile object's
+/// hash: `verify_stored`); a failure is counted and reported as
 /// `Corrupt`, and the bytes are not served.
 async fn get_verified(shared: &Shared, key: &kvfetcher_codec::ChunkKey) -> Result<Bytes, Refusal> {
     let bytes = shared
@@ -802,11 +811,7 @@ async fn get_verified(shared: &Shared, key: &kvfetcher_codec::ChunkKey) -> Resul
         .get(key)
         .await?
         .ok_or_else(|| not_found(key))?;
-    let problem = match verify_object(&bytes) {
-        Ok(info) if info.key == *key => None,
-        Ok(info) => Some(format!("stored under {key} but carries key {}", info.key)),
-        Err(e) => Some(e.to_string()),
-    };
+    let problem = verify_stored(key, &bytes).err().map(|e| e.to_string());
     if let Some(e) = problem {
         shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
         return Err(Refusal(

@@ -4,11 +4,17 @@
 //! Sans I/O: feed the pieces in order ([`UploadCheck::feed`]), then [`UploadCheck::finish`].
 //! It holds only the header (until it parses) and a running crc32c of the current section; the
 //! checks are the same as `verify_object` on the whole object (header crc and fields, the
-//! header's key, every section's length and crc32c, exact total length).
+//! header's key, every section's length and crc32c, exact total length). A codec profile
+//! object (magic `KVFP`) is checked as `verify_profile_object` does: a running SHA-256 of its
+//! bytes must give the put's key.
 
-use kvfetcher_codec::FormatError;
+use kvfetcher_codec::{CodecProfile, FormatError, ProfileId, PROFILE_MAGIC};
+use sha2::{Digest, Sha256};
 
 use crate::transport::{ObjectError, ObjectInfo, SectionCheck};
+
+/// Bytes of a profile object's start kept: magic, version, reserved and model fingerprint.
+const PROFILE_HEAD: usize = 40;
 
 /// Why an upload is refused.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +75,12 @@ struct Sections {
     crc: u32,
 }
 
+/// A profile object being received: a running hash, and its first bytes (for its model).
+struct ProfileUpload {
+    hash: Sha256,
+    head: Vec<u8>,
+}
+
 /// An upload being checked; see the module doc for the order of calls.
 pub(crate) struct UploadCheck {
     key: kvfetcher_codec::ChunkKey,
@@ -77,6 +89,8 @@ pub(crate) struct UploadCheck {
     /// The header's bytes until it parses (then empty).
     head: Vec<u8>,
     sections: Option<Sections>,
+    /// Set once the first bytes showed a profile object.
+    profile: Option<ProfileUpload>,
     /// Most bytes `head` held at once: what this check kept of the upload in memory.
     peak_held: usize,
 }
@@ -90,6 +104,7 @@ impl UploadCheck {
             received: 0,
             head: Vec::new(),
             sections: None,
+            profile: None,
             peak_held: 0,
         }
     }
@@ -109,6 +124,30 @@ impl UploadCheck {
         }
         self.received = total;
         let mut rest = piece;
+        if self.sections.is_none() && self.profile.is_none() && self.head.len() < 4 {
+            // The magic tells a profile object from a chunk.
+            let take = (4 - self.head.len()).min(rest.len());
+            self.head.extend_from_slice(&rest[..take]);
+            self.peak_held = self.peak_held.max(self.head.len());
+            rest = &rest[take..];
+            if self.head.len() < 4 {
+                return Ok(());
+            }
+            if self.head[..] == PROFILE_MAGIC {
+                let mut hash = Sha256::new();
+                hash.update(&self.head);
+                self.profile = Some(ProfileUpload {
+                    hash,
+                    head: std::mem::take(&mut self.head),
+                });
+            }
+        }
+        if let Some(p) = &mut self.profile {
+            p.hash.update(rest);
+            let take = PROFILE_HEAD.saturating_sub(p.head.len()).min(rest.len());
+            p.head.extend_from_slice(&rest[..take]);
+            return Ok(());
+        }
         if self.sections.is_none() {
             rest = self.feed_header(rest)?;
             if self.sections.is_none() {
@@ -180,6 +219,23 @@ impl UploadCheck {
             return Err(UploadError::Shorter {
                 got: self.received,
                 declared: self.declared,
+            });
+        }
+        if let Some(p) = self.profile {
+            let model = CodecProfile::model_in_bytes(&p.head)
+                .ok_or(ObjectError::ProfileShort(self.received as usize))?;
+            let found = ProfileId(p.hash.finalize().into()).object_key();
+            if found != self.key {
+                return Err(ObjectError::ProfileKey {
+                    found,
+                    expected: self.key,
+                }
+                .into());
+            }
+            return Ok(ObjectInfo {
+                key: found,
+                model: model.profile_index(),
+                header_len: 0,
             });
         }
         let Some(mut s) = self.sections else {
@@ -309,6 +365,38 @@ mod tests {
                 whole.header_len
             );
         }
+    }
+
+    #[test]
+    fn profile_objects_check_by_their_hash_in_any_pieces() {
+        use crate::transport::verify_profile_object;
+        let mut bytes = PROFILE_MAGIC.to_vec();
+        bytes.extend_from_slice(&[1, 0, 0, 0]);
+        bytes.extend_from_slice(&[7; 32]);
+        bytes.extend((0..500u32).map(|i| (i * 31) as u8));
+        let key = ProfileId::of_bytes(&bytes).object_key();
+        let whole = verify_profile_object(&key, &bytes).unwrap();
+        assert_eq!(
+            whole.model,
+            kvfetcher_codec::ModelFingerprint([7; 32]).profile_index()
+        );
+        for piece in [1, 3, 5, 41, bytes.len()] {
+            let (held, r) = check_in_pieces(key, &bytes, piece);
+            assert_eq!(r.unwrap(), whole, "pieces of {piece}");
+            assert!(held <= 4, "held {held}");
+        }
+        let mut bad = bytes.clone();
+        bad[300] ^= 1;
+        let (_, r) = check_in_pieces(key, &bad, 64);
+        assert!(
+            matches!(r, Err(UploadError::Object(ObjectError::ProfileKey { .. }))),
+            "{r:?}"
+        );
+        let (_, r) = check_in_pieces(ProfileId::of_bytes(b"KVFP").object_key(), b"KVFP", 2);
+        assert!(
+            matches!(r, Err(UploadError::Object(ObjectError::ProfileShort(4)))),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kvfetcher_codec::{ChunkKey, ModelFingerprint};
+use kvfetcher_codec::{ChunkKey, ModelFingerprint, ProfileId};
 use quinn::RecvStream;
 
 use super::object::{self, ObjectError, SectionCheck};
@@ -55,6 +55,14 @@ pub enum StoreClientError {
     /// The stored object (or what arrived) failed its checksums; the caller must not use it.
     #[error("corrupt object: {0}")]
     Corrupt(String),
+    /// The object is larger than the caller accepts; it was not read.
+    #[error("object of {len} bytes, more than the {max} accepted")]
+    TooLarge {
+        /// The object's length.
+        len: u64,
+        /// The most the caller accepts.
+        max: u64,
+    },
     /// The object to upload is not a valid chunk object.
     #[error("invalid object: {0}")]
     InvalidObject(#[from] ObjectError),
@@ -80,10 +88,10 @@ impl StoreClientError {
 
 /// Keep-alive interval of a store connection by default: an idle connection still carries a
 /// packet each second, so a store that vanished (killed, host down) is noticed quickly.
-pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Idle timeout of a store connection by default: three unanswered keep-alives close it, so a
 /// request on a dead store fails in about 3 s (not quinn's 30 s) and the next one redials.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Options of a client connection beyond TLS.
 #[derive(Debug, Clone, Copy)]
@@ -104,7 +112,7 @@ impl ClientOptions {
 }
 
 impl Default for ClientOptions {
-    /// [`TransportTuning`]'s defaults with [`DEFAULT_KEEP_ALIVE`] and [`DEFAULT_IDLE_TIMEOUT`].
+    /// [`TransportTuning`]'s defaults with this module's keep-alive (1 s) and idle timeout (3 s).
     fn default() -> Self {
         ClientOptions {
             tuning: TransportTuning {
@@ -287,6 +295,35 @@ impl StoreClient {
         Ok(bytes)
     }
 
+    /// Uploads serialized codec profile bytes under their profile key
+    /// (`ProfileId::object_key`); true when the store did not have them. Write-once: a profile
+    /// already stored (by this node earlier or any other) answers false, which is success.
+    pub async fn put_profile(&self, profile: Bytes) -> Result<bool, StoreClientError> {
+        let key = ProfileId::of_bytes(&profile).object_key();
+        object::verify_profile_object(&key, &profile)?;
+        self.put_with(key, profile, false).await
+    }
+
+    /// Downloads the bytes of codec profile `id` (the object under `id.object_key()`),
+    /// refusing an object over `max_len` bytes before reading it, and checks that they hash to
+    /// `id` ([`StoreClientError::Corrupt`] if not). Whether they parse is the caller's check.
+    pub async fn get_profile(
+        &self,
+        id: &ProfileId,
+        max_len: u64,
+    ) -> Result<Vec<u8>, StoreClientError> {
+        let bytes = self
+            .get_bounded(&id.object_key(), 0, RANGE_TO_END, max_len)
+            .await?;
+        let found = ProfileId::of_bytes(&bytes);
+        if found != *id {
+            return Err(StoreClientError::Corrupt(format!(
+                "profile object {id} hashes to {found}"
+            )));
+        }
+        Ok(bytes)
+    }
+
     /// Downloads `len` bytes from `offset` ([`RANGE_TO_END`] for the rest). The server checks
     /// the whole object before sending; the range itself is not re-checked here.
     pub async fn get_range(
@@ -294,6 +331,17 @@ impl StoreClient {
         key: &ChunkKey,
         offset: u64,
         len: u64,
+    ) -> Result<Vec<u8>, StoreClientError> {
+        self.get_bounded(key, offset, len, u64::MAX).await
+    }
+
+    /// [`StoreClient::get_range`], refusing (unread) an answer of more than `max` bytes.
+    async fn get_bounded(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        len: u64,
+        max: u64,
     ) -> Result<Vec<u8>, StoreClientError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         send.write_all(
@@ -307,6 +355,7 @@ impl StoreClient {
         .await?;
         let _ = send.finish();
         match read_response(&mut recv, Op::Get).await? {
+            Response::Data { len, .. } if len > max => Err(StoreClientError::TooLarge { len, max }),
             Response::Data { len, .. } => {
                 let len = usize::try_from(len).map_err(|_| StoreClientError::Unexpected("get"))?;
                 Ok(read_exactly(&mut recv, len).await?.into())

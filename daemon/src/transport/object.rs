@@ -1,10 +1,14 @@
-//! What the store and its clients check about chunk objects, on top of the codec's format:
-//! a whole object's checksums, a header's key, and single sections as they arrive.
+//! What the store and its clients check about stored objects, on top of the codec's format:
+//! for chunk objects a whole object's checksums, a header's key, and single sections as they
+//! arrive; for codec profile objects (magic `KVFP`) that their bytes hash to their key.
 //!
 //! The store treats objects as opaque bytes except for these checks; the chunk format itself
 //! (parsing, checksums) lives in `kvfetcher-codec` and is only called from here.
 
-use kvfetcher_codec::{ChunkHeader, ChunkKey, ChunkView, FormatError, ModelFingerprint};
+use kvfetcher_codec::{
+    ChunkHeader, ChunkKey, ChunkView, CodecProfile, FormatError, ModelFingerprint, ProfileId,
+    PROFILE_MAGIC,
+};
 
 /// Why bytes are not a valid chunk object (or section).
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +24,25 @@ pub enum ObjectError {
         /// Sections the object has.
         count: usize,
     },
+    /// A chunk's header names another key than it is stored under.
+    #[error("object carries key {found}, not {expected}")]
+    WrongKey {
+        /// The key in its header.
+        found: ChunkKey,
+        /// The key it is stored under.
+        expected: ChunkKey,
+    },
+    /// A profile object's bytes hash to another key than it is stored or put under.
+    #[error("profile object hashes to key {found}, not {expected}")]
+    ProfileKey {
+        /// The key its bytes give.
+        found: ChunkKey,
+        /// The key it is stored or put under.
+        expected: ChunkKey,
+    },
+    /// Bytes starting with the profile magic are too short to name a model.
+    #[error("profile object of {0} bytes is too short")]
+    ProfileShort(usize),
 }
 
 impl ObjectError {
@@ -35,7 +58,8 @@ impl ObjectError {
 pub struct ObjectInfo {
     /// The key in its header.
     pub key: ChunkKey,
-    /// The model in its header.
+    /// The model index it is listed under: a chunk's model; for a profile object the
+    /// profile's model's `ModelFingerprint::profile_index`.
     pub model: ModelFingerprint,
     /// Bytes of its header.
     pub header_len: usize,
@@ -51,6 +75,48 @@ pub fn verify_object(bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
         model: h.model,
         header_len: view.header_len(),
     })
+}
+
+/// True when `bytes` start like a codec profile object (magic `KVFP`) rather than a chunk.
+pub fn is_profile_object(bytes: &[u8]) -> bool {
+    bytes.starts_with(&PROFILE_MAGIC)
+}
+
+/// Checks a whole codec profile object stored (or to be stored) under `key`: its bytes must
+/// hash to `key` (`ProfileId::of_bytes(bytes).object_key()`) and name a model, which is what
+/// the store indexes it under. The profile itself is parsed by whoever uses it (the daemon),
+/// not by the store. `header_len` of the answer is 0: a profile has no sections.
+pub fn verify_profile_object(key: &ChunkKey, bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
+    let model =
+        CodecProfile::model_in_bytes(bytes).ok_or(ObjectError::ProfileShort(bytes.len()))?;
+    let found = ProfileId::of_bytes(bytes).object_key();
+    if found != *key {
+        return Err(ObjectError::ProfileKey {
+            found,
+            expected: *key,
+        });
+    }
+    Ok(ObjectInfo {
+        key: found,
+        model: model.profile_index(),
+        header_len: 0,
+    })
+}
+
+/// Checks a stored object of either kind under `key`: a profile object by
+/// [`verify_profile_object`], a chunk by [`verify_object`] and its header's key.
+pub fn verify_stored(key: &ChunkKey, bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
+    if is_profile_object(bytes) {
+        return verify_profile_object(key, bytes);
+    }
+    let info = verify_object(bytes)?;
+    if info.key != *key {
+        return Err(ObjectError::WrongKey {
+            found: info.key,
+            expected: *key,
+        });
+    }
+    Ok(info)
 }
 
 /// A parsed header, used to locate and check sections one at a time.
