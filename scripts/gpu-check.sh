@@ -93,7 +93,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   # rows, each against the link's transfer time and the decode stage.
   full="${FULL_KV:-$carry/kvfull/codelm-kv-a.safetensors}"
   [ -f "$full" ] || full="$kv"
-  for v in packed hevc; do
+  for v in packed hevc rans; do
     for tile in 1 4; do
       "$bench_bin" fetch --kv "$full" --memory gpu:0 --variant $v --tile $tile --rates 0,1,4,10,25 \
         --repeat 5 > "$out/fetch-gpu-$v-x$tile.txt" 2>&1 || status=1

@@ -392,7 +392,7 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8
 // transform. The Rust host side is daemon/src/gpu/rans.rs; the CPU reference is the codec's
 // rans::decode_values (stream format in docs/FORMAT.md, "rANS value streams") and
 // transform::inverse. Three steps per section, all on the section's stream:
-//   kvf_rans_build_luts     frequency tables -> 4096-entry slot tables (the CPU's DecEntry)
+//   kvf_rans_build_luts     frequency tables -> 4096-entry slot -> symbol tables (bytes)
 //   kvf_rans_decode         one warp per rANS block -> int16 levels in scratch, error flag
 //   (host: the error flag is read back; only a clean decode goes on to write the engine's buffer)
 //   kvf_inverse_transform   levels -> y = level * step -> mean + sum_k basis[k] y_k -> RoPE
@@ -410,11 +410,12 @@ extern "C" __global__ void __launch_bounds__(256) kvf_restore_frames(const uint8
 #define KVF_RANS_FINAL_STATE 4u   // a final state is not 2^16
 #define KVF_RANS_WORDS_LEFT 8u    // words left over
 
-// Builds the decoder's slot entries of every table: `freq_cum[t][s]` is freq | cum << 16 (host
-// validated: frequencies sum to 4096); entry = symbol | (freq - 1) << 8 | (slot - cum) << 20,
-// bit for bit the CPU's FreqTable::dec_entries (its Rust mirror is rans.rs `lut_entries`).
+// Builds the decoder's slot -> symbol table of every table: `freq_cum[t][s]` is freq | cum << 16
+// (host validated: frequencies sum to 4096). The symbol owning each slot is the low byte of the
+// CPU's FreqTable::dec_entries (its Rust mirror is rans.rs `lut_entries`); the decoder reads the
+// symbol's freq and cum from freq_cum, so a table is 5 KB and a tensor's tables stay in L1.
 extern "C" __global__ void __launch_bounds__(256) kvf_rans_build_luts(const unsigned* __restrict__ freq_cum,
-                                                                      unsigned* __restrict__ luts,
+                                                                      uint8_t* __restrict__ luts,
                                                                       unsigned n_tables) {
     __shared__ unsigned fc[256];
     for (unsigned tb = blockIdx.x; tb < n_tables; tb += gridDim.x) {
@@ -429,8 +430,7 @@ extern "C" __global__ void __launch_bounds__(256) kvf_rans_build_luts(const unsi
                 unsigned mid = (lo + hi + 1) / 2;
                 if ((fc[mid] >> 16) <= slot) lo = mid; else hi = mid - 1;
             }
-            unsigned f = fc[lo] & 0xffff, c = fc[lo] >> 16;
-            luts[(size_t)tb * KVF_PROB_SCALE + slot] = lo | ((f - 1) << 8) | ((slot - c) << 20);
+            luts[(size_t)tb * KVF_PROB_SCALE + slot] = (uint8_t)lo;
         }
     }
 }
@@ -440,7 +440,7 @@ struct RansBlock {
     unsigned long long words;  // byte offset of the block's first word in `words`
     unsigned long long out;    // element index of its first value in `levels`
     unsigned n_words, n_values;
-    unsigned lut;              // entry index of its tensor's table 0 in `luts`
+    unsigned lut;              // slot index of its tensor's table 0 in `luts` (table * 4096)
     unsigned ctx;              // index of its tensor's column 0 in `contexts`
     unsigned first_col;        // column of its first value
     unsigned pad_;
@@ -450,7 +450,8 @@ struct RansBlock {
 struct RansDecode {
     const RansBlock* blocks;
     const unsigned* states;    // [blocks][32] initial states
-    const unsigned* luts;      // [tables][4096] slot entries
+    const uint8_t* luts;       // [tables][4096] symbol of each slot
+    const unsigned* freq_cum;  // [tables][256] freq | cum << 16 of each symbol
     const uint8_t* contexts;   // [tensors][cols] coder context of each column
     const uint8_t* words;      // the section payload (words at any byte offset)
     short* levels;             // [tensors][non-sink rows][cols] decoded levels
@@ -462,6 +463,20 @@ __device__ __forceinline__ unsigned rans_word(const uint8_t* __restrict__ w, uns
     return (unsigned)__ldg(w + 2 * i) | ((unsigned)__ldg(w + 2 * i + 1) << 8);
 }
 
+// Slides the word window by 32 once the warp has consumed that many (pos is warp-uniform, so
+// every lane slides together); words past the block's end read as 0 and are never consumed
+// (the decoder checks pos against n_words before it takes any).
+__device__ __forceinline__ void rans_slide(const uint8_t* __restrict__ w, unsigned n_words,
+                                           unsigned lane, unsigned pos, unsigned& base,
+                                           unsigned& cur, unsigned& nxt) {
+    if (pos - base >= 32) {
+        cur = nxt;
+        base += 32;
+        unsigned i = base + 32 + lane;
+        nxt = i < n_words ? rans_word(w, i) : 0u;
+    }
+}
+
 __device__ __forceinline__ void rans_fail(const RansDecode& a, unsigned block, unsigned why) {
     atomicOr(a.err, why);
     atomicMin(a.err + 1, block);
@@ -471,7 +486,10 @@ __device__ __forceinline__ void rans_fail(const RansDecode& a, unsigned block, u
 // may be partial: only its first lanes take part): every lane decodes its symbol and updates its
 // state; lanes below 2^16 take one word each in lane order; then escaped lanes take one raw word
 // each in lane order. Word ranks come from ballots, so the warp reads words in exactly the
-// CPU decoder's order. Integrity: a lane never reads past the block's words, and at the end
+// CPU decoder's order. The words come from a window of 64 held in registers (word base + l in
+// `cur`, base + 32 + l in `nxt`) and are passed between lanes by shuffles; the window slides by
+// 32 once that many are consumed, loading the next 32 words coalesced, steps before they are
+// needed, so no memory read sits on the states' dependency chain. Integrity: a lane never reads past the block's words, and at the end
 // every state is 2^16 and every word was consumed; any failure sets the error flag (the levels
 // are then garbage, and the host never lets them reach the engine's buffer).
 extern "C" __global__ void __launch_bounds__(256) kvf_rans_decode(RansDecode a) {
@@ -482,13 +500,17 @@ extern "C" __global__ void __launch_bounds__(256) kvf_rans_decode(RansDecode a) 
         RansBlock blk = a.blocks[b];
         const uint8_t* __restrict__ w = a.words + blk.words;
         const uint8_t* __restrict__ ctxs = a.contexts + blk.ctx;
-        const unsigned* __restrict__ lut = a.luts + blk.lut;
+        const uint8_t* __restrict__ lut = a.luts + blk.lut;
+        const unsigned* __restrict__ fcum = a.freq_cum + blk.lut / KVF_PROB_SCALE * 256;
         short* out = a.levels + blk.out;
         unsigned x = a.states[(size_t)b * 32 + lane];
         unsigned col = blk.first_col + lane;
         while (col >= a.cols) col -= a.cols;
         unsigned pos = 0;  // words consumed (the same in every lane)
         bool bad = false;  // warp-uniform
+        unsigned wbase = 0;  // the window's first word (a multiple of 32, wbase <= pos < wbase + 32)
+        unsigned cur = lane < blk.n_words ? rans_word(w, lane) : 0u;
+        unsigned nxt = 32 + lane < blk.n_words ? rans_word(w, 32 + lane) : 0u;
         // The lane's context is loaded a step ahead: off the state's dependency chain.
         unsigned ctx = __ldg(ctxs + col);
         for (unsigned base = 0; base < blk.n_values && !bad; base += 32) {
@@ -496,9 +518,10 @@ extern "C" __global__ void __launch_bounds__(256) kvf_rans_decode(RansDecode a) 
             bool active = idx < blk.n_values;
             unsigned sym = 0;
             if (active) {
-                unsigned e = __ldg(lut + (ctx << KVF_PROB_BITS) + (x & (KVF_PROB_SCALE - 1)));
-                x = (((e >> 8) & 0xfff) + 1) * (x >> KVF_PROB_BITS) + (e >> 20);
-                sym = e & 0xff;
+                unsigned slot = x & (KVF_PROB_SCALE - 1);
+                sym = __ldg(lut + (ctx << KVF_PROB_BITS) + slot);
+                unsigned fc = __ldg(fcum + (ctx << 8) + sym);
+                x = (fc & 0xffff) * (x >> KVF_PROB_BITS) + slot - (fc >> 16);
             }
             bool need = active && x < KVF_RANS_L;
             unsigned m = __ballot_sync(0xffffffffu, need);
@@ -508,8 +531,12 @@ extern "C" __global__ void __launch_bounds__(256) kvf_rans_decode(RansDecode a) 
                 bad = true;
                 break;
             }
-            if (need) x = (x << 16) | rans_word(w, pos + __popc(m & lt));
+            unsigned r = pos + __popc(m & lt) - wbase;  // < 64 (pos - wbase < 32, rank < 32)
+            unsigned lo = __shfl_sync(0xffffffffu, cur, r & 31);
+            unsigned hi = __shfl_sync(0xffffffffu, nxt, r & 31);
+            if (need) x = (x << 16) | (r < 32 ? lo : hi);
             pos += n;
+            rans_slide(w, blk.n_words, lane, pos, wbase, cur, nxt);
             bool esc = active && sym == KVF_ESCAPE;
             m = __ballot_sync(0xffffffffu, esc);
             n = __popc(m);
@@ -519,8 +546,12 @@ extern "C" __global__ void __launch_bounds__(256) kvf_rans_decode(RansDecode a) 
                 break;
             }
             unsigned z = sym;
-            if (esc) z = rans_word(w, pos + __popc(m & lt));
+            r = pos + __popc(m & lt) - wbase;
+            lo = __shfl_sync(0xffffffffu, cur, r & 31);
+            hi = __shfl_sync(0xffffffffu, nxt, r & 31);
+            if (esc) z = r < 32 ? lo : hi;
             pos += n;
+            rans_slide(w, blk.n_words, lane, pos, wbase, cur, nxt);
             if (__any_sync(0xffffffffu, esc && z < KVF_ESCAPE)) {
                 if (lane == 0) rans_fail(a, b, KVF_RANS_BAD_ESCAPE);
                 bad = true;

@@ -22,16 +22,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kvfetcher::buffers::{BufferError, Destination, DeviceRegion};
 use kvfetcher::config::{FetchConfig, SaveConfig};
 use kvfetcher::gpu::{
     CodecHevcLayout, DeviceBuffer, GpuDevice, GpuDevices, GpuOptions, NvdecHevcDecoder,
 };
-use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{Pipeline, StoreTarget};
 use kvfetcher::server::{Backend, FetchEvents, ServeOptions};
 use kvfetcher::store::{CommitMode, LocalDir, ServerOptions, Storage as _, StoreServer};
 use kvfetcher::transport::{write_dev_pki, ClientOptions, TlsClientConfig, TlsServerConfig};
+use kvfetcher::Metrics;
+use kvfetcher::{BufferError, Destination, DeviceRegion};
 use kvfetcher_codec::{
     encode_cache, ChunkKey, ChunkView, CodecRegistry, EncodeConfig, FormatError, Grouping,
     ModelFingerprint, QuantConfig, VariantKind,
@@ -41,7 +41,7 @@ use kvfetcher_protocol::{
     encode_hello, encode_message, parse_hello, BufferMemory, Fetch, FrameDecoder, Message, Release,
     Reopen, DEFAULT_MAX_FRAME, HELLO_LEN, HELLO_OK, PROTOCOL_VERSION,
 };
-use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{DType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_testkit::{skip, Missing};
 use server_support::{eventually, Kv, MemBackend, TestServer, MODEL};
 
@@ -187,11 +187,11 @@ fn shape_of(c: &KvCache) -> KvShape {
     }
 }
 
-fn client_dtype(c: &KvCache) -> KvDType {
+fn client_dtype(c: &KvCache) -> DType {
     match c.dtype() {
-        kvfetcher_kv::DType::F16 => KvDType::F16,
-        kvfetcher_kv::DType::BF16 => KvDType::BF16,
-        _ => KvDType::F32,
+        kvfetcher_kv::DType::F16 => DType::F16,
+        kvfetcher_kv::DType::BF16 => DType::BF16,
+        _ => DType::F32,
     }
 }
 
@@ -207,18 +207,18 @@ fn client_bytes(c: &KvCache) -> (TargetLayout, Vec<u8>) {
 
 fn layouts() -> Vec<TargetLayout> {
     [
-        (KvDType::BF16, TokenOrder::Nhd, Paging::Contiguous),
+        (DType::BF16, TokenOrder::Nhd, Paging::Contiguous),
         (
-            KvDType::BF16,
+            DType::BF16,
             TokenOrder::Hnd,
             Paging::Paged { block_tokens: 16 },
         ),
         (
-            KvDType::F16,
+            DType::F16,
             TokenOrder::Nhd,
             Paging::Paged { block_tokens: 100 },
         ),
-        (KvDType::F32, TokenOrder::Hnd, Paging::Contiguous),
+        (DType::F32, TokenOrder::Hnd, Paging::Contiguous),
     ]
     .into_iter()
     .map(|(dtype, order, paging)| TargetLayout {
@@ -513,7 +513,7 @@ fn gpu_fetch_buffer_carries_ipc_handles_and_per_layer_events() {
     let mut s = hello(&srv.path);
     let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
     let layout = TargetLayout {
-        dtype: KvDType::BF16,
+        dtype: DType::BF16,
         order: TokenOrder::Hnd,
         paging: Paging::Paged { block_tokens: 16 },
         memory: MemoryKind::Gpu(0),

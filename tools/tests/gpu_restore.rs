@@ -5,7 +5,7 @@ use half::{bf16, f16};
 use kvfetcher::gpu::{restore_cpu, Cuda, DeviceBuffer, DeviceTarget, GpuError, RestoreKernels};
 use kvfetcher_codec::pack_codes;
 use kvfetcher_codec::{dequantize, GroupParams, Grouping};
-use kvfetcher_protocol::KvDType;
+use kvfetcher_protocol::DType;
 use kvfetcher_testkit::{data_file, skip, Missing};
 use kvfetcher_tools::gpu::check::{target_name, targets};
 use kvfetcher_tools::gpu::fixture::kv_codes;
@@ -41,9 +41,9 @@ fn cpu_restore_matches_codec_dequantize_on_real_kv() {
                 let at = target.offset(row, col) * target.dtype.size();
                 let b = &outs[t][at..at + target.dtype.size()];
                 let ok = match target.dtype {
-                    KvDType::F16 => f16::from_le_bytes([b[0], b[1]]) == f16::from_f32(*w),
-                    KvDType::BF16 => bf16::from_le_bytes([b[0], b[1]]) == bf16::from_f32(*w),
-                    KvDType::F32 => {
+                    DType::F16 => f16::from_le_bytes([b[0], b[1]]) == f16::from_f32(*w),
+                    DType::BF16 => bf16::from_le_bytes([b[0], b[1]]) == bf16::from_f32(*w),
+                    DType::F32 => {
                         f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_bits() == w.to_bits()
                     }
                 };

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use kvfetcher::gpu::kernels_apply;
-use kvfetcher::gpu::rans::RansPlan;
+use kvfetcher::gpu::RansPlan;
 use kvfetcher::gpu::{Cuda, GpuError};
 use kvfetcher_codec::ChunkView;
-use kvfetcher_protocol::{KvDType, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{DType, MemoryKind, Paging, TargetLayout, TokenOrder};
 use kvfetcher_testkit::{data_file, skip, Missing};
 use kvfetcher_tools::gpu::transform_check::{
     run_transform_checks, transform_chunks, transform_inputs,
@@ -28,7 +28,7 @@ fn transform_sections_plan_and_are_accepted_by_the_kernels() {
             let plan = RansPlan::parse(s.shape, &s.params, view.section_bytes(i)).unwrap();
             assert_eq!(plan.sink_rows + plan.rows, s.shape.rows);
             assert!(!plan.blocks.is_empty());
-            for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
+            for dtype in [DType::F16, DType::BF16, DType::F32] {
                 for order in [TokenOrder::Nhd, TokenOrder::Hnd] {
                     let layout = TargetLayout {
                         dtype,

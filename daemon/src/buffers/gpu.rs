@@ -18,8 +18,7 @@ use kvfetcher_protocol::{BufferMemory, KvShape, TargetLayout};
 use super::{
     checked_buffer_len, checked_write_end, BufferError, Destination, DeviceRegion, Shared,
 };
-use crate::gpu::ipc::ImportedBuffer;
-use crate::gpu::{DeviceBuffer, Event, GpuDevice, GpuError, Stream};
+use crate::gpu::{DeviceBuffer, Event, GpuDevice, GpuError, ImportedBuffer, Stream};
 
 /// The allocated part of a [`GpuDestination`].
 struct Allocated {
@@ -42,7 +41,7 @@ impl Drop for Allocated {
 }
 
 /// A device-memory [`Destination`] for one fetch of one client.
-pub struct GpuDestination {
+pub(crate) struct GpuDestination {
     fetch_id: u64,
     layout: TargetLayout,
     max_bytes: u64,

@@ -479,7 +479,7 @@ fn check(api: &CudaApi, call: &'static str, rc: sys::CuResult) -> Result<(), Gpu
 }
 
 /// Plain-old-data element types that may be copied to and from device memory byte for byte.
-pub mod bytemuck_like {
+pub(crate) mod bytemuck_like {
     /// A type with no padding and no invalid bit patterns.
     ///
     /// # Safety

@@ -13,6 +13,7 @@ use kvfetcher_codec::{CodecProfile, HevcGeometry, ProfileId};
 use super::cuda::{set_host_wait, Cuda, HostWait, Stream};
 use super::gather::device_gather;
 use super::nvdec::SessionPool;
+use super::pinned::PinnedPool;
 use super::pool::MemoryPool;
 use super::rans::DeviceProfile;
 use super::restore::{DeviceGather, RestoreKernels};
@@ -23,6 +24,8 @@ use crate::metrics::Metrics;
 const KEPT_STREAMS: usize = 32;
 /// Free scratch memory kept per device for section restores (see `pool`).
 const KEPT_SCRATCH_BYTES: usize = 1 << 30;
+/// Free page-locked host memory kept per device for section uploads (see `pinned`).
+const KEPT_PINNED_BYTES: usize = 256 << 20;
 /// Gather tables kept per device (one per HEVC section geometry; a node serves few).
 const KEPT_GATHERS: usize = 64;
 /// Codec profiles kept in device memory (a few MB each); the cache is cleared when full.
@@ -163,6 +166,7 @@ pub struct GpuDevice {
     kernels: RestoreKernels,
     nvdec: Option<Arc<SessionPool>>,
     scratch: Arc<MemoryPool>,
+    pinned: Arc<PinnedPool>,
     streams: Mutex<Vec<Stream>>,
     /// Keyed by geometry alone: a section's other parameters (stream sizes, checksum) differ
     /// from section to section, the table does not.
@@ -219,6 +223,7 @@ impl GpuDevice {
         );
         Ok(GpuDevice {
             scratch: MemoryPool::new(cuda.clone(), KEPT_SCRATCH_BYTES),
+            pinned: PinnedPool::new(cuda.clone(), KEPT_PINNED_BYTES),
             cuda,
             kernels,
             nvdec,
@@ -264,6 +269,11 @@ impl GpuDevice {
     /// Scratch memory for section restores (surfaces, payloads, parameters), reused.
     pub fn scratch(&self) -> &Arc<MemoryPool> {
         &self.scratch
+    }
+
+    /// The device's page-locked staging memory for uploads and read-backs.
+    pub fn pinned(&self) -> &Arc<PinnedPool> {
+        &self.pinned
     }
 
     /// A stream from the pool, returned to it when the guard drops.

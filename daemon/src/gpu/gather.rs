@@ -80,7 +80,7 @@ pub fn run_gather(table: &[u32], run: usize) -> Option<Vec<u32>> {
 
 /// The codec's gather table for `g` on the device: per row of codes, per group of 8 codes, or
 /// per code, the first form the layout allows.
-pub fn device_gather(cuda: &Arc<Cuda>, g: &HevcGeometry) -> Result<DeviceGather, GpuError> {
+pub(crate) fn device_gather(cuda: &Arc<Cuda>, g: &HevcGeometry) -> Result<DeviceGather, GpuError> {
     let table = gather_table(g)?;
     for run in [g.shape.cols, 8] {
         if let Some(runs) = run_gather(&table, run) {

@@ -776,7 +776,7 @@ fn copy_frame(
 }
 
 /// Converts one packed surface frame (see [`DeviceFrames`]) to planar right-aligned samples.
-pub fn unpack_host_frame(surface: &[u8], format: FrameFormat, out: &mut Vec<u16>) {
+pub(crate) fn unpack_host_frame(surface: &[u8], format: FrameFormat, out: &mut Vec<u16>) {
     let shift = 16 - u32::from(format.bit_depth);
     let sample = |i: usize| -> u16 {
         if format.bit_depth > 8 {

@@ -3,7 +3,7 @@
 //! The host parses the section with the codec's own parsers ([`parse_rans_params`],
 //! [`StreamLayout::parse`]) into a [`RansPlan`]: frequency tables, one entry per rANS block and
 //! the blocks' initial states. On the section's stream it then uploads the plan and the payload,
-//! builds the 4096-slot decoder tables on the device (`kvf_rans_build_luts`), decodes every
+//! builds the 4096-slot symbol tables on the device (`kvf_rans_build_luts`), decodes every
 //! block with one warp (`kvf_rans_decode`, into int16 levels in scratch) and runs the inverse
 //! transform (`kvf_inverse_transform`) and the sink copy (`kvf_restore_sinks`) into the
 //! engine's layout. The decoder checks every block (final states, words consumed, escapes) and
@@ -28,6 +28,7 @@ use kvfetcher_codec::{
 use kvfetcher_kv::DType;
 
 use super::cuda::{bytemuck_like::Pod, Cuda, DeviceBuffer, Stream};
+use super::pinned::ImageLayout;
 use super::restore::{CodeGeometry, DeviceTarget, RestoreKernels, RestoreTargetArgs};
 use super::GpuError;
 
@@ -36,7 +37,7 @@ const BLOCK: u32 = 256;
 /// rANS blocks decoded per thread block (one warp each).
 const WARPS: usize = BLOCK as usize / 32;
 /// Largest head dimension the inverse-transform kernel's shared tile holds.
-pub const MAX_GPU_HEAD_DIM: usize = 1024;
+pub(crate) const MAX_GPU_HEAD_DIM: usize = 1024;
 
 fn corrupt(reason: impl Into<String>) -> GpuError {
     GpuError::Format(FormatError::Codec(CodecError::Corrupt {
@@ -192,7 +193,8 @@ impl RansPlan {
 /// The decoder's slot table of one frequency table given as `freq | cum << 16` per symbol:
 /// the Rust mirror of `kvf_rans_build_luts` (same search), equal to the codec's
 /// `FreqTable::decode_entries` (tested).
-pub fn lut_entries(freq_cum: &[u32]) -> Vec<u32> {
+#[cfg(test)]
+fn lut_entries(freq_cum: &[u32]) -> Vec<u32> {
     (0..PROB_SCALE)
         .map(|slot| {
             let (mut lo, mut hi) = (0usize, 255usize);
@@ -212,7 +214,7 @@ pub fn lut_entries(freq_cum: &[u32]) -> Vec<u32> {
 
 /// The cos and sin tables (`[rows][pairs]`) of `rows` consecutive positions from `first`, from
 /// [`Rope::angles`] (f64, rounded to f32), exactly what the CPU's inverse uses.
-pub fn rope_tables(rope: &Rope, first: u32, rows: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rope_tables(rope: &Rope, first: u32, rows: usize) -> (Vec<f32>, Vec<f32>) {
     let pairs = rope.pairs();
     let (mut cos, mut sin) = (
         Vec::with_capacity(rows * pairs),
@@ -229,14 +231,14 @@ pub fn rope_tables(rope: &Rope, first: u32, rows: usize) -> (Vec<f32>, Vec<f32>)
 
 /// Rows per thread block of the inverse transform for `head_dim`: 256 threads of 4 x 4
 /// outputs, `head_dim / 4` threads across a head (`tile_rows` of restore.cu).
-pub fn tile_rows(head_dim: usize) -> usize {
+pub(crate) fn tile_rows(head_dim: usize) -> usize {
     4 * (BLOCK as usize / (head_dim / 4).max(1))
 }
 
 /// A profile's bases and means as the inverse-transform kernel reads them: tensor `2 * layer
 /// + {0: K, 1: V}`, then head; bases `head_dim x head_dim` (row k = component k), means
 /// `head_dim`.
-pub fn profile_arrays(profile: &CodecProfile) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn profile_arrays(profile: &CodecProfile) -> (Vec<f32>, Vec<f32>) {
     let (mut bases, mut means) = (Vec::new(), Vec::new());
     for layer in &profile.layers {
         for t in [&layer.key, &layer.value] {
@@ -338,6 +340,7 @@ struct RansDecodeArgs {
     blocks: u64,
     states: u64,
     luts: u64,
+    freq_cum: u64,
     contexts: u64,
     words: u64,
     levels: u64,
@@ -382,7 +385,7 @@ fn chunk_dtype_code(d: DType) -> Option<u32> {
 
 /// Why the GPU transform route cannot restore section `index` of `header` (the caller then
 /// restores on the CPU); `Ok` when it can.
-pub fn transform_supported(header: &ChunkHeader, index: usize) -> Result<(), String> {
+pub(crate) fn transform_supported(header: &ChunkHeader, index: usize) -> Result<(), String> {
     let s = header
         .sections
         .get(index)
@@ -424,8 +427,15 @@ unsafe fn launch(
 pub trait Scratch {
     /// `bytes` of device memory, kept alive as long as `self` (or the returned Arc).
     fn alloc(&mut self, bytes: usize) -> Result<Arc<DeviceBuffer>, GpuError>;
-    /// `data` copied into device memory in the order of the section's stream.
-    fn upload_bytes(&mut self, data: &[u8]) -> Result<Arc<DeviceBuffer>, GpuError>;
+    /// `len` bytes written by `fill`, copied into device memory in the order of the section's
+    /// stream (the daemon's: from pinned staging memory, one DMA copy).
+    fn upload_image(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Arc<DeviceBuffer>, GpuError>;
+    /// Waits for the stream's queued work and reads the first `out.len()` bytes of `src`.
+    fn finish_and_read(&mut self, src: &DeviceBuffer, out: &mut [u8]) -> Result<(), GpuError>;
     /// The section's stream.
     fn stream(&self) -> &Stream;
 }
@@ -457,10 +467,21 @@ impl Scratch for OwnedScratch {
         Ok(b)
     }
 
-    fn upload_bytes(&mut self, data: &[u8]) -> Result<Arc<DeviceBuffer>, GpuError> {
-        let b = Arc::new(self.cuda.upload(data)?);
+    fn upload_image(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Arc<DeviceBuffer>, GpuError> {
+        let mut image = vec![0u8; len];
+        fill(&mut image);
+        let b = Arc::new(self.cuda.upload(&image)?);
         self.held.push(b.clone());
         Ok(b)
+    }
+
+    fn finish_and_read(&mut self, src: &DeviceBuffer, out: &mut [u8]) -> Result<(), GpuError> {
+        self.stream.synchronize()?;
+        src.read(out)
     }
 
     fn stream(&self) -> &Stream {
@@ -468,16 +489,47 @@ impl Scratch for OwnedScratch {
     }
 }
 
-fn upload<T: Pod>(scratch: &mut dyn Scratch, data: &[T]) -> Result<Arc<DeviceBuffer>, GpuError> {
+/// The bytes of a Pod slice.
+fn bytes_of<T: Pod>(data: &[T]) -> &[u8] {
     // SAFETY: T is Pod (plain bytes, no padding), so its slice is readable as bytes.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
-    };
-    // Zero-length allocations are refused by the driver: upload at least one word.
-    if bytes.is_empty() {
-        return scratch.upload_bytes(&[0u8; 16]);
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) }
+}
+
+/// The parts of a section's upload image, in one pinned buffer and one device buffer.
+struct Image<'a> {
+    layout: ImageLayout,
+    parts: Vec<(usize, &'a [u8])>,
+}
+
+impl<'a> Image<'a> {
+    fn new() -> Image<'a> {
+        Image {
+            layout: ImageLayout::default(),
+            parts: Vec::new(),
+        }
     }
-    scratch.upload_bytes(bytes)
+
+    /// Appends `data`; returns its offset in the image.
+    fn push<T: Pod>(&mut self, data: &'a [T]) -> usize {
+        let bytes = bytes_of(data);
+        let at = self.layout.push(bytes.len());
+        self.parts.push((at, bytes));
+        at
+    }
+
+    /// Uploads the image through `scratch` (gaps zeroed).
+    fn upload(&self, scratch: &mut dyn Scratch) -> Result<Arc<DeviceBuffer>, GpuError> {
+        let parts = &self.parts;
+        scratch.upload_image(self.layout.len(), &mut |image: &mut [u8]| {
+            let mut end = 0;
+            for &(at, bytes) in parts {
+                image[end..at].fill(0);
+                image[at..at + bytes.len()].copy_from_slice(bytes);
+                end = at + bytes.len();
+            }
+            image[end..].fill(0);
+        })
+    }
 }
 
 /// What the section restore needs besides the payload.
@@ -582,32 +634,48 @@ pub(crate) fn restore_transform_with(
         )));
     }
 
-    let words = upload(scratch, payload)?;
-    let err = upload(scratch, &[0u32, u32::MAX])?;
-    if plan.levels() > 0 {
-        let freq_cum = upload(scratch, &plan.freq_cum)?;
-        let luts = scratch.alloc(plan.tables() * PROB_SCALE as usize * 4)?;
-        let blocks = upload(scratch, &plan.blocks)?;
-        let states = upload(scratch, &plan.states)?;
-        let contexts = upload(scratch, &plan.contexts)?;
+    // Everything the kernels read, in one image: one pinned copy and one DMA per section.
+    // The error flag goes first (read back below), the payload next (256-byte aligned, as the
+    // sinks kernel's 8-byte loads need).
+    let err_init = [0u32, u32::MAX];
+    let decode = plan.levels() > 0;
+    let mut image = Image::new();
+    let at_err = image.push(&err_init);
+    let at_words = image.push(payload);
+    let mut at = [0usize; 7];
+    if decode {
+        at = [
+            image.push(&plan.freq_cum),
+            image.push(&plan.blocks),
+            image.push(&plan.states),
+            image.push(&plan.contexts),
+            image.push(&steps),
+            image.push(&cos),
+            image.push(&sin),
+        ];
+    }
+    let up = image.upload(scratch)?;
+    let dev = |offset: usize| up.ptr() + offset as u64;
+    let (err_ptr, words_ptr) = (dev(at_err), dev(at_words));
+    if decode {
+        let [at_fc, at_blocks, at_states, at_contexts, at_steps, at_cos, at_sin] = at;
+        let luts = scratch.alloc(plan.tables() * PROB_SCALE as usize)?;
         let levels = scratch.alloc(plan.levels() * 2)?;
-        let steps = upload(scratch, &steps)?;
-        let own = (upload(scratch, &cos)?, upload(scratch, &sin)?);
         let (cos_ptr, sin_ptr, rope_first) = match &cached {
             Some(t) => (t.cos.ptr(), t.sin.ptr(), first_position),
-            None => (own.0.ptr(), own.1.ptr(), 0),
+            None => (dev(at_cos), dev(at_sin), 0),
         };
         let stream = scratch.stream();
 
         let (mut fc_ptr, mut lut_ptr, mut n_tables) =
-            (freq_cum.ptr(), luts.ptr(), plan.tables() as u32);
+            (dev(at_fc), luts.ptr(), plan.tables() as u32);
         let mut params = [
             (&mut fc_ptr as *mut u64).cast::<c_void>(),
             (&mut lut_ptr as *mut u64).cast(),
             (&mut n_tables as *mut u32).cast(),
         ];
-        // SAFETY: (const unsigned*, unsigned*, unsigned) as declared; freq_cum holds 256
-        // entries per table and luts 4096 per table (both sized from plan.tables()).
+        // SAFETY: (const unsigned*, uint8_t*, unsigned) as declared; freq_cum holds 256
+        // entries per table and luts 4096 bytes per table (both sized from plan.tables()).
         unsafe {
             launch(
                 kernels,
@@ -618,13 +686,14 @@ pub(crate) fn restore_transform_with(
             )?;
         }
         let mut dargs = RansDecodeArgs {
-            blocks: blocks.ptr(),
-            states: states.ptr(),
+            blocks: dev(at_blocks),
+            states: dev(at_states),
             luts: luts.ptr(),
-            contexts: contexts.ptr(),
-            words: words.ptr(),
+            freq_cum: dev(at_fc),
+            contexts: dev(at_contexts),
+            words: words_ptr,
             levels: levels.ptr(),
-            err: err.ptr(),
+            err: err_ptr,
             n_blocks: plan.blocks.len() as u32,
             cols: plan.cols as u32,
         };
@@ -633,19 +702,20 @@ pub(crate) fn restore_transform_with(
         // SAFETY: RansDecode by value as declared. The plan was parsed from this payload:
         // every block's words lie within it (StreamLayout checked the lengths and the kernel
         // never reads beyond n_words), `out + n_values` is within the levels scratch, `lut`
-        // + context * 4096 + slot is within the tables (contexts were checked against each
-        // stream's table count) and `ctx + col` within the contexts.
+        // + context * 4096 + slot is within the symbol tables and `lut / 16 + context * 256
+        // + symbol` within freq_cum (contexts were checked against each stream's table count)
+        // and `ctx + col` within the contexts.
         unsafe { launch(kernels, "kvf_rans_decode", (grid, 1), stream, &mut params)? };
 
         let tile = tile_rows(d);
         let mut xargs = TransformArgs {
             levels: levels.ptr(),
-            steps: steps.ptr(),
+            steps: dev(at_steps),
             bases: profile.bases.ptr(),
             means: profile.means.ptr(),
             cos: cos_ptr,
             sin: sin_ptr,
-            err: err.ptr(),
+            err: err_ptr,
             rows: plan.rows as u32,
             sink_rows: plan.sink_rows as u32,
             cols: plan.cols as u32,
@@ -686,7 +756,7 @@ pub(crate) fn restore_transform_with(
     let stream = scratch.stream();
     if plan.sink_rows > 0 {
         let (mut raw, mut sinks, mut cd, mut err_ptr) =
-            (words.ptr(), plan.sink_rows as u32, chunk_dtype, err.ptr());
+            (words_ptr, plan.sink_rows as u32, chunk_dtype, err_ptr);
         let groups = plan.sink_rows * plan.cols / 4;
         let mut params = [
             (&mut raw as *mut u64).cast::<c_void>(),
@@ -705,9 +775,11 @@ pub(crate) fn restore_transform_with(
         // every row.
         unsafe { launch(kernels, "kvf_restore_sinks", grid, stream, &mut params)? };
     }
-    stream.synchronize()?;
-    let mut flag = [0u32; 2];
-    err.read(&mut flag)?;
+    let mut flag_bytes = [0u8; 8];
+    scratch.finish_and_read(&up, &mut flag_bytes)?;
+    let flag: [u32; 2] = std::array::from_fn(|i| {
+        u32::from_ne_bytes(flag_bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+    });
     if flag[0] != 0 {
         return Err(corrupt(format!(
             "section {index}: rANS block {} failed its check ({})",
@@ -719,7 +791,7 @@ pub(crate) fn restore_transform_with(
 }
 
 /// The decoder's error bits in words (restore.cu's `KVF_RANS_*`).
-pub fn decode_error_reason(bits: u32) -> String {
+pub(crate) fn decode_error_reason(bits: u32) -> String {
     let names = [
         (1, "word stream exhausted"),
         (2, "escaped value below 255"),
@@ -750,7 +822,7 @@ mod tests {
     #[test]
     fn args_match_the_cuda_structs() {
         assert_eq!(std::mem::size_of::<RansBlockArgs>(), 40);
-        assert_eq!(std::mem::size_of::<RansDecodeArgs>(), 64);
+        assert_eq!(std::mem::size_of::<RansDecodeArgs>(), 72);
         assert_eq!(std::mem::size_of::<TransformArgs>(), 104);
     }
 

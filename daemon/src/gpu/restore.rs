@@ -11,25 +11,26 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 use kvfetcher_codec::{Chroma, Grouping};
-use kvfetcher_protocol::{KvDType, TokenOrder};
+use kvfetcher_protocol::{DType, TokenOrder};
 
 use super::cuda::{Cuda, DeviceBuffer, Module, Stream};
 use super::nvdec::DeviceFrames;
+use super::pinned::{PinnedBuffer, PinnedPool};
 use super::pool::MemoryPool;
 use super::GpuError;
 
 /// The committed PTX of `daemon/kernels/restore.cu` (regenerate with `scripts/gen-ptx.sh`).
-pub const RESTORE_PTX: &str = include_str!("../../kernels/restore.ptx");
+pub(crate) const RESTORE_PTX: &str = include_str!("../../kernels/restore.ptx");
 
 /// Threads per block of every restore kernel (its `__launch_bounds__`).
 const BLOCK: u32 = 256;
 
 /// The kernels' code for an element type (`restore.cu`'s `DTYPE_*`).
-fn dtype_code(d: KvDType) -> u32 {
+fn dtype_code(d: DType) -> u32 {
     match d {
-        KvDType::F16 => 0,
-        KvDType::BF16 => 1,
-        KvDType::F32 => 2,
+        DType::F16 => 0,
+        DType::BF16 => 1,
+        DType::F32 => 2,
     }
 }
 
@@ -39,7 +40,7 @@ pub struct TargetSpec {
     /// Axis order.
     pub layout: TokenOrder,
     /// Element type.
-    pub dtype: KvDType,
+    pub dtype: DType,
     /// KV heads.
     pub heads: usize,
     /// Channels per head (a multiple of 8).
@@ -199,13 +200,11 @@ pub fn restore_cpu(
                 let v = f32::from(code).mul_add(q.scales[k], q.mins[k]);
                 let at = target.offset(row, col) * size;
                 match target.dtype {
-                    KvDType::F16 => {
-                        out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes())
-                    }
-                    KvDType::BF16 => {
+                    DType::F16 => out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+                    DType::BF16 => {
                         out[at..at + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes())
                     }
-                    KvDType::F32 => out[at..at + 4].copy_from_slice(&v.to_le_bytes()),
+                    DType::F32 => out[at..at + 4].copy_from_slice(&v.to_le_bytes()),
                 }
             }
         }
@@ -217,7 +216,7 @@ pub fn restore_cpu(
 /// every 32-bit dividend (the kernels divide by launch constants in their inner loop).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FastDiv {
+pub(crate) struct FastDiv {
     d: u32,
     mul: u32,
     shift: u32,
@@ -226,7 +225,7 @@ pub struct FastDiv {
 
 impl FastDiv {
     /// The divider for `d` (at least 1).
-    pub fn new(d: u32) -> FastDiv {
+    pub(crate) fn new(d: u32) -> FastDiv {
         let d = d.max(1);
         let shift = 32 - (d - 1).leading_zeros(); // ceil(log2 d)
         let mul = ((1u64 << 32) * ((1u64 << shift) - u64::from(d)) / u64::from(d) + 1) as u32;
@@ -238,8 +237,9 @@ impl FastDiv {
         }
     }
 
-    /// `n / d` computed as the kernels do.
-    pub fn div(&self, n: u32) -> u32 {
+    /// `n / d` computed as the kernels do (the tests' model of them).
+    #[cfg(test)]
+    fn div(&self, n: u32) -> u32 {
         let t = ((u64::from(n) * u64::from(self.mul)) >> 32) as u32;
         ((u64::from(t) + u64::from(n)) >> self.shift) as u32
     }
@@ -294,6 +294,9 @@ pub struct DeviceTarget {
     geometry: CodeGeometry,
     /// Output pointers, scales, mins and block table in one allocation.
     _params: DeviceBuffer,
+    /// The pinned memory they were copied from (a [`ParamUpload::Staged`] target), kept as
+    /// long as the target since the copy runs in stream order.
+    _staging: Option<PinnedBuffer>,
 }
 
 impl std::fmt::Debug for DeviceTarget {
@@ -309,16 +312,24 @@ impl std::fmt::Debug for DeviceTarget {
 pub enum ParamUpload<'a> {
     /// A fresh allocation, copied before the constructor returns.
     Now(&'a Arc<Cuda>),
-    /// A pooled buffer, copied in the order of the stream: launch on that stream, and drop the
-    /// target only after those launches finished.
-    Pooled(&'a Arc<MemoryPool>, &'a Stream),
+    /// A pooled buffer, copied from pooled pinned memory in the order of the stream: launch
+    /// on that stream, and drop the target only after those launches finished.
+    Staged(&'a Arc<MemoryPool>, &'a Arc<PinnedPool>, &'a Stream),
 }
 
 impl ParamUpload<'_> {
-    fn upload(self, bytes: &[u8]) -> Result<DeviceBuffer, GpuError> {
+    fn upload(self, bytes: &[u8]) -> Result<(DeviceBuffer, Option<PinnedBuffer>), GpuError> {
         match self {
-            ParamUpload::Now(cuda) => cuda.upload(bytes),
-            ParamUpload::Pooled(pool, stream) => pool.upload_async(bytes, stream),
+            ParamUpload::Now(cuda) => Ok((cuda.upload(bytes)?, None)),
+            ParamUpload::Staged(pool, pinned, stream) => {
+                let mut staging = pinned.take(bytes.len())?;
+                staging.as_mut_slice().copy_from_slice(bytes);
+                let buf = pool.alloc(bytes.len())?;
+                // SAFETY: both are kept by the DeviceTarget, which the caller drops only after
+                // the stream's launches (and so this copy) finished; neither is written again.
+                unsafe { staging.copy_to_device_async(&buf, stream)? };
+                Ok((buf, Some(staging)))
+            }
         }
     }
 }
@@ -440,7 +451,7 @@ impl DeviceTarget {
             ),
             None => (None, 0),
         };
-        let params = upload.upload(&block)?;
+        let (params, staging) = upload.upload(&block)?;
         let at = |off: usize| params.ptr() + off as u64;
         let args = RestoreTargetArgs {
             out_ptrs: params.ptr(),
@@ -473,6 +484,7 @@ impl DeviceTarget {
             args,
             geometry: g,
             _params: params,
+            _staging: staging,
         })
     }
 }
@@ -563,7 +575,7 @@ impl GatherFrom<'_> {
 /// surfaces without a gather table (`by_dtype`) take one row into f32 targets and two into
 /// 16-bit ones; other surfaces take two. (A mismatch would only size the grid wrongly.)
 fn rows_per_thread(by_dtype: bool, target: &DeviceTarget) -> usize {
-    if by_dtype && target.args.dtype == dtype_code(KvDType::F32) {
+    if by_dtype && target.args.dtype == dtype_code(DType::F32) {
         1
     } else {
         2
@@ -863,7 +875,7 @@ mod tests {
     fn offsets_cover_a_paged_hnd_target_once() {
         let t = TargetSpec {
             layout: TokenOrder::Hnd,
-            dtype: KvDType::BF16,
+            dtype: DType::BF16,
             heads: 2,
             head_dim: 8,
             token_offset: 3,
@@ -897,7 +909,7 @@ mod tests {
         };
         let t = TargetSpec {
             layout: TokenOrder::Nhd,
-            dtype: KvDType::F32,
+            dtype: DType::F32,
             heads: 1,
             head_dim: 8,
             token_offset: 0,

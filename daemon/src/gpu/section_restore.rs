@@ -23,11 +23,12 @@ use kvfetcher_codec::{
     decode_section, ChunkHeader, CodecRegistry, FormatError, Grouping, HevcParams, VariantKind,
 };
 use kvfetcher_kv::DType;
-use kvfetcher_protocol::{KvDType, KvShape, Paging, TargetLayout};
+use kvfetcher_protocol::{KvShape, Paging, TargetLayout};
 
 use super::cuda::{bytemuck_like::Pod, DeviceBuffer, Stream};
 use super::devices::{GpuDevice, PooledStream};
 use super::nvdec::{DeviceFrames, FrameFormat};
+use super::pinned::{PinnedBuffer, PinnedPool};
 use super::pool::MemoryPool;
 use super::rans::{restore_transform_with, Scratch, TransformSection};
 use super::restore::{CodeGeometry, Dequant, DeviceTarget, ParamUpload, TargetSpec};
@@ -104,7 +105,7 @@ pub fn kernels_apply(
     // The CPU path rounds to the chunk's dtype, then converts; the kernel rounds once.
     let once = matches!(
         (header.dtype, layout.dtype),
-        (DType::F32, _) | (DType::F16, KvDType::F16) | (DType::BF16, KvDType::BF16)
+        (DType::F32, _) | (DType::F16, DType::F16) | (DType::BF16, DType::BF16)
     );
     if !once {
         return Err(format!(
@@ -138,7 +139,9 @@ struct Launch {
 struct SectionWork<'d> {
     stream: PooledStream<'d>,
     pool: &'d Arc<MemoryPool>,
+    pinned: &'d Arc<PinnedPool>,
     held: Vec<Arc<DeviceBuffer>>,
+    staged: Vec<PinnedBuffer>,
     targets: Vec<DeviceTarget>,
 }
 
@@ -147,7 +150,9 @@ impl<'d> SectionWork<'d> {
         Ok(SectionWork {
             stream: dev.stream()?,
             pool: dev.scratch(),
+            pinned: dev.pinned(),
             held: Vec::new(),
+            staged: Vec::new(),
             targets: Vec::new(),
         })
     }
@@ -161,7 +166,28 @@ impl<'d> SectionWork<'d> {
 
     /// `data` in pooled scratch, copied in stream order, kept until the stream is done.
     fn upload<T: Pod>(&mut self, data: &[T]) -> Result<Arc<DeviceBuffer>, GpuError> {
-        let b = Arc::new(self.pool.upload_async(data, &self.stream)?);
+        // SAFETY: T is Pod (plain bytes, no padding), so its slice is readable as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
+        };
+        self.upload_image(bytes.len(), &mut |image| image.copy_from_slice(bytes))
+    }
+
+    /// `len` bytes written by `fill` into pinned staging memory, then copied in stream order
+    /// into pooled scratch with one DMA copy; both kept until the stream is done.
+    fn upload_image(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Arc<DeviceBuffer>, GpuError> {
+        let mut staging = self.pinned.take(len)?;
+        fill(staging.as_mut_slice());
+        let b = Arc::new(self.pool.alloc(len)?);
+        // SAFETY: `staging` and `b` are held by self until its stream has been synchronised
+        // (finish, or the stream's drop before the fields after it), and neither is written
+        // meanwhile.
+        unsafe { staging.copy_to_device_async(&b, &self.stream)? };
+        self.staged.push(staging);
         self.held.push(b.clone());
         Ok(b)
     }
@@ -169,6 +195,22 @@ impl<'d> SectionWork<'d> {
     /// Waits for the queued work; the caller then returns, dropping the scratch.
     fn finish(&self) -> Result<(), GpuError> {
         self.stream.synchronize()
+    }
+
+    /// Queues a copy of `out.len()` bytes of `src` behind the work already queued, waits for
+    /// the stream and returns them in `out`.
+    fn finish_and_read(&mut self, src: &DeviceBuffer, out: &mut [u8]) -> Result<(), GpuError> {
+        if out.len() > src.len() {
+            return Err(invalid("read-back beyond its buffer"));
+        }
+        let mut landing = self.pinned.take(out.len())?;
+        // SAFETY: src holds out.len() bytes (checked) and is held by the caller's scratch;
+        // landing is read only after the stream has been synchronised just below, and stays
+        // alive until then.
+        unsafe { landing.copy_from_device_async(0, src.ptr(), out.len(), &self.stream)? };
+        self.finish()?;
+        out.copy_from_slice(landing.as_slice());
+        Ok(())
     }
 }
 
@@ -270,7 +312,7 @@ pub fn restore_section_to_device(
             scales,
             mins,
         };
-        let upload = ParamUpload::Pooled(work.pool, &work.stream);
+        let upload = ParamUpload::Staged(work.pool, work.pinned, &work.stream);
         // SAFETY: every pointer is `out`'s base plus a tensor offset whose tensor_len bytes
         // end within buf_len <= out.len() (checked above: the section's layers and tokens
         // fit the shape); `out` is borrowed for this whole call, and `work` (which owns the
@@ -324,8 +366,16 @@ impl Scratch for SectionWork<'_> {
         SectionWork::alloc(self, bytes)
     }
 
-    fn upload_bytes(&mut self, data: &[u8]) -> Result<Arc<DeviceBuffer>, GpuError> {
-        self.upload(data)
+    fn upload_image(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Arc<DeviceBuffer>, GpuError> {
+        SectionWork::upload_image(self, len, fill)
+    }
+
+    fn finish_and_read(&mut self, src: &DeviceBuffer, out: &mut [u8]) -> Result<(), GpuError> {
+        SectionWork::finish_and_read(self, src, out)
     }
 
     fn stream(&self) -> &Stream {
@@ -373,7 +423,7 @@ unsafe fn restore_rans(
         .map_err(GpuError::Format)?;
     let dprofile = dev.profile(&t.profile, profile)?;
     let mut work = SectionWork::new(dev)?;
-    let upload = ParamUpload::Pooled(work.pool, &work.stream);
+    let upload = ParamUpload::Staged(work.pool, work.pinned, &work.stream);
     // SAFETY: upheld by the caller (see this function's contract); `work` waits for its
     // stream before the target drops.
     let dt = unsafe { DeviceTarget::for_values(upload, g, target, outs) }?;
@@ -497,7 +547,7 @@ mod tests {
             head_dim: 16,
         };
         let (heads, dim) = (shape.kv_heads as usize, shape.head_dim as usize);
-        for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
             for order in [TokenOrder::Nhd, TokenOrder::Hnd] {
                 for paging in [
                     Paging::Contiguous,
@@ -548,7 +598,7 @@ mod tests {
     #[test]
     fn zero_block_size_is_an_error() {
         let layout = TargetLayout {
-            dtype: KvDType::F16,
+            dtype: DType::F16,
             order: TokenOrder::Nhd,
             paging: Paging::Paged { block_tokens: 0 },
             memory: MemoryKind::Gpu(0),

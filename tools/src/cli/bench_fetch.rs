@@ -22,21 +22,24 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 use futures::StreamExt;
-use kvfetcher_client::{KvDType, KvShape, MemoryKind, TargetLayout, TokenOrder};
+use kvfetcher_client::{KvShape, MemoryKind, TargetLayout, TokenOrder};
 use kvfetcher_codec::{
-    decode_chunk, encode_cache, ChunkHeader, ChunkView, CodecRegistry, EncodeConfig, HevcParams,
-    ModelFingerprint, QuantConfig, VariantKind,
+    calibrate, decode_chunk, encode_cache, uniform_steps, BasisKind, Calibration, ChunkHeader,
+    ChunkView, CodecProfile, CodecRegistry, EncodeConfig, HevcParams, ModelFingerprint,
+    QuantConfig, Rope, TransformConfig, VariantKind,
 };
 use kvfetcher_kv::{DType, KvCache, KvFile};
 
 use super::local_stack::LocalStore;
-use kvfetcher::buffers::{BufferError, Destination, DeviceRegion};
 use kvfetcher::config::{FetchConfig, SaveConfig};
 use kvfetcher::gpu::{DeviceBuffer, FrameFormat, GpuDevice, GpuDevices, GpuOptions, HostWait};
-use kvfetcher::metrics::Metrics;
-use kvfetcher::pipeline::{encode_config, place_cache, restore_section_into, Pipeline, SectionJob};
+use kvfetcher::pipeline::{
+    encode_config, place_cache, rans_section_layers, restore_section_into, Pipeline, SectionJob,
+};
 use kvfetcher::server::{Backend, FetchEvents};
 use kvfetcher::transport::StoreClient;
+use kvfetcher::Metrics;
+use kvfetcher::{BufferError, Destination, DeviceRegion};
 
 /// Arguments of `kvfetcher-bench fetch`.
 #[derive(Debug, Args)]
@@ -47,9 +50,16 @@ pub struct BenchFetchArgs {
     /// Link rates in Gbit/s, comma separated; 0 is loopback without a limit.
     #[arg(long, value_delimiter = ',', default_value = "0,1")]
     pub rates: Vec<f64>,
-    /// Variant the pipeline's chunks are saved with (zstd, packed, hevc).
+    /// Variant the pipeline's chunks are saved with (zstd, packed, hevc, rans). `rans`: a codec
+    /// profile (per-head PCA, 4 sinks, no RoPE) is fitted on the KV's first 512 tokens and
+    /// every tensor coded at `--relative-step`; the chunks are put in the store directly (a
+    /// save would need the engine-measured sensitivities of `kvfetcher-bench profile`), with
+    /// the daemon's section grouping (at least 4 MiB of KV per section).
     #[arg(long, default_value = "zstd")]
     pub variant: String,
+    /// `rans`: quantizer step relative to each component's deviation.
+    #[arg(long, default_value_t = 0.25)]
+    pub relative_step: f32,
     /// Quantization bits of the pipeline's chunks (16: bit-exact).
     #[arg(long, default_value_t = 8)]
     pub bits: u8,
@@ -191,7 +201,7 @@ pub fn run(args: BenchFetchArgs) -> anyhow::Result<()> {
     // Quiet by default (the table is the output); RUST_LOG=kvfetcher=debug shows each
     // fetch's phases (lookup, headers, first section).
     if std::env::var_os("RUST_LOG").is_some() {
-        kvfetcher::cli::daemon::init_logging(kvfetcher::config::LogFormat::Text, "warn");
+        kvfetcher::cli::init_logging(kvfetcher::config::LogFormat::Text, "warn");
     }
     let file = KvFile::read(&args.kv).with_context(|| format!("reading {}", args.kv.display()))?;
     let cache = tiled(file.cache, args.tile as usize)?;
@@ -221,6 +231,43 @@ fn tiled(cache: KvCache, n: usize) -> anyhow::Result<KvCache> {
         })
         .collect::<Result<Vec<_>, kvfetcher_kv::TensorError>>()?;
     Ok(KvCache::new(layers, None)?)
+}
+
+/// The `rans` variant's profile (fitted on the KV's first 512 tokens under the pipeline's
+/// model id) and chunk objects.
+#[allow(clippy::type_complexity)]
+fn rans_objects(
+    args: &BenchFetchArgs,
+    cache: &KvCache,
+    ids: &[u32],
+    shape: &KvShape,
+) -> anyhow::Result<(Arc<CodecProfile>, Vec<(kvfetcher_codec::ChunkKey, Vec<u8>)>)> {
+    let sample = cache.slice_tokens(0, cache.tokens().min(512))?;
+    let fp = ModelFingerprint::of_bytes(b"bench-pipeline");
+    let cal = Calibration {
+        rope: Rope::NONE,
+        sinks: 4,
+        basis: BasisKind::Pca,
+    };
+    let profile = Arc::new(calibrate(fp, &[sample], &cal)?);
+    let reg = CodecRegistry::default().with_profile(profile.clone());
+    let cfg = EncodeConfig {
+        quant: QuantConfig::Transform(Arc::new(TransformConfig {
+            profile: profile.clone(),
+            steps: uniform_steps(&profile, args.relative_step),
+        })),
+        variant: VariantKind::Rans,
+        hevc_layout: None,
+        hevc_stream_frames: None,
+        chunk_tokens: args.chunk_tokens as usize,
+        layers_per_section: rans_section_layers(
+            args.layers_per_group as usize,
+            args.chunk_tokens as usize,
+            shape,
+        ),
+    };
+    let objects = encode_cache(cache, &fp, ids, &cfg, &reg)?;
+    Ok((profile, objects))
 }
 
 fn median(mut v: Vec<Timing>) -> Timing {
@@ -263,14 +310,20 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         memory: args.memory,
         ..TargetLayout::host(
             if gpu.is_some() {
-                KvDType::F16
+                DType::F16
             } else {
-                KvDType::BF16
+                DType::BF16
             },
             TokenOrder::Nhd,
         )
     };
-    let reg = CodecRegistry::default();
+    let rans = (args.variant == "rans")
+        .then(|| rans_objects(&args, &cache, &ids, &shape))
+        .transpose()?;
+    let reg = match &rans {
+        Some((profile, _)) => CodecRegistry::default().with_profile(profile.clone()),
+        None => CodecRegistry::default(),
+    };
     let bf16 = cache.to_dtype(DType::BF16);
     let baseline_cfg = |quant: QuantConfig, variant| EncodeConfig {
         quant,
@@ -308,7 +361,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         .iter()
         .flat_map(|l| l.key.data().iter().chain(l.value.data()).copied())
         .collect();
-    let client_layout = TargetLayout::host(KvDType::F16, TokenOrder::Nhd);
+    let client_layout = TargetLayout::host(DType::F16, TokenOrder::Nhd);
     anyhow::ensure!(cache.dtype() == DType::F16, "bench fetch expects fp16 KV");
     let into = match &gpu {
         Some(d) => format!("gpu:{} ({}), f16 NHD", d.ordinal(), d.cuda().info().name),
@@ -398,7 +451,12 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         let max_rate = (rate > 0.0).then(|| (rate * 1e9 / 8.0) as u64);
         let store = LocalStore::start(dir.path(), &format!("{rate}"), max_rate)?;
         let client = StoreClient::connect(store.addr, store.target()?.tls).await?;
-        for (_, bytes) in raw_objects.iter().chain(&int8_objects) {
+        let pipeline_objects = rans.as_ref().map(|(_, o)| &o[..]).unwrap_or(&[]);
+        for (_, bytes) in raw_objects
+            .iter()
+            .chain(&int8_objects)
+            .chain(pipeline_objects)
+        {
             client.put(Bytes::from(bytes.clone())).await?;
         }
         let pipeline = Pipeline::new(
@@ -408,16 +466,18 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
             save.clone(),
             Metrics::new(),
         )?;
-        pipeline
-            .save(
-                "bench-pipeline",
-                &ids,
-                &client_layout,
-                &shape,
-                &client_bytes,
-                false,
-            )
-            .await?;
+        if rans.is_none() {
+            pipeline
+                .save(
+                    "bench-pipeline",
+                    &ids,
+                    &client_layout,
+                    &shape,
+                    &client_bytes,
+                    false,
+                )
+                .await?;
+        }
         let link = if rate > 0.0 {
             format!("{rate} Gbit/s")
         } else {
@@ -466,7 +526,10 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
                 wire: out.bytes_on_wire,
             });
         }
-        let name = format!("kvfetcher {} {}-bit, layer groups", args.variant, args.bits);
+        let name = match rans {
+            Some(_) => format!("kvfetcher rans, step {}", args.relative_step),
+            None => format!("kvfetcher {} {}-bit, layer groups", args.variant, args.bits),
+        };
         let t = median(runs);
         let bound = if rate > 0.0 {
             let transfer = Duration::from_secs_f64(t.wire as f64 * 8.0 / (rate * 1e9));

@@ -58,6 +58,10 @@ pub struct TransformArgs {
     /// Host threads restoring sections at once in the benchmark (it also runs half and twice).
     #[arg(long, default_value_t = 32)]
     pub threads: usize,
+    /// Layers per section of the benchmark's chunks (`[save] layers_per_group`): bigger
+    /// sections spread the fixed cost of each section (uploads, launches, a wait) over more KV.
+    #[arg(long, default_value_t = 1)]
+    pub layers_per_section: usize,
 }
 
 /// Inputs of ipc-check.
@@ -242,6 +246,7 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
             if !a.no_bench {
                 print_transform_bench(&transform_bench::TransformBenchSpec {
                     threads: a.threads,
+                    layers_per_section: a.layers_per_section,
                     ..Default::default()
                 });
             }

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 
 use super::fixture::{self, FIXTURE_FORMATS};
 use kvfetcher_codec::{pack_codes, Chroma};
-use kvfetcher_protocol::{KvDType, TokenOrder};
+use kvfetcher_protocol::{DType, TokenOrder};
 
-use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer, Stream};
-use kvfetcher::gpu::nvdec::{DeviceFrames, Nvdec, NvdecSession};
-use kvfetcher::gpu::restore::{
+use kvfetcher::gpu::GpuError;
+use kvfetcher::gpu::{
     CodeGeometry, Dequant, DeviceGather, DeviceTarget, RestoreKernels, TargetSpec,
 };
-use kvfetcher::gpu::GpuError;
+use kvfetcher::gpu::{Cuda, DeviceBuffer, Stream};
+use kvfetcher::gpu::{DeviceFrames, Nvdec, NvdecSession};
 
 /// One NVDEC throughput point.
 #[derive(Debug, Clone, PartialEq)]
@@ -500,7 +500,7 @@ pub fn bench_restore(
         })
         .collect::<Result<Vec<_>, GpuError>>()?;
     let mut out = Vec::new();
-    for dtype in [KvDType::BF16, KvDType::F32] {
+    for dtype in [DType::BF16, DType::F32] {
         let target = TargetSpec {
             layout: TokenOrder::Nhd,
             dtype,

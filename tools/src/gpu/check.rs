@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use super::fixture::{self, KvCodes, FIXTURE_FORMATS};
 use kvfetcher_codec::pack_codes;
-use kvfetcher_protocol::{KvDType, TokenOrder};
+use kvfetcher_protocol::{DType, TokenOrder};
 
-use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer};
-use kvfetcher::gpu::nvdec::Nvdec;
-use kvfetcher::gpu::restore::{restore_cpu, DeviceTarget, RestoreKernels, TargetSpec};
 use kvfetcher::gpu::GpuError;
+use kvfetcher::gpu::Nvdec;
+use kvfetcher::gpu::{restore_cpu, DeviceTarget, RestoreKernels, TargetSpec};
+use kvfetcher::gpu::{Cuda, DeviceBuffer};
 
 /// One comparison's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub fn targets_for(rows: usize, heads: usize, head_dim: usize) -> Vec<TargetSpec
     let mut out = Vec::new();
     for layout in [TokenOrder::Nhd, TokenOrder::Hnd] {
         for paged in [false, true] {
-            for dtype in [KvDType::F16, KvDType::BF16, KvDType::F32] {
+            for dtype in [DType::F16, DType::BF16, DType::F32] {
                 out.push(TargetSpec {
                     layout,
                     dtype,
@@ -172,7 +172,7 @@ pub fn run_checks(cuda: &Arc<Cuda>, kv: &Path, fixtures: &Path) -> Result<Vec<Ch
         let dev = session.decode_to_device(&stream_bytes, &surf, 0)?;
         for target in targets(&codes)
             .iter()
-            .filter(|t| t.dtype == KvDType::BF16 || bits == 8)
+            .filter(|t| t.dtype == DType::BF16 || bits == 8)
         {
             let (exact, values, detail) = compare_restore(cuda, &codes, target, &|dt| {
                 kernels.restore_frames(&dev, None, dt, &stream)

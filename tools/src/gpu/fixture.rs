@@ -12,8 +12,8 @@ use std::process::Command;
 use kvfetcher_codec::{quantize, Chroma, Grouping};
 use kvfetcher_kv::KvFile;
 
-use kvfetcher::gpu::nvdec::FrameFormat;
-use kvfetcher::gpu::restore::{CodeGeometry, Dequant};
+use kvfetcher::gpu::FrameFormat;
+use kvfetcher::gpu::{CodeGeometry, Dequant};
 
 /// Frame width and height of the fixtures: a size every NVDEC accepts (>= 144) and that
 /// x265 needs no padding for (a multiple of 8).

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 
 use super::check::CheckRow;
 use super::fixture::{self, KvCodes};
-use kvfetcher_protocol::{KvDType, TokenOrder};
+use kvfetcher_protocol::{DType, TokenOrder};
 
-use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer};
-use kvfetcher::gpu::ipc::{mem_info, ImportedBuffer, ImportedEvent};
-use kvfetcher::gpu::restore::{
+use kvfetcher::gpu::GpuError;
+use kvfetcher::gpu::{mem_info, ImportedBuffer, ImportedEvent};
+use kvfetcher::gpu::{
     restore_cpu, CodeGeometry, Dequant, DeviceTarget, RestoreKernels, TargetSpec,
 };
-use kvfetcher::gpu::GpuError;
+use kvfetcher::gpu::{Cuda, DeviceBuffer};
 
 /// Bits of the restored codes.
 const BITS: u8 = 8;
@@ -41,7 +41,7 @@ fn invalid(e: impl std::fmt::Display) -> GpuError {
 fn target(codes: &KvCodes) -> TargetSpec {
     TargetSpec {
         layout: TokenOrder::Nhd,
-        dtype: KvDType::F16,
+        dtype: DType::F16,
         heads: codes.heads,
         head_dim: codes.head_dim,
         token_offset: 0,

@@ -5,7 +5,7 @@
 //!
 //! Fixtures are chunk objects (`sec-<layout>-<bits>.kvc`) plus the libde265 codes of each
 //! section (`sec-<layout>-<bits>.codes.zst`, u16 little-endian, sections in order). The gather
-//! table for the surface restore is the daemon's (`kvfetcher::gpu::gather`).
+//! table for the surface restore is the daemon's (`kvfetcher::gpu::gather_table`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,17 +15,17 @@ use kvfetcher_codec::{
     CodecRegistry, EncodeConfig, Grouping, HevcParams, ModelFingerprint, QuantConfig,
     SectionDecoder, VariantKind,
 };
-use kvfetcher_kv::{DType, KvFile};
-use kvfetcher_protocol::{KvDType, TokenOrder};
+use kvfetcher_kv::KvFile;
+use kvfetcher_protocol::TokenOrder;
 
-use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer};
-use kvfetcher::gpu::gather::{gather_table, run_gather};
-use kvfetcher::gpu::hevc_backend::{CodecHevcLayout, NvdecHevcDecoder};
-use kvfetcher::gpu::nvdec::{FrameFormat, Nvdec};
 use kvfetcher::gpu::GpuError;
+use kvfetcher::gpu::{gather_table, run_gather};
+use kvfetcher::gpu::{CodecHevcLayout, NvdecHevcDecoder};
+use kvfetcher::gpu::{Cuda, DeviceBuffer};
+use kvfetcher::gpu::{FrameFormat, Nvdec};
 
 use super::check::CheckRow;
-use kvfetcher::gpu::restore::{
+use kvfetcher::gpu::{
     CodeGeometry, Dequant, DeviceGather, DeviceTarget, RestoreKernels, TargetSpec,
 };
 
@@ -102,16 +102,6 @@ pub fn write_section_fixtures(kv: &Path, dir: &Path) -> Result<Vec<PathBuf>, Gpu
     Ok(written)
 }
 
-fn kv_dtype(d: DType) -> Result<KvDType, GpuError> {
-    match d {
-        DType::F16 => Ok(KvDType::F16),
-        DType::BF16 => Ok(KvDType::BF16),
-        DType::F32 => Ok(KvDType::F32),
-        #[allow(unreachable_patterns)]
-        other => Err(invalid(format!("dtype {other:?}"))),
-    }
-}
-
 /// The restore inputs of section `i`: geometry, scales/mins (per channel only) and the NHD
 /// contiguous target that `restore_section`'s tensors are laid out in.
 fn section_target(
@@ -139,7 +129,7 @@ fn section_target(
     };
     let target = TargetSpec {
         layout: TokenOrder::Nhd,
-        dtype: kv_dtype(header.dtype)?,
+        dtype: header.dtype,
         heads,
         head_dim,
         token_offset: 0,

@@ -14,11 +14,11 @@ use kvfetcher_codec::{
     calibrate, BasisKind, Calibration, ChunkView, CodecProfile, Rope, RopeStyle,
 };
 use kvfetcher_kv::{DType, KvCache, LayerKv, Tensor};
-use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_protocol::{KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 
 use kvfetcher::gpu::{restore_section_to_device, Route};
 use kvfetcher::gpu::{GpuDevices, GpuError, GpuOptions};
-use kvfetcher::metrics::Metrics;
+use kvfetcher::Metrics;
 
 use super::transform_check::transform_chunks;
 
@@ -39,6 +39,8 @@ pub struct TransformBenchSpec {
     pub threads: usize,
     /// Relative quantizer step.
     pub relative_step: f32,
+    /// Layers per section.
+    pub layers_per_section: usize,
 }
 
 impl Default for TransformBenchSpec {
@@ -51,6 +53,7 @@ impl Default for TransformBenchSpec {
             coded_tokens: 1024,
             threads: 32,
             relative_step: 0.1,
+            layers_per_section: 1,
         }
     }
 }
@@ -147,7 +150,7 @@ pub fn bench_transform(spec: &TransformBenchSpec) -> Result<Vec<TransformBenchPo
         &profile,
         spec.relative_step,
         kvfetcher_codec::DEFAULT_CHUNK_TOKENS,
-        1,
+        spec.layers_per_section,
     )?;
     let views: Vec<ChunkView<'_>> = objects
         .iter()
@@ -160,7 +163,7 @@ pub fn bench_transform(spec: &TransformBenchSpec) -> Result<Vec<TransformBenchPo
         head_dim: spec.head_dim as u32,
     };
     let layout = TargetLayout {
-        dtype: KvDType::F16,
+        dtype: DType::F16,
         order: TokenOrder::Nhd,
         paging: Paging::Contiguous,
         memory: MemoryKind::Gpu(0),

@@ -14,20 +14,18 @@ use kvfetcher_codec::{
     Calibration, ChunkHeader, ChunkView, CodecProfile, CodecRegistry, EncodeConfig,
     ModelFingerprint, QuantConfig, Rope, RopeStyle, TransformConfig, VariantKind,
 };
-use kvfetcher_kv::{DType, KvCache, KvFile};
-use kvfetcher_protocol::{KvDType, KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
+use kvfetcher_kv::{DType, DTypeExt, KvCache, KvFile};
+use kvfetcher_protocol::{KvShape, MemoryKind, Paging, TargetLayout, TokenOrder};
 
-use kvfetcher::gpu::cuda::{Cuda, DeviceBuffer};
-use kvfetcher::gpu::rans::{
+use kvfetcher::gpu::{kernels_apply, restore_section_to_device, Route};
+use kvfetcher::gpu::{
     restore_transform_section, DeviceProfile, OwnedScratch, RansPlan, TransformSection,
 };
-use kvfetcher::gpu::restore::{
-    CodeGeometry, DeviceTarget, ParamUpload, RestoreKernels, TargetSpec,
-};
-use kvfetcher::gpu::{kernels_apply, restore_section_to_device, Route};
+use kvfetcher::gpu::{CodeGeometry, DeviceTarget, ParamUpload, RestoreKernels, TargetSpec};
+use kvfetcher::gpu::{Cuda, DeviceBuffer};
 use kvfetcher::gpu::{GpuDevices, GpuError, GpuOptions};
-use kvfetcher::metrics::Metrics;
 use kvfetcher::pipeline::{place_cache, LayoutIoError};
+use kvfetcher::Metrics;
 
 use super::check::{target_name, targets_for, CheckRow, POISON};
 
@@ -112,9 +110,9 @@ fn place(dtype: DType, data: &[u8], cols: usize, target: &TargetSpec, out: &mut 
     for (i, &v) in values.iter().enumerate() {
         let at = target.offset(i / cols, i % cols) * size;
         match target.dtype {
-            KvDType::F16 => out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes()),
-            KvDType::BF16 => out[at..at + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
-            KvDType::F32 => out[at..at + 4].copy_from_slice(&v.to_le_bytes()),
+            DType::F16 => out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+            DType::BF16 => out[at..at + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
+            DType::F32 => out[at..at + 4].copy_from_slice(&v.to_le_bytes()),
         }
     }
 }
@@ -265,7 +263,7 @@ fn daemon_route_rows(
     let mut rows = Vec::new();
     for order in [TokenOrder::Nhd, TokenOrder::Hnd] {
         for paging in [Paging::Contiguous, Paging::Paged { block_tokens: 16 }] {
-            for dtype in [KvDType::F16, KvDType::BF16] {
+            for dtype in [DType::F16, DType::BF16] {
                 let layout = TargetLayout {
                     dtype,
                     order,
@@ -338,7 +336,7 @@ fn daemon_route_rows(
     // A registry without the profile: the typed error the CPU path gives.
     let view = ChunkView::parse(&objects[0]).map_err(invalid)?;
     let layout = TargetLayout {
-        dtype: KvDType::F16,
+        dtype: DType::F16,
         order: TokenOrder::Nhd,
         paging: Paging::Contiguous,
         memory: MemoryKind::Gpu(0),
