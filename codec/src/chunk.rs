@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use kvfetcher_kv::{KvCache, LayerKv, Tensor};
+use kvfetcher_kv::{DTypeExt, KvCache, LayerKv, Tensor};
 use rayon::prelude::*;
 
 use crate::format::{
@@ -122,7 +122,7 @@ pub fn encode_cache(
         if cache.dtype().size() != 2 {
             return invalid(format!(
                 "transform coding needs 16-bit KV, not {}",
-                cache.dtype().name()
+                cache.dtype().safetensors_name()
             ));
         }
         t.profile

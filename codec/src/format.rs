@@ -441,7 +441,7 @@ impl ChunkHeader {
         if self.dtype.size() != 2 {
             return bad(format!(
                 "transform coding needs a 16-bit dtype, not {}",
-                self.dtype.name()
+                self.dtype.safetensors_name()
             ));
         }
         if t.steps.len() != usize::from(self.num_layers) {

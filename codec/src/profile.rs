@@ -8,8 +8,6 @@
 //! profile name its id (the SHA-256 of its bytes), so a missing or different profile is a typed
 //! error, never a wrong restore. Byte layout in docs/FORMAT.md.
 
-use sha2::{Digest, Sha256};
-
 use crate::{FormatError, ModelFingerprint, ProfileId};
 
 /// The first four bytes of a serialized profile.
@@ -229,7 +227,17 @@ impl CodecProfile {
 
     /// The profile's id: the SHA-256 of its bytes.
     pub fn id(&self) -> ProfileId {
-        ProfileId(Sha256::digest(self.to_bytes()).into())
+        ProfileId::of_bytes(&self.to_bytes())
+    }
+
+    /// The model fingerprint in serialized profile bytes, read without parsing the rest
+    /// (`None` unless they start with the profile magic and hold the fingerprint): what a store
+    /// indexes a profile object under, without buffering it.
+    pub fn model_in_bytes(bytes: &[u8]) -> Option<ModelFingerprint> {
+        if bytes.get(..4)? != PROFILE_MAGIC {
+            return None;
+        }
+        Some(ModelFingerprint(bytes.get(8..40)?.try_into().ok()?))
     }
 
     /// Checks that a cache of `layers x kv_heads x head_dim` can be coded with this profile.

@@ -114,8 +114,141 @@ fn angles_of<'a>(
     }
 }
 
+/// Tokens per tile of the blocked projection: they share each load of the basis.
+const TILE_ROWS: usize = 4;
+/// Components per tile: `dot`'s eight partial sums, so each component keeps its rounding.
+const TILE_COLS: usize = 8;
+
+/// The projection: blocked ([`forward_blocked`]) for the usual head dimensions, else one
+/// [`dot`] per component ([`forward_rows`]); both give the same coefficients.
 #[inline(always)]
 fn forward_body<const FMA: bool>(
+    profile: &CodecProfile,
+    at: TensorAt,
+    table: &RopeTable,
+    values: &[f32],
+    out: &mut Vec<f32>,
+) {
+    match profile.head_dim {
+        64 => forward_blocked::<FMA, 64>(profile, at, table, values, out),
+        128 => forward_blocked::<FMA, 128>(profile, at, table, values, out),
+        _ => forward_rows::<FMA>(profile, at, table, values, out),
+    }
+}
+
+/// The projection for head dimension `D`, blocked: per head, the basis transposed once into
+/// slabs of [`TILE_COLS`] components, then tiles of [`TILE_ROWS`] tokens x [`TILE_COLS`]
+/// components whose sums are kept in eight partial sums added in order, exactly as [`dot`]
+/// rounds them (so the coefficients equal [`forward_rows`]'s).
+#[inline(always)]
+fn forward_blocked<const FMA: bool, const D: usize>(
+    profile: &CodecProfile,
+    at: TensorAt,
+    table: &RopeTable,
+    values: &[f32],
+    out: &mut Vec<f32>,
+) {
+    let channels = profile.channels();
+    let tensor = profile.layers[at.layer].tensor(at.is_key);
+    let rope = at.is_key && profile.rope.style != RopeStyle::None;
+    out.clear();
+    out.resize(values.len(), 0.0);
+    let rows = values.len() / channels.max(1);
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    let mut slabs = vec![[[0f32; TILE_COLS]; D]; D / TILE_COLS];
+    let mut heads = [[0f32; D]; TILE_ROWS];
+    for (h, basis) in tensor.heads.iter().enumerate() {
+        transpose_into_slabs(&basis.basis, &mut slabs);
+        for t0 in (0..rows).step_by(TILE_ROWS) {
+            let n = TILE_ROWS.min(rows - t0);
+            // A short last tile computes its first row again in the unused places.
+            for (r, x) in heads.iter_mut().enumerate() {
+                let t = t0 + if r < n { r } else { 0 };
+                let angles = rope
+                    .then(|| angles_of(profile, table, at.first_position, t, &mut cos, &mut sin));
+                center(
+                    profile,
+                    &values[t * channels + h * D..][..D],
+                    angles,
+                    &basis.mean,
+                    x,
+                );
+            }
+            let dst = &mut out[t0 * channels + h * D..];
+            for (kb, slab) in slabs.iter().enumerate() {
+                let y = tile::<FMA, D>(&heads, slab);
+                for (r, y) in y.iter().take(n).enumerate() {
+                    dst[r * channels + kb * TILE_COLS..][..TILE_COLS].copy_from_slice(y);
+                }
+            }
+        }
+    }
+}
+
+/// `basis` (`D x D`, row k = component k) transposed into slabs of [`TILE_COLS`] components:
+/// `slabs[kb][j][l]` is component `kb * 8 + l`'s weight of channel `j`.
+#[inline(always)]
+fn transpose_into_slabs<const D: usize>(basis: &[f32], slabs: &mut [[[f32; TILE_COLS]; D]]) {
+    for (k, row) in basis.chunks_exact(D).enumerate() {
+        for (s, &w) in slabs[k / TILE_COLS].iter_mut().zip(row) {
+            s[k % TILE_COLS] = w;
+        }
+    }
+}
+
+/// One head of one token as the projection takes it: RoPE undone (when `angles`), mean
+/// removed, with the roundings of [`forward_rows`].
+#[inline(always)]
+fn center(
+    profile: &CodecProfile,
+    src: &[f32],
+    angles: Option<(&[f32], &[f32])>,
+    mean: &[f32],
+    x: &mut [f32],
+) {
+    x.copy_from_slice(src);
+    if let Some((c, s)) = angles {
+        profile.rope.unrotate(x, c, s);
+    }
+    for (x, m) in x.iter_mut().zip(mean) {
+        *x -= m;
+    }
+}
+
+/// [`TILE_COLS`] components of [`TILE_ROWS`] centered heads on one slab of the transposed
+/// basis (`slab[j][l]`): for each, the eight partial sums of [`dot`] (channels `j = i (mod 8)`
+/// in ascending order, fused where `FMA`), then their sum in order.
+#[inline(always)]
+fn tile<const FMA: bool, const D: usize>(
+    heads: &[[f32; D]; TILE_ROWS],
+    slab: &[[f32; TILE_COLS]; D],
+) -> [[f32; TILE_COLS]; TILE_ROWS] {
+    let mut sum = [[-0.0f32; TILE_COLS]; TILE_ROWS];
+    for i in 0..TILE_COLS {
+        let mut part = [[0f32; TILE_COLS]; TILE_ROWS];
+        for m in 0..D / TILE_COLS {
+            let j = m * TILE_COLS + i;
+            let b = &slab[j];
+            for (p, x) in part.iter_mut().zip(heads) {
+                let x = x[j];
+                for (p, &b) in p.iter_mut().zip(b) {
+                    *p = if FMA { b.mul_add(x, *p) } else { *p + b * x };
+                }
+            }
+        }
+        for (s, p) in sum.iter_mut().zip(&part) {
+            for (s, p) in s.iter_mut().zip(p) {
+                *s += p;
+            }
+        }
+    }
+    sum
+}
+
+/// The projection one token and head at a time, one [`dot`] per component: the reference the
+/// blocked [`forward_body`] matches, and its path for head dimensions not a multiple of 8.
+#[inline(always)]
+fn forward_rows<const FMA: bool>(
     profile: &CodecProfile,
     at: TensorAt,
     table: &RopeTable,
@@ -286,4 +419,94 @@ pub fn quantize_level(y: f32, step: f32) -> i32 {
 /// A level's coefficient: one f32 product, as the GPU computes it.
 pub fn dequantize_level(q: i32, step: f32) -> f32 {
     q as f32 * step
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{HeadBasis, LayerProfile, Rope, TensorProfile};
+    use crate::ModelFingerprint;
+
+    /// A profile with random (not orthonormal) bases: the projection does not care.
+    fn random_profile(kv_heads: usize, d: usize, rope: Rope, seed: u64) -> CodecProfile {
+        let mut x = seed;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut tensor = || TensorProfile {
+            heads: (0..kv_heads)
+                .map(|_| HeadBasis {
+                    mean: (0..d).map(|_| next()).collect(),
+                    std: vec![1.0; d],
+                    basis: (0..d * d).map(|_| next()).collect(),
+                })
+                .collect(),
+            sensitivity: 0.0,
+            curve: Vec::new(),
+        };
+        let layers = vec![LayerProfile {
+            key: tensor(),
+            value: tensor(),
+        }];
+        CodecProfile {
+            model: ModelFingerprint::of_bytes(b"t"),
+            kv_heads,
+            head_dim: d,
+            sinks: 0,
+            rope,
+            layers,
+        }
+    }
+
+    /// The blocked projection (head dims 64 and 128) gives exactly the per-row dot products,
+    /// fused or not, with and without RoPE, for row counts that leave a short last tile and
+    /// with an angle table that covers only some rows; and the dispatched `forward` is one of
+    /// the two.
+    #[test]
+    fn blocked_projection_equals_rows() {
+        for (d, style, dims) in [
+            (64, RopeStyle::Adjacent, 64),
+            (64, RopeStyle::Halves, 48),
+            (128, RopeStyle::Halves, 128),
+            (128, RopeStyle::None, 0),
+            (24, RopeStyle::Adjacent, 24),
+        ] {
+            let rope = Rope {
+                style,
+                dims,
+                base: 10000.0,
+                freq_scale: 1.0,
+            };
+            let p = random_profile(3, d, rope, d as u64 + u64::from(dims));
+            let mut v = 0x9e37_79b9_u32;
+            for rows in [1, 6, 9] {
+                let values: Vec<f32> = (0..rows * p.channels())
+                    .map(|_| {
+                        v = v.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        (v >> 8) as f32 / (1 << 20) as f32 - 8.0
+                    })
+                    .collect();
+                for is_key in [true, false] {
+                    let at = TensorAt {
+                        layer: 0,
+                        is_key,
+                        first_position: 100,
+                    };
+                    let table = RopeTable::new(&p, 102, 3);
+                    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+                    forward_body::<true>(&p, at, &table, &values, &mut a);
+                    forward_rows::<true>(&p, at, &table, &values, &mut b);
+                    assert_eq!(a, b, "fused, d {d}, {rows} rows, key {is_key}");
+                    forward_body::<false>(&p, at, &table, &values, &mut a);
+                    forward_rows::<false>(&p, at, &table, &values, &mut c);
+                    assert_eq!(a, c, "unfused, d {d}, {rows} rows, key {is_key}");
+                    forward_with(&p, at, &table, &values, &mut a);
+                    assert!(a == b || a == c, "dispatched, d {d}");
+                }
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@ use kvfetcher_codec::{
     chunk_keys, decode_chunk, decode_section, dequantize, encode_cache, quantize, restore_section,
     ChunkView, CodecRegistry, EncodeConfig, Grouping, ModelFingerprint, QuantConfig, VariantKind,
 };
-use kvfetcher_kv::{DType, KvCache, Tensor};
+use kvfetcher_kv::{DType, DTypeExt, KvCache, Tensor};
 use kvfetcher_testkit::{skip, Missing};
 
 const BITS: [u8; 7] = [2, 3, 4, 6, 8, 10, 12];

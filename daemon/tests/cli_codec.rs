@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kvfetcher_codec::{dequantize, quantize, Grouping, HevcDecoder, HevcEncoder};
-use kvfetcher_kv::{KvCache, KvFile, LayerKv, Tensor};
+use kvfetcher_kv::{DTypeExt, KvCache, KvFile, LayerKv, Tensor};
 use kvfetcher_testkit::{data_file, skip, Missing};
 
 const CHUNK: usize = 64;

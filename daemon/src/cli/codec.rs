@@ -14,10 +14,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvfetcher_codec::CodecProfile;
 use kvfetcher_kv::KvCache;
 
-pub use decode::{run_decode, DecodeArgs};
+pub(crate) use decode::{run_decode, DecodeArgs};
 pub use encode::registry_for;
-pub use encode::{run_encode, EncodeArgs, GroupingArg, VariantArg};
-pub use inspect::{run_inspect, InspectArgs};
+pub(crate) use encode::{run_encode, EncodeArgs};
+pub use encode::{GroupingArg, VariantArg};
+pub(crate) use inspect::{run_inspect, InspectArgs};
 
 /// A progress bar of `len` steps on stderr, hidden when stderr is not a terminal (so logs and
 /// tests see no control characters).
@@ -36,7 +37,7 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
 }
 
 /// A spinner on stderr for work without steps to count (hidden when stderr is not a terminal).
-pub fn spinner(what: &str) -> ProgressBar {
+pub(crate) fn spinner(what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -47,7 +48,7 @@ pub fn spinner(what: &str) -> ProgressBar {
 }
 
 /// Reads and checks a codec profile file (`kvfetcher-bench profile` writes them).
-pub fn load_profile(path: &std::path::Path) -> anyhow::Result<std::sync::Arc<CodecProfile>> {
+pub(crate) fn load_profile(path: &std::path::Path) -> anyhow::Result<std::sync::Arc<CodecProfile>> {
     use anyhow::Context;
     let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
     let profile = CodecProfile::from_bytes(&bytes)

@@ -26,7 +26,7 @@ use super::engine::Engine;
 
 use super::bench_codec::{error_sums, errors, round_trip, BitsArg, ErrorSums};
 use super::kv::DTypeArg;
-use kvfetcher::cli::codec::{progress, GroupingArg};
+use kvfetcher::cli::{progress, GroupingArg};
 
 /// Arguments of `kvfetcher-bench fidelity`.
 #[derive(Debug, Args)]
@@ -78,8 +78,8 @@ pub struct BenchFidelityArgs {
     #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,7,8,exact")]
     pub bits: Vec<BitsArg>,
     /// Variant used for the round trip.
-    #[arg(long, value_enum, default_value_t = kvfetcher::cli::codec::VariantArg::Zstd)]
-    pub variant: kvfetcher::cli::codec::VariantArg,
+    #[arg(long, value_enum, default_value_t = kvfetcher::cli::VariantArg::Zstd)]
+    pub variant: kvfetcher::cli::VariantArg,
     /// Tokens per chunk (quantization ranges are per chunk).
     #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
     pub chunk_tokens: usize,
@@ -194,15 +194,10 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
     let generation = model.generate(args.tokens, args.seed, args.temperature)?;
     let original = generation.cache.to_dtype(args.dtype.into());
     let ids = &generation.token_ids;
-    let raw16 = kvfetcher::cli::codec::bytes_16bit(&original);
+    let raw16 = kvfetcher::cli::bytes_16bit(&original);
     let variant = VariantKind::from(args.variant);
-    let registry = kvfetcher::cli::codec::registry_for(
-        variant,
-        None,
-        DEFAULT_PRESET,
-        None,
-        DEFAULT_ZSTD_LEVEL,
-    )?;
+    let registry =
+        kvfetcher::cli::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL)?;
     let bar = progress(args.bits.len() as u64, "fidelity");
     let mut results = Vec::new();
     for &bits in &args.bits {
@@ -390,13 +385,8 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
     );
 
     let variant = VariantKind::from(args.variant);
-    let registry = kvfetcher::cli::codec::registry_for(
-        variant,
-        None,
-        DEFAULT_PRESET,
-        None,
-        DEFAULT_ZSTD_LEVEL,
-    )?;
+    let registry =
+        kvfetcher::cli::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL)?;
     let mut settings: Vec<Setting> = args
         .bits
         .iter()
@@ -427,7 +417,7 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
             let p = s.prefix.tokens();
             let rt = round_trip(&s.prefix, &s.ids[..p], cfg, registry)
                 .with_context(|| format!("{} on {}", setting.label, s.label))?;
-            raw16 += kvfetcher::cli::codec::bytes_16bit(&s.prefix);
+            raw16 += kvfetcher::cli::bytes_16bit(&s.prefix);
             bytes += rt.bytes;
             err.add(error_sums(&s.prefix, &rt.decoded));
             let decoded =

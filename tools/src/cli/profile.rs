@@ -20,7 +20,7 @@ use kvfetcher_codec::{
 use kvfetcher_kv::{KvCache, LayerKv, ScoreAccumulator, Tensor};
 
 use super::engine::{Engine, ModelInfo, Scored};
-use kvfetcher::cli::codec::progress;
+use kvfetcher::cli::progress;
 
 /// Arguments of `kvfetcher-bench profile`.
 #[derive(Debug, Args)]
@@ -34,8 +34,10 @@ pub struct ProfileArgs {
     /// Tokens captured per calibration text.
     #[arg(long, default_value_t = 1024)]
     pub tokens: usize,
-    /// Leading tokens of every sequence kept exact (attention sinks).
-    #[arg(long, default_value_t = 4)]
+    /// Leading tokens of every sequence kept exact (attention sinks). 1 measured better than 4
+    /// on SmolLM2 (docs/BENCHMARKS.md): the first token is the sink, the next three cost raw
+    /// bytes for no fidelity.
+    #[arg(long, default_value_t = 1)]
     pub sinks: u16,
     /// The transform: principal components per head, or the channels as they are.
     #[arg(long, value_enum, default_value_t = BasisArg::Pca)]
@@ -43,7 +45,8 @@ pub struct ProfileArgs {
     /// Leave RoPE on K (fit the transform to K as cached).
     #[arg(long)]
     pub keep_rope: bool,
-    /// Tokens of the first text whose KV is perturbed to measure sensitivities.
+    /// Tokens of the first text whose KV is perturbed to measure sensitivities (of every
+    /// text, for the joint KL scale).
     #[arg(long, default_value_t = 256)]
     pub probe_prefix: usize,
     /// Continuation tokens scored per sensitivity probe.
@@ -116,11 +119,20 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let mut profile = calibrate(model, &caches, &cfg)?;
     eprintln!("profile: fitted {} layers ({rope:?})", profile.num_layers());
     if !args.no_sensitivity {
-        let (ids, cache) = &samples[0];
-        let probe = Probe::new(&engine, &info, ids, cache, &profile, &args, scratch.path())?;
-        measure_sensitivities(&mut profile, &probe, args.probe_bits)?;
+        // Sensitivities on the first text's split; the joint scale over a split of every
+        // calibration text long enough for one (texts react differently: one text's scale
+        // under-predicts others').
+        let mut probes = Vec::new();
+        for (i, (ids, cache)) in samples.iter().enumerate() {
+            match Probe::new(&engine, &info, ids, cache, &profile, &args, scratch.path()) {
+                Ok(p) => probes.push(p),
+                Err(e) if i == 0 => return Err(e),
+                Err(e) => eprintln!("profile: text {} has no joint probe: {e}", i + 1),
+            }
+        }
+        measure_sensitivities(&mut profile, &probes[0], args.probe_bits)?;
         for round in 1..=2 {
-            let (predicted, measured) = fit_kl_scale(&mut profile, &probe, args.fit_kl)?;
+            let (predicted, measured) = fit_kl_scale(&mut profile, &probes, args.fit_kl)?;
             eprintln!(
                 "profile: joint probe {round}: predicted KL {predicted:.2e}, measured \
                  {measured:.2e}; sensitivities scaled by {:.2}",
@@ -292,11 +304,12 @@ impl<'a> Probe<'a> {
     }
 }
 
-/// Codes the probe split whole (real chunk objects) with steps for `fit_kl`, scores it and
-/// scales every sensitivity by measured over predicted KL; returns both KLs.
+/// Codes each probe split whole (real chunk objects) with steps for `fit_kl`, scores it and
+/// scales every sensitivity by measured over predicted KL, the measured KL being the mean over
+/// the probes (each scores the same number of positions); returns both KLs.
 fn fit_kl_scale(
     profile: &mut CodecProfile,
-    probe: &Probe<'_>,
+    probes: &[Probe<'_>],
     fit_kl: f64,
 ) -> anyhow::Result<(f64, f64)> {
     let shared = Arc::new(profile.clone());
@@ -310,9 +323,17 @@ fn fit_kl_scale(
         ..EncodeConfig::default()
     };
     let registry = CodecRegistry::software().with_profile(shared);
-    let p = probe.prefix.tokens();
-    let rt = super::bench_codec::round_trip(&probe.prefix, &probe.ids[..p], &cfg, &registry)?;
-    let measured = probe.mean_kl(&rt.decoded)?;
+    let mut measured = 0.0;
+    for (i, probe) in probes.iter().enumerate() {
+        let p = probe.prefix.tokens();
+        let rt = super::bench_codec::round_trip(&probe.prefix, &probe.ids[..p], &cfg, &registry)?;
+        let kl = probe.mean_kl(&rt.decoded)?;
+        eprintln!(
+            "profile: joint probe on text {}: measured KL {kl:.2e}",
+            i + 1
+        );
+        measured += kl / probes.len() as f64;
+    }
     ensure!(
         measured > 0.0 && a.predicted_kl > 0.0,
         "the joint probe changed nothing (KL {measured}); use a larger --fit-kl"

@@ -104,7 +104,7 @@ fn read_chunks(dir: &Path) -> anyhow::Result<Vec<ChunkFile>> {
 }
 
 /// Runs `kvfetcher decode`.
-pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
+pub(crate) fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
     let chunks = read_chunks(&args.input)?;
     let mut registry = CodecRegistry::standard();
     for p in &args.profile {
@@ -145,7 +145,7 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
         file.cache.tokens(),
         file.cache.kv_heads(),
         file.cache.head_dim(),
-        file.cache.dtype().name()
+        file.cache.dtype().safetensors_name()
     );
     Ok(())
 }

@@ -257,7 +257,7 @@ fn transform_of(
 }
 
 /// Runs `kvfetcher encode`: prints one line per chunk object written, then a summary.
-pub fn run_encode(args: EncodeArgs) -> anyhow::Result<()> {
+pub(crate) fn run_encode(args: EncodeArgs) -> anyhow::Result<()> {
     let file = KvFile::read(&args.input).with_context(|| format!("{}", args.input.display()))?;
     let cache = &file.cache;
     let positions: Vec<u32>;

@@ -27,7 +27,7 @@ fn grouping_name(g: Grouping) -> &'static str {
 }
 
 /// Runs `kvfetcher inspect`, printing to stdout.
-pub fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
+pub(crate) fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("read {}", args.file.display()))?;
     let view = ChunkView::parse(&bytes)
@@ -71,7 +71,7 @@ fn describe(view: &ChunkView<'_>, out: &mut dyn Write) -> anyhow::Result<()> {
         h.num_layers,
         h.kv_heads,
         h.head_dim,
-        h.dtype.name()
+        h.dtype.safetensors_name()
     )?;
     writeln!(out, "variant     {}", h.variant.name())?;
     if h.exact {
