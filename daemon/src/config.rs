@@ -209,6 +209,10 @@ pub struct FetchConfig {
     /// QUIC connections kept to each store, 1..=16, used round robin. One connection is
     /// driven by one task and tops out near 4 Gbit/s of CPU; more let a fetch use more cores.
     pub connections_per_store: usize,
+    /// Which decoder restores sections into GPU memory: `auto` (NVDEC or the CPU, which leave
+    /// the SMs to the engine, when idle and fast enough for the link; else the fastest),
+    /// `fastest`, or `gpu`, `nvdec`, `cpu` wherever a section allows it.
+    pub restore_route: crate::pipeline::RoutePolicy,
 }
 
 /// Save-side settings: what the daemon encodes and with how many workers.
@@ -362,6 +366,7 @@ impl Default for FetchConfig {
             // Enough for a few Gbit/s on any host; GPU nodes on 10 Gbit/s+ links want 16
             // (packaging/kvfetcher.toml).
             connections_per_store: 4,
+            restore_route: crate::pipeline::RoutePolicy::Auto,
         }
     }
 }
@@ -539,6 +544,8 @@ mod tests {
             "[fetch]\nconnections_per_store = 0",
             "[fetch]\nconnections_per_store = 17",
             "[fetch]\nconnections_per_store = -1",
+            "[fetch]\nrestore_route = \"nvenc\"",
+            "[fetch]\nrestore_route = 1",
             "[server]\nmax_queued_replies = 0",
             "[server]\nmax_fetches = 0",
             "[server]\nmax_pending_requests = 0",
@@ -619,6 +626,26 @@ mod tests {
             matches!(&err, ConfigError::Invalid(m) if m.contains("connections_per_store")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn reads_restore_route() {
+        use crate::pipeline::RoutePolicy;
+        assert_eq!(Config::default().fetch.restore_route, RoutePolicy::Auto);
+        for (name, want) in [
+            ("auto", RoutePolicy::Auto),
+            ("fastest", RoutePolicy::Fastest),
+            ("gpu", RoutePolicy::Gpu),
+            ("nvdec", RoutePolicy::Nvdec),
+            ("cpu", RoutePolicy::Cpu),
+        ] {
+            let c = Config::parse(&format!("[fetch]\nrestore_route = \"{name}\"\n")).unwrap();
+            assert_eq!(c.fetch.restore_route, want);
+            assert_eq!(RoutePolicy::parse(name), Ok(want));
+            assert_eq!(want.name(), name);
+        }
+        let err = Config::parse("[fetch]\nrestore_route = \"GPU\"\n").unwrap_err();
+        assert!(err.to_string().contains("restore_route"), "{err}");
     }
 
     #[test]

@@ -233,6 +233,7 @@ pub fn restore_section_to_device(
     shape: &KvShape,
     token_start: u32,
     out: &DeviceBuffer,
+    use_nvdec: bool,
 ) -> Result<Route, GpuError> {
     kernels_apply(header, index, layout).map_err(GpuError::Unsupported)?;
     let s = &header.sections[index];
@@ -338,7 +339,7 @@ pub fn restore_section_to_device(
             work.finish()?;
             Some(Route::Packed)
         }
-        VariantKind::Hevc if dev.nvdec_sessions() > 0 => {
+        VariantKind::Hevc if use_nvdec && dev.nvdec_sessions() > 0 => {
             s.verify(payload)
                 .map_err(|e| GpuError::Decode(e.to_string()))?;
             match restore_nvdec(dev, s, payload, &launches, per_tensor, &mut work) {

@@ -18,13 +18,14 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use kvfetcher_codec::{
     chunk_keys, decode_section, restore_section, ChunkHeader, ChunkKey, CodecError, CodecRegistry,
-    FormatError, ModelFingerprint,
+    FormatError, ModelFingerprint, VariantKind,
 };
 use kvfetcher_protocol::{KvShape, TargetLayout};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::layout::place_cache;
 use super::plan::{FetchPlanner, SectionRef};
+use super::route::{Candidates, Decoder, LinkUse, Router, SectionCost};
 use super::source::SectionReader;
 use super::verify::{check_header, Expected, Geometry, Mismatch};
 use super::{FetchError, FetchEvent, FetchEvents, FetchOutcome, Pipeline};
@@ -259,6 +260,7 @@ async fn header_and_first(
     want: Expected,
 ) -> Result<(Arc<SectionCheck>, Option<EarlySection>), FetchError> {
     let key = want.key;
+    let link = LinkUse::begin(&p.router);
     let stream = match p.source.open(&key, &[0]).await {
         Ok(s) => s,
         Err(e) => return Err(p.noted(&key, e.into())),
@@ -270,13 +272,15 @@ async fn header_and_first(
         return Err(p.noted(&key, corrupt_header(&key, &m)));
     }
     if header.sections.first().map(|s| s.layer_start) != Some(0) {
+        link.end(stream.header_len() as u64);
         return Ok((check, None));
     }
     let want = budget_permits(p, header.sections[0].len);
     let Ok(budget) = p.wire_budget.clone().try_acquire_many_owned(want) else {
+        link.end(stream.header_len() as u64);
         return Ok((check, None));
     };
-    let task = receive_section(p.metrics.clone(), stream, check.clone(), 0, budget);
+    let task = receive_section(p.metrics.clone(), stream, check.clone(), 0, budget, link);
     Ok((check, Some(EarlySection(tokio::spawn(task)))))
 }
 
@@ -390,8 +394,11 @@ async fn section_inner(
     let metrics = p.metrics.clone();
     let token_start = chunk.token_start;
     let index = s.section;
+    let router = p.router.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
+    router.queued();
     p.decode_pool.spawn_fifo(move || {
+        router.dequeued();
         // The fetch was dropped while this section waited: nobody reads the result.
         if tx.is_closed() {
             return;
@@ -406,7 +413,12 @@ async fn section_inner(
         };
         // A panic stays in this section (a worker of the shared pool must not abort the daemon).
         let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            restore_section_into(dest.as_ref(), &job, &registry, &layout, &shape, &metrics)
+            let target = RestoreTarget {
+                dest: dest.as_ref(),
+                layout: &layout,
+                shape: &shape,
+            };
+            restore_section_into(&target, &job, &registry, &router, &metrics)
         }))
         .unwrap_or_else(|_| {
             Err(FetchError::Internal(format!(
@@ -438,22 +450,33 @@ async fn request_section(
     index: usize,
     budget: OwnedSemaphorePermit,
 ) -> Result<Received, FetchError> {
+    let link = LinkUse::begin(&p.router);
     let stream = p.source.open_known(check, &[index]).await?;
-    receive_section(p.metrics.clone(), stream, check.clone(), index, budget).await
+    receive_section(
+        p.metrics.clone(),
+        stream,
+        check.clone(),
+        index,
+        budget,
+        link,
+    )
+    .await
 }
 
 /// Receives section `index` from `stream` (which asked for it alone); `budget` is its share of
-/// the byte budget.
+/// the byte budget, `link` the request's use of the link (for the router's link rate).
 async fn receive_section(
     metrics: Arc<Metrics>,
     mut stream: Box<dyn SectionReader>,
     check: Arc<SectionCheck>,
     index: usize,
     budget: OwnedSemaphorePermit,
+    link: LinkUse,
 ) -> Result<Received, FetchError> {
     match stream.next_section().await {
         Ok(Some((_, bytes))) => {
             metrics.bytes_in.add(bytes.len() as u64);
+            link.end((stream.header_len() + bytes.len()) as u64);
             Ok(Received {
                 bytes,
                 arrived: Instant::now(),
@@ -482,18 +505,34 @@ pub struct SectionJob<'a> {
     pub token_start: u32,
 }
 
-/// The fetch's decode stage for one section (blocking; runs on a decode slot): into device
-/// memory through the GPU kernels (`gpu::section_restore`) when `dest` is device memory and
-/// they reproduce the CPU path bit for bit, else decoded and restored on the CPU and placed
-/// through `dest.write`.
+/// Where a section is restored: the fetch's destination, in the client's layout and shape.
+#[derive(Clone, Copy)]
+pub struct RestoreTarget<'a> {
+    /// The fetch buffer.
+    pub dest: &'a dyn Destination,
+    /// The client's layout.
+    pub layout: &'a TargetLayout,
+    /// The whole fetch's shape.
+    pub shape: &'a KvShape,
+}
+
+/// The fetch's decode stage for one section (blocking; runs on a decode slot). Into device
+/// memory, `router` picks the decoder among those that can restore the section bit for bit
+/// like the CPU path (`route`): the GPU kernels, NVDEC, or the CPU (decoding for the
+/// dequantizing kernel, or restoring whole and copying). Host memory is restored on the CPU
+/// and placed through `dest.write`.
 pub fn restore_section_into(
-    dest: &dyn Destination,
+    target: &RestoreTarget<'_>,
     job: &SectionJob<'_>,
     registry: &CodecRegistry,
-    layout: &TargetLayout,
-    shape: &KvShape,
+    router: &Router,
     metrics: &Metrics,
 ) -> Result<(), FetchError> {
+    let RestoreTarget {
+        dest,
+        layout,
+        shape,
+    } = *target;
     let SectionJob {
         header,
         index,
@@ -518,43 +557,136 @@ pub fn restore_section_into(
         }
     };
     if let Some(region) = dest.device() {
-        match kernels_apply(header, index, layout) {
-            Ok(()) => {
-                let route = restore_section_to_device(
-                    region.device,
-                    header,
-                    index,
-                    payload,
-                    registry,
-                    layout,
-                    shape,
-                    token_start,
-                    region.buffer,
-                )
-                .map_err(|e| match e {
-                    // The section's bytes or profile: the CPU path would fail the same way.
-                    GpuError::Format(fe) => bad(fe),
-                    e => FetchError::Gpu(format!(
-                        "chunk {}: section {index}: gpu restore: {e}",
-                        header.key
-                    )),
-                })?;
-                let c = &metrics.gpu_sections;
-                match route {
-                    Route::Packed => c.packed.add(1),
-                    Route::Nvdec => c.nvdec.add(1),
-                    Route::CpuDecode => c.cpu_decode.add(1),
-                    Route::Rans => c.rans.add(1),
-                }
-                return Ok(());
-            }
-            Err(why) => {
-                // Restored on the CPU below; `write` copies the placed bytes to the device.
-                tracing::debug!(chunk = %header.key, index, "gpu kernels skipped: {why}");
-                metrics.gpu_sections.cpu_restore.add(1);
-            }
+        let started = Instant::now();
+        let kernels = kernels_apply(header, index, layout);
+        if let Err(why) = &kernels {
+            tracing::debug!(chunk = %header.key, index, "gpu kernels skipped: {why}");
         }
+        let cost = SectionCost {
+            variant: header.variant,
+            candidates: candidates(
+                header.variant,
+                kernels.is_ok(),
+                region.device.nvdec_sessions(),
+            ),
+            wire_bytes: payload.len() as u64,
+            kv_bytes: section_kv_bytes(header, index, layout),
+        };
+        let choice = router
+            .choose(&cost, region.device.nvdec_sessions())
+            .ok_or_else(|| FetchError::Internal("no decoder for the section".into()))?;
+        tracing::trace!(chunk = %header.key, index, ?choice, "section routed");
+        // Whole on the CPU when the kernels cannot reproduce it, or when the CPU is chosen for
+        // a section only the kernels would otherwise decode (transform-coded ones).
+        let on_kernels = kernels.is_ok()
+            && !(choice.decoder == Decoder::Cpu && header.variant == VariantKind::Rans);
+        let done = |used: Decoder, ok: bool| {
+            let took = ok.then(|| started.elapsed());
+            router.done(choice.decoder, used, header.variant, cost.kv_bytes, took);
+        };
+        if on_kernels {
+            let restored = restore_section_to_device(
+                region.device,
+                header,
+                index,
+                payload,
+                registry,
+                layout,
+                shape,
+                token_start,
+                region.buffer,
+                choice.decoder == Decoder::Nvdec,
+            )
+            .map_err(|e| match e {
+                // The section's bytes or profile: the CPU path would fail the same way.
+                GpuError::Format(fe) => bad(fe),
+                e => FetchError::Gpu(format!(
+                    "chunk {}: section {index}: gpu restore: {e}",
+                    header.key
+                )),
+            });
+            let route = match restored {
+                Ok(route) => route,
+                Err(e) => {
+                    done(choice.decoder, false);
+                    return Err(e);
+                }
+            };
+            let c = &metrics.gpu_sections;
+            let used = match route {
+                Route::Packed => {
+                    c.packed.add(1);
+                    Decoder::Gpu
+                }
+                Route::Rans => {
+                    c.rans.add(1);
+                    Decoder::Gpu
+                }
+                Route::Nvdec => {
+                    c.nvdec.add(1);
+                    Decoder::Nvdec
+                }
+                Route::CpuDecode => {
+                    c.cpu_decode.add(1);
+                    Decoder::Cpu
+                }
+            };
+            done(used, true);
+            return Ok(());
+        }
+        // Restored on the CPU below; `write` copies the placed bytes to the device.
+        metrics.gpu_sections.cpu_restore.add(1);
+        let restored = restore_on_cpu(target, job, registry, &bad);
+        done(Decoder::Cpu, restored.is_ok());
+        return restored;
     }
+    restore_on_cpu(target, job, registry, &bad)
+}
+
+/// The decoders that can restore a section of `variant` into device memory: the kernels only
+/// where they reproduce the CPU path (`kernels`), NVDEC for HEVC on a device with sessions,
+/// and always the CPU.
+fn candidates(variant: VariantKind, kernels: bool, nvdec_sessions: usize) -> Candidates {
+    if !kernels {
+        return Candidates::of(&[Decoder::Cpu]);
+    }
+    match variant {
+        VariantKind::Rans => Candidates::of(&[Decoder::Gpu, Decoder::Cpu]),
+        VariantKind::Hevc if nvdec_sessions > 0 => Candidates::of(&[Decoder::Nvdec, Decoder::Cpu]),
+        // Unpacking is the cheapest kernel there is; the CPU would only add a copy.
+        VariantKind::Packed => Candidates::of(&[Decoder::Gpu]),
+        VariantKind::Hevc | VariantKind::Zstd => Candidates::of(&[Decoder::Cpu]),
+    }
+}
+
+/// Bytes of KV section `index` of `header` restores in `layout`'s dtype.
+fn section_kv_bytes(header: &ChunkHeader, index: usize, layout: &TargetLayout) -> u64 {
+    let layers = header.sections.get(index).map_or(0, |s| s.layers()) as u64;
+    layers
+        * 2
+        * u64::from(header.token_count)
+        * header.channels() as u64
+        * layout.dtype.size() as u64
+}
+
+/// Decodes and restores section `job` on the CPU and places it through `target.dest.write`.
+fn restore_on_cpu(
+    target: &RestoreTarget<'_>,
+    job: &SectionJob<'_>,
+    registry: &CodecRegistry,
+    bad: &dyn Fn(FormatError) -> FetchError,
+) -> Result<(), FetchError> {
+    let RestoreTarget {
+        dest,
+        layout,
+        shape,
+    } = *target;
+    let SectionJob {
+        header,
+        index,
+        payload,
+        token_start,
+    } = *job;
     let plane = decode_section(header, index, payload, registry).map_err(bad)?;
     let layers = restore_section(header, index, &plane, registry).map_err(bad)?;
     let first = u32::from(header.sections[index].layer_start);

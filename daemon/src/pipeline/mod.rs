@@ -12,6 +12,7 @@
 //! - `stores`: which store holds which key; prefix lookups; lazy reconnection.
 //! - `verify`: what a fetched header must say (the chunk asked for).
 //! - `quarantine`: chunks found corrupt lately, where lookups and fetches stop.
+//! - `route`: which decoder (GPU kernels, NVDEC, CPU) restores a section into device memory.
 //! - `profiles`: the codec registry, and codec profiles shared through the store (put by
 //!   saves, fetched and cached on disk by fetches of chunks naming an unknown profile).
 //! - `fetch`, `save`: the two drivers.
@@ -25,6 +26,7 @@ mod layout;
 mod plan;
 mod profiles;
 mod quarantine;
+mod route;
 mod save;
 mod source;
 mod stores;
@@ -39,10 +41,11 @@ use tokio::sync::Semaphore;
 
 pub use error::{FetchError, LookupError, SaveError, StoreError};
 pub use events::{FetchEvent, FetchEvents, FetchOutcome};
-pub use fetch::{restore_section_into, SectionJob};
+pub use fetch::{restore_section_into, RestoreTarget, SectionJob};
 pub use layout::{place_cache, LayoutIoError};
 pub use plan::{FetchPlanner, PlanError, SectionRef};
 pub use profiles::ProfileError;
+pub use route::{Decoder, Reason, RoutePolicy, Router};
 pub use save::{encode_config, profile_model, rans_section_layers, MIN_RANS_SECTION_BYTES};
 pub use source::{BoxFuture, MemorySource, SectionReader, SectionSource};
 pub use stores::StoreTarget;
@@ -102,6 +105,8 @@ pub struct Pipeline {
     /// waiting for an async task to be scheduled (a semaphore of decode slots handed on by the
     /// fetch task kept about half of them idle under load on a 16-core H200 host).
     decode_pool: Arc<rayon::ThreadPool>,
+    /// Picks each section's decoder, from the link's and the decoders' measured rates.
+    router: Arc<Router>,
     /// Compressed bytes in memory across all fetches, in [`BUDGET_UNIT`]s.
     wire_budget: Arc<Semaphore>,
     budget_permits: u32,
@@ -184,6 +189,7 @@ impl Pipeline {
             profiles: Profiles::new(registry, CodecConfig::default().max_profile_bytes),
             metrics,
             decode_pool: Arc::new(decode_pool),
+            router: Arc::new(Router::new(fetch.restore_route, fetch.decode_workers)),
             wire_budget: Arc::new(Semaphore::new(budget_permits as usize)),
             budget_permits,
             fetch,
@@ -253,6 +259,11 @@ impl Pipeline {
     /// The metrics this pipeline updates.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The router picking each section's decoder (its measured rates are shared by fetches).
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
     }
 
     /// Number of stores.

@@ -208,6 +208,7 @@ pub fn bench_transform(spec: &TransformBenchSpec) -> Result<Vec<TransformBenchPo
                                 &shape,
                                 start,
                                 &out,
+                                true,
                             )?;
                             if route != Route::Rans {
                                 return Err(GpuError::InvalidArgument(format!("route {route:?}")));

@@ -295,6 +295,7 @@ fn daemon_route_rows(
                             &shape,
                             token_start,
                             &out,
+                            true,
                         ) {
                             Ok(Route::Rans) => {}
                             Ok(r) => detail = format!("route {r:?}, not rans"),
@@ -354,6 +355,7 @@ fn daemon_route_rows(
         &shape,
         0,
         &out,
+        true,
     );
     let detail = match r {
         Err(GpuError::Format(kvfetcher_codec::FormatError::ProfileMissing(_))) => String::new(),
