@@ -93,10 +93,12 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   # rows, each against the link's transfer time and the decode stage.
   full="${FULL_KV:-$carry/kvfull/codelm-kv-a.safetensors}"
   [ -f "$full" ] || full="$kv"
+  # Each variant with every restore route it has, forced and chosen by `auto` (issue 16 item 7).
   for v in packed hevc rans; do
+    case $v in hevc) routes=auto,nvdec,cpu ;; rans) routes=auto,gpu,cpu ;; *) routes=auto ;; esac
     for tile in 1 4; do
-      "$bench_bin" fetch --kv "$full" --memory gpu:0 --variant $v --tile $tile --rates 0,1,4,10,25 \
-        --repeat 5 > "$out/fetch-gpu-$v-x$tile.txt" 2>&1 || status=1
+      "$bench_bin" fetch --kv "$full" --memory gpu:0 --variant $v --tile $tile --rates 0,0.25,1,4,10,25 \
+        --route $routes --repeat 5 > "$out/fetch-gpu-$v-x$tile.txt" 2>&1 || status=1
     done
   done
 fi
@@ -128,7 +130,7 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
   sed -n '/^| check | result/,$p' "$out/llama-gpu.txt" 2>/dev/null | head -40
 fi
 for f in "$out"/fetch-gpu-*.txt; do
-  [ -f "$f" ] && head -1 "$f" | cut -c1-110 && grep -E "^(link|loopback|[0-9.]+ Gbit)" "$f" | grep -v "whole objects"
+  [ -f "$f" ] && head -1 "$f" | cut -c1-110 && grep -E "^(link|loopback|[0-9.]+ Gbit)|router measured" "$f" | grep -v "whole objects"
 done
 grep -E "^nvdec hevc" "$out/info.txt"
 if [ -z "${SKIP_CHECKS:-}" ]; then

@@ -12,6 +12,10 @@
 //! store's own rate limit (`--max-rate`; no RTT). The baselines fetch every chunk object whole
 //! (in parallel), then decode and restore: their first layer is ready only when everything is.
 //! The pipeline requests layer group 0 of every chunk first and restores while receiving.
+//!
+//! `--route` runs the pipeline once per restore-route policy (`[fetch] restore_route`) and
+//! shows which decoder restored how many sections: each route forced, and `auto`'s choice
+//! at each link rate.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -34,7 +38,8 @@ use super::local_stack::LocalStore;
 use kvfetcher::config::{FetchConfig, SaveConfig};
 use kvfetcher::gpu::{DeviceBuffer, FrameFormat, GpuDevice, GpuDevices, GpuOptions, HostWait};
 use kvfetcher::pipeline::{
-    encode_config, place_cache, rans_section_layers, restore_section_into, Pipeline, SectionJob,
+    encode_config, place_cache, rans_section_layers, restore_section_into, Pipeline, RestoreTarget,
+    RoutePolicy, Router, SectionJob,
 };
 use kvfetcher::server::{Backend, FetchEvents};
 use kvfetcher::transport::StoreClient;
@@ -100,6 +105,11 @@ pub struct BenchFetchArgs {
     /// default: the daemon's default).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_inflight_sections: Option<u32>,
+    /// Restore-route policies the pipeline runs with, comma separated (`[fetch]
+    /// restore_route`: auto, fastest, gpu, nvdec, cpu); each gets its own row, with the
+    /// sections each decoder restored. Only GPU memory has a choice.
+    #[arg(long, value_delimiter = ',', default_value = "auto", value_parser = RoutePolicy::parse)]
+    pub route: Vec<RoutePolicy>,
 }
 
 fn parse_memory(s: &str) -> Result<MemoryKind, String> {
@@ -377,7 +387,7 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         args.repeat
     );
     println!(
-        "{:<10} {:<34} {:>10} {:>7} {:>12} {:>10} {:>9}",
+        "{:<10} {:<52} {:>10} {:>7} {:>12} {:>10} {:>9}",
         "link", "method", "wire MB", "ratio", "first layer", "total", "vs bound"
     );
     let mut fetch = FetchConfig::default();
@@ -398,16 +408,26 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
     // One pass to warm up and size the runs: each timed run repeats the sections for at
     // least a second, so the decoders reach their steady rate (as the bare loop's does).
     let threads = fetch.decode_workers;
-    let probe = decode_stage(&objects, &reg, &target, &shape, gpu.as_ref(), threads, 1)?;
+    // The decode stage has no link to keep up with: its router takes the fastest decoders.
+    let router = Router::new(RoutePolicy::Fastest, threads);
+    let probe = decode_stage(
+        &objects,
+        &reg,
+        (&target, &shape),
+        gpu.as_ref(),
+        &router,
+        threads,
+        1,
+    )?;
     let passes = (1.0 / probe.total.as_secs_f64()).ceil().clamp(1.0, 64.0) as usize;
     let mut runs = Vec::new();
     for _ in 0..args.repeat.max(1) {
         runs.push(decode_stage(
             &objects,
             &reg,
-            &target,
-            &shape,
+            (&target, &shape),
             gpu.as_ref(),
+            &router,
             threads,
             passes,
         )?);
@@ -445,8 +465,8 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
             100.0 * (t.wire as f64 / t.total.as_secs_f64() / 1e9) / bare
         );
     }
-    // The pipeline's total on unlimited loopback: its decode + restore time.
-    let mut unlimited: Option<Duration> = None;
+    // The pipeline's total on unlimited loopback, per route policy: its decode + restore time.
+    let mut unlimited: Vec<(RoutePolicy, Duration)> = Vec::new();
     for &rate in &args.rates {
         let max_rate = (rate > 0.0).then(|| (rate * 1e9 / 8.0) as u64);
         let store = LocalStore::start(dir.path(), &format!("{rate}"), max_rate)?;
@@ -459,14 +479,14 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
         {
             client.put(Bytes::from(bytes.clone())).await?;
         }
-        let pipeline = Pipeline::new(
-            vec![store.target()?],
-            reg.clone(),
-            fetch.clone(),
-            save.clone(),
-            Metrics::new(),
-        )?;
         if rans.is_none() {
+            let pipeline = Pipeline::new(
+                vec![store.target()?],
+                reg.clone(),
+                fetch.clone(),
+                save.clone(),
+                Metrics::new(),
+            )?;
             pipeline
                 .save(
                     "bench-pipeline",
@@ -496,52 +516,129 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
             }
             report(&link, name, median(runs), raw_bf16, None);
         }
-        let mut runs = Vec::new();
-        for _ in 0..args.repeat.max(1) {
-            let start = Instant::now();
-            let memory = match &gpu {
-                Some(d) => Memory::Gpu(d.clone(), OnceLock::new()),
-                None => Memory::Host(Mutex::new(Vec::new())),
-            };
-            let dest = Arc::new(TimedDest {
-                start,
-                layout: target,
-                memory,
-                first: Mutex::new(None),
-            });
-            let out = pipeline
-                .fetch(
-                    "bench-pipeline",
-                    &ids,
-                    &target,
-                    dest.clone(),
-                    FetchEvents::ignored(),
-                )
-                .await?;
-            let total = start.elapsed();
-            let first_layer = dest.first.lock().ok().and_then(|f| *f).unwrap_or(total);
-            runs.push(Timing {
-                first_layer,
-                total,
-                wire: out.bytes_on_wire,
-            });
-        }
-        let name = match rans {
-            Some(_) => format!("kvfetcher rans, step {}", args.relative_step),
-            None => format!("kvfetcher {} {}-bit, layer groups", args.variant, args.bits),
-        };
-        let t = median(runs);
-        let bound = if rate > 0.0 {
-            let transfer = Duration::from_secs_f64(t.wire as f64 * 8.0 / (rate * 1e9));
-            unlimited.map(|u| transfer.max(u))
+        let routes = if gpu.is_some() {
+            args.route.clone()
         } else {
-            unlimited = Some(t.total);
-            None
+            vec![RoutePolicy::Auto]
         };
-        report(&link, &name, t, raw_bf16, bound);
+        for policy in routes {
+            let pipeline = Pipeline::new(
+                vec![store.target()?],
+                reg.clone(),
+                FetchConfig {
+                    restore_route: policy,
+                    ..fetch.clone()
+                },
+                save.clone(),
+                Metrics::new(),
+            )?;
+            let mut runs = Vec::new();
+            let mut used = RouteCounts::default();
+            for _ in 0..args.repeat.max(1) {
+                let before = RouteCounts::of(pipeline.metrics());
+                runs.push(timed_fetch(&pipeline, &ids, &target, gpu.as_ref()).await?);
+                used = RouteCounts::of(pipeline.metrics()).since(&before);
+            }
+            let method = match rans {
+                Some(_) => format!("kvfetcher rans, step {}", args.relative_step),
+                None => format!("kvfetcher {} {}-bit", args.variant, args.bits),
+            };
+            let name = match &gpu {
+                Some(_) => format!("{method}, {}: {used}", policy.name()),
+                None => method,
+            };
+            let t = median(runs);
+            let bound = if rate > 0.0 {
+                let transfer = Duration::from_secs_f64(t.wire as f64 * 8.0 / (rate * 1e9));
+                let own = unlimited.iter().find(|(p, _)| *p == policy);
+                own.map(|&(_, u)| transfer.max(u))
+            } else {
+                unlimited.push((policy, t.total));
+                None
+            };
+            report(&link, &name, t, raw_bf16, bound);
+            if let (Some(_), Some(r)) = (&gpu, pipeline.router().link_rate()) {
+                println!(
+                    "{:<10} (the router measured the link at {:.2} Gbit/s)",
+                    "",
+                    r * 8e-9
+                );
+            }
+        }
         client.close().await;
     }
     Ok(())
+}
+
+/// One pipeline fetch of the bench's prefix into a fresh destination, timed.
+async fn timed_fetch(
+    pipeline: &Pipeline,
+    ids: &[u32],
+    target: &TargetLayout,
+    gpu: Option<&Arc<GpuDevice>>,
+) -> anyhow::Result<Timing> {
+    let start = Instant::now();
+    let memory = match gpu {
+        Some(d) => Memory::Gpu(d.clone(), OnceLock::new()),
+        None => Memory::Host(Mutex::new(Vec::new())),
+    };
+    let dest = Arc::new(TimedDest {
+        start,
+        layout: *target,
+        memory,
+        first: Mutex::new(None),
+    });
+    let out = pipeline
+        .fetch(
+            "bench-pipeline",
+            ids,
+            target,
+            dest.clone(),
+            FetchEvents::ignored(),
+        )
+        .await?;
+    let total = start.elapsed();
+    let first_layer = dest.first.lock().ok().and_then(|f| *f).unwrap_or(total);
+    Ok(Timing {
+        first_layer,
+        total,
+        wire: out.bytes_on_wire,
+    })
+}
+
+/// Sections restored into GPU memory per decoder (the pipeline's `gpu_sections` counters).
+#[derive(Debug, Default, Clone, Copy)]
+struct RouteCounts {
+    /// GPU kernels: packed and rans.
+    gpu: u64,
+    nvdec: u64,
+    /// The CPU: decoded for the dequantizing kernel, or restored whole and copied.
+    cpu: u64,
+}
+
+impl RouteCounts {
+    fn of(m: &Metrics) -> RouteCounts {
+        let g = &m.gpu_sections;
+        RouteCounts {
+            gpu: g.packed.get() + g.rans.get(),
+            nvdec: g.nvdec.get(),
+            cpu: g.cpu_decode.get() + g.cpu_restore.get(),
+        }
+    }
+
+    fn since(&self, before: &RouteCounts) -> RouteCounts {
+        RouteCounts {
+            gpu: self.gpu - before.gpu,
+            nvdec: self.nvdec - before.nvdec,
+            cpu: self.cpu - before.cpu,
+        }
+    }
+}
+
+impl std::fmt::Display for RouteCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "gpu {} nvdec {} cpu {}", self.gpu, self.nvdec, self.cpu)
+    }
 }
 
 /// The pipeline's decode stage alone on chunk `objects` already in memory: every section
@@ -551,9 +648,9 @@ async fn bench(args: BenchFetchArgs, cache: KvCache) -> anyhow::Result<()> {
 fn decode_stage(
     objects: &[(kvfetcher_codec::ChunkKey, Vec<u8>)],
     reg: &CodecRegistry,
-    layout: &TargetLayout,
-    shape: &KvShape,
+    (layout, shape): (&TargetLayout, &KvShape),
     gpu: Option<&Arc<GpuDevice>>,
+    router: &Router,
     threads: usize,
     passes: usize,
 ) -> anyhow::Result<Timing> {
@@ -593,9 +690,12 @@ fn decode_stage(
         || Ok(()),
         |_, i| {
             let job = &jobs[i % jobs.len()];
-            Ok(restore_section_into(
-                &dest, job, reg, layout, shape, &metrics,
-            )?)
+            let target = RestoreTarget {
+                dest: &dest,
+                layout,
+                shape,
+            };
+            Ok(restore_section_into(&target, job, reg, router, &metrics)?)
         },
     )?;
     let total = start.elapsed();
@@ -681,7 +781,7 @@ fn report(link: &str, method: &str, t: Timing, raw: u64, bound: Option<Duration>
         |b| format!("{:.2}x", t.total.as_secs_f64() / b.as_secs_f64().max(1e-9)),
     );
     println!(
-        "{link:<10} {method:<34} {:>10.2} {:>6.2}x {:>10.1}ms {:>8.1}ms {vs:>9}",
+        "{link:<10} {method:<52} {:>10.2} {:>6.2}x {:>10.1}ms {:>8.1}ms {vs:>9}",
         t.wire as f64 / 1e6,
         raw as f64 / t.wire.max(1) as f64,
         t.first_layer.as_secs_f64() * 1e3,
