@@ -9,6 +9,7 @@
 #   layout_math   the byte arithmetic of restored buffers (TargetLayout)
 #   codec_profile the codec profile parser (transform coding's per-model profiles)
 #   rans_stream   the rANS value stream parser and decoder (codec/src/rans/)
+#   hevc_params   the hevc section parameters (lossless KVH1, lossy KVH2) of codec/src/hevc/
 # Needs cargo-fuzz; on a stable toolchain it runs with RUSTC_BOOTSTRAP=1 for the sanitizer
 # flags. Crashes land in fuzz/artifacts/<target>/; each one found becomes a regression test in
 # the owning crate's normal tests.
@@ -17,7 +18,7 @@ set -euo pipefail
 secs="${1:-60}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 data="$root/data/codelm-kv-a.safetensors"
-targets=(parse_chunk local_frames store_wire layout_math codec_profile rans_stream)
+targets=(parse_chunk local_frames store_wire layout_math codec_profile rans_stream hevc_params)
 share=$(( secs / ${#targets[@]} ))
 (( share >= 1 )) || share=1
 

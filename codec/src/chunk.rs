@@ -159,6 +159,9 @@ pub fn encode_cache(
         }
         _ => registry.encoder(cfg.variant)?,
     };
+    if encoder.is_lossy() && matches!(cfg.quant, QuantConfig::Exact) {
+        return invalid("bit-exact mode cannot use a lossy encoder (hevc with a qp)".into());
+    }
     if encoder.variant() != cfg.variant {
         return Err(CodecError::Unsupported {
             variant: cfg.variant.name(),

@@ -43,7 +43,7 @@ pub use format::{
 };
 pub use hevc::{
     codes_crc32c, extract_streams, Chroma, Frame, HevcDecoder, HevcEncoder, HevcGeometry,
-    HevcLayout, HevcParams, LayoutSpec, StreamInfo, DEFAULT_PRESET,
+    HevcLayout, HevcParams, LayoutSpec, StreamInfo, DEFAULT_PRESET, HEVC_MAX_QP,
 };
 pub use key::{chunk_keys, ChunkKey, ModelFingerprint, ProfileId, DEFAULT_CHUNK_TOKENS};
 pub use packed::{pack_codes, PackedCodec};

@@ -98,8 +98,13 @@ pub enum CodecError {
 pub trait SectionEncoder: Send + Sync {
     /// The variant this encoder produces.
     fn variant(&self) -> VariantKind;
-    /// Encodes `plane`; the result decodes back to exactly `plane`.
+    /// Encodes `plane`; the result decodes back to exactly `plane` unless [`Self::is_lossy`].
     fn encode(&self, plane: &CodePlane) -> Result<EncodedSection, CodecError>;
+    /// Whether decoded codes only approximate the encoded ones (lossy HEVC): such an encoder
+    /// must not code bit-exact mode's byte planes. False by default.
+    fn is_lossy(&self) -> bool {
+        false
+    }
 }
 
 /// Decodes one section's codes.

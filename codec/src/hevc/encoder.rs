@@ -1,10 +1,11 @@
-//! [`HevcEncoder`]: the `hevc` variant's encoder, x265 in lossless mode.
+//! [`HevcEncoder`]: the `hevc` variant's encoder, x265 in lossless mode or, with
+//! [`HevcEncoder::with_qp`], at a constant QP (lossy).
 
 use std::sync::Arc;
 
 use crate::hevc::geometry::HevcGeometry;
 use crate::hevc::layout::LayoutSpec;
-use crate::hevc::params::{codes_crc32c, HevcParams, StreamInfo};
+use crate::hevc::params::{codes_crc32c, HevcParams, StreamInfo, MAX_QP};
 use crate::hevc::x265::X265;
 use crate::{CodePlane, CodecError, EncodedSection, SectionEncoder, VariantKind};
 
@@ -14,7 +15,8 @@ use crate::{CodePlane, CodecError, EncodedSection, SectionEncoder, VariantKind};
 /// over `medium`.
 pub const DEFAULT_PRESET: &str = "medium";
 
-/// Encodes sections losslessly with x265 (loaded at run time, never linked: it is GPL).
+/// Encodes sections with x265 (loaded at run time, never linked: it is GPL): losslessly by
+/// default, lossily at a constant QP with [`HevcEncoder::with_qp`].
 ///
 /// x265 runs its own worker pool (frame threads and wavefront rows) over all cores.
 #[derive(Debug, Clone)]
@@ -25,6 +27,8 @@ pub struct HevcEncoder {
     options: Vec<(String, String)>,
     /// Frames per stream; `None`: every section is one stream.
     stream_frames: Option<usize>,
+    /// x265 constant QP; 0: lossless.
+    qp: u8,
 }
 
 impl HevcEncoder {
@@ -44,6 +48,7 @@ impl HevcEncoder {
             preset: DEFAULT_PRESET.into(),
             options: Vec::new(),
             stream_frames: None,
+            qp: 0,
         })
     }
 
@@ -69,6 +74,29 @@ impl HevcEncoder {
         self
     }
 
+    /// Codes lossily at x265 constant QP `qp` (1..=51; 0: lossless, the default, whose sections
+    /// are byte for byte those of an encoder without this call). The quantized codes then come
+    /// back approximately (error growing with QP), at a fraction of the lossless size; NVDEC
+    /// and libde265 decode them to the same codes. Lossy sections need codes as wide as their
+    /// samples (8, 10 or 12 bits; narrower codes at QP q are 8-bit codes at a higher QP with
+    /// extra rounding): other widths fail to encode with [`CodecError::Unsupported`], as does a
+    /// QP above 51.
+    pub fn with_qp(mut self, qp: u8) -> Result<HevcEncoder, CodecError> {
+        if qp > MAX_QP {
+            return Err(CodecError::Unsupported {
+                variant: "hevc",
+                reason: format!("qp {qp} (0: lossless, lossy 1..={MAX_QP})"),
+            });
+        }
+        self.qp = qp;
+        Ok(self)
+    }
+
+    /// The constant QP of lossy sections; 0: lossless.
+    pub fn qp(&self) -> u8 {
+        self.qp
+    }
+
     /// The layout this encoder writes.
     pub fn layout(&self) -> LayoutSpec {
         self.spec
@@ -85,6 +113,10 @@ impl SectionEncoder for HevcEncoder {
         VariantKind::Hevc
     }
 
+    fn is_lossy(&self) -> bool {
+        self.qp > 0
+    }
+
     fn encode(&self, plane: &CodePlane) -> Result<EncodedSection, CodecError> {
         if !plane.is_valid() {
             return Err(CodecError::InvalidCodes(format!(
@@ -95,15 +127,24 @@ impl SectionEncoder for HevcEncoder {
             )));
         }
         let geometry = HevcGeometry::new(plane.shape, &self.spec)?;
+        if self.qp > 0 && geometry.bit_depth != plane.shape.bits {
+            return Err(CodecError::Unsupported {
+                variant: "hevc",
+                reason: format!(
+                    "lossy hevc (qp {}) codes 8, 10 or 12-bit codes, not {}-bit",
+                    self.qp, plane.shape.bits
+                ),
+            });
+        }
         let per_stream = self.stream_frames.unwrap_or(geometry.frames).max(1);
         let mut payload = Vec::new();
         let mut streams = Vec::new();
         for first in (0..geometry.frames).step_by(per_stream) {
             let last = (first + per_stream).min(geometry.frames);
             let frames = (first..last).map(|f| geometry.frame_from_codes(plane, f));
-            let stream = self
-                .x265
-                .encode(&geometry, &self.preset, &self.options, frames)?;
+            let stream =
+                self.x265
+                    .encode(&geometry, &self.preset, self.qp, &self.options, frames)?;
             streams.push(StreamInfo {
                 frames: last - first,
                 bytes: stream.len(),
@@ -112,7 +153,12 @@ impl SectionEncoder for HevcEncoder {
         }
         let params = HevcParams {
             geometry,
-            crc32c: codes_crc32c(&plane.codes),
+            crc32c: if self.qp == 0 {
+                codes_crc32c(&plane.codes)
+            } else {
+                0
+            },
+            qp: self.qp,
             streams,
         };
         Ok(EncodedSection {

@@ -1,5 +1,5 @@
-//! The `hevc` variant: codes laid out in frames and coded with lossless HEVC, so NVDEC (or a
-//! software decoder) can decode them.
+//! The `hevc` variant: codes laid out in frames and coded with HEVC, lossless or (at a constant
+//! QP) lossy, so NVDEC (or a software decoder) can decode them.
 //!
 //! - `layout` and `geometry`: the pure mapping between codes and frames, shared by every
 //!   backend (an NVDEC decoder reuses it with its own decoder).
@@ -21,4 +21,4 @@ pub use decoder::HevcDecoder;
 pub use encoder::{HevcEncoder, DEFAULT_PRESET};
 pub use geometry::{Frame, HevcGeometry};
 pub use layout::{Chroma, HevcLayout, LayoutSpec};
-pub use params::{codes_crc32c, extract_streams, HevcParams, StreamInfo};
+pub use params::{codes_crc32c, extract_streams, HevcParams, StreamInfo, MAX_QP as HEVC_MAX_QP};

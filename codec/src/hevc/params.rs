@@ -1,16 +1,23 @@
 //! The parameters stored beside an HEVC section's payload: geometry, stream table, checksum.
 //!
-//! Format (little-endian): magic `KVH1`; u8 layout, u8 chroma, u8 bit depth, u8 code bits;
-//! u32 tensors, rows, cols, band rows, grid x, grid y, width, height, frames; u32 CRC-32C of
-//! the codes; u32 stream count, then per stream u32 frames and u32 bytes. The payload is the
-//! streams' Annex-B bytes back to back. Decoding rebuilds the geometry from the shape and layout
-//! and rejects parameters that disagree with it, so no stored size is trusted blindly.
+//! Format (little-endian): magic `KVH1` (lossless) or `KVH2` (lossy, followed by u8 x265 QP
+//! 1..=51); u8 layout, u8 chroma, u8 bit depth, u8 code bits; u32 tensors, rows, cols, band
+//! rows, grid x, grid y, width, height, frames; u32 CRC-32C of the codes (0 in a lossy
+//! section: its decoded codes differ from the encoder's by design); u32 stream count, then per
+//! stream u32 frames and u32 bytes. The payload is the streams' Annex-B bytes back to back.
+//! Decoding rebuilds the geometry from the shape and layout and rejects parameters that disagree
+//! with it, so no stored size is trusted blindly. Lossless sections are written as `KVH1`
+//! exactly as before lossy sections existed, so old objects and new lossless ones are the same.
 
 use crate::hevc::geometry::HevcGeometry;
 use crate::hevc::layout::{Chroma, HevcLayout, LayoutSpec};
 use crate::{CodecError, PlaneShape};
 
 const MAGIC: &[u8; 4] = b"KVH1";
+/// The magic of a lossy section's parameters (`KVH1`'s fields after a QP byte).
+const MAGIC_LOSSY: &[u8; 4] = b"KVH2";
+/// The largest QP of 8-bit HEVC (x265 and the standard: 0..=51).
+pub const MAX_QP: u8 = 51;
 
 /// One independently decodable HEVC bitstream of a section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,8 +33,13 @@ pub struct StreamInfo {
 pub struct HevcParams {
     /// Frame geometry and layout.
     pub geometry: HevcGeometry,
-    /// CRC-32C of the codes ([`codes_crc32c`]), checked after decoding.
+    /// CRC-32C of the codes ([`codes_crc32c`]), checked after decoding; 0 and unchecked in a
+    /// lossy section ([`HevcParams::qp`] > 0).
     pub crc32c: u32,
+    /// x265's constant QP: 0 for lossless sections (decoded codes equal the encoded ones),
+    /// 1..=[`MAX_QP`] for lossy ones (decoded codes are close to them; every conforming decoder,
+    /// libde265 and NVDEC alike, gives the same ones).
+    pub qp: u8,
     /// The bitstreams, in payload order.
     pub streams: Vec<StreamInfo>,
 }
@@ -43,6 +55,13 @@ pub fn codes_crc32c(codes: &[u16]) -> u32 {
         crc = crc32c::crc32c_append(crc, &buf[..2 * chunk.len()]);
     }
     crc
+}
+
+fn lossy_unsupported(reason: String) -> CodecError {
+    CodecError::Unsupported {
+        variant: "hevc",
+        reason,
+    }
 }
 
 fn corrupt(reason: impl Into<String>) -> CodecError {
@@ -88,7 +107,13 @@ impl HevcParams {
     pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
         let g = &self.geometry;
         let mut out = Vec::with_capacity(64 + 8 * self.streams.len());
-        out.extend_from_slice(MAGIC);
+        if self.qp == 0 {
+            out.extend_from_slice(MAGIC);
+        } else {
+            self.check_lossy()?;
+            out.extend_from_slice(MAGIC_LOSSY);
+            out.push(self.qp);
+        }
         out.extend_from_slice(&[g.layout.code(), g.chroma.code(), g.bit_depth, g.shape.bits]);
         for v in [
             g.shape.tensors,
@@ -116,9 +141,15 @@ impl HevcParams {
     /// and the streams must cover every frame.
     pub fn from_bytes(params: &[u8]) -> Result<HevcParams, CodecError> {
         let mut r = Reader(params);
-        if r.take(4)? != MAGIC {
+        let magic = r.take(4)?;
+        let lossy = magic == MAGIC_LOSSY;
+        let qp = if magic == MAGIC {
+            0
+        } else if lossy {
+            r.u8()?
+        } else {
             return Err(corrupt("not hevc parameters (bad magic)"));
-        }
+        };
         let layout =
             HevcLayout::from_code(r.u8()?).ok_or_else(|| corrupt("unknown hevc layout"))?;
         let chroma = Chroma::from_code(r.u8()?).ok_or_else(|| corrupt("unknown chroma format"))?;
@@ -167,11 +198,47 @@ impl HevcParams {
         {
             return Err(corrupt("hevc streams do not cover the frames"));
         }
-        Ok(HevcParams {
+        let p = HevcParams {
             geometry,
             crc32c,
+            qp,
             streams,
-        })
+        };
+        if lossy {
+            p.check_lossy().map_err(|e| corrupt(e.to_string()))?;
+        }
+        Ok(p)
+    }
+
+    /// Whether decoded codes may differ from the encoded ones (QP > 0): the codes' checksum is
+    /// then not checked, only the payload's (in the chunk's section table).
+    pub fn is_lossy(&self) -> bool {
+        self.qp > 0
+    }
+
+    /// The rules of a lossy section: QP 1..=51, codes as wide as their samples (8, 10 or 12
+    /// bits, so every sample a decoder can output is a valid code and no decoder needs to
+    /// clamp: NVDEC's restore kernels and libde265 then give the same codes), no checksum.
+    fn check_lossy(&self) -> Result<(), CodecError> {
+        let g = &self.geometry;
+        if self.qp == 0 || self.qp > MAX_QP {
+            return Err(lossy_unsupported(format!(
+                "qp {} (lossy: 1..={MAX_QP})",
+                self.qp
+            )));
+        }
+        if g.shape.bits != g.bit_depth {
+            return Err(lossy_unsupported(format!(
+                "{}-bit codes in {}-bit samples (lossy needs 8, 10 or 12-bit codes)",
+                g.shape.bits, g.bit_depth
+            )));
+        }
+        if self.crc32c != 0 {
+            return Err(lossy_unsupported(
+                "a lossy section with a codes checksum".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Splits `payload` into its streams, checking that their sizes add up.
@@ -217,6 +284,7 @@ mod tests {
         let p = HevcParams {
             geometry,
             crc32c: 7,
+            qp: 0,
             streams: vec![StreamInfo {
                 frames: geometry.frames,
                 bytes: 10,
@@ -237,6 +305,70 @@ mod tests {
         assert!(HevcParams::from_bytes(&bytes[..bytes.len() - 1]).is_err());
         assert!(p.split(&[0; 9]).is_err());
         assert_eq!(p.split(&[0; 10]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn lossy_params_round_trip_and_reject_what_decoders_could_not_agree_on() {
+        let shape = PlaneShape {
+            bits: 8,
+            tensors: 4,
+            rows: 64,
+            cols: 256,
+        };
+        let geometry = HevcGeometry::new(shape, &"frames".parse().unwrap()).unwrap();
+        let p = HevcParams {
+            geometry,
+            crc32c: 0,
+            qp: 12,
+            streams: vec![StreamInfo {
+                frames: geometry.frames,
+                bytes: 10,
+            }],
+        };
+        let bytes = p.to_bytes().unwrap();
+        assert_eq!(&bytes[..5], b"KVH2\x0c");
+        let back = HevcParams::from_bytes(&bytes).unwrap();
+        assert_eq!(back, p);
+        assert!(back.is_lossy());
+        // The lossless form of the same section is the old format byte for byte: KVH1, no QP.
+        let lossless = HevcParams { qp: 0, ..p.clone() }.to_bytes().unwrap();
+        assert_eq!(&lossless[..4], b"KVH1");
+        assert_eq!(&lossless[4..], &bytes[5..]);
+        // Every byte but the stream's byte count (57..61) is checked here, the (zero) codes
+        // checksum included.
+        for i in (0..57).chain(61..bytes.len()) {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x40;
+            assert!(
+                HevcParams::from_bytes(&bad).is_err(),
+                "flip at {i} accepted"
+            );
+        }
+        // QP 0 or above 51 under the lossy magic, and a nonzero checksum, are corrupt.
+        for qp in [0u8, 52, 255] {
+            let mut bad = bytes.clone();
+            bad[4] = qp;
+            assert!(HevcParams::from_bytes(&bad).is_err(), "qp {qp} accepted");
+        }
+        let mut bad = bytes.clone();
+        bad[45] = 1;
+        assert!(HevcParams::from_bytes(&bad).is_err(), "checksum accepted");
+        // Codes narrower than their samples cannot be lossy (a decoder would have to clamp).
+        let narrow =
+            HevcGeometry::new(PlaneShape { bits: 6, ..shape }, &"frames".parse().unwrap()).unwrap();
+        let q = HevcParams {
+            geometry: narrow,
+            ..p.clone()
+        };
+        assert!(matches!(q.to_bytes(), Err(CodecError::Unsupported { .. })));
+        let mut forged = q.clone();
+        forged.qp = 0;
+        let mut forged = forged.to_bytes().unwrap();
+        forged.splice(0..4, b"KVH2\x0c".iter().copied());
+        assert!(matches!(
+            HevcParams::from_bytes(&forged),
+            Err(CodecError::Corrupt { .. })
+        ));
     }
 
     #[test]

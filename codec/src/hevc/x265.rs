@@ -1,4 +1,5 @@
-//! A safe wrapper over libx265 for lossless encoding of whole frame sequences.
+//! A safe wrapper over libx265 for lossless (or constant-QP lossy) encoding of whole frame
+//! sequences.
 //!
 //! The library is opened at run time (it is GPL and optional): [`X265::load`] fails with
 //! [`CodecError::Library`] when it is absent. The only user is the HEVC encoder.
@@ -182,14 +183,16 @@ impl X265 {
         self.api(bit_depth).map(|_| ())
     }
 
-    /// Encodes `frames` (all of `geometry`'s size) losslessly into one Annex-B stream.
+    /// Encodes `frames` (all of `geometry`'s size) into one Annex-B stream: losslessly when `qp`
+    /// is 0, else at that constant QP for every frame and block.
     ///
     /// `options` are extra `x265 --name value` settings, applied after the preset and before the
-    /// settings losslessness and the geometry need.
+    /// settings losslessness (or the constant QP) and the geometry need.
     pub(crate) fn encode(
         &self,
         geometry: &HevcGeometry,
         preset: &str,
+        qp: u8,
         options: &[(String, String)],
         frames: impl Iterator<Item = Result<Frame, CodecError>>,
     ) -> Result<Vec<u8>, CodecError> {
@@ -209,14 +212,30 @@ impl X265 {
         if unsafe { (f.param_default_preset)(param.1, preset_c.as_ptr(), ptr::null()) } != 0 {
             return Err(lib_err(format!("unknown preset {preset:?}")));
         }
-        let fixed: [(&str, String); 9] = [
+        // Lossy: one QP everywhere (no I/P/B offsets, no adaptive quantization, no cu-tree) and
+        // no psycho-visual tuning, which trades squared error for perceived detail: the codes'
+        // error is what the model sees.
+        let rate: Vec<(&str, String)> = if qp == 0 {
+            vec![("lossless", "1".into())]
+        } else {
+            vec![
+                ("lossless", "0".into()),
+                ("qp", qp.to_string()),
+                ("ipratio", "1".into()),
+                ("pbratio", "1".into()),
+                ("aq-mode", "0".into()),
+                ("cutree", "0".into()),
+                ("psy-rd", "0".into()),
+                ("psy-rdoq", "0".into()),
+            ]
+        };
+        let fixed: [(&str, String); 8] = [
             (
                 "input-res",
                 format!("{}x{}", geometry.width, geometry.height),
             ),
             ("input-csp", csp_name.into()),
             ("fps", "25".into()),
-            ("lossless", "1".into()),
             ("log-level", "none".into()),
             ("info", "0".into()),
             ("annexb", "1".into()),
@@ -226,7 +245,7 @@ impl X265 {
         let all = options
             .iter()
             .map(|(k, v)| (k.as_str(), v.clone()))
-            .chain(fixed.iter().map(|(k, v)| (*k, v.clone())));
+            .chain(rate.iter().chain(&fixed).map(|(k, v)| (*k, v.clone())));
         for (name, value) in all {
             let (n, v) = (
                 CString::new(name).map_err(|_| lib_err("bad option name"))?,

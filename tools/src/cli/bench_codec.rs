@@ -283,6 +283,7 @@ pub fn run(args: BenchCodecArgs) -> anyhow::Result<()> {
                 &args.preset,
                 None,
                 args.zstd_level,
+                0,
             )?;
             let rt = round_trip(&cache, &ids, &cfg(*variant), &registry).with_context(|| {
                 format!(

@@ -6,7 +6,9 @@
 //! objects (sizes with headers), and every continuation position's next-token distribution is
 //! compared ([`kvfetcher_kv::ScoreAccumulator`]). With `--model` a llama2.c toy does the same
 //! over KV it samples itself ([`kvfetcher_kv::fidelity`]): a labelled toy row, not a claim.
-//! Every variant returns the quantized codes bit-exactly, so the variant changes the ratio only.
+//! Every lossless variant returns the quantized codes bit-exactly, so the variant changes the
+//! ratio only; lossy HEVC rows (`--hevc-qp`) code the quantized codes with x265 at a constant QP,
+//! so they change both.
 
 use std::path::{Path, PathBuf};
 
@@ -16,8 +18,9 @@ use kvfetcher_client::model_id::model_id_from_file;
 use std::sync::Arc;
 
 use kvfetcher_codec::{
-    allocate_steps, uniform_steps, CodecProfile, CodecRegistry, EncodeConfig, QuantConfig,
-    TransformConfig, VariantKind, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET, DEFAULT_ZSTD_LEVEL,
+    allocate_steps, uniform_steps, CodecProfile, CodecRegistry, EncodeConfig, HevcEncoder,
+    QuantConfig, TransformConfig, VariantKind, DEFAULT_CHUNK_TOKENS, DEFAULT_PRESET,
+    DEFAULT_ZSTD_LEVEL,
 };
 use kvfetcher_kv::{fidelity, KvCache, Llama2Model, ScoreAccumulator, ScoredFidelity};
 use serde::Serialize;
@@ -99,6 +102,25 @@ pub struct BenchFidelityArgs {
     /// Uniform steps instead: this many times each tensor's RMS coefficient deviation.
     #[arg(long, value_delimiter = ',')]
     pub step_scale: Vec<f32>,
+    /// Lossy HEVC rows (with --gguf): x265 constant QPs (1..=51) on the quantized codes, one
+    /// row per QP and `--hevc-bits`, decoded by libde265 (NVDEC decodes the same codes).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=51))]
+    pub hevc_qp: Vec<u8>,
+    /// Code widths of the lossy HEVC rows: 8 (or 10, 12: lossy sections need codes as wide as
+    /// their samples; a narrower width at QP q is 8 bits at about QP q + 6 x (8 - width)).
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub hevc_bits: Vec<u8>,
+    /// HEVC layout of the lossy rows (rows, rows420, frames, frames420, frames:N; default: the
+    /// encoder's).
+    #[arg(long)]
+    pub hevc_layout: Option<String>,
+    /// x265 preset of the lossy rows.
+    #[arg(long, default_value = DEFAULT_PRESET)]
+    pub hevc_preset: String,
+    /// Extra x265 options of the lossy rows, `name=value` as on x265's command line without the
+    /// dashes (e.g. `keyint=1` for all-intra).
+    #[arg(long, value_parser = parse_x265_option)]
+    pub hevc_option: Vec<(String, String)>,
     /// Print a JSON list instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -197,7 +219,7 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
     let raw16 = kvfetcher::cli::bytes_16bit(&original);
     let variant = VariantKind::from(args.variant);
     let registry =
-        kvfetcher::cli::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL)?;
+        kvfetcher::cli::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL, 0)?;
     let bar = progress(args.bits.len() as u64, "fidelity");
     let mut results = Vec::new();
     for &bits in &args.bits {
@@ -242,6 +264,54 @@ pub fn run(args: BenchFidelityArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Parses an x265 `name=value` option.
+fn parse_x265_option(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    Ok((k.trim().into(), v.trim().into()))
+}
+
+/// The lossy HEVC rows: one per `--hevc-bits` and `--hevc-qp`, each with its own x265 encoder
+/// (software registry plus libde265 to decode).
+fn hevc_lossy_settings(args: &BenchFidelityArgs) -> anyhow::Result<Vec<Setting>> {
+    let mut out = Vec::new();
+    for &bits in &args.hevc_bits {
+        for &qp in &args.hevc_qp {
+            let mut enc = HevcEncoder::new(args.hevc_layout.as_deref())
+                .context("lossy hevc rows need x265")?
+                .with_preset(&args.hevc_preset);
+            for (k, v) in &args.hevc_option {
+                enc = enc.with_option(k, v);
+            }
+            let enc = enc.with_qp(qp)?;
+            let registry = CodecRegistry::standard().with(VariantKind::Hevc, Arc::new(enc));
+            let options: String = args
+                .hevc_option
+                .iter()
+                .map(|(k, v)| format!(" {k}={v}"))
+                .collect();
+            out.push(Setting {
+                label: format!(
+                    "hevc qp{qp} {bits}b {}{options} k:{:?} v:{:?}",
+                    args.hevc_layout.as_deref().unwrap_or("frames"),
+                    args.key_grouping,
+                    args.value_grouping
+                )
+                .to_lowercase(),
+                cfg: EncodeConfig {
+                    variant: VariantKind::Hevc,
+                    ..encode_config(args, BitsArg::Bits(bits))
+                },
+                registry,
+                bits,
+                exact: false,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The codec setting of one row: `bits` with the arguments' variant, grouping and chunking.
@@ -386,7 +456,7 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
 
     let variant = VariantKind::from(args.variant);
     let registry =
-        kvfetcher::cli::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL)?;
+        kvfetcher::cli::registry_for(variant, None, DEFAULT_PRESET, None, DEFAULT_ZSTD_LEVEL, 0)?;
     let mut settings: Vec<Setting> = args
         .bits
         .iter()
@@ -408,6 +478,7 @@ pub fn run_engine(args: &BenchFidelityArgs, gguf: &Path) -> anyhow::Result<Engin
     for path in &args.profile {
         settings.extend(transform_settings(args, path, &info, &registry)?);
     }
+    settings.extend(hevc_lossy_settings(args)?);
     let mut results = Vec::new();
     for (i, setting) in settings.iter().enumerate() {
         let (cfg, registry) = (&setting.cfg, &setting.registry);

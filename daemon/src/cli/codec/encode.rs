@@ -60,6 +60,12 @@ pub struct EncodeArgs {
     /// decode on several NVDEC engines at once, for 1.4-2.4% larger sections (docs/LAYOUT.md).
     #[arg(long, default_value_t = 0)]
     pub stream_frames: usize,
+    /// Lossy HEVC: x265 constant QP 1..=51 on the quantized codes (hevc only; 0: lossless, the
+    /// default). Higher QP: smaller objects, larger error in the decoded codes (judge it with
+    /// `kvfetcher-bench fidelity --hevc-qp`). Needs 8-bit codes (or 10/12); NVDEC decodes the
+    /// sections as it does lossless ones, without using SMs.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=51), conflicts_with = "exact")]
+    pub hevc_qp: u8,
     /// zstd level of the zstd variant.
     #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
@@ -90,7 +96,7 @@ pub struct EncodeArgs {
 /// Variants on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum VariantArg {
-    /// Lossless HEVC (NVDEC or libde265).
+    /// HEVC (NVDEC or libde265): lossless, or lossy with --hevc-qp.
     Hevc,
     /// Bit-packed codes.
     Packed,
@@ -143,14 +149,15 @@ fn parse_layer_bits(s: &str) -> Result<(usize, u8), String> {
 }
 
 /// A registry with `zstd` at `zstd_level` and, when `variant` is hevc, an x265 encoder with
-/// `layout`, `preset` and `stream_frames` frames per stream (an error saying why when x265
-/// cannot be loaded).
+/// `layout`, `preset`, `stream_frames` frames per stream and constant QP `hevc_qp` (0:
+/// lossless); an error saying why when x265 cannot be loaded or the QP is out of range.
 pub fn registry_for(
     variant: VariantKind,
     layout: Option<&str>,
     preset: &str,
     stream_frames: Option<usize>,
     zstd_level: i32,
+    hevc_qp: u8,
 ) -> anyhow::Result<CodecRegistry> {
     let zstd = Arc::new(ZstdCodec::new(zstd_level));
     let mut reg = CodecRegistry::standard().with(VariantKind::Zstd, zstd);
@@ -158,7 +165,8 @@ pub fn registry_for(
         let enc = HevcEncoder::new(layout)
             .context("hevc encoder")?
             .with_preset(preset)
-            .with_stream_frames(stream_frames);
+            .with_stream_frames(stream_frames)
+            .with_qp(hevc_qp)?;
         reg = reg.with(VariantKind::Hevc, Arc::new(enc));
     }
     Ok(reg)
@@ -285,8 +293,10 @@ pub(crate) fn run_encode(args: EncodeArgs) -> anyhow::Result<()> {
     } else {
         VariantKind::from(args.variant)
     };
-    if (args.layout.is_some() || args.stream_frames > 0) && variant != VariantKind::Hevc {
-        bail!("--layout and --stream-frames apply to the hevc variant only");
+    if (args.layout.is_some() || args.stream_frames > 0 || args.hevc_qp > 0)
+        && variant != VariantKind::Hevc
+    {
+        bail!("--layout, --stream-frames and --hevc-qp apply to the hevc variant only");
     }
     let registry = registry_for(
         variant,
@@ -294,6 +304,7 @@ pub(crate) fn run_encode(args: EncodeArgs) -> anyhow::Result<()> {
         &args.preset,
         Some(args.stream_frames),
         args.zstd_level,
+        args.hevc_qp,
     )?;
     let cfg = EncodeConfig {
         quant: match transform {

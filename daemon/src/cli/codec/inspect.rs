@@ -119,8 +119,13 @@ fn describe(view: &ChunkView<'_>, out: &mut dyn Write) -> anyhow::Result<()> {
             match HevcParams::from_bytes(&s.params) {
                 Ok(p) => {
                     let g = p.geometry;
+                    let mode = if p.is_lossy() {
+                        format!("lossy qp {}", p.qp)
+                    } else {
+                        "lossless".into()
+                    };
                     format!(
-                        "{} {}x{} {}-bit, {} frames, {} stream(s)",
+                        "{} {}x{} {}-bit, {} frames, {} stream(s), {mode}",
                         g.spec(),
                         g.width,
                         g.height,
