@@ -40,7 +40,7 @@ pub enum Command {
     Codec(bench_codec::BenchCodecArgs),
     /// How each codec setting changes a model's next-token predictions: a GGUF model in
     /// llama.cpp (--gguf), or a llama2.c toy (--model).
-    Fidelity(bench_fidelity::BenchFidelityArgs),
+    Fidelity(Box<bench_fidelity::BenchFidelityArgs>),
     /// Many clients against one daemon: fetches/s, p50/p99 latency and RSS.
     Load(bench_load::BenchLoadArgs),
     /// The GPU path: fixtures, bit-exact checks of NVDEC and the restore kernels, benchmarks.
@@ -63,7 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DelayBridge(a) => bench_net::run_bridge(a),
         Command::Fetch(a) => bench_fetch::run(a),
         Command::Codec(a) => bench_codec::run(a),
-        Command::Fidelity(a) => bench_fidelity::run(a),
+        Command::Fidelity(a) => bench_fidelity::run(*a),
         Command::Load(a) => bench_load::run(a),
         Command::Gpu(a) => gpu::run(a),
         Command::Kv(a) => kv::run(a),
