@@ -3,10 +3,12 @@
 //!
 //! The fetch's engine co-runs with it on the same GPU, so SMs are the scarce resource: under
 //! `auto`, a section goes to a decoder that uses no SMs (NVDEC, then the CPU) when that decoder
-//! is idle enough and fast enough to keep up with the link for this section's ratio; else to
-//! the fastest. "Fast enough" compares the decoder's measured KV output rate (bytes restored
-//! per second on one decode worker, times the workers it can use) with what the link delivers
-//! (its measured rate times the section's ratio of KV bytes to wire bytes), with a margin.
+//! is idle and fast enough to keep up with the link for this section's ratio; else to the
+//! fastest. "Fast enough" compares the decoder's measured KV output rate on one decode worker
+//! with what the link delivers (its measured rate times the section's ratio of KV bytes to wire
+//! bytes), with a margin: one worker, not all of them, because the last section's restore is
+//! added to time to first token, so a decoder must restore a section in less time than the
+//! link takes to deliver it.
 //! Rates start from conservative priors and follow measurements (the first one replaces the
 //! prior). A backlog of received sections waiting for a worker means decoding is the
 //! bottleneck, and then the fastest decoder is chosen whatever the link.
@@ -177,6 +179,8 @@ fn prior(d: Decoder, v: VariantKind) -> f64 {
         (Decoder::Nvdec, _) => 1e9,
         (Decoder::Cpu, VariantKind::Packed) => 1e9,
         (Decoder::Cpu, VariantKind::Zstd) => 5e8,
+        // Entropy decode, inverse transform and RoPE on one core (about 60 MB/s on H200 hosts).
+        (Decoder::Cpu, VariantKind::Rans) => 5e7,
         (Decoder::Cpu, _) => 1.5e8,
     }
 }
@@ -381,11 +385,7 @@ impl Router {
                 // NVDEC before the CPU: it leaves the host's cores to the engine too.
                 for d in [Decoder::Nvdec, Decoder::Cpu] {
                     let idle = s.busy[d.index()] < lanes(d);
-                    if c.candidates.contains(d)
-                        && d.sm_free()
-                        && idle
-                        && rate(d) * lanes(d) as f64 >= demand
-                    {
+                    if c.candidates.contains(d) && d.sm_free() && idle && rate(d) >= demand {
                         return Some(Choice {
                             decoder: d,
                             reason: Reason::KeepsUp,
@@ -489,10 +489,10 @@ mod tests {
     #[test]
     fn a_slow_link_leaves_the_sms_to_the_engine() {
         let r = Router::new(RoutePolicy::Auto, 4);
-        // 10 MB/s of wire, 4x ratio: 40 MB/s of KV, 60 with the margin; the CPU prior is
-        // 150 MB/s per worker.
-        link(&r, 10_000_000, 1000);
-        assert!((r.link_rate().unwrap() - 1e7).abs() < 1e5);
+        // 5 MB/s of wire, 4x ratio: 20 MB/s of KV, 30 with the margin; the CPU prior is
+        // 50 MB/s per worker.
+        link(&r, 5_000_000, 1000);
+        assert!((r.link_rate().unwrap() - 5e6).abs() < 1e5);
         let got = r.choose(&rans(1 << 20, 4 << 20), 0).unwrap();
         assert_eq!((got.decoder, got.reason), (Decoder::Cpu, Reason::KeepsUp));
     }
@@ -500,8 +500,9 @@ mod tests {
     #[test]
     fn a_fast_link_takes_the_gpu() {
         let r = Router::new(RoutePolicy::Auto, 4);
-        // 1 GB/s of wire x 4 = 4 GB/s of KV: four CPU workers at 150 MB/s cannot keep up.
-        link(&r, 100_000_000, 100);
+        // 100 MB/s of wire x 4 = 400 MB/s of KV: one CPU worker at 50 MB/s cannot keep up,
+        // and neither could all four together.
+        link(&r, 10_000_000, 100);
         let got = r.choose(&rans(1 << 20, 4 << 20), 0).unwrap();
         assert_eq!((got.decoder, got.reason), (Decoder::Gpu, Reason::Fastest));
     }
@@ -510,15 +511,21 @@ mod tests {
     fn measurements_replace_the_prior_and_change_the_choice() {
         let r = Router::new(RoutePolicy::Auto, 4);
         link(&r, 100_000_000, 100);
-        // The CPU turns out to restore 2 GB/s per worker: 8 GB/s on four keeps up with 6.
+        // 1 GB/s of wire x 4 x 1.5: 6 GB/s of KV demanded.
+        assert_eq!(
+            r.choose(&rans(1 << 20, 4 << 20), 0).unwrap().decoder,
+            Decoder::Gpu
+        );
+        r.done(Decoder::Gpu, Decoder::Gpu, VariantKind::Rans, 0, None);
+        // The CPU turns out to restore 8 GB/s per worker: it keeps up.
         r.done(
             Decoder::Cpu,
             Decoder::Cpu,
             VariantKind::Rans,
-            2_000_000_000,
+            8_000_000_000,
             Some(Duration::from_secs(1)),
         );
-        assert_eq!(r.rate(Decoder::Cpu, VariantKind::Rans), 2e9);
+        assert_eq!(r.rate(Decoder::Cpu, VariantKind::Rans), 8e9);
         assert_eq!(
             r.choose(&rans(1 << 20, 4 << 20), 0).unwrap().decoder,
             Decoder::Cpu
@@ -528,10 +535,25 @@ mod tests {
             Decoder::Cpu,
             Decoder::Cpu,
             VariantKind::Rans,
-            1_000_000_000,
+            4_000_000_000,
             Some(Duration::from_secs(1)),
         );
-        assert_eq!(r.rate(Decoder::Cpu, VariantKind::Rans), 1.75e9);
+        assert_eq!(r.rate(Decoder::Cpu, VariantKind::Rans), 7e9);
+        // Below the demand again: the GPU.
+        for _ in 0..8 {
+            r.done(
+                Decoder::Cpu,
+                Decoder::Cpu,
+                VariantKind::Rans,
+                1_000_000_000,
+                Some(Duration::from_secs(1)),
+            );
+        }
+        assert!(r.rate(Decoder::Cpu, VariantKind::Rans) < 6e9);
+        assert_eq!(
+            r.choose(&rans(1 << 20, 4 << 20), 0).unwrap().decoder,
+            Decoder::Gpu
+        );
         // Other variants keep their priors.
         assert_eq!(r.rate(Decoder::Cpu, VariantKind::Hevc), 1.5e8);
     }
@@ -539,7 +561,7 @@ mod tests {
     #[test]
     fn busy_decoders_and_a_backlog_are_not_idle() {
         let r = Router::new(RoutePolicy::Auto, 2);
-        link(&r, 10_000_000, 1000);
+        link(&r, 5_000_000, 1000);
         let c = rans(1 << 20, 4 << 20);
         // Two CPU lanes: the third section finds both busy and goes to the GPU.
         assert_eq!(r.choose(&c, 0).unwrap().decoder, Decoder::Cpu);
