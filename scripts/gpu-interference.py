@@ -10,7 +10,12 @@ one run, on one card:
   (c) the same, paced to a 10 Gbit/s compressed input rate;
   (d) GEMM while nvCOMP ANS decompresses the same KV flat out (a python subprocess of this
       script: its own CUDA context and stream, like a real second tenant);
-  (e) nvCOMP ANS paced to the same 10 Gbit/s compressed input rate.
+  (e) nvCOMP ANS paced to the same 10 Gbit/s compressed input rate;
+  (f) GEMM while `kvfetcher-bench gpu transform-load` restores transform-coded (rans) sections
+      through the daemon's GPU route (rANS decode, inverse transform, RoPE, scatter) flat out;
+  (g) the same, paced to the 10 Gbit/s compressed input rate.
+
+--tenants picks which of NVDEC, nvCOMP and rans run (default all).
 
 With --nvdec-frames copy,map,none, (b) and (c) run once per frame handling of the load (`map`:
 frames mapped and unmapped, not copied; `none`: never mapped), which splits NVDEC's cost into
@@ -396,6 +401,8 @@ def main():
                     help="comma-separated frame handlings of the NVDEC load (copy: the real "
                          "path; map: map and unmap only; none: never mapped), one pair of rows "
                          "each")
+    ap.add_argument("--tenants", default="nvdec,nvcomp,rans",
+                    help="comma-separated second tenants to measure: nvdec, nvcomp, rans")
     ap.add_argument("--worker-algorithm", help=argparse.SUPPRESS)
     ap.add_argument("--worker-rate", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -411,7 +418,11 @@ def main():
     if not torch.cuda.is_available():
         die("torch sees no CUDA GPU (torch.cuda.is_available() is False)")
     torch.cuda.set_device(args.device)
-    for p in (args.bin, args.kv, args.fixtures):
+    tenants = set(args.tenants.split(","))
+    if not tenants <= {"nvdec", "nvcomp", "rans"}:
+        die(f"--tenants: unknown {sorted(tenants - {'nvdec', 'nvcomp', 'rans'})}")
+    needed = (args.bin, args.kv) + ((args.fixtures,) if "nvdec" in tenants else ())
+    for p in needed:
         if not os.path.exists(p):
             die(f"{p}: not found")
     say(f"device: {torch.cuda.get_device_name()} "
@@ -433,7 +444,7 @@ def main():
     if args.sessions:
         load += ["--sessions", str(args.sessions)]
     settings = []
-    for frames in args.nvdec_frames.split(","):
+    for frames in args.nvdec_frames.split(",") if "nvdec" in tenants else []:
         tag = "" if frames == "copy" else f" (frames: {frames})"
         fr = ["--frames", frames]
         settings += [
@@ -450,8 +461,8 @@ def main():
             rows.append((label, None, None, None, f"failed: {e}", {}))
 
     # nvCOMP alone: ratio and speed of each algorithm on the 8-bit codes and the raw KV
-    nvcomp = nvcomp_module()
-    nv_labels = [
+    nvcomp = nvcomp_module() if "nvcomp" in tenants else None
+    nv_labels = [] if "nvcomp" not in tenants else [
         "nvCOMP ANS flat out",
         f"nvCOMP ANS at {args.rate_gbps:g} Gbit/s",
     ]
@@ -493,6 +504,21 @@ def main():
             except Exception as e:  # noqa: BLE001
                 say(f"  failed: {e}")
                 rows.append((label, None, None, None, f"failed: {e}", {}))
+
+    # (f), (g) the transform route's kernels, through the daemon's own code
+    rans = [args.bin, "gpu", "transform-load", "--seconds", str(margin)]
+    rans_rows = [
+        ("rans kernels flat out", []),
+        (f"rans kernels at {args.rate_gbps:g} Gbit/s", ["--rate-gbps", str(args.rate_gbps)]),
+    ] if "rans" in tenants else []
+    for label, extra in rans_rows:
+        say(f"{label}:")
+        try:
+            t, (i, o) = with_tenant(torch, rans + extra, "load", args.seconds, parse_load)
+            rows.append((label, t, i, o, "", dict(LAST_WINDOW)))
+        except Exception as e:  # noqa: BLE001
+            say(f"  failed: {e}")
+            rows.append((label, None, None, None, f"failed: {e}", {}))
 
     say("")
     say(f"interference table ({torch.cuda.get_device_name()}, GEMM bf16 {GEMM_N}^3, "

@@ -36,6 +36,10 @@ pub enum GpuCommand {
     /// The transform-coded (rANS) route alone: its checks against the CPU restore (also part
     /// of `check`) and its benchmark (also part of `bench`).
     Transform(TransformArgs),
+    /// Restores transform-coded (rANS) sections through the daemon's GPU route for S seconds,
+    /// flat out or paced to a link rate: the rans tenant of `scripts/gpu-interference.py`.
+    /// Says "load: ready" on stderr once warmed up.
+    TransformLoad(TransformLoadArgs),
     /// Proves CUDA IPC across processes: a child maps the restored KV and waits on IPC events.
     IpcCheck(IpcArgs),
     /// The child side of `ipc-check` (reads handles on stdin).
@@ -61,6 +65,23 @@ pub struct TransformArgs {
     /// Layers per section of the benchmark's chunks (`[save] layers_per_group`): bigger
     /// sections spread the fixed cost of each section (uploads, launches, a wait) over more KV.
     #[arg(long, default_value_t = 1)]
+    pub layers_per_section: usize,
+}
+
+/// Inputs of transform-load.
+#[derive(Debug, Args)]
+pub struct TransformLoadArgs {
+    /// Seconds to restore (counted from the end of the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Pace the compressed input to this many Gbit/s; flat out when absent.
+    #[arg(long)]
+    pub rate_gbps: Option<f64>,
+    /// Host threads restoring sections at once (a fetch's decode workers).
+    #[arg(long, default_value_t = 16)]
+    pub threads: usize,
+    /// Layers per section (4 gives the 4 MB sections saves write for an 8 x 128 model).
+    #[arg(long, default_value_t = 4)]
     pub layers_per_section: usize,
 }
 
@@ -259,6 +280,7 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
         }
         GpuCommand::IpcChild(a) => Ok(ipc_check::run_ipc_child(a.device, &a.kv, &a.mode)?),
         GpuCommand::Load(a) => load(a),
+        GpuCommand::TransformLoad(a) => transform_load(a),
         GpuCommand::Bench(a) => {
             let cuda = Cuda::open(a.run.device)?;
             println!(
@@ -310,6 +332,30 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn transform_load(a: TransformLoadArgs) -> anyhow::Result<()> {
+    let spec = transform_bench::TransformBenchSpec {
+        threads: a.threads,
+        layers_per_section: a.layers_per_section,
+        ..Default::default()
+    };
+    let pace = match a.rate_gbps {
+        Some(r) => format!("paced to {r} Gbit/s"),
+        None => "flat out".into(),
+    };
+    let r = transform_bench::transform_load(&spec, a.seconds, a.rate_gbps, &mut |n| {
+        eprintln!(
+            "load: ready, {n} rans sections of {} layers, {} threads, {pace}, {} s",
+            a.layers_per_section, a.threads, a.seconds
+        );
+    })?;
+    // The same words as `load`, so the interference script parses both.
+    println!(
+        "load: rans sections {}, in {:.3} GB/s bitstream, out {:.3} GB/s samples",
+        r.sections, r.in_gbps, r.out_gbps
+    );
+    Ok(())
 }
 
 fn load(a: LoadArgs) -> anyhow::Result<()> {
