@@ -5,6 +5,9 @@
 //! A small, strict reader and writer: no memory mapping, every offset checked.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::Path;
 
 use serde_json::{Map, Value};
@@ -45,14 +48,43 @@ pub struct KvFile {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// A tensor named in the header: dtype, shape and its byte range in the data section.
+type Entry = (String, Vec<usize>, Range<usize>);
+
 impl KvFile {
-    /// Reads a KV cache from a safetensors file.
+    /// Reads a KV cache from a safetensors file: the header first, then each tensor straight
+    /// into its own buffer (one copy, no whole-file buffer).
     pub fn read(path: &Path) -> Result<KvFile, KvFileError> {
-        let bytes = std::fs::read(path).map_err(|source| KvFileError::Io {
+        let io = |source| KvFileError::Io {
             path: path.display().to_string(),
             source,
-        })?;
-        KvFile::from_bytes(&bytes)
+        };
+        let mut file = File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut len_bytes = [0u8; 8];
+        if file_len < 8 {
+            return Err(KvFileError::Malformed(
+                "shorter than its 8-byte header length".into(),
+            ));
+        }
+        file.read_exact(&mut len_bytes).map_err(io)?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > MAX_HEADER || 8 + header_len > file_len {
+            return Err(KvFileError::Malformed(
+                "header length exceeds the file".into(),
+            ));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        let data_start = 8 + header_len;
+        let (metadata, tensors) = parse_header(&header, file_len - data_start)?;
+        assemble(metadata, tensors, &mut |r: Range<usize>| {
+            let mut buf = vec![0u8; r.len()];
+            file.seek(SeekFrom::Start(data_start + r.start as u64))
+                .and_then(|_| file.read_exact(&mut buf))
+                .map_err(io)?;
+            Ok(buf)
+        })
     }
 
     /// Writes the cache as a safetensors file.
@@ -75,77 +107,9 @@ impl KvFile {
             return Err(malformed("header length exceeds the file"));
         }
         let data = &bytes[8 + header_len as usize..];
-        let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + header_len as usize])
-            .map_err(|e| KvFileError::Malformed(format!("header JSON: {e}")))?;
-
-        let mut metadata = BTreeMap::new();
-        let mut tensors: BTreeMap<String, (String, Vec<usize>, &[u8])> = BTreeMap::new();
-        for (name, entry) in &header {
-            if name == "__metadata__" {
-                if let Some(m) = entry.as_object() {
-                    for (k, v) in m {
-                        metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
-                    }
-                }
-                continue;
-            }
-            let bad = |what: &str| KvFileError::Malformed(format!("tensor {name}: {what}"));
-            let dtype = entry["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
-            let shape = entry["shape"]
-                .as_array()
-                .ok_or_else(|| bad("no shape"))?
-                .iter()
-                .map(|d| d.as_u64().map(|d| d as usize))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad("shape is not a list of integers"))?;
-            let offs = entry["data_offsets"]
-                .as_array()
-                .filter(|a| a.len() == 2)
-                .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
-                .ok_or_else(|| bad("bad data_offsets"))?;
-            if offs.0 > offs.1 || offs.1 > data.len() as u64 {
-                return Err(bad("data_offsets outside the file"));
-            }
-            tensors.insert(
-                name.clone(),
-                (
-                    dtype.to_string(),
-                    shape,
-                    &data[offs.0 as usize..offs.1 as usize],
-                ),
-            );
-        }
-
-        let mut layers = Vec::new();
-        loop {
-            let i = layers.len();
-            let (Some(k), Some(v)) = (
-                tensors.remove(&format!("layers.{i}.key")),
-                tensors.remove(&format!("layers.{i}.value")),
-            ) else {
-                break;
-            };
-            layers.push(LayerKv {
-                key: kv_tensor(&format!("layers.{i}.key"), k)?,
-                value: kv_tensor(&format!("layers.{i}.value"), v)?,
-            });
-        }
-        if layers.is_empty() {
-            return Err(KvFileError::NotKv(
-                "no tensors named layers.0.key and layers.0.value".into(),
-            ));
-        }
-        let token_ids = tensors.remove("token_ids").map(token_ids).transpose()?;
-        if let Some(extra) = tensors.keys().find(|k| k.starts_with("layers.")) {
-            return Err(KvFileError::NotKv(format!(
-                "tensor {extra} does not continue the layer sequence 0..{}",
-                layers.len()
-            )));
-        }
-        Ok(KvFile {
-            cache: KvCache::new(layers, token_ids)?,
-            metadata,
-        })
+        let (metadata, tensors) =
+            parse_header(&bytes[8..8 + header_len as usize], data.len() as u64)?;
+        assemble(metadata, tensors, &mut |r| Ok(data[r].to_vec()))
     }
 
     /// Serializes to safetensors bytes (token ids as U32 when present).
@@ -195,9 +159,95 @@ impl KvFile {
     }
 }
 
+/// Checks the JSON header against a data section of `data_len` bytes: the metadata, and every
+/// tensor's dtype, shape and byte range.
+#[allow(clippy::type_complexity)]
+fn parse_header(
+    json: &[u8],
+    data_len: u64,
+) -> Result<(BTreeMap<String, String>, BTreeMap<String, Entry>), KvFileError> {
+    let header: Map<String, Value> = serde_json::from_slice(json)
+        .map_err(|e| KvFileError::Malformed(format!("header JSON: {e}")))?;
+    let mut metadata = BTreeMap::new();
+    let mut tensors = BTreeMap::new();
+    for (name, entry) in &header {
+        if name == "__metadata__" {
+            if let Some(m) = entry.as_object() {
+                for (k, v) in m {
+                    metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+                }
+            }
+            continue;
+        }
+        let bad = |what: &str| KvFileError::Malformed(format!("tensor {name}: {what}"));
+        let dtype = entry["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
+        let shape = entry["shape"]
+            .as_array()
+            .ok_or_else(|| bad("no shape"))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("shape is not a list of integers"))?;
+        let offs = entry["data_offsets"]
+            .as_array()
+            .filter(|a| a.len() == 2)
+            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
+            .ok_or_else(|| bad("bad data_offsets"))?;
+        if offs.0 > offs.1 || offs.1 > data_len {
+            return Err(bad("data_offsets outside the file"));
+        }
+        tensors.insert(
+            name.clone(),
+            (dtype.to_string(), shape, offs.0 as usize..offs.1 as usize),
+        );
+    }
+    Ok((metadata, tensors))
+}
+
+/// Builds the cache from checked header entries, `fetch` giving each tensor's bytes.
+fn assemble(
+    metadata: BTreeMap<String, String>,
+    mut tensors: BTreeMap<String, Entry>,
+    fetch: &mut dyn FnMut(Range<usize>) -> Result<Vec<u8>, KvFileError>,
+) -> Result<KvFile, KvFileError> {
+    let mut layers = Vec::new();
+    loop {
+        let i = layers.len();
+        let (Some(k), Some(v)) = (
+            tensors.remove(&format!("layers.{i}.key")),
+            tensors.remove(&format!("layers.{i}.value")),
+        ) else {
+            break;
+        };
+        let key = kv_tensor(&format!("layers.{i}.key"), k, fetch)?;
+        let value = kv_tensor(&format!("layers.{i}.value"), v, fetch)?;
+        layers.push(LayerKv { key, value });
+    }
+    if layers.is_empty() {
+        return Err(KvFileError::NotKv(
+            "no tensors named layers.0.key and layers.0.value".into(),
+        ));
+    }
+    let token_ids = match tensors.remove("token_ids") {
+        Some((dtype, shape, r)) => Some(token_ids((dtype, shape, &fetch(r)?))?),
+        None => None,
+    };
+    if let Some(extra) = tensors.keys().find(|k| k.starts_with("layers.")) {
+        return Err(KvFileError::NotKv(format!(
+            "tensor {extra} does not continue the layer sequence 0..{}",
+            layers.len()
+        )));
+    }
+    Ok(KvFile {
+        cache: KvCache::new(layers, token_ids)?,
+        metadata,
+    })
+}
+
 fn kv_tensor(
     name: &str,
-    (dtype, shape, bytes): (String, Vec<usize>, &[u8]),
+    (dtype, shape, range): Entry,
+    fetch: &mut dyn FnMut(Range<usize>) -> Result<Vec<u8>, KvFileError>,
 ) -> Result<Tensor, KvFileError> {
     let dt = DType::from_safetensors_name(&dtype).ok_or_else(|| {
         KvFileError::NotKv(format!("{name} has dtype {dtype}; need F16, BF16 or F32"))
@@ -207,7 +257,14 @@ fn kv_tensor(
             "{name} has shape {s:?}; need [tokens, kv_heads, head_dim]"
         ))
     })?;
-    Ok(Tensor::new(dt, shape, bytes.to_vec())?)
+    // Checked before the bytes are read, so a bad header costs no allocation of its size.
+    if shape.iter().try_fold(dt.size(), |n, &d| n.checked_mul(d)) != Some(range.len()) {
+        return Err(KvFileError::NotKv(format!(
+            "{name}: {} data bytes for shape {shape:?} of {dtype}",
+            range.len()
+        )));
+    }
+    Ok(Tensor::new(dt, shape, fetch(range)?)?)
 }
 
 fn token_ids((dtype, shape, bytes): (String, Vec<usize>, &[u8])) -> Result<Vec<u32>, KvFileError> {
@@ -300,5 +357,40 @@ mod tests {
         ));
         let empty = KvFile::from_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}");
         assert!(matches!(empty, Err(KvFileError::NotKv(_))));
+    }
+
+    #[test]
+    fn a_file_reads_as_its_bytes_parse_and_truncated_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("kvf-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kv.safetensors");
+        let f = sample();
+        f.write(&path).unwrap();
+        assert_eq!(KvFile::read(&path).unwrap(), f);
+        let bytes = f.to_bytes();
+        for cut in [0, 5, 8, 20, bytes.len() - 1] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let err = KvFile::read(&path).unwrap_err();
+            assert!(
+                matches!(err, KvFileError::Malformed(_) | KvFileError::NotKv(_)),
+                "cut at {cut}: {err}"
+            );
+        }
+        let missing = KvFile::read(&dir.join("absent")).unwrap_err();
+        assert!(matches!(missing, KvFileError::Io { .. }), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_shape_that_disagrees_with_its_bytes_is_refused_before_reading() {
+        let json = br#"{"layers.0.key":{"dtype":"F16","shape":[1000000,1000000,64],"data_offsets":[0,4]},"layers.0.value":{"dtype":"F16","shape":[1,1,2],"data_offsets":[0,4]}}"#;
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json);
+        bytes.extend_from_slice(&[0; 4]);
+        let err = KvFile::from_bytes(&bytes).unwrap_err();
+        assert!(
+            matches!(&err, KvFileError::NotKv(m) if m.contains("layers.0.key")),
+            "{err}"
+        );
     }
 }
