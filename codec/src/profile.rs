@@ -481,25 +481,6 @@ impl Cursor<'_> {
     }
 }
 
-/// A dot product in eight f32 lanes (vectorised; ample for a 1e-3 orthonormality check, which
-/// otherwise dominates loading a profile).
-fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 impl HeadBasis {
     /// Finite values, non-negative deviations, orthonormal rows (to 1e-3).
     fn check(&self, d: usize) -> Result<(), String> {
@@ -519,7 +500,7 @@ impl HeadBasis {
             let ri = &self.basis[i * d..(i + 1) * d];
             for j in i..d {
                 let rj = &self.basis[j * d..(j + 1) * d];
-                let dot = f64::from(dot8(ri, rj));
+                let dot = f64::from(crate::transform::dot::<false>(ri, rj));
                 let want = if i == j { 1.0 } else { 0.0 };
                 if (dot - want).abs() > 1e-3 {
                     return Err(format!("basis rows {i} and {j} are not orthonormal"));
@@ -537,20 +518,5 @@ impl HeadBasis {
             basis[i * d + i] = 1.0;
         }
         HeadBasis { mean, std, basis }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::dot8;
-
-    #[test]
-    fn dot8_matches_a_plain_dot_product_at_every_length() {
-        for n in 0..40 {
-            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let plain: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x * y)).sum();
-            assert!((f64::from(dot8(&a, &b)) - plain).abs() < 1e-5, "n = {n}");
-        }
     }
 }

@@ -362,9 +362,9 @@ fn inverse_body(
 }
 
 /// A dot product in eight independent sums (so it vectorizes), fused where `FMA` (encode-side
-/// only, where the order and rounding need not match anything).
+/// only, where the order and rounding need not match anything). Also checks a profile's bases.
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
@@ -465,6 +465,19 @@ mod tests {
     /// fused or not, with and without RoPE, for row counts that leave a short last tile and
     /// with an angle table that covers only some rows; and the dispatched `forward` is one of
     /// the two.
+    #[test]
+    fn dot_matches_a_plain_dot_product_at_every_length() {
+        for n in 0..40 {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let plain: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x * y)).sum();
+            assert!(
+                (f64::from(dot::<false>(&a, &b)) - plain).abs() < 1e-5,
+                "n = {n}"
+            );
+        }
+    }
+
     #[test]
     fn blocked_projection_equals_rows() {
         for (d, style, dims) in [
