@@ -367,6 +367,17 @@ def with_tenant(torch, cmd, tag, seconds, parse):
     return tflops, rates
 
 
+def measure(rows, torch, label, cmd, tag, seconds, parse):
+    """Appends the row of GEMM next to tenant `cmd`; a failure is reported as the row."""
+    say(f"{label}:")
+    try:
+        t, (i, o) = with_tenant(torch, cmd, tag, seconds, parse)
+        rows.append((label, t, i, o, "", dict(LAST_WINDOW)))
+    except Exception as e:  # noqa: BLE001 - report the row, keep measuring
+        say(f"  failed: {e}")
+        rows.append((label, None, None, None, f"failed: {e}", {}))
+
+
 def parse_load(out):
     m = re.search(r"in ([0-9.]+) GB/s bitstream, out ([0-9.]+) GB/s samples", out)
     if not m:
@@ -452,13 +463,7 @@ def main():
             (f"NVDEC at {args.rate_gbps:g} Gbit/s{tag}", fr + ["--rate-gbps", str(args.rate_gbps)]),
         ]
     for label, extra in settings:
-        say(f"{label}:")
-        try:
-            t, (i, o) = with_tenant(torch, load + extra, "load", args.seconds, parse_load)
-            rows.append((label, t, i, o, "", dict(LAST_WINDOW)))
-        except Exception as e:  # noqa: BLE001 - report the row, keep measuring
-            say(f"  failed: {e}")
-            rows.append((label, None, None, None, f"failed: {e}", {}))
+        measure(rows, torch, label, load + extra, "load", args.seconds, parse_load)
 
     # nvCOMP alone: ratio and speed of each algorithm on the 8-bit codes and the raw KV
     nvcomp = nvcomp_module() if "nvcomp" in tenants else None
@@ -466,11 +471,11 @@ def main():
         "nvCOMP ANS flat out",
         f"nvCOMP ANS at {args.rate_gbps:g} Gbit/s",
     ]
-    if nvcomp is None:
+    if nvcomp is None and nv_labels:
         say(f"nvCOMP: {NVCOMP_SKIP}")
         for label in nv_labels:
             rows.append((label, None, None, None, NVCOMP_SKIP, {}))
-    else:
+    elif nvcomp is not None:
         say(f"nvCOMP {getattr(nvcomp, '__version__', '?')}: ratio and decompression alone")
         tensors, raw, dtype = read_kv(args.kv)
         datasets = [
@@ -497,13 +502,7 @@ def main():
                   "--device", str(args.device), "--seconds", str(margin),
                   "--worker-algorithm", "ANS"]
         for label, extra in zip(nv_labels, ([], ["--worker-rate", str(args.rate_gbps)])):
-            say(f"{label}:")
-            try:
-                t, (i, o) = with_tenant(torch, worker + extra, "nvcomp", args.seconds, parse_worker)
-                rows.append((label, t, i, o, "", dict(LAST_WINDOW)))
-            except Exception as e:  # noqa: BLE001
-                say(f"  failed: {e}")
-                rows.append((label, None, None, None, f"failed: {e}", {}))
+            measure(rows, torch, label, worker + extra, "nvcomp", args.seconds, parse_worker)
 
     # (f), (g) the transform route's kernels, through the daemon's own code
     rans = [args.bin, "gpu", "transform-load", "--seconds", str(margin)]
@@ -512,13 +511,7 @@ def main():
         (f"rans kernels at {args.rate_gbps:g} Gbit/s", ["--rate-gbps", str(args.rate_gbps)]),
     ] if "rans" in tenants else []
     for label, extra in rans_rows:
-        say(f"{label}:")
-        try:
-            t, (i, o) = with_tenant(torch, rans + extra, "load", args.seconds, parse_load)
-            rows.append((label, t, i, o, "", dict(LAST_WINDOW)))
-        except Exception as e:  # noqa: BLE001
-            say(f"  failed: {e}")
-            rows.append((label, None, None, None, f"failed: {e}", {}))
+        measure(rows, torch, label, rans + extra, "load", args.seconds, parse_load)
 
     say("")
     say(f"interference table ({torch.cuda.get_device_name()}, GEMM bf16 {GEMM_N}^3, "
