@@ -353,11 +353,17 @@ pub fn transform_load(
     ready(jobs);
     let window = Duration::from_secs_f64(seconds);
     // Payload bytes before job k (over whole rounds of the batch), for pacing.
-    let round: usize = b.payload_bytes();
-    let before = |k: usize| {
-        let (whole, part) = (k / jobs, k % jobs);
-        whole * round + b.jobs[..part].iter().map(|j| j.3).sum::<usize>()
-    };
+    let prefix: Vec<usize> = b
+        .jobs
+        .iter()
+        .scan(0, |sum, j| {
+            let at = *sum;
+            *sum += j.3;
+            Some(at)
+        })
+        .collect();
+    let round = b.payload_bytes();
+    let before = |k: usize| k / jobs * round + prefix[k % jobs];
     let t0 = Instant::now();
     let done = b.drive(spec.threads, &|k| {
         if let Some(r) = rate_gbit {
