@@ -50,6 +50,10 @@ pub struct KvFile {
 
 /// A tensor named in the header: dtype, shape and its byte range in the data section.
 type Entry = (String, Vec<usize>, Range<usize>);
+/// The header's tensors by name.
+type Entries = BTreeMap<String, Entry>;
+/// The header's `__metadata__` strings.
+type Metadata = BTreeMap<String, String>;
 
 impl KvFile {
     /// Reads a KV cache from a safetensors file: the header first, then each tensor straight
@@ -61,19 +65,14 @@ impl KvFile {
         };
         let mut file = File::open(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
-        let mut len_bytes = [0u8; 8];
-        if file_len < 8 {
-            return Err(KvFileError::Malformed(
-                "shorter than its 8-byte header length".into(),
-            ));
-        }
-        file.read_exact(&mut len_bytes).map_err(io)?;
-        let header_len = u64::from_le_bytes(len_bytes);
-        if header_len > MAX_HEADER || 8 + header_len > file_len {
-            return Err(KvFileError::Malformed(
-                "header length exceeds the file".into(),
-            ));
-        }
+        let mut first = [0u8; 8];
+        let first = if file_len >= 8 {
+            file.read_exact(&mut first).map_err(io)?;
+            Some(first)
+        } else {
+            None
+        };
+        let header_len = header_len(first, file_len)?;
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header).map_err(io)?;
         let data_start = 8 + header_len;
@@ -97,18 +96,10 @@ impl KvFile {
 
     /// Parses safetensors bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<KvFile, KvFileError> {
-        let malformed = |m: &str| KvFileError::Malformed(m.to_string());
-        let len_bytes: [u8; 8] = bytes
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| malformed("shorter than its 8-byte header length"))?;
-        let header_len = u64::from_le_bytes(len_bytes);
-        if header_len > MAX_HEADER || 8 + header_len > bytes.len() as u64 {
-            return Err(malformed("header length exceeds the file"));
-        }
-        let data = &bytes[8 + header_len as usize..];
-        let (metadata, tensors) =
-            parse_header(&bytes[8..8 + header_len as usize], data.len() as u64)?;
+        let first = bytes.get(..8).and_then(|b| b.try_into().ok());
+        let header_end = 8 + header_len(first, bytes.len() as u64)? as usize;
+        let data = &bytes[header_end..];
+        let (metadata, tensors) = parse_header(&bytes[8..header_end], data.len() as u64)?;
         assemble(metadata, tensors, &mut |r| Ok(data[r].to_vec()))
     }
 
@@ -159,13 +150,23 @@ impl KvFile {
     }
 }
 
+/// The JSON header's length from a file's first 8 bytes (`None`: the file is shorter than
+/// that), checked against the file's `total` length.
+fn header_len(first: Option<[u8; 8]>, total: u64) -> Result<u64, KvFileError> {
+    let first = first
+        .ok_or_else(|| KvFileError::Malformed("shorter than its 8-byte header length".into()))?;
+    let len = u64::from_le_bytes(first);
+    if len > MAX_HEADER || 8 + len > total {
+        return Err(KvFileError::Malformed(
+            "header length exceeds the file".into(),
+        ));
+    }
+    Ok(len)
+}
+
 /// Checks the JSON header against a data section of `data_len` bytes: the metadata, and every
 /// tensor's dtype, shape and byte range.
-#[allow(clippy::type_complexity)]
-fn parse_header(
-    json: &[u8],
-    data_len: u64,
-) -> Result<(BTreeMap<String, String>, BTreeMap<String, Entry>), KvFileError> {
+fn parse_header(json: &[u8], data_len: u64) -> Result<(Metadata, Entries), KvFileError> {
     let header: Map<String, Value> = serde_json::from_slice(json)
         .map_err(|e| KvFileError::Malformed(format!("header JSON: {e}")))?;
     let mut metadata = BTreeMap::new();
@@ -206,8 +207,8 @@ fn parse_header(
 
 /// Builds the cache from checked header entries, `fetch` giving each tensor's bytes.
 fn assemble(
-    metadata: BTreeMap<String, String>,
-    mut tensors: BTreeMap<String, Entry>,
+    metadata: Metadata,
+    mut tensors: Entries,
     fetch: &mut dyn FnMut(Range<usize>) -> Result<Vec<u8>, KvFileError>,
 ) -> Result<KvFile, KvFileError> {
     let mut layers = Vec::new();
