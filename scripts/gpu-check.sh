@@ -14,8 +14,9 @@
 #   .carry/kvfull/codelm-kv-a.safetensors  the whole KV, for the end-to-end fetch rows
 #                                    (override with FULL_KV=; else the 4-layer KV)
 # Writes logs and the fresh PTX to ${OUT:-/tmp/gpu-check}. SKIP_BENCH=1 skips the benchmarks;
-# SKIP_INTERFERENCE=1 skips only scripts/gpu-interference.py (GEMM next to NVDEC / nvCOMP / the rans kernels, needs
-# torch; nvCOMP from .whl/*.whl when present, INTERFERENCE_SECONDS per setting, default 10).
+# SKIP_INTERFERENCE=1 skips only scripts/gpu-interference.py (GEMM next to NVDEC, nvCOMP and the
+# rans kernels; needs torch; nvCOMP from .whl/*.whl when present, INTERFERENCE_SECONDS per
+# setting, default 10).
 # SKIP_CHECKS=1 skips the checks (gpu check, IPC, daemon, Rust GPU tests, llama.cpp): the
 # benchmarks alone, for a second call when one call cannot hold both.
 set -uo pipefail
