@@ -190,12 +190,12 @@ fn main() {
     });
     rate("rans tables", &mut || {
         for h in &hists {
-            let _: Vec<FreqTable> = h.iter().map(FreqTable::from_counts).collect();
+            let _: Vec<FreqTable> = h.iter().map(FreqTable::fit).collect();
         }
     });
     let tables: Vec<Vec<FreqTable>> = hists
         .iter()
-        .map(|h| h.iter().map(FreqTable::from_counts).collect())
+        .map(|h| h.iter().map(FreqTable::fit).collect())
         .collect();
     eprintln!(
         "encode: {} tensors, {} tables",

@@ -6,7 +6,7 @@
 
 use kvfetcher_codec::rans::{
     decode_values, encode_tensor, encode_values, entropy_bits, histogram, FreqTable, StreamLayout,
-    DEFAULT_BLOCK_VALUES, RANS_L,
+    TableForm, DEFAULT_BLOCK_VALUES, RANS_L,
 };
 use kvfetcher_codec::RansError;
 use rand::rngs::StdRng;
@@ -411,10 +411,16 @@ fn tiny_stream_is_pinned() {
 
 // ---- errors ----
 
+/// A stream of the first layout (listed tables), with many escapes in context 1.
 fn small_stream() -> (Vec<i32>, Vec<u8>) {
     let mut rng = StdRng::seed_from_u64(5);
     let values = tensor(&mut rng, 150, &[0, 1], &[1.0, 200.0]);
-    let stream = encode_tensor(&values, &[0, 1], 2, 64).unwrap();
+    let tables: Vec<FreqTable> = histogram(&values, &[0, 1], 2)
+        .unwrap()
+        .iter()
+        .map(FreqTable::from_counts)
+        .collect();
+    let stream = encode_values(&values, &[0, 1], &tables, 64).unwrap();
     (values, stream)
 }
 
@@ -686,4 +692,176 @@ fn decode_entries_are_packed_as_documented() {
             assert_eq!(t.slot_symbols()[slot] as usize, s);
         }
     }
+}
+
+// ---- table forms ----
+
+/// docs/FORMAT.md's geometric table, written out literally.
+fn spec_geometric(top: usize, param: u64) -> [u16; 256] {
+    let w: Vec<u64> = (0..=top)
+        .scan(1u64 << 32, |w, z| {
+            if z % 2 == 1 {
+                *w = *w * param / 256;
+            }
+            Some(*w)
+        })
+        .collect();
+    let total: u64 = w.iter().sum();
+    let mut f = [0u16; 256];
+    for z in 0..=top {
+        f[z] = (1 + w[z] * (4095 - top as u64) / total) as u16;
+    }
+    let sum: u32 = f.iter().map(|&x| u32::from(x)).sum();
+    f[0] += (4096 - sum) as u16;
+    f
+}
+
+#[test]
+fn geometric_tables_follow_the_spec() {
+    for top in 0..=255u8 {
+        for param in (1..=255u8).step_by(if top % 17 == 0 { 1 } else { 23 }) {
+            let t = FreqTable::geometric(top, param);
+            assert_eq!(
+                *t.freqs(),
+                spec_geometric(usize::from(top), u64::from(param))
+            );
+            assert_eq!(t.form(), TableForm::Geometric(param));
+            assert!(t.freqs()[..=usize::from(top)].iter().all(|&f| f >= 1));
+            assert!(t.freqs()[usize::from(top) + 1..].iter().all(|&f| f == 0));
+        }
+    }
+}
+
+#[test]
+fn fitted_tables_shrink_laplacian_streams() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let column_ctx: Vec<u8> = (0..64).map(|c| (c % 4) as u8).collect();
+    let values = tensor(&mut rng, 64 * 300, &column_ctx, &[0.3, 2.0, 9.0, 40.0]);
+    let stream = encode_tensor(&values, &column_ctx, 4, DEFAULT_BLOCK_VALUES).unwrap();
+    assert_ne!(stream[0] & 0x80, 0, "a stream with table forms");
+    let layout = StreamLayout::parse(&stream, values.len()).unwrap();
+    assert!(layout
+        .tables
+        .iter()
+        .all(|t| matches!(t.form(), TableForm::Geometric(_))));
+    assert_eq!(
+        round_trip(&values, &column_ctx, 4, DEFAULT_BLOCK_VALUES),
+        stream
+    );
+    let listed: Vec<FreqTable> = histogram(&values, &column_ctx, 4)
+        .unwrap()
+        .iter()
+        .map(FreqTable::from_counts)
+        .collect();
+    let first_layout = encode_values(&values, &column_ctx, &listed, DEFAULT_BLOCK_VALUES).unwrap();
+    assert_eq!(first_layout[0], 4, "listed tables keep the first layout");
+    assert!(
+        stream.len() < first_layout.len(),
+        "{} >= {}",
+        stream.len(),
+        first_layout.len()
+    );
+}
+
+#[test]
+fn fit_keeps_listed_tables_where_they_pay() {
+    // Two far-apart peaks: no geometric table comes close.
+    let mut counts = [0u64; 256];
+    counts[0] = 5000;
+    counts[40] = 5000;
+    counts[41] = 5000;
+    let t = FreqTable::fit(&counts);
+    assert_eq!(t.form(), TableForm::Listed);
+    assert_eq!(t, FreqTable::from_counts(&counts));
+    // An unused context costs two bytes.
+    assert!(matches!(
+        FreqTable::fit(&[0; 256]).form(),
+        TableForm::Geometric(_)
+    ));
+}
+
+#[test]
+fn mixed_forms_round_trip_and_resist_damage() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let column_ctx = [0u8, 1, 2];
+    let mut values = tensor(&mut rng, 3 * 200, &column_ctx, &[1.5, 6.0, 1.0]);
+    for v in values.iter_mut().skip(2).step_by(3) {
+        *v = if rng.gen_bool(0.5) { 0 } else { 20 }; // context 2: two peaks, a listed table
+    }
+    let stream = encode_tensor(&values, &column_ctx, 3, 128).unwrap();
+    let layout = StreamLayout::parse(&stream, values.len()).unwrap();
+    let forms: Vec<TableForm> = layout.tables.iter().map(|t| t.form()).collect();
+    assert!(matches!(forms[0], TableForm::Geometric(_)), "{forms:?}");
+    assert_eq!(forms[2], TableForm::Listed, "{forms:?}");
+    assert_eq!(
+        reference_decode(&stream, &column_ctx, values.len()).unwrap(),
+        values
+    );
+    let mut out = vec![0; values.len()];
+    for cut in 0..stream.len() {
+        assert!(decode_values(&stream[..cut], &column_ctx, &mut out).is_err());
+    }
+    let mut decoded = 0;
+    for at in 0..stream.len() {
+        for bit in 0..8 {
+            let mut bad = stream.clone();
+            bad[at] ^= 1 << bit;
+            if decode_values(&bad, &column_ctx, &mut out).is_ok() {
+                decoded += 1;
+            }
+        }
+    }
+    assert!(decoded < stream.len(), "{decoded} flips decoded");
+}
+
+/// The tiny stream with geometric tables, pinned like [`TINY_HEX`].
+const TINY_GEOMETRIC_HEX: &str = concat!(
+    // 2 tables, with forms
+    "82",
+    // table 0: top 255, geometric 250; table 1: top 3, geometric 100
+    "fffa0364",
+    // block_values = 64, n_blocks = 2
+    "4000000002000000",
+    // block 0: 32 initial states (u32), n_words = 9
+    "6a209e0798a70300fa7f1c00f2eea000dcf09d07c6ab1800fd7f1c0097a109001011a91d636b0900",
+    "fd7f1c0098a703000bd0f401c6ab1800e120a91d98a703001011a91d636b09001761c80797a10900",
+    "4720c8079e6e0900e120a91da3960900fccf557798a703001011a91d8bb818000bd0f40198a70300",
+    "fddf01009e6e090009000000",
+    // block 1: 32 initial states (u32), n_words = 1
+    "1660160012f90400fb5f55054dfc0400fe5f5505aee70100f8205700dfaf0c000000010000000100",
+    "00000100000001000000010000000100000001000000010000000100000001000000010000000100",
+    "00000100000001000000010000000100000001000000010000000100000001000000010000000100",
+    "000001000000010001000000",
+    // block 0: 9 words (u16)
+    "fe5ffb5ffe5ff8205802ffffff00ff00feff",
+    // block 1: 1 words (u16)
+    "ff00",
+);
+
+#[test]
+fn tiny_geometric_stream_is_pinned() {
+    let tables = [FreqTable::geometric(255, 250), FreqTable::geometric(3, 100)];
+    let stream = encode_values(&TINY_VALUES, &[0, 1], &tables, 64).unwrap();
+    eprintln!("tiny geometric stream: {}", hex(&stream));
+    assert_eq!(hex(&stream), TINY_GEOMETRIC_HEX);
+    let mut out = [0i32; 72];
+    decode_values(&stream, &[0, 1], &mut out).unwrap();
+    assert_eq!(out, TINY_VALUES);
+}
+
+#[test]
+fn flagged_forms_need_a_geometric_table() {
+    let tail = [32u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+    // One listed table (all 4096 slots on symbol 0), no values: the first layout...
+    let first_layout = [&[0x01, 0x00, 0x80, 0x20][..], &tail].concat();
+    assert!(decode_values(&first_layout, &[0], &mut []).is_ok());
+    // ...and the same table behind the forms flag, which the encoder never writes.
+    let flagged = [&[0x81, 0x00, 0x00, 0x80, 0x20][..], &tail].concat();
+    assert!(matches!(
+        decode_values(&flagged, &[0], &mut []),
+        Err(RansError::BadTable { table: 0, .. })
+    ));
+    // A geometric table behind the flag is fine.
+    let geometric = [&[0x81, 0x00, 0x01][..], &tail].concat();
+    assert!(decode_values(&geometric, &[0], &mut []).is_ok());
 }

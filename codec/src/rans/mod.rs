@@ -12,7 +12,7 @@ mod stream;
 mod table;
 
 pub use stream::{decode_values, encode_values, BlockInfo, StreamLayout};
-pub use table::FreqTable;
+pub use table::{FreqTable, TableForm};
 
 use rayon::prelude::*;
 
@@ -238,7 +238,7 @@ pub fn histogram(
     Ok(hist)
 }
 
-/// Histogram, one normalized table per context and [`encode_values`] in one step: the whole
+/// Histogram, the cheapest table per context ([`FreqTable::fit`]) and [`encode_values`] in one step: the whole
 /// stream (tables included) for `values`, with `n_ctx` (1..=64) contexts.
 pub fn encode_tensor(
     values: &[i32],
@@ -253,7 +253,7 @@ pub fn encode_tensor(
     }
     let tables: Vec<FreqTable> = histogram(values, column_ctx, n_ctx)?
         .iter()
-        .map(FreqTable::from_counts)
+        .map(FreqTable::fit)
         .collect();
     encode_values(values, column_ctx, &tables, block_values)
 }

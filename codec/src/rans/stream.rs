@@ -2,11 +2,15 @@
 
 use rayon::prelude::*;
 
-use super::table::{EncSymbol, FreqTable};
+use super::table::{EncSymbol, FreqTable, TableForm};
 use super::{
     check_contexts, unzigzag, zigzag, RansError, ESCAPE, LANES, MAX_BLOCK_VALUES, MAX_TABLES,
     MAX_VALUE, MIN_VALUE, PROB_BITS, PROB_SCALE, RANS_L,
 };
+
+/// The bit of a stream's first byte (beside the table count) that says each table carries a
+/// form byte ([`TableForm`]); streams without it (the first layout) list every table.
+const TABLE_FORMS: u8 = 0x80;
 
 /// Bytes of one block's header: 32 initial states and the word count.
 const BLOCK_HEADER_LEN: usize = LANES * 4 + 4;
@@ -84,15 +88,24 @@ impl StreamLayout {
             bytes: stream,
             pos: 0,
         };
-        let n_tables = usize::from(r.u8()?);
+        let first = r.u8()?;
+        let forms = first & TABLE_FORMS != 0;
+        let n_tables = usize::from(first & !TABLE_FORMS);
         if !(1..=MAX_TABLES).contains(&n_tables) {
             return Err(RansError::BadTableCount(n_tables));
         }
         let mut tables = Vec::with_capacity(n_tables);
         for t in 0..n_tables {
-            let (table, pos) = FreqTable::read(stream, r.pos, t)?;
+            let (table, pos) = FreqTable::read(stream, r.pos, t, forms)?;
             r.pos = pos;
             tables.push(table);
+        }
+        if forms && tables.iter().all(|t| t.form() == TableForm::Listed) {
+            // The encoder writes such tables in the first layout: one stream per content.
+            return Err(RansError::BadTable {
+                table: 0,
+                reason: "table forms are flagged but every table is listed".into(),
+            });
         }
         let block_values = r.u32()?;
         let n_blocks = r.u32()?;
@@ -231,12 +244,14 @@ pub fn encode_values(
         .collect::<Result<_, _>>()?;
 
     let total_words: usize = blocks.iter().map(|b| b.words().len()).sum();
-    let mut out = Vec::with_capacity(
-        1 + tables.len() * 513 + 8 + blocks.len() * BLOCK_HEADER_LEN + 2 * total_words,
-    );
-    out.push(tables.len() as u8);
+    // Streams whose tables are all listed keep the first layout, byte for byte.
+    let forms = tables.iter().any(|t| t.form() != TableForm::Listed);
+    let table_bytes: usize = tables.iter().map(|t| t.byte_len(forms)).sum();
+    let mut out =
+        Vec::with_capacity(1 + table_bytes + 8 + blocks.len() * BLOCK_HEADER_LEN + 2 * total_words);
+    out.push(tables.len() as u8 | if forms { TABLE_FORMS } else { 0 });
     for t in tables {
-        t.write(&mut out);
+        t.write(&mut out, forms);
     }
     out.extend_from_slice(&(block_values as u32).to_le_bytes());
     out.extend_from_slice(&n_blocks.to_le_bytes());

@@ -9,6 +9,32 @@ use super::{RansError, ALPHABET, PROB_BITS, PROB_SCALE, RANS_L};
 pub struct FreqTable {
     freqs: [u16; ALPHABET],
     cum: [u16; ALPHABET],
+    form: TableForm,
+}
+
+/// How a table travels in a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableForm {
+    /// Every frequency up to the top symbol, listed.
+    Listed,
+    /// A two-sided geometric distribution over the zigzagged values, `P(q) ~ theta^|q|` with
+    /// `theta = param / 256` (1..=255), rebuilt by the decoder with integer arithmetic
+    /// ([`FreqTable::geometric`]): two bytes instead of one or two per symbol, for the
+    /// Laplacian-like levels of transform coefficients.
+    Geometric(u8),
+}
+
+/// `-log2(f / 4096)` for `f` in 0..=4096 (index 0 unused), so choosing a table's form costs no
+/// logarithms.
+fn cost_lut() -> &'static [f32; PROB_SCALE as usize + 1] {
+    static LUT: std::sync::OnceLock<[f32; PROB_SCALE as usize + 1]> = std::sync::OnceLock::new();
+    LUT.get_or_init(|| {
+        let mut lut = [0f32; PROB_SCALE as usize + 1];
+        for (f, c) in lut.iter_mut().enumerate().skip(1) {
+            *c = (f64::from(PROB_BITS) - (f as f64).log2()) as f32;
+        }
+        lut
+    })
 }
 
 impl FreqTable {
@@ -27,7 +53,111 @@ impl FreqTable {
             *c = acc;
             acc += f; // <= 4096: the sum was checked
         }
-        Ok(FreqTable { freqs, cum })
+        Ok(FreqTable {
+            freqs,
+            cum,
+            form: TableForm::Listed,
+        })
+    }
+
+    /// The table of [`TableForm::Geometric`]: symbols `0..=top` (zigzag `z` is the value of
+    /// magnitude `(z + 1) / 2`) weighted `w(z) = 2^32 (param / 256)^((z + 1) / 2)`, each
+    /// multiplication truncated, and given `1 + floor(w(z) (4095 - top) / sum(w))` slots; the
+    /// slots left over go to symbol 0. Integer arithmetic only, so every machine rebuilds the
+    /// same table.
+    pub fn geometric(top: u8, param: u8) -> FreqTable {
+        let n = usize::from(top) + 1;
+        let param = u64::from(param);
+        let mut weights = [0u64; ALPHABET];
+        let mut w = 1u64 << 32;
+        for (z, wz) in weights[..n].iter_mut().enumerate() {
+            if z % 2 == 1 {
+                w = (w * param) >> 8;
+            }
+            *wz = w;
+        }
+        let total: u64 = weights[..n].iter().sum(); // >= 2^32 (symbol 0), <= 2^40
+        let spare = u64::from(PROB_SCALE) - n as u64;
+        let mut freqs = [0u16; ALPHABET];
+        for (f, &wz) in freqs.iter_mut().zip(&weights[..n]) {
+            *f = (1 + wz * spare / total) as u16; // wz * spare < 2^44
+        }
+        let sum: u32 = freqs.iter().map(|&f| u32::from(f)).sum();
+        freqs[0] += (PROB_SCALE - sum) as u16; // sum <= n + spare = 4096
+        let mut table = FreqTable::from_freqs(freqs).expect("sums to 4096");
+        table.form = TableForm::Geometric(param as u8);
+        table
+    }
+
+    /// The table that codes symbols with these counts in the fewest bits, its own bytes in a
+    /// stream included: the listed [`FreqTable::from_counts`] or the best
+    /// [`TableForm::Geometric`] one (searched from the parameter that matches the counts' mean
+    /// magnitude).
+    pub fn fit(counts: &[u64; ALPHABET]) -> FreqTable {
+        let top = counts.iter().rposition(|&c| c > 0).unwrap_or(0);
+        let lut = cost_lut();
+        let bits = |t: &FreqTable| -> f64 {
+            let mut b = 0f64;
+            for (&c, &f) in counts[..=top].iter().zip(&t.freqs[..=top]) {
+                if c > 0 {
+                    b += c as f64 * f64::from(lut[usize::from(f)]);
+                }
+            }
+            b + 8.0 * t.byte_len(true) as f64
+        };
+        // Maximum likelihood for the untruncated distribution: mean |q| = 2t / (1 - t^2).
+        let (mut n, mut abs) = (0f64, 0f64);
+        for (z, &c) in counts.iter().enumerate() {
+            n += c as f64;
+            abs += c as f64 * z.div_ceil(2) as f64;
+        }
+        let m = if n > 0.0 { abs / n } else { 0.0 };
+        let theta = if m > 0.0 {
+            ((1.0 + m * m).sqrt() - 1.0) / m
+        } else {
+            0.0
+        };
+        let geo = |p: i32| FreqTable::geometric(top as u8, p.clamp(1, 255) as u8);
+        let mut p = ((theta * 256.0).round() as i32).clamp(1, 255);
+        let mut best = geo(p);
+        let mut best_bits = bits(&best);
+        // Walk downhill one step at a time (the cost is near-unimodal in the parameter).
+        for dir in [1, -1] {
+            loop {
+                let q = p + dir;
+                if !(1..=255).contains(&q) {
+                    break;
+                }
+                let t = geo(q);
+                let b = bits(&t);
+                if b >= best_bits {
+                    break;
+                }
+                (p, best, best_bits) = (q, t, b);
+            }
+        }
+        // A listed table costs at least the empirical entropy plus a byte per symbol and two:
+        // normalizing one (the slow part) is only worth it when that bound beats the best
+        // geometric table.
+        let entropy: f64 = counts[..=top]
+            .iter()
+            .filter(|&&c| c > 0)
+            .map(|&c| c as f64 * (n / c as f64).log2())
+            .sum();
+        if best_bits <= entropy + 8.0 * (top + 3) as f64 {
+            return best;
+        }
+        let listed = FreqTable::from_counts(counts);
+        if bits(&listed) <= best_bits {
+            listed
+        } else {
+            best
+        }
+    }
+
+    /// How this table travels in a stream.
+    pub fn form(&self) -> TableForm {
+        self.form
     }
 
     /// Normalizes a histogram to frequencies summing to 4096 with every nonzero count getting
@@ -132,11 +262,42 @@ impl FreqTable {
         lut
     }
 
+    /// The largest symbol with a nonzero frequency.
+    fn top(&self) -> usize {
+        self.freqs.iter().rposition(|&f| f > 0).unwrap_or(0)
+    }
+
+    /// Bytes of [`FreqTable::write`]'s output.
+    pub(crate) fn byte_len(&self, forms: bool) -> usize {
+        match self.form {
+            TableForm::Geometric(_) => 2,
+            TableForm::Listed => {
+                let listed: usize = self.freqs[..=self.top()]
+                    .iter()
+                    .map(|&f| if f < 0x80 { 1 } else { 2 })
+                    .sum();
+                1 + usize::from(forms) + listed
+            }
+        }
+    }
+
     /// Appends the table's byte form: `top` (the largest symbol with a nonzero frequency),
-    /// then `freqs[0..=top]` as canonical unsigned LEB128.
-    pub fn write(&self, out: &mut Vec<u8>) {
-        let top = self.freqs.iter().rposition(|&f| f > 0).unwrap_or(0);
+    /// then, in a stream with table forms, a parameter byte (0: listed, else
+    /// [`TableForm::Geometric`]'s), then for a listed table `freqs[0..=top]` as canonical
+    /// unsigned LEB128. Without forms (the first stream layout) a table must be listed.
+    pub(crate) fn write(&self, out: &mut Vec<u8>, forms: bool) {
+        let top = self.top();
         out.push(top as u8);
+        if forms {
+            match self.form {
+                TableForm::Geometric(param) => {
+                    out.push(param);
+                    return;
+                }
+                TableForm::Listed => out.push(0),
+            }
+        }
+        debug_assert_eq!(self.form, TableForm::Listed, "a stream without forms");
         for &f in &self.freqs[..=top] {
             let mut v = f;
             loop {
@@ -151,14 +312,16 @@ impl FreqTable {
         }
     }
 
-    /// Parses the byte form of table number `table` starting at `stream[pos]`; returns it and
-    /// the position after it. `top` must name a nonzero frequency, each LEB128 must be
+    /// Parses the byte form of table number `table` starting at `stream[pos]` (`forms`: with
+    /// the parameter byte); returns it and the position after it. A geometric table is valid
+    /// for any top and parameter; a listed one's `top` must name a nonzero frequency, each LEB128 must be
     /// canonical (at most 2 bytes, no redundant zero byte) and at most 4096, and the sum must
     /// be exactly 4096.
     pub(crate) fn read(
         stream: &[u8],
         mut pos: usize,
         table: usize,
+        forms: bool,
     ) -> Result<(FreqTable, usize), RansError> {
         let truncated = |needed: usize| RansError::Truncated {
             needed,
@@ -167,6 +330,13 @@ impl FreqTable {
         let bad = |reason: String| RansError::BadTable { table, reason };
         let top = usize::from(*stream.get(pos).ok_or_else(|| truncated(pos + 1))?);
         pos += 1;
+        if forms {
+            let param = *stream.get(pos).ok_or_else(|| truncated(pos + 1))?;
+            pos += 1;
+            if param != 0 {
+                return Ok((FreqTable::geometric(top as u8, param), pos));
+            }
+        }
         let mut freqs = [0u16; ALPHABET];
         for f in &mut freqs[..=top] {
             let b0 = *stream.get(pos).ok_or_else(|| truncated(pos + 1))?;
@@ -341,10 +511,34 @@ mod tests {
         }
         let t = FreqTable::from_counts(&counts);
         let mut bytes = Vec::new();
-        t.write(&mut bytes);
-        let (back, used) = FreqTable::read(&bytes, 0, 0).unwrap();
+        t.write(&mut bytes, false);
+        let (back, used) = FreqTable::read(&bytes, 0, 0, false).unwrap();
         assert_eq!(used, bytes.len());
         assert_eq!(back, t);
         assert_eq!(t.slot_symbols().len(), 4096);
+    }
+
+    #[test]
+    fn byte_len_is_what_write_writes() {
+        let mut counts = [0u64; ALPHABET];
+        for (s, c) in counts.iter_mut().enumerate().take(200) {
+            *c = 100_000 >> (s / 8);
+        }
+        for t in [
+            FreqTable::from_counts(&counts),
+            FreqTable::geometric(9, 77),
+            FreqTable::fit(&counts),
+        ] {
+            for forms in [false, true] {
+                if !forms && t.form() != TableForm::Listed {
+                    continue;
+                }
+                let mut bytes = Vec::new();
+                t.write(&mut bytes, forms);
+                assert_eq!(bytes.len(), t.byte_len(forms));
+                let (back, used) = FreqTable::read(&bytes, 0, 0, forms).unwrap();
+                assert_eq!((back, used), (t.clone(), bytes.len()));
+            }
+        }
     }
 }
