@@ -148,9 +148,10 @@ fn parse_layer_bits(s: &str) -> Result<(usize, u8), String> {
     Ok((layer, bits))
 }
 
-/// A registry with `zstd` at `zstd_level` and, when `variant` is hevc, an x265 encoder with
-/// `layout`, `preset`, `stream_frames` frames per stream and constant QP `hevc_qp` (0:
-/// lossless); an error saying why when x265 cannot be loaded or the QP is out of range.
+/// The software registry with `zstd` at `zstd_level`; for hevc, the standard one (libde265)
+/// with an x265 encoder with `layout`, `preset`, `stream_frames` frames per stream and constant
+/// QP `hevc_qp` (0: lossless); an error saying why when x265 cannot be loaded or the QP is out
+/// of range.
 pub fn registry_for(
     variant: VariantKind,
     layout: Option<&str>,
@@ -160,7 +161,13 @@ pub fn registry_for(
     hevc_qp: u8,
 ) -> anyhow::Result<CodecRegistry> {
     let zstd = Arc::new(ZstdCodec::new(zstd_level));
-    let mut reg = CodecRegistry::standard().with(VariantKind::Zstd, zstd);
+    // Only hevc needs x265 and libde265 loaded (a few ms of a short encode otherwise).
+    let base = if variant == VariantKind::Hevc {
+        CodecRegistry::standard()
+    } else {
+        CodecRegistry::software()
+    };
+    let mut reg = base.with(VariantKind::Zstd, zstd);
     if variant == VariantKind::Hevc {
         let enc = HevcEncoder::new(layout)
             .context("hevc encoder")?
