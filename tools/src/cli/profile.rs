@@ -45,8 +45,9 @@ pub struct ProfileArgs {
     /// Leave RoPE on K (fit the transform to K as cached).
     #[arg(long)]
     pub keep_rope: bool,
-    /// Tokens of the first text whose KV is perturbed to measure sensitivities (of every
-    /// text, for the joint KL scale).
+    /// Tokens of a calibration text whose KV is perturbed to measure sensitivities (of the
+    /// first text, or of every text with --sensitivity-all-texts) and the joint KL scale (of
+    /// every text).
     #[arg(long, default_value_t = 256)]
     pub probe_prefix: usize,
     /// Continuation tokens scored per sensitivity probe.
@@ -60,6 +61,11 @@ pub struct ProfileArgs {
     /// since errors in every layer at once add up to more than the sum of single-tensor probes.
     #[arg(long, default_value_t = kvfetcher_codec::DEFAULT_TARGET_KL)]
     pub fit_kl: f64,
+    /// Measure each tensor's sensitivity as the mean over a split of every calibration text,
+    /// not on the first text's alone: twice the probes for two texts; on SmolLM2 it gave about
+    /// 1% more at mean KL 2-3e-4 and the same near 0.01 (docs/BENCHMARKS.md).
+    #[arg(long)]
+    pub sensitivity_all_texts: bool,
     /// Skip the sensitivity probes (the profile then cannot drive `--target-kl`).
     #[arg(long)]
     pub no_sensitivity: bool,
@@ -119,9 +125,9 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let mut profile = calibrate(model, &caches, &cfg)?;
     eprintln!("profile: fitted {} layers ({rope:?})", profile.num_layers());
     if !args.no_sensitivity {
-        // Sensitivities on the first text's split; the joint scale over a split of every
-        // calibration text long enough for one (texts react differently: one text's scale
-        // under-predicts others').
+        // Sensitivities on the first text's split (or every text's); the joint scale over a
+        // split of every calibration text long enough for one (texts react differently: one
+        // text's scale under-predicts others').
         let mut probes = Vec::new();
         for (i, (ids, cache)) in samples.iter().enumerate() {
             match Probe::new(&engine, &info, ids, cache, &profile, &args, scratch.path()) {
@@ -130,7 +136,12 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
                 Err(e) => eprintln!("profile: text {} has no joint probe: {e}", i + 1),
             }
         }
-        measure_sensitivities(&mut profile, &probes[0], args.probe_bits)?;
+        let sensitivity_probes = if args.sensitivity_all_texts {
+            &probes[..]
+        } else {
+            &probes[..1]
+        };
+        measure_sensitivities(&mut profile, sensitivity_probes, args.probe_bits)?;
         for round in 1..=2 {
             let (predicted, measured) = fit_kl_scale(&mut profile, &probes, args.fit_kl)?;
             eprintln!(
@@ -243,7 +254,7 @@ pub fn perturb_one(
     Ok((KvCache::new(layers, None)?, sq / n))
 }
 
-/// The split every sensitivity is measured on: the first calibration text's first
+/// A split sensitivities and the KL scale are measured on: a calibration text's first
 /// `--probe-prefix` tokens reused, the next `--probe-continuation` scored, and the scores of the
 /// exact prefix (computed once, compared with every perturbed run).
 struct Probe<'a> {
@@ -268,7 +279,7 @@ impl<'a> Probe<'a> {
         let p = args.probe_prefix;
         ensure!(
             p > usize::from(profile.sinks) && p + args.probe_continuation <= ids.len(),
-            "the first text has {} tokens, too few for a probe of {p} + {}",
+            "the text has {} tokens, too few for a probe of {p} + {}",
             ids.len(),
             args.probe_continuation
         );
@@ -348,14 +359,14 @@ fn fit_kl_scale(
 }
 
 /// Sets every tensor's sensitivity: KL per unit MSE when that tensor alone is coded at the
-/// step of its rate curve nearest `probe_bits` bits per value.
+/// step of its rate curve nearest `probe_bits` bits per value, the mean over `probes`.
 fn measure_sensitivities(
     profile: &mut CodecProfile,
-    probe: &Probe<'_>,
+    probes: &[Probe<'_>],
     probe_bits: f32,
 ) -> anyhow::Result<()> {
     let tensors = profile.num_layers() * 2;
-    let bar = progress(tensors as u64, "sensitivity");
+    let bar = progress((tensors * probes.len()) as u64, "sensitivity");
     let shared = Arc::new(profile.clone());
     for i in 0..tensors {
         let (layer, is_key) = (i / 2, i % 2 == 0);
@@ -369,14 +380,19 @@ fn measure_sensitivities(
             })
             .context("the profile has no rate curve")?
             .step;
-        let (perturbed, mse) = perturb_one(&shared, &probe.prefix, layer, is_key, step)?;
-        let kl = probe.mean_kl(&perturbed)?;
-        let sensitivity = if mse > 0.0 { kl / mse } else { 0.0 };
+        let mut sensitivity = 0.0;
+        for probe in probes {
+            let (perturbed, mse) = perturb_one(&shared, &probe.prefix, layer, is_key, step)?;
+            let kl = probe.mean_kl(&perturbed)?;
+            if mse > 0.0 {
+                sensitivity += kl / mse / probes.len() as f64;
+            }
+            bar.inc(1);
+        }
         let t = &mut profile.layers[layer];
         let t = if is_key { &mut t.key } else { &mut t.value };
         // A tensor whose error the model does not notice still gets a tiny positive weight.
         t.sensitivity = (sensitivity as f32).max(f32::MIN_POSITIVE);
-        bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(())
