@@ -66,26 +66,8 @@ impl FreqTable {
     /// slots left over go to symbol 0. Integer arithmetic only, so every machine rebuilds the
     /// same table.
     pub fn geometric(top: u8, param: u8) -> FreqTable {
-        let n = usize::from(top) + 1;
-        let param = u64::from(param);
-        let mut weights = [0u64; ALPHABET];
-        let mut w = 1u64 << 32;
-        for (z, wz) in weights[..n].iter_mut().enumerate() {
-            if z % 2 == 1 {
-                w = (w * param) >> 8;
-            }
-            *wz = w;
-        }
-        let total: u64 = weights[..n].iter().sum(); // >= 2^32 (symbol 0), <= 2^40
-        let spare = u64::from(PROB_SCALE) - n as u64;
-        let mut freqs = [0u16; ALPHABET];
-        for (f, &wz) in freqs.iter_mut().zip(&weights[..n]) {
-            *f = (1 + wz * spare / total) as u16; // wz * spare < 2^44
-        }
-        let sum: u32 = freqs.iter().map(|&f| u32::from(f)).sum();
-        freqs[0] += (PROB_SCALE - sum) as u16; // sum <= n + spare = 4096
-        let mut table = FreqTable::from_freqs(freqs).expect("sums to 4096");
-        table.form = TableForm::Geometric(param as u8);
+        let mut table = FreqTable::from_freqs(geometric_freqs(top, param)).expect("sums to 4096");
+        table.form = TableForm::Geometric(param);
         table
     }
 
@@ -96,14 +78,14 @@ impl FreqTable {
     pub fn fit(counts: &[u64; ALPHABET]) -> FreqTable {
         let top = counts.iter().rposition(|&c| c > 0).unwrap_or(0);
         let lut = cost_lut();
-        let bits = |t: &FreqTable| -> f64 {
+        let coded = |freqs: &[u16; ALPHABET]| -> f64 {
             let mut b = 0f64;
-            for (&c, &f) in counts[..=top].iter().zip(&t.freqs[..=top]) {
+            for (&c, &f) in counts[..=top].iter().zip(&freqs[..=top]) {
                 if c > 0 {
                     b += c as f64 * f64::from(lut[usize::from(f)]);
                 }
             }
-            b + 8.0 * t.byte_len(true) as f64
+            b
         };
         // Maximum likelihood for the untruncated distribution: mean |q| = 2t / (1 - t^2).
         let (mut n, mut abs) = (0f64, 0f64);
@@ -117,10 +99,10 @@ impl FreqTable {
         } else {
             0.0
         };
-        let geo = |p: i32| FreqTable::geometric(top as u8, p.clamp(1, 255) as u8);
+        // Two bytes for the table plus the symbols, per parameter.
+        let geo_bits = |p: i32| 16.0 + coded(&geometric_freqs(top as u8, p as u8));
         let mut p = ((theta * 256.0).round() as i32).clamp(1, 255);
-        let mut best = geo(p);
-        let mut best_bits = bits(&best);
+        let mut best_bits = geo_bits(p);
         // Walk downhill one step at a time (the cost is near-unimodal in the parameter).
         for dir in [1, -1] {
             loop {
@@ -128,14 +110,14 @@ impl FreqTable {
                 if !(1..=255).contains(&q) {
                     break;
                 }
-                let t = geo(q);
-                let b = bits(&t);
+                let b = geo_bits(q);
                 if b >= best_bits {
                     break;
                 }
-                (p, best, best_bits) = (q, t, b);
+                (p, best_bits) = (q, b);
             }
         }
+        let best = FreqTable::geometric(top as u8, p as u8);
         // A listed table costs at least the empirical entropy plus a byte per symbol and two:
         // normalizing one (the slow part) is only worth it when that bound beats the best
         // geometric table.
@@ -148,7 +130,7 @@ impl FreqTable {
             return best;
         }
         let listed = FreqTable::from_counts(counts);
-        if bits(&listed) <= best_bits {
+        if coded(&listed.freqs) + 8.0 * listed.byte_len(true) as f64 <= best_bits {
             listed
         } else {
             best
@@ -386,6 +368,29 @@ impl FreqTable {
         }
         lut
     }
+}
+
+/// The frequencies of [`FreqTable::geometric`] (symbols above `top` get 0).
+fn geometric_freqs(top: u8, param: u8) -> [u16; ALPHABET] {
+    let n = usize::from(top) + 1;
+    let param = u64::from(param);
+    let mut weights = [0u64; ALPHABET];
+    let mut w = 1u64 << 32;
+    for (z, wz) in weights[..n].iter_mut().enumerate() {
+        if z % 2 == 1 {
+            w = (w * param) >> 8;
+        }
+        *wz = w;
+    }
+    let total: u64 = weights[..n].iter().sum(); // >= 2^32 (symbol 0), <= 2^40
+    let spare = u64::from(PROB_SCALE) - n as u64;
+    let mut freqs = [0u16; ALPHABET];
+    for (f, &wz) in freqs[..n].iter_mut().zip(&weights[..n]) {
+        *f = (1 + wz * spare / total) as u16; // wz * spare < 2^44
+    }
+    let sum: u32 = freqs[..n].iter().map(|&f| u32::from(f)).sum();
+    freqs[0] += (PROB_SCALE - sum) as u16; // sum <= n + spare = 4096
+    freqs
 }
 
 /// One symbol's encoder constants (16 bytes): its frequency, for the renormalization test,
