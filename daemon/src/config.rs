@@ -224,7 +224,7 @@ pub struct SaveConfig {
     /// models without a profile are saved as `zstd` at `bits`).
     pub variant: String,
     /// `rans` only: the mean KL of the next-token distribution (nats) the per-layer steps are
-    /// chosen for.
+    /// chosen for, as the profile predicts it (default [`kvfetcher_codec::DEFAULT_TARGET_KL`]).
     pub target_kl: f64,
     /// Quantization bits, 1..=8, or 16 for bit-exact.
     pub bits: u8,

@@ -59,7 +59,7 @@ pub struct ProfileArgs {
     /// The target the sensitivities are scaled at: the probe split is coded whole with steps
     /// for this mean KL and the sensitivities are scaled by measured over predicted KL (twice),
     /// since errors in every layer at once add up to more than the sum of single-tensor probes.
-    #[arg(long, default_value_t = kvfetcher_codec::DEFAULT_TARGET_KL)]
+    #[arg(long, default_value_t = 0.01)]
     pub fit_kl: f64,
     /// Measure each tensor's sensitivity as the mean over a split of every calibration text,
     /// not on the first text's alone: twice the probes for two texts; on SmolLM2 it gave about
