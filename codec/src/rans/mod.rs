@@ -238,8 +238,8 @@ pub fn histogram(
     Ok(hist)
 }
 
-/// Histogram, the cheapest table per context ([`FreqTable::fit`]) and [`encode_values`] in one step: the whole
-/// stream (tables included) for `values`, with `n_ctx` (1..=64) contexts.
+/// Histogram, the cheapest table per context ([`FreqTable::fit`]) and [`encode_values`] in one
+/// step: the whole stream (tables included) for `values`, with `n_ctx` (1..=64) contexts.
 pub fn encode_tensor(
     values: &[i32],
     column_ctx: &[u8],
