@@ -296,9 +296,9 @@ impl FreqTable {
 
     /// Parses the byte form of table number `table` starting at `stream[pos]` (`forms`: with
     /// the parameter byte); returns it and the position after it. A geometric table is valid
-    /// for any top and parameter; a listed one's `top` must name a nonzero frequency, each LEB128 must be
-    /// canonical (at most 2 bytes, no redundant zero byte) and at most 4096, and the sum must
-    /// be exactly 4096.
+    /// for any top and parameter; a listed one's `top` must name a nonzero frequency, each
+    /// LEB128 must be canonical (at most 2 bytes, no redundant zero byte) and at most 4096, and
+    /// the sum must be exactly 4096.
     pub(crate) fn read(
         stream: &[u8],
         mut pos: usize,
