@@ -50,7 +50,7 @@ tls = "$TMP/certs"
 
 [save]
 variant = "${SAVE_VARIANT:-zstd}"
-target_kl = ${SAVE_TARGET_KL:-0.01}
+target_kl = ${SAVE_TARGET_KL:-0.005}
 bits = $2
 chunk_tokens = $3
 layers_per_group = 1
