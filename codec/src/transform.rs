@@ -461,10 +461,8 @@ mod tests {
         }
     }
 
-    /// The blocked projection (head dims 64 and 128) gives exactly the per-row dot products,
-    /// fused or not, with and without RoPE, for row counts that leave a short last tile and
-    /// with an angle table that covers only some rows; and the dispatched `forward` is one of
-    /// the two.
+    /// `dot` (eight partial sums and a tail) agrees with a plain sum at every length, the tail
+    /// included.
     #[test]
     fn dot_matches_a_plain_dot_product_at_every_length() {
         for n in 0..40 {
@@ -478,6 +476,10 @@ mod tests {
         }
     }
 
+    /// The blocked projection (head dims 64 and 128) gives exactly the per-row dot products,
+    /// fused or not, with and without RoPE, for row counts that leave a short last tile and
+    /// with an angle table that covers only some rows; and the dispatched `forward` is one of
+    /// the two.
     #[test]
     fn blocked_projection_equals_rows() {
         for (d, style, dims) in [
