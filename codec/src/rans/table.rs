@@ -24,17 +24,33 @@ pub enum TableForm {
     Geometric(u8),
 }
 
-/// `-log2(f / 4096)` for `f` in 0..=4096 (index 0 unused), so choosing a table's form costs no
+/// `-log2(f / 4096)` for `f` in 0..=4096 (index 0 unused), so costing a table takes no
 /// logarithms.
-fn cost_lut() -> &'static [f32; PROB_SCALE as usize + 1] {
-    static LUT: std::sync::OnceLock<[f32; PROB_SCALE as usize + 1]> = std::sync::OnceLock::new();
+fn cost_lut() -> &'static [f64; PROB_SCALE as usize + 1] {
+    static LUT: std::sync::OnceLock<[f64; PROB_SCALE as usize + 1]> = std::sync::OnceLock::new();
     LUT.get_or_init(|| {
-        let mut lut = [0f32; PROB_SCALE as usize + 1];
+        let mut lut = [0f64; PROB_SCALE as usize + 1];
         for (f, c) in lut.iter_mut().enumerate().skip(1) {
-            *c = (f64::from(PROB_BITS) - (f as f64).log2()) as f32;
+            *c = f64::from(PROB_BITS) - (f as f64).log2();
         }
         lut
     })
+}
+
+/// The coded size in bits of symbols with `counts` under frequencies `freqs` (same length);
+/// infinite if a counted symbol has frequency 0.
+fn coded_bits(counts: &[u64], freqs: &[u16]) -> f64 {
+    let lut = cost_lut();
+    let mut bits = 0.0;
+    for (&c, &f) in counts.iter().zip(freqs) {
+        if c > 0 {
+            if f == 0 {
+                return f64::INFINITY;
+            }
+            bits += c as f64 * lut[usize::from(f)];
+        }
+    }
+    bits
 }
 
 impl FreqTable {
@@ -77,16 +93,7 @@ impl FreqTable {
     /// magnitude).
     pub fn fit(counts: &[u64; ALPHABET]) -> FreqTable {
         let top = counts.iter().rposition(|&c| c > 0).unwrap_or(0);
-        let lut = cost_lut();
-        let coded = |freqs: &[u16; ALPHABET]| -> f64 {
-            let mut b = 0f64;
-            for (&c, &f) in counts[..=top].iter().zip(&freqs[..=top]) {
-                if c > 0 {
-                    b += c as f64 * f64::from(lut[usize::from(f)]);
-                }
-            }
-            b
-        };
+        let coded = |freqs: &[u16; ALPHABET]| coded_bits(&counts[..=top], &freqs[..=top]);
         // Maximum likelihood for the untruncated distribution: mean |q| = 2t / (1 - t^2).
         let (mut n, mut abs) = (0f64, 0f64);
         for (z, &c) in counts.iter().enumerate() {
@@ -223,16 +230,7 @@ impl FreqTable {
     /// The coded size in bits of symbols with these counts under this table (ignoring the
     /// stream's fixed overhead and escape words); infinite if a counted symbol has frequency 0.
     pub fn cost_bits(&self, counts: &[u64; ALPHABET]) -> f64 {
-        let mut bits = 0.0;
-        for (&c, &f) in counts.iter().zip(&self.freqs) {
-            if c > 0 {
-                if f == 0 {
-                    return f64::INFINITY;
-                }
-                bits += c as f64 * (f64::from(PROB_BITS) - f64::from(f).log2());
-            }
-        }
-        bits
+        coded_bits(counts, &self.freqs)
     }
 
     /// The 4096-entry slot -> symbol table a decoder looks symbols up in.
