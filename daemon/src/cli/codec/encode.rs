@@ -161,22 +161,18 @@ pub fn registry_for(
     hevc_qp: u8,
 ) -> anyhow::Result<CodecRegistry> {
     let zstd = Arc::new(ZstdCodec::new(zstd_level));
-    // Only hevc needs x265 and libde265 loaded (a few ms of a short encode otherwise).
-    let base = if variant == VariantKind::Hevc {
-        CodecRegistry::standard()
-    } else {
-        CodecRegistry::software()
-    };
-    let mut reg = base.with(VariantKind::Zstd, zstd);
-    if variant == VariantKind::Hevc {
-        let enc = HevcEncoder::new(layout)
-            .context("hevc encoder")?
-            .with_preset(preset)
-            .with_stream_frames(stream_frames)
-            .with_qp(hevc_qp)?;
-        reg = reg.with(VariantKind::Hevc, Arc::new(enc));
+    if variant != VariantKind::Hevc {
+        // Only hevc needs x265 and libde265 loaded (a few ms of a short encode otherwise).
+        return Ok(CodecRegistry::software().with(VariantKind::Zstd, zstd));
     }
-    Ok(reg)
+    let enc = HevcEncoder::new(layout)
+        .context("hevc encoder")?
+        .with_preset(preset)
+        .with_stream_frames(stream_frames)
+        .with_qp(hevc_qp)?;
+    Ok(CodecRegistry::standard()
+        .with(VariantKind::Zstd, zstd)
+        .with(VariantKind::Hevc, Arc::new(enc)))
 }
 
 /// Where the model fingerprint of a file's keys comes from (see the module documentation).
