@@ -18,8 +18,9 @@ use kvfetcher_codec::rans::{
     encode_tensor, encode_values, histogram, FreqTable, DEFAULT_BLOCK_VALUES,
 };
 use kvfetcher_codec::{
-    allocate_steps, context, encode_cache, forward_with, inverse, quantize_level, CodecProfile,
-    CodecRegistry, EncodeConfig, QuantConfig, RopeTable, TensorAt, TransformConfig, VariantKind,
+    allocate_steps, context, encode_cache, forward_with, inverse, quantize_codes, quantize_level,
+    CodecProfile, CodecRegistry, EncodeConfig, QuantConfig, RopeTable, TensorAt, TransformConfig,
+    VariantKind,
 };
 use kvfetcher_kv::{DType, DTypeExt, KvCache, KvFile, LayerKv, Tensor};
 use rand::rngs::StdRng;
@@ -163,10 +164,7 @@ fn main() {
     rate("quantize + zigzag", &mut || {
         for (y, _, _, step) in &all {
             levels.clear();
-            levels.extend(y.iter().map(|&y| {
-                let q = quantize_level(y, *step);
-                ((q << 1) ^ (q >> 31)) as u16
-            }));
+            quantize_codes(y, *step, &mut levels);
         }
     });
     rate("rans encode_tensor", &mut || {

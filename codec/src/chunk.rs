@@ -15,7 +15,7 @@ use crate::format::{
     TransformInfo, MAX_CHUNK_TOKENS, MAX_HEAD_DIM, MAX_KV_HEADS, MAX_LAYERS, TRANSFORM_CODE_BITS,
 };
 use crate::transform::{
-    context, dequantize_level, forward_with, inverse_with, quantize_level, RopeTable, TensorAt,
+    context, dequantize_level, forward_with, inverse_with, quantize_codes, RopeTable, TensorAt,
 };
 use crate::{
     chunk_keys, dequantize, quantize, ChunkHeader, ChunkKey, ChunkView, CodePlane, CodecError,
@@ -523,11 +523,7 @@ fn encode_transform_chunk(
                         first_position: first,
                     };
                     forward_with(profile, at, &angles, &values, &mut coeffs);
-                    codes.extend(
-                        coeffs
-                            .iter()
-                            .map(|&y| crate::rans_variant::zigzag(quantize_level(y, step))),
-                    );
+                    quantize_codes(&coeffs, step, &mut codes);
                     contexts.push(
                         profile
                             .component_std(layer, is_key)

@@ -59,7 +59,7 @@ pub use rans::RansError;
 pub use rans_variant::{parse_rans_params, RansCodec};
 pub use registry::{hevc_encoder, CodecRegistry};
 pub use transform::{
-    context, dequantize_level, forward, forward_with, inverse, inverse_with, quantize_level,
-    RopeTable, TensorAt, CONTEXTS, MAX_LEVEL,
+    context, dequantize_level, forward, forward_with, inverse, inverse_with, quantize_codes,
+    quantize_level, RopeTable, TensorAt, CONTEXTS, MAX_LEVEL,
 };
 pub use zstd_variant::{ZstdCodec, DEFAULT_ZSTD_LEVEL};

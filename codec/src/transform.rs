@@ -416,6 +416,40 @@ pub fn quantize_level(y: f32, step: f32) -> i32 {
     ((v + MAGIC) - MAGIC) as i32
 }
 
+/// [`quantize_level`] of every coefficient at `step`, zigzagged to the rANS section's 16-bit
+/// codes (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...) and appended to `out`. Branch-free, 8 values
+/// at a time where AVX2 is there: the same division, clamp and rounding, so the same codes.
+pub fn quantize_codes(coefficients: &[f32], step: f32, out: &mut Vec<u16>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        unsafe { quantize_codes_avx2(coefficients, step, out) };
+        return;
+    }
+    quantize_codes_body(coefficients, step, out);
+}
+
+/// [`quantize_codes_body`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_codes_avx2(coefficients: &[f32], step: f32, out: &mut Vec<u16>) {
+    quantize_codes_body(coefficients, step, out);
+}
+
+#[inline(always)]
+fn quantize_codes_body(coefficients: &[f32], step: f32, out: &mut Vec<u16>) {
+    // Adding 1.5 * 2^23 rounds |v| <= 2^22 half to even and leaves v + 2^22 in the low bits of
+    // the sum, so the level is read from its bits with no float-to-int conversion.
+    const MAGIC: f32 = 12_582_912.0;
+    const MAX: f32 = MAX_LEVEL as f32;
+    out.extend(coefficients.iter().map(|&y| {
+        let v = y / step;
+        let v = if v.is_nan() { 0.0 } else { v.clamp(-MAX, MAX) };
+        let q = (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
+        ((q << 1) ^ (q >> 31)) as u16
+    }));
+}
+
 /// A level's coefficient: one f32 product, as the GPU computes it.
 pub fn dequantize_level(q: i32, step: f32) -> f32 {
     q as f32 * step

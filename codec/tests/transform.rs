@@ -319,3 +319,41 @@ fn allocation_meets_its_prediction_and_spends_more_bits_for_less_kl() {
         assert!(c.windows(2).all(|w| w[1].bits >= w[0].bits - 1e-3));
     }
 }
+
+/// The vectorized quantizer gives every coefficient the code of `quantize_level`, zigzagged:
+/// at ties (half to even), at the clamp, for NaN, infinities, signed zeros and subnormals.
+#[test]
+fn quantize_codes_matches_quantize_level_everywhere() {
+    use kvfetcher_codec::{quantize_codes, quantize_level, MAX_LEVEL};
+    let mut ys = vec![
+        0.0,
+        -0.0,
+        0.5,
+        -0.5,
+        1.5,
+        -1.5,
+        2.5,
+        -2.5,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE / 4.0,
+        f32::MAX,
+        f32::MIN,
+        MAX_LEVEL as f32 + 0.5,
+        -(MAX_LEVEL as f32) - 0.5,
+        1e9,
+        -1e9,
+    ];
+    // A sweep across the whole level range, off the grid, with an odd count (a ragged tail).
+    ys.extend((0..20_001).map(|i| (i as f32 - 10_000.0) * 3.3371 + 0.25));
+    for step in [1.0, 0.37, 1e-3, 7.0] {
+        let mut codes = Vec::new();
+        quantize_codes(&ys, step, &mut codes);
+        assert_eq!(codes.len(), ys.len());
+        for (&y, &c) in ys.iter().zip(&codes) {
+            let q = quantize_level(y, step);
+            assert_eq!(c, ((q << 1) ^ (q >> 31)) as u16, "y {y} step {step}");
+        }
+    }
+}
