@@ -404,16 +404,18 @@ pub fn context(std: f32, step: f32) -> u8 {
 /// Largest magnitude of a quantized coefficient (the rANS stream's escape range).
 pub const MAX_LEVEL: i32 = 32767;
 
-/// A coefficient's quantization level at `step` (round to nearest, clamped).
+/// A coefficient's quantization level at `step`: rounded to nearest (half to even), clamped to
+/// `±MAX_LEVEL`; NaN gives 0. Branch-free, so slices of it vectorize ([`quantize_codes`]).
+#[inline(always)]
 pub fn quantize_level(y: f32, step: f32) -> i32 {
-    // Clamped first, then rounded half to even by the 1.5 * 2^23 trick (no library call on
-    // CPUs without SSE4.1's round instruction); encode-side only.
+    // Adding 1.5 * 2^23 rounds |v| <= 2^22 half to even and leaves v + 2^22 in the low bits of
+    // the sum, so the level is read from its bits: no library call on CPUs without SSE4.1's
+    // round instruction, no float-to-int conversion. Encode-side only.
     const MAGIC: f32 = 12_582_912.0;
-    let v = (y / step).clamp(-(MAX_LEVEL as f32), MAX_LEVEL as f32);
-    if v.is_nan() {
-        return 0;
-    }
-    ((v + MAGIC) - MAGIC) as i32
+    const MAX: f32 = MAX_LEVEL as f32;
+    let v = y / step;
+    let v = if v.is_nan() { 0.0 } else { v.clamp(-MAX, MAX) };
+    (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
 }
 
 /// [`quantize_level`] of every coefficient at `step`, zigzagged to the rANS section's 16-bit
@@ -438,14 +440,8 @@ unsafe fn quantize_codes_avx2(coefficients: &[f32], step: f32, out: &mut Vec<u16
 
 #[inline(always)]
 fn quantize_codes_body(coefficients: &[f32], step: f32, out: &mut Vec<u16>) {
-    // Adding 1.5 * 2^23 rounds |v| <= 2^22 half to even and leaves v + 2^22 in the low bits of
-    // the sum, so the level is read from its bits with no float-to-int conversion.
-    const MAGIC: f32 = 12_582_912.0;
-    const MAX: f32 = MAX_LEVEL as f32;
     out.extend(coefficients.iter().map(|&y| {
-        let v = y / step;
-        let v = if v.is_nan() { 0.0 } else { v.clamp(-MAX, MAX) };
-        let q = (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
+        let q = quantize_level(y, step);
         ((q << 1) ^ (q >> 31)) as u16
     }));
 }

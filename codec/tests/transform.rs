@@ -320,11 +320,21 @@ fn allocation_meets_its_prediction_and_spends_more_bits_for_less_kl() {
     }
 }
 
-/// The vectorized quantizer gives every coefficient the code of `quantize_level`, zigzagged:
-/// at ties (half to even), at the clamp, for NaN, infinities, signed zeros and subnormals.
+/// The quantizer, scalar and vectorized, against a plain reference: `y / step` rounded half to
+/// even, clamped to ±MAX_LEVEL, NaN to 0; at ties, at the clamp, for NaN, infinities, signed
+/// zeros and subnormals, and across the whole level range.
 #[test]
-fn quantize_codes_matches_quantize_level_everywhere() {
+fn quantize_codes_and_quantize_level_round_half_to_even_and_clamp() {
     use kvfetcher_codec::{quantize_codes, quantize_level, MAX_LEVEL};
+    let reference = |y: f32, step: f32| -> i32 {
+        let v = y / step;
+        if v.is_nan() {
+            0
+        } else {
+            v.round_ties_even()
+                .clamp(-(MAX_LEVEL as f32), MAX_LEVEL as f32) as i32
+        }
+    };
     let mut ys = vec![
         0.0,
         -0.0,
@@ -347,12 +357,17 @@ fn quantize_codes_matches_quantize_level_everywhere() {
     ];
     // A sweep across the whole level range, off the grid, with an odd count (a ragged tail).
     ys.extend((0..20_001).map(|i| (i as f32 - 10_000.0) * 3.3371 + 0.25));
+    assert_eq!(quantize_level(2.5, 1.0), 2);
+    assert_eq!(quantize_level(-3.5, 1.0), -4);
+    assert_eq!(quantize_level(f32::NAN, 1.0), 0);
+    assert_eq!(quantize_level(f32::NEG_INFINITY, 1.0), -MAX_LEVEL);
     for step in [1.0, 0.37, 1e-3, 7.0] {
         let mut codes = Vec::new();
         quantize_codes(&ys, step, &mut codes);
         assert_eq!(codes.len(), ys.len());
         for (&y, &c) in ys.iter().zip(&codes) {
-            let q = quantize_level(y, step);
+            let q = reference(y, step);
+            assert_eq!(quantize_level(y, step), q, "y {y} step {step}");
             assert_eq!(c, ((q << 1) ^ (q >> 31)) as u16, "y {y} step {step}");
         }
     }
