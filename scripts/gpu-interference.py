@@ -15,7 +15,9 @@ one run, on one card:
       through the daemon's GPU route (rANS decode, inverse transform, RoPE, scatter) flat out;
   (g) the same, paced to the 10 Gbit/s compressed input rate.
 
---tenants picks which of NVDEC, nvCOMP and rans run (default all).
+--tenants picks which of NVDEC, nvCOMP and rans run (default all). --nvdec-qp lossless,14 runs
+the NVDEC rows on the lossless fixture and on a lossy one (x265 at QP 14, `gpu fixtures --qp
+14`): NVDEC's cost to the GEMM for the lossy HEVC mode's streams.
 
 With --nvdec-frames copy,map,none, (b) and (c) run once per frame handling of the load (`map`:
 frames mapped and unmapped, not copied; `none`: never mapped), which splits NVDEC's cost into
@@ -412,6 +414,10 @@ def main():
                     help="comma-separated frame handlings of the NVDEC load (copy: the real "
                          "path; map: map and unmap only; none: never mapped), one pair of rows "
                          "each")
+    ap.add_argument("--nvdec-qp", default="lossless",
+                    help="comma-separated fixtures the NVDEC tenant decodes: lossless, or a "
+                         "constant QP of a lossy fixture (kvfetcher-bench gpu fixtures --qp N); "
+                         "one pair of rows each")
     ap.add_argument("--tenants", default="nvdec,nvcomp,rans",
                     help="comma-separated second tenants to measure: nvdec, nvcomp, rans")
     ap.add_argument("--worker-algorithm", help=argparse.SUPPRESS)
@@ -455,13 +461,20 @@ def main():
     if args.sessions:
         load += ["--sessions", str(args.sessions)]
     settings = []
-    for frames in args.nvdec_frames.split(",") if "nvdec" in tenants else []:
-        tag = "" if frames == "copy" else f" (frames: {frames})"
-        fr = ["--frames", frames]
-        settings += [
-            (f"NVDEC flat out{tag}", fr),
-            (f"NVDEC at {args.rate_gbps:g} Gbit/s{tag}", fr + ["--rate-gbps", str(args.rate_gbps)]),
-        ]
+    qps = args.nvdec_qp.split(",")
+    for q in qps:
+        if q != "lossless" and not (q.isdigit() and 1 <= int(q) <= 51):
+            die(f"--nvdec-qp: {q!r} is neither lossless nor a QP in 1..51")
+    for q in qps if "nvdec" in tenants else []:
+        for frames in args.nvdec_frames.split(","):
+            tag = "" if frames == "copy" else f" (frames: {frames})"
+            tag += "" if q == "lossless" else f" (lossy QP {q})"
+            fr = ["--frames", frames] + ([] if q == "lossless" else ["--qp", q])
+            settings += [
+                (f"NVDEC flat out{tag}", fr),
+                (f"NVDEC at {args.rate_gbps:g} Gbit/s{tag}",
+                 fr + ["--rate-gbps", str(args.rate_gbps)]),
+            ]
     for label, extra in settings:
         measure(rows, torch, label, load + extra, "load", args.seconds, parse_load)
 

@@ -21,7 +21,7 @@ pub struct GpuArgs {
 #[derive(Debug, Subcommand)]
 pub enum GpuCommand {
     /// Encodes real-KV HEVC fixtures with the x265 tool (on a host that has it).
-    Fixtures(FixtureArgs),
+    Fixtures(StreamFixtureArgs),
     /// Checks NVDEC and the restore kernels against CPU results, bit for bit.
     Check(RunArgs),
     /// Benchmarks NVDEC sessions and restore bandwidth.
@@ -138,6 +138,18 @@ pub struct FixtureArgs {
     pub out: PathBuf,
 }
 
+/// Fixture encoding, lossless or at a constant QP.
+#[derive(Debug, Args)]
+pub struct StreamFixtureArgs {
+    /// KV file and output directory.
+    #[command(flatten)]
+    pub files: FixtureArgs,
+    /// Encode at this constant QP (lossy: the interference benchmark's lossy NVDEC tenant,
+    /// `load --qp`) instead of losslessly; files are named `kv-<chroma>-<bits>-qp<QP>.hevc`.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=51))]
+    pub qp: Option<u8>,
+}
+
 /// Inputs of check.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -189,6 +201,10 @@ pub struct LoadArgs {
     /// Fixture stream, chroma-bits: 420-8, 420-10, 420-12, 444-8, 444-10 or 444-12.
     #[arg(long, default_value = "444-8")]
     pub stream: String,
+    /// Decode the lossy fixture of this constant QP (`gpu fixtures --qp`) instead of the
+    /// lossless one.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=51))]
+    pub qp: Option<u8>,
     /// What happens to each decoded frame: `copy` (map, copy to device memory, unmap: the
     /// real path), `map` (map and unmap only) or `none` (never mapped: NVDEC's decode alone).
     /// The last two measure which step costs a co-tenant its compute.
@@ -226,7 +242,7 @@ fn print_transform_bench(spec: &transform_bench::TransformBenchSpec) {
 pub fn run(args: GpuArgs) -> anyhow::Result<()> {
     match args.command {
         GpuCommand::Fixtures(a) => {
-            for p in fixture::write_fixtures(&a.kv, &a.out)? {
+            for p in fixture::write_fixtures(&a.files.kv, &a.files.out, a.qp)? {
                 let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
                 println!("{} {len} bytes", p.display());
             }
@@ -363,6 +379,7 @@ fn load(a: LoadArgs) -> anyhow::Result<()> {
     let spec = bench::LoadSpec {
         chroma,
         bits,
+        qp: a.qp,
         sessions: a.sessions,
         seconds: a.seconds,
         rate_gbit: a.rate_gbps,
@@ -375,8 +392,9 @@ fn load(a: LoadArgs) -> anyhow::Result<()> {
     };
     let r = bench::nvdec_load(&cuda, &a.run.kv, &a.run.fixtures, &spec, &mut |n| {
         eprintln!(
-            "load: ready, {n} sessions, stream {}, frames {}, {pace}, {} s on {}",
+            "load: ready, {n} sessions, stream {}{}, frames {}, {pace}, {} s on {}",
             a.stream,
+            a.qp.map(|q| format!(" qp {q}")).unwrap_or_default(),
             a.frames,
             a.seconds,
             cuda.info().name

@@ -47,7 +47,7 @@ pub fn bench_nvdec(
     let nvdec = Nvdec::open(cuda.clone())?;
     let mut out = Vec::new();
     for (chroma, bits) in FIXTURE_FORMATS {
-        let fx = FixtureStream::read(kv, fixtures, chroma, bits)?;
+        let fx = FixtureStream::read(kv, fixtures, chroma, bits, None)?;
         for &n in sessions {
             let mut workers = open_sessions(cuda, &nvdec, n, &fx)?;
             let (decodes, secs) = decode_loop(
@@ -82,10 +82,16 @@ struct FixtureStream {
 }
 
 impl FixtureStream {
-    fn read(kv: &Path, fixtures: &Path, chroma: Chroma, bits: u8) -> Result<Self, GpuError> {
+    fn read(
+        kv: &Path,
+        fixtures: &Path,
+        chroma: Chroma,
+        bits: u8,
+        qp: Option<u8>,
+    ) -> Result<Self, GpuError> {
         let codes =
             fixture::kv_codes(kv, bits).map_err(|e| GpuError::InvalidArgument(e.to_string()))?;
-        let path = fixture::fixture_path(fixtures, chroma, bits);
+        let path = fixture::fixture_path(fixtures, chroma, bits, qp);
         let stream = std::fs::read(&path)
             .map_err(|e| GpuError::InvalidArgument(format!("{}: {e}", path.display())))?;
         let fmt = fixture::fixture_format(chroma, bits);
@@ -300,6 +306,8 @@ pub struct LoadSpec {
     pub chroma: Chroma,
     /// Fixture stream bit depth.
     pub bits: u8,
+    /// The fixture's constant QP; `None` = the lossless fixture.
+    pub qp: Option<u8>,
     /// Concurrent sessions; `None` = the card's NVDEC engine count.
     pub sessions: Option<usize>,
     /// How long to decode, seconds from when every decoder exists.
@@ -348,7 +356,7 @@ pub fn nvdec_load(
         None => nvdec.engines()?,
     };
     let pace = spec.rate_gbit.map(|r| session_rate(r, n)).transpose()?;
-    let fx = FixtureStream::read(kv, fixtures, spec.chroma, spec.bits)?;
+    let fx = FixtureStream::read(kv, fixtures, spec.chroma, spec.bits, spec.qp)?;
     let mut workers = open_sessions(cuda, &nvdec, n, &fx)?;
     let frames = workers.first().map_or(0, |w| w.frames.frames);
     let surface =

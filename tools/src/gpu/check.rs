@@ -125,7 +125,7 @@ pub fn run_checks(cuda: &Arc<Cuda>, kv: &Path, fixtures: &Path) -> Result<Vec<Ch
     let nvdec = Nvdec::open(cuda.clone());
     for (chroma, bits) in FIXTURE_FORMATS {
         let codes = load(bits)?;
-        let path = fixture::fixture_path(fixtures, chroma, bits);
+        let path = fixture::fixture_path(fixtures, chroma, bits, None);
         let stream_bytes = std::fs::read(&path)
             .map_err(|e| GpuError::InvalidArgument(format!("{}: {e}", path.display())))?;
         let label = format!("{} {bits}-bit", chroma.name());

@@ -1,5 +1,6 @@
 //! Test fixtures for the GPU path: real KV quantized to codes, laid into HEVC frames in raster
-//! order and encoded losslessly with the `x265` command-line tool.
+//! order and encoded with the `x265` command-line tool: losslessly, or at a constant QP for the
+//! interference benchmark's lossy NVDEC tenant.
 //!
 //! The raster layout (code `i` is planar sample `i`: frame by frame, Y then U then V, padded with
 //! zeros) exists only to prove NVDEC and the restore kernels on real KV without the HEVC
@@ -124,13 +125,31 @@ pub fn frames_for(format: FrameFormat, codes: usize) -> usize {
     codes.div_ceil(format.samples_per_frame())
 }
 
-/// The file name of one fixture stream.
-pub fn fixture_path(dir: &Path, chroma: Chroma, bits: u8) -> PathBuf {
-    dir.join(format!("kv-{}-{bits}.hevc", chroma.name()))
+/// The file name of one fixture stream: lossless (`qp` None) or lossy at that QP.
+pub fn fixture_path(dir: &Path, chroma: Chroma, bits: u8, qp: Option<u8>) -> PathBuf {
+    let lossy = qp.map(|q| format!("-qp{q}")).unwrap_or_default();
+    dir.join(format!("kv-{}-{bits}{lossy}.hevc", chroma.name()))
 }
+
+/// The constant QPs x265 takes for a lossy fixture (0 would still be lossy: lossless is
+/// `qp` None).
+pub const FIXTURE_QPS: std::ops::RangeInclusive<u8> = 1..=51;
 
 /// Encodes `codes` laid out in raster order as a lossless HEVC stream with the x265 tool.
 pub fn encode_raster(codes: &[u16], format: FrameFormat, out: &Path) -> Result<(), FixtureError> {
+    encode_raster_at(codes, format, None, out)
+}
+
+/// [`encode_raster`], lossless (`qp` None) or at a constant QP in [`FIXTURE_QPS`].
+pub fn encode_raster_at(
+    codes: &[u16],
+    format: FrameFormat,
+    qp: Option<u8>,
+    out: &Path,
+) -> Result<(), FixtureError> {
+    if let Some(q) = qp.filter(|q| !FIXTURE_QPS.contains(q)) {
+        return Err(FixtureError::X265(format!("QP {q} is outside 1..=51")));
+    }
     let frames = frames_for(format, codes.len());
     let total = frames * format.samples_per_frame();
     let yuv = out.with_extension("yuv");
@@ -152,6 +171,10 @@ pub fn encode_raster(codes: &[u16], format: FrameFormat, out: &Path) -> Result<(
         Chroma::Yuv444 => "i444",
     };
     let depth = format.bit_depth.to_string();
+    let quality = match qp {
+        None => vec!["--lossless".to_string()],
+        Some(q) => vec!["--qp".to_string(), q.to_string()],
+    };
     let status = Command::new("x265")
         .args(["--input"])
         .arg(&yuv)
@@ -167,16 +190,9 @@ pub fn encode_raster(codes: &[u16], format: FrameFormat, out: &Path) -> Result<(
             "--output-depth",
             &depth,
         ])
-        .args([
-            "--fps",
-            "25",
-            "--lossless",
-            "--preset",
-            "fast",
-            "--log-level",
-            "error",
-            "--output",
-        ])
+        .args(["--fps", "25"])
+        .args(&quality)
+        .args(["--preset", "fast", "--log-level", "error", "--output"])
         .arg(out)
         .status()
         .map_err(|e| FixtureError::X265(e.to_string()));
@@ -187,8 +203,9 @@ pub fn encode_raster(codes: &[u16], format: FrameFormat, out: &Path) -> Result<(
     }
 }
 
-/// Writes every fixture stream of [`FIXTURE_FORMATS`] for the KV file `kv` into `dir`.
-pub fn write_fixtures(kv: &Path, dir: &Path) -> Result<Vec<PathBuf>, FixtureError> {
+/// Writes every fixture stream of [`FIXTURE_FORMATS`] for the KV file `kv` into `dir`,
+/// lossless (`qp` None) or at a constant QP.
+pub fn write_fixtures(kv: &Path, dir: &Path, qp: Option<u8>) -> Result<Vec<PathBuf>, FixtureError> {
     std::fs::create_dir_all(dir).map_err(|source| FixtureError::Io {
         path: dir.display().to_string(),
         source,
@@ -196,9 +213,38 @@ pub fn write_fixtures(kv: &Path, dir: &Path) -> Result<Vec<PathBuf>, FixtureErro
     let mut written = Vec::new();
     for (chroma, bits) in FIXTURE_FORMATS {
         let codes = kv_codes(kv, bits)?;
-        let path = fixture_path(dir, chroma, bits);
-        encode_raster(&codes.codes, fixture_format(chroma, bits), &path)?;
+        let path = fixture_path(dir, chroma, bits, qp);
+        encode_raster_at(&codes.codes, fixture_format(chroma, bits), qp, &path)?;
         written.push(path);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lossy_fixtures_are_named_by_their_qp() {
+        let dir = Path::new("/fx");
+        assert_eq!(
+            fixture_path(dir, Chroma::Yuv444, 8, None),
+            Path::new("/fx/kv-444-8.hevc")
+        );
+        assert_eq!(
+            fixture_path(dir, Chroma::Yuv420, 10, Some(14)),
+            Path::new("/fx/kv-420-10-qp14.hevc")
+        );
+    }
+
+    #[test]
+    fn a_qp_outside_x265s_range_is_refused_before_x265_runs() {
+        let fmt = fixture_format(Chroma::Yuv444, 8);
+        let out = std::env::temp_dir().join("kvf-fixture-never-written.hevc");
+        for qp in [0, 52, 255] {
+            let e = encode_raster_at(&[0; 16], fmt, Some(qp), &out).unwrap_err();
+            assert!(e.to_string().contains(&format!("QP {qp}")), "{e}");
+        }
+        assert!(!out.exists());
+    }
 }
