@@ -440,10 +440,11 @@ unsafe fn quantize_codes_avx2(coefficients: &[f32], step: f32, out: &mut Vec<u16
 
 #[inline(always)]
 fn quantize_codes_body(coefficients: &[f32], step: f32, out: &mut Vec<u16>) {
-    out.extend(coefficients.iter().map(|&y| {
-        let q = quantize_level(y, step);
-        ((q << 1) ^ (q >> 31)) as u16
-    }));
+    out.extend(
+        coefficients
+            .iter()
+            .map(|&y| crate::rans_variant::zigzag(quantize_level(y, step))),
+    );
 }
 
 /// A level's coefficient: one f32 product, as the GPU computes it.
