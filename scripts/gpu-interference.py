@@ -427,6 +427,10 @@ def main():
     if args.worker_algorithm:
         args.rate_gbps = args.worker_rate
         return nvcomp_worker(args)
+    qps = args.nvdec_qp.split(",")
+    for q in qps:
+        if q != "lossless" and not (q.isdigit() and 1 <= int(q) <= 51):
+            die(f"--nvdec-qp: {q!r} is neither lossless nor a QP in 1..51")
 
     try:
         import torch
@@ -461,10 +465,6 @@ def main():
     if args.sessions:
         load += ["--sessions", str(args.sessions)]
     settings = []
-    qps = args.nvdec_qp.split(",")
-    for q in qps:
-        if q != "lossless" and not (q.isdigit() and 1 <= int(q) <= 51):
-            die(f"--nvdec-qp: {q!r} is neither lossless nor a QP in 1..51")
     for q in qps if "nvdec" in tenants else []:
         for frames in args.nvdec_frames.split(","):
             tag = "" if frames == "copy" else f" (frames: {frames})"
